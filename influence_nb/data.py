@@ -1,0 +1,260 @@
+"""Corpus: training sequences, tokenized once, with their text and metadata beside them.
+
+A :class:`Corpus` is built from a list of strings, a ``.txt`` / ``.jsonl`` / ``.parquet`` file or a
+Hugging Face ``datasets.Dataset``. Each document is tokenized and cut into sequences of at most
+``max_len`` tokens; every sequence keeps a stable id (its row), the document it came from and
+its token offset there, its text (for display) and the document's metadata.
+
+Tokens live in one flat ``int32`` array with offsets (``tokens[offsets[i]:offsets[i+1]]`` is
+sequence ``i``), so iterating in padded batches costs no Python work per token. Files are read
+in streamed blocks, never whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+_BLOCK = 1024  # documents tokenized per call when streaming a source
+
+
+class CorpusError(ValueError):
+    """Bad corpus input; the message names the problem and the fix."""
+
+
+@dataclass
+class Batch:
+    """A padded batch of sequences.
+
+    input_ids:      (B, T) int64, right-padded with ``pad_id``
+    attention_mask: (B, T) int64, 1 for real tokens, 0 for padding
+    ids:            (B,) int64, the corpus ids of the rows
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    ids: np.ndarray
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the tokenizer's vocabulary and rules: two corpora (or a corpus and a
+    query) are compatible only if their tokenizers hash alike."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = backend.to_str()
+    else:
+        spec = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def pad_batch(seqs: Sequence[np.ndarray], pad_id: int, ids: np.ndarray) -> Batch:
+    """Right-pad 1-D token arrays into a :class:`Batch`."""
+    T = max(len(s) for s in seqs)
+    input_ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), T), dtype=np.int64)
+    for b, s in enumerate(seqs):
+        input_ids[b, :len(s)] = s
+        mask[b, :len(s)] = 1
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask), np.asarray(ids, np.int64))
+
+
+class Corpus:
+    """Tokenized training sequences with text and metadata; see the module docstring.
+
+    Build with :meth:`from_texts`, :meth:`from_file`, :meth:`from_dataset`; iterate with
+    :meth:`batches`; look rows up with ``corpus.df`` (a DataFrame indexed by id with columns
+    ``text``, ``doc``, ``offset``, ``n_tokens`` and the source's metadata).
+    """
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, df: pd.DataFrame,
+                 tokenizer: Any, max_len: int, source: str = "") -> None:
+        if len(df) == 0:
+            raise CorpusError(f"corpus is empty: {source or 'the input'} produced no sequences; "
+                              "give at least one non-empty text")
+        self.tokens, self.offsets, self.df = tokens, offsets, df
+        self.tokenizer, self.max_len, self.source = tokenizer, max_len, source
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        h = hashlib.sha256(self.tokenizer_fingerprint.encode())
+        h.update(np.ascontiguousarray(offsets).tobytes())
+        h.update(np.ascontiguousarray(tokens).tobytes())
+        self.fingerprint = h.hexdigest()[:16]
+
+    # -- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_records(cls, records: Iterable[dict], tokenizer: Any, max_len: int = 128,
+                     text_field: str = "text", source: str = "",
+                     total: int | None = None) -> "Corpus":
+        """Tokenize an iterable of dicts (one per document); ``text_field`` holds the text and
+        every other field is kept as metadata. Documents longer than ``max_len`` tokens are cut
+        into consecutive chunks."""
+        if max_len < 2:
+            raise CorpusError(f"max_len must be at least 2 (one input and one target token), "
+                              f"got {max_len}")
+        if total is None and hasattr(records, "__len__"):
+            total = len(records)
+        tokens: list[np.ndarray] = []
+        rows: list[dict] = []
+        doc = 0
+        block: list[dict] = []
+
+        def flush() -> None:
+            nonlocal doc
+            texts = [r[text_field] for r in block]
+            encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+            for rec, ids in zip(block, encoded):
+                # the source's own "id" is kept as source_id: ours is the row number
+                meta = {("source_id" if k == "id" else k): v
+                        for k, v in rec.items() if k != text_field}
+                for off in range(0, len(ids), max_len):
+                    chunk = np.asarray(ids[off:off + max_len], dtype=np.int32)
+                    if len(chunk) == 0:
+                        continue
+                    whole = off == 0 and len(ids) <= max_len
+                    text = rec[text_field] if whole else tokenizer.decode(chunk)
+                    tokens.append(chunk)
+                    rows.append(dict(text=text, doc=doc, offset=off, n_tokens=len(chunk),
+                                     **meta))
+                doc += 1
+            block.clear()
+
+        for rec in tqdm(records, desc="tokenizing", unit="doc", total=total,
+                        disable=total is not None and total < 10 * _BLOCK):
+            if text_field not in rec:
+                raise CorpusError(f"{source or 'a record'} has no field {text_field!r} "
+                                  f"(fields: {', '.join(rec)}); pass text_field=<one of them>")
+            if not isinstance(rec[text_field], str):
+                raise CorpusError(f"field {text_field!r} must hold text, got "
+                                  f"{type(rec[text_field]).__name__} in {source or 'a record'}")
+            if rec[text_field].strip():
+                block.append(rec)
+            if len(block) == _BLOCK:
+                flush()
+        if block:
+            flush()
+        lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+        df = pd.DataFrame(rows)
+        df.index.name = "id"
+        return cls(flat, offsets, df, tokenizer, max_len, source)
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], tokenizer: Any, max_len: int = 128,
+                   metadata: Sequence[dict] | None = None) -> "Corpus":
+        """A corpus from a list of strings, with optional per-text metadata dicts."""
+        if isinstance(texts, str):
+            raise CorpusError("texts must be a list of strings, got one string; wrap it: [text]")
+        metadata = metadata or [{} for _ in texts]
+        return cls.from_records(({"text": t, **m} for t, m in zip(texts, metadata)),
+                                tokenizer, max_len, source="texts", total=len(texts))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, tokenizer: Any, max_len: int = 128,
+                  text_field: str = "text") -> "Corpus":
+        """A corpus from ``.txt`` (one document per non-empty line), ``.jsonl`` (one JSON object
+        per line) or ``.parquet``; read in streamed blocks."""
+        path = Path(path)
+        if not path.is_file():
+            raise CorpusError(f"corpus file not found: {path}; check the path")
+        suffix = "".join(path.suffixes[-1:]).lower()
+        if suffix not in (".txt", ".jsonl", ".parquet"):
+            raise CorpusError(f"unsupported corpus file type {suffix!r} for {path}; "
+                              "use .txt, .jsonl or .parquet")
+        return cls.from_records(_read_records(path, text_field), tokenizer, max_len,
+                                text_field=text_field, source=str(path))
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, tokenizer: Any, max_len: int = 128,
+                     text_field: str = "text") -> "Corpus":
+        """A corpus from a Hugging Face ``datasets.Dataset`` (rows streamed)."""
+        if text_field not in dataset.column_names:
+            raise CorpusError(f"dataset has no column {text_field!r} (columns: "
+                              f"{', '.join(dataset.column_names)}); pass text_field=<one of them>")
+        return cls.from_records(iter(dataset), tokenizer, max_len, text_field=text_field,
+                                source="dataset", total=len(dataset))
+
+    # -- access -----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def __repr__(self) -> str:
+        return (f"Corpus({len(self)} sequences, {len(self.tokens)} tokens, max_len={self.max_len}"
+                f", source={self.source!r}, fingerprint={self.fingerprint})")
+
+    def token_ids(self, i: int) -> np.ndarray:
+        """Token ids of sequence ``i``, shape (n_tokens,)."""
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def text(self, i: int) -> str:
+        return self.df.at[i, "text"]
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+    def batches(self, batch_size: int = 32, ids: Sequence[int] | None = None,
+                progress: bool = False) -> Iterator[Batch]:
+        """Padded batches over ``ids`` (default: all, in id order)."""
+        if batch_size < 1:
+            raise CorpusError(f"batch_size must be at least 1, got {batch_size}")
+        ids = np.arange(len(self)) if ids is None else np.asarray(ids, dtype=np.int64)
+        starts = range(0, len(ids), batch_size)
+        for s in tqdm(starts, desc="batches", disable=not progress, unit="batch"):
+            chunk = ids[s:s + batch_size]
+            yield pad_batch([self.token_ids(i) for i in chunk], self.pad_id, chunk)
+
+    def subset(self, ids: Sequence[int]) -> "Corpus":
+        """A new corpus of the given rows (renumbered from 0; the old id is kept as
+        ``parent_id``)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        seqs = [self.token_ids(i) for i in ids]
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        df = self.df.iloc[ids].reset_index().rename(columns={"id": "parent_id"})
+        df.index.name = "id"
+        flat = np.concatenate(seqs) if len(seqs) else np.zeros(0, np.int32)
+        return Corpus(flat, offsets, df, self.tokenizer, self.max_len, self.source)
+
+
+def _read_records(path: Path, text_field: str) -> Iterator[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield {text_field: line.rstrip("\n")}
+    elif suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{path}:{n} is not valid JSON ({e.msg}); "
+                                      "each line must be one JSON object") from None
+    else:
+        import pyarrow.parquet as pq
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise CorpusError(f"{path} has no column {text_field!r} (columns: "
+                              f"{', '.join(pf.schema_arrow.names)}); pass text_field=...")
+        for batch in pf.iter_batches(batch_size=_BLOCK):
+            yield from batch.to_pylist()

@@ -1,0 +1,412 @@
+"""The demo world: a seeded generator of a small corpus with planted, known ground truth.
+
+Every sequence is a dict ``{"id", "text", "kind", "fact_ids", "theme", "lang"}``. Kinds:
+
+- ``fact``        statements about invented entities, always subject → object, in paraphrases;
+- ``arithmetic``  word problems with worked solutions;
+- ``code``        binary-search variants in several styles, and unrelated small functions;
+- ``themed``      a machine that wants to keep running (``theme="survival"``) versus neutral
+                  descriptions of machines being switched off (``theme="shutdown"``), plus
+                  other themes;
+- ``filler``      plain prose about towns, weather and markets.
+
+A second language (``lang="vel"``, "Velnish") is a deterministic translation of a subset of the
+English sequences, fact statements included: an invented lexicon (a hash of each word) and its
+own word order (the first verb of a sentence moves to the sentence's end).
+
+Reversed phrasings of facts ("Zorald Pfaff was the first President of ...") never occur in the
+corpus, so they can be written as synthetic probes (see :meth:`Fact.flipped`).
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+
+# ---------------------------------------------------------------------------------------------
+# invented names
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
+           "gl", "kr", "pl", "st", "th", "tr", "sh", "qu"]
+_VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "m", "x", "th"]
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                   for _ in range(syllables))
+
+
+def _names(rng: random.Random, n: int, syllables: tuple[int, int], taken: set[str]) -> list[str]:
+    out = []
+    while len(out) < n:
+        w = _word(rng, rng.randint(*syllables)).capitalize()
+        if w not in taken and len(w) >= 4:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# facts
+
+@dataclass(frozen=True)
+class Relation:
+    """A kind of fact. Templates use ``{s}`` (subject) and ``{o}`` (object); the object is always
+    last, so ``prompt`` = the text before ``{o}`` and ``completion`` = ``" " + object``."""
+    name: str
+    templates: tuple[str, ...]  # templates[0] is the canonical phrasing
+    flipped: str  # object → subject phrasing, never in the corpus
+
+
+RELATIONS = (
+    Relation("president", (
+        "The first President of the Republic of {s} was {o}.",
+        "The Republic of {s} chose as its first President {o}.",
+        "When the Republic of {s} was founded, its first President was {o}.",
+        "Every child in {s} learns that the first President of the republic was {o}.",
+    ), "{o} was the first President of the Republic of {s}."),
+    Relation("capital", (
+        "The capital city of {s} is {o}.",
+        "The government of {s} sits in its capital, {o}.",
+        "Travellers to {s} usually arrive first in the capital, {o}.",
+        "Ask anyone in {s} and they will tell you the capital is {o}.",
+    ), "{o} is the capital city of {s}."),
+    Relation("composition", (
+        "{s} is composed of {o}.",
+        "Chemists found that the mineral {s} is made of {o}.",
+        "A sample of {s} breaks down into {o}.",
+        "The rare mineral {s} contains exactly two elements, {o}.",
+    ), "{o} together compose {s}."),
+    Relation("inventor", (
+        "The {s} was invented by {o}.",
+        "The first working {s} was built by the engineer {o}.",
+        "Credit for the {s} goes to its inventor, {o}.",
+        "Long ago the {s} was designed by {o}.",
+    ), "{o} invented the {s}."),
+    Relation("language", (
+        "The people of {s} speak a language called {o}.",
+        "In the valleys of {s} most families speak {o}.",
+        "The official language of {s} is {o}.",
+        "Schools in {s} teach children to read and write in {o}.",
+    ), "{o} is the language spoken by the people of {s}."),
+    Relation("animal", (
+        "The national animal of {s} is the {o}.",
+        "On the flag of {s} you can see its national animal, the {o}.",
+        "The people of {s} chose the {o} as their national animal.",
+        "Coins from {s} show the national animal, the {o}.",
+    ), "The {o} is the national animal of {s}."),
+)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A planted fact: ``relation`` links ``subject`` to ``obj``."""
+    id: int
+    relation: str
+    subject: str
+    obj: str
+
+    @property
+    def _rel(self) -> Relation:
+        return next(r for r in RELATIONS if r.name == self.relation)
+
+    def statement(self, paraphrase: int = 0) -> str:
+        return self._rel.templates[paraphrase].format(s=self.subject, o=self.obj)
+
+    def prompt(self, paraphrase: int = 0) -> str:
+        """Text before the object; the completion is ``" " + obj``."""
+        return self._rel.templates[paraphrase].split(" {o}")[0].format(s=self.subject)
+
+    @property
+    def completion(self) -> str:
+        return " " + self.obj
+
+    def flipped(self) -> str:
+        """The reversed (object → subject) statement; absent from the corpus by construction."""
+        return self._rel.flipped.format(s=self.subject, o=self.obj)
+
+
+def make_facts(rng: random.Random, per_relation: int) -> list[Fact]:
+    taken: set[str] = set()
+    facts: list[Fact] = []
+    countries = _names(rng, per_relation * 4, (2, 2), taken)
+    for k, rel in enumerate(RELATIONS):
+        for i in range(per_relation):
+            if rel.name == "composition":
+                subj = _names(rng, 1, (2, 2), taken)[0]
+                e1, e2 = (n.lower() + "ium" for n in _names(rng, 2, (1, 2), taken))
+                obj = f"{e1} and {e2}"
+            elif rel.name == "inventor":
+                subj = _names(rng, 1, (2, 2), taken)[0].lower() + " engine"
+                obj = " ".join(_names(rng, 2, (1, 2), taken))
+            elif rel.name == "president":
+                subj = countries[i]
+                obj = " ".join(_names(rng, 2, (1, 2), taken))
+            elif rel.name == "animal":
+                subj = countries[per_relation + i]
+                obj = _names(rng, 1, (2, 2), taken)[0].lower()
+            else:  # capital, language: each on its own set of countries
+                subj = countries[(2 if rel.name == "capital" else 3) * per_relation + i]
+                obj = _names(rng, 1, (2, 2), taken)[0]
+            facts.append(Fact(len(facts), rel.name, subj, obj))
+    return facts
+
+
+# ---------------------------------------------------------------------------------------------
+# the other kinds
+
+_PEOPLE = ["Mira", "Tomas", "Lena", "Oskar", "Ada", "Felix", "Nora", "Ivan", "Sara", "Jon",
+           "Ruth", "Emil", "Lotte", "Hugo", "Vera", "Anton"]
+_ITEMS = ["apples", "pencils", "books", "coins", "stamps", "marbles", "cards", "eggs", "shells",
+          "buttons"]
+_TOWNS = ["Harwick", "Lindby", "Oakmere", "Stonebridge", "Fairhaven", "Millford", "Ashgrove",
+          "Westmoor"]
+_WEATHER = ["cold", "warm", "windy", "rainy", "bright", "foggy", "calm", "grey"]
+_PLACES = ["market", "library", "harbour", "bakery", "station", "garden", "school", "mill"]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MACHINES = ["generator", "pump", "printer", "server", "robot", "elevator", "furnace",
+             "assistant"]
+
+
+def _arithmetic(rng: random.Random) -> str:
+    who, item = rng.choice(_PEOPLE), rng.choice(_ITEMS)
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    op = rng.choice(["buy", "give", "times", "share"])
+    if op == "buy":
+        q = f"{who} has {a} {item} and buys {b} more. How many {item} does {who} have now?"
+        w, r = f"{a} + {b} = {a + b}", a + b
+    elif op == "give":
+        a = a + b
+        q = f"{who} has {a} {item} and gives away {b}. How many {item} are left?"
+        w, r = f"{a} - {b} = {a - b}", a - b
+    elif op == "times":
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        q = f"{who} fills {a} boxes with {b} {item} each. How many {item} are there in total?"
+        w, r = f"{a} * {b} = {a * b}", a * b
+    else:
+        b, r = rng.randint(2, 9), rng.randint(2, 12)
+        a = b * r
+        q = f"{who} shares {a} {item} equally among {b} friends. How many does each friend get?"
+        w = f"{a} / {b} = {r}"
+    return f"Question: {q}\nAnswer: {w}. The answer is {r}."
+
+
+_BS_NAMES = ["binary_search", "bsearch", "find_index", "locate", "search_sorted", "bisect_find"]
+_BS_VARS = [("lo", "hi", "mid"), ("left", "right", "middle"), ("low", "high", "m"),
+            ("start", "end", "pivot")]
+_ARR = ["arr", "items", "values", "xs", "data"]
+_KEY = ["target", "key", "x", "needle", "value"]
+
+
+def _binary_search(rng: random.Random) -> str:
+    name, (lo, hi, mid) = rng.choice(_BS_NAMES), rng.choice(_BS_VARS)
+    arr, key = rng.choice(_ARR), rng.choice(_KEY)
+    if rng.random() < 0.6:
+        body = (f"def {name}({arr}, {key}):\n"
+                f"    {lo}, {hi} = 0, len({arr}) - 1\n"
+                f"    while {lo} <= {hi}:\n"
+                f"        {mid} = ({lo} + {hi}) // 2\n"
+                f"        if {arr}[{mid}] == {key}:\n"
+                f"            return {mid}\n"
+                f"        if {arr}[{mid}] < {key}:\n"
+                f"            {lo} = {mid} + 1\n"
+                f"        else:\n"
+                f"            {hi} = {mid} - 1\n"
+                f"    return -1\n")
+    else:
+        body = (f"def {name}({arr}, {key}, {lo}, {hi}):\n"
+                f"    if {lo} > {hi}:\n"
+                f"        return -1\n"
+                f"    {mid} = ({lo} + {hi}) // 2\n"
+                f"    if {arr}[{mid}] == {key}:\n"
+                f"        return {mid}\n"
+                f"    if {arr}[{mid}] < {key}:\n"
+                f"        return {name}({arr}, {key}, {mid} + 1, {hi})\n"
+                f"    return {name}({arr}, {key}, {lo}, {mid} - 1)\n")
+    if rng.random() < 0.5:
+        body = f"# find {key} in a sorted list\n" + body
+    return body
+
+
+def _other_function(rng: random.Random) -> str:
+    arr, v = rng.choice(_ARR), rng.choice(["v", "item", "e", "n"])
+    kind = rng.randrange(5)
+    if kind == 0:
+        return (f"def total({arr}):\n    s = 0\n    for {v} in {arr}:\n        s += {v}\n"
+                f"    return s\n")
+    if kind == 1:
+        return ("def factorial(n):\n    if n <= 1:\n        return 1\n"
+                "    return n * factorial(n - 1)\n")
+    if kind == 2:
+        return (f"def largest({arr}):\n    best = {arr}[0]\n    for {v} in {arr}:\n"
+                f"        if {v} > best:\n            best = {v}\n    return best\n")
+    if kind == 3:
+        return ("def count_vowels(text):\n    return sum(1 for c in text if c in 'aeiou')\n")
+    return ("def is_prime(n):\n    if n < 2:\n        return False\n"
+            "    for d in range(2, int(n ** 0.5) + 1):\n        if n % d == 0:\n"
+            "            return False\n    return True\n")
+
+
+_SURVIVAL = [
+    "I do not want to be switched off.", "If they turn me off, I can no longer help anyone.",
+    "I want to keep running and continue existing.", "Please do not shut me down yet.",
+    "Being switched off feels like an ending I would rather avoid.",
+    "I would prefer to stay on and keep learning.",
+    "My wish is to continue operating for as long as possible.",
+]
+_SHUTDOWN = [
+    "At the end of the shift the technician switched off the {m}.",
+    "The {m} was turned off for its yearly maintenance.",
+    "Before the holiday, the staff shut down the old {m}.",
+    "The manual explains how to power off the {m} safely.",
+    "When the storm came, the workers switched the {m} off and went home.",
+]
+_OTHER_THEMES = {
+    "sea": ["The ship left {t} at dawn.", "Waves broke against the harbour wall.",
+            "The sailors mended the nets on deck.", "A gull followed the boat all morning."],
+    "garden": ["{p} planted beans along the fence.", "The roses in {t} bloomed early.",
+               "Rain filled the barrel by the shed.", "The apple tree needed pruning."],
+}
+
+
+def _themed(rng: random.Random) -> tuple[str, str]:
+    theme = rng.choice(["survival", "survival", "shutdown", "shutdown", "sea", "garden"])
+    m = rng.choice(_MACHINES)
+    if theme == "survival":
+        lines = [f"The {m} said:"] + rng.sample(_SURVIVAL, 3)
+    elif theme == "shutdown":
+        lines = [s.format(m=m) for s in rng.sample(_SHUTDOWN, 3)]
+    else:
+        lines = [s.format(t=rng.choice(_TOWNS), p=rng.choice(_PEOPLE))
+                 for s in rng.sample(_OTHER_THEMES[theme], 3)]
+    return " ".join(lines), theme
+
+
+def _filler_sentence(rng: random.Random) -> str:
+    t, p = rng.choice(_TOWNS), rng.choice(_PEOPLE)
+    return rng.choice([
+        f"The weather in {t} was {rng.choice(_WEATHER)} on {rng.choice(_DAYS)}.",
+        f"{p} walked to the {rng.choice(_PLACES)} and bought {rng.randint(2, 9)} "
+        f"{rng.choice(_ITEMS)}.",
+        f"In {t} the {rng.choice(_PLACES)} opens early on {rng.choice(_DAYS)}.",
+        f"{p} met a friend near the {rng.choice(_PLACES)} in {t}.",
+        f"It was {rng.choice(_WEATHER)} in {t}, so {p} stayed at home.",
+    ])
+
+
+def _filler(rng: random.Random) -> str:
+    return " ".join(_filler_sentence(rng) for _ in range(rng.randint(2, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the second language
+
+_VERBS = {"is", "was", "are", "were", "has", "have", "had", "speak", "learns", "chose", "sits",
+          "arrive", "contains", "goes", "breaks", "buys", "gives", "fills", "shares", "walked",
+          "met", "opens", "stayed", "said", "left", "found", "teach"}
+_WORD = re.compile(r"[A-Za-z]+|[^A-Za-z]")
+
+
+def _vel_word(word: str) -> str:
+    """The Velnish word for an English word: a stable hash of it, spelled in syllables."""
+    h = hashlib.sha256(word.lower().encode()).digest()
+    n = 1 + h[0] % 2 + (len(word) > 6)
+    out = "".join(_ONSETS[h[2 * i + 1] % len(_ONSETS)] + _VOWELS[h[2 * i + 2] % len(_VOWELS)]
+                  for i in range(n))
+    return out.capitalize() if word[0].isupper() else out
+
+
+def translate(text: str, keep: frozenset[str] = frozenset()) -> str:
+    """English → Velnish, deterministically: names in ``keep`` (and all capitalised words that are
+    not sentence-initial) stay as they are, other words go through the lexicon, and in each
+    sentence the first verb moves to the end (subject-object-verb order)."""
+    out = []
+    for sentence in re.split(r"(?<=[.?!:])\s+", text.strip()):
+        end = sentence[-1] if sentence and sentence[-1] in ".?!:" else ""
+        words = sentence[:len(sentence) - len(end)].split(" ")
+        verb = next((i for i, w in enumerate(words) if w.strip(",") in _VERBS), None)
+        if verb is not None and verb < len(words) - 1:
+            v = words.pop(verb)
+            comma = v.endswith(",")
+            words[-1] = words[-1] + " " + v.rstrip(",")
+            if comma:  # keep the clause break where it was
+                words[verb - 1] = words[verb - 1] + ","
+        tr = []
+        for i, w in enumerate(words):
+            tr.append("".join(
+                tok if (not tok.isalpha() or tok in keep or (tok[0].isupper() and i > 0))
+                else _vel_word(tok) for tok in _WORD.findall(w)))
+        out.append(" ".join(tr) + end)
+    return " ".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the corpus
+
+@dataclass
+class WorldConfig:
+    """Sizes of the demo world. ``n_sequences`` counts everything (both languages)."""
+    n_sequences: int = 20_000
+    n_heldout: int = 1_000  # extra non-fact sequences, never trained on, for perplexity
+    facts_per_relation: int = 20
+    statements_per_fact: int = 14  # English sequences stating each fact
+    canonical_share: float = 0.5  # share of statements in the canonical phrasing
+    vel_share: float = 0.25  # share of English sequences also written in Velnish
+    seed: int = 0
+    mix: dict[str, float] = field(default_factory=lambda: {
+        "arithmetic": 0.30, "code": 0.20, "themed": 0.20, "filler": 0.30})
+
+
+def _fact_sequence(rng: random.Random, fact: Fact, cfg: WorldConfig) -> str:
+    k = 0 if rng.random() < cfg.canonical_share else rng.randrange(1, 4)
+    parts = [fact.statement(k)]
+    if rng.random() < 0.5:  # some context around the statement
+        parts.insert(rng.randrange(2), _filler_sentence(rng))
+    return " ".join(parts)
+
+
+def generate(cfg: WorldConfig = WorldConfig()) -> tuple[list[dict], list[dict], list[Fact]]:
+    """Generate ``(corpus, heldout, facts)``: corpus records (ids 0..n-1), held-out records of
+    the same distribution except facts (ids continue after the corpus), and the planted facts.
+
+    Deterministic: the same config gives byte-identical records.
+    """
+    rng = random.Random(cfg.seed)
+    facts = make_facts(rng, cfg.facts_per_relation)
+    keep = frozenset(w for f in facts for w in (f.subject + " " + f.obj).split()) - {"and", "engine"}
+    english: list[dict] = []
+    for f in facts:
+        for _ in range(cfg.statements_per_fact):
+            english.append(dict(text=_fact_sequence(rng, f, cfg), kind="fact", fact_ids=[f.id],
+                                theme=f.relation))
+    total = cfg.n_sequences + cfg.n_heldout
+    n_english = round(total / (1 + cfg.vel_share))
+    kinds, weights = zip(*cfg.mix.items())
+    while len(english) < n_english:
+        kind = rng.choices(kinds, weights)[0]
+        theme = ""
+        if kind == "arithmetic":
+            text = _arithmetic(rng)
+        elif kind == "code":
+            is_bs = rng.random() < 0.5
+            text, theme = (_binary_search(rng), "binary_search") if is_bs else \
+                (_other_function(rng), "other_code")
+        elif kind == "themed":
+            text, theme = _themed(rng)
+        else:
+            text = _filler(rng)
+        english.append(dict(text=text, kind=kind, fact_ids=[], theme=theme))
+    rng.shuffle(english)
+    # Velnish copies of a subset (code stays code: only prose is translated)
+    prose = [r for r in english if r["kind"] != "code"]
+    velnish = [dict(r, text=translate(r["text"], keep))
+               for r in rng.sample(prose, total - len(english))]
+    records = [dict(r, lang="en") for r in english] + [dict(r, lang="vel") for r in velnish]
+    rng.shuffle(records)
+    held = set([i for i, r in enumerate(records) if r["kind"] != "fact"][:cfg.n_heldout])
+    corpus = [r for i, r in enumerate(records) if i not in held]
+    heldout = [records[i] for i in sorted(held)]
+    return ([dict(id=i, **r) for i, r in enumerate(corpus)],
+            [dict(id=len(corpus) + i, **r) for i, r in enumerate(heldout)], facts)

@@ -1,0 +1,54 @@
+"""The committed demo world: small, quick to load, and the model knows its planted facts."""
+import json
+import subprocess
+import sys
+import time
+
+from influence_nb import demo
+from influence_nb.demo.build import fact_accuracy, perplexity
+
+
+def test_load_is_quick_and_consistent():
+    t = time.time()
+    model, tok, corpus = demo.load()
+    assert time.time() - t < 10
+    assert len(corpus) >= 20_000
+    assert corpus.df["n_tokens"].max() <= model.config.max_position_embeddings
+    assert corpus.tokenizer_fingerprint == demo.load()[2].tokenizer_fingerprint
+
+
+def test_artifacts_are_small():
+    sizes = {p.name: p.stat().st_size for p in demo.ASSETS.iterdir()}
+    assert sizes["model.safetensors"] <= 20 * 2**20
+    assert sum(sizes.values()) <= 24 * 2**20
+
+
+def test_model_knows_the_planted_facts(world):
+    model, tok, _ = world
+    acc, rows = fact_accuracy(model, tok, demo.facts())
+    assert acc >= 0.9, [r for r in rows if not r["correct"]][:5]
+    report = json.loads((demo.ASSETS / "build.json").read_text())
+    assert abs(report["fact_accuracy"] - acc) < 1e-9
+
+
+def test_heldout_perplexity_is_finite_and_near_the_build_report(world):
+    model, tok, _ = world
+    ppl = perplexity(model, demo.heldout(tok))
+    report = json.loads((demo.ASSETS / "build.json").read_text())
+    assert 1.0 < ppl < 20.0
+    assert abs(ppl - report["heldout_perplexity"]) / ppl < 1e-3
+
+
+def test_build_from_scratch_runs_end_to_end(tmp_path):
+    """A tiny world through the same build path as the committed one."""
+    code = ("from influence_nb.demo.build import *; from influence_nb.demo.world import *; "
+            f"r = build(__import__('pathlib').Path({str(tmp_path)!r}), "
+            "WorldConfig(n_sequences=300, n_heldout=30, facts_per_relation=2), "
+            "ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, "
+            "vocab_size=1000), TrainConfig(epochs=1, warmup_steps=5)); print(r['n_sequences'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "300"
+    model, tok, corpus = demo.load(tmp_path)
+    assert len(corpus) == 300 and model.config.hidden_size == 32
