@@ -1,8 +1,24 @@
 """influence_nb: influence functions for language models (EK-FAC, after Grosse et al. 2023),
-inline in JupyterLab. See README.md for the conventions (positive = raises the query's
-log-probability)."""
+inline in JupyterLab.
+
+Scores are reported so that **positive means adding the training sequence raises
+log p(completion | prompt)**; 1 means the log-probability rises by 1 (to first order).
+
+The data path, top to bottom: :mod:`data` (corpus) → :mod:`hooks` (ā, δ capture) →
+:mod:`curvature` (EK-FAC factors) → :mod:`scoring` (preconditioned queries, streaming scores) →
+:mod:`results` (InfluenceResult) ; :mod:`session` ties them together for the notebook loop.
+"""
+from .curvature import FactorArgs, Factors, fit_factors, query_gradients
 from .data import Batch, Corpus, CorpusError
+from .hooks import Capture, find_layers
+from .results import InfluenceResult
+from .scoring import Queries, ScoreArgs, make_queries, scan, self_influence, token_scores
+from .session import Influence
+from .task import Task
 
 __version__ = "0.1.0"
 
-__all__ = ["Batch", "Corpus", "CorpusError", "__version__"]
+__all__ = ["Batch", "Capture", "Corpus", "CorpusError", "FactorArgs", "Factors", "Influence",
+           "InfluenceResult", "Queries", "ScoreArgs", "Task", "__version__", "find_layers",
+           "fit_factors", "make_queries", "query_gradients", "scan", "self_influence",
+           "token_scores"]

@@ -133,7 +133,7 @@ class Corpus:
             block.clear()
 
         for rec in tqdm(records, desc="tokenizing", unit="doc", total=total,
-                        disable=total is not None and total < 10 * _BLOCK):
+                        disable=total is not None and total < 50 * _BLOCK):
             if text_field not in rec:
                 raise CorpusError(f"{source or 'a record'} has no field {text_field!r} "
                                   f"(fields: {', '.join(rec)}); pass text_field=<one of them>")

@@ -1,0 +1,238 @@
+"""Tracked layers and the capture of their input activations ā and output gradients δ.
+
+For a linear layer y = W x + b, write ā = [x, 1] (the bias as a homogeneous coordinate) and
+δ = ∂L/∂y. The gradient of a sequence's loss with respect to [W, b] is then
+
+    DW = Σ_t δ_t ā_tᵀ          # (out, in+1) = einsum('t o, t i -> o i', δ, ā)
+
+which is all the curvature fit, the query gradients and the scorer need. :class:`Capture`
+records ā (forward hooks) and δ (``torch.autograd.grad`` with respect to the layers'
+outputs, so no parameter gradient is ever materialised) without wrapping or renaming
+anything in the user's model; every hook is removed when the context exits.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+PRESETS = ("mlp", "attn", "all")
+# A module belongs to a preset when one component of its dotted name is in the set:
+#   gpt2  h.0.mlp.c_fc, h.0.mlp.c_proj        | h.0.attn.c_attn, h.0.attn.c_proj
+#   neox  mlp.dense_h_to_4h, mlp.dense_4h_to_h | attention.query_key_value, attention.dense
+#   llama mlp.{gate,up,down}_proj              | self_attn.{q,k,v,o}_proj
+_MLP_PARTS = {"mlp", "feed_forward", "ffn"}
+_ATTN_PARTS = {"attn", "attention", "self_attn", "self_attention"}
+
+
+@dataclass(frozen=True)
+class TrackedLayer:
+    """A Linear or GPT-2 Conv1D layer whose weights influence is measured on.
+
+    Its gradients use the (out, in + bias) convention: column ``in`` is the bias.
+    """
+    name: str
+    module: nn.Module
+    d_in: int
+    d_out: int
+    bias: bool
+    transposed: bool  # Conv1D stores its weight as (in, out)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in + bias): the shape of this layer's gradients, ā has in + bias columns."""
+        return self.d_out, self.d_in + int(self.bias)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """[weight] or [weight, bias], in the order :meth:`as_matrix` takes their gradients."""
+        return [self.module.weight] + ([self.module.bias] if self.bias else [])
+
+    def as_matrix(self, grads: Sequence[Tensor]) -> Tensor:
+        """Gradients of :meth:`parameters` -> one (out, in + bias) matrix."""
+        W = grads[0].T if self.transposed else grads[0]
+        return torch.cat([W, grads[1][:, None]], dim=1) if self.bias else W
+
+
+def _as_tracked(name: str, module: nn.Module) -> TrackedLayer | None:
+    if isinstance(module, nn.Linear):
+        d_out, d_in = module.weight.shape
+        return TrackedLayer(name, module, d_in, d_out, module.bias is not None, transposed=False)
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return TrackedLayer(name, module, d_in, d_out, module.bias is not None, transposed=True)
+    return None
+
+
+def find_layers(model: nn.Module, layers: str | Sequence[str] = "mlp") -> list[TrackedLayer]:
+    """The model's tracked layers, in module order.
+
+    ``layers``: a preset — ``"mlp"`` (the paper's choice), ``"attn"``, ``"all"`` (every Linear /
+    Conv1D except the input and output embeddings) — or a list of module names or fnmatch
+    globs (``"*.mlp.c_fc"``), each of which must match at least one Linear / Conv1D.
+    """
+    excluded = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        emb = getattr(model, getter, lambda: None)()
+        if emb is not None:
+            excluded.add(id(emb))
+    candidates = [t for name, m in model.named_modules()
+                  if id(m) not in excluded and (t := _as_tracked(name, m)) is not None]
+    if isinstance(layers, str):
+        if layers not in PRESETS:
+            raise ValueError(f"unknown layer preset {layers!r}; use one of {PRESETS} "
+                             "or a list of module names / globs")
+        parts = {"mlp": _MLP_PARTS, "attn": _ATTN_PARTS, "all": None}[layers]
+        found = [t for t in candidates if parts is None or parts & set(t.name.split("."))]
+        if not found:
+            raise ValueError(f"no trackable layers: the model has no torch.nn.Linear or Conv1D "
+                             f"module for preset {layers!r}; pass layers='all' or a list of "
+                             "module names")
+        return found
+    found = []
+    for pattern in layers:
+        hits = [t for t in candidates if fnmatch.fnmatchcase(t.name, pattern)]
+        if not hits:
+            names = ", ".join(t.name for t in candidates[:8]) or "none"
+            raise ValueError(f"layer {pattern!r} matches no Linear/Conv1D module of the model "
+                             f"(trackable: {names}{', ...' if len(candidates) > 8 else ''})")
+        found += [t for t in hits if t not in found]
+    if not found:
+        raise ValueError("no trackable layers: the list of layer names is empty; pass names, "
+                         "globs or a preset ('mlp', 'attn', 'all')")
+    order = {t.name: i for i, t in enumerate(candidates)}
+    return sorted(found, key=lambda t: order[t.name])
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model accepts, from its config, or None if it does not say."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def stat_dtype(model: nn.Module) -> torch.dtype:
+    """float64 for a float64 model, float32 otherwise (bfloat16 / float16 models included)."""
+    dtype = next(model.parameters()).dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put the model in eval mode (no dropout) and restore every module's flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.train(training)
+
+
+class Capture:
+    """Records ā (B, T, in + bias) and δ (B, T, out) of the tracked layers, masked.
+
+    Use as a context manager; per batch::
+
+        with Capture(model, layers) as cap:
+            cap.start(mask)                    # (B, T): 1 where a token counts, 0 for padding
+            losses = task.training_loss(task.forward(model, batch), batch)   # (B,)
+            cap.backward(losses)               # δ = ∂ Σ losses / ∂ y, per layer
+            DW = cap.sequence_gradients()      # {name: (B, out, in + bias)}
+
+    Tensors are kept in ``dtype`` (float32 by default, statistics need it even when the
+    model runs in bfloat16). Masked positions are exactly zero in both ā and δ. Non-finite
+    activations or gradients raise an error naming the layer.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[TrackedLayer],
+                 dtype: torch.dtype | None = None):
+        self.model, self.layers = model, list(layers)
+        self.dtype = dtype or stat_dtype(model)
+        self.a: dict[str, Tensor] = {}
+        self.delta: dict[str, Tensor] = {}
+        self._outputs: dict[str, Tensor] = {}
+        self._mask: Tensor | None = None
+        self._handles: list = []
+        self._requires_grad: list[tuple[nn.Parameter, bool]] = []
+
+    def __enter__(self) -> "Capture":
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+            # δ needs the outputs in the graph even when the user froze the weights
+            for p in layer.parameters():
+                self._requires_grad.append((p, p.requires_grad))
+                p.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        self._handles, self._requires_grad = [], []
+        self.a, self.delta, self._outputs = {}, {}, {}
+
+    def start(self, mask: Tensor) -> None:
+        """Begin a batch: forget the previous one; ``mask`` (B, T) selects the counted tokens."""
+        self.a, self.delta, self._outputs = {}, {}, {}
+        self._mask = mask.to(torch.bool)
+
+    def _hook(self, layer: TrackedLayer):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if self._mask is None:
+                raise RuntimeError("Capture.start(mask) must be called before the forward pass")
+            if layer.name in self.a:
+                raise RuntimeError(f"layer {layer.name!r} ran twice in one forward pass; "
+                                   "modules reused within a pass cannot be tracked — exclude it")
+            x = args[0]
+            if not torch.isfinite(x.sum()):  # one reduction; NaN/inf anywhere make it non-finite
+                raise FloatingPointError(f"non-finite activations (NaN/inf) entering layer "
+                                         f"{layer.name!r}; check the model's weights and inputs "
+                                         "(bfloat16 overflow?)")
+            B, T = self._mask.shape
+            a = x.new_empty(B, T, layer.shape[1], dtype=self.dtype)  # our own copy of ā
+            a[..., :layer.d_in] = x.detach().reshape(B, T, layer.d_in)
+            if layer.bias:
+                a[..., -1] = 1.0
+            self.a[layer.name] = a.masked_fill_(~self._mask[..., None], 0.0)
+            self._outputs[layer.name] = (output, output._version)
+        return hook
+
+    def backward(self, losses: Tensor) -> None:
+        """Fill ``delta`` with ∂(Σ losses)/∂y per tracked layer (parameter .grad untouched)."""
+        for layer in self.layers:
+            if layer.name not in self._outputs:
+                raise RuntimeError(f"layer {layer.name!r} did not run in the forward pass; "
+                                   "exclude it from the tracked layers")
+            output, version = self._outputs[layer.name]
+            if output._version != version:
+                raise RuntimeError(f"the output of layer {layer.name!r} was modified in place after "
+                                   "the layer ran, so its δ cannot be read; exclude the layer")
+        grads = torch.autograd.grad(losses.sum(), [self._outputs[t.name][0] for t in self.layers],
+                                    allow_unused=True)
+        B, T = self._mask.shape
+        for layer, g in zip(self.layers, grads):
+            name, d_out = layer.name, layer.d_out
+            if g is None:  # the loss does not depend on this layer
+                g = torch.zeros(B, T, d_out, dtype=self.dtype, device=self._mask.device)
+            elif not torch.isfinite(g.sum()):
+                raise FloatingPointError(f"non-finite gradients (NaN/inf) at the output of layer "
+                                         f"{name!r}; check the loss and the model (bfloat16 "
+                                         "overflow?)")
+            g = g.reshape(B, T, d_out).to(self.dtype)
+            self.delta[name] = g.masked_fill(~self._mask[..., None], 0.0)
+        self._outputs = {}  # release the graph
+
+    def sequence_gradients(self) -> dict[str, Tensor]:
+        """Per-sequence gradients DW_b = Σ_t δ_bt ā_btᵀ: {name: (B, out, in + bias)}."""
+        return {layer.name: einsum(self.delta[layer.name], self.a[layer.name],
+                                   "b t o, b t i -> b o i")
+                for layer in self.layers}

@@ -1,0 +1,150 @@
+"""The one seam where a user says how to run the model, what its loss is and what is measured.
+
+Defaults fit a Hugging Face causal LM (``model(input_ids, attention_mask).logits``):
+
+- training loss of a sequence: the **sum** over its real tokens of −log p(z_t+1 | z_≤t)
+  (a sum, not a mean, so that the Fisher equals the Gauss-Newton matrix);
+- Fisher pseudo-loss: the same sum with labels **sampled** from the model's own predictive
+  distribution (true Fisher), or the real next tokens (empirical Fisher, an option);
+- measurement f = log p(completion | prompt): only completion tokens count.
+
+Position t of a batch predicts token t + 1; every per-position mask below is in that
+convention: ``loss_mask[b, t]`` says whether the prediction made at t is scored.
+Subclass :class:`Task` and override :meth:`forward` and the losses for other models.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def get(batch: object, key: str) -> Tensor:
+    """``batch[key]`` for a Mapping, ``batch.key`` otherwise."""
+    value = batch.get(key) if isinstance(batch, Mapping) else getattr(batch, key, None)
+    if value is None:
+        raise KeyError(f"batch has no {key!r}; a batch is a Mapping or object with input_ids "
+                       "(B, T) and attention_mask (B, T)")
+    return value
+
+
+def next_token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(targets[b, t] | position t), in float32 or better: (B, T, V), (B, T) -> (B, T)."""
+    B, T, V = logits.shape
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T),
+                            reduction="none").reshape(B, T)
+
+
+def _shift(x: Tensor) -> Tensor:
+    """x[:, t + 1] at position t, zero at the last position: (B, T) -> (B, T)."""
+    return torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1)
+
+
+@dataclass
+class Task:
+    """Model call, training loss, Fisher pseudo-loss and query measurement (HF causal LM).
+
+    empirical_fisher: use the real next tokens as Fisher labels instead of sampling them
+        from the model (the paper, and the default, use the true Fisher).
+    """
+    empirical_fisher: bool = False
+
+    def forward(self, model: nn.Module, batch: object) -> Tensor:
+        """Run the model: logits (B, T, V)."""
+        return model(input_ids=get(batch, "input_ids"),
+                     attention_mask=get(batch, "attention_mask")).logits
+
+    def loss_mask(self, batch: object) -> Tensor:
+        """(B, T) bool: position t is scored when tokens t and t + 1 are real."""
+        mask = get(batch, "attention_mask").bool()
+        return mask & _shift(mask)
+
+    def training_loss(self, logits: Tensor, batch: object) -> Tensor:
+        """(B,) Σ_t −log p(z_t+1 | z_≤t) over the scored positions, in nats."""
+        logp = next_token_logprobs(logits, _shift(get(batch, "input_ids")))
+        return -(logp * self.loss_mask(batch)).sum(dim=1)
+
+    def fisher_loss(self, logits: Tensor, batch: object, generator: torch.Generator) -> Tensor:
+        """(B,) the training loss with labels drawn from softmax(logits) (true Fisher), or the
+        real tokens when ``empirical_fisher``. ``generator`` makes the draw reproducible
+        (inverse-CDF sampling: several times faster than torch.multinomial)."""
+        if self.empirical_fisher:
+            return self.training_loss(logits, batch)
+        B, T, V = logits.shape
+        cdf = logits.detach().reshape(B * T, V).float().softmax(dim=-1).cumsum(dim=-1)
+        u = torch.rand(B * T, 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+        labels = torch.searchsorted(cdf, u, right=True).clamp_max(V - 1).reshape(B, T)
+        return -(next_token_logprobs(logits, labels) * self.loss_mask(batch)).sum(dim=1)
+
+    def measurement(self, logits: Tensor, batch: object) -> Tensor:
+        """(B,) f = log p(completion | prompt): Σ over completion tokens of log p, in nats.
+        ``batch`` needs ``completion_mask`` (B, T): 1 on completion tokens."""
+        logp = next_token_logprobs(logits, _shift(get(batch, "input_ids")))
+        return (logp * _shift(get(batch, "completion_mask")) * self.loss_mask(batch)).sum(dim=1)
+
+
+def token_rows(x: Sequence[int] | Sequence[Sequence[int]] | Tensor | np.ndarray
+               ) -> list[list[int]]:
+    """One sequence of token ids (list, 1-D tensor or array) or several -> a list of lists.
+    An empty input is one empty sequence."""
+    x = list(x.tolist() if isinstance(x, (Tensor, np.ndarray)) else x)
+    if not x or not isinstance(x[0], (Sequence, Tensor, np.ndarray)):
+        return [[int(i) for i in x]]
+    return [[int(i) for i in (r.tolist() if isinstance(r, (Tensor, np.ndarray)) else r)]
+            for r in x]
+
+
+@dataclass
+class QueryBatch:
+    """Prompt + completion sequences, right-padded.
+
+    input_ids:       (Q, T) int64
+    attention_mask:  (Q, T) int64, 1 for real tokens
+    completion_mask: (Q, T) int64, 1 for completion tokens
+    """
+    input_ids: Tensor
+    attention_mask: Tensor
+    completion_mask: Tensor
+
+    def to(self, device: torch.device | str) -> "QueryBatch":
+        return QueryBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                          self.completion_mask.to(device))
+
+
+def query_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                max_len: int | None = None, pad_id: int = 0) -> QueryBatch:
+    """Token ids of Q prompts and their completions -> a :class:`QueryBatch`.
+
+    ``max_len``: the model's context; longer prompt + completion is an error.
+    """
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(f"need as many prompts as completions, at least one "
+                         f"(got {len(prompts)} and {len(completions)})")
+    rows = []
+    for q, (p, c) in enumerate(zip(prompts, completions)):
+        p, c = [int(i) for i in p], [int(i) for i in c]
+        if not c:
+            raise ValueError(f"query {q}: the completion is empty; give at least one token whose "
+                             "log-probability is measured")
+        if not p:
+            raise ValueError(f"query {q}: the prompt is empty; the first completion token needs a "
+                             "token before it (start the prompt with a BOS token)")
+        if max_len is not None and len(p) + len(c) > max_len:
+            raise ValueError(f"query {q}: prompt + completion has {len(p) + len(c)} tokens, more "
+                             f"than the model's context of {max_len}; shorten the prompt")
+        rows.append((p, c))
+    T = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    completion_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for q, (p, c) in enumerate(rows):
+        n = len(p) + len(c)
+        input_ids[q, :n] = torch.tensor(p + c)
+        attention_mask[q, :n] = 1
+        completion_mask[q, len(p):n] = 1
+    return QueryBatch(input_ids, attention_mask, completion_mask)

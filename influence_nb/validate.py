@@ -1,0 +1,187 @@
+"""Validation on a tiny model: exact damped Fisher, exact influence, and how close each
+curvature strategy (identity, K-FAC, EK-FAC, LiSSA) comes to it.
+
+The exact Fisher is built from per-sequence pseudo-gradients computed with plain autograd
+(independently of the hooks), with the *same* sampled labels as :func:`fit_factors` (same
+seed, same batches, same order):
+
+    G = (1/N) Σ_n g_n g_nᵀ             g_n = ∇ fisher_loss(z_n), flattened over tracked layers
+    score(q, m) = ∇f_qᵀ (G + λ)⁻¹ ∇L(z_m)
+
+with λ_ℓ = damping_factor · tr(G_ℓℓ) / P_ℓ per layer, which is exactly EK-FAC's default
+(mean of its Λ_ℓ, as Λ_ℓ is the diagonal of G_ℓℓ in a rotated basis). Parameters are flattened
+layer by layer, each layer's (out, in+1) gradient in row-major order. Dense matrices are
+P × P, so keep P to a few thousand.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .curvature import (FactorArgs, Factors, batch_source, fit_factors, prepared_batches,
+                        query_gradients)
+from .hooks import TrackedLayer, eval_mode, find_layers
+from .task import Task
+
+
+def spearman(x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    return pd.Series(np.asarray(x)).corr(pd.Series(np.asarray(y)), method="spearman")
+
+
+def pearson(x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> float:
+    """Pearson correlation."""
+    return float(np.corrcoef(np.asarray(x, float), np.asarray(y, float))[0, 1])
+
+
+def flatten(grads: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    """{name: (..., out, in+1)} -> (..., P) float64, layers in ``names`` order, row-major."""
+    return torch.cat([grads[n].double().flatten(-2) for n in names], dim=-1)
+
+
+def per_example_gradients(model: nn.Module, data: object, layers: Sequence[TrackedLayer],
+                          task: Task, args: FactorArgs, loss: str = "fisher") -> Tensor:
+    """(N, P) float64 per-sequence gradients by autograd, one backward per sequence.
+
+    ``loss``: "fisher" (pseudo-loss, labels drawn exactly as :func:`fit_factors` draws them
+    with ``args.seed``) or "training" (real labels).
+    """
+    source, total, _ = batch_source(data, args, passes=1)
+    params = [p for layer in layers for p in layer.parameters()]
+    generator = torch.Generator(device=params[0].device).manual_seed(args.seed)
+    rows = []
+    with eval_mode(model), torch.enable_grad():
+        for batch in prepared_batches(model, source, total, replace(args, progress=False), loss):
+            logits = task.forward(model, batch)
+            losses = (task.fisher_loss(logits, batch, generator) if loss == "fisher"
+                      else task.training_loss(logits, batch))
+            for b in range(len(losses)):
+                grads = iter(torch.autograd.grad(losses[b], params, retain_graph=True))
+                rows.append(torch.cat([layer.as_matrix([next(grads) for _ in layer.parameters()])
+                                       .double().flatten() for layer in layers]))
+    return torch.stack(rows)
+
+
+def exact_damping(G: Tensor, layers: Sequence[TrackedLayer], args: FactorArgs) -> Tensor:
+    """(P,) λ per parameter: the absolute override, or factor · tr(G_ℓℓ)/P_ℓ per layer."""
+    lam = []
+    start = 0
+    for layer in layers:
+        P = layer.shape[0] * layer.shape[1]
+        block = G.diagonal()[start:start + P]
+        value = args.damping if args.damping is not None else args.damping_factor * block.mean()
+        lam.append(torch.full((P,), float(value), dtype=G.dtype))
+        start += P
+    return torch.cat(lam)
+
+
+def lissa(J: Tensor, V: Tensor, lam: Tensor, depth: int = 5000, batch_size: int = 32,
+          scale_factor: float = 10.0, seed: int = 0) -> Tensor:
+    """LiSSA estimate of (G + diag(lam))⁻¹ V, G = JᵀJ/N, with mini-batch Fisher-vector products.
+
+    J: (N, P) per-sequence pseudo-gradients; V: (P, Q). Recursion (Agarwal et al. 2017):
+    x ← V + x − (G_B x + λx)/scale, estimate x/scale, where scale = ``scale_factor`` × the top
+    eigenvalue of G + λ (power iteration; the margin tames the mini-batch noise). On a real
+    model each step costs one forward + backward over ``batch_size`` sequences.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(J.shape[1], 1, generator=gen, dtype=J.dtype)
+    for _ in range(50):
+        v = J.T @ (J @ v) / len(J)
+        top = v.norm()
+        v = v / top
+    scale = scale_factor * (top.item() + lam.max().item())
+    x = V.clone()
+    for _ in range(depth):
+        JB = J[torch.randint(len(J), (batch_size,), generator=gen)]
+        x = V + x - (JB.T @ (JB @ x) / batch_size + lam[:, None] * x) / scale
+    return x / scale
+
+
+def compare(model: nn.Module, data: object, prompts: Sequence[Sequence[int]],
+            completions: Sequence[Sequence[int]], args: FactorArgs | None = None,
+            task: Task | None = None, lissa_depth: int = 5000, lissa_batch: int = 32) -> dict:
+    """Influence of every training sequence on every query: exact vs each strategy.
+
+    ``data`` as for :func:`fit_factors` (re-iterable). Two exact references:
+    "layerwise" keeps the diagonal blocks G_ℓℓ (the structure every factored strategy assumes,
+    so it measures the Kronecker approximation itself); "full" keeps the cross-layer blocks.
+    Returns {"spearman" | "pearson": {reference: {strategy: mean over queries}},
+    "exact": {reference: (Q, N)}, "scores": {strategy: (Q, N)}, "lissa": {seconds, depth,
+    batch_size, passes (data passes a real model would pay)}, "factors": Factors, "n_params"}.
+    """
+    args, task = args or FactorArgs(progress=False), task or Task()
+    layers = find_layers(model, args.layers)
+    names = [layer.name for layer in layers]
+    factors: Factors = fit_factors(model, data, replace(args, strategy="ekfac"), task)
+    J = per_example_gradients(model, data, layers, task, args, "fisher")      # (N, P)
+    L = per_example_gradients(model, data, layers, task, args, "training")    # (N, P)
+    q = query_gradients(model, prompts, completions, layers=names, task=task)
+    F = flatten(q.grads, names)                                                # (Q, P)
+    G = J.T @ J / len(J)
+    within = torch.block_diag(*[torch.ones(o * i, o * i, dtype=G.dtype)
+                                for o, i in factors.shapes.values()])
+    lam = exact_damping(G, layers, args)
+    exact = {ref: torch.linalg.solve(M + torch.diag(lam), F.T).T @ L.T        # (Q, N)
+             for ref, M in (("layerwise", G * within), ("full", G))}
+    scores = {s: flatten(factors.precondition(q.grads, s), names) @ L.T
+              for s in ("identity", "kfac", "ekfac")}
+    start = time.perf_counter()
+    scores["lissa"] = lissa(J, F.T, lam, lissa_depth, lissa_batch, seed=args.seed).T @ L.T
+    seconds = time.perf_counter() - start
+    report = {"exact": exact, "scores": scores, "factors": factors, "n_params": G.shape[0],
+              "lissa": {"seconds": seconds, "depth": lissa_depth, "batch_size": lissa_batch,
+                        "passes": lissa_depth * lissa_batch / len(J)}}
+    for name, corr in (("spearman", spearman), ("pearson", pearson)):
+        report[name] = {ref: {s: float(np.mean([corr(ex[k], v[k]) for k in range(len(ex))]))
+                              for s, v in scores.items()}
+                        for ref, ex in exact.items()}
+    return report
+
+
+def toy_problem(n_sequences: int = 2048, train_steps: int = 0, seed: int = 0,
+                dtype: torch.dtype = torch.float64, n_queries: int = 12
+                ) -> tuple[nn.Module, list[dict], list[list[int]], list[list[int]]]:
+    """A tiny GPT-2 (d=8, 2 layers, ~1.3k parameters in its MLPs) and a Markov-chain corpus.
+
+    -> (model, batches of 16 right-padded sequences of 6-12 tokens, prompts, completions);
+    ``train_steps`` of Adam on the chain first (0: random initialisation). For validation.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    V, T = 24, 12
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=16, n_embd=8, n_inner=16,
+                                       n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    transition = torch.softmax(3 * torch.randn(V, V), dim=-1)     # (V, V) peaked next-token law
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def chain(n: int, t: int) -> Tensor:                             # (n, t) token ids
+        x = torch.zeros(n, t, dtype=torch.long)
+        x[:, 0] = torch.randint(V, (n,), generator=gen)
+        for k in range(1, t):
+            x[:, k] = torch.multinomial(transition[x[:, k - 1]], 1, generator=gen)[:, 0]
+        return x
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(train_steps):
+        x = chain(32, T)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model = model.to(dtype).eval()
+    batches = []
+    for _ in range(n_sequences // 16):
+        x = chain(16, T)
+        lengths = torch.randint(T // 2, T + 1, (16, 1), generator=gen)
+        mask = (torch.arange(T) < lengths).long()
+        batches.append({"input_ids": x * mask, "attention_mask": mask})
+    q = chain(n_queries, 8)
+    return model, batches, q[:, :5].tolist(), q[:, 5:].tolist()
