@@ -1,0 +1,52 @@
+"""Fact tracing on the demo world: does a planted-fact query find the sequences stating it?
+
+For each query (a planted fact in its canonical phrasing), the fraction of queries whose top-10
+holds a sequence stating that fact (either language), and the mean reciprocal rank of the first
+such sequence — for EK-FAC, identity (gradient dot product) and TF-IDF, side by side.
+
+    python benchmarks/fact_tracing.py [--queries 36]
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+from sklearn.feature_extraction.text import TfidfVectorizer
+
+from influence_nb import demo
+from influence_nb.scoring import Queries, ScoreArgs
+from influence_nb.session import Influence
+
+p = argparse.ArgumentParser()
+p.add_argument("--queries", type=int, default=36)
+a = p.parse_args()
+
+t0 = time.time()
+inf = Influence.demo()
+facts = demo.facts()
+picked = [facts[i] for i in np.linspace(0, len(facts) - 1, a.queries).astype(int)]
+pairs = [(f.prompt(), f.completion) for f in picked]
+batch = Queries.concat([inf.queries(pairs), inf.queries(pairs, strategy="identity")])
+res = inf.scan(batch, args=ScoreArgs(per_layer=False, batch_size=32))
+t_scan = time.time() - t0
+states = [np.array([f.id in fids for fids in inf.corpus.df["fact_ids"]]) for f in picked]
+
+texts = inf.corpus.df["text"].tolist()
+vec = TfidfVectorizer().fit(texts)
+tfidf = (vec.transform([p + c for p, c in pairs]) @ vec.transform(texts).T).toarray()
+
+
+def summary(S: np.ndarray) -> dict:
+    top10, rr = [], []
+    for q, hit in enumerate(states):
+        order = np.argsort(-S[q], kind="stable")
+        first = int(np.argmax(hit[order]))  # rank - 1 of the first sequence stating the fact
+        top10.append(first < 10)
+        rr.append(1.0 / (first + 1))
+    return dict(top10_hit_rate=float(np.mean(top10)), mrr=float(np.mean(rr)))
+
+
+Q = len(pairs)
+print(json.dumps(dict(ekfac=summary(res.scores[:Q]), identity=summary(res.scores[Q:]),
+                      tfidf=summary(tfidf), n_queries=Q, n_sequences=len(texts), goal=0.8,
+                      scan_seconds=round(t_scan, 1))))

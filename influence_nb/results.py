@@ -1,0 +1,145 @@
+"""InfluenceResult: the query × sequence score matrix, ranked tables with the training text beside
+each score, per-layer and per-token views, save / load."""
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import Corpus
+
+FORMAT = "influence_nb.result/1"
+
+
+@dataclass
+class InfluenceResult:
+    """Scores of N training sequences on Q queries. Positive: adding the sequence to training
+    raises log p(completion | prompt); 1 means the log-probability rises by 1 (first order).
+
+    queries:      Q dicts with ``prompt``, ``completion`` (text) and ``logprob`` (f, nats)
+    scores:       (Q, N) total scores
+    ids:          (N,) corpus ids of the scored sequences
+    layer_names:  the L tracked layers
+    layer_scores: (Q, L, N) per-layer scores, or None
+    corpus:       the scored corpus (text and metadata), or None after a load without one
+    """
+    queries: list[dict]
+    scores: np.ndarray
+    ids: np.ndarray
+    layer_names: list[str]
+    layer_scores: np.ndarray | None = None
+    corpus: Corpus | None = None
+    corpus_fingerprint: str | None = None
+    # recomputes per-token scores: (query index, ids) -> ([(Q, n_tokens)], (Q, L, len(ids)))
+    token_fn: Callable | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.corpus is not None:
+            self.corpus_fingerprint = self.corpus.fingerprint
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.queries)
+
+    def _q(self, q: int) -> int:
+        if not -self.n_queries <= q < self.n_queries:
+            raise IndexError(f"query {q} out of range: this result has {self.n_queries} queries")
+        return q % self.n_queries
+
+    def top(self, q: int = 0, k: int = 10, sign: str = "positive") -> pd.DataFrame:
+        """The k most influential sequences on query ``q``: ``sign`` "positive" (largest
+        scores), "negative" (most negative) or "abs". Columns: rank, id, score, text and the
+        corpus metadata, and one column per layer when per-layer scores were kept."""
+        s = self.scores[self._q(q)]
+        key = {"positive": -s, "negative": s, "abs": -np.abs(s)}.get(sign)
+        if key is None:
+            raise ValueError(f"sign must be 'positive', 'negative' or 'abs', got {sign!r}")
+        order = np.argsort(key, kind="stable")[:k]
+        df = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "id": self.ids[order],
+                           "score": s[order]})
+        if self.corpus is not None:
+            meta = self.corpus.df.loc[self.ids[order]].reset_index(drop=True)
+            df = pd.concat([df, meta.drop(columns=["n_tokens"], errors="ignore")], axis=1)
+        if self.layer_scores is not None:
+            for l, name in enumerate(self.layer_names):
+                df[name] = self.layer_scores[self._q(q), l, order]
+        return df.set_index("rank")
+
+    def layer_profile(self, q: int = 0, k: int | None = None) -> pd.Series:
+        """Per-layer sum of scores on query ``q`` (over the top-k positive, or all)."""
+        if self.layer_scores is None:
+            raise ValueError("per-layer scores were not kept; scan with ScoreArgs(per_layer=True)")
+        ls = self.layer_scores[self._q(q)]
+        if k is not None:
+            ls = ls[:, np.argsort(-self.scores[self._q(q)])[:k]]
+        return pd.Series(ls.sum(1), index=self.layer_names, name="score")
+
+    def tokens(self, q: int, id: int) -> pd.DataFrame:
+        """Per-token scores of sequence ``id`` on query ``q``: columns token (text), score. The
+        score at token t belongs to the update at position t, which predicts token t + 1."""
+        if self.token_fn is None or self.corpus is None:
+            raise ValueError("per-token scores need the model: use a result from "
+                             "Influence.scan / score_texts, not one loaded from disk alone")
+        per_seq, _ = self.token_fn([int(id)])
+        ids = self.corpus.token_ids(int(id))
+        tok = self.corpus.tokenizer
+        return pd.DataFrame({"token": [tok.decode([int(t)]) for t in ids],
+                             "score": per_seq[0][self._q(q)]})
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``result.npz`` and ``result.json`` into directory ``path`` (atomically)."""
+        from .scoring import _atomic_write
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        arrays = dict(scores=self.scores, ids=self.ids)
+        if self.layer_scores is not None:
+            arrays["layer_scores"] = self.layer_scores
+        np.savez(buf, **arrays)
+        _atomic_write(path / "result.npz", buf.getvalue())
+        meta = dict(format=FORMAT, queries=self.queries, layer_names=self.layer_names,
+                    corpus_fingerprint=self.corpus_fingerprint)
+        _atomic_write(path / "result.json", json.dumps(meta, indent=1).encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, corpus: Corpus | None = None) -> "InfluenceResult":
+        """Read a saved result; with ``corpus`` (checked by fingerprint) the tables show text."""
+        path = Path(path)
+        if not (path / "result.json").exists():
+            raise FileNotFoundError(f"no saved result in {path}; save one with result.save(path)")
+        meta = json.loads((path / "result.json").read_text())
+        if corpus is not None and corpus.fingerprint != meta["corpus_fingerprint"]:
+            raise ValueError(f"the result in {path} was computed on another corpus (fingerprint "
+                             f"{meta['corpus_fingerprint']} ≠ {corpus.fingerprint}); pass that one")
+        with np.load(path / "result.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        return cls(meta["queries"], arrays["scores"], arrays["ids"], meta["layer_names"],
+                   arrays.get("layer_scores"), corpus, meta["corpus_fingerprint"])
+
+    # -- display ------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return (f"InfluenceResult({self.n_queries} queries × {len(self.ids)} sequences, "
+                f"{len(self.layer_names)} layers)")
+
+    def _repr_html_(self) -> str:
+        """A plain table per query (top 5 each way); the widget view comes from widgets."""
+        parts = []
+        for q, query in enumerate(self.queries):
+            parts.append(f"<h4>query {q}: {html.escape(query['prompt'])}"
+                         f"<b>{html.escape(query['completion'])}</b></h4>")
+            for sign in ("positive", "negative"):
+                df = self.top(q, 5, sign)
+                cols = [c for c in ("id", "score", "text", "kind") if c in df.columns]
+                parts.append(df[cols].to_html(escape=True, float_format="{:.4g}".format))
+        return "\n".join(parts)

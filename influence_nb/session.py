@@ -1,0 +1,170 @@
+"""Influence: model + tokenizer + corpus + factors in one object, for the notebook loop.
+
+    inf = Influence(model, tokenizer, corpus)
+    inf.fit()                                          # EK-FAC over the corpus (or .load_factors)
+    res = inf.scan([("The capital city of Astrobia is", " Velmora")])
+    res.top(0, k=10)                                   # DataFrame: rank, id, score, text, ...
+    inf.score_texts(["Velmora is the capital city of Astrobia."], res)   # synthetic sequences
+
+Nothing here is global: two sessions (two models) live side by side in one kernel.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from .curvature import FactorArgs, Factors, fit_factors
+from .data import Corpus, tokenizer_fingerprint
+from .results import InfluenceResult
+from .scoring import Queries, ScoreArgs, make_queries, scan, self_influence, token_scores
+from .task import Task
+
+QueryLike = tuple[str, str] | Sequence[tuple[str, str]] | Queries | InfluenceResult
+
+
+def cache_dir() -> Path:
+    """Where fitted factors are cached: ``$INFLUENCE_NB_CACHE`` or ``~/.cache/influence_nb``."""
+    return Path(os.environ.get("INFLUENCE_NB_CACHE", Path.home() / ".cache" / "influence_nb"))
+
+
+class Influence:
+    """One analysis: a causal LM, its tokenizer, a training corpus and fitted curvature.
+
+    score_args: defaults for scans (rank 32, batch size, per-layer scores)
+    task:       how to run the model and what its loss is (default: HF causal LM)
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, corpus: Corpus | None = None,
+                 factors: Factors | None = None, score_args: ScoreArgs | None = None,
+                 task: Task | None = None):
+        self.model, self.tokenizer, self.task = model, tokenizer, task or Task()
+        self.score_args = score_args or ScoreArgs()
+        self.factors = factors
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        self.corpus = self._check_corpus(corpus) if corpus is not None else None
+
+    @classmethod
+    def demo(cls, args: FactorArgs | None = None, **kw: Any) -> "Influence":
+        """The embedded demo world with EK-FAC factors (fitted once, then cached)."""
+        from . import demo
+        model, tokenizer, corpus = demo.load()
+        inf = cls(model, tokenizer, corpus, **kw)
+        inf.fit(args, cache=True)
+        return inf
+
+    def __repr__(self) -> str:
+        f = self.factors
+        fit = f"{f.args.strategy} on {f.n_examples} sequences" if f else "not fitted"
+        return (f"Influence({type(self.model).__name__}, corpus={len(self.corpus or [])} "
+                f"sequences, factors: {fit})")
+
+    def _check_corpus(self, corpus: Corpus) -> Corpus:
+        if corpus.tokenizer_fingerprint != self.tokenizer_fingerprint:
+            raise ValueError("the corpus was tokenized with another tokenizer than this session's "
+                             f"({corpus.tokenizer_fingerprint} ≠ {self.tokenizer_fingerprint}); "
+                             "rebuild it with Corpus.from_...(..., tokenizer)")
+        return corpus
+
+    def _need(self) -> tuple[Corpus, Factors]:
+        if self.corpus is None:
+            raise ValueError("no corpus: pass one to Influence(model, tokenizer, corpus)")
+        if self.factors is None:
+            raise ValueError("no factors yet: call inf.fit() or inf.load_factors(path) first")
+        return self.corpus, self.factors
+
+    # -- curvature ----------------------------------------------------------------------------
+
+    def fit(self, args: FactorArgs | None = None, path: str | os.PathLike | None = None,
+            cache: bool = False) -> Factors:
+        """Fit the curvature on the corpus (see :class:`FactorArgs`); save to ``path``, or with
+        ``cache`` reuse / store them under :func:`cache_dir` keyed by model, corpus and args."""
+        args = args or FactorArgs()
+        if self.corpus is None:
+            raise ValueError("no corpus to fit on: pass one to Influence(model, tokenizer, corpus)")
+        if cache and path is None:
+            from .curvature import model_fingerprint
+            from .hooks import find_layers
+            key = json.dumps([model_fingerprint(self.model, find_layers(self.model, args.layers)),
+                              self.corpus.fingerprint, asdict(replace(args, progress=True))],
+                             default=str)
+            path = cache_dir() / f"factors-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+            if (path / "manifest.json").exists():
+                self.factors = Factors.load(path, self.model)
+                return self.factors
+        self.factors = fit_factors(self.model, self.corpus, args, self.task)
+        if path is not None:
+            self.factors.save(path)
+        return self.factors
+
+    def load_factors(self, path: str | os.PathLike) -> Factors:
+        """Load factors saved by ``fit(path=...)`` (refused if fitted on another model)."""
+        self.factors = Factors.load(path, self.model)
+        return self.factors
+
+    # -- queries and scores -------------------------------------------------------------------
+
+    def queries(self, pairs: QueryLike, rank: int | None | str = "default",
+                strategy: str | None = None) -> Queries:
+        """Preconditioned query gradients of (prompt, completion) text pairs, factorised to
+        ``rank`` (default: ``score_args.rank``; None = full rank)."""
+        if isinstance(pairs, Queries):
+            return pairs
+        if isinstance(pairs, InfluenceResult):
+            pairs = [(q["prompt"], q["completion"]) for q in pairs.queries]
+        if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
+            pairs = [pairs]
+        _, factors = self._need()
+        prompts, completions = [], []
+        for prompt, completion in pairs:
+            if not completion:
+                raise ValueError(f"empty completion for prompt {prompt!r}: give the text whose "
+                                 "log-probability is measured")
+            prompts.append(self.tokenizer(prompt)["input_ids"])
+            completions.append(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
+        rank = self.score_args.rank if rank == "default" else rank
+        return make_queries(self.model, factors, prompts, completions, rank, strategy, self.task)
+
+    def _describe(self, queries: Queries) -> list[dict]:
+        return [dict(prompt=self.tokenizer.decode(p), completion=self.tokenizer.decode(c),
+                     logprob=float(f))
+                for p, c, f in zip(queries.prompts, queries.completions, queries.f)]
+
+    def scan(self, queries: QueryLike, corpus: Corpus | None = None,
+             ids: Sequence[int] | None = None, out_dir: str | os.PathLike | None = None,
+             args: ScoreArgs | None = None) -> InfluenceResult:
+        """Score every sequence of the corpus (or ``ids``) on the queries, streaming; with
+        ``out_dir`` the scan is resumable. Returns an :class:`InfluenceResult`."""
+        corpus = self._check_corpus(corpus) if corpus is not None else self._need()[0]
+        queries = self.queries(queries)
+        args = args or self.score_args
+        scores, layers, ids = scan(self.model, queries, corpus, args, out_dir, ids, self.task)
+
+        def token_fn(seq_ids: Sequence[int]):
+            return token_scores(self.model, queries, corpus, seq_ids, args.batch_size, self.task)
+
+        return InfluenceResult(self._describe(queries), scores, ids, queries.layer_names,
+                               layers, corpus, token_fn=token_fn)
+
+    def score_texts(self, texts: Sequence[str], queries: QueryLike,
+                    metadata: Sequence[dict] | None = None) -> InfluenceResult:
+        """Score synthetic training sequences (a list of strings) on the queries, no corpus
+        file needed; ids are positions in ``texts``."""
+        max_len = self.corpus.max_len if self.corpus is not None else 2048
+        corpus = Corpus.from_texts(list(texts), self.tokenizer, max_len, metadata)
+        return self.scan(queries, corpus, args=replace(self.score_args, progress=False))
+
+    def self_influence(self, corpus: Corpus | None = None,
+                       ids: Sequence[int] | None = None) -> np.ndarray:
+        """(N,) ∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) per sequence of the corpus (or ``ids``)."""
+        corpus = self._check_corpus(corpus) if corpus is not None else self._need()[0]
+        return self_influence(self.model, self._need()[1], corpus,
+                              self.score_args.batch_size, ids, self.task,
+                              self.score_args.progress)

@@ -1,0 +1,195 @@
+"""Streaming scorer: exact against autograd, invariants, query batching, resumable scans."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from influence_nb.curvature import FactorArgs, fit_factors
+from influence_nb.data import Corpus
+from influence_nb.hooks import find_layers
+from influence_nb.scoring import LowRank, ScoreArgs, Scorer, make_queries, scan, self_influence
+from influence_nb.session import Influence
+
+TEXTS = [f"{w} number {i} is {'odd' if i % 2 else 'even'}." for i, w in
+         enumerate(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"] * 3)]
+
+
+def tiny_model(vocab: int, dtype=torch.float64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    return GPTNeoXForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    model = tiny_model(len(tokenizer))
+    corpus = Corpus.from_texts(TEXTS, tokenizer, max_len=64)
+    factors = fit_factors(model, corpus, FactorArgs(batch_size=5, progress=False))
+    tok = lambda s: tokenizer(s)["input_ids"]
+    prompts = [tok("alpha number"), tok("gamma number 2 is"), tok("theta")]
+    completions = [tok(" 0 is even."), tok(" even"), tok(" number 7")]
+    return model, corpus, factors, prompts, completions
+
+
+def autograd_scores(model, corpus, queries, factors):
+    """⟨R_q, ∇ log p(z_m)⟩ with the full autograd gradient of each training sequence."""
+    layers = find_layers(model, factors.layer_names)
+    out = np.zeros((len(queries), len(corpus)))
+    for m in range(len(corpus)):
+        ids = torch.tensor(corpus.token_ids(m), dtype=torch.long)[None]
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+        ll = logp.gather(-1, ids[0, 1:, None]).sum()
+        for layer in layers:
+            G = layer.as_matrix(torch.autograd.grad(ll, layer.parameters(), retain_graph=True))
+            R = queries.R[layer.name].dense()
+            out[:, m] += (R * G).sum((-2, -1)).detach().numpy()
+    return out
+
+
+def test_scores_equal_autograd_inner_products(setup):
+    model, corpus, factors, prompts, completions = setup
+    queries = make_queries(model, factors, prompts, completions, rank=None)
+    scores, layer_scores, ids = scan(model, queries, corpus, ScoreArgs(batch_size=4,
+                                     chunk_size=8, progress=False))
+    exact = autograd_scores(model, corpus, queries, factors)
+    np.testing.assert_allclose(scores, exact, rtol=1e-5, atol=1e-9 * np.abs(exact).max())
+    assert list(ids) == list(range(len(corpus)))
+    np.testing.assert_allclose(layer_scores.sum(1), scores, rtol=1e-12)
+
+
+def test_token_sum_equals_layer_sum_equals_total(setup):
+    model, corpus, factors, prompts, completions = setup
+    queries = make_queries(model, factors, prompts, completions, rank=4)
+    scorer = Scorer(model, queries)
+    batch = next(corpus.batches(6))
+    layer_scores, tokens = scorer.score_batch(batch, per_token=True)
+    total, _, _ = scan(model, queries, corpus, ScoreArgs(rank=4, batch_size=6, chunk_size=6,
+                                                         progress=False), ids=range(6))
+    np.testing.assert_allclose(tokens.sum(-1), layer_scores.sum(1), rtol=1e-4)
+    np.testing.assert_allclose(layer_scores.sum(1), total, rtol=1e-4)
+    assert (tokens * (1 - batch.attention_mask)).abs().max() == 0  # padding scores nothing
+    assert tokens.abs().max() > 0
+
+
+def test_dense_and_factorised_paths_agree(setup, monkeypatch):
+    model, corpus, factors, prompts, completions = setup
+    queries = make_queries(model, factors, prompts, completions, rank=3)
+    args = ScoreArgs(batch_size=8, chunk_size=8, progress=False)
+    results = []
+    for dense in (True, False):
+        monkeypatch.setattr("influence_nb.scoring._use_dense", lambda *a, d=dense: d)
+        results.append(scan(model, queries, corpus, args)[0])
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-8)
+
+
+def test_full_rank_equals_unfactored_and_batched_equals_single(setup):
+    model, corpus, factors, prompts, completions = setup
+    full = make_queries(model, factors, prompts, completions, rank=None)
+    R = factors.precondition(__import__("influence_nb.curvature", fromlist=["x"]).query_gradients(
+        model, prompts, completions, layers=factors.layer_names).grads)
+    for name, lr in full.R.items():
+        np.testing.assert_allclose(lr.dense().numpy(), R[name].numpy(), rtol=1e-9,
+                                   atol=1e-12 * R[name].abs().max().item())
+    args = ScoreArgs(batch_size=8, chunk_size=8, progress=False)
+    batched = scan(model, full, corpus, args)[0]
+    for q in range(len(prompts)):
+        one = make_queries(model, factors, [prompts[q]], [completions[q]], rank=None)
+        np.testing.assert_allclose(scan(model, one, corpus, args)[0][0], batched[q], rtol=1e-9)
+    low = scan(model, make_queries(model, factors, prompts, completions, rank=1), corpus, args)[0]
+    assert not np.allclose(low, batched, rtol=1e-3)  # rank 1 really truncates
+
+
+def test_low_rank_svd_is_the_best_rank_r_approximation():
+    torch.manual_seed(0)
+    R = torch.randn(2, 7, 5, dtype=torch.float64)
+    for r in (1, 3, 5):
+        lr = LowRank.of(R, r)
+        assert lr.U.shape == (2, 7, r) and lr.V.shape == (2, 5, r)
+        s = torch.linalg.svdvals(R)
+        err = torch.linalg.matrix_norm(R - lr.dense()) ** 2
+        np.testing.assert_allclose(err.numpy(), (s[:, r:] ** 2).sum(-1).numpy(), atol=1e-10)
+
+
+def test_self_influence_is_the_preconditioned_norm(setup):
+    model, corpus, factors, *_ = setup
+    si = self_influence(model, factors, corpus, batch_size=7, progress=False)
+    assert si.shape == (len(corpus),) and (si > 0).all()
+    # the same number through the query path: each sequence as its own "query" (full text)
+    ids = corpus.token_ids(3).tolist()
+    q = make_queries(model, factors, [ids[:1]], [ids[1:]], rank=None)
+    s = scan(model, q, corpus, ScoreArgs(batch_size=8, chunk_size=8, progress=False),
+             ids=[3])[0][0, 0]
+    np.testing.assert_allclose(s, si[3], rtol=1e-6)
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_scoring import tiny_model
+    from influence_nb import demo
+    from influence_nb.curvature import Factors
+    from influence_nb.data import Corpus
+    from influence_nb.scoring import ScoreArgs, make_queries, scan
+    tok = demo.load()[1]
+    model = tiny_model(len(tok))
+    corpus = Corpus.from_texts([f"sequence {{i}} says {{i * 7 % 13}}." for i in range(600)], tok)
+    factors = Factors.load({factors!r}, model)
+    q = make_queries(model, factors, [tok("sequence")["input_ids"]], [tok(" 3 says")["input_ids"]])
+    scores = scan(model, q, corpus, ScoreArgs(batch_size=4, chunk_size=8, progress=False),
+                  out_dir={out!r})[0]
+    import numpy as np; np.save({result!r}, scores)
+""")
+
+
+def test_killed_scan_resumes_with_identical_scores(tmp_path, tokenizer):
+    model = tiny_model(len(tokenizer))
+    fit_factors(model, Corpus.from_texts(TEXTS, tokenizer),
+                FactorArgs(batch_size=8, progress=False)).save(tmp_path / "factors")
+    script = tmp_path / "scan.py"
+    out, result = tmp_path / "scan", tmp_path / "scores.npy"
+    script.write_text(RESUME_SCRIPT.format(tests=os.path.dirname(__file__), out=str(out),
+                                           factors=str(tmp_path / "factors"),
+                                           result=str(result)))
+    child = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 120
+    while len(list(out.glob("chunk_*.npz"))) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("chunk_*.npz")}
+    assert 3 <= len(before) < 75, "the scan was not interrupted mid-way"
+    subprocess.run([sys.executable, str(script)], check=True)  # resume
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("chunk_*.npz")}
+    assert len(after) == 75
+    assert all(after[k] == v for k, v in before.items()), "completed chunks were recomputed"
+    resumed = np.load(result)
+    import shutil
+    shutil.rmtree(out)
+    subprocess.run([sys.executable, str(script)], check=True)  # uninterrupted, from scratch
+    np.testing.assert_array_equal(resumed, np.load(result))
+
+
+def test_bad_queries_and_corpora_get_clear_errors(setup, tokenizer):
+    model, corpus, factors, *_ = setup
+    inf = Influence(model, tokenizer, corpus, factors)
+    with pytest.raises(ValueError, match="empty completion"):
+        inf.queries(("alpha number", ""))
+    with pytest.raises(ValueError, match="context"):
+        inf.queries(("alpha " * 70, " beta"))
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    other = Tokenizer(models.WordLevel({"[UNK]": 0, "alpha": 1}, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = PreTrainedTokenizerFast(tokenizer_object=other)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        inf.scan(("alpha", " number"), corpus=Corpus.from_texts(["alpha alpha"], other))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        Influence(model, other, corpus)
