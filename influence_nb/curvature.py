@@ -277,7 +277,10 @@ def batch_source(data: object, args: FactorArgs, passes: int
     re-iterable of batches (a list); a one-shot iterator serves a single pass only.
     """
     if callable(getattr(data, "batches", None)):
-        return (lambda: data.batches(args.batch_size), len(data),
+        ids = np.arange(len(data))
+        if callable(getattr(data, "by_length", None)):  # a Corpus: batches of similar lengths
+            ids = ids[data.by_length(ids, 64 * args.batch_size)]
+        return (lambda: data.batches(args.batch_size, ids=ids), len(data),
                 getattr(data, "fingerprint", None))
     if callable(data):
         return data, None, None

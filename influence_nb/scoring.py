@@ -233,11 +233,12 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
             chunk = ids[start:start + args.chunk_size]
             done = store.read(start, chunk) if store else None
             if done is None:
-                parts = []
-                for batch in corpus.batches(args.batch_size, ids=chunk):
+                perm, parts = corpus.by_length(chunk, len(chunk)), []
+                for batch in corpus.batches(args.batch_size, ids=chunk[perm]):
                     parts.append(scorer.score_batch(batch)[0].numpy())
                     bar.update(len(batch))
-                done = np.concatenate(parts, axis=-1)
+                done = np.empty((Q, L, len(chunk)))
+                done[..., perm] = np.concatenate(parts, axis=-1)
                 if store:
                     store.write(start, chunk, done)
             else:
@@ -316,8 +317,9 @@ def self_influence(model: nn.Module, factors: Factors, corpus: Corpus,
     ids = np.arange(len(corpus)) if ids is None else np.asarray(ids, np.int64)
     out = []
     device = next(model.parameters()).device
+    perm = corpus.by_length(ids, 64 * batch_size)
     with eval_mode(model), Capture(model, layers) as cap:
-        for batch in tqdm(corpus.batches(batch_size, ids=ids), desc="self-influence",
+        for batch in tqdm(corpus.batches(batch_size, ids=ids[perm]), desc="self-influence",
                           total=-(-len(ids) // batch_size), disable=not progress):
             batch = to_device(batch, device)
             cap.start(task.loss_mask(batch))
@@ -326,4 +328,6 @@ def self_influence(model: nn.Module, factors: Factors, corpus: Corpus,
             DW = cap.sequence_gradients()
             R = factors.precondition(DW)
             out.append(sum((R[n].to(DW[n]) * DW[n]).sum((-2, -1)) for n in DW).double().cpu())
-    return torch.cat(out).numpy()
+    scores = np.empty(len(ids))
+    scores[perm] = torch.cat(out).numpy()
+    return scores

@@ -91,3 +91,13 @@ def test_bad_input_gets_one_clear_line(tmp_path, tokenizer, make, message):
     with pytest.raises(CorpusError, match=message) as e:
         make(tokenizer, tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_by_length_is_a_windowed_permutation_that_cuts_padding(world):
+    _, _, corpus = world
+    ids = np.arange(4096)
+    perm = corpus.by_length(ids, 1024)
+    assert sorted(perm.tolist()) == list(range(4096))
+    assert all(set(perm[s:s + 1024]) == set(range(s, s + 1024)) for s in range(0, 4096, 1024))
+    padded = lambda order: sum(b.input_ids.numel() for b in corpus.batches(32, ids=order))
+    assert padded(ids[perm]) < 0.7 * padded(ids)
