@@ -1,0 +1,176 @@
+"""Candidate retrieval: sketches, FAISS index, exact rescoring, BM25, search-size estimate."""
+import numpy as np
+import pytest
+import torch
+
+from influence_nb.curvature import FactorArgs, fit_factors
+from influence_nb.data import Corpus
+from influence_nb.hooks import find_layers
+from influence_nb.index import IndexArgs, IndexFileError, SketchIndex
+from influence_nb.scoring import ScoreArgs
+from influence_nb.search import BM25, PowerLawTail, Retriever, recall_at_k, search_size
+from influence_nb.session import Influence
+from influence_nb.sketch import SketchArgs, SketchError, Sketches, build_sketches
+
+from test_scoring import tiny_model
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+TEXTS = [f"{w} number {i} is {'odd' if i % 2 else 'even'} and {WORDS[(i * 7) % 10]} too."
+         for i, w in enumerate(WORDS * 6)]
+PAIRS = [("alpha number", " 0 is even"), ("gamma number 2 is", " even"),
+         ("theta number", " 7 is odd and")]
+SMALL = SketchArgs(m=64, batch_size=8, chunk_size=16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def session(tokenizer):
+    model = tiny_model(len(tokenizer), torch.float32)
+    corpus = Corpus.from_texts(TEXTS, tokenizer, max_len=64)
+    factors = fit_factors(model, corpus, FactorArgs(batch_size=12, progress=False))
+    return Influence(model, tokenizer, corpus, factors,
+                     ScoreArgs(rank=None, batch_size=8, chunk_size=16, progress=False))
+
+
+@pytest.fixture(scope="module")
+def exact(session):
+    return session.scan(PAIRS)
+
+
+def test_flat_retrieval_and_rescoring_equal_exhaustive_top_k(session, exact, tmp_path):
+    ret = Retriever.build(session, tmp_path, SketchArgs(m=1024, progress=False),
+                          IndexArgs(progress=False))
+    assert ret.index.kind == "flat"
+    everything = ret.search(PAIRS, candidates=2 * len(TEXTS))
+    assert sorted(everything.ids) == list(range(len(TEXTS)))
+    tol = dict(rtol=1e-5, atol=1e-6 * np.abs(exact.scores).max())  # float32, other batching
+    np.testing.assert_allclose(everything.scores, exact.scores[:, everything.ids], **tol)
+    res = ret.search(PAIRS, candidates=len(TEXTS) // 2)          # half the corpus rescored
+    assert len(res.ids) < len(TEXTS) and set(res.timings) == {"queries", "sketch", "search",
+                                                             "rescore"}
+    np.testing.assert_allclose(res.scores, exact.scores[:, res.ids], **tol)  # exact scores
+    for sign in ("positive", "negative"):
+        assert recall_at_k(res, exact, k=5, sign=sign).tolist() == [1.0] * len(PAIRS)
+    for q in range(len(PAIRS)):  # the candidates are the sketch index's exact Flat top-k
+        x = ret.sketches.query_sketches(session.model, session.factors, session.queries(PAIRS))
+        dots = ret.sketches.data.astype(np.float32) @ x[q]
+        top = ret.sketches.ids[np.argsort(-dots)[:len(TEXTS) // 4]]
+        assert set(top) <= set(res.candidates[q])
+
+
+@pytest.mark.parametrize("variant", ["whitened", "plain"])
+def test_sketch_inner_products_correlate_with_exact_scores(session, exact, tmp_path, variant):
+    args = SketchArgs(m=256, variant=variant, batch_size=8, progress=False)
+    sk = build_sketches(session.model, session.factors, session.corpus, tmp_path, args)
+    approx = sk.query_sketches(session.model, session.factors, session.queries(PAIRS)) \
+        @ sk.data.astype(np.float32).T
+    r = [np.corrcoef(approx[q], exact.scores[q, sk.ids])[0, 1] for q in range(len(PAIRS))]
+    print(f"{variant}: Pearson per query {np.round(r, 3).tolist()}")
+    assert min(r) > 0.8
+
+
+def test_corrupt_or_truncated_files_give_clear_errors(session, tmp_path):
+    sk = build_sketches(session.model, session.factors, session.corpus, tmp_path / "s", SMALL)
+    SketchIndex.build(sk, tmp_path / "i", IndexArgs(kind="ivfsq8", nlist=4, progress=False))
+    data = tmp_path / "s" / "sketches.f16"
+    blob = data.read_bytes()
+    data.write_bytes(blob[:-10])
+    with pytest.raises(SketchError, match="truncated"):
+        Sketches.open(tmp_path / "s")
+    data.write_bytes(blob[:100] + bytes(10) + blob[110:])
+    with pytest.raises(SketchError, match="corrupt"):
+        Sketches.open(tmp_path / "s")
+    data.write_bytes(blob)
+    (tmp_path / "s" / "sketches.json").write_text("{not json")
+    with pytest.raises(SketchError, match="corrupt"):
+        Sketches.open(tmp_path / "s")
+    shard = tmp_path / "i" / "shard_000.faiss"
+    blob = shard.read_bytes()
+    shard.write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(IndexFileError, match="truncated"):
+        SketchIndex.load(tmp_path / "i", sk)
+    shard.write_bytes(blob[:-4] + b"xxxx")
+    with pytest.raises(IndexFileError, match="corrupt"):
+        SketchIndex.load(tmp_path / "i", sk)
+
+
+def test_sketches_and_index_are_tied_to_model_and_factors(session, tmp_path, tokenizer):
+    sk = build_sketches(session.model, session.factors, session.corpus, tmp_path / "s", SMALL)
+    SketchIndex.build(sk, tmp_path / "i", IndexArgs(progress=False))
+    other = tiny_model(len(tokenizer), torch.float32)
+    with torch.no_grad():
+        find_layers(other, session.factors.layer_names)[0].module.weight.add_(1.0)
+    with pytest.raises(SketchError, match="another model"):
+        Sketches.open(tmp_path / "s", other, session.factors)
+    refit = fit_factors(session.model, session.corpus,
+                        FactorArgs(batch_size=12, damping_factor=0.5, progress=False))
+    with pytest.raises(SketchError, match="other factors"):
+        build_sketches(session.model, refit, session.corpus, tmp_path / "s", SMALL)
+    resketched = build_sketches(session.model, refit, session.corpus, tmp_path / "s2", SMALL)
+    with pytest.raises(IndexFileError, match="other sketches"):
+        SketchIndex.load(tmp_path / "i", resketched)
+
+
+def test_appended_sequences_keep_old_ids(session, tmp_path):
+    first = build_sketches(session.model, session.factors, session.corpus, tmp_path,
+                           SMALL, ids=range(20, 40))
+    old = np.array(first.data)
+    grown = build_sketches(session.model, session.factors, session.corpus, tmp_path, SMALL)
+    assert grown.ids[:20].tolist() == list(range(20, 40))
+    np.testing.assert_array_equal(grown.data[:20], old)
+    assert sorted(grown.ids.tolist()) == list(range(len(TEXTS)))
+    whole = build_sketches(session.model, session.factors, session.corpus, tmp_path / "w", SMALL)
+    np.testing.assert_allclose(grown.data[grown.rows_of(whole.ids)].astype(np.float32),
+                               whole.data.astype(np.float32), rtol=1e-2, atol=1e-3)
+
+
+def test_interrupted_sketch_build_resumes(session, tmp_path, monkeypatch):
+    calls = []
+    batches = Corpus.batches
+
+    def flaky(self, batch_size, ids=None, progress=False):
+        calls.append(len(ids))
+        if len(calls) == 3:  # dies in the third chunk, after a partial write
+            with open(tmp_path / "sketches.f16", "ab") as fh:
+                fh.write(b"\x01" * 77)
+            raise KeyboardInterrupt
+        return batches(self, batch_size, ids, progress)
+
+    monkeypatch.setattr(Corpus, "batches", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        build_sketches(session.model, session.factors, session.corpus, tmp_path, SMALL)
+    assert len(Sketches.open(tmp_path)) == 2 * SMALL.chunk_size   # two committed chunks
+    calls.clear()
+    resumed = build_sketches(session.model, session.factors, session.corpus, tmp_path, SMALL)
+    assert sum(calls) == len(TEXTS) - 2 * SMALL.chunk_size        # done chunks not redone
+    monkeypatch.undo()
+    whole = build_sketches(session.model, session.factors, session.corpus, tmp_path / "w", SMALL)
+    assert resumed.ids.tolist() == whole.ids.tolist()
+    np.testing.assert_array_equal(resumed.data, whole.data)
+    Sketches.open(tmp_path)  # CRCs verify
+
+
+def test_sharded_approximate_index_matches_flat(tmp_path, session):
+    sk = build_sketches(session.model, session.factors, session.corpus, tmp_path / "s", SMALL)
+    flat = SketchIndex.build(sk, tmp_path / "f", IndexArgs(kind="flat", shard_size=25,
+                                                           progress=False))
+    hnsw = SketchIndex.build(sk, tmp_path / "h", IndexArgs(kind="hnsw", shard_size=25,
+                                                           progress=False))
+    x = np.random.default_rng(0).normal(size=(4, sk.dim)).astype(np.float32)
+    exact = sk.data.astype(np.float32) @ x.T
+    want = sk.ids[np.argsort(-exact, axis=0)[:5].T]
+    for index in (flat, SketchIndex.load(tmp_path / "h", sk)):
+        assert len(index.shards) == 3
+        np.testing.assert_array_equal(index.search(x, 5)[1], want)
+
+
+def test_bm25_and_search_size():
+    bm = BM25(["the cat sat", "the dog sat on the dog", "a bird", "cat cat cat"])
+    s = bm.scores(["cat"])[0]
+    assert s[0] > 0 and s[1] == 0 and s[3] > s[0]  # binary presence, shorter document wins
+    assert bm.top(["dog sat"], 1)[0].tolist() == [1]
+    rng = np.random.default_rng(0)
+    sample = rng.pareto(2.0, 200_000) + 1           # P(x > t) = t^-2
+    law = PowerLawTail.fit(sample, tail=0.05)
+    assert abs(law.alpha - 2.0) < 0.1
+    est = search_size(sample, np.full(10, 100.0))    # P(x > 100) = 1e-4 -> 1e5 sequences
+    assert 0.7e5 < est["n_sequences"] < 1.4e5
