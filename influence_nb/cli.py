@@ -1,12 +1,259 @@
-"""The ``influence-nb`` command line.
+"""The ``influence-nb`` command line: batch jobs that write what the notebook API reads.
 
+    influence-nb fit     --model DIR --corpus FILE --out runs/factors          Factors.load(...)
+    influence-nb sketch  --model DIR --corpus FILE --factors runs/factors --out runs/search
+                                                               Retriever.open(inf, "runs/search")
+    influence-nb score   ... --factors runs/factors --query PROMPT COMPLETION --out runs/scan
+                                                                      InfluenceResult.load(...)
+    influence-nb search  ... --index runs/search --query PROMPT COMPLETION --out runs/found
     influence-nb demo      the main job on the embedded demo world
+
+--model is any Hugging Face causal-LM directory (the demo's: influence_nb/demo/assets); --corpus
+a .txt / .jsonl / .parquet file or a saved datasets.Dataset directory. Every option can also come
+from --config FILE.toml: top-level keys apply to every subcommand that has them, a table
+[fit] / [sketch] / [score] / [search] to that one; flags override the file. Spell keys like the
+flags (max_examples or max-examples).
+
+On several processes or machines, launch with torchrun (gloo on CPU, NCCL on GPU); the corpus is
+sharded over the ranks and the artifacts are the same as one process writes:
+
+    torchrun --nproc_per_node 8 -m influence_nb.cli fit --model DIR --corpus FILE --out F
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
+import sys
 import time
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("fit", "sketch", "score", "search")
+
+
+class CLIError(ValueError):
+    """A bad option or input; the message names the fix."""
+
+
+# -- options from dataclasses ----------------------------------------------------------------------
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """{field: help} from the ``name: text`` lines of a dataclass docstring."""
+    docs: dict[str, str] = {}
+    name = None
+    for line in (cls.__doc__ or "").splitlines():
+        m = re.match(r"^\s{4}(\w+):\s+(.*)$", line)
+        if m:
+            name, docs[m[1]] = m[1], m[2].strip()
+        elif name and line.startswith(" " * 8) and line.strip():
+            docs[name] += " " + line.strip()
+        else:
+            name = None
+    return docs
+
+
+def _optional(kind: type):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
+                skip: Sequence[str] = ("progress",)) -> None:
+    """A ``--[prefix-]field-name`` option per field of dataclass ``cls`` (help from its docstring,
+    default from its field): the CLI never restates the API's defaults."""
+    hints, docs = typing.get_type_hints(cls), _field_docs(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (see {cls.__module__})")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint, kw = hints[f.name], {}
+        args = typing.get_args(hint)
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif any(typing.get_origin(a) is Sequence for a in args):
+            kw.update(nargs="+", metavar="NAME")       # layers: a preset or module names
+        elif type(None) in args:
+            kw["type"] = _optional(next(a for a in args if a is not type(None)))
+        else:
+            kw["type"] = hint
+        group.add_argument(f"--{prefix}{f.name.replace('_', '-')}",
+                           dest=f"{prefix.replace('-', '_')}{f.name}", default=f.default,
+                           help=f"{docs.get(f.name, '')} (default: {f.default})", **kw)
+
+
+def _make(cls: type, ns: argparse.Namespace, prefix: str = "", **fixed: Any) -> Any:
+    """An instance of dataclass ``cls`` from the options :func:`_add_fields` added."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        dest = f"{prefix.replace('-', '_')}{f.name}"
+        if f.name in fixed or not hasattr(ns, dest):  # not an option: the field's default
+            continue
+        v = getattr(ns, dest)
+        values[f.name] = v[0] if isinstance(v, list) and len(v) == 1 else v
+    return cls(**values, **fixed)
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+def _device(name: str | None):
+    import torch
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _load_model(ns: argparse.Namespace):
+    """(model, tokenizer) from a Hugging Face directory, in eval mode on the device."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(ns.model)
+    if not (path / "config.json").is_file():
+        raise CLIError(f"--model {path} is not a Hugging Face model directory (no config.json); "
+                       "pass a directory written by save_pretrained")
+    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "float64": torch.float64}[ns.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(ns.tokenizer or path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(_device(ns.device)).eval(), tokenizer
+
+
+def _load_corpus(ns: argparse.Namespace, model, tokenizer):
+    """The corpus of --corpus, cut at --max-len tokens (default: the model's context)."""
+    from .data import Corpus
+    from .hooks import context_length
+    path = Path(ns.corpus)
+    max_len = ns.max_len or context_length(model) or 2048
+    if path.is_dir():
+        import datasets
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise CLIError(f"--corpus {path} is a directory but not a saved datasets.Dataset; "
+                           "pass a .txt / .jsonl / .parquet file or a save_to_disk directory"
+                           ) from None
+        return Corpus.from_dataset(dataset, tokenizer, max_len, ns.text_field)
+    return Corpus.from_file(path, tokenizer, max_len, ns.text_field)
+
+
+def _queries(ns: argparse.Namespace) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs from --query and --queries (.jsonl: prompt, completion)."""
+    pairs = [tuple(q) for q in ns.query or []]
+    if ns.queries:
+        path = Path(ns.queries)
+        if not path.is_file():
+            raise CLIError(f"--queries {path} not found; pass a .jsonl file of "
+                           '{"prompt": ..., "completion": ...} lines')
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if not {"prompt", "completion"} <= set(row):
+                    raise CLIError(f"{path}:{n} needs the fields prompt and completion")
+                pairs.append((row["prompt"], row["completion"]))
+    if not pairs:
+        raise CLIError("no queries: pass --query PROMPT COMPLETION (repeatable) or "
+                       "--queries FILE.jsonl")
+    return pairs
+
+
+def _ids(ns: argparse.Namespace, corpus):
+    """Corpus ids 0 … --limit - 1, or None for all."""
+    import numpy as np
+    return None if ns.limit is None else np.arange(min(ns.limit, len(corpus)))
+
+
+def _print_top(result, k: int) -> None:
+    for q, query in enumerate(result.queries):
+        print(f"\nquery {q}: {query['prompt']!r} → {query['completion']!r} "
+              f"(log p = {query['logprob']:.3f})")
+        for rank, row in result.top(q, k).iterrows():
+            print(f"  {rank:3d}. id {row['id']:>8d}  {row['score']:+11.4g}  {row['text'][:80]!r}")
+
+
+# -- subcommands ------------------------------------------------------------------------------------
+
+def _fit(ns: argparse.Namespace, rank: int, world: int) -> dict:
+    from .curvature import FactorArgs, fit_factors
+    model, tokenizer = _load_model(ns)
+    corpus = _load_corpus(ns, model, tokenizer)
+    t0 = time.perf_counter()
+    factors = fit_factors(model, corpus, _make(FactorArgs, ns, progress=ns.progress))
+    seconds = time.perf_counter() - t0
+    if rank == 0:
+        factors.save(ns.out)
+        print(f"{factors.args.strategy} factors of {len(factors.shapes)} layers over "
+              f"{factors.n_examples} sequences ({factors.n_tokens} tokens) in {seconds:.1f} s "
+              f"on {world} rank(s) -> {ns.out}")
+    return dict(sequences=factors.n_examples, tokens=factors.n_tokens, seconds=seconds)
+
+
+def _session(ns: argparse.Namespace, score_args=None):
+    """An Influence session with the model, corpus and --factors."""
+    from .session import Influence
+    model, tokenizer = _load_model(ns)
+    inf = Influence(model, tokenizer, _load_corpus(ns, model, tokenizer), score_args=score_args)
+    inf.load_factors(ns.factors)
+    return inf
+
+
+def _sketch(ns: argparse.Namespace, rank: int, world: int) -> dict:
+    from .distributed import barrier, build_sketches_sharded
+    from .index import IndexArgs, SketchIndex
+    from .sketch import SketchArgs
+    inf = _session(ns)
+    out = Path(ns.out)
+    t0 = time.perf_counter()
+    sketches = build_sketches_sharded(inf.model, inf.factors, inf.corpus, out / "sketches",
+                                      _make(SketchArgs, ns, progress=ns.progress),
+                                      _ids(ns, inf.corpus), inf.task)
+    seconds = time.perf_counter() - t0
+    if rank == 0:  # the index is derived from the sketches: rebuilt on every run
+        index = SketchIndex.build(sketches, out / "index",
+                                  _make(IndexArgs, ns, "index-", progress=ns.progress))
+        print(f"{len(sketches)} sketches of {sketches.dim} dims in {seconds:.1f} s on {world} "
+              f"rank(s); {index!r} -> {out}")
+    barrier()
+    return dict(sequences=len(sketches), dim=sketches.dim, seconds=seconds)
+
+
+def _score(ns: argparse.Namespace, rank: int, world: int) -> dict:
+    from .scoring import ScoreArgs
+    inf = _session(ns, _make(ScoreArgs, ns, progress=ns.progress))
+    queries = inf.queries(_queries(ns), strategy=ns.strategy)
+    t0 = time.perf_counter()
+    result = inf.scan(queries, ids=_ids(ns, inf.corpus),
+                      out_dir=ns.scan_dir or Path(ns.out) / "scan")
+    seconds = time.perf_counter() - t0
+    if rank == 0:
+        result.save(ns.out)
+        _print_top(result, ns.top)
+        print(f"\nscored {len(result.ids)} sequences on {len(queries)} queries in {seconds:.1f} s "
+              f"on {world} rank(s) -> {ns.out}")
+    return dict(sequences=len(result.ids), queries=len(queries), seconds=seconds)
+
+
+def _search(ns: argparse.Namespace, rank: int, world: int) -> dict:
+    from .scoring import ScoreArgs
+    from .search import Retriever
+    inf = _session(ns, _make(ScoreArgs, ns, progress=ns.progress))
+    retriever = Retriever.open(inf, ns.index)
+    retriever.index.set_params(ns.nprobe, ns.ef_search, ns.refine)
+    result = retriever.search(_queries(ns), ns.candidates)
+    if rank == 0:
+        result.save(ns.out)
+        info = dict(candidates=[len(c) for c in result.candidates], timings=result.timings)
+        (Path(ns.out) / "search.json").write_text(json.dumps(info, indent=1))
+        _print_top(result, ns.top)
+        print(f"\nrescored {len(result.ids)} candidates of {len(retriever.sketches)} sketched "
+              f"sequences in {sum(result.timings.values()):.2f} s on {world} rank(s) -> {ns.out}")
+    return dict(sequences=len(result.ids), timings=result.timings)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -46,18 +293,159 @@ def _demo(args: argparse.Namespace) -> None:
                           seconds=round(time.time() - t0, 1))))
 
 
-def main(argv: list[str] | None = None) -> None:
+# -- parser -----------------------------------------------------------------------------------------
+
+REQUIRED = {"fit": ("model", "corpus", "out"), "sketch": ("model", "corpus", "factors", "out"),
+            "score": ("model", "corpus", "factors", "out"),
+            "search": ("model", "corpus", "factors", "index", "out")}
+
+
+def _common(p: argparse.ArgumentParser, out_help: str) -> None:
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file")
+    g.add_argument("--model", metavar="DIR", help="Hugging Face causal-LM directory (required)")
+    g.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: --model)")
+    g.add_argument("--dtype", default="float32",
+                   choices=["auto", "float32", "bfloat16", "float16", "float64"],
+                   help="model dtype (default: float32; statistics stay float32 or better)")
+    g.add_argument("--device", help="torch device (default: this rank's GPU if any, else cpu)")
+    g.add_argument("--corpus", metavar="PATH",
+                   help="training corpus: .txt, .jsonl, .parquet or a saved Dataset (required)")
+    g.add_argument("--text-field", default="text", help="the text column (default: text)")
+    g.add_argument("--max-len", type=int, help="tokens per sequence (default: model context)")
+    g.add_argument("--out", metavar="DIR", help=out_help + " (required)")
+    g.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
+                   help="progress bars on rank 0 (default: on)")
+
+
+def _query_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("queries")
+    g.add_argument("--factors", metavar="DIR", help="fitted factors (from `fit`; required)")
+    g.add_argument("--query", nargs=2, action="append", metavar=("PROMPT", "COMPLETION"),
+                   help="a query; repeat for several")
+    g.add_argument("--queries", metavar="FILE.jsonl",
+                   help='queries, one {"prompt": ..., "completion": ...} per line')
+    g.add_argument("--top", type=int, default=5, help="print the top-k per query (default: 5)")
+
+
+def parser() -> argparse.ArgumentParser:
+    from .curvature import FactorArgs
+    from .index import IndexArgs
+    from .scoring import ScoreArgs
+    from .sketch import SketchArgs
     p = argparse.ArgumentParser(prog="influence-nb", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit EK-FAC / K-FAC factors over a corpus -> Factors dir")
+    _common(f, "directory for the factors (Factors.load)")
+    _add_fields(f, FactorArgs)
+
+    s = sub.add_parser("sketch", help="sketch the corpus and build the FAISS index -> dir with "
+                       "sketches/ and index/ (Retriever.open)")
+    _common(s, "directory for sketches/ and index/")
+    s.add_argument("--factors", metavar="DIR", help="fitted factors (from `fit`; required)")
+    s.add_argument("--limit", type=int, help="only the first N sequences (ids 0 … N-1)")
+    _add_fields(s, SketchArgs)
+    _add_fields(s, IndexArgs, "index-")
+
+    c = sub.add_parser("score", help="exhaustive scan: score every sequence on the queries -> "
+                       "InfluenceResult dir (resumable)")
+    _common(c, "directory for the result (InfluenceResult.load)")
+    _query_options(c)
+    c.add_argument("--limit", type=int, help="only the first N sequences (ids 0 … N-1)")
+    c.add_argument("--strategy", choices=["ekfac", "kfac", "identity"],
+                   help="precondition with another strategy than the fitted one")
+    c.add_argument("--scan-dir", metavar="DIR",
+                   help="resumable chunk directory (default: OUT/scan)")
+    _add_fields(c, ScoreArgs)
+
+    r = sub.add_parser("search", help="retrieve candidates from the index, rescore them exactly "
+                       "-> InfluenceResult dir")
+    _common(r, "directory for the result (InfluenceResult.load)")
+    _query_options(r)
+    r.add_argument("--index", metavar="DIR", help="the `sketch` output directory (required)")
+    r.add_argument("--candidates", type=int, default=400,
+                   help="sequences rescored per query, half per sign (default: 400)")
+    docs = _field_docs(IndexArgs)
+    for name in ("nprobe", "ef_search", "refine"):
+        r.add_argument(f"--{name.replace('_', '-')}", type=int,
+                       help=f"{docs[name]} (default: as built)")
+    _add_fields(r, ScoreArgs, skip=("progress", "chunk_size"))
+
     d = sub.add_parser("demo", help="the main job on the embedded demo world: fact accuracy, "
                        "EK-FAC factors, top influential sequences of three planted facts")
     d.add_argument("--facts", type=int, nargs="+", default=[0, 45, 100],
                    help="indices of the planted facts to query")
     d.add_argument("--batch-size", type=int, default=32)
-    d.set_defaults(run=_demo)
-    args = p.parse_args(argv)
-    args.run(args)
+    return p
+
+
+def _apply_config(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Set the subcommand's defaults from --config (top-level keys, then its own table)."""
+    import tomllib
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("command", nargs="?")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config or known.command not in COMMANDS:
+        return
+    path = Path(known.config)
+    try:
+        config = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise CLIError(f"--config {path} not found; check the path") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CLIError(f"--config {path} is not valid TOML ({e})") from None
+    subs = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+    dests = {c: {a.dest for a in subs[c]._actions} for c in COMMANDS}
+    norm = lambda table: {k.replace("-", "_"): v for k, v in table.items()}
+    shared = norm({k: v for k, v in config.items() if not isinstance(v, dict)})
+    own = norm(config.get(known.command, {}))
+    unknown = [f"{k!r}" for k in shared if not any(k in d for d in dests.values())]
+    unknown += [f"{k!r} in [{known.command}]" for k in own if k not in dests[known.command]]
+    if unknown:
+        raise CLIError(f"--config {path}: unknown option {unknown[0]}; use the flag names "
+                       f"of `influence-nb {known.command} --help`")
+    subs[known.command].set_defaults(**{k: v for k, v in shared.items()
+                                        if k in dests[known.command]}, **own)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = parser()
+    try:
+        _apply_config(p, argv)
+    except CLIError as e:
+        p.error(str(e))
+    ns = p.parse_args(argv)
+    if ns.command == "demo":
+        return _demo(ns)
+    missing = [k for k in REQUIRED[ns.command] if getattr(ns, k) is None]
+    if missing:
+        p.error(f"{ns.command} needs --{missing[0].replace('_', '-')} (a flag or a --config key)")
+
+    from . import distributed
+    created = distributed.init()  # a no-op unless launched by torchrun
+    rank, world = distributed.rank_world()
+    ns.progress = ns.progress and rank == 0
+    run = {"fit": _fit, "sketch": _sketch, "score": _score, "search": _search}[ns.command]
+    t0 = time.perf_counter()
+    try:
+        summary = run(ns, rank, world)
+    except (ValueError, KeyError, OSError) as e:  # our errors name the fix: one line, no trace
+        where = f" (rank {rank})" if world > 1 else ""
+        print(f"influence-nb {ns.command}: error{where}: {e.args[0] if e.args else e}",
+              file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if created:
+            distributed.finish()
+    if rank == 0:
+        print(json.dumps(dict(command=ns.command, out=str(ns.out), ranks=world,
+                              total_seconds=round(time.perf_counter() - t0, 2),
+                              **{k: (round(v, 3) if isinstance(v, float) else v)
+                                 for k, v in summary.items()}), default=str))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .hooks import Capture, TrackedLayer, context_length, eval_mode, find_layers, stat_dtype
 from .task import Task, get, query_batch, token_rows
 
@@ -52,7 +53,8 @@ class FactorArgs:
     blocks:         split A and S into this many diagonal blocks (memory bound for wide layers)
     damping:        absolute λ for every layer; None: ``damping_factor`` · mean(Λ_ℓ) per layer
     damping_factor: relative damping (paper: 0.1)
-    seed:           seed of the Fisher label sampling (both passes draw the same labels)
+    seed:           seed of the Fisher label sampling: batch k draws from a generator seeded with
+                    (seed, k), so both passes, and any number of ranks, draw the same labels
     progress:       show tqdm progress bars
     """
     strategy: str = "ekfac"
@@ -294,15 +296,21 @@ def batch_source(data: object, args: FactorArgs, passes: int
 
 
 def prepared_batches(model: nn.Module, source: Callable[[], Iterable], total: int | None,
-                     args: FactorArgs, desc: str) -> Iterator[object]:
+                     args: FactorArgs, desc: str, shard: tuple[int, int] = (0, 1)
+                     ) -> Iterator[tuple[int, object]]:
     """One pass over the batches: at most ``args.max_examples`` sequences, checked against the
-    model's context, moved to its device, with a progress bar; an empty pass is an error."""
+    model's context, moved to its device, with a progress bar; an empty pass is an error.
+
+    Yields (global batch index k, batch); with ``shard`` = (rank, world) only the batches with
+    k mod world = rank (``max_examples`` still counts all of them).
+    """
     device = next(model.parameters()).device
     n_ctx, seen, limit = context_length(model), 0, args.max_examples
+    rank, world = shard
     known = [x for x in (total, limit) if x is not None]
-    with tqdm(total=min(known) if known else None, desc=desc, unit="seq",
+    with tqdm(total=-(-min(known) // world) if known else None, desc=desc, unit="seq",
               disable=not args.progress) as bar:
-        for batch in source():
+        for k, batch in enumerate(source()):
             if limit is not None and seen >= limit:
                 break
             B, T = get(batch, "input_ids").shape
@@ -312,23 +320,32 @@ def prepared_batches(model: nn.Module, source: Callable[[], Iterable], total: in
                 raise ValueError(f"a batch holds sequences of {T} tokens, longer than the model's "
                                  f"context of {n_ctx}; re-chunk the corpus with max_len ≤ {n_ctx}")
             seen += B
-            bar.update(B)
-            yield to_device(batch, device)
+            if k % world == rank:
+                bar.update(B)
+                yield k, to_device(batch, device)
     if seen == 0:
         raise ValueError("no training sequences: the corpus (or iterable of batches) is empty; "
                          "fit on at least one non-empty batch")
 
 
-def _fisher_pass(model: nn.Module, cap: Capture, batches: Iterable, task: Task, seed: int
-                 ) -> Iterator[Tensor]:
-    """Forward + Fisher-loss backward per batch; yields the loss mask (B, T) with ``cap`` filled.
-    Labels are drawn from a generator seeded with ``seed`` afresh for every pass."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for batch in batches:
+def label_generator(seed: int, k: int, device: torch.device) -> torch.Generator:
+    """The generator of batch k's Fisher labels, seeded from (seed, k): a batch draws the same
+    labels in every pass and on whichever rank runs it."""
+    hi, lo = np.random.SeedSequence([seed, k]).generate_state(2)
+    return torch.Generator(device=device).manual_seed(int(hi) << 32 | int(lo))
+
+
+def _fisher_pass(model: nn.Module, cap: Capture, batches: Iterable[tuple[int, object]],
+                 task: Task, seed: int) -> Iterator[Tensor]:
+    """Forward + Fisher-loss backward per (index, batch); yields the loss mask (B, T) with
+    ``cap`` filled. Labels are drawn from :func:`label_generator`."""
+    device = next(model.parameters()).device
+    for k, batch in batches:
         mask = task.loss_mask(batch)
         cap.start(mask)
         with torch.enable_grad():
-            cap.backward(task.fisher_loss(task.forward(model, batch), batch, generator))
+            logits = task.forward(model, batch)
+            cap.backward(task.fisher_loss(logits, batch, label_generator(seed, k, device)))
         yield mask
 
 
@@ -339,6 +356,9 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     A batch is a Mapping or object with ``input_ids`` (B, T) int64, right-padded, and
     ``attention_mask`` (B, T) (1 real, 0 pad). Statistics accumulate in float32 (float64 for a
     float64 model) whatever the model's dtype; eigendecompositions run in float64.
+
+    Under torch.distributed the batches are sharded over the ranks and the statistics
+    all-reduced (see :mod:`influence_nb.distributed`): every rank returns the same factors.
     """
     args, task = args or FactorArgs(), task or Task()
     if args.strategy not in STRATEGIES:
@@ -353,7 +373,7 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     if passes == 0:
         return Factors(args, shapes, {}, 0, 0, fp, corpus_fp, task.empirical_fisher)
 
-    dtype = stat_dtype(model)
+    dtype, shard = stat_dtype(model), distributed.rank_world()
     with eval_mode(model), Capture(model, tracked, dtype) as cap:
         # covariance pass: block sums of ā āᵀ and δ δᵀ
         split = {t.name: (_block_sizes(t.shape[1], args.blocks), _block_sizes(t.d_out, args.blocks))
@@ -362,7 +382,7 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
         A = {n: [torch.zeros(k, k, dtype=dtype, device=device) for k in split[n][0]] for n in shapes}
         S = {n: [torch.zeros(k, k, dtype=dtype, device=device) for k in split[n][1]] for n in shapes}
         n_seq = n_tok = 0
-        batches = prepared_batches(model, source, total, args, "covariance")
+        batches = prepared_batches(model, source, total, args, "covariance", shard)
         for mask in _fisher_pass(model, cap, batches, task, args.seed):
             n_seq, n_tok = n_seq + mask.shape[0], n_tok + int(mask.sum())
             for n in shapes:
@@ -370,22 +390,28 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
                 d = cap.delta[n][mask].split(split[n][1], dim=1)  # (tokens, out)
                 for acc, x in zip(A[n] + S[n], a + d):
                     acc.addmm_(x.T, x)                  # Σ ā āᵀ, Σ δ δᵀ per diagonal block
+        distributed.all_reduce_([blk for n in shapes for blk in A[n] + S[n]])
+        n_seq, n_tok = distributed.sum_counts(n_seq, n_tok)
         layers = {}
         for n in shapes:
             Q_A, lambda_A = _eigh([blk / n_tok for blk in A[n]], dtype)
             Q_S, lambda_S = _eigh([blk / n_seq for blk in S[n]], dtype)
             layers[n] = LayerFactors(Q_A, lambda_A, Q_S, lambda_S, None)
         del A, S
+        distributed.broadcast_([t for f in layers.values()  # one eigenbasis for every rank
+                                for t in [*f.Q_A, f.lambda_A, *f.Q_S, f.lambda_S]])
 
         if args.strategy == "ekfac":  # eigenvalue correction: Λ = E_seq[(Q_Sᵀ DW Q_A)²]
             Lambda = {n: torch.zeros(shapes[n], dtype=dtype, device=f.lambda_A.device)
                       for n, f in layers.items()}
-            batches = prepared_batches(model, source, total, args, "eigenvalues")
+            batches = prepared_batches(model, source, total, args, "eigenvalues", shard)
             seen = 0
             for mask in _fisher_pass(model, cap, batches, task, args.seed):
                 seen += mask.shape[0]
                 for n, f in layers.items():
                     Lambda[n] += (rotated_gradients(cap.a[n], cap.delta[n], mask, f) ** 2).sum(0)
+            distributed.all_reduce_(list(Lambda.values()))
+            seen, = distributed.sum_counts(seen)
             if seen != n_seq:
                 raise ValueError(f"the batches changed between passes ({n_seq} then {seen} "
                                  "sequences); fit on a source that yields the same batches each time")

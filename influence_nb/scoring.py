@@ -33,6 +33,7 @@ from einops import einsum
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .curvature import Factors, query_gradients, to_device
 from .data import Corpus
 from .hooks import Capture, TrackedLayer, context_length, eval_mode, find_layers
@@ -215,6 +216,9 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
     With ``out_dir`` the scan is resumable: chunks of ``args.chunk_size`` sequences are written
     atomically as they complete, and a restarted scan (same model, queries, corpus) skips them.
     Memory does not grow with N beyond the returned arrays.
+
+    Under torch.distributed, chunk c is scored by rank c mod W; every rank returns all scores
+    (read back from ``out_dir``, or all-reduced without one).
     """
     args = args or ScoreArgs()
     scorer = Scorer(model, queries, task)
@@ -222,14 +226,20 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
     if args.chunk_size % args.batch_size:
         raise ValueError(f"chunk_size ({args.chunk_size}) must be a multiple of batch_size "
                          f"({args.batch_size})")
-    store = _ChunkStore(out_dir, dict(queries=queries.fingerprint, corpus=corpus.fingerprint,
-                                      ids=hashlib.sha256(ids.tobytes()).hexdigest()[:16],
-                                      layers=queries.layer_names, args=asdict(args))) \
-        if out_dir is not None else None
+    manifest = dict(queries=queries.fingerprint, corpus=corpus.fingerprint,
+                    ids=hashlib.sha256(ids.tobytes()).hexdigest()[:16],
+                    layers=queries.layer_names,
+                    args={k: v for k, v in asdict(args).items() if k != "progress"})
+    rank, world = distributed.rank_world()
+    distributed.check_same(json.dumps(manifest, sort_keys=True), "what to scan")
+    store = _ChunkStore(out_dir, manifest) if out_dir is not None else None
     Q, L = len(queries), len(scorer.layers)
     layer_scores = np.zeros((Q, L, len(ids)))
-    with tqdm(total=len(ids), desc="scoring", unit="seq", disable=not args.progress) as bar:
-        for start in range(0, len(ids), args.chunk_size):
+    starts = range(0, len(ids), args.chunk_size)
+    mine = [s for c, s in enumerate(starts) if c % world == rank]
+    with tqdm(total=sum(len(ids[s:s + args.chunk_size]) for s in mine), desc="scoring",
+              unit="seq", disable=not args.progress) as bar:
+        for start in mine:
             chunk = ids[start:start + args.chunk_size]
             done = store.read(start, chunk) if store else None
             if done is None:
@@ -244,6 +254,17 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
             else:
                 bar.update(len(chunk))
             layer_scores[..., start:start + len(chunk)] = done
+    if world > 1 and store:  # the other ranks' chunks, from the shared directory
+        distributed.barrier()
+        for start in sorted(set(starts) - set(mine)):
+            chunk = ids[start:start + args.chunk_size]
+            done = store.read(start, chunk)
+            if done is None:
+                raise FileNotFoundError(f"chunk {start} of the scan is not in {store.root}: "
+                                        "out_dir must be on a filesystem that every rank sees")
+            layer_scores[..., start:start + len(chunk)] = done
+    elif world > 1:  # zeros where another rank scored: the sum is exact
+        distributed.all_reduce_([torch.from_numpy(layer_scores)])
     return layer_scores.sum(1), (layer_scores if args.per_layer else None), ids
 
 

@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .curvature import (FactorArgs, Factors, batch_source, fit_factors, prepared_batches,
-                        query_gradients)
+from .curvature import (FactorArgs, Factors, batch_source, fit_factors, label_generator,
+                        prepared_batches, query_gradients)
 from .hooks import TrackedLayer, eval_mode, find_layers
 from .task import Task
 
@@ -54,11 +54,11 @@ def per_example_gradients(model: nn.Module, data: object, layers: Sequence[Track
     """
     source, total, _ = batch_source(data, args, passes=1)
     params = [p for layer in layers for p in layer.parameters()]
-    generator = torch.Generator(device=params[0].device).manual_seed(args.seed)
     rows = []
     with eval_mode(model), torch.enable_grad():
-        for batch in prepared_batches(model, source, total, replace(args, progress=False), loss):
+        for k, batch in prepared_batches(model, source, total, replace(args, progress=False), loss):
             logits = task.forward(model, batch)
+            generator = label_generator(args.seed, k, params[0].device)
             losses = (task.fisher_loss(logits, batch, generator) if loss == "fisher"
                       else task.training_loss(logits, batch))
             for b in range(len(losses)):

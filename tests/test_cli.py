@@ -1,0 +1,107 @@
+"""The CLI end to end on the demo world (fit -> sketch -> search -> score, small settings, options
+from a TOML file and from flags), the notebook API opening what it wrote, and one-line errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from influence_nb import demo
+from influence_nb.cli import main
+from influence_nb.curvature import Factors
+from influence_nb.results import InfluenceResult
+from influence_nb.search import Retriever
+from influence_nb.session import Influence
+
+CORPUS = str(demo.ASSETS / "corpus.parquet")
+COMMON = ["--model", str(demo.ASSETS), "--corpus", CORPUS, "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run the four subcommands once; -> (output root, the queries)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cli")
+    facts = demo.facts()
+    pairs = [(facts[i].prompt(), facts[i].completion) for i in (0, 45)]
+    (root / "queries.jsonl").write_text(
+        "".join(json.dumps(dict(prompt=p, completion=c)) + "\n" for p, c in pairs))
+    (root / "job.toml").write_text(f"""
+        model = "{demo.ASSETS}"
+        corpus = "{CORPUS}"
+        progress = false
+        factors = "{root / 'factors'}"
+        [fit]
+        out = "{root / 'factors'}"
+        max-examples = 128
+        batch_size = 32
+    """.replace("\n        ", "\n"))
+    main(["fit", "--config", str(root / "job.toml")])
+    main(["sketch", *COMMON, "--factors", str(root / "factors"), "--out", str(root / "search"),
+          "--limit", "400", "--m", "64", "--chunk-size", "128"])
+    queries = ["--factors", str(root / "factors"), "--queries", str(root / "queries.jsonl")]
+    main(["search", *COMMON, *queries, "--index", str(root / "search"), "--candidates", "40",
+          "--out", str(root / "found")])
+    main(["score", *COMMON, *queries, "--limit", "400", "--out", str(root / "scan")])
+    return root, pairs
+
+
+def test_notebook_api_opens_what_the_cli_wrote(runs, world, capsys):
+    root, pairs = runs
+    model, tokenizer, corpus = world
+    factors = Factors.load(root / "factors", model)          # refuses another model
+    assert factors.n_examples == 128 and factors.args.strategy == "ekfac"
+    assert factors.args.batch_size == 32                     # from the TOML [fit] table
+
+    scan = InfluenceResult.load(root / "scan", corpus)       # same corpus fingerprint
+    found = InfluenceResult.load(root / "found", corpus)
+    assert scan.scores.shape == (2, 400) and list(scan.ids) == list(range(400))
+    assert 40 <= len(found.ids) <= 80 and set(found.ids) <= set(range(400))
+    # the candidates are rescored exactly: the exhaustive scan's numbers (float32 model: to
+    # rounding, as the batches are padded differently)
+    scale = np.abs(scan.scores).max()
+    np.testing.assert_allclose(found.scores, scan.scores[:, found.ids], rtol=0, atol=1e-6 * scale)
+    assert found.top(0, 1)["text"].iloc[0] == corpus.text(int(found.top(0, 1)["id"].iloc[0]))
+    search = json.loads((root / "found" / "search.json").read_text())
+    assert set(search["timings"]) == {"queries", "sketch", "search", "rescore"}
+
+    # the notebook's own search over the CLI's sketches and index returns the same result
+    inf = Influence(model, tokenizer, corpus, factors)
+    again = Retriever.open(inf, root / "search").search(pairs, candidates=40)
+    assert list(again.ids) == list(found.ids)
+    np.testing.assert_allclose(again.scores, found.scores, rtol=0, atol=1e-6 * scale)
+
+
+def test_cli_prints_progress_summary_as_json(runs, capsys):
+    root, _ = runs
+    main(["score", *COMMON, "--factors", str(root / "factors"), "--query", "Velmora", " is",
+          "--limit", "64", "--out", str(root / "small"), "--top", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["command"] == "score" and summary["sequences"] == 64
+    assert summary["ranks"] == 1 and summary["queries"] == 1
+    assert sum(line.lstrip().startswith(("1. id", "2. id")) for line in lines) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "--model", "/nonexistent", "--corpus", CORPUS, "--out", "x"],
+     "not a Hugging Face model directory"),
+    (["fit", "--model", str(demo.ASSETS), "--corpus", "/nonexistent.jsonl", "--out", "x"],
+     "corpus file not found"),
+    (["fit", "--model", str(demo.ASSETS), "--corpus", CORPUS], "fit needs --out"),
+    (["score", *COMMON, "--factors", "/nonexistent", "--out", "x", "--query", "a", "b"],
+     "no fitted factors"),
+])
+def test_errors_are_one_clear_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_unknown_config_key_is_refused(tmp_path, capsys):
+    (tmp_path / "job.toml").write_text('[fit]\nmax_exemples = 3\n')
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "job.toml")])
+    assert "unknown option 'max_exemples'" in capsys.readouterr().err
