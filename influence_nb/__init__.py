@@ -21,4 +21,10 @@ __version__ = "0.1.0"
 __all__ = ["Batch", "Capture", "Corpus", "CorpusError", "FactorArgs", "Factors", "Influence",
            "InfluenceResult", "Queries", "ScoreArgs", "Task", "__version__", "find_layers",
            "fit_factors", "make_queries", "query_gradients", "scan", "self_influence",
-           "token_scores"]
+           "load_ipython_extension", "token_scores"]
+
+
+def load_ipython_extension(ipython: "object") -> None:
+    """``%load_ext influence_nb``: register the magics of :mod:`influence_nb.magics`."""
+    from .magics import load_ipython_extension as load
+    load(ipython)

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -132,8 +133,13 @@ class InfluenceResult:
         return (f"InfluenceResult({self.n_queries} queries × {len(self.ids)} sequences, "
                 f"{len(self.layer_names)} layers)")
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
+        """In a notebook a result shows itself as the interactive explorer."""
+        from .widgets import InfluenceExplorer
+        return InfluenceExplorer(self)._repr_mimebundle_(include=include, exclude=exclude)
+
     def _repr_html_(self) -> str:
-        """A plain table per query (top 5 each way); the widget view comes from widgets."""
+        """A plain table per query (top 5 each way), where widgets cannot render."""
         parts = []
         for q, query in enumerate(self.queries):
             parts.append(f"<h4>query {q}: {html.escape(query['prompt'])}"

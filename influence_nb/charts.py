@@ -1,0 +1,122 @@
+"""Altair charts of influence results that render offline in JupyterLab 4.
+
+Altair's default renderer loads Vega from a CDN; :func:`offline` switches Altair to its ``svg``
+renderer, which draws the chart in the kernel with vl-convert (no network, plain SVG output
+that passes notebook validation). :func:`save_png` writes a PNG for docs.
+
+    charts.offline()
+    charts.distribution(result, q=0)     # log–log tail of the influence scores, power-law fit
+    charts.layer_profile(result, q=0)    # influence per layer
+    charts.layer_heatmap(result)         # queries × layers, each row's share
+    charts.variants(lab.table)           # a bar per synthetic sequence (mean and points)
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from .widgets import short_layer_names
+
+if TYPE_CHECKING:
+    from .results import InfluenceResult
+
+__all__ = ["distribution", "layer_heatmap", "layer_profile", "offline", "save_png", "variants"]
+
+POS, NEG = "#e66101", "#2166ac"  # the widgets' colours: orange raises, blue lowers log p
+
+
+def offline() -> None:
+    """Render Altair charts as SVG in the kernel (vl-convert): no CDN, valid notebooks."""
+    alt.renderers.enable("svg")
+
+
+def save_png(chart: alt.TopLevelMixin, path: str | os.PathLike, scale: float = 2.0) -> None:
+    """Write ``chart`` as a PNG (vl-convert, offline) at ``scale`` × its pixel size."""
+    chart.save(str(path), format="png", scale_factor=scale)
+
+
+def _sign_colour(field: str) -> dict:
+    return alt.condition(f"datum.{field} >= 0", alt.value(POS), alt.value(NEG))
+
+
+def distribution(result: "InfluenceResult", q: int = 0, tail: float = 0.05,
+                 points: int = 400) -> alt.LayerChart:
+    """Log–log plot of the positive scores of query ``q``: for each score x, how many sequences
+    score at least x, with the power-law tail fitted to the top ``tail`` fraction
+    (:class:`~influence_nb.search.PowerLawTail`) as a dashed line (paper §5: heavy tails)."""
+    from .search import PowerLawTail
+    s = result.scores[q]
+    law = PowerLawTail.fit(s, tail)
+    x = np.sort(s[s > 0])[::-1]
+    ranks = np.unique(np.geomspace(1, len(x), points).astype(int))
+    emp = pd.DataFrame(dict(score=x[ranks - 1], count=ranks))
+    grid = np.geomspace(law.x_min * (1 + 1e-9), x[0], 50)
+    line = pd.DataFrame(dict(score=grid, count=[len(s) * law.survival(g) for g in grid]))
+    xs = alt.X("score:Q", scale=alt.Scale(type="log"), title="influence score (positive)")
+    ys = alt.Y("count:Q", scale=alt.Scale(type="log"), title="sequences scoring ≥ x")
+    dots = alt.Chart(emp).mark_circle(size=18, color=POS, opacity=0.7).encode(
+        xs, ys, tooltip=["score:Q", "count:Q"])
+    fitted = alt.Chart(line).mark_line(color="#1f2430", strokeDash=[5, 3]).encode(xs, ys)
+    title = alt.TitleParams(
+        f"Influence distribution, query {q}",
+        subtitle=f"power-law tail P(score > x) ∝ x^−{law.alpha:.2f}, fitted to the top "
+                 f"{law.p_tail:.0%} of {len(s)} sequences (x ≥ {law.x_min:.3g})")
+    return (dots + fitted).properties(width=420, height=280, title=title)
+
+
+def layer_profile(result: "InfluenceResult", q: int = 0, k: int | None = None) -> alt.Chart:
+    """Influence per layer of query ``q``, summed over the top-k positive (or all) sequences."""
+    prof = result.layer_profile(q, k)
+    df = pd.DataFrame(dict(layer=short_layer_names(list(prof.index)), score=prof.to_numpy()))
+    what = f"top {k}" if k else "all sequences"
+    return alt.Chart(df).mark_bar().encode(
+        alt.Y("layer:N", sort=None, title=None),
+        alt.X("score:Q", title="influence"),
+        color=_sign_colour("score"), tooltip=["layer:N", alt.Tooltip("score:Q", format=".4g")],
+    ).properties(width=380, height=alt.Step(18),
+                 title=f"Influence per layer, query {q} ({what})")
+
+
+def layer_heatmap(result: "InfluenceResult", queries: list[int] | None = None,
+                  k: int | None = 10, labels: list[str] | None = None) -> alt.Chart:
+    """Queries × layers: each query's per-layer influence (top-k) as a share of Σ|layers|."""
+    queries = list(range(result.n_queries)) if queries is None else queries
+    names = short_layer_names(result.layer_names)
+    rows = []
+    for i, q in enumerate(queries):
+        prof = result.layer_profile(q, k).to_numpy()
+        share = prof / max(np.abs(prof).sum(), 1e-30)
+        label = labels[i] if labels else f"{q}: {result.queries[q]['completion'].strip()}"
+        rows += [dict(query=label, layer=n, share=float(v)) for n, v in zip(names, share)]
+    m = max(abs(r["share"]) for r in rows)
+    return alt.Chart(pd.DataFrame(rows)).mark_rect().encode(
+        alt.X("layer:N", sort=None, title=None, axis=alt.Axis(labelAngle=-40)),
+        alt.Y("query:N", sort=None, title=None),
+        alt.Color("share:Q", scale=alt.Scale(domain=[-m, 0, m], range=[NEG, "#ffffff", POS],
+                                             interpolate="rgb"),
+                  title="share"),
+        tooltip=["query:N", "layer:N", alt.Tooltip("share:Q", format=".3f")],
+    ).properties(width=alt.Step(34), height=alt.Step(22),
+                 title="Where the influence sits: share of each layer (top sequences)")
+
+
+def variants(table: pd.DataFrame, title: str = "Synthetic sequences") -> alt.LayerChart:
+    """A bar per label (the mean score) with each sequence as a dot; ``table`` has columns
+    ``label`` and ``score`` (e.g. ``SyntheticLab.table``), several rows per label allowed."""
+    if not {"label", "score"} <= set(table.columns):
+        raise ValueError(f"need columns 'label' and 'score', got {list(table.columns)}")
+    order = list(dict.fromkeys(table["label"]))
+    mean = table.groupby("label", sort=False)["score"].mean().reset_index()
+    y = alt.Y("label:N", sort=order, title=None)
+    bars = alt.Chart(mean).mark_bar(opacity=0.85).encode(
+        y, alt.X("score:Q", title="influence on the query (mean)"), color=_sign_colour("score"),
+        tooltip=["label:N", alt.Tooltip("score:Q", format=".4g", title="mean")])
+    layers = [bars]
+    if len(table) > len(mean):
+        layers.append(alt.Chart(table[["label", "score"]]).mark_circle(
+            size=22, color="#1f2430", opacity=0.45).encode(y, x="score:Q"))
+    return alt.layer(*layers).properties(width=380, height=alt.Step(26), title=title)

@@ -1,0 +1,180 @@
+"""Widgets, magics and charts: traits and behaviour on a small hand-made result, then the lab and
+the magics on the demo world (cached factors)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from influence_nb import charts
+from influence_nb.data import Corpus
+from influence_nb.magics import parse_paragraphs, parse_query
+from influence_nb.results import InfluenceResult
+from influence_nb.widgets import (InfluenceExplorer, LayerBars, SyntheticLab, TokenHighlight,
+                                  _asset, short_layer_names)
+
+LAYERS = ["gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.1.mlp.dense_4h_to_h"]
+
+
+@pytest.fixture(scope="module")
+def result(tokenizer):
+    """2 queries × 4 sequences; per-token scores are a fixed split of each total."""
+    texts = ["The capital city of Astrobia is Velmora.", "Velmora is a city.",
+             "Rain fell on the market.", "Astrobia is far away."]
+    corpus = Corpus.from_texts(texts, tokenizer, max_len=64, metadata=[
+        dict(kind=k, lang="en") for k in ("fact", "fact", "filler", "fact")])
+    scores = np.array([[3.0, 1.0, -0.5, -2.0], [0.1, 0.2, 0.3, -0.4]])
+    layer_scores = np.stack([0.25 * scores, 0.75 * scores], axis=1)
+
+    def token_fn(ids):
+        per_seq = []
+        for i in ids:
+            n = len(corpus.token_ids(i))
+            w = np.linspace(-1.0, 2.0, n)
+            per_seq.append(scores[:, [i]] * w / w.sum())
+        return per_seq, layer_scores[:, :, list(ids)]
+
+    return InfluenceResult([dict(prompt="The capital city of Astrobia is", completion=" Velmora",
+                                 logprob=-0.2), dict(prompt="2 + 2 =", completion=" 4",
+                                                     logprob=-1.5)],
+                           scores, np.arange(4), LAYERS, layer_scores, corpus, token_fn=token_fn)
+
+
+def test_assets_are_plain_dom_without_network():
+    js, css = _asset("influence.js").read_text(), _asset("influence.css").read_text()
+    assert "innerHTML" not in js and "insertAdjacentHTML" not in js
+    assert "import " not in js and "http" not in js and "http" not in css
+    assert "textContent" in js and "export default" in js
+    assert str(TokenHighlight._esm) == js  # anywidget reads the file
+
+
+def test_parse_query():
+    assert parse_query("The capital city of Astrobia is || Velmora") == (
+        "The capital city of Astrobia is", " Velmora")
+    assert parse_query("x = 4 ||5") == ("x = 4", " 5")
+    assert parse_query("abc||def") == ("abc", "def")
+    for bad in ("no separator", "a || b || c", " || b", "a || "):
+        with pytest.raises(ValueError, match="prompt"):
+            parse_query(bad)
+
+
+def test_parse_paragraphs():
+    texts, labels = parse_paragraphs("[ordered] A is B.\n\n  \nB is A.\nstill B.\n\n[x]  C\n")
+    assert texts == ["A is B.", "B is A.\nstill B.", "C"]
+    assert labels == ["ordered", "", "x"]
+
+
+def test_short_layer_names():
+    assert short_layer_names(LAYERS) == ["0.mlp.dense_h_to_4h", "1.mlp.dense_4h_to_h"]
+    assert short_layer_names(["a.b"]) == ["a.b"]
+
+
+def test_token_highlight_from_result(result):
+    view = TokenHighlight.of(result, 0, 1)
+    assert len(view.tokens) == len(view.scores) == len(result.corpus.token_ids(1))
+    assert sum(view.scores) == pytest.approx(1.0)
+    assert "".join(view.tokens) == "Velmora is a city."
+    assert view.selected == -1
+    with pytest.raises(ValueError, match="2 tokens but 1 scores"):
+        TokenHighlight(["a", "b"], [1.0])
+
+
+def test_layer_bars(result):
+    bars = LayerBars.of(result, 0)
+    assert bars.names == ["0.mlp.dense_h_to_4h", "1.mlp.dense_4h_to_h"]
+    assert bars.values == pytest.approx([0.25 * 1.5, 0.75 * 1.5])
+
+
+def test_explorer_ranks_selects_and_details(result):
+    ex = InfluenceExplorer(result, k=3)
+    assert [r["id"] for r in ex.rows] == [0, 1, 2]
+    assert ex.rows[0]["meta"] == {"kind": "fact", "lang": "en"}
+    assert ex.selected == 0 and ex.detail["id"] == 0
+    assert sum(ex.detail["token_scores"]) == pytest.approx(3.0)
+    assert ex.detail["layer_values"] == pytest.approx([0.75, 2.25])
+    ex.selected = 2
+    assert ex.detail["id"] == 2 and ex.detail["score"] == -0.5
+    ex.sign = "negative"
+    assert [r["id"] for r in ex.rows] == [3, 2, 1] and ex.detail["id"] == 3
+    ex.query = 1
+    assert [r["score"] for r in ex.rows] == [-0.4, 0.1, 0.2]
+    assert ex.queries[1]["completion_tokens"] == [" 4"]
+    assert sum(ex.detail["token_scores"]) == pytest.approx(-0.4)
+
+
+def test_explorer_without_model_shows_error(result):
+    bare = InfluenceResult(result.queries, result.scores, result.ids, LAYERS,
+                           result.layer_scores, result.corpus)
+    ex = InfluenceExplorer(bare)
+    assert "per-token scores need the model" in ex.error
+    assert "tokens" not in ex.detail and ex.detail["layer_values"] == pytest.approx([0.75, 2.25])
+
+
+def test_charts_render_offline(result, tmp_path):
+    import altair as alt
+    big = InfluenceResult(result.queries, np.random.default_rng(1).standard_t(2, (2, 3000)),
+                          np.arange(3000), LAYERS, np.zeros((2, 2, 3000)))
+    spec = charts.distribution(big, 0, tail=0.05).to_dict()
+    assert "P(score > x) ∝ x^−" in spec["title"]["subtitle"]
+    dots, line = (spec["datasets"][layer["data"]["name"]] for layer in spec["layer"])
+    assert len(dots) > 100 and dots[0]["count"] == 1  # the largest score first
+    assert line[0]["count"] == pytest.approx(0.05 * 3000, rel=1e-6)  # the tail starts at x_min
+    chart = charts.distribution(big, 0)
+    before = alt.renderers.active
+    try:
+        charts.offline()
+        bundle = chart._repr_mimebundle_()
+        bundle = bundle[0] if isinstance(bundle, tuple) else bundle
+        assert bundle["image/svg+xml"].lstrip().startswith("<svg")
+    finally:
+        alt.renderers.enable(before)
+    charts.save_png(charts.layer_profile(result, 0), tmp_path / "layers.png")
+    assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heat = charts.layer_heatmap(result, k=2).to_dict()
+    assert len(heat["datasets"][next(iter(heat["datasets"]))]) == 4
+    table = pd.DataFrame(dict(label=["a", "a", "b"], score=[1.0, 3.0, -1.0]))
+    spec = charts.variants(table).to_dict()
+    assert len(spec["layer"]) == 2  # mean bars and one dot per sequence
+    with pytest.raises(ValueError, match="label"):
+        charts.variants(pd.DataFrame(dict(score=[1.0])))
+
+
+# -- on the demo world ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def session():
+    from influence_nb.session import Influence
+    return Influence.demo()
+
+
+def test_lab_scores_are_token_sums_and_order_matters(session):
+    from influence_nb.demo import Fact
+    fact = Fact(1000, "president", "Astrobia", "Zorald Pfaff")  # new to the model, as in the paper
+    lab = SyntheticLab(session, (fact.prompt(), fact.completion),
+                       [fact.statement(0), "", fact.flipped()], ["ordered", "empty", "flipped"])
+    assert lab.texts == [fact.statement(0), fact.flipped()]
+    assert lab.labels == ["ordered", "flipped"]
+    for total, toks in zip(lab.scores, lab.token_scores):
+        assert sum(toks) == pytest.approx(total, rel=1e-4)
+    assert lab.scores[0] > 0 and lab.scores[0] > 2 * lab.scores[1]
+    assert list(lab.table["label"]) == ["ordered", "flipped"]
+    assert lab.query["completion_tokens"] and lab.query["logprob"] < 0
+    lab.texts = ["  "]
+    assert lab.score().size == 0 and "no sequences" in lab.error
+
+
+def test_magics_session_query_lab(session):
+    from IPython.core.interactiveshell import InteractiveShell
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "influence_nb")
+    shell.user_ns["inf"] = session
+    with pytest.raises(RuntimeError, match="no query yet"):
+        shell.run_cell_magic("influence_lab", "", "A text.")
+    assert shell.run_line_magic("influence_session", "inf") is session
+    shell.run_line_magic("influence_query", "The capital city of Astrobia is || Velmora")
+    lab = shell.run_cell_magic("influence_lab", "", "[a] The capital city of Astrobia is Velmora."
+                               "\n\n[b] Rain fell on the market.\n")
+    assert isinstance(lab, SyntheticLab) and lab.labels == ["a", "b"]
+    assert lab.query["completion"] == " Velmora" and len(lab.scores) == 2
+    other = shell.run_cell_magic("influence_lab", "--query 2 + 3 = || 5", "Two plus three is 5.")
+    assert other.query["prompt"] == "2 + 3 =" and len(other.scores) == 1
