@@ -57,7 +57,7 @@ class Influence:
         from . import demo
         model, tokenizer, corpus = demo.load()
         inf = cls(model, tokenizer, corpus, **kw)
-        inf.fit(args, cache=True)
+        inf.fit(args or FactorArgs(batch_size=32), cache=True)  # a tiny model: larger batches
         return inf
 
     def __repr__(self) -> str:
@@ -92,9 +92,10 @@ class Influence:
         if cache and path is None:
             from .curvature import model_fingerprint
             from .hooks import find_layers
+            # batch size and progress bars change how the fit runs, not what it estimates
             key = json.dumps([model_fingerprint(self.model, find_layers(self.model, args.layers)),
-                              self.corpus.fingerprint, asdict(replace(args, progress=True))],
-                             default=str)
+                              self.corpus.fingerprint,
+                              asdict(replace(args, progress=True, batch_size=0))], default=str)
             path = cache_dir() / f"factors-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
             if (path / "manifest.json").exists():
                 self.factors = Factors.load(path, self.model)
