@@ -212,10 +212,7 @@ class Factors:
             t = {k: fh.get_tensor(k).clone() for k in fh.keys()}  # clone: aligned memory
         shapes = {n: tuple(s) for n, s in m["layers"].items()}
         if model is not None:
-            try:
-                fp = model_fingerprint(model, find_layers(model, list(shapes)))
-            except ValueError:
-                fp = "missing layers"
+            fp = fingerprint_of(model, list(shapes))
             if fp != m["model_fingerprint"]:
                 raise ValueError(f"factors in {path} were fitted for a different model "
                                  f"(fingerprint {m['model_fingerprint']} ≠ {fp}); load them with the "
@@ -239,6 +236,15 @@ def _fsync(path: Path) -> None:
 
 _VOLATILE_CONFIG = {"torch_dtype", "dtype", "transformers_version", "_name_or_path",
                     "_attn_implementation", "_attn_implementation_autoset", "use_cache"}
+
+
+def fingerprint_of(model: nn.Module, layer_names: Sequence[str]) -> str:
+    """:func:`model_fingerprint` over the named layers, or "missing layers" when the model
+    lacks one of them (so comparing with a saved fingerprint simply fails)."""
+    try:
+        return model_fingerprint(model, find_layers(model, layer_names))
+    except ValueError:
+        return "missing layers"
 
 
 def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:

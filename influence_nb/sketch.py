@@ -54,7 +54,7 @@ from einops import einsum
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .curvature import Factors, to_device, model_fingerprint, rotate
+from .curvature import Factors, fingerprint_of, rotate, to_device
 from .data import Corpus
 from .hooks import Capture, eval_mode, find_layers
 from .scoring import Queries, _atomic_write, factors_id
@@ -296,18 +296,14 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _owner(model: nn.Module, factors: Factors) -> dict:
-    return dict(model_fingerprint=model_fingerprint(model, find_layers(model, factors.layer_names)),
+    return dict(model_fingerprint=fingerprint_of(model, factors.layer_names),
                 factors_id=factors_id(factors))
 
 
 def _check_owner(path: Path, manifest: dict, model: nn.Module | None,
                  factors: Factors | None) -> None:
     if model is not None:
-        names = list(manifest["layers"])
-        try:
-            fp = model_fingerprint(model, find_layers(model, names))
-        except ValueError:
-            fp = "missing layers"
+        fp = fingerprint_of(model, list(manifest["layers"]))
         if fp != manifest["model_fingerprint"]:
             raise SketchError(f"the sketches in {path} were made with another model (fingerprint "
                               f"{manifest['model_fingerprint']} ≠ {fp}); use that model or "
