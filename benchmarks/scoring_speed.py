@@ -36,7 +36,8 @@ if a.memory_child:
     sys.exit()
 
 ids = np.random.default_rng(0).choice(len(inf.corpus), a.n, replace=False)
-batches = list(inf.corpus.batches(a.batch_size, ids=ids))
+# the batches a scan runs: ids ordered by length within each chunk (a.n ≤ one chunk)
+batches = list(inf.corpus.batches(a.batch_size, ids=ids[inf.corpus.by_length(ids, len(ids))]))
 
 
 def plain() -> float:
