@@ -14,14 +14,15 @@ import time
 import torch
 
 from influence_nb import demo
-from influence_nb.curvature import FactorArgs, fit_factors
+from influence_nb.curvature import FactorArgs, batch_source, fit_factors
 from influence_nb.task import Task
 
 
 def plain_pass(model: torch.nn.Module, corpus, args: FactorArgs, task: Task) -> float:
     """Seconds for one forward + backward of the summed training loss over the sequences."""
+    source, _, _ = batch_source(corpus, args, passes=1)  # the very batches the fit runs
     start, seen = time.perf_counter(), 0
-    for batch in corpus.batches(args.batch_size):
+    for batch in source():
         if seen >= args.max_examples:
             break
         task.training_loss(task.forward(model, batch), batch).sum().backward()

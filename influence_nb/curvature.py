@@ -285,8 +285,10 @@ def batch_source(data: object, args: FactorArgs, passes: int
     re-iterable of batches (a list); a one-shot iterator serves a single pass only.
     """
     if callable(getattr(data, "batches", None)):
-        ids = np.arange(len(data))
-        if callable(getattr(data, "by_length", None)):  # a Corpus: batches of similar lengths
+        # the first max_examples ids (a corpus is in no particular order), then, for a Corpus,
+        # batches of similar lengths: bucketing after the cut keeps the sample unbiased
+        ids = np.arange(min(len(data), args.max_examples or len(data)))
+        if callable(getattr(data, "by_length", None)):
             ids = ids[data.by_length(ids, 64 * args.batch_size)]
         return (lambda: data.batches(args.batch_size, ids=ids), len(data),
                 getattr(data, "fingerprint", None))
