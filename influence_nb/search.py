@@ -47,7 +47,7 @@ class Retriever:
     """Sketch + index search over an :class:`Influence` session's corpus."""
 
     def __init__(self, inf: Influence, sketches: Sketches, index: SketchIndex):
-        sketches.check_corpus(inf._need()[0])
+        sketches.check_corpus(inf.fitted()[0])
         self.inf, self.sketches, self.index = inf, sketches, index
 
     @classmethod
@@ -56,7 +56,7 @@ class Retriever:
               index_args: IndexArgs | None = None) -> "Retriever":
         """Sketch the session's corpus into ``path/sketches`` (resuming or appending) and index
         it into ``path/index`` (rebuilt when the sketches changed)."""
-        corpus, factors = inf._need()
+        corpus, factors = inf.fitted()
         path = Path(path)
         sketches = build_sketches(inf.model, factors, corpus, path / "sketches", sketch_args,
                                   task=inf.task)
@@ -69,7 +69,7 @@ class Retriever:
     @classmethod
     def open(cls, inf: Influence, path: str | os.PathLike) -> "Retriever":
         """Open what :meth:`build` wrote (checked against the session's model and factors)."""
-        sketches = Sketches.open(Path(path) / "sketches", inf.model, inf._need()[1])
+        sketches = Sketches.open(Path(path) / "sketches", inf.model, inf.fitted()[1])
         return cls(inf, sketches, SketchIndex.load(Path(path) / "index", sketches))
 
     def candidates(self, queries: Queries, candidates: int) -> tuple[list[np.ndarray], dict]:

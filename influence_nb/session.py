@@ -73,7 +73,8 @@ class Influence:
                              "rebuild it with Corpus.from_...(..., tokenizer)")
         return corpus
 
-    def _need(self) -> tuple[Corpus, Factors]:
+    def fitted(self) -> tuple[Corpus, Factors]:
+        """(corpus, factors), or a one-line error saying which is missing and how to get it."""
         if self.corpus is None:
             raise ValueError("no corpus: pass one to Influence(model, tokenizer, corpus)")
         if self.factors is None:
@@ -110,6 +111,14 @@ class Influence:
         self.factors = Factors.load(path, self.model)
         return self.factors
 
+    def retriever(self, path: str | os.PathLike, sketch_args: Any = None,
+                  index_args: Any = None) -> Any:
+        """Sketch and index the corpus into ``path`` once (resumable; reused when present), for
+        fast candidate search: ``inf.retriever(path).search(pairs, candidates=K)`` returns the
+        exactly rescored candidates as a result. See :mod:`influence_nb.search`."""
+        from .search import Retriever
+        return Retriever.build(self, path, sketch_args, index_args)
+
     # -- queries and scores -------------------------------------------------------------------
 
     def queries(self, pairs: QueryLike, rank: int | None | str = "default",
@@ -122,7 +131,7 @@ class Influence:
             pairs = [(q["prompt"], q["completion"]) for q in pairs.queries]
         if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
             pairs = [pairs]
-        _, factors = self._need()
+        _, factors = self.fitted()
         prompts, completions = [], []
         for prompt, completion in pairs:
             if not completion:
@@ -143,7 +152,7 @@ class Influence:
              args: ScoreArgs | None = None) -> InfluenceResult:
         """Score every sequence of the corpus (or ``ids``) on the queries, streaming; with
         ``out_dir`` the scan is resumable. Returns an :class:`InfluenceResult`."""
-        corpus = self._check_corpus(corpus) if corpus is not None else self._need()[0]
+        corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
         queries = self.queries(queries)
         args = args or self.score_args
         scores, layers, ids = scan(self.model, queries, corpus, args, out_dir, ids, self.task)
@@ -165,7 +174,7 @@ class Influence:
     def self_influence(self, corpus: Corpus | None = None,
                        ids: Sequence[int] | None = None) -> np.ndarray:
         """(N,) ∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) per sequence of the corpus (or ``ids``)."""
-        corpus = self._check_corpus(corpus) if corpus is not None else self._need()[0]
-        return self_influence(self.model, self._need()[1], corpus,
+        corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
+        return self_influence(self.model, self.fitted()[1], corpus,
                               self.score_args.batch_size, ids, self.task,
                               self.score_args.progress)
