@@ -23,8 +23,7 @@ a = p.parse_args()
 
 t0 = time.time()
 inf = Influence.demo()
-facts = demo.facts()
-picked = [facts[i] for i in np.linspace(0, len(facts) - 1, a.queries).astype(int)]
+picked = demo.spread_facts(a.queries)
 pairs = [(f.prompt(), f.completion) for f in picked]
 batch = Queries.concat([inf.queries(pairs), inf.queries(pairs, strategy="identity")])
 res = inf.scan(batch, args=ScoreArgs(per_layer=False, batch_size=32))

@@ -23,8 +23,7 @@ a = p.parse_args()
 
 t0 = time.time()
 inf = Influence.demo()
-facts = demo.facts()
-picked = [facts[i] for i in np.linspace(0, len(facts) - 1, a.queries).astype(int)]
+picked = demo.spread_facts(a.queries)
 pairs = [(f.prompt(), f.completion) for f in picked]
 ranks = [8, 16, 32, 64, None]
 batch = Queries.concat([inf.queries(pairs, rank=r) for r in ranks])

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..data import Corpus
@@ -17,7 +18,8 @@ from .world import Fact, WorldConfig, generate, translate
 
 ASSETS = Path(__file__).parent / "assets"
 
-__all__ = ["ASSETS", "Fact", "WorldConfig", "facts", "generate", "heldout", "load", "translate"]
+__all__ = ["ASSETS", "Fact", "WorldConfig", "facts", "generate", "heldout", "load",
+           "spread_facts", "translate"]
 
 
 def _check(assets: Path) -> Path:
@@ -43,6 +45,12 @@ def load(assets: Path = ASSETS, dtype: Any = None) -> tuple[Any, Any, Corpus]:
 def facts(assets: Path = ASSETS) -> list[Fact]:
     """The planted facts of the demo world."""
     return [Fact(**f) for f in json.loads((_check(Path(assets)) / "facts.json").read_text())]
+
+
+def spread_facts(n: int, assets: Path = ASSETS) -> list[Fact]:
+    """``n`` planted facts spread evenly over the list (so over every relation)."""
+    all_facts = facts(assets)
+    return [all_facts[i] for i in np.linspace(0, len(all_facts) - 1, n).astype(int)]
 
 
 def heldout(tokenizer: Any, assets: Path = ASSETS) -> Corpus:
