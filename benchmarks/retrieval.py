@@ -198,7 +198,7 @@ for q in np.linspace(0, Q - 1, a.timed_queries).astype(int):
     stage_times.append(res.timings)
     rescored.append(len(res.ids))
     np.testing.assert_allclose(res.scores[0], S[q, res.ids], rtol=1e-4,
-                               atol=1e-6 * np.abs(S[q]).max())   # rescoring = exhaustive scores
+                               atol=1e-5 * np.abs(S[q]).max())   # rescoring = exhaustive scores (float32 sums)
 stages = {k: float(np.mean([t[k] for t in stage_times])) for k in stage_times[0]}
 t_search = sum(stages.values())
 t_scan = t_one * N
