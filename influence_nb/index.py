@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .scoring import _atomic_write
-from .sketch import Sketches
+from .sketch import Sketches, read_manifest
 
 KINDS = ("flat", "ivfpq", "ivfsq8", "hnsw")
 FORMAT = "influence_nb.index/1"
@@ -163,16 +163,8 @@ class SketchIndex:
     def load(cls, path: str | os.PathLike, sketches: Sketches) -> "SketchIndex":
         """Read an index saved by :meth:`build`; refuse one built over other sketches."""
         path = Path(path)
-        file = path / "index.json"
-        if not file.exists():
-            raise IndexFileError(f"no index in {path} (index.json missing); build one with "
-                              "SketchIndex.build(sketches, path)")
-        try:
-            manifest = json.loads(file.read_text())
-            assert manifest.get("format") == FORMAT
-        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, AttributeError):
-            raise IndexFileError(f"{file} is corrupt or not an index manifest; rebuild with "
-                              "SketchIndex.build(sketches, path)") from None
+        manifest = read_manifest(path / "index.json", FORMAT, IndexFileError,
+                                 "rebuild with SketchIndex.build(sketches, path)")
         if manifest["sketches"] != sketches.fingerprint:
             raise IndexFileError(f"the index in {path} was built over other sketches (another model, "
                               f"factors, projection or rows: {manifest['sketches']} ≠ "

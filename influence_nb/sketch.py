@@ -279,20 +279,24 @@ class Sketches:
         return Projection(factors, self.args).sketch_queries(queries).numpy()
 
 
-def _read_manifest(path: Path) -> dict:
-    file = path / "sketches.json"
+def read_manifest(file: Path, fmt: str, error: type[Exception], fix: str) -> dict:
+    """A JSON manifest of format ``fmt``; missing, corrupt or foreign -> one-line ``error``
+    that ends with ``fix`` (how to rebuild)."""
     if not file.exists():
-        raise SketchError(f"no sketches in {path} (sketches.json missing); build them with "
-                          "build_sketches(model, factors, corpus, path)")
+        raise error(f"{file} is missing; {fix}")
     try:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SketchError(f"{file} is corrupt (not JSON); delete {path} and rebuild with "
-                          "build_sketches(...)") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SketchError(f"{file} is not a sketch manifest of format {FORMAT!r}; delete {path} "
-                          "and rebuild with build_sketches(...)")
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise error(f"{file} is corrupt or not a manifest of format {fmt!r}; {fix}")
     return manifest
+
+
+def _read_manifest(path: Path) -> dict:
+    return read_manifest(path / "sketches.json", FORMAT, SketchError,
+                         f"delete {path} and rebuild with build_sketches(model, factors, "
+                         "corpus, path)")
 
 
 def _owner(model: nn.Module, factors: Factors) -> dict:
