@@ -62,11 +62,15 @@ def test_notebook_runs(path, executed):
 
 
 def test_word_ordering_claim(executed):
-    """Paper §5.3.4: flipped statements get much less influence than ordered ones."""
+    """Paper §5.3.4: flipped statements get much less influence than ordered ones — over all
+    planted facts, on the object's first token (the token that names the entity; the rest of a
+    multi-token name is spelled out by the flipped statement too, reported beside it)."""
     path = next(p for p in NOTEBOOKS if p.name.startswith("02_"))
     line = [ln for ln in _stdout(executed(path)).splitlines() if "flipped_over_ordered" in ln]
     claim = json.loads(line[-1])
     print(f"\nword ordering: {claim}")
     assert claim["n_facts"] >= 10
-    assert claim["ordered"] > 0
-    assert claim["flipped_over_ordered"] < 0.5
+    fact = claim["first token"]
+    assert fact["ordered"] > 0
+    assert fact["flipped_over_ordered"] < 0.5
+    assert claim["whole object"]["ordered"] > 0
