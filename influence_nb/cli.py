@@ -243,7 +243,7 @@ def _search(ns: argparse.Namespace, rank: int, world: int) -> dict:
     from .scoring import ScoreArgs
     from .search import Retriever
     inf = _session(ns, _make(ScoreArgs, ns, progress=ns.progress))
-    retriever = Retriever.open(inf, ns.index)
+    retriever = Retriever.open(inf, ns.index, ns.lexical)
     retriever.index.set_params(ns.nprobe, ns.ef_search, ns.refine)
     result = retriever.search(_queries(ns), ns.candidates)
     if rank == 0:
@@ -367,6 +367,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--index", metavar="DIR", help="the `sketch` output directory (required)")
     r.add_argument("--candidates", type=int, default=400,
                    help="sequences rescored per query, half per sign (default: 400)")
+    r.add_argument("--lexical", type=float, default=0.5,
+                   help="share of the positive half taken from BM25 matches (default: 0.5)")
     docs = _field_docs(IndexArgs)
     for name in ("nprobe", "ef_search", "refine"):
         r.add_argument(f"--{name.replace('_', '-')}", type=int,

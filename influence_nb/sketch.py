@@ -23,11 +23,11 @@ Bases (``SketchArgs.variant``):
 - ``"plain"``: B = I, s = 1; all of the preconditioning sits on the query side.
 
 Structures (``SketchArgs.structure``): ``"khatri-rao"`` (default) draws independent (p_j, q_j)
-per coordinate; ``"kronecker"`` takes all pairs of k_out · k_in = m shared rows, i.e.
-P_out DW P_inᵀ. For nearly low-rank gradients a Kronecker sketch's error is a product of two
-k-dimensional projections, independent rows avoid that; on a 2,000-sequence demo subset the
-two retrieved alike at m = 256 (benchmarks/retrieval.py compares them). Cost per token and
-layer: m · (out + in).
+per coordinate, cost m · (out + in) per token and layer; ``"kronecker"`` takes all pairs of
+k = √m shared rows, sketch = P_out DW P_inᵀ = Σ_t (P_out δ_t)(P_in ā_t)ᵀ, cost k · (out + in)
+per token plus k² per token for the outer products — so a Kronecker sketch can be far larger
+for the same time. For nearly low-rank gradients its error is a product of two k-dimensional
+projections where independent rows avoid that (benchmarks/retrieval.py compares them).
 
 The sketches of all layers are concatenated and scaled by 1/√m, so ⟨sketch_q, sketch_m⟩ ≈ the
 total score.
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -99,7 +99,7 @@ class SketchArgs:
 
 @dataclass
 class LayerProjection:
-    """Rows u_j (m, out), v_j (m, in+1) of the training side and u'_j, v'_j of the query side."""
+    """Rows u (rows, out), v (rows, in+1) of the training side and u', v' of the query side."""
     u: Tensor
     v: Tensor
     u_q: Tensor
@@ -115,16 +115,17 @@ def _rank_one_scales(Lambda: Tensor, damping: float) -> tuple[Tensor, Tensor]:
 
 def _gaussian_rows(args: SketchArgs, d_out: int, d_in: int, g: torch.Generator
                    ) -> tuple[Tensor, Tensor]:
-    """p_j (m, out), q_j (m, in+1): independent, or all pairs of √m shared rows (Kronecker)."""
-    if args.structure == "khatri-rao":
-        return (torch.randn(args.m, d_out, generator=g, dtype=torch.float64),
-                torch.randn(args.m, d_in, generator=g, dtype=torch.float64))
-    k = round(args.m ** .5)
-    if k * k != args.m:
-        raise ValueError(f"a Kronecker sketch needs m = k_out · k_in = k², got m={args.m}")
-    P_out = torch.randn(k, d_out, generator=g, dtype=torch.float64)
-    P_in = torch.randn(k, d_in, generator=g, dtype=torch.float64)
-    return P_out.repeat_interleave(k, 0), P_in.repeat(k, 1)         # row (a, b) -> (P_a, P_b)
+    """Rows p (rows, out), q (rows, in+1), scaled so that ⟨sketch_q, sketch_m⟩ ≈ the score:
+    m independent pairs (Khatri-Rao), or k = √m rows per side whose k² pairs are the sketch."""
+    k = args.m
+    if args.structure == "kronecker":
+        k = round(args.m ** .5)
+        if k * k != args.m:
+            raise ValueError(f"a Kronecker sketch needs m = k_out · k_in = k², got m={args.m}")
+    # a coordinate is (p·X_q·q)(p·X_m·q) / m; Khatri-Rao: E = ⟨X_q, X_m⟩ / m per row pair,
+    # Kronecker: k² pairs of E = ⟨X_q, X_m⟩ — either way rows scale by m^(-1/4)
+    return (torch.randn(k, d_out, generator=g, dtype=torch.float64) / args.m ** .25,
+            torch.randn(k, d_in, generator=g, dtype=torch.float64) / args.m ** .25)
 
 
 class Projection:
@@ -141,7 +142,6 @@ class Projection:
         self.layers: dict[str, LayerProjection] = {}
         for name, (d_out, d_in) in factors.shapes.items():
             p, q = _gaussian_rows(args, d_out, d_in, g)
-            p, q = p / args.m ** .25, q / args.m ** .25      # ⟨sketch_q, sketch_m⟩ ≈ score
             if args.variant == "plain":
                 self.layers[name] = LayerProjection(p, q, p, q)
                 continue
@@ -155,6 +155,9 @@ class Projection:
                 rotate(p / s_out, Q_S, True), rotate(q / s_in, Q_A, True))
         self._cast: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.dim = len(self.layers) * args.m
+        # Khatri-Rao pairs row j with row j; Kronecker pairs every row i with every row j
+        self.pattern = "b t j, b t j -> b j" if args.structure == "khatri-rao" else \
+            "b t i, b t j -> b i j"
 
     def sketch_tokens(self, a: dict[str, Tensor], delta: dict[str, Tensor]) -> Tensor:
         """Training sketches of a batch from captured ā (B, T, in+1) and δ (B, T, out) -> (B, D)."""
@@ -165,7 +168,7 @@ class Projection:
             if key not in self._cast:
                 self._cast[key] = p.u.to(d).T.contiguous(), p.v.to(d).T.contiguous()
             u, v = self._cast[key]
-            parts.append(einsum(d @ u, x @ v, "b t j, b t j -> b j"))   # Σ_t (u·δ_t)(v·ā_t)
+            parts.append(einsum(d @ u, x @ v, self.pattern).flatten(1))  # Σ_t (u·δ_t)(v·ā_t)
         return torch.cat(parts, 1)
 
     def sketch_queries(self, queries: Queries) -> Tensor:
@@ -173,7 +176,8 @@ class Projection:
         parts = []
         for name, p in self.layers.items():
             U, V = queries.R[name].U.double().cpu(), queries.R[name].V.double().cpu()
-            parts.append(einsum(p.u_q @ U, p.v_q @ V, "q j r, q j r -> q j"))  # Σ_r (u'·U_r)(v'·V_r)
+            uU, vV = (rearrange(x, "q j r -> q r j") for x in (p.u_q @ U, p.v_q @ V))
+            parts.append(einsum(uU, vV, self.pattern).flatten(1))      # Σ_r (u'·U_r)(v'·V_r)
         return torch.cat(parts, 1).float()
 
 

@@ -63,7 +63,7 @@ def test_notebook_api_opens_what_the_cli_wrote(runs, world, capsys):
     np.testing.assert_allclose(found.scores, scan.scores[:, found.ids], rtol=0, atol=1e-6 * scale)
     assert found.top(0, 1)["text"].iloc[0] == corpus.text(int(found.top(0, 1)["id"].iloc[0]))
     search = json.loads((root / "found" / "search.json").read_text())
-    assert set(search["timings"]) == {"queries", "sketch", "search", "rescore"}
+    assert set(search["timings"]) == {"queries", "sketch", "search", "bm25", "rescore"}
 
     # the notebook's own search over the CLI's sketches and index returns the same result
     inf = Influence(model, tokenizer, corpus, factors)
