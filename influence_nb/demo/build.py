@@ -1,7 +1,7 @@
 """Build the demo world from scratch: corpus → byte-level BPE tokenizer → tiny GPT-NeoX trained on
 CPU → fact accuracy and held-out perplexity. Writes everything to ``influence_nb/demo/assets``.
 
-    python -m influence_nb.demo.build            # the committed world (≈ 20 min on 2 cores)
+    python -m influence_nb.demo.build            # the committed world (≈ 12 min on 2 cores)
     python -m influence_nb.demo.build --small    # a quick world for tests, to another folder
 """
 from __future__ import annotations
