@@ -3,10 +3,16 @@
 Kinds (``IndexArgs.kind``; "auto" picks by N):
 
 - ``"flat"``   exact inner products, 4·D bytes per sequence; auto for N ≤ ``flat_max``
+- ``"hnsw"``   HNSW graph (``hnsw_m`` links, ``ef_search``) over 8-bit scalar-quantised
+               vectors, D + 8·``hnsw_m`` bytes per sequence in memory; auto up to ``hnsw_max``
 - ``"ivfpq"``  IVF (nlist ≈ √N coarse cells, ``nprobe`` searched) with product quantisation
-               (``pq_m`` bytes per sequence); auto above ``flat_max``
+               (``pq_m`` bytes per sequence); auto above ``hnsw_max``, where memory rules
 - ``"ivfsq8"`` IVF with 8-bit scalar quantisation (D bytes per sequence)
-- ``"hnsw"``   HNSW graph over the float vectors (``hnsw_m`` links, ``ef_search``)
+
+Why HNSW before IVF: sketches are random projections, nearly isotropic apart from their
+heavy-tailed norms, so IVF's coarse cells do not follow the inner-product neighbourhoods —
+on a million sketches of the demo's dimension IVF-PQ found ~10 % of the Flat top-10 at
+nprobe 16–64 while HNSW found ≥ 90 % (benchmarks/index_scale.py).
 
 Approximate kinds return ``refine · k`` candidates which are re-ranked exactly against the
 float16 sketches on disk (memory map), so quantisation costs little recall.
@@ -45,8 +51,9 @@ class IndexFileError(ValueError):
 class IndexArgs:
     """How to index sketches.
 
-    kind:       "auto", "flat", "ivfpq", "ivfsq8" or "hnsw" (see the module docstring)
-    flat_max:   "auto" stays exact (flat) up to this many sequences, then uses "ivfpq"
+    kind:       "auto", "flat", "hnsw", "ivfpq" or "ivfsq8" (see the module docstring)
+    flat_max:   "auto" stays exact (flat) up to this many sequences, then uses "hnsw"
+    hnsw_max:   "auto" uses "hnsw" up to this many sequences, then "ivfpq" (memory)
     nlist:      IVF cells; None: √N rounded to a power of two (≥ 16)
     pq_m:       PQ sub-quantisers (bytes per sequence); None: D / 16; must divide D
     hnsw_m:     HNSW links per node
@@ -60,20 +67,22 @@ class IndexArgs:
     """
     kind: str = "auto"
     flat_max: int = 200_000
+    hnsw_max: int = 5_000_000
     nlist: int | None = None
     pq_m: int | None = None
     hnsw_m: int = 32
     train_size: int = 65_536
     shard_size: int | None = None
     nprobe: int = 32
-    ef_search: int = 128
+    ef_search: int = 512
     refine: int = 4
     seed: int = 0
     progress: bool = True
 
     def resolve(self, n: int, dim: int) -> tuple[str, str]:
         """-> (kind, FAISS factory string) for n sequences of dimension dim."""
-        kind = self.kind if self.kind != "auto" else ("flat" if n <= self.flat_max else "ivfpq")
+        kind = self.kind if self.kind != "auto" else (
+            "flat" if n <= self.flat_max else "hnsw" if n <= self.hnsw_max else "ivfpq")
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {self.kind!r}; use 'auto' or one of {KINDS}")
         nlist = self.nlist or max(16, 2 ** round(np.log2(np.sqrt(max(n, 1)))))
@@ -81,7 +90,7 @@ class IndexArgs:
         if kind == "ivfpq" and dim % pq_m:
             raise ValueError(f"pq_m={pq_m} must divide the sketch dimension {dim}")
         return kind, {"flat": "Flat", "ivfpq": f"IVF{nlist},PQ{pq_m}",
-                      "ivfsq8": f"IVF{nlist},SQ8", "hnsw": f"HNSW{self.hnsw_m},Flat"}[kind]
+                      "ivfsq8": f"IVF{nlist},SQ8", "hnsw": f"HNSW{self.hnsw_m},SQ8"}[kind]
 
 
 def _rows(data: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -136,7 +145,8 @@ class SketchIndex:
         if not empty.is_trained:
             rng = np.random.default_rng(args.seed)
             sample = np.sort(rng.choice(n, min(n, args.train_size), replace=False))
-            faiss.extract_index_ivf(empty).cp.seed = args.seed
+            if kind.startswith("ivf"):
+                faiss.extract_index_ivf(empty).cp.seed = args.seed
             empty.train(_rows(sketches.data, sample))
         path.mkdir(parents=True, exist_ok=True)
         size = args.shard_size or n
