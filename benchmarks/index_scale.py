@@ -34,7 +34,9 @@ p.add_argument("--real", type=Path, default=cache_dir() / "bench-retrieval",
 p.add_argument("--isotropic", action="store_true")
 p.add_argument("--queries", type=int, default=100)
 p.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
-p.add_argument("--ef-search", type=int, nargs="+", default=[256, 512, 1024])
+p.add_argument("--ef-search", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+p.add_argument("--reuse", action="store_true",
+               help="keep the sketches and index of an earlier run in --work (sweep again)")
 a = p.parse_args()
 rng = np.random.default_rng(0)
 
@@ -51,13 +53,17 @@ if real is not None and (real / "sketches.json").exists():
 else:
     dim, source = 8 * 16 * 16, "isotropic gaussian"
     mean, L, scale = np.zeros(dim), np.eye(dim), np.ones(1)
-shutil.rmtree(a.work, ignore_errors=True)
-(a.work / "sketches").mkdir(parents=True)
+file = a.work / "sketches" / "sketches.f16"
+reuse = a.reuse and file.exists() and file.stat().st_size == 2 * a.n * dim
 t0 = time.perf_counter()
-with open(a.work / "sketches" / "sketches.f16", "wb") as fh:
-    for s in range(0, a.n, 65536):
-        z = rng.standard_normal((min(a.n, s + 65536) - s, dim))
-        fh.write((mean + (z @ L.T) * rng.choice(scale, (len(z), 1))).astype(np.float16).tobytes())
+if not reuse:
+    shutil.rmtree(a.work, ignore_errors=True)
+    (a.work / "sketches").mkdir(parents=True)
+    with open(file, "wb") as fh:
+        for s in range(0, a.n, 65536):
+            z = rng.standard_normal((min(a.n, s + 65536) - s, dim))
+            fh.write((mean + (z @ L.T) * rng.choice(scale, (len(z), 1))).astype(np.float16)
+                     .tobytes())
 rows = np.zeros(a.n, ROW)
 rows["id"] = np.arange(a.n)
 manifest = dict(format=FORMAT, dim=dim, projection={}, layers={}, chunks=[[a.n, 0, 0]],
@@ -93,8 +99,11 @@ t_exact = (time.perf_counter() - t0) / len(x)
 
 # -- the index ----------------------------------------------------------------------------------
 t0 = time.perf_counter()
-index = SketchIndex.build(store, a.work / "index", IndexArgs(kind=a.kind, progress=False))
-t_build = time.perf_counter() - t0
+if reuse and (a.work / "index" / "index.json").exists():
+    index, t_build = SketchIndex.load(a.work / "index", store), None     # timed by the first run
+else:
+    index = SketchIndex.build(store, a.work / "index", IndexArgs(kind=a.kind, progress=False))
+    t_build = time.perf_counter() - t0
 index_bytes = sum((a.work / "index" / s["file"]).stat().st_size for s in index.manifest["shards"])
 
 
@@ -118,7 +127,8 @@ for setting in settings:
 print(json.dumps(dict(
     n=a.n, dim=dim, source=source, queries=len(x), query_source=query_source,
     kind=index.kind, factory=index.manifest["factory"], refine=index.manifest["args"]["refine"],
-    build_seconds=round(t_build, 1), generate_seconds=round(t_generate, 1),
+    build_seconds=t_build and round(t_build, 1), reused=reuse,
+    generate_seconds=None if reuse else round(t_generate, 1),
     index_bytes_per_sequence=round(index_bytes / a.n, 1),
     sketch_bytes_per_sequence=2 * dim, sweep=sweep,
     goals={"recall@10": 0.95, "latency_ms": 50}, index_rss_gib=round(index_bytes / 2 ** 30, 2),
