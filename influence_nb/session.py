@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -141,7 +142,24 @@ class Influence:
             prompts.append(self.tokenizer(prompt)["input_ids"])
             completions.append(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
         rank = self.score_args.rank if rank == "default" else rank
-        return make_queries(self.model, factors, prompts, completions, rank, strategy, self.task)
+        queries = make_queries(self.model, factors, prompts, completions, rank, strategy,
+                               self.task)
+        self._warn_if_certain(queries)
+        return queries
+
+    def _warn_if_certain(self, queries: Queries) -> None:
+        """A log-probability measurement near 0 has a vanishing gradient (∂ log p / ∂ logits =
+        onehot − p): every score of such a query is tiny and mostly noise. Say so once."""
+        if type(self.task).measurement is not Task.measurement:
+            return                                   # a user-defined measurement: not log p
+        certain = np.flatnonzero(queries.f.double().cpu().numpy() > -1e-3)
+        if len(certain):
+            q = int(certain[0])
+            warnings.warn(f"the model is certain of {len(certain)} of {len(queries)} queries' "
+                          f"completions (e.g. {self.tokenizer.decode(queries.completions[q])!r}: "
+                          f"log p = {float(queries.f[q]):.1e}); their gradients nearly vanish, "
+                          "so influence scores are tiny and noisy — a model trained to "
+                          "certainty on its data (docs/design.md)", stacklevel=3)
 
     def _describe(self, queries: Queries) -> list[dict]:
         return [dict(prompt=self.tokenizer.decode(p), completion=self.tokenizer.decode(c),

@@ -193,3 +193,36 @@ def test_bad_queries_and_corpora_get_clear_errors(setup, tokenizer):
         inf.scan(("alpha", " number"), corpus=Corpus.from_texts(["alpha alpha"], other))
     with pytest.raises(ValueError, match="another tokenizer"):
         Influence(model, other, corpus)
+
+
+def test_a_query_the_model_is_certain_of_warns(setup, tokenizer):
+    """log p ≈ 0 means a vanishing query gradient: the session says so instead of returning
+    silently tiny scores; an uncertain query stays quiet, and so does a custom measurement."""
+    import copy
+    import warnings
+
+    from influence_nb.task import Task
+    model, corpus, factors, *_ = setup
+    certain = copy.deepcopy(model)
+    target = tokenizer(" even", add_special_tokens=False)["input_ids"][0]
+    word = tokenizer.decode([target])                             # a one-token completion
+    with torch.no_grad():          # every position's hidden state is 1, and only `target` reads it
+        certain.gpt_neox.final_layer_norm.weight.zero_()
+        certain.gpt_neox.final_layer_norm.bias.fill_(1.0)
+        out = certain.get_output_embeddings().weight
+        out.zero_()
+        out[target] = 2.0                                         # logit 32: p ≈ 1 − 1e-11
+    inf = Influence(certain, tokenizer, corpus, factors)
+    with pytest.warns(UserWarning, match=f"certain of 1 of 2 queries.*'{word}'"):
+        q = inf.queries([("gamma number 2 is", word), ("gamma number 2 is", " odd")])
+    assert float(q.f[0]) > -1e-3 > float(q.f[1])
+
+    class Margin(Task):            # a measurement of one's own: no opinion on its value
+        def measurement(self, logits, batch):
+            return super().measurement(logits, batch)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Influence(model, tokenizer, corpus, factors).queries(("gamma number 2 is", word))
+        Influence(certain, tokenizer, corpus, factors, task=Margin()).queries(
+            ("gamma number 2 is", word))
