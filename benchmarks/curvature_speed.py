@@ -14,15 +14,16 @@ import time
 import torch
 
 from influence_nb import demo
-from influence_nb.curvature import FactorArgs, batch_source, fit_factors
+from influence_nb.curvature import FactorArgs, fit_factors
+from influence_nb.passes import source
 from influence_nb.task import Task
 
 
 def plain_pass(model: torch.nn.Module, corpus, args: FactorArgs, task: Task) -> float:
     """Seconds for one forward + backward of the summed training loss over the sequences."""
-    source, _, _ = batch_source(corpus, args, passes=1)  # the very batches the fit runs
+    src = source(corpus, args.batch_size, max_examples=args.max_examples)  # the fit's batches
     start, seen = time.perf_counter(), 0
-    for batch in source():
+    for _, batch in src.batches():
         if seen >= args.max_examples:
             break
         task.training_loss(task.forward(model, batch), batch).sum().backward()

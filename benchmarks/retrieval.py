@@ -29,7 +29,8 @@ from influence_nb import demo
 from influence_nb.curvature import FactorArgs
 from influence_nb.index import IndexArgs, SketchIndex
 from influence_nb.scoring import ScoreArgs
-from influence_nb.search import BM25, Retriever, search_size
+from influence_nb.retriever import Retriever
+from influence_nb.search import BM25, search_size
 from influence_nb.session import Influence, cache_dir
 from influence_nb.sketch import SketchArgs, Sketches, build_sketches
 

@@ -40,7 +40,7 @@ def worker(out: Path) -> None:
     from influence_nb import demo, distributed
     from influence_nb.curvature import FactorArgs, fit_factors
     from influence_nb.scoring import ScoreArgs, make_queries, scan
-    from influence_nb.sketch import SketchArgs
+    from influence_nb.sketch import SketchArgs, build_sketches
     torch.set_num_threads(1)
     created = distributed.init()
     rank, world = distributed.rank_world()
@@ -64,7 +64,7 @@ def worker(out: Path) -> None:
                             for f in facts])
     args = ScoreArgs(batch_size=a.batch_size, chunk_size=8 * a.batch_size, progress=False)
     timed("score", lambda: scan(model, queries, corpus, args, out / "scan", ids))
-    timed("sketch", lambda: distributed.build_sketches_sharded(
+    timed("sketch", lambda: build_sketches(
         model, factors, corpus, out / "sketches", SketchArgs(
             batch_size=a.batch_size, chunk_size=8 * a.batch_size, progress=False), ids))
     if rank == 0:

@@ -4,10 +4,16 @@ inline in JupyterLab.
 Scores are reported so that **positive means adding the training sequence raises
 log p(completion | prompt)**; 1 means the log-probability rises by 1 (to first order).
 
-The data path, top to bottom: :mod:`data` (corpus) → :mod:`hooks` (ā, δ capture) →
-:mod:`curvature` (EK-FAC factors) → :mod:`scoring` (preconditioned queries, streaming scores) →
-:mod:`results` (InfluenceResult) ; :mod:`session` ties them together for the notebook loop.
+The data path, top to bottom (no module imports one below it in this list; a test checks):
+:mod:`data`, :mod:`task`, :mod:`hooks`, :mod:`store`, :mod:`distributed` → :mod:`passes` (the
+one loop over a corpus, feeding consumers) → :mod:`curvature` (EK-FAC factors, query
+gradients) → :mod:`scoring`, :mod:`sketch`, :mod:`validate` → :mod:`index`, :mod:`search` →
+:mod:`results`, :mod:`session`, :mod:`retriever` → :mod:`widgets`, :mod:`charts`,
+:mod:`magics`, :mod:`cli`. This package module wires the notebook view in (the explorer
+displays a result) when the widget dependencies are installed.
 """
+import importlib.util
+
 from .curvature import FactorArgs, Factors, fit_factors, query_gradients
 from .data import Batch, Corpus, CorpusError
 from .hooks import Capture, find_layers
@@ -17,6 +23,9 @@ from .session import Influence
 from .task import Task
 
 __version__ = "0.1.0"
+
+if importlib.util.find_spec("anywidget") is not None:  # the "notebook" extra
+    from . import widgets  # noqa: F401  registers InfluenceResult.view
 
 __all__ = ["Batch", "Capture", "Corpus", "CorpusError", "FactorArgs", "Factors", "Influence",
            "InfluenceResult", "Queries", "ScoreArgs", "Task", "__version__", "find_layers",

@@ -204,15 +204,15 @@ def _session(ns: argparse.Namespace, score_args=None):
 
 
 def _sketch(ns: argparse.Namespace, rank: int, world: int) -> dict:
-    from .distributed import barrier, build_sketches_sharded
+    from .distributed import barrier
     from .index import IndexArgs, SketchIndex
-    from .sketch import SketchArgs
+    from .sketch import SketchArgs, build_sketches
     inf = _session(ns)
     out = Path(ns.out)
     t0 = time.perf_counter()
-    sketches = build_sketches_sharded(inf.model, inf.factors, inf.corpus, out / "sketches",
-                                      _make(SketchArgs, ns, progress=ns.progress),
-                                      _ids(ns, inf.corpus), inf.task)
+    sketches = build_sketches(inf.model, inf.factors, inf.corpus, out / "sketches",
+                              _make(SketchArgs, ns, progress=ns.progress),
+                              _ids(ns, inf.corpus), inf.task)
     seconds = time.perf_counter() - t0
     if rank == 0:  # the index is derived from the sketches: rebuilt on every run
         index = SketchIndex.build(sketches, out / "index",
@@ -241,7 +241,7 @@ def _score(ns: argparse.Namespace, rank: int, world: int) -> dict:
 
 def _search(ns: argparse.Namespace, rank: int, world: int) -> dict:
     from .scoring import ScoreArgs
-    from .search import Retriever
+    from .retriever import Retriever
     inf = _session(ns, _make(ScoreArgs, ns, progress=ns.progress))
     retriever = Retriever.open(inf, ns.index, ns.lexical)
     retriever.index.set_params(ns.nprobe, ns.ef_search, ns.refine)

@@ -18,28 +18,25 @@ about one forward + backward (no parameter gradients are formed).
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.metadata
 import json
 import os
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+import safetensors.torch
 import torch
 from einops import einsum
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from . import distributed
-from .hooks import Capture, TrackedLayer, context_length, eval_mode, find_layers, stat_dtype
+from . import distributed, store
+from .hooks import TrackedLayer, context_length, find_layers, stat_dtype
+from .passes import Consumer, Gradients, PassBatch, corpus_pass, source
 from .task import Task, get, query_batch, token_rows
 
 STRATEGIES = ("identity", "kfac", "ekfac")
-FORMAT = "influence_nb.factors/1"
+FORMAT = "influence_nb.factors/2"
 
 
 @dataclass
@@ -122,12 +119,44 @@ class Factors:
     def layer_names(self) -> list[str]:
         return list(self.shapes)
 
+    def factors_id(self) -> str:
+        """A hash of the fitted eigenvalues (rounded to bfloat16) and damping settings: equal
+        for the same fit, saved and reloaded or not; what queries and sketches are tied to."""
+        h = hashlib.sha256(json.dumps([self.model_fingerprint, self.n_examples,
+                                       asdict(self.args)], default=str).encode())
+        for f in self.layers.values():
+            for t in (f.lambda_A, f.lambda_S, f.Lambda):
+                if t is not None:
+                    h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def damping(self, name: str, strategy: str | None = None) -> float:
         """λ_ℓ: the absolute override, or damping_factor · mean(Λ_ℓ)."""
         if self.args.damping is not None:
             return float(self.args.damping)
         Lambda = self.layers[name].eigenvalues(strategy or self.args.strategy)
         return self.args.damping_factor * Lambda.mean().item()
+
+    def _strategy(self, strategy: str | None) -> str:
+        strategy = strategy or self.args.strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
+        if strategy != "identity" and not self.layers:
+            raise ValueError("these factors were fitted with strategy='identity'; refit with "
+                             "strategy='ekfac' or 'kfac'")
+        return strategy
+
+    def precondition_layer(self, name: str, V: Tensor, strategy: str | None = None) -> Tensor:
+        """(G_ℓ + λ_ℓ I)⁻¹ V for one layer: (..., out, in+1) -> same shape, on the factors'
+        device and in their dtype (``strategy`` as in :meth:`precondition`)."""
+        strategy = self._strategy(strategy)
+        if strategy == "identity":
+            return V
+        f = self.layers[name]
+        V = V.to(f.lambda_A.device, f.lambda_A.dtype)
+        Vr = rotate(rotate(V, f.Q_A).mT, f.Q_S).mT          # Q_Sᵀ V Q_A
+        Vr = Vr / (f.eigenvalues(strategy) + self.damping(name, strategy))
+        return rotate(rotate(Vr, f.Q_A, True).mT, f.Q_S, True).mT  # Q_S Vr Q_Aᵀ
 
     def precondition(self, grads: Mapping[str, Tensor],
                      strategy: str | None = None) -> dict[str, Tensor]:
@@ -136,31 +165,16 @@ class Factors:
 
         ``strategy`` overrides the fitted one ("kfac" on an EK-FAC fit, or "identity").
         """
-        strategy = strategy or self.args.strategy
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
+        strategy = self._strategy(strategy)
         missing = [n for n in self.shapes if n not in grads]
         if missing:
             raise KeyError(f"no gradient for tracked layer {missing[0]!r}; compute gradients on "
                            "factors.layer_names")
-        if strategy == "identity":
-            return {name: grads[name] for name in self.shapes}
-        if not self.layers:
-            raise ValueError("these factors were fitted with strategy='identity'; refit with "
-                             "strategy='ekfac' or 'kfac'")
-        out = {}
-        for name, f in self.layers.items():
-            V = grads[name].to(f.lambda_A.device, f.lambda_A.dtype)
-            Lambda, lam = f.eigenvalues(strategy), self.damping(name, strategy)
-            Vr = rotate(rotate(V, f.Q_A).mT, f.Q_S).mT          # Q_Sᵀ V Q_A
-            Vr = Vr / (Lambda + lam)
-            out[name] = rotate(rotate(Vr, f.Q_A, True).mT, f.Q_S, True).mT  # Q_S Vr Q_Aᵀ
-        return out
+        return {name: self.precondition_layer(name, grads[name], strategy) for name in self.shapes}
 
     def manifest(self) -> dict:
         """The JSON manifest written beside the tensors."""
-        package = importlib.import_module(__package__)
-        return {"format": FORMAT, "package_version": getattr(package, "__version__", "unknown"),
+        return {"format": FORMAT, "package_version": _version(),
                 "args": asdict(self.args), "layers": {n: list(s) for n, s in self.shapes.items()},
                 "n_examples": self.n_examples, "n_tokens": self.n_tokens,
                 "model_fingerprint": self.model_fingerprint,
@@ -168,14 +182,11 @@ class Factors:
                 "fisher": "empirical" if self.empirical_fisher else "true"}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``factors.safetensors`` then ``manifest.json`` (last) into directory ``path``.
-
-        Each file is written to a temporary name and moved into place; both carry the same
-        fit id, so an interrupted save never pairs a manifest with the wrong tensors.
-        """
+        """Write ``factors.safetensors`` then ``manifest.json`` (last, with the tensors' SHA-256)
+        into directory ``path``, each atomically: an interrupted save never pairs a manifest
+        with other tensors, and flipped bytes are refused on load."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        fit_id = uuid.uuid4().hex
         tensors = {}
         for name, f in self.layers.items():
             tensors |= {f"{name}/Q_A/{k}": q.contiguous() for k, q in enumerate(f.Q_A)}
@@ -183,14 +194,10 @@ class Factors:
             tensors |= {f"{name}/lambda_A": f.lambda_A, f"{name}/lambda_S": f.lambda_S}
             if f.Lambda is not None:
                 tensors[f"{name}/Lambda"] = f.Lambda
-        tmp = path / f".factors.{fit_id}.tmp"
-        save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"fit_id": fit_id})
-        _fsync(tmp)
-        os.replace(tmp, path / "factors.safetensors")
-        tmp = path / f".manifest.{fit_id}.tmp"
-        tmp.write_text(json.dumps(self.manifest() | {"fit_id": fit_id}, indent=1))
-        _fsync(tmp)
-        os.replace(tmp, path / "manifest.json")
+        blob = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()})
+        store.atomic_write(path / "factors.safetensors", blob)
+        store.write_json(path / "manifest.json",
+                         self.manifest() | {"sha256": hashlib.sha256(blob).hexdigest()})
         return path
 
     @classmethod
@@ -198,18 +205,17 @@ class Factors:
              device: torch.device | str = "cpu") -> "Factors":
         """Read factors saved by :meth:`save`; with ``model``, refuse factors fitted on another."""
         path = Path(path)
-        if not (path / "manifest.json").exists() or not (path / "factors.safetensors").exists():
+        fix = "fit them with fit_factors(...).save(path)"
+        if not (path / "factors.safetensors").exists():
             raise FileNotFoundError(f"no fitted factors in {path} (need manifest.json and "
-                                    "factors.safetensors); fit them with fit_factors(...).save(path)")
-        m = json.loads((path / "manifest.json").read_text())
-        if m.get("format") != FORMAT:
-            raise ValueError(f"{path} holds factors in format {m.get('format')!r}, not {FORMAT!r}; "
-                             "refit them with this version")
-        with safe_open(path / "factors.safetensors", "pt", device=str(device)) as fh:
-            if fh.metadata().get("fit_id") != m["fit_id"]:
-                raise ValueError(f"factors in {path} are incomplete (interrupted save: tensors and "
-                                 "manifest differ); refit and save again")
-            t = {k: fh.get_tensor(k).clone() for k in fh.keys()}  # clone: aligned memory
+                                    f"factors.safetensors); {fix}")
+        m = store.read_manifest(path / "manifest.json", FORMAT, ValueError,
+                                f"refit: {fix}")
+        blob = (path / "factors.safetensors").read_bytes()
+        if hashlib.sha256(blob).hexdigest() != m.get("sha256"):
+            raise ValueError(f"factors in {path} are corrupt or incomplete (the tensors fail the "
+                             f"manifest's SHA-256); refit: {fix}")
+        t = {k: v.to(device) for k, v in safetensors.torch.load(blob).items()}
         shapes = {n: tuple(s) for n, s in m["layers"].items()}
         if model is not None:
             fp = fingerprint_of(model, list(shapes))
@@ -229,9 +235,11 @@ class Factors:
                    m["corpus_fingerprint"], m["fisher"] == "empirical")
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
+def _version() -> str:
+    try:
+        return importlib.metadata.version("influence_nb")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 _VOLATILE_CONFIG = {"torch_dtype", "dtype", "transformers_version", "_name_or_path",
@@ -264,102 +272,76 @@ def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
     return h.hexdigest()[:16]
 
 
-def _take(batch: object, n: int) -> dict:
-    """The first n rows of every tensor field of a batch, as a dict."""
-    fields = batch if isinstance(batch, Mapping) else vars(batch)
-    return {k: v[:n] if isinstance(v, (Tensor, np.ndarray)) else v for k, v in fields.items()}
+# -- the two passes of a fit, as consumers of passes.corpus_pass -------------------------------
+
+class Covariance(Consumer):
+    """Σ ā āᵀ and Σ δ δᵀ over the scored tokens, per diagonal block of each layer;
+    ``finish`` -> ({name: LayerFactors without Λ}, n_sequences, n_tokens), the same on every
+    rank (sums all-reduced, rank 0's eigenbases broadcast)."""
+
+    def __init__(self, layers: Sequence[TrackedLayer], blocks: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.dtype = dtype
+        self.split = {t.name: (_block_sizes(t.shape[1], blocks), _block_sizes(t.d_out, blocks))
+                      for t in layers}
+        zeros = lambda k: torch.zeros(k, k, dtype=dtype, device=device)  # noqa: E731
+        self.A = {n: [zeros(k) for k in s[0]] for n, s in self.split.items()}
+        self.S = {n: [zeros(k) for k in s[1]] for n, s in self.split.items()}
+        self.n_seq = self.n_tok = 0
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        n, idx = layer.name, batch.tokens
+        a = a.flatten(0, 1).index_select(0, idx).split(self.split[n][0], dim=1)  # (tokens, in+1)
+        d = delta.flatten(0, 1).index_select(0, idx).split(self.split[n][1], dim=1)  # (tokens, out)
+        for acc, x in zip(self.A[n] + self.S[n], a + d):
+            acc.addmm_(x.T, x)                  # Σ ā āᵀ, Σ δ δᵀ per diagonal block
+
+    def update(self, batch: PassBatch) -> None:
+        self.n_seq, self.n_tok = self.n_seq + len(batch), self.n_tok + batch.n_tokens
+
+    def finish(self) -> tuple[dict[str, LayerFactors], int, int]:
+        distributed.all_reduce_([blk for n in self.A for blk in self.A[n] + self.S[n]])
+        n_seq, n_tok = distributed.sum_counts(self.n_seq, self.n_tok)
+        layers = {}
+        for n in self.A:
+            Q_A, lambda_A = _eigh([blk / n_tok for blk in self.A[n]], self.dtype)
+            Q_S, lambda_S = _eigh([blk / n_seq for blk in self.S[n]], self.dtype)
+            layers[n] = LayerFactors(Q_A, lambda_A, Q_S, lambda_S, None)
+        self.A = self.S = {}
+        distributed.broadcast_([t for f in layers.values()  # one eigenbasis for every rank
+                                for t in [*f.Q_A, f.lambda_A, *f.Q_S, f.lambda_S]])
+        return layers, n_seq, n_tok
 
 
-def to_device(batch: object, device: torch.device) -> object:
-    """A batch (Mapping or object with ``.to``) with its tensors on ``device``."""
-    if isinstance(batch, Mapping):
-        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    return batch.to(device) if hasattr(batch, "to") else batch
+class EigenvalueCorrection(Consumer):
+    """EK-FAC's Λ = E_seq[(Q_Sᵀ DW Q_A)²] in the eigenbases of a covariance pass;
+    ``finish`` -> ({name: Λ (out, in+1)} summed over sequences, n_sequences), all-reduced."""
 
+    def __init__(self, layers: Mapping[str, LayerFactors], shapes: Mapping[str, tuple[int, int]],
+                 dtype: torch.dtype):
+        self.layers = layers
+        self.Lambda = {n: torch.zeros(shapes[n], dtype=dtype, device=f.lambda_A.device)
+                       for n, f in layers.items()}
+        self.n_seq = 0
 
-def batch_source(data: object, args: FactorArgs, passes: int
-                 ) -> tuple[Callable[[], Iterable], int | None, str | None]:
-    """-> (fresh iterable of batches per call, number of sequences if known, corpus fingerprint).
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        G = rotated_gradients(a, delta, batch.tokens, self.layers[layer.name])
+        self.Lambda[layer.name] += (G ** 2).sum(0)
 
-    ``data``: a Corpus (``.batches(n)``), a zero-argument callable returning batches, or a
-    re-iterable of batches (a list); a one-shot iterator serves a single pass only.
-    """
-    if callable(getattr(data, "batches", None)):
-        # the first max_examples ids (a corpus is in no particular order), then, for a Corpus,
-        # batches of similar lengths: bucketing after the cut keeps the sample unbiased
-        ids = np.arange(min(len(data), args.max_examples or len(data)))
-        if callable(getattr(data, "by_length", None)):
-            ids = ids[data.by_length(ids, 64 * args.batch_size)]
-        return (lambda: data.batches(args.batch_size, ids=ids), len(data),
-                getattr(data, "fingerprint", None))
-    if callable(data):
-        return data, None, None
-    if not isinstance(data, Iterable):
-        raise TypeError(f"cannot fit on a {type(data).__name__}; pass a Corpus, a list of "
-                        "batches or a callable returning an iterable of batches")
-    if iter(data) is data and passes > 1:
-        raise ValueError(f"the batches are a one-shot iterator but the fit needs {passes} passes; "
-                         "pass a list, the Corpus, or a callable: lambda: corpus.batches(16)")
-    return (lambda: data), None, None
+    def update(self, batch: PassBatch) -> None:
+        self.n_seq += len(batch)
 
-
-def prepared_batches(model: nn.Module, source: Callable[[], Iterable], total: int | None,
-                     args: FactorArgs, desc: str, shard: tuple[int, int] = (0, 1)
-                     ) -> Iterator[tuple[int, object]]:
-    """One pass over the batches: at most ``args.max_examples`` sequences, checked against the
-    model's context, moved to its device, with a progress bar; an empty pass is an error.
-
-    Yields (global batch index k, batch); with ``shard`` = (rank, world) only the batches with
-    k mod world = rank (``max_examples`` still counts all of them).
-    """
-    device = next(model.parameters()).device
-    n_ctx, seen, limit = context_length(model), 0, args.max_examples
-    rank, world = shard
-    known = [x for x in (total, limit) if x is not None]
-    with tqdm(total=-(-min(known) // world) if known else None, desc=desc, unit="seq",
-              disable=not args.progress) as bar:
-        for k, batch in enumerate(source()):
-            if limit is not None and seen >= limit:
-                break
-            B, T = get(batch, "input_ids").shape
-            if limit is not None and seen + B > limit:
-                batch, B = _take(batch, limit - seen), limit - seen
-            if n_ctx is not None and T > n_ctx:
-                raise ValueError(f"a batch holds sequences of {T} tokens, longer than the model's "
-                                 f"context of {n_ctx}; re-chunk the corpus with max_len ≤ {n_ctx}")
-            seen += B
-            if k % world == rank:
-                bar.update(B)
-                yield k, to_device(batch, device)
-    if seen == 0:
-        raise ValueError("no training sequences: the corpus (or iterable of batches) is empty; "
-                         "fit on at least one non-empty batch")
-
-
-def label_generator(seed: int, k: int, device: torch.device) -> torch.Generator:
-    """The generator of batch k's Fisher labels, seeded from (seed, k): a batch draws the same
-    labels in every pass and on whichever rank runs it."""
-    hi, lo = np.random.SeedSequence([seed, k]).generate_state(2)
-    return torch.Generator(device=device).manual_seed(int(hi) << 32 | int(lo))
-
-
-def _fisher_pass(model: nn.Module, cap: Capture, batches: Iterable[tuple[int, object]],
-                 task: Task, seed: int) -> Iterator[Tensor]:
-    """Forward + Fisher-loss backward per (index, batch); yields the loss mask (B, T) with
-    ``cap`` filled. Labels are drawn from :func:`label_generator`."""
-    device = next(model.parameters()).device
-    for k, batch in batches:
-        mask = task.loss_mask(batch)
-        cap.start(mask)
-        with torch.enable_grad():
-            logits = task.forward(model, batch)
-            cap.backward(task.fisher_loss(logits, batch, label_generator(seed, k, device)))
-        yield mask
+    def finish(self) -> tuple[dict[str, Tensor], int]:
+        distributed.all_reduce_(list(self.Lambda.values()))
+        return self.Lambda, distributed.sum_counts(self.n_seq)[0]
 
 
 def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
                 task: Task | None = None) -> Factors:
-    """Fit the curvature of ``model`` on ``data`` (see :func:`batch_source` for what it may be).
+    """Fit the curvature of ``model`` on ``data``: a Corpus, a zero-argument callable returning
+    batches, or a list of batches (see :func:`~influence_nb.passes.source`).
 
     A batch is a Mapping or object with ``input_ids`` (B, T) int64, right-padded, and
     ``attention_mask`` (B, T) (1 real, 0 pad). Statistics accumulate in float32 (float64 for a
@@ -376,89 +358,54 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     tracked = find_layers(model, args.layers)
     shapes = {t.name: t.shape for t in tracked}
     passes = {"identity": 0, "kfac": 1, "ekfac": 2}[args.strategy]
-    source, total, corpus_fp = batch_source(data, args, passes)
+    src = source(data, args.batch_size, max_examples=args.max_examples, passes=passes)
     fp = model_fingerprint(model, tracked)
     if passes == 0:
-        return Factors(args, shapes, {}, 0, 0, fp, corpus_fp, task.empirical_fisher)
+        return Factors(args, shapes, {}, 0, 0, fp, src.fingerprint, task.empirical_fisher)
 
-    dtype, shard = stat_dtype(model), distributed.rank_world()
-    with eval_mode(model), Capture(model, tracked, dtype) as cap:
-        # covariance pass: block sums of ā āᵀ and δ δᵀ
-        split = {t.name: (_block_sizes(t.shape[1], args.blocks), _block_sizes(t.d_out, args.blocks))
-                 for t in tracked}
-        device = next(model.parameters()).device
-        A = {n: [torch.zeros(k, k, dtype=dtype, device=device) for k in split[n][0]] for n in shapes}
-        S = {n: [torch.zeros(k, k, dtype=dtype, device=device) for k in split[n][1]] for n in shapes}
-        n_seq = n_tok = 0
-        batches = prepared_batches(model, source, total, args, "covariance", shard)
-        for mask in _fisher_pass(model, cap, batches, task, args.seed):
-            n_seq, n_tok = n_seq + mask.shape[0], n_tok + int(mask.sum())
-            for n in shapes:
-                a = cap.a[n][mask].split(split[n][0], dim=1)      # (tokens, in+1), no padding
-                d = cap.delta[n][mask].split(split[n][1], dim=1)  # (tokens, out)
-                for acc, x in zip(A[n] + S[n], a + d):
-                    acc.addmm_(x.T, x)                  # Σ ā āᵀ, Σ δ δᵀ per diagonal block
-        distributed.all_reduce_([blk for n in shapes for blk in A[n] + S[n]])
-        n_seq, n_tok = distributed.sum_counts(n_seq, n_tok)
-        layers = {}
-        for n in shapes:
-            Q_A, lambda_A = _eigh([blk / n_tok for blk in A[n]], dtype)
-            Q_S, lambda_S = _eigh([blk / n_seq for blk in S[n]], dtype)
-            layers[n] = LayerFactors(Q_A, lambda_A, Q_S, lambda_S, None)
-        del A, S
-        distributed.broadcast_([t for f in layers.values()  # one eigenbasis for every rank
-                                for t in [*f.Q_A, f.lambda_A, *f.Q_S, f.lambda_S]])
-
-        if args.strategy == "ekfac":  # eigenvalue correction: Λ = E_seq[(Q_Sᵀ DW Q_A)²]
-            Lambda = {n: torch.zeros(shapes[n], dtype=dtype, device=f.lambda_A.device)
-                      for n, f in layers.items()}
-            batches = prepared_batches(model, source, total, args, "eigenvalues", shard)
-            seen = 0
-            for mask in _fisher_pass(model, cap, batches, task, args.seed):
-                seen += mask.shape[0]
-                for n, f in layers.items():
-                    Lambda[n] += (rotated_gradients(cap.a[n], cap.delta[n], mask, f) ** 2).sum(0)
-            distributed.all_reduce_(list(Lambda.values()))
-            seen, = distributed.sum_counts(seen)
-            if seen != n_seq:
-                raise ValueError(f"the batches changed between passes ({n_seq} then {seen} "
-                                 "sequences); fit on a source that yields the same batches each time")
-            for n, f in layers.items():
-                f.Lambda = Lambda[n] / n_seq
-    return Factors(args, shapes, layers, n_seq, n_tok, fp, corpus_fp, task.empirical_fisher)
+    dtype, device = stat_dtype(model), next(model.parameters()).device
+    run = lambda consumer, desc: corpus_pass(  # noqa: E731
+        model, tracked, src, [consumer], "fisher", task, args.seed, args.max_examples,
+        shard=True, progress=args.progress, desc=desc)[0]
+    layers, n_seq, n_tok = run(Covariance(tracked, args.blocks, dtype, device), "covariance")
+    if args.strategy == "ekfac":
+        Lambda, seen = run(EigenvalueCorrection(layers, shapes, dtype), "eigenvalues")
+        if seen != n_seq:
+            raise ValueError(f"the batches changed between passes ({n_seq} then {seen} "
+                             "sequences); fit on a source that yields the same batches each time")
+        for n, f in layers.items():
+            f.Lambda = Lambda[n] / n_seq
+    return Factors(args, shapes, layers, n_seq, n_tok, fp, src.fingerprint, task.empirical_fisher)
 
 
-def rotated_gradients(a: Tensor, delta: Tensor, mask: Tensor, f: LayerFactors) -> Tensor:
+def rotated_gradients(a: Tensor, delta: Tensor, tokens: Tensor, f: LayerFactors) -> Tensor:
     """Per-sequence gradients in the Kronecker eigenbasis, Q_Sᵀ (Σ_t δ_t ā_tᵀ) Q_A.
 
-    a: (B, T, in+1), delta: (B, T, out), mask: (B, T) the counted tokens -> (B, out, in+1).
-    Rotates the counted tokens first when that is cheaper (tokens · (in² + out²) against
-    B · out · in · (out + in)), else the summed gradient of each sequence.
+    a: (B, T, in+1), delta: (B, T, out), tokens: (n,) flat indices of the counted positions
+    -> (B, out, in+1). Rotates the counted tokens first when that is cheaper
+    (n · (in² + out²) against B · out · in · (out + in)), else each sequence's summed gradient.
     """
-    B, i, o = a.shape[0], a.shape[-1], delta.shape[-1]
-    if int(mask.sum()) * (i * i + o * o) < B * o * i * (o + i):
-        a_rot, delta_rot = torch.zeros_like(a), torch.zeros_like(delta)
-        a_rot[mask], delta_rot[mask] = rotate(a[mask], f.Q_A), rotate(delta[mask], f.Q_S)
-        return einsum(delta_rot, a_rot, "b t o, b t i -> b o i")
+    (B, T, i), o = a.shape, delta.shape[-1]
+    if len(tokens) * (i * i + o * o) < B * o * i * (o + i):
+        a_rot = a.new_zeros(B * T, i).index_copy_(
+            0, tokens, rotate(a.flatten(0, 1).index_select(0, tokens), f.Q_A))
+        delta_rot = delta.new_zeros(B * T, o).index_copy_(
+            0, tokens, rotate(delta.flatten(0, 1).index_select(0, tokens), f.Q_S))
+        return einsum(delta_rot.view(B, T, o), a_rot.view(B, T, i), "b t o, b t i -> b o i")
     DW = einsum(delta, a, "b t o, b t i -> b o i")
     return rotate(rotate(DW, f.Q_A).mT, f.Q_S).mT
 
 
 def sequence_gradients(model: nn.Module, batch: object, layers: Sequence[TrackedLayer],
-                       loss: Callable[[Tensor, object], Tensor], task: Task | None = None
+                       loss: str | Callable[[Tensor, object], Tensor], task: Task | None = None
                        ) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-sequence gradients of ``loss(outputs, batch)`` (B,) for the tracked layers.
+    """Per-sequence gradients of ``loss`` (a callable (logits, batch) -> (B,), or a loss name
+    of :func:`~influence_nb.passes.loss_values`) for the tracked layers, one batch.
 
     -> ({name: (B, out, in+1)}, loss values (B,)), in float32 (float64 for a float64 model).
     """
-    task = task or Task()
-    device = next(model.parameters()).device
-    batch = to_device(batch, device)
-    with eval_mode(model), Capture(model, layers) as cap, torch.enable_grad():
-        cap.start(task.loss_mask(batch))
-        values = loss(task.forward(model, batch), batch)
-        cap.backward(values)
-        return cap.sequence_gradients(), values.detach()
+    return corpus_pass(model, layers, source([batch], len(get(batch, "input_ids"))),
+                       [Gradients(layers)], loss, task, progress=False)[0]
 
 
 @dataclass
@@ -477,15 +424,17 @@ class QueryGradients:
 def query_gradients(model: nn.Module, prompts: Sequence[int] | Sequence[Sequence[int]],
                     completions: Sequence[int] | Sequence[Sequence[int]],
                     factors: Factors | None = None, layers: str | Sequence[str] = "mlp",
-                    task: Task | None = None, pad_id: int = 0) -> QueryGradients:
-    """∇ log p(completion | prompt) per query and tracked layer, preconditioned with ``factors``.
+                    task: Task | None = None, pad_id: int = 0,
+                    strategy: str | None = None) -> QueryGradients:
+    """∇ log p(completion | prompt) per query and tracked layer, preconditioned with ``factors``
+    (``strategy`` overrides the fitted one: "kfac" or "identity").
 
     ``prompts`` / ``completions``: token ids, one query (a list of ints) or several. With
     ``factors``, their tracked layers are used and ``layers`` is ignored.
     """
-    task = task or Task()
     batch = query_batch(token_rows(prompts), token_rows(completions), context_length(model),
                         pad_id)
     tracked = find_layers(model, factors.layer_names if factors is not None else layers)
-    grads, f = sequence_gradients(model, batch, tracked, task.measurement, task)
-    return QueryGradients(f, grads, factors.precondition(grads) if factors is not None else None)
+    grads, f = sequence_gradients(model, batch, tracked, "measurement", task)
+    return QueryGradients(f, grads, None if factors is None
+                          else factors.precondition(grads, strategy))

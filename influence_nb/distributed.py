@@ -13,35 +13,25 @@ with the same result as one process would have:
 - :func:`~influence_nb.scoring.scan`: chunk c runs on rank c mod W; with ``out_dir`` every rank
   writes its chunk files into the shared directory, then reads the others' (a restarted job,
   with any number of ranks, skips every completed chunk); without it the scores are all-reduced.
-- :func:`build_sketches_sharded`: each rank sketches a contiguous run of chunks into its own part
-  store; rank 0 appends the parts to the one store, byte for byte what one process writes.
+- :func:`~influence_nb.sketch.build_sketches`: each rank sketches a contiguous run of chunks into
+  its own part store; rank 0 appends the parts to the one store, byte for byte what one process
+  writes.
+
+This module holds only the collectives; what is sharded, and how, lives with each computation
+(:mod:`~influence_nb.passes` shards batches and chunks).
 
 Under plain ``python`` nothing here does anything (``rank_world() == (0, 1)``).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-
-if TYPE_CHECKING:  # imported where used: curvature and scoring import this module
-    from .curvature import Factors
-    from .data import Corpus
-    from .sketch import SketchArgs, Sketches
-    from .task import Task
-
-_COPY_BLOCK = 1 << 24  # bytes copied at a time when merging sketch parts
+from torch import Tensor
 
 
 def init(backend: str | None = None, timeout_s: float = 4 * 3600) -> bool:
@@ -126,89 +116,3 @@ def check_same(value: str, what: str) -> None:
     if len(set(values)) > 1:
         raise ValueError(f"the ranks disagree on {what} ({', '.join(map(str, values))}); every "
                          "rank must be given the same inputs")
-
-
-# -- sketches --------------------------------------------------------------------------------------
-
-def build_sketches_sharded(model: nn.Module, factors: Factors, corpus: Corpus,
-                           path: str | os.PathLike, args: SketchArgs | None = None,
-                           ids: Sequence[int] | None = None, task: Task | None = None
-                           ) -> Sketches:
-    """:func:`~influence_nb.sketch.build_sketches` over the ranks; -> the one store at ``path``.
-
-    The sequences still to sketch are cut into chunks of ``args.chunk_size``; rank r sketches the
-    r-th contiguous run of chunks into its own part store ``<path>.parts/…`` (resumable like any
-    store), then rank 0 appends the parts, in order, to ``path`` with :func:`merge_sketches`.
-    The chunks are the ones a single process would write, so the store is the same, byte for byte.
-    """
-    from .sketch import SketchArgs, Sketches, build_sketches
-    rank, world = rank_world()
-    if world == 1:
-        return build_sketches(model, factors, corpus, path, args, ids, task)
-    args, path = args or SketchArgs(), Path(path)
-    exists = (path / "sketches.json").exists()
-    if rank == 0 and exists:  # check model, factors, projection and corpus; drop a torn chunk
-        build_sketches(model, factors, corpus, path, replace(args, progress=False),
-                       np.zeros(0, np.int64), task)
-    barrier()
-    ids = np.arange(len(corpus)) if ids is None else np.asarray(ids, np.int64)
-    if exists:
-        ids = ids[~np.isin(ids, Sketches.open(path, verify=False).ids)]
-    n_chunks = -(-len(ids) // args.chunk_size)
-    parts = []
-    for r, chunks in enumerate(np.array_split(np.arange(n_chunks), world)):
-        part = ids[chunks[0] * args.chunk_size:(chunks[-1] + 1) * args.chunk_size] \
-            if len(chunks) else ids[:0]
-        key = hashlib.sha256(part.tobytes()).hexdigest()[:12]
-        parts.append((path.with_name(path.name + ".parts") / f"{r:05d}-{key}", part))
-    part_path, part = parts[rank]
-    if len(part):
-        build_sketches(model, factors, corpus, part_path, args, part, task)
-    barrier()
-    if rank == 0:
-        merge_sketches(path, [Sketches.open(p) for p, part in parts if len(part)])
-        shutil.rmtree(path.with_name(path.name + ".parts"), ignore_errors=True)
-    barrier()
-    return Sketches.open(path, verify=False)
-
-
-def merge_sketches(path: str | os.PathLike, parts: Sequence[Sketches]) -> Sketches:
-    """Append the rows of the sketch stores ``parts`` (same model, factors and projection) to the
-    store at ``path``, created when absent. Each part's chunks are copied as they are, with their
-    CRC-32s; the manifest is written last, so an interrupted merge leaves ``path`` as it was."""
-    from .scoring import _atomic_write
-    from .sketch import ROW, SketchError, Sketches
-    path = Path(path)
-    if not parts:
-        return Sketches.open(path, verify=False)
-    path.mkdir(parents=True, exist_ok=True)
-    manifest = (json.loads((path / "sketches.json").read_text())
-                if (path / "sketches.json").exists() else dict(parts[0].manifest, chunks=[]))
-    have = Sketches.open(path, verify=False).ids if manifest["chunks"] else np.zeros(0, np.int64)
-    for part in parts:
-        diff = [k for k in manifest if k != "chunks" and part.manifest.get(k) != manifest[k]]
-        if diff:
-            raise SketchError(f"{part.path} differs from {path} in {', '.join(diff)}; sketch "
-                              "every part with the same model, factors and SketchArgs")
-        if np.isin(part.ids, have).any():
-            raise SketchError(f"{part.path} holds sequences that {path} (or an earlier part) "
-                              "already holds; merge disjoint parts only")
-        have = np.concatenate([have, part.ids])
-    n = sum(c[0] for c in manifest["chunks"])
-    for name, width in (("rows.bin", ROW.itemsize), ("sketches.f16", 2 * manifest["dim"])):
-        with open(path / name, "ab") as out:
-            out.truncate(n * width)  # drop the rows of an interrupted merge or build
-            for part in parts:
-                with open(part.path / name, "rb") as src:
-                    left = len(part) * width
-                    while left:
-                        block = src.read(min(left, _COPY_BLOCK))
-                        if not block:
-                            raise SketchError(f"{part.path / name} is truncated; rebuild it")
-                        out.write(block)
-                        left -= len(block)
-            out.flush()
-            os.fsync(out.fileno())
-    manifest["chunks"] = manifest["chunks"] + [c for p in parts for c in p.manifest["chunks"]]
-    _atomic_write(path / "sketches.json", json.dumps(manifest, indent=1).encode())
-    return Sketches.open(path)

@@ -13,12 +13,11 @@ anything in the user's model; every hook is removed when the context exits.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from einops import einsum
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -137,28 +136,36 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class Capture:
-    """Records ā (B, T, in + bias) and δ (B, T, out) of the tracked layers, masked.
+    """Hands each tracked layer's ā (B, T, in + bias) and δ (B, T, out) of a batch, masked, to a
+    reducer as soon as the layer's δ is known, one layer at a time.
 
     Use as a context manager; per batch::
 
         with Capture(model, layers) as cap:
             cap.start(mask)                    # (B, T): 1 where a token counts, 0 for padding
             losses = task.training_loss(task.forward(model, batch), batch)   # (B,)
-            cap.backward(losses)               # δ = ∂ Σ losses / ∂ y, per layer
-            DW = cap.sequence_gradients()      # {name: (B, out, in + bias)}
+            cap.backward(losses, reduce)       # reduce(layer, ā, δ) per layer, δ = ∂ Σ losses / ∂ y
 
-    Tensors are kept in ``dtype`` (float32 by default, statistics need it even when the
-    model runs in bfloat16). Masked positions are exactly zero in both ā and δ. Non-finite
-    activations or gradients raise an error naming the layer.
+    Only :mod:`influence_nb.passes` runs this loop; consumers of a pass are the reducers.
+
+    The forward hook keeps a reference to the layer's input (which autograd saves anyway) and
+    hooks the output's gradient: when the backward reaches the layer, ā and δ are built in
+    ``dtype`` (float32 by default, statistics need it even when the model runs in bfloat16),
+    handed over and dropped. So no float32 copy of every layer's ā and δ is ever held at once.
+    Masked positions are exactly zero in both. A layer the loss does not depend on gets δ = 0
+    after the backward. Non-finite activations or gradients raise an error naming the layer,
+    checked once per batch (one host synchronisation, not one per layer).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[TrackedLayer],
                  dtype: torch.dtype | None = None):
         self.model, self.layers = model, list(layers)
         self.dtype = dtype or stat_dtype(model)
-        self.a: dict[str, Tensor] = {}
-        self.delta: dict[str, Tensor] = {}
-        self._outputs: dict[str, Tensor] = {}
+        self._inputs: dict[str, Tensor] = {}
+        self._outputs: dict[str, tuple[Tensor, int]] = {}
+        self._reduce: Callable[[TrackedLayer, Tensor, Tensor], None] | None = None
+        self._done: set[str] = set()
+        self._finite: list[tuple[str, str, Tensor]] = []  # (layer, what, 0-d bool on device)
         self._mask: Tensor | None = None
         self._handles: list = []
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
@@ -178,36 +185,62 @@ class Capture:
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
         self._handles, self._requires_grad = [], []
-        self.a, self.delta, self._outputs = {}, {}, {}
+        self._clear()
+
+    def _clear(self) -> None:
+        self._inputs, self._outputs, self._done, self._finite = {}, {}, set(), []
 
     def start(self, mask: Tensor) -> None:
         """Begin a batch: forget the previous one; ``mask`` (B, T) selects the counted tokens."""
-        self.a, self.delta, self._outputs = {}, {}, {}
+        self._clear()
         self._mask = mask.to(torch.bool)
 
     def _hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self._mask is None:
                 raise RuntimeError("Capture.start(mask) must be called before the forward pass")
-            if layer.name in self.a:
+            if layer.name in self._inputs:
                 raise RuntimeError(f"layer {layer.name!r} ran twice in one forward pass; "
                                    "modules reused within a pass cannot be tracked — exclude it")
-            x = args[0]
-            if not torch.isfinite(x.sum()):  # one reduction; NaN/inf anywhere make it non-finite
-                raise FloatingPointError(f"non-finite activations (NaN/inf) entering layer "
-                                         f"{layer.name!r}; check the model's weights and inputs "
-                                         "(bfloat16 overflow?)")
-            B, T = self._mask.shape
-            a = x.new_empty(B, T, layer.shape[1], dtype=self.dtype)  # our own copy of ā
-            a[..., :layer.d_in] = x.detach().reshape(B, T, layer.d_in)
-            if layer.bias:
-                a[..., -1] = 1.0
-            self.a[layer.name] = a.masked_fill_(~self._mask[..., None], 0.0)
+            x = args[0].detach()
+            # one reduction; NaN/inf anywhere make it non-finite. Read once per batch.
+            self._finite.append((layer.name, "activations (NaN/inf) entering",
+                                 torch.isfinite(x.sum())))
+            self._inputs[layer.name] = x
             self._outputs[layer.name] = (output, output._version)
+            if output.requires_grad:
+                output.register_hook(self._grad_hook(layer))
         return hook
 
-    def backward(self, losses: Tensor) -> None:
-        """Fill ``delta`` with ∂(Σ losses)/∂y per tracked layer (parameter .grad untouched)."""
+    def _grad_hook(self, layer: TrackedLayer):
+        def hook(g: Tensor) -> None:
+            if self._reduce is not None and layer.name not in self._done:
+                self._hand_over(layer, g)
+        return hook
+
+    def _hand_over(self, layer: TrackedLayer, g: Tensor | None) -> None:
+        """Build masked ā and δ of ``layer`` (δ = 0 for g None), reduce them, drop the input."""
+        B, T = self._mask.shape
+        keep = self._mask[..., None]
+        x = self._inputs.pop(layer.name)
+        a = x.new_empty(B, T, layer.shape[1], dtype=self.dtype)
+        a[..., :layer.d_in] = x.reshape(B, T, layer.d_in)
+        if layer.bias:
+            a[..., -1] = 1.0
+        a.masked_fill_(~keep, 0.0)
+        if g is None:  # the loss does not depend on this layer
+            delta = torch.zeros(B, T, layer.d_out, dtype=self.dtype, device=self._mask.device)
+        else:
+            self._finite.append((layer.name, "gradients (NaN/inf) at the output of",
+                                 torch.isfinite(g.sum())))
+            delta = g.reshape(B, T, layer.d_out).to(self.dtype).masked_fill(~keep, 0.0)
+        self._done.add(layer.name)
+        self._reduce(layer, a, delta)
+
+    def backward(self, losses: Tensor, reduce: Callable[[TrackedLayer, Tensor, Tensor], None]
+                 ) -> None:
+        """δ = ∂(Σ losses)/∂y per tracked layer, each handed with its ā to ``reduce(layer, ā,
+        δ)`` as the backward reaches it (parameter .grad untouched)."""
         for layer in self.layers:
             if layer.name not in self._outputs:
                 raise RuntimeError(f"layer {layer.name!r} did not run in the forward pass; "
@@ -216,23 +249,24 @@ class Capture:
             if output._version != version:
                 raise RuntimeError(f"the output of layer {layer.name!r} was modified in place after "
                                    "the layer ran, so its δ cannot be read; exclude the layer")
-        grads = torch.autograd.grad(losses.sum(), [self._outputs[t.name][0] for t in self.layers],
+        self._reduce = reduce
+        try:
+            wanted = [self._outputs[t.name][0] for t in self.layers]
+            self._outputs = {}  # the graph holds them; let the backward release each one
+            if any(y.requires_grad for y in wanted) and losses.requires_grad:
+                # the grads come back through the hooks; what autograd returns is discarded
+                torch.autograd.grad(losses.sum(), [y for y in wanted if y.requires_grad],
                                     allow_unused=True)
-        B, T = self._mask.shape
-        for layer, g in zip(self.layers, grads):
-            name, d_out = layer.name, layer.d_out
-            if g is None:  # the loss does not depend on this layer
-                g = torch.zeros(B, T, d_out, dtype=self.dtype, device=self._mask.device)
-            elif not torch.isfinite(g.sum()):
-                raise FloatingPointError(f"non-finite gradients (NaN/inf) at the output of layer "
-                                         f"{name!r}; check the loss and the model (bfloat16 "
-                                         "overflow?)")
-            g = g.reshape(B, T, d_out).to(self.dtype)
-            self.delta[name] = g.masked_fill(~self._mask[..., None], 0.0)
-        self._outputs = {}  # release the graph
+            for layer in self.layers:
+                if layer.name not in self._done:
+                    self._hand_over(layer, None)
+            self._check_finite()
+        finally:
+            self._reduce = None
 
-    def sequence_gradients(self) -> dict[str, Tensor]:
-        """Per-sequence gradients DW_b = Σ_t δ_bt ā_btᵀ: {name: (B, out, in + bias)}."""
-        return {layer.name: einsum(self.delta[layer.name], self.a[layer.name],
-                                   "b t o, b t i -> b o i")
-                for layer in self.layers}
+    def _check_finite(self) -> None:
+        flags = torch.stack([ok for _, _, ok in self._finite])
+        if not bool(flags.all()):
+            name, what, _ = self._finite[int((~flags).nonzero()[0, 0])]
+            raise FloatingPointError(f"non-finite {what} layer {name!r}; check the model's "
+                                     "weights, inputs and loss (bfloat16 overflow?)")

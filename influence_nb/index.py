@@ -25,9 +25,7 @@ model and the factors).
 """
 from __future__ import annotations
 
-import json
 import os
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,8 +33,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .scoring import _atomic_write
-from .sketch import Sketches, read_manifest
+from . import store
+from .sketch import Sketches
 
 KINDS = ("flat", "ivfpq", "ivfsq8", "hnsw")
 FORMAT = "influence_nb.index/1"
@@ -161,20 +159,20 @@ class SketchIndex:
                     bar.update(min(stop, s + _ADD_BLOCK) - s)
                 blob = faiss.serialize_index(index).tobytes()
                 name = f"shard_{k:03d}.faiss"
-                _atomic_write(path / name, blob)
+                store.atomic_write(path / name, blob)
                 shards.append(index)
                 files.append(dict(file=name, start=start, stop=stop, bytes=len(blob),
-                                  crc32=zlib.crc32(blob)))
+                                  crc32=store.crc32(blob)))
         manifest = dict(format=FORMAT, kind=kind, factory=factory, n=n, dim=dim,
                         sketches=sketches.fingerprint, shards=files, args=asdict(args))
-        _atomic_write(path / "index.json", json.dumps(manifest, indent=1).encode())
+        store.write_json(path / "index.json", manifest)
         return cls(sketches, shards, manifest)
 
     @classmethod
     def load(cls, path: str | os.PathLike, sketches: Sketches) -> "SketchIndex":
         """Read an index saved by :meth:`build`; refuse one built over other sketches."""
         path = Path(path)
-        manifest = read_manifest(path / "index.json", FORMAT, IndexFileError,
+        manifest = store.read_manifest(path / "index.json", FORMAT, IndexFileError,
                                  "rebuild with SketchIndex.build(sketches, path)")
         if manifest["sketches"] != sketches.fingerprint:
             raise IndexFileError(f"the index in {path} was built over other sketches (another model, "
@@ -183,7 +181,7 @@ class SketchIndex:
         shards = []
         for s in manifest["shards"]:
             blob = (path / s["file"]).read_bytes() if (path / s["file"]).exists() else b""
-            if len(blob) != s["bytes"] or zlib.crc32(blob) != s["crc32"]:
+            if len(blob) != s["bytes"] or store.crc32(blob) != s["crc32"]:
                 what = "truncated" if len(blob) < s["bytes"] else "corrupt"
                 raise IndexFileError(f"{path / s['file']} is {what} ({len(blob)} of {s['bytes']} "
                                   "bytes, or a CRC-32 mismatch); rebuild with "

@@ -9,11 +9,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
+from . import store
 from .data import Corpus
 
 FORMAT = "influence_nb.result/1"
@@ -40,6 +41,9 @@ class InfluenceResult:
     corpus_fingerprint: str | None = None
     # recomputes per-token scores: (query index, ids) -> ([(Q, n_tokens)], (Q, L, len(ids)))
     token_fn: Callable | None = field(default=None, repr=False)
+    # how a result shows itself in a notebook: influence_nb.widgets registers its explorer here
+    # on import (results sit below the widgets and never import them)
+    view: ClassVar[Callable[["InfluenceResult"], Any] | None] = None
 
     def __post_init__(self) -> None:
         if self.corpus is not None:
@@ -48,6 +52,14 @@ class InfluenceResult:
     @property
     def n_queries(self) -> int:
         return len(self.queries)
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        """The corpus's own metadata columns (whatever it has), without the text and the
+        bookkeeping columns every corpus has (doc, offset, n_tokens)."""
+        if self.corpus is None:
+            return []
+        return [c for c in self.corpus.df.columns if c not in ("text", "doc", "offset", "n_tokens")]
 
     def _q(self, q: int) -> int:
         if not -self.n_queries <= q < self.n_queries:
@@ -98,7 +110,6 @@ class InfluenceResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``result.npz`` and ``result.json`` into directory ``path`` (atomically)."""
-        from .scoring import _atomic_write
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
@@ -106,10 +117,10 @@ class InfluenceResult:
         if self.layer_scores is not None:
             arrays["layer_scores"] = self.layer_scores
         np.savez(buf, **arrays)
-        _atomic_write(path / "result.npz", buf.getvalue())
+        store.atomic_write(path / "result.npz", buf.getvalue())
         meta = dict(format=FORMAT, queries=self.queries, layer_names=self.layer_names,
                     corpus_fingerprint=self.corpus_fingerprint)
-        _atomic_write(path / "result.json", json.dumps(meta, indent=1).encode())
+        store.write_json(path / "result.json", meta)
         return path
 
     @classmethod
@@ -133,10 +144,12 @@ class InfluenceResult:
         return (f"InfluenceResult({self.n_queries} queries × {len(self.ids)} sequences, "
                 f"{len(self.layer_names)} layers)")
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
-        """In a notebook a result shows itself as the interactive explorer."""
-        from .widgets import InfluenceExplorer
-        return InfluenceExplorer(self)._repr_mimebundle_(include=include, exclude=exclude)
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict | None:
+        """In a notebook a result shows itself as the registered view (the explorer); without
+        one, IPython falls back to :meth:`_repr_html_`."""
+        if InfluenceResult.view is None:
+            return None
+        return InfluenceResult.view(self)._repr_mimebundle_(include=include, exclude=exclude)
 
     def _repr_html_(self) -> str:
         """A plain table per query (top 5 each way), where widgets cannot render."""
@@ -146,6 +159,6 @@ class InfluenceResult:
                          f"<b>{html.escape(query['completion'])}</b></h4>")
             for sign in ("positive", "negative"):
                 df = self.top(q, 5, sign)
-                cols = [c for c in ("id", "score", "text", "kind") if c in df.columns]
+                cols = ["id", "score", "text", *self.metadata_columns]
                 parts.append(df[cols].to_html(escape=True, float_format="{:.4g}".format))
         return "\n".join(parts)

@@ -25,7 +25,6 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,11 +32,12 @@ from einops import einsum
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .curvature import Factors, query_gradients, to_device
+from . import distributed, store
+from .curvature import Factors, fingerprint_of, query_gradients
 from .data import Corpus
-from .hooks import Capture, TrackedLayer, context_length, eval_mode, find_layers
-from .task import Task, token_rows
+from .hooks import TrackedLayer, find_layers
+from .passes import Consumer, PassBatch, as_ids, chunks, corpus_pass, source
+from .task import Task, get, token_rows
 
 
 @dataclass
@@ -100,17 +100,25 @@ class Queries:
 
     @classmethod
     def concat(cls, parts: Sequence["Queries"]) -> "Queries":
-        """One batch of the queries of ``parts`` (same layers), scored in a single pass. Ranks
-        may differ: factors are zero-padded to the largest, which leaves every U Vᵀ unchanged."""
+        """One batch of the queries of ``parts`` (same layers, same factors), scored in a single
+        pass. Ranks may differ: factors are zero-padded to the largest, which leaves every
+        U Vᵀ unchanged (the batch's rank is then the largest, None if any is full rank)."""
+        if not parts:
+            raise ValueError("nothing to concatenate: pass at least one Queries")
+        for key in ("factors_id", "strategy", "layer_names"):
+            values = {json.dumps(getattr(p, key)) for p in parts}
+            if len(values) > 1:
+                raise ValueError(f"cannot concatenate queries made with different {key} "
+                                 f"({', '.join(sorted(values))}); make them with one session")
         r = max(p.R[n].U.shape[-1] for p in parts for n in p.R)
-        pad = lambda x: torch.nn.functional.pad(x, (0, r - x.shape[-1]))
+        pad = lambda x: torch.nn.functional.pad(x, (0, r - x.shape[-1]))  # noqa: E731
         R = {n: LowRank(torch.cat([pad(p.R[n].U) for p in parts]),
                         torch.cat([pad(p.R[n].V) for p in parts])) for n in parts[0].R}
-        same = lambda key: getattr(parts[0], key) if all(
-            getattr(p, key) == getattr(parts[0], key) for p in parts) else "mixed"
+        ranks = [p.rank for p in parts]
+        rank = None if None in ranks else max(ranks)
         return cls(sum((p.prompts for p in parts), []), sum((p.completions for p in parts), []),
-                   torch.cat([p.f for p in parts]), R, same("rank"), same("strategy"),
-                   "+".join(p.factors_id for p in parts))
+                   torch.cat([p.f for p in parts]), R, rank, parts[0].strategy,
+                   parts[0].factors_id)
 
     @property
     def fingerprint(self) -> str:
@@ -125,24 +133,12 @@ def make_queries(model: nn.Module, factors: Factors, prompts: Sequence[Sequence[
                  strategy: str | None = None, task: Task | None = None) -> Queries:
     """Gradients of log p(completion | prompt) for each query, preconditioned with ``factors``
     (``strategy`` overrides the fitted one: "kfac" or "identity") and factorised to ``rank``."""
-    g = query_gradients(model, prompts, completions, factors=None, layers=factors.layer_names,
-                        task=task)
-    R = factors.precondition(g.grads, strategy)
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ValueError(f"rank must be a positive integer or None (full rank), got {rank!r}")
+    g = query_gradients(model, prompts, completions, factors, task=task, strategy=strategy)
     return Queries(token_rows(prompts), token_rows(completions), g.f,
-                   {n: LowRank.of(r, rank) for n, r in R.items()}, rank,
-                   strategy or factors.args.strategy, factors_id(factors))
-
-
-def factors_id(factors: Factors) -> str:
-    """A hash of the fitted eigenvalues (rounded to bfloat16) and damping settings: equal for
-    the same fit, saved and reloaded or not."""
-    h = hashlib.sha256(json.dumps([factors.model_fingerprint, factors.n_examples,
-                                   asdict(factors.args)], default=str).encode())
-    for name, f in factors.layers.items():
-        for t in (f.lambda_A, f.lambda_S, f.Lambda):
-            if t is not None:
-                h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+                   {n: LowRank.of(r, rank) for n, r in g.preconditioned.items()}, rank,
+                   strategy or factors.args.strategy, factors.factors_id())
 
 
 def _use_dense(B: int, T: int, d_out: int, d_in: int, Q: int, r: int) -> bool:
@@ -151,59 +147,58 @@ def _use_dense(B: int, T: int, d_out: int, d_in: int, Q: int, r: int) -> bool:
     return d_out * d_in * (T + Q) < Q * T * r * (d_out + d_in)
 
 
-class Scorer:
-    """Scores batches of training sequences against fixed :class:`Queries`.
+class Scorer(Consumer):
+    """Scores the sequences of a pass against fixed :class:`Queries`, layer by layer.
 
-    Holds the hooks' layer list and, per layer, whichever form of R the cost model prefers.
+    ``finish`` -> (layer scores (Q, L, n) float64 in the pass's row order, and with
+    ``per_token`` the token scores of each row: (Q, T_row) summed over layers, or None).
+    Per layer, whichever form of R the cost model prefers is used (same numbers).
     """
 
-    def __init__(self, model: nn.Module, queries: Queries, task: Task | None = None):
-        self.model, self.queries, self.task = model, queries, task or Task()
-        self.layers: list[TrackedLayer] = find_layers(model, queries.layer_names)
-        self.n_ctx = context_length(model)
+    def __init__(self, queries: Queries, layers: Sequence[TrackedLayer], n: int,
+                 per_token: bool = False):
+        self.queries, self.per_token = queries, per_token
+        self.index = {t.name: l for l, t in enumerate(layers)}
+        self.layer_scores = np.zeros((len(queries), len(layers), n))
+        self.tokens: list[np.ndarray | None] = [None] * n if per_token else None
         self._dense: dict[str, Tensor] = {}
+        self._batch: dict[int, Tensor] = {}      # layer -> (Q, B) on the model's device
+        self._tok: Tensor | None = None          # (Q, B, T) summed over the layers so far
 
     def _R_dense(self, name: str) -> Tensor:
         if name not in self._dense:
             self._dense[name] = self.queries.R[name].dense()
         return self._dense[name]
 
-    def score_batch(self, batch: object, per_token: bool = False
-                    ) -> tuple[Tensor, Tensor | None]:
-        """One forward + backward over a batch of B training sequences.
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        (B, T, _), Q = a.shape, len(self.queries)
+        lr = self.queries.R[layer.name]
+        if self.per_token or not _use_dense(B, T, *layer.shape, Q, lr.U.shape[-1]):
+            # (Uᵀ δ_t) · (Vᵀ ā_t) per token: 'q b t r'
+            tok = (einsum(delta, lr.U.to(a), "b t o, q o r -> q b t r")
+                   * einsum(a, lr.V.to(a), "b t i, q i r -> q b t r")).sum(-1)
+            self._batch[self.index[layer.name]] = tok.sum(-1)
+            if self.per_token:
+                self._tok = tok if self._tok is None else self._tok + tok
+        else:
+            DW = einsum(delta, a, "b t o, b t i -> b o i")
+            self._batch[self.index[layer.name]] = einsum(self._R_dense(layer.name).to(DW), DW,
+                                                         "q o i, b o i -> q b")
+        # one host copy per batch, in update (no synchronisation per layer)
 
-        -> (layer scores (Q, L, B), token scores (Q, B, T) summed over layers, or None).
-        Token t's score belongs to the update at position t, which predicts token t + 1.
-        """
-        T = batch.input_ids.shape[1]
-        if self.n_ctx is not None and T > self.n_ctx:
-            raise ValueError(f"training sequences of {T} tokens exceed the model's context of "
-                             f"{self.n_ctx}; re-chunk the corpus with max_len ≤ {self.n_ctx}")
-        device = next(self.model.parameters()).device
-        batch = to_device(batch, device)
-        Q, B = len(self.queries), batch.input_ids.shape[0]
-        layer_scores = torch.zeros(Q, len(self.layers), B, dtype=torch.float64)
-        tokens = torch.zeros(Q, B, T, dtype=torch.float64) if per_token else None
-        with eval_mode(self.model), Capture(self.model, self.layers) as cap, \
-                torch.enable_grad():
-            cap.start(self.task.loss_mask(batch))
-            logits = self.task.forward(self.model, batch)
-            cap.backward(-self.task.training_loss(logits, batch))  # δ of the log-likelihood
-            for l, layer in enumerate(self.layers):
-                a, d, lr = cap.a[layer.name], cap.delta[layer.name], self.queries.R[layer.name]
-                lr = LowRank(lr.U.to(a), lr.V.to(a))
-                if per_token or not _use_dense(B, T, *layer.shape, Q, lr.U.shape[-1]):
-                    # (Uᵀ δ_t) · (Vᵀ ā_t) per token: 'q b t r'
-                    tok = (einsum(d, lr.U, "b t o, q o r -> q b t r")
-                           * einsum(a, lr.V, "b t i, q i r -> q b t r")).sum(-1)
-                    layer_scores[:, l] = tok.sum(-1).double().cpu()
-                    if per_token:
-                        tokens += tok.double().cpu()
-                else:
-                    DW = einsum(d, a, "b t o, b t i -> b o i")
-                    layer_scores[:, l] = einsum(self._R_dense(layer.name).to(DW), DW,
-                                                "q o i, b o i -> q b").double().cpu()
-        return layer_scores, tokens
+    def update(self, batch: PassBatch) -> None:
+        scores = torch.stack([self._batch[l] for l in range(len(self.index))], 1)  # (Q, L, B)
+        self.layer_scores[..., batch.rows] = scores.double().cpu().numpy()
+        if self.per_token:
+            tok = self._tok.double().cpu().numpy()
+            lengths = get(batch.data, "attention_mask").sum(1).tolist()
+            for b, (row, n) in enumerate(zip(batch.rows, lengths)):
+                self.tokens[row] = tok[:, b, :n]
+        self._batch, self._tok = {}, None
+
+    def finish(self) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        return self.layer_scores, self.tokens
 
 
 def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | None = None,
@@ -221,94 +216,50 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
     (read back from ``out_dir``, or all-reduced without one).
     """
     args = args or ScoreArgs()
-    scorer = Scorer(model, queries, task)
-    ids = np.arange(len(corpus)) if ids is None else np.asarray(ids, np.int64)
+    layers = find_layers(model, queries.layer_names)
+    ids = as_ids(ids, len(corpus))
     if args.chunk_size % args.batch_size:
         raise ValueError(f"chunk_size ({args.chunk_size}) must be a multiple of batch_size "
                          f"({args.batch_size})")
-    manifest = dict(queries=queries.fingerprint, corpus=corpus.fingerprint,
-                    ids=hashlib.sha256(ids.tobytes()).hexdigest()[:16],
-                    layers=queries.layer_names,
-                    args={k: v for k, v in asdict(args).items() if k != "progress"})
-    rank, world = distributed.rank_world()
-    distributed.check_same(json.dumps(manifest, sort_keys=True), "what to scan")
-    store = _ChunkStore(out_dir, manifest) if out_dir is not None else None
-    Q, L = len(queries), len(scorer.layers)
+    description = dict(queries=queries.fingerprint, corpus=corpus.fingerprint,
+                       model=fingerprint_of(model, queries.layer_names),
+                       ids=hashlib.sha256(ids.tobytes()).hexdigest()[:16],
+                       layers=queries.layer_names,
+                       args={k: v for k, v in asdict(args).items() if k != "progress"})
+    world = distributed.rank_world()[1]
+    distributed.check_same(json.dumps(description, sort_keys=True), "what to scan")
+    chunk_store = store.ChunkStore(out_dir, description) if out_dir is not None else None
+    Q, L = len(queries), len(layers)
     layer_scores = np.zeros((Q, L, len(ids)))
     starts = range(0, len(ids), args.chunk_size)
-    mine = [s for c, s in enumerate(starts) if c % world == rank]
+    mine = chunks(len(ids), args.chunk_size)
     with tqdm(total=sum(len(ids[s:s + args.chunk_size]) for s in mine), desc="scoring",
               unit="seq", disable=not args.progress) as bar:
         for start in mine:
             chunk = ids[start:start + args.chunk_size]
-            done = store.read(start, chunk) if store else None
+            done = chunk_store.read(start, chunk) if chunk_store else None
             if done is None:
-                perm, parts = corpus.by_length(chunk, len(chunk)), []
-                for batch in corpus.batches(args.batch_size, ids=chunk[perm]):
-                    parts.append(scorer.score_batch(batch)[0].numpy())
-                    bar.update(len(batch))
-                done = np.empty((Q, L, len(chunk)))
-                done[..., perm] = np.concatenate(parts, axis=-1)
-                if store:
-                    store.write(start, chunk, done)
+                src = source(corpus, args.batch_size, chunk, window=len(chunk))
+                done = {"layer_scores": corpus_pass(model, layers, src,
+                                                    [Scorer(queries, layers, len(chunk))],
+                                                    task=task, progress=bar)[0][0]}
+                if chunk_store:
+                    chunk_store.write(start, chunk, **done)
             else:
                 bar.update(len(chunk))
-            layer_scores[..., start:start + len(chunk)] = done
-    if world > 1 and store:  # the other ranks' chunks, from the shared directory
+            layer_scores[..., start:start + len(chunk)] = done["layer_scores"]
+    if world > 1 and chunk_store:  # the other ranks' chunks, from the shared directory
         distributed.barrier()
         for start in sorted(set(starts) - set(mine)):
             chunk = ids[start:start + args.chunk_size]
-            done = store.read(start, chunk)
+            done = chunk_store.read(start, chunk)
             if done is None:
-                raise FileNotFoundError(f"chunk {start} of the scan is not in {store.root}: "
+                raise FileNotFoundError(f"chunk {start} of the scan is not in {chunk_store.root}: "
                                         "out_dir must be on a filesystem that every rank sees")
-            layer_scores[..., start:start + len(chunk)] = done
+            layer_scores[..., start:start + len(chunk)] = done["layer_scores"]
     elif world > 1:  # zeros where another rank scored: the sum is exact
         distributed.all_reduce_([torch.from_numpy(layer_scores)])
     return layer_scores.sum(1), (layer_scores if args.per_layer else None), ids
-
-
-class _ChunkStore:
-    """Chunk files ``chunk_{start}.npz`` (ids, layer scores) under a manifest of what is being
-    scanned; a manifest that differs means another scan, which is refused."""
-
-    def __init__(self, root: str | os.PathLike, manifest: dict):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "scan.json"
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old != json.loads(json.dumps(manifest)):
-                diff = [k for k in manifest if old.get(k) != json.loads(json.dumps(manifest))[k]]
-                raise ValueError(f"{self.root} holds a scan of other {', '.join(diff)}; resume "
-                                 "with the same inputs or use a new out_dir")
-        else:
-            _atomic_write(path, json.dumps(manifest, indent=1).encode())
-
-    def read(self, start: int, ids: np.ndarray) -> np.ndarray | None:
-        path = self.root / f"chunk_{start:010d}.npz"
-        if not path.exists():
-            return None
-        with np.load(path) as z:
-            if not np.array_equal(z["ids"], ids):
-                raise ValueError(f"{path} holds other sequences than this scan; use a new out_dir")
-            return z["layer_scores"]
-
-    def write(self, start: int, ids: np.ndarray, layer_scores: np.ndarray) -> None:
-        import io
-        buf = io.BytesIO()
-        np.savez(buf, ids=ids, layer_scores=layer_scores)
-        _atomic_write(self.root / f"chunk_{start:010d}.npz", buf.getvalue())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename: a reader never sees a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def token_scores(model: nn.Module, queries: Queries, corpus: Corpus, ids: Sequence[int],
@@ -318,14 +269,34 @@ def token_scores(model: nn.Module, queries: Queries, corpus: Corpus, ids: Sequen
 
     -> (for each id an array (Q, n_tokens) summed over layers, layer scores (Q, L, len(ids))).
     """
-    scorer = Scorer(model, queries, task)
-    per_seq, layers = [], []
-    for batch in corpus.batches(batch_size, ids=np.asarray(ids, np.int64)):
-        ls, tok = scorer.score_batch(batch, per_token=True)
-        lengths = batch.attention_mask.sum(1).tolist()
-        per_seq += [tok[:, b, :n].numpy() for b, n in enumerate(lengths)]
-        layers.append(ls.numpy())
-    return per_seq, np.concatenate(layers, axis=-1)
+    layers = find_layers(model, queries.layer_names)
+    ids = as_ids(ids, len(corpus))
+    layer_scores, tokens = corpus_pass(
+        model, layers, source(corpus, batch_size, ids), [Scorer(queries, layers, len(ids), True)],
+        task=task, progress=False)[0]
+    return tokens, layer_scores
+
+
+class SelfInfluence(Consumer):
+    """∇ log p(z)ᵀ (G + λI)⁻¹ ∇ log p(z) per sequence: ``finish`` -> (n,) float64 in the
+    pass's row order."""
+
+    def __init__(self, factors: Factors, n: int):
+        self.factors, self.out = factors, np.zeros(n)
+        self._sum: Tensor | None = None  # (B,) over the layers so far, on the device
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        DW = einsum(delta, a, "b t o, b t i -> b o i")
+        s = (self.factors.precondition_layer(layer.name, DW).to(DW) * DW).sum((-2, -1))
+        self._sum = s if self._sum is None else self._sum + s
+
+    def update(self, batch: PassBatch) -> None:
+        self.out[batch.rows] = self._sum.double().cpu().numpy()
+        self._sum = None
+
+    def finish(self) -> np.ndarray:
+        return self.out
 
 
 def self_influence(model: nn.Module, factors: Factors, corpus: Corpus,
@@ -333,22 +304,7 @@ def self_influence(model: nn.Module, factors: Factors, corpus: Corpus,
                    task: Task | None = None, progress: bool = True) -> np.ndarray:
     """∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) for each sequence z, (N,) float64: how much a sequence's own
     log-likelihood rises when it is up-weighted (large for memorised or atypical sequences)."""
-    task = task or Task()
-    layers = find_layers(model, factors.layer_names)
-    ids = np.arange(len(corpus)) if ids is None else np.asarray(ids, np.int64)
-    out = []
-    device = next(model.parameters()).device
-    perm = corpus.by_length(ids, 64 * batch_size)
-    with eval_mode(model), Capture(model, layers) as cap:
-        for batch in tqdm(corpus.batches(batch_size, ids=ids[perm]), desc="self-influence",
-                          total=-(-len(ids) // batch_size), disable=not progress):
-            batch = to_device(batch, device)
-            cap.start(task.loss_mask(batch))
-            with torch.enable_grad():
-                cap.backward(-task.training_loss(task.forward(model, batch), batch))
-            DW = cap.sequence_gradients()
-            R = factors.precondition(DW)
-            out.append(sum((R[n].to(DW[n]) * DW[n]).sum((-2, -1)) for n in DW).double().cpu())
-    scores = np.empty(len(ids))
-    scores[perm] = torch.cat(out).numpy()
-    return scores
+    ids = as_ids(ids, len(corpus))
+    return corpus_pass(model, find_layers(model, factors.layer_names),
+                       source(corpus, batch_size, ids), [SelfInfluence(factors, len(ids))],
+                       task=task, progress=progress, desc="self-influence")[0]

@@ -1,135 +1,26 @@
-"""Search at scale: sketch candidates (or BM25 candidates), then exact rescoring.
+"""Search without the model: BM25 candidate filtering, the power-law estimate of how many
+sequences must be scanned, and recall of a search against an exhaustive scan.
 
-    ret = Retriever.build(inf, "runs/demo-search")      # sketches + index, once per corpus
-    res = ret.search([("The capital city of Astrobia is", " Velmora")], candidates=400)
-    res.top(0, k=10); res.timings                        # exact scores of the candidates
+- :class:`BM25`, the paper's TF-IDF candidate filter (§3.2.1);
+- :class:`PowerLawTail` and :func:`search_size`, the paper's estimate of how many sequences
+  must be scanned to find the influential ones (§5.2.2);
+- :func:`recall_at_k`, the share of an exhaustive scan's top-k that a search found.
 
-Each query gets ``candidates`` training sequences: half for positive influence — the largest
-sketch inner products, and (``lexical`` share of that half) the best BM25 matches of the
-query's text — and half for negative influence, the most negative sketch inner products. The
-union over the queries is rescored exactly with the streaming scorer (:meth:`Influence.scan`
-with ``ids``), in one pass for all queries, so the result is an
-:class:`~influence_nb.results.InfluenceResult` like an exhaustive scan's, over fewer sequences.
-
-Why both filters: the sketch finds what the gradients share (arithmetic, themes, paraphrases
-in another language), BM25 what the words share (a binary-search query and the code that
-spells the same identifiers); on the demo corpus each misses what the other finds, and
-together they recover the exhaustive top-10 (benchmarks/retrieval.py). BM25 cannot see the
-sign of an influence, so the negative half is the sketch's alone.
-
-Also here: :class:`BM25`, the paper's TF-IDF candidate filter (§3.2.1), the power-law estimate
-of how many sequences must be scanned (§5.2.2, :func:`search_size`), and :func:`recall_at_k`.
+The search that combines sketches, the index and BM25 with exact rescoring of the candidates
+is :class:`~influence_nb.retriever.Retriever`.
 """
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import CountVectorizer
 
-from .index import IndexArgs, SketchIndex
-from .results import InfluenceResult
-from .scoring import Queries
-from .session import Influence, QueryLike
-from .sketch import SketchArgs, Sketches, build_sketches
-
-
-@dataclass
-class SearchResult(InfluenceResult):
-    """An :class:`InfluenceResult` over the rescored candidates, with the search's bookkeeping.
-
-    candidates: per query, the corpus ids its sketch search proposed (both signs)
-    timings:    seconds per stage: queries, sketch, search, bm25, rescore
-    """
-    candidates: list[np.ndarray] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-class Retriever:
-    """Sketch + index (+ BM25) search over an :class:`Influence` session's corpus.
-
-    lexical: share of each query's positive-side candidates taken from BM25 (0: sketch only)
-    """
-
-    def __init__(self, inf: Influence, sketches: Sketches, index: SketchIndex,
-                 lexical: float = 0.5):
-        corpus = inf.fitted()[0]
-        sketches.check_corpus(corpus)
-        if not 0 <= lexical <= 1:
-            raise ValueError(f"lexical={lexical} is a share of the positive candidates; use "
-                             "a number from 0 (sketch only) to 1 (BM25 only)")
-        self.inf, self.sketches, self.index, self.lexical = inf, sketches, index, lexical
-        self._bm25: BM25 | None = None
-
-    @property
-    def bm25(self) -> "BM25":
-        """BM25 over the texts of the sketched sequences, row r = ``sketches.ids[r]`` (built on
-        first use, a few seconds per 100k sequences)."""
-        if self._bm25 is None:
-            self._bm25 = BM25(self.inf.fitted()[0].df["text"].iloc[self.sketches.ids].tolist())
-        return self._bm25
-
-    @classmethod
-    def build(cls, inf: Influence, path: str | os.PathLike,
-              sketch_args: SketchArgs | None = None,
-              index_args: IndexArgs | None = None, lexical: float = 0.5) -> "Retriever":
-        """Sketch the session's corpus into ``path/sketches`` (resuming or appending) and index
-        it into ``path/index`` (rebuilt when the sketches changed)."""
-        corpus, factors = inf.fitted()
-        path = Path(path)
-        sketches = build_sketches(inf.model, factors, corpus, path / "sketches", sketch_args,
-                                  task=inf.task)
-        try:
-            index = SketchIndex.load(path / "index", sketches)
-        except ValueError:
-            index = SketchIndex.build(sketches, path / "index", index_args)
-        return cls(inf, sketches, index, lexical)
-
-    @classmethod
-    def open(cls, inf: Influence, path: str | os.PathLike, lexical: float = 0.5
-             ) -> "Retriever":
-        """Open what :meth:`build` wrote (checked against the session's model and factors)."""
-        sketches = Sketches.open(Path(path) / "sketches", inf.model, inf.fitted()[1])
-        return cls(inf, sketches, SketchIndex.load(Path(path) / "index", sketches), lexical)
-
-    def candidates(self, queries: Queries, candidates: int) -> tuple[list[np.ndarray], dict]:
-        """Per query at most ``candidates`` corpus ids: the top sketch inner products and the
-        best BM25 matches (``lexical`` share) for the positive half, the most negative sketch
-        inner products for the other half -> (list of id arrays, seconds per stage)."""
-        t0 = time.perf_counter()
-        x = self.sketches.query_sketches(self.inf.model, self.inf.factors, queries)
-        t1 = time.perf_counter()
-        half = max(1, candidates // 2)
-        n_lexical = round(self.lexical * half)
-        _, top = self.index.search(x, half - n_lexical)
-        _, bottom = self.index.search(-x, candidates - half)
-        t2 = time.perf_counter()
-        words = [np.empty(0, np.int64)] * len(queries)
-        if n_lexical:
-            tok = self.inf.tokenizer
-            words = [self.sketches.ids[rows] for rows in self.bm25.top(
-                [tok.decode(p + c) for p, c in zip(queries.prompts, queries.completions)],
-                n_lexical)]
-        found = [np.unique(np.concatenate([t[t >= 0], b[b >= 0], w]))
-                 for t, b, w in zip(top, bottom, words)]
-        return found, dict(sketch=t1 - t0, search=t2 - t1, bm25=time.perf_counter() - t2)
-
-    def search(self, queries: QueryLike, candidates: int = 400) -> SearchResult:
-        """Exact scores of the sketch candidates of every query (union over the queries)."""
-        t0 = time.perf_counter()
-        queries = self.inf.queries(queries)
-        t1 = time.perf_counter()
-        found, timings = self.candidates(queries, candidates)
-        t2 = time.perf_counter()
-        res = self.inf.scan(queries, ids=np.unique(np.concatenate(found)))
-        timings |= dict(queries=t1 - t0, rescore=time.perf_counter() - t2)
-        return SearchResult(**{f.name: getattr(res, f.name) for f in fields(InfluenceResult)},
-                            candidates=found, timings=timings)
+if TYPE_CHECKING:  # annotations only
+    from .results import InfluenceResult
 
 
 class BM25:

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .curvature import FactorArgs, Factors, fit_factors
+from .curvature import FactorArgs, Factors, fit_factors, model_fingerprint
 from .data import Corpus, tokenizer_fingerprint
+from .hooks import find_layers
 from .results import InfluenceResult
 from .scoring import Queries, ScoreArgs, make_queries, scan, self_influence, token_scores
 from .task import Task
@@ -92,12 +93,11 @@ class Influence:
         if self.corpus is None:
             raise ValueError("no corpus to fit on: pass one to Influence(model, tokenizer, corpus)")
         if cache and path is None:
-            from .curvature import model_fingerprint
-            from .hooks import find_layers
-            # batch size and progress bars change how the fit runs, not what it estimates
+            # progress bars change how the fit looks, not what it estimates; the batch size
+            # changes the length buckets and each batch's seeded Fisher labels, so it counts
             key = json.dumps([model_fingerprint(self.model, find_layers(self.model, args.layers)),
-                              self.corpus.fingerprint,
-                              asdict(replace(args, progress=True, batch_size=0))], default=str)
+                              self.corpus.fingerprint, asdict(replace(args, progress=True))],
+                             default=str)
             path = cache_dir() / f"factors-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
             if (path / "manifest.json").exists():
                 self.factors = Factors.load(path, self.model)
@@ -118,7 +118,7 @@ class Influence:
         fast candidate search: ``inf.retriever(path).search(pairs, candidates=K)`` returns the
         exactly rescored candidates as a result; ``lexical`` is the share of the positive
         candidates that BM25 proposes. See :mod:`influence_nb.search`."""
-        from .search import Retriever
+        from .retriever import Retriever
         return Retriever.build(self, path, sketch_args, index_args, lexical)
 
     # -- queries and scores -------------------------------------------------------------------
@@ -172,8 +172,8 @@ class Influence:
         """Score every sequence of the corpus (or ``ids``) on the queries, streaming; with
         ``out_dir`` the scan is resumable. Returns an :class:`InfluenceResult`."""
         corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
-        queries = self.queries(queries)
         args = args or self.score_args
+        queries = self.queries(queries, rank=args.rank)
         scores, layers, ids = scan(self.model, queries, corpus, args, out_dir, ids, self.task)
 
         def token_fn(seq_ids: Sequence[int]):

@@ -43,9 +43,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zlib
+import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +54,12 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .curvature import Factors, fingerprint_of, rotate, to_device
+from . import distributed, store
+from .curvature import Factors, fingerprint_of, rotate
 from .data import Corpus
-from .hooks import Capture, eval_mode, find_layers
-from .scoring import Queries, _atomic_write, factors_id
+from .hooks import TrackedLayer, find_layers
+from .passes import Consumer, PassBatch, as_ids, corpus_pass, source
+from .scoring import Queries
 from .task import Task
 
 VARIANTS = ("whitened", "plain")
@@ -159,17 +161,13 @@ class Projection:
         self.pattern = "b t j, b t j -> b j" if args.structure == "khatri-rao" else \
             "b t i, b t j -> b i j"
 
-    def sketch_tokens(self, a: dict[str, Tensor], delta: dict[str, Tensor]) -> Tensor:
-        """Training sketches of a batch from captured ā (B, T, in+1) and δ (B, T, out) -> (B, D)."""
-        parts = []
-        for name, p in self.layers.items():
-            x, d = a[name], delta[name]
-            key = (name, d.dtype, d.device)
-            if key not in self._cast:
-                self._cast[key] = p.u.to(d).T.contiguous(), p.v.to(d).T.contiguous()
-            u, v = self._cast[key]
-            parts.append(einsum(d @ u, x @ v, self.pattern).flatten(1))  # Σ_t (u·δ_t)(v·ā_t)
-        return torch.cat(parts, 1)
+    def sketch_layer(self, name: str, a: Tensor, delta: Tensor) -> Tensor:
+        """Training sketch of one layer from ā (B, T, in+1), δ (B, T, out) -> (B, m)."""
+        p, key = self.layers[name], (name, delta.dtype, delta.device)
+        if key not in self._cast:
+            self._cast[key] = p.u.to(delta).T.contiguous(), p.v.to(delta).T.contiguous()
+        u, v = self._cast[key]
+        return einsum(delta @ u, a @ v, self.pattern).flatten(1)  # Σ_t (u·δ_t)(v·ā_t)
 
     def sketch_queries(self, queries: Queries) -> Tensor:
         """Query sketches of the preconditioned gradients R = U Vᵀ -> (Q, D) float32."""
@@ -246,8 +244,8 @@ class Sketches:
             start = 0
             for k, (size, crc_rows, crc_data) in enumerate(manifest["chunks"]):
                 stop = start + size
-                if (zlib.crc32(rows[start:stop].tobytes()) != crc_rows
-                        or zlib.crc32(np.ascontiguousarray(data[start:stop])) != crc_data):
+                if (store.crc32(rows[start:stop]) != crc_rows
+                        or store.crc32(data[start:stop]) != crc_data):
                     raise SketchError(f"{path} is corrupt (chunk {k}, rows {start}–{stop}, fails "
                                       "its CRC-32); delete the directory and rebuild with "
                                       "build_sketches(...)")
@@ -283,29 +281,15 @@ class Sketches:
         return Projection(factors, self.args).sketch_queries(queries).numpy()
 
 
-def read_manifest(file: Path, fmt: str, error: type[Exception], fix: str) -> dict:
-    """A JSON manifest of format ``fmt``; missing, corrupt or foreign -> one-line ``error``
-    that ends with ``fix`` (how to rebuild)."""
-    if not file.exists():
-        raise error(f"{file} is missing; {fix}")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
-        raise error(f"{file} is corrupt or not a manifest of format {fmt!r}; {fix}")
-    return manifest
-
-
 def _read_manifest(path: Path) -> dict:
-    return read_manifest(path / "sketches.json", FORMAT, SketchError,
+    return store.read_manifest(path / "sketches.json", FORMAT, SketchError,
                          f"delete {path} and rebuild with build_sketches(model, factors, "
                          "corpus, path)")
 
 
 def _owner(model: nn.Module, factors: Factors) -> dict:
     return dict(model_fingerprint=fingerprint_of(model, factors.layer_names),
-                factors_id=factors_id(factors))
+                factors_id=factors.factors_id())
 
 
 def _check_owner(path: Path, manifest: dict, model: nn.Module | None,
@@ -316,10 +300,35 @@ def _check_owner(path: Path, manifest: dict, model: nn.Module | None,
             raise SketchError(f"the sketches in {path} were made with another model (fingerprint "
                               f"{manifest['model_fingerprint']} ≠ {fp}); use that model or "
                               "rebuild them in a new directory")
-    if factors is not None and factors_id(factors) != manifest["factors_id"]:
+    if factors is not None and factors.factors_id() != manifest["factors_id"]:
         raise SketchError(f"the sketches in {path} were made with other factors "
-                          f"({manifest['factors_id']} ≠ {factors_id(factors)}); load those factors "
+                          f"({manifest['factors_id']} ≠ {factors.factors_id()}); load those factors "
                           "or rebuild the sketches in a new directory")
+
+
+class Sketcher(Consumer):
+    """Training sketches of the sequences of a pass: ``finish`` -> (n, D) float16 in the
+    pass's row order (layers concatenated in the projection's order)."""
+
+    def __init__(self, proj: Projection, n: int):
+        self.proj, self.out = proj, np.zeros((n, proj.dim), np.float16)
+        self._parts: dict[str, Tensor] = {}
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        self._parts[layer.name] = self.proj.sketch_layer(layer.name, a, delta)
+
+    def update(self, batch: PassBatch) -> None:
+        data = torch.cat([self._parts[n] for n in self.proj.layers], 1).cpu().numpy()
+        self._parts = {}
+        data = data.astype(np.float16)
+        if not np.isfinite(data).all():
+            raise FloatingPointError("a sketch overflowed float16; the gradients are huge "
+                                     "(check the model)")
+        self.out[batch.rows] = data
+
+    def finish(self) -> np.ndarray:
+        return self.out
 
 
 def build_sketches(model: nn.Module, factors: Factors, corpus: Corpus,
@@ -329,8 +338,18 @@ def build_sketches(model: nn.Module, factors: Factors, corpus: Corpus,
 
     Creates the store, resumes an interrupted build, or appends new ids to an existing store
     (old rows keep their ids). An existing store must match the model, factors and projection.
+    Under torch.distributed the chunks are shared out over the ranks (:func:`_build_sharded`).
     """
-    args, task = args or SketchArgs(), task or Task()
+    if distributed.rank_world()[1] > 1:
+        return _build_sharded(model, factors, corpus, path, args, ids, task)
+    return _build_local(model, factors, corpus, path, args, ids, task)
+
+
+def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str | os.PathLike,
+                 args: SketchArgs | None, ids: Sequence[int] | None, task: Task | None
+                 ) -> Sketches:
+    """:func:`build_sketches` in this process alone (also one rank's part of a sharded build)."""
+    args = args or SketchArgs()
     if args.chunk_size % args.batch_size:
         raise ValueError(f"chunk_size ({args.chunk_size}) must be a multiple of batch_size "
                          f"({args.batch_size})")
@@ -338,50 +357,114 @@ def build_sketches(model: nn.Module, factors: Factors, corpus: Corpus,
     owner = _owner(model, factors)
     proj = Projection(factors, args)
     if (path / "sketches.json").exists():
-        store = Sketches.open(path, model, factors, verify=False)
-        if store.manifest["projection"] != args.projection:
-            raise SketchError(f"{path} holds sketches with projection {store.manifest['projection']}"
+        old = Sketches.open(path, model, factors, verify=False)
+        if old.manifest["projection"] != args.projection:
+            raise SketchError(f"{path} holds sketches with projection {old.manifest['projection']}"
                               f", not {args.projection}; pass those SketchArgs or a new directory")
-        store.check_corpus(corpus)
-        manifest, done = store.manifest, set(store.ids.tolist())
+        old.check_corpus(corpus)
+        manifest, done = old.manifest, set(old.ids.tolist())
     else:
         path.mkdir(parents=True, exist_ok=True)
         manifest = dict(format=FORMAT, dim=proj.dim, projection=args.projection,
                         layers={n: list(s) for n, s in factors.shapes.items()}, chunks=[],
                         **owner)
         done = set()
-    ids = np.arange(len(corpus)) if ids is None else np.asarray(ids, np.int64)
+    ids = as_ids(ids, len(corpus))
     todo = np.array([i for i in ids.tolist() if i not in done], dtype=np.int64)
     n = sum(c[0] for c in manifest["chunks"])
     for name, width in (("rows.bin", ROW.itemsize), ("sketches.f16", 2 * proj.dim)):
-        with open(path / name, "ab") as fh:  # drop the rows of an interrupted chunk
-            fh.truncate(n * width)
+        store.truncate(path / name, n * width)  # drop the rows of an interrupted chunk
     layers = find_layers(model, factors.layer_names)
-    device = next(model.parameters()).device
-    with eval_mode(model), Capture(model, layers) as cap, \
-            tqdm(total=len(todo), desc="sketching", unit="seq", disable=not args.progress) as bar:
+    with tqdm(total=len(todo), desc="sketching", unit="seq", disable=not args.progress) as bar:
         for start in range(0, len(todo), args.chunk_size):
             chunk = todo[start:start + args.chunk_size]
-            parts = []
-            for batch in corpus.batches(args.batch_size, ids=chunk):
-                batch = to_device(batch, device)
-                cap.start(task.loss_mask(batch))
-                with torch.enable_grad():
-                    cap.backward(-task.training_loss(task.forward(model, batch), batch))
-                parts.append(proj.sketch_tokens(cap.a, cap.delta).cpu())
-                bar.update(len(batch))
-            data = torch.cat(parts).numpy().astype(np.float16)
-            if not np.isfinite(data).all():
-                raise FloatingPointError("a sketch overflowed float16; the gradients are huge "
-                                         "(check the model)")
+            data = corpus_pass(model, layers, source(corpus, args.batch_size, chunk),
+                               [Sketcher(proj, len(chunk))], task=task, progress=bar)[0]
             rows = np.empty(len(chunk), ROW)
             rows["id"], rows["hash"] = chunk, sequence_hashes(corpus, chunk)
-            for name, blob in (("rows.bin", rows.tobytes()), ("sketches.f16", data.tobytes())):
-                with open(path / name, "ab") as fh:
-                    fh.write(blob)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            manifest["chunks"].append([len(chunk), zlib.crc32(rows.tobytes()),
-                                       zlib.crc32(data.tobytes())])
-            _atomic_write(path / "sketches.json", json.dumps(manifest, indent=1).encode())
+            store.append(path / "rows.bin", rows.tobytes())
+            store.append(path / "sketches.f16", data.tobytes())
+            manifest["chunks"].append([len(chunk), store.crc32(rows), store.crc32(data)])
+            store.write_json(path / "sketches.json", manifest)
     return Sketches.open(path, verify=False)
+
+
+def _build_sharded(model: nn.Module, factors: Factors, corpus: Corpus,
+                   path: str | os.PathLike, args: SketchArgs | None = None,
+                   ids: Sequence[int] | None = None, task: Task | None = None) -> Sketches:
+    """:func:`build_sketches` over the ranks of torch.distributed; -> the one store at ``path``.
+
+    The sequences still to sketch are cut into chunks of ``args.chunk_size``; rank r sketches the
+    r-th contiguous run of chunks into its own part store ``<path>.parts/…`` (resumable like any
+    store), then rank 0 appends the parts, in order, to ``path`` with :func:`merge_sketches`.
+    The chunks are the ones a single process would write, so the store is the same, byte for byte.
+    """
+    rank, world = distributed.rank_world()
+    args, path = args or SketchArgs(), Path(path)
+    exists = (path / "sketches.json").exists()
+    if rank == 0 and exists:  # check model, factors, projection and corpus; drop a torn chunk
+        _build_local(model, factors, corpus, path, replace(args, progress=False),
+                     np.zeros(0, np.int64), task)
+    distributed.barrier()
+    ids = as_ids(ids, len(corpus))
+    if exists:
+        ids = ids[~np.isin(ids, Sketches.open(path, verify=False).ids)]
+    n_chunks = -(-len(ids) // args.chunk_size)
+    parts = []
+    for r, run in enumerate(np.array_split(np.arange(n_chunks), world)):
+        part = ids[run[0] * args.chunk_size:(run[-1] + 1) * args.chunk_size] \
+            if len(run) else ids[:0]
+        key = hashlib.sha256(part.tobytes()).hexdigest()[:12]
+        parts.append((path.with_name(path.name + ".parts") / f"{r:05d}-{key}", part))
+    part_path, part = parts[rank]
+    if len(part):
+        _build_local(model, factors, corpus, part_path, args, part, task)
+    distributed.barrier()
+    if rank == 0:
+        merge_sketches(path, [Sketches.open(p) for p, part in parts if len(part)])
+        shutil.rmtree(path.with_name(path.name + ".parts"), ignore_errors=True)
+    distributed.barrier()
+    return Sketches.open(path, verify=False)
+
+
+_COPY_BLOCK = 1 << 24  # bytes copied at a time when merging sketch parts
+
+
+def merge_sketches(path: str | os.PathLike, parts: Sequence[Sketches]) -> Sketches:
+    """Append the rows of the sketch stores ``parts`` (same model, factors and projection) to the
+    store at ``path``, created when absent. Each part's chunks are copied as they are, with their
+    CRC-32s; the manifest is written last, so an interrupted merge leaves ``path`` as it was."""
+    path = Path(path)
+    if not parts:
+        return Sketches.open(path, verify=False)
+    path.mkdir(parents=True, exist_ok=True)
+    manifest = (_read_manifest(path) if (path / "sketches.json").exists()
+                else dict(parts[0].manifest, chunks=[]))
+    have = Sketches.open(path, verify=False).ids if manifest["chunks"] else np.zeros(0, np.int64)
+    for part in parts:
+        diff = [k for k in manifest if k != "chunks" and part.manifest.get(k) != manifest[k]]
+        if diff:
+            raise SketchError(f"{part.path} differs from {path} in {', '.join(diff)}; sketch "
+                              "every part with the same model, factors and SketchArgs")
+        if np.isin(part.ids, have).any():
+            raise SketchError(f"{part.path} holds sequences that {path} (or an earlier part) "
+                              "already holds; merge disjoint parts only")
+        have = np.concatenate([have, part.ids])
+    n = sum(c[0] for c in manifest["chunks"])
+    for name, width in (("rows.bin", ROW.itemsize), ("sketches.f16", 2 * manifest["dim"])):
+        store.truncate(path / name, n * width)  # drop the rows of an interrupted merge or build
+        with open(path / name, "ab") as out:
+            for part in parts:
+                with open(part.path / name, "rb") as src:
+                    left = len(part) * width
+                    while left:
+                        block = src.read(min(left, _COPY_BLOCK))
+                        if not block:
+                            raise SketchError(f"{part.path / name} is truncated; rebuild it")
+                        out.write(block)
+                        left -= len(block)
+            out.flush()
+            os.fsync(out.fileno())
+    manifest["chunks"] = manifest["chunks"] + [c for p in parts for c in p.manifest["chunks"]]
+    store.write_json(path / "sketches.json", manifest)
+    return Sketches.open(path)

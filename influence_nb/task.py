@@ -14,6 +14,7 @@ Subclass :class:`Task` and override :meth:`forward` and the losses for other mod
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,20 @@ def get(batch: object, key: str) -> Tensor:
         raise KeyError(f"batch has no {key!r}; a batch is a Mapping or object with input_ids "
                        "(B, T) and attention_mask (B, T)")
     return value
+
+
+def to_device(batch: object, device: torch.device | str) -> object:
+    """A batch with its tensors on ``device``: a Mapping (a dict back), an object with ``.to``
+    (its own), or any other object (a shallow copy with its tensor attributes moved)."""
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    if callable(getattr(batch, "to", None)):
+        return batch.to(device)
+    moved = copy.copy(batch)
+    for k, v in vars(batch).items():
+        if isinstance(v, Tensor):
+            setattr(moved, k, v.to(device))
+    return moved
 
 
 def next_token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:

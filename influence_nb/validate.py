@@ -6,7 +6,9 @@ The exact Fisher is built from per-sequence pseudo-gradients computed with plain
 seed, same batches, same order):
 
     G = (1/N) Σ_n g_n g_nᵀ             g_n = ∇ fisher_loss(z_n), flattened over tracked layers
-    score(q, m) = ∇f_qᵀ (G + λ)⁻¹ ∇L(z_m)
+    score(q, m) = ∇f_qᵀ (G + λ)⁻¹ ∇ log p(z_m)
+
+with the sign of :func:`~influence_nb.scoring.scan`: positive when up-weighting z_m raises f_q.
 
 with λ_ℓ = damping_factor · tr(G_ℓℓ) / P_ℓ per layer, which is exactly EK-FAC's default
 (mean of its Λ_ℓ, as Λ_ℓ is the diagonal of G_ℓℓ in a rotated basis). Parameters are flattened
@@ -24,9 +26,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .curvature import (FactorArgs, Factors, batch_source, fit_factors, label_generator,
-                        prepared_batches, query_gradients)
+from .curvature import FactorArgs, Factors, fit_factors, query_gradients
 from .hooks import TrackedLayer, eval_mode, find_layers
+from .passes import loss_values, prepared, source
 from .task import Task
 
 
@@ -47,22 +49,21 @@ def flatten(grads: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
 
 def per_example_gradients(model: nn.Module, data: object, layers: Sequence[TrackedLayer],
                           task: Task, args: FactorArgs, loss: str = "fisher") -> Tensor:
-    """(N, P) float64 per-sequence gradients by autograd, one backward per sequence.
+    """(N, P) float64 per-sequence gradients by plain autograd, one backward per sequence —
+    independent of the hooks and of the pass's consumers.
 
     ``loss``: "fisher" (pseudo-loss, labels drawn exactly as :func:`fit_factors` draws them
-    with ``args.seed``) or "training" (real labels).
+    with ``args.seed``: same batches, same order) or "loglik" (Σ_t log p of the real tokens,
+    the gradient every score uses).
     """
-    source, total, _ = batch_source(data, args, passes=1)
+    src = source(data, args.batch_size, max_examples=args.max_examples)
     params = [p for layer in layers for p in layer.parameters()]
     rows = []
     with eval_mode(model), torch.enable_grad():
-        for k, batch in prepared_batches(model, source, total, replace(args, progress=False), loss):
-            logits = task.forward(model, batch)
-            generator = label_generator(args.seed, k, params[0].device)
-            losses = (task.fisher_loss(logits, batch, generator) if loss == "fisher"
-                      else task.training_loss(logits, batch))
-            for b in range(len(losses)):
-                grads = iter(torch.autograd.grad(losses[b], params, retain_graph=True))
+        for k, _, batch in prepared(model, src, args.max_examples):
+            values = loss_values(task, loss, task.forward(model, batch), batch, args.seed, k)
+            for b in range(len(values)):
+                grads = iter(torch.autograd.grad(values[b], params, retain_graph=True))
                 rows.append(torch.cat([layer.as_matrix([next(grads) for _ in layer.parameters()])
                                        .double().flatten() for layer in layers]))
     return torch.stack(rows)
@@ -121,7 +122,7 @@ def compare(model: nn.Module, data: object, prompts: Sequence[Sequence[int]],
     names = [layer.name for layer in layers]
     factors: Factors = fit_factors(model, data, replace(args, strategy="ekfac"), task)
     J = per_example_gradients(model, data, layers, task, args, "fisher")      # (N, P)
-    L = per_example_gradients(model, data, layers, task, args, "training")    # (N, P)
+    L = per_example_gradients(model, data, layers, task, args, "loglik")      # (N, P)
     q = query_gradients(model, prompts, completions, layers=names, task=task)
     F = flatten(q.grads, names)                                                # (Q, P)
     G = J.T @ J / len(J)

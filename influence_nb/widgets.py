@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 import traitlets as t
 
+from .results import InfluenceResult
+
 if TYPE_CHECKING:
-    from .results import InfluenceResult
     from .scoring import Queries
     from .session import Influence
 
@@ -116,15 +117,16 @@ def _query_view(query: dict, tokenizer: Any) -> dict:
                 completion_tokens=toks(query["completion"], False))
 
 
-_META = ("kind", "lang", "theme", "fact_ids")
-
-
-def _meta(row: Any) -> dict:
+def _meta(row: Any, columns: Sequence[str]) -> dict:
+    """The row's metadata (the corpus's own columns, whatever they are) as chips: text, or a
+    list of texts; missing values are left out."""
     out = {}
-    for key in _META:
-        if key in row:
-            v = row[key]
-            out[key] = [int(x) for x in v] if isinstance(v, (list, tuple, np.ndarray)) else str(v)
+    for key in columns:
+        v = row.get(key)
+        if isinstance(v, (list, tuple, np.ndarray)):
+            out[key] = [str(x) for x in v]
+        elif v is not None and not (isinstance(v, float) and np.isnan(v)):
+            out[key] = str(v)
     return out
 
 
@@ -155,7 +157,8 @@ class InfluenceExplorer(_Widget):
         df = self.result.top(self.query, self.k, self.sign)
         with self.hold_sync():
             self.rows = [dict(rank=int(rank), id=int(r["id"]), score=float(r["score"]),
-                              text=str(r.get("text", "")), meta=_meta(r))
+                              text=str(r.get("text", "")),
+                              meta=_meta(r, self.result.metadata_columns))
                          for rank, r in df.iterrows()]
             first = self.rows[0]["id"] if self.rows else -1
             if first == self.selected:
@@ -245,3 +248,6 @@ class SyntheticLab(_Widget):
         """The last scores: label, text, score (one row per scored sequence)."""
         labels = [lab or f"#{i + 1}" for i, lab in enumerate(self.labels[:len(self.scores)])]
         return pd.DataFrame(dict(label=labels, text=self.scored_texts, score=self.scores))
+
+
+InfluenceResult.view = InfluenceExplorer  # a result in a notebook shows itself as the explorer

@@ -10,7 +10,7 @@ from influence_nb import demo
 from influence_nb.cli import main
 from influence_nb.curvature import Factors
 from influence_nb.results import InfluenceResult
-from influence_nb.search import Retriever
+from influence_nb.retriever import Retriever
 from influence_nb.session import Influence
 
 CORPUS = str(demo.ASSETS / "corpus.parquet")

@@ -14,7 +14,8 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
 from influence_nb import validate
 from influence_nb.curvature import (FactorArgs, Factors, fit_factors, query_gradients,
                                     sequence_gradients)
-from influence_nb.hooks import Capture, find_layers
+from influence_nb.hooks import find_layers
+from influence_nb.passes import Consumer, corpus_pass, source
 from influence_nb.task import Task, get
 
 V = 32  # vocabulary of the tiny models
@@ -94,12 +95,16 @@ def test_capture_masks_padding_and_leaves_model_untouched():
     batch = padded_batch([10, 4])
     for p in model.parameters():
         p.requires_grad_(False)
-    with Capture(model, layers) as cap:
-        cap.start(task.loss_mask(batch))
-        cap.backward(task.training_loss(task.forward(model, batch), batch))
-        for name in cap.a:
-            assert cap.a[name][1, 3:].abs().max() == 0 and cap.delta[name][1, 3:].abs().max() == 0
-            assert cap.a[name][1, :3].abs().min() > 0  # homogeneous column is 1 on real tokens
+
+    class Check(Consumer):  # what every consumer of a pass is handed
+        def update_layer(self, layer, a, delta, batch):
+            assert a[1, 3:].abs().max() == 0 and delta[1, 3:].abs().max() == 0
+            assert a[1, :3].abs().min() > 0  # homogeneous column is 1 on real tokens
+            seen.append(layer.name)
+
+    seen = []
+    corpus_pass(model, layers, source([batch], 2), [Check()], task.training_loss, progress=False)
+    assert sorted(seen) == sorted(layer.name for layer in layers)
     assert all(not p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())

@@ -23,13 +23,13 @@ WORKER = textwrap.dedent("""
     from influence_nb import distributed, scoring
     from influence_nb.cli import main
     if os.environ["RANK"] == "1" and os.environ.get("DIE_AFTER_BATCHES"):
-        score_batch, calls = scoring.Scorer.score_batch, [0]
-        def dying(self, *a, **kw):
+        update, calls = scoring.Scorer.update, [0]
+        def dying(self, *a, **kw):               # Scorer.update: once per scored batch
             calls[0] += 1
             if calls[0] > int(os.environ["DIE_AFTER_BATCHES"]):
                 os._exit(1)                      # a rank that dies mid-scan
-            return score_batch(self, *a, **kw)
-        scoring.Scorer.score_batch = dying
+            return update(self, *a, **kw)
+        scoring.Scorer.update = dying
     distributed.init()
     for argv in json.loads(sys.argv[1]):
         main(argv)

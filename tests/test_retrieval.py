@@ -8,7 +8,8 @@ from influence_nb.data import Corpus
 from influence_nb.hooks import find_layers
 from influence_nb.index import IndexArgs, IndexFileError, SketchIndex
 from influence_nb.scoring import ScoreArgs
-from influence_nb.search import BM25, PowerLawTail, Retriever, recall_at_k, search_size
+from influence_nb.retriever import Retriever
+from influence_nb.search import BM25, PowerLawTail, recall_at_k, search_size
 from influence_nb.session import Influence
 from influence_nb.sketch import SketchArgs, SketchError, Sketches, build_sketches
 

@@ -14,7 +14,9 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from influence_nb.curvature import FactorArgs, fit_factors
 from influence_nb.data import Corpus
 from influence_nb.hooks import find_layers
-from influence_nb.scoring import LowRank, ScoreArgs, Scorer, make_queries, scan, self_influence
+from influence_nb.passes import corpus_pass, source
+from influence_nb.scoring import (LowRank, ScoreArgs, Scorer, make_queries, scan, self_influence,
+                                  token_scores)
 from influence_nb.session import Influence
 
 TEXTS = [f"{w} number {i} is {'odd' if i % 2 else 'even'}." for i, w in
@@ -68,15 +70,25 @@ def test_scores_equal_autograd_inner_products(setup):
 def test_token_sum_equals_layer_sum_equals_total(setup):
     model, corpus, factors, prompts, completions = setup
     queries = make_queries(model, factors, prompts, completions, rank=4)
-    scorer = Scorer(model, queries)
+    layers = find_layers(model, queries.layer_names)
     batch = next(corpus.batches(6))
-    layer_scores, tokens = scorer.score_batch(batch, per_token=True)
+    scorer = Scorer(queries, layers, 6, per_token=True)
+    layer_scores, per_seq = corpus_pass(model, layers, source([batch], 6), [scorer],
+                                        progress=False)[0]
+    # (Q, B, T) with the padding the batch has: each row's token scores, zeros after its end
+    tokens = torch.zeros(len(queries), *batch.input_ids.shape, dtype=torch.float64)
+    for b, t in enumerate(per_seq):
+        tokens[:, b, :t.shape[1]] = torch.from_numpy(t)
     total, _, _ = scan(model, queries, corpus, ScoreArgs(rank=4, batch_size=6, chunk_size=6,
                                                          progress=False), ids=range(6))
     np.testing.assert_allclose(tokens.sum(-1), layer_scores.sum(1), rtol=1e-4)
     np.testing.assert_allclose(layer_scores.sum(1), total, rtol=1e-4)
     assert (tokens * (1 - batch.attention_mask)).abs().max() == 0  # padding scores nothing
     assert tokens.abs().max() > 0
+    # and a padded row scores its tokens exactly as the sequence alone
+    short = int(batch.attention_mask.sum(1).argmin())
+    alone = token_scores(model, queries, corpus, [int(batch.ids[short])])[0][0]
+    np.testing.assert_allclose(per_seq[short], alone, rtol=1e-6, atol=1e-12)
 
 
 def test_dense_and_factorised_paths_agree(setup, monkeypatch):

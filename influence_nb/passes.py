@@ -1,0 +1,299 @@
+"""One pass over training sequences, many consumers: the only forward + backward loop.
+
+Everything influence_nb computes over a corpus is the same sweep::
+
+    for each batch (length-bucketed, on the model's device, within the model's context):
+        losses = loss(model(batch))                       # (B,) log-likelihood, Fisher or f
+        for each tracked layer ℓ, as the backward reaches it:
+            consumer.update_layer(ℓ, ā, δ, batch)         # ā (B, T, in+1), δ (B, T, out)
+        consumer.update(batch)                            # once the batch is complete
+    results = [consumer.finish() for each consumer]
+
+A :class:`Consumer` reduces a layer as soon as its δ is known (:class:`~influence_nb.hooks.
+Capture` hands them over one layer at a time), so no float32 copy of every layer's ā and δ is
+held at once. Several consumers that need the gradient of the same loss share one sweep (e.g.
+sketches and self-influence). The covariance and eigenvalue-correction passes of a fit, the
+scorer (total, per layer, per token), self-influence, the sketcher and the query gradients are
+all consumers (in :mod:`~influence_nb.curvature`, :mod:`~influence_nb.scoring`,
+:mod:`~influence_nb.sketch`).
+
+The pass owns: batching (a :class:`Source`: a Corpus and ids, bucketed by length, or any
+batches), device placement, the context-length check, ``max_examples``, Fisher-label sampling
+(batch k draws from a generator seeded with (seed, k): the same labels in every pass and on
+every rank), sharding of batches over torch.distributed ranks, eval mode and progress.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from einops import einsum
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .hooks import Capture, TrackedLayer, context_length, eval_mode, stat_dtype
+from .task import Task, get, to_device
+
+LOSSES = ("loglik", "fisher", "measurement")
+
+
+@dataclass
+class PassBatch:
+    """What a consumer sees of one batch.
+
+    k:      global index of the batch in the pass (seeds its Fisher labels)
+    rows:   (B,) positions of the batch's sequences in the pass's order (the ``ids`` asked
+            for, or a running count for plain batches): where a consumer writes its outputs
+    ids:    (B,) corpus ids, or None for plain batches
+    data:   the batch on the model's device (Mapping or object, see :func:`~influence_nb.task.get`)
+    mask:   (B, T) bool, the scored positions
+    tokens: (n,) int64 indices of the scored positions in the flattened (B·T) batch, n of them
+            (found once per batch: the pass's one host synchronisation before the backward)
+    losses: (B,) the values whose gradient δ is, detached (set before :meth:`Consumer.update`)
+    """
+    k: int
+    rows: np.ndarray
+    ids: np.ndarray | None
+    data: object
+    mask: Tensor
+    tokens: Tensor
+    losses: Tensor | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class Consumer:
+    """Something computed from one pass: override :meth:`update_layer` (and :meth:`update`,
+    :meth:`finish`). A consumer sees every tracked layer of every batch, in backward order
+    (last layer first)."""
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        """ā (B, T, in+1) and δ (B, T, out) of ``layer``, float32 (float64 for a float64
+        model), zero at unscored positions. Valid only during the call."""
+
+    def update(self, batch: PassBatch) -> None:
+        """The batch is complete (every layer seen, values checked finite)."""
+
+    def finish(self) -> Any:
+        """The pass is over: the result (collectives over ranks happen here)."""
+
+
+class Gradients(Consumer):
+    """Per-sequence gradients DW_b = Σ_t δ_bt ā_btᵀ of every layer, kept whole:
+    -> ({name: (N, out, in+1)}, loss values (N,)) in the pass's row order. For a few sequences
+    (queries, tests): N · Σ out·(in+1) values."""
+
+    def __init__(self, layers: Sequence[TrackedLayer]) -> None:
+        self.parts: dict[str, list[Tensor]] = {t.name: [] for t in layers}  # module order
+        self.batch: dict[str, Tensor] = {}
+        self.rows: list[np.ndarray] = []
+        self.losses: list[Tensor] = []
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        self.batch[layer.name] = einsum(delta, a, "b t o, b t i -> b o i")
+
+    def update(self, batch: PassBatch) -> None:
+        for name, DW in self.batch.items():
+            self.parts[name].append(DW)
+        self.rows.append(batch.rows)
+        self.losses.append(batch.losses)
+        self.batch = {}
+
+    def finish(self) -> tuple[dict[str, Tensor], Tensor]:
+        order = torch.from_numpy(np.argsort(np.concatenate(self.rows), kind="stable"))
+        DW = {n: torch.cat(p)[order.to(p[0].device)] for n, p in self.parts.items()}
+        losses = torch.cat(self.losses)
+        return DW, losses[order.to(losses.device)]
+
+
+def as_ids(ids: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
+    """Corpus ids as int64 (default: all n), refusing booleans, fractions and ids out of range."""
+    if ids is None:
+        return np.arange(n, dtype=np.int64)
+    arr = np.asarray(ids)
+    if arr.dtype == bool:
+        raise TypeError("ids is a boolean mask; pass the ids themselves: np.flatnonzero(mask)")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
+            raise TypeError(f"ids must be integers, got {arr.dtype}; pass corpus row numbers")
+    arr = arr.astype(np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        bad = arr[(arr < 0) | (arr >= n)][0]
+        raise IndexError(f"id {bad} is out of range for a corpus of {n} sequences")
+    return arr
+
+
+@dataclass
+class Source:
+    """Batches for a pass.
+
+    batches:     a fresh iterable per call of (rows (B,), batch); ``rows`` index the order
+                 the ids were asked in, so consumers can undo the length bucketing
+    total:       sequences a pass will see, if known
+    fingerprint: the corpus fingerprint, if known
+    """
+    batches: Callable[[], Iterable[tuple[np.ndarray, object]]]
+    total: int | None
+    fingerprint: str | None
+
+
+def source(data: object, batch_size: int, ids: Sequence[int] | None = None,
+           max_examples: int | None = None, window: int | None = None,
+           passes: int = 1) -> Source:
+    """A :class:`Source` from a Corpus (``.batches``, ``.by_length``), a zero-argument callable
+    returning batches, or a re-iterable of batches (a list); a one-shot iterator serves one pass.
+
+    For a Corpus: ``ids`` (default all), cut to the first ``max_examples`` (a corpus is in no
+    particular order, so the cut is an unbiased sample), then bucketed by length within
+    windows of ``window`` ids (default 64 batches), so batches carry little padding.
+    """
+    if callable(getattr(data, "batches", None)):
+        ids = as_ids(ids, len(data))[:max_examples]
+        perm = np.arange(len(ids))
+        if callable(getattr(data, "by_length", None)):
+            perm = data.by_length(ids, window or 64 * batch_size)
+
+        def corpus_batches() -> Iterator[tuple[np.ndarray, object]]:
+            for s, batch in zip(range(0, len(ids), batch_size),
+                                data.batches(batch_size, ids=ids[perm])):
+                yield perm[s:s + batch_size], batch
+
+        return Source(corpus_batches, len(ids), getattr(data, "fingerprint", None))
+    if ids is not None:
+        raise TypeError("ids select sequences of a Corpus; these are plain batches")
+    if callable(data):
+        make = data
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+        if iter(data) is data and passes > 1:
+            raise ValueError(f"the batches are a one-shot iterator but {passes} passes are "
+                             "needed; pass a list, the Corpus, or a callable: "
+                             "lambda: corpus.batches(16)")
+        make = lambda: data  # noqa: E731
+    else:
+        raise TypeError(f"cannot run a pass over a {type(data).__name__}; pass a Corpus, a list "
+                        "of batches or a callable returning an iterable of batches")
+
+    def plain_batches() -> Iterator[tuple[np.ndarray, object]]:
+        seen = 0
+        for batch in make():
+            B = get(batch, "input_ids").shape[0]
+            yield np.arange(seen, seen + B), batch
+            seen += B
+
+    return Source(plain_batches, None, None)
+
+
+def label_generator(seed: int, k: int, device: torch.device) -> torch.Generator:
+    """The generator of batch k's Fisher labels, seeded from (seed, k): a batch draws the same
+    labels in every pass and on whichever rank runs it."""
+    hi, lo = np.random.SeedSequence([seed, k]).generate_state(2)
+    return torch.Generator(device=device).manual_seed(int(hi) << 32 | int(lo))
+
+
+def loss_values(task: Task, loss: str | Callable[[Tensor, object], Tensor], logits: Tensor,
+                batch: object, seed: int, k: int) -> Tensor:
+    """(B,) the values a pass differentiates: ``"loglik"`` Σ_t log p (the training
+    log-likelihood, whose gradient the scores use), ``"fisher"`` the pseudo-loss with labels
+    from :func:`label_generator`, ``"measurement"`` f = log p(completion | prompt), or a
+    callable (logits, batch) -> (B,)."""
+    if callable(loss):
+        return loss(logits, batch)
+    if loss == "loglik":
+        return -task.training_loss(logits, batch)
+    if loss == "fisher":
+        return task.fisher_loss(logits, batch, label_generator(seed, k, logits.device))
+    if loss == "measurement":
+        return task.measurement(logits, batch)
+    raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES} or a callable")
+
+
+def _take(batch: object, n: int) -> object:
+    """The first n rows of every tensor field of a batch (same type for a Mapping)."""
+    fields = batch if isinstance(batch, Mapping) else vars(batch)
+    cut = {k: v[:n] if isinstance(v, (Tensor, np.ndarray)) else v for k, v in fields.items()}
+    return cut if isinstance(batch, Mapping) else type(batch)(**cut)
+
+
+def prepared(model: nn.Module, src: Source, max_examples: int | None = None,
+             shard: bool = False) -> Iterator[tuple[int, np.ndarray, object]]:
+    """(k, rows, batch on the model's device) for each batch of ``src`` this rank runs: at
+    most ``max_examples`` sequences (a batch across the limit is cut), each batch checked
+    against the model's context; with ``shard`` only batches k ≡ rank (mod W). An empty
+    source is an error."""
+    device = next(model.parameters()).device
+    n_ctx = context_length(model)
+    rank, world = distributed.rank_world() if shard else (0, 1)
+    seen = 0
+    for k, (rows, batch) in enumerate(src.batches()):
+        if max_examples is not None and seen >= max_examples:
+            break
+        B, T = get(batch, "input_ids").shape
+        if max_examples is not None and seen + B > max_examples:
+            B = max_examples - seen
+            batch, rows = _take(batch, B), rows[:B]
+        if n_ctx is not None and T > n_ctx:
+            raise ValueError(f"a batch holds sequences of {T} tokens, longer than the model's "
+                             f"context of {n_ctx}; re-chunk the corpus with max_len ≤ {n_ctx}")
+        seen += B
+        if k % world == rank:
+            yield k, rows, to_device(batch, device)
+    if seen == 0:
+        raise ValueError("no training sequences: the corpus (or iterable of batches) is empty; "
+                         "give at least one non-empty batch")
+
+
+def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
+                consumers: Sequence[Consumer], loss: str | Callable = "loglik",
+                task: Task | None = None, seed: int = 0, max_examples: int | None = None,
+                shard: bool = False, progress: bool | tqdm = True, desc: str = "pass"
+                ) -> list[Any]:
+    """Run the model over ``src`` once and feed every consumer; -> their ``finish()`` values.
+
+    ``loss``: see :func:`loss_values`. ``max_examples``, ``shard``: see :func:`prepared`
+    (consumers reduce over the ranks in ``finish``). ``progress``: a bar of its own, none,
+    or a tqdm bar to advance.
+    """
+    task = task or Task()
+    world = distributed.rank_world()[1] if shard else 1
+    known = [x for x in (src.total, max_examples) if x is not None]
+    bar = progress if isinstance(progress, tqdm) else tqdm(
+        total=-(-min(known) // world) if known else None, desc=desc, unit="seq",
+        disable=not progress)
+    try:
+        with eval_mode(model), Capture(model, layers, stat_dtype(model)) as cap:
+            for k, rows, batch in prepared(model, src, max_examples, shard):
+                ids = None if isinstance(batch, Mapping) else getattr(batch, "ids", None)
+                mask = task.loss_mask(batch)
+                pb = PassBatch(k, rows, None if ids is None else np.asarray(ids), batch, mask,
+                               mask.flatten().nonzero().squeeze(1))
+                cap.start(mask)
+                with torch.enable_grad():
+                    losses = loss_values(task, loss, task.forward(model, batch), batch, seed, k)
+                    cap.backward(losses, lambda layer, a, d: [c.update_layer(layer, a, d, pb)
+                                                              for c in consumers])
+                pb.losses = losses.detach()
+                for c in consumers:
+                    c.update(pb)
+                bar.update(len(rows))
+    finally:
+        if bar is not progress:
+            bar.close()
+    return [c.finish() for c in consumers]
+
+
+def chunks(n: int, chunk_size: int, shard: bool = True) -> list[int]:
+    """Start positions of the chunks of ``chunk_size`` out of n that this rank computes
+    (chunk c on rank c mod W); all of them outside torch.distributed or without ``shard``."""
+    rank, world = distributed.rank_world() if shard else (0, 1)
+    return [s for c, s in enumerate(range(0, n, chunk_size)) if c % world == rank]

@@ -1,0 +1,134 @@
+"""On-disk artifacts: atomic writes, appends that survive a kill, manifests, checksummed chunks.
+
+Every artifact influence_nb writes (factors, scans, sketches, index, results) goes through
+here, so that one set of rules holds for all of them:
+
+- a file is written to a temporary name in its directory, fsynced, then renamed into place:
+  a reader sees the old file or the new one, never a part (:func:`atomic_write`);
+- append-only data files grow by fsynced appends and are cut back to the length their
+  manifest commits to before the next append (:func:`append`, :func:`truncate`): the manifest,
+  rewritten atomically last, is what makes rows exist;
+- a manifest is JSON with a ``format`` field; a missing, unreadable or foreign one is a
+  one-line error of the artifact's own exception class naming the fix (:func:`read_manifest`);
+- a chunk store (:class:`ChunkStore`) keeps one ``.npz`` per chunk of a long computation
+  under a manifest of what is computed, each with its CRC-32 inside, so a restarted job skips
+  finished chunks and a changed job is refused.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path``: temporary name, fsync, rename (a reader never sees a part)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """:func:`atomic_write` of ``obj`` as indented JSON."""
+    atomic_write(path, json.dumps(obj, indent=1).encode())
+
+
+def append(path: str | os.PathLike, data: bytes) -> None:
+    """Append ``data`` to ``path`` and fsync (rows a manifest will commit to afterwards)."""
+    with open(path, "ab") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def truncate(path: str | os.PathLike, size: int) -> None:
+    """Cut ``path`` (created when absent) to ``size`` bytes: drops an interrupted append."""
+    with open(path, "ab") as fh:
+        fh.truncate(size)
+
+
+def crc32(data: bytes | np.ndarray) -> int:
+    """CRC-32 of bytes or of an array's memory (made contiguous)."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data)
+    return zlib.crc32(data)
+
+
+def read_manifest(file: str | os.PathLike, fmt: str, error: type[Exception], fix: str) -> dict:
+    """The JSON manifest ``file`` of format ``fmt``; missing, corrupt or foreign -> one-line
+    ``error`` that ends with ``fix`` (how to rebuild)."""
+    file = Path(file)
+    if not file.exists():
+        raise error(f"{file} is missing; {fix}")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise error(f"{file} is corrupt or not a manifest of format {fmt!r}; {fix}")
+    return manifest
+
+
+class ChunkStore:
+    """Chunk files ``chunk_{start}.npz`` (ids, arrays, CRC-32) under ``manifest.json``, the
+    description of what is computed; a store whose description differs is another
+    computation and is refused.
+
+    ``read(start, ids)`` -> the chunk's arrays, or None when the chunk is not done yet.
+    """
+
+    FORMAT = "influence_nb.chunks/1"
+
+    def __init__(self, root: str | os.PathLike, description: dict, what: str = "scan"):
+        self.root, self.what = Path(root), what
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.description = json.loads(json.dumps(description))  # as it reads back from JSON
+        path = self.root / "manifest.json"
+        if path.exists():
+            old = read_manifest(path, self.FORMAT, ValueError,
+                                f"delete {self.root} and run the {what} again")["description"]
+            if old != self.description:
+                diff = [k for k in self.description if old.get(k) != self.description[k]]
+                raise ValueError(f"{self.root} holds a {what} of other {', '.join(diff)}; resume "
+                                 "with the same inputs or use a new out_dir")
+        else:
+            write_json(path, dict(format=self.FORMAT, description=self.description))
+
+    def _file(self, start: int) -> Path:
+        return self.root / f"chunk_{start:010d}.npz"
+
+    def read(self, start: int, ids: np.ndarray) -> dict[str, np.ndarray] | None:
+        path = self._file(start)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, zlib.error) as e:
+            raise ValueError(f"{path} is unreadable ({e}); delete it and resume the "
+                             f"{self.what}") from None
+        crc = int(arrays.pop("crc32"))
+        if crc != zlib.crc32(b"".join(np.ascontiguousarray(arrays[k]).tobytes()
+                                      for k in sorted(arrays))):
+            raise ValueError(f"{path} is corrupt (fails its CRC-32); delete it and resume the "
+                             f"{self.what}")
+        if not np.array_equal(arrays.pop("ids"), ids):
+            raise ValueError(f"{path} holds other sequences than this {self.what}; use a new "
+                             "out_dir")
+        return arrays
+
+    def write(self, start: int, ids: np.ndarray, **arrays: np.ndarray) -> None:
+        arrays = dict(arrays, ids=np.asarray(ids))
+        crc = zlib.crc32(b"".join(np.ascontiguousarray(arrays[k]).tobytes()
+                                  for k in sorted(arrays)))
+        buf = io.BytesIO()
+        np.savez(buf, crc32=np.int64(crc), **arrays)
+        atomic_write(self._file(start), buf.getvalue())
