@@ -116,6 +116,8 @@ def compare(model: nn.Module, data: object, prompts: Sequence[Sequence[int]],
     Returns {"spearman" | "pearson": {reference: {strategy: mean over queries}},
     "exact": {reference: (Q, N)}, "scores": {strategy: (Q, N)}, "lissa": {seconds, depth,
     batch_size, passes (data passes a real model would pay)}, "factors": Factors, "n_params"}.
+    Scores have :func:`~influence_nb.scoring.scan`'s sign and values. ``lissa_depth`` 0 leaves
+    LiSSA out (no "lissa" entries).
     """
     args, task = args or FactorArgs(progress=False), task or Task()
     layers = find_layers(model, args.layers)
@@ -133,12 +135,12 @@ def compare(model: nn.Module, data: object, prompts: Sequence[Sequence[int]],
              for ref, M in (("layerwise", G * within), ("full", G))}
     scores = {s: flatten(factors.precondition(q.grads, s), names) @ L.T
               for s in ("identity", "kfac", "ekfac")}
-    start = time.perf_counter()
-    scores["lissa"] = lissa(J, F.T, lam, lissa_depth, lissa_batch, seed=args.seed).T @ L.T
-    seconds = time.perf_counter() - start
-    report = {"exact": exact, "scores": scores, "factors": factors, "n_params": G.shape[0],
-              "lissa": {"seconds": seconds, "depth": lissa_depth, "batch_size": lissa_batch,
-                        "passes": lissa_depth * lissa_batch / len(J)}}
+    report = {"exact": exact, "scores": scores, "factors": factors, "n_params": G.shape[0]}
+    if lissa_depth:
+        start = time.perf_counter()
+        scores["lissa"] = lissa(J, F.T, lam, lissa_depth, lissa_batch, seed=args.seed).T @ L.T
+        report["lissa"] = {"seconds": time.perf_counter() - start, "depth": lissa_depth,
+                           "batch_size": lissa_batch, "passes": lissa_depth * lissa_batch / len(J)}
     for name, corr in (("spearman", spearman), ("pearson", pearson)):
         report[name] = {ref: {s: float(np.mean([corr(ex[k], v[k]) for k in range(len(ex))]))
                               for s, v in scores.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -305,7 +306,7 @@ def test_scores_match_the_exact_damped_fisher():
     """Random init (K-FAC's assumptions hold well): EK-FAC Spearman ≥ 0.95 against the exact
     layer-wise damped Fisher, averaged over 12 queries, and EK-FAC ≥ K-FAC ≥ identity."""
     model, data, prompts, completions = validate.toy_problem(n_sequences=2048)
-    r = validate.compare(model, data, prompts, completions, lissa_depth=500)
+    r = validate.compare(model, data, prompts, completions, lissa_depth=0)
     rho = r["spearman"]["layerwise"]
     assert len(r["exact"]["layerwise"]) == 12 and r["factors"].n_examples == 2048
     assert rho["ekfac"] >= 0.95
@@ -317,7 +318,7 @@ def test_trained_model_orders_the_strategies():
     """After training, K-FAC's independence of ā and δ fails more (EK-FAC ≈ 0.86 here): the
     eigenvalue correction must still beat K-FAC, and K-FAC the gradient dot product."""
     model, data, prompts, completions = validate.toy_problem(n_sequences=1024, train_steps=200)
-    rho = validate.compare(model, data, prompts, completions, lissa_depth=10)["spearman"]
+    rho = validate.compare(model, data, prompts, completions, lissa_depth=0)["spearman"]
     assert rho["layerwise"]["ekfac"] >= rho["layerwise"]["kfac"] + 0.01
     assert rho["layerwise"]["kfac"] >= rho["layerwise"]["identity"] + 0.05
     assert rho["full"]["ekfac"] >= rho["full"]["kfac"] >= rho["full"]["identity"]
@@ -371,3 +372,62 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         Factors.load(tmp_path / "f", model)
     with pytest.raises(FileNotFoundError, match="no fitted factors"):
         Factors.load(tmp_path / "nothing")
+
+
+def test_compare_scores_equal_scan_values():
+    """validate.compare reports scores with scan's sign and size: its EK-FAC scores are scan's
+    full-rank scores, value for value (not only rank-correlated)."""
+    from influence_nb.scoring import Scorer, make_queries
+    model, data, prompts, completions = validate.toy_problem(n_sequences=64, train_steps=50)
+    r = validate.compare(model, data, prompts, completions, lissa_depth=0)
+    assert "lissa" not in r["scores"]
+    queries = make_queries(model, r["factors"], prompts, completions, rank=None)
+    layers = find_layers(model, queries.layer_names)
+    # what scan runs on each chunk of a corpus, here on the toy batches
+    layer_scores, _ = corpus_pass(model, layers, source(data, 16),
+                                  [Scorer(queries, layers, 64)], progress=False)[0]
+    scores = layer_scores.sum(1)
+    ekfac = r["scores"]["ekfac"].numpy()
+    np.testing.assert_allclose(scores, ekfac, rtol=1e-6, atol=1e-9 * np.abs(ekfac).max())
+    # and the exact scores carry the same sign: strongly positively correlated, query by query
+    assert r["pearson"]["layerwise"]["ekfac"] > 0.6   # 0.80 measured; a flipped sign: −0.80
+
+
+def test_lissa_converges_to_the_damped_inverse():
+    """LiSSA against the exact (G + λI)⁻¹ V: converged where the damping makes the problem well
+    conditioned, and on the toy problem's default damping closer with every extra depth."""
+    gen = torch.Generator().manual_seed(0)
+    J = torch.randn(512, 40, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 2, 40)
+    V = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    G = J.T @ J / len(J)
+    top = torch.linalg.eigvalsh(G).max()
+    lam = torch.full((40,), 0.5 * top.item(), dtype=torch.float64)
+    exact = torch.linalg.solve(G + torch.diag(lam), V)
+    x = validate.lissa(J, V, lam, depth=8000, batch_size=256)
+    assert ((x - exact).norm(dim=0) / exact.norm(dim=0)).max() < 0.04  # 0.021 measured
+
+    model, data, prompts, completions = validate.toy_problem(n_sequences=512)
+    args = FactorArgs(progress=False)
+    layers = find_layers(model, args.layers)
+    J = validate.per_example_gradients(model, data, layers, Task(), args, "fisher")
+    names = [t.name for t in layers]
+    F = validate.flatten(query_gradients(model, prompts, completions, layers=names).grads, names)
+    lam = validate.exact_damping(J.T @ J / len(J), layers, args)
+    exact = torch.linalg.solve(J.T @ J / len(J) + torch.diag(lam), F.T)
+    errors = [((validate.lissa(J, F.T, lam, depth) - exact).norm() / exact.norm()).item()
+              for depth in (100, 1000, 4000)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_query_gradients_precondition_like_make_queries():
+    """make_queries preconditions through query_gradients (one code path), strategy included."""
+    from influence_nb.scoring import make_queries
+    model, data, prompts, completions = validate.toy_problem(n_sequences=64)
+    factors = fit_factors(model, data, FactorArgs(progress=False))
+    for strategy in ("ekfac", "kfac", "identity"):
+        q = make_queries(model, factors, prompts[:2], completions[:2], rank=None,
+                         strategy=strategy)
+        g = query_gradients(model, prompts[:2], completions[:2], factors, strategy=strategy)
+        for name, lr in q.R.items():
+            torch.testing.assert_close(lr.dense(), g.preconditioned[name], rtol=1e-9,
+                                       atol=1e-12 * g.preconditioned[name].abs().max().item())

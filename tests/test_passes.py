@@ -1,0 +1,169 @@
+"""The one corpus pass and what it owns: several consumers in one sweep, the same numbers as
+separate passes, the context check for every consumer, the batch contract, ids, and the bugs
+that lived in the five copies of the loop."""
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from influence_nb.curvature import FactorArgs, fit_factors
+from influence_nb.data import Corpus
+from influence_nb.hooks import find_layers
+from influence_nb.passes import Gradients, as_ids, corpus_pass, source
+from influence_nb.scoring import (Queries, ScoreArgs, Scorer, SelfInfluence, make_queries, scan,
+                                  self_influence)
+from influence_nb.session import Influence
+from influence_nb.sketch import Projection, SketchArgs, Sketcher, build_sketches
+
+from test_scoring import TEXTS, tiny_model
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    model = tiny_model(len(tokenizer))
+    corpus = Corpus.from_texts(TEXTS, tokenizer, max_len=64)
+    factors = fit_factors(model, corpus, FactorArgs(batch_size=5, progress=False))
+    tok = lambda s: tokenizer(s)["input_ids"]  # noqa: E731
+    queries = make_queries(model, factors, [tok("alpha number"), tok("theta")],
+                           [tok(" 0 is even."), tok(" number 7")], rank=None)
+    return model, corpus, factors, queries
+
+
+def test_one_sweep_feeds_several_consumers_with_the_numbers_of_separate_passes(setup, tmp_path):
+    """Scores, self-influence and sketches from one pass over shuffled ids equal what each
+    computes alone, in the order the ids were asked for (the length bucketing undone)."""
+    model, corpus, factors, queries = setup
+    layers = find_layers(model, factors.layer_names)
+    ids = np.random.default_rng(0).permutation(len(corpus))[:17]
+    proj = Projection(factors, SketchArgs(m=16))
+    consumers = [Scorer(queries, layers, len(ids)), SelfInfluence(factors, len(ids)),
+                 Sketcher(proj, len(ids)), Gradients(layers)]
+    (layer_scores, _), selfinf, sketches, (DW, losses) = corpus_pass(
+        model, layers, source(corpus, 4, ids), consumers, progress=False)
+    alone = scan(model, queries, corpus, ScoreArgs(rank=None, batch_size=8, chunk_size=8,
+                                                  progress=False), ids=ids)
+    np.testing.assert_allclose(layer_scores, alone[1], rtol=1e-9)
+    np.testing.assert_allclose(selfinf, self_influence(model, factors, corpus, 3, ids,
+                                                       progress=False), rtol=1e-9)
+    for r, i in enumerate(ids):  # the gradients are each sequence's own, in the asked order
+        one = corpus_pass(model, layers, source(corpus, 1, [i]), [Gradients(layers)],
+                          progress=False)[0][0]
+        for name in DW:
+            torch.testing.assert_close(DW[name][r], one[name][0], rtol=1e-9, atol=1e-12)
+    # the sketches of the shared sweep are the stored ones (chunk of its own, other bucketing)
+    store = build_sketches(model, factors, corpus, tmp_path, SketchArgs(m=16, progress=False),
+                           ids=ids)
+    np.testing.assert_allclose(sketches.astype(np.float64),
+                               np.asarray(store.data[store.rows_of(ids)], np.float64),
+                               rtol=2e-3, atol=1e-3 * np.abs(sketches).max())
+    assert losses.shape == (len(ids),) and bool((losses < 0).all())  # Σ log p of each sequence
+
+
+def test_every_consumer_checks_the_context_length(setup, tokenizer, tmp_path):
+    """A corpus of sequences longer than the model's context is refused by the fit, the scan,
+    self-influence and the sketch build alike (one check, in the pass)."""
+    model, _, factors, queries = setup
+    long = Corpus.from_texts([" ".join(["alpha"] * 100)], tokenizer, max_len=100)
+    assert long.max_len > model.config.max_position_embeddings
+    calls = [lambda: fit_factors(model, long, FactorArgs(progress=False)),
+             lambda: scan(model, queries, long, ScoreArgs(progress=False)),
+             lambda: self_influence(model, factors, long, progress=False),
+             lambda: build_sketches(model, factors, long, tmp_path,
+                                    SketchArgs(m=16, progress=False))]
+    for call in calls:
+        with pytest.raises(ValueError, match="longer than the model's context of 64"):
+            call()
+
+
+def test_batches_as_mappings_objects_and_dataclasses(setup):
+    """One batch contract: a dict, an object with .to, or a plain object with tensor fields give
+    the same factors."""
+    model, corpus, _, _ = setup
+    batches = list(corpus.batches(6))
+
+    @dataclass
+    class Plain:  # no .to: the pass moves its tensors itself
+        input_ids: torch.Tensor
+        attention_mask: torch.Tensor
+
+    args = FactorArgs(progress=False)
+    fits = [fit_factors(model, [dict(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                                for b in batches], args),
+            fit_factors(model, batches, args),
+            fit_factors(model, [Plain(b.input_ids, b.attention_mask) for b in batches], args)]
+    for f in fits[1:]:
+        for name, lf in f.layers.items():
+            torch.testing.assert_close(lf.Lambda, fits[0].layers[name].Lambda)
+    assert fits[0].n_tokens == fits[2].n_tokens > 0
+
+
+def test_ids_must_be_integers(setup):
+    model, corpus, factors, queries = setup
+    args = ScoreArgs(rank=None, progress=False)
+    with pytest.raises(TypeError, match="boolean mask"):
+        scan(model, queries, corpus, args, ids=np.arange(len(corpus)) < 3)
+    with pytest.raises(TypeError, match="boolean mask"):
+        self_influence(model, factors, corpus, ids=[True, False, True], progress=False)
+    with pytest.raises(TypeError, match="integers"):
+        as_ids([0.5, 1.0], 10)
+    with pytest.raises(IndexError, match="out of range"):
+        scan(model, queries, corpus, args, ids=[0, len(corpus)])
+    assert as_ids(np.array([2.0, 0.0]), 3).tolist() == [2, 0]
+
+
+def test_concatenated_queries_keep_their_factors_and_are_searchable(setup, tmp_path):
+    """Queries.concat keeps the one factors id (so sketch search takes concatenated queries) and
+    refuses queries preconditioned with different factors."""
+    model, corpus, factors, queries = setup
+    both = Queries.concat([queries, queries])
+    assert both.factors_id == queries.factors_id == factors.factors_id()
+    assert len(both) == 4 and both.rank is None
+    store = build_sketches(model, factors, corpus, tmp_path, SketchArgs(m=16, progress=False))
+    x = store.query_sketches(model, factors, both)
+    np.testing.assert_allclose(x[:2], x[2:])
+    other = fit_factors(model, corpus, FactorArgs(batch_size=5, damping_factor=0.5,
+                                                  progress=False))
+    q_other = make_queries(model, other, queries.prompts, queries.completions, rank=None)
+    with pytest.raises(ValueError, match="different factors_id"):
+        Queries.concat([queries, q_other])
+
+
+def test_factor_cache_key_includes_the_batch_size(setup, tokenizer, tmp_path, monkeypatch):
+    """The length buckets and the seeded per-batch Fisher labels depend on the batch size: a
+    fit with another batch size is not served from the cache."""
+    model, corpus, _, _ = setup
+    monkeypatch.setenv("INFLUENCE_NB_CACHE", str(tmp_path))
+    inf = Influence(model, tokenizer, corpus)
+    a = inf.fit(FactorArgs(batch_size=5, progress=False), cache=True)
+    b = inf.fit(FactorArgs(batch_size=7, progress=False), cache=True)
+    again = inf.fit(FactorArgs(batch_size=5, progress=True), cache=True)  # bars: same key
+    assert len(list(tmp_path.glob("factors-*"))) == 2
+    assert a.factors_id() == again.factors_id() != b.factors_id()
+    name = next(iter(a.layers))
+    assert not torch.allclose(a.layers[name].Lambda, b.layers[name].Lambda)
+
+
+def test_session_scan_uses_the_rank_it_is_given(setup, tokenizer):
+    model, corpus, factors, _ = setup
+    inf = Influence(model, tokenizer, corpus, factors, ScoreArgs(rank=None, progress=False))
+    pair = ("alpha number", " 0 is even.")
+    full = inf.scan(pair).scores
+    one = inf.scan(pair, args=ScoreArgs(rank=1, progress=False)).scores
+    assert not np.allclose(full, one, rtol=1e-3)
+    np.testing.assert_allclose(one, inf.scan(inf.queries(pair, rank=1)).scores, rtol=1e-12)
+
+
+def test_factors_checksum_refuses_flipped_bytes(setup, tmp_path):
+    _, _, factors, _ = setup
+    factors.save(tmp_path)
+    blob = bytearray((tmp_path / "factors.safetensors").read_bytes())
+    blob[-5] ^= 0x40
+    (tmp_path / "factors.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="SHA-256"):
+        type(factors).load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt or not a manifest"):
+        type(factors).load(tmp_path)
+    assert json.loads(json.dumps(factors.manifest()))["format"].endswith("/2")
