@@ -22,7 +22,7 @@ import importlib.metadata
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import safetensors.torch
@@ -114,6 +114,8 @@ class Factors:
     model_fingerprint: str
     corpus_fingerprint: str | None = None
     empirical_fisher: bool = False
+    # λ_ℓ per (layer, strategy, settings), read from the device once, not per batch
+    _damping: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def layer_names(self) -> list[str]:
@@ -134,8 +136,11 @@ class Factors:
         """λ_ℓ: the absolute override, or damping_factor · mean(Λ_ℓ)."""
         if self.args.damping is not None:
             return float(self.args.damping)
-        Lambda = self.layers[name].eigenvalues(strategy or self.args.strategy)
-        return self.args.damping_factor * Lambda.mean().item()
+        key = (name, strategy or self.args.strategy, self.args.damping_factor)
+        if key not in self._damping:
+            Lambda = self.layers[name].eigenvalues(key[1])
+            self._damping[key] = self.args.damping_factor * Lambda.mean().item()
+        return self._damping[key]
 
     def _strategy(self, strategy: str | None) -> str:
         strategy = strategy or self.args.strategy
@@ -327,8 +332,10 @@ class EigenvalueCorrection(Consumer):
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
-        G = rotated_gradients(a, delta, batch.tokens, self.layers[layer.name])
-        self.Lambda[layer.name] += (G ** 2).sum(0)
+        f, (o, i) = self.layers[layer.name], layer.shape
+        for group, tokens in batch.groups(2 * o * i * a.element_size()):  # DW and its square
+            G = rotated_gradients(a[group], delta[group], tokens, f)
+            self.Lambda[layer.name] += (G ** 2).sum(0)
 
     def update(self, batch: PassBatch) -> None:
         self.n_seq += len(batch)

@@ -39,6 +39,7 @@ from .hooks import Capture, TrackedLayer, context_length, eval_mode, stat_dtype
 from .task import Task, get, to_device
 
 LOSSES = ("loglik", "fisher", "measurement")
+GROUP_BYTES = 64 << 20  # per-sequence tensors a consumer forms at once (see PassBatch.groups)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class PassBatch:
     mask:   (B, T) bool, the scored positions
     tokens: (n,) int64 indices of the scored positions in the flattened (B·T) batch, n of them
             (found once per batch: the pass's one host synchronisation before the backward)
+    counts: (B,) scored positions per sequence, on the host
     losses: (B,) the values whose gradient δ is, detached (set before :meth:`Consumer.update`)
     """
     k: int
@@ -61,11 +63,24 @@ class PassBatch:
     data: object
     mask: Tensor
     tokens: Tensor
+    counts: np.ndarray
     losses: Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    def groups(self, bytes_per_sequence: int) -> Iterator[tuple[slice, Tensor]]:
+        """The batch cut into groups of sequences whose per-sequence tensors (e.g. DW, out·in
+        values) take at most :data:`GROUP_BYTES` together -> (slice of the batch, flat indices
+        of the group's scored positions within the group). Bounds a consumer's memory on wide
+        layers at no cost in arithmetic."""
+        B, T = self.mask.shape
+        step = max(1, GROUP_BYTES // max(1, bytes_per_sequence))
+        start = np.concatenate([[0], np.cumsum(self.counts)])
+        for s in range(0, B, step):
+            e = min(B, s + step)
+            yield slice(s, e), self.tokens[int(start[s]):int(start[e])] - s * T
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -276,7 +291,7 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
                 ids = None if isinstance(batch, Mapping) else getattr(batch, "ids", None)
                 mask = task.loss_mask(batch)
                 pb = PassBatch(k, rows, None if ids is None else np.asarray(ids), batch, mask,
-                               mask.flatten().nonzero().squeeze(1))
+                               mask.flatten().nonzero().squeeze(1), mask.sum(1).cpu().numpy())
                 cap.start(mask)
                 with torch.enable_grad():
                     losses = loss_values(task, loss, task.forward(model, batch), batch, seed, k)

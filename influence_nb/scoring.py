@@ -182,9 +182,10 @@ class Scorer(Consumer):
             if self.per_token:
                 self._tok = tok if self._tok is None else self._tok + tok
         else:
-            DW = einsum(delta, a, "b t o, b t i -> b o i")
-            self._batch[self.index[layer.name]] = einsum(self._R_dense(layer.name).to(DW), DW,
-                                                         "q o i, b o i -> q b")
+            R = self._R_dense(layer.name).to(a)
+            self._batch[self.index[layer.name]] = torch.cat([  # DW per group of sequences
+                einsum(R, einsum(delta[g], a[g], "b t o, b t i -> b o i"), "q o i, b o i -> q b")
+                for g, _ in batch.groups(layer.shape[0] * layer.shape[1] * a.element_size())], 1)
         # one host copy per batch, in update (no synchronisation per layer)
 
     def update(self, batch: PassBatch) -> None:
@@ -287,8 +288,11 @@ class SelfInfluence(Consumer):
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
-        DW = einsum(delta, a, "b t o, b t i -> b o i")
-        s = (self.factors.precondition_layer(layer.name, DW).to(DW) * DW).sum((-2, -1))
+        s = []
+        for g, _ in batch.groups(3 * layer.shape[0] * layer.shape[1] * a.element_size()):
+            DW = einsum(delta[g], a[g], "b t o, b t i -> b o i")  # with its two rotations
+            s.append((self.factors.precondition_layer(layer.name, DW).to(DW) * DW).sum((-2, -1)))
+        s = torch.cat(s)
         self._sum = s if self._sum is None else self._sum + s
 
     def update(self, batch: PassBatch) -> None:

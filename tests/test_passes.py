@@ -167,3 +167,25 @@ def test_factors_checksum_refuses_flipped_bytes(setup, tmp_path):
     with pytest.raises(ValueError, match="corrupt or not a manifest"):
         type(factors).load(tmp_path)
     assert json.loads(json.dumps(factors.manifest()))["format"].endswith("/2")
+
+
+def test_grouping_sequences_changes_no_number(setup, monkeypatch):
+    """Consumers that form per-sequence gradients do so in groups bounded by GROUP_BYTES: one
+    sequence at a time gives the same Λ, dense-path scores and self-influence."""
+    model, corpus, factors, queries = setup
+    monkeypatch.setattr("influence_nb.scoring._use_dense", lambda *a: True)
+    args = ScoreArgs(rank=None, batch_size=8, chunk_size=8, progress=False)
+
+    def run():
+        f = fit_factors(model, corpus, FactorArgs(batch_size=5, progress=False))
+        return (f, scan(model, queries, corpus, args)[1],
+                self_influence(model, factors, corpus, 8, progress=False))
+
+    whole = run()
+    monkeypatch.setattr("influence_nb.passes.GROUP_BYTES", 1)
+    single = run()
+    for name, lf in whole[0].layers.items():
+        torch.testing.assert_close(single[0].layers[name].Lambda, lf.Lambda, rtol=1e-10,
+                                   atol=1e-12 * lf.Lambda.max().item())
+    np.testing.assert_allclose(single[1], whole[1], rtol=1e-10)
+    np.testing.assert_allclose(single[2], whole[2], rtol=1e-10)
