@@ -14,8 +14,9 @@ of each figure per tree. Figures:
   50 queries at rank 32 (1,024 sequences, batch 32): a ratio of times, lower is better;
 - ``sketch_ratio``: sketch build (m = 256) ÷ plain fwd+bwd (1,024 sequences, batch 32);
 - ``fit_peak_mb`` / ``scan_peak_mb``: the rise of the process's peak resident memory during a
-  fit at batch 32 (VmHWM reset just before it), on the demo model and on a wider tiny
-  GPT-NeoX (hidden 512, MLP 2048, 4 layers, 128-token sequences).
+  fit (or a one-query scan) at batch 32 (VmHWM reset just before it), on the demo model and on
+  a wider tiny GPT-NeoX (hidden 512, MLP 2048, 4 layers, 128-token sequences);
+  ``plain_peak_mb``: the same for one plain forward + backward at batch 32, the floor.
 """
 from __future__ import annotations
 
@@ -126,11 +127,16 @@ def child(kind: str) -> dict:
             q = make_queries(model, factors, [ids[:2]], [ids[2:]], rank=32)
         before = _rss_mb("VmRSS")
         _reset_peak()
+        plain(model, batches)  # what one training step's forward + backward takes
+        plain_rise = _rss_mb("VmHWM") - before
+        before = _rss_mb("VmRSS")
+        _reset_peak()
         if kind.startswith("scan"):
             scan(model, q, corpus, ScoreArgs(batch_size=32, progress=False), ids=np.arange(n))
         else:
             fit_factors(model, corpus, FactorArgs(batch_size=32, max_examples=n, progress=False))
-        out.update(peak_rise_mb=_rss_mb("VmHWM") - before, rss_before_mb=before)
+        out.update(peak_rise_mb=_rss_mb("VmHWM") - before, plain_peak_rise_mb=plain_rise,
+                   rss_before_mb=before)
     return out
 
 
@@ -152,7 +158,10 @@ def main() -> None:
     for _ in range(a.repeats):
         for kind in a.kinds.split(","):
             for name, root in trees.items():  # alternate, so machine load hits both alike
-                env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+                # large blocks straight from mmap, returned on free: resident memory follows
+                # the live tensors, so the peak is theirs, not the allocator's cache
+                env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1",
+                           MALLOC_MMAP_THRESHOLD_="65536")
                 res = subprocess.run([sys.executable, __file__, "--before", a.before, "--child",
                                       kind], capture_output=True, text=True, env=env, cwd=root)
                 if res.returncode:
@@ -167,7 +176,8 @@ def main() -> None:
             for key in rows[0]:
                 if key in ("tree", "plain_s", "rss_before_mb"):
                     continue
-                label = key if not key.startswith("peak") else f"{kind.split('_')[0]}_peak_mb_" \
+                label = key if "peak" not in key else \
+                    f"{'plain' if key.startswith('plain') else kind.split('_')[0]}_peak_mb_" \
                     f"{kind.split('_')[-1]}"
                 values = [r[key] for r in rows]
                 figures[label] = dict(median=round(statistics.median(values), 3),

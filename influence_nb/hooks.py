@@ -151,7 +151,10 @@ class Capture:
     The forward hook keeps a reference to the layer's input (which autograd saves anyway) and
     hooks the output's gradient: when the backward reaches the layer, ā and δ are built in
     ``dtype`` (float32 by default, statistics need it even when the model runs in bfloat16),
-    handed over and dropped. So no float32 copy of every layer's ā and δ is ever held at once.
+    handed over and dropped. So no float32 copy of every layer's ā and δ is ever held at once,
+    and no δ outlives its layer: the backward runs towards a zero scalar leaf added to each
+    tracked output (y + 0 is y, bit for bit), so autograd keeps no gradient of an output —
+    only those leaves' scalar sums — and forms no parameter gradient.
     Masked positions are exactly zero in both. A layer the loss does not depend on gets δ = 0
     after the backward. Non-finite activations or gradients raise an error naming the layer,
     checked once per batch (one host synchronisation, not one per layer).
@@ -163,6 +166,7 @@ class Capture:
         self.dtype = dtype or stat_dtype(model)
         self._inputs: dict[str, Tensor] = {}
         self._outputs: dict[str, tuple[Tensor, int]] = {}
+        self._leaves: list[Tensor] = []
         self._reduce: Callable[[TrackedLayer, Tensor, Tensor], None] | None = None
         self._done: set[str] = set()
         self._finite: list[tuple[str, str, Tensor]] = []  # (layer, what, 0-d bool on device)
@@ -189,6 +193,7 @@ class Capture:
 
     def _clear(self) -> None:
         self._inputs, self._outputs, self._done, self._finite = {}, {}, set(), []
+        self._leaves = []
 
     def start(self, mask: Tensor) -> None:
         """Begin a batch: forget the previous one; ``mask`` (B, T) selects the counted tokens."""
@@ -196,7 +201,7 @@ class Capture:
         self._mask = mask.to(torch.bool)
 
     def _hook(self, layer: TrackedLayer):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             if self._mask is None:
                 raise RuntimeError("Capture.start(mask) must be called before the forward pass")
             if layer.name in self._inputs:
@@ -207,9 +212,14 @@ class Capture:
             self._finite.append((layer.name, "activations (NaN/inf) entering",
                                  torch.isfinite(x.sum())))
             self._inputs[layer.name] = x
-            self._outputs[layer.name] = (output, output._version)
             if output.requires_grad:
+                leaf = torch.zeros((), dtype=output.dtype, device=output.device,
+                                   requires_grad=True)
+                self._leaves.append(leaf)
+                output = output + leaf  # the same values; the backward's target runs through it
                 output.register_hook(self._grad_hook(layer))
+            self._outputs[layer.name] = (output, output._version)
+            return output
         return hook
 
     def _grad_hook(self, layer: TrackedLayer):
@@ -251,12 +261,11 @@ class Capture:
                                    "the layer ran, so its δ cannot be read; exclude the layer")
         self._reduce = reduce
         try:
-            wanted = [self._outputs[t.name][0] for t in self.layers]
             self._outputs = {}  # the graph holds them; let the backward release each one
-            if any(y.requires_grad for y in wanted) and losses.requires_grad:
-                # the grads come back through the hooks; what autograd returns is discarded
-                torch.autograd.grad(losses.sum(), [y for y in wanted if y.requires_grad],
-                                    allow_unused=True)
+            if self._leaves and losses.requires_grad:
+                # δ comes through the hooks; the leaves' .grad (scalars) are discarded
+                torch.autograd.backward(losses.sum(), inputs=self._leaves)
+            self._leaves = []
             for layer in self.layers:
                 if layer.name not in self._done:
                     self._hand_over(layer, None)
