@@ -65,7 +65,7 @@ def child(kind: str) -> dict:
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t
 
-    if kind in ("fit", "scan", "sketch", "fit_memory_demo"):
+    if kind in ("fit", "scan", "sketch") or kind.endswith("demo"):
         from influence_nb import demo
         model, tokenizer, corpus = demo.load()
     else:  # the wider tiny model, random tokens
@@ -116,7 +116,7 @@ def child(kind: str) -> dict:
                 build_sketches(model, factors, corpus, tmp, SketchArgs(m=256, progress=False),
                                ids=ids)
                 out["sketch_ratio"] = (time.perf_counter() - t) / base
-    else:  # fit_memory_demo, fit_memory_wide, scan_memory_wide
+    else:  # {fit, scan}_memory_{demo, wide}
         n = 512 if kind.endswith("demo") else 128
         batches = list(corpus.batches(32, ids=np.arange(32)))
         plain(model, batches)  # warm-up: the allocator's pools for one fwd+bwd at batch 32
@@ -140,7 +140,8 @@ def child(kind: str) -> dict:
     return out
 
 
-KINDS = ("fit", "scan", "sketch", "fit_memory_demo", "fit_memory_wide", "scan_memory_wide")
+KINDS = ("fit", "scan", "sketch", "fit_memory_demo", "fit_memory_wide", "scan_memory_demo",
+         "scan_memory_wide")
 
 
 def main() -> None:
