@@ -100,8 +100,12 @@ class Influence:
                              default=str)
             path = cache_dir() / f"factors-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
             if (path / "manifest.json").exists():
-                self.factors = Factors.load(path, self.model)
-                return self.factors
+                try:
+                    self.factors = Factors.load(path, self.model)
+                    return self.factors
+                except ValueError as e:  # a torn or corrupt entry: refit and replace it
+                    warnings.warn(f"the cached factors in {path} are unusable ({e}); refitting",
+                                  stacklevel=2)
         self.factors = fit_factors(self.model, self.corpus, args, self.task)
         if path is not None:
             self.factors.save(path)

@@ -115,6 +115,9 @@ class ChunkStore:
         except (OSError, ValueError, zlib.error) as e:
             raise ValueError(f"{path} is unreadable ({e}); delete it and resume the "
                              f"{self.what}") from None
+        if "crc32" not in arrays or "ids" not in arrays:
+            raise ValueError(f"{path} was not written by this store (no CRC-32 or ids); delete it "
+                             f"and resume the {self.what}")
         crc = int(arrays.pop("crc32"))
         if crc != zlib.crc32(b"".join(np.ascontiguousarray(arrays[k]).tobytes()
                                       for k in sorted(arrays))):

@@ -189,3 +189,39 @@ def test_grouping_sequences_changes_no_number(setup, monkeypatch):
                                    atol=1e-12 * lf.Lambda.max().item())
     np.testing.assert_allclose(single[1], whole[1], rtol=1e-10)
     np.testing.assert_allclose(single[2], whole[2], rtol=1e-10)
+
+
+def test_a_corrupt_cache_entry_is_refitted_and_a_foreign_chunk_refused(setup, tokenizer, tmp_path,
+                                                                       monkeypatch):
+    model, corpus, _, queries = setup
+    monkeypatch.setenv("INFLUENCE_NB_CACHE", str(tmp_path / "cache"))
+    inf = Influence(model, tokenizer, corpus)
+    args = FactorArgs(batch_size=5, progress=False)
+    first = inf.fit(args, cache=True)
+    entry = next((tmp_path / "cache").glob("factors-*"))
+    (entry / "manifest.json").write_text("{torn")
+    with pytest.warns(UserWarning, match="unusable"):
+        again = inf.fit(args, cache=True)
+    assert again.factors_id() == first.factors_id()
+    assert type(first).load(entry).factors_id() == first.factors_id()  # the entry was replaced
+
+    out = tmp_path / "scan"
+    sargs = ScoreArgs(rank=None, batch_size=8, chunk_size=8, progress=False)
+    scan(model, queries, corpus, sargs, out)
+    np.savez(out / "chunk_0000000000.npz", layer_scores=np.zeros(3))  # an older or foreign file
+    with pytest.raises(ValueError, match="not written by this store"):
+        scan(model, queries, corpus, sargs, out)
+
+
+def test_a_scan_folder_is_tied_to_its_model(setup, tmp_path):
+    """Reopening a scan folder with other weights is refused, not answered with the old scores."""
+    import copy
+    model, corpus, _, queries = setup
+    sargs = ScoreArgs(rank=None, batch_size=8, chunk_size=8, progress=False)
+    scan(model, queries, corpus, sargs, tmp_path)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.01)
+    with pytest.raises(ValueError, match="holds a scan of other model"):
+        scan(other, queries, corpus, sargs, tmp_path)
