@@ -240,8 +240,9 @@ def _score(ns: argparse.Namespace, rank: int, world: int) -> dict:
 
 
 def _search(ns: argparse.Namespace, rank: int, world: int) -> dict:
-    from .scoring import ScoreArgs
     from .retriever import Retriever
+    from .scoring import ScoreArgs
+    from .store import write_json
     inf = _session(ns, _make(ScoreArgs, ns, progress=ns.progress))
     retriever = Retriever.open(inf, ns.index, ns.lexical)
     retriever.index.set_params(ns.nprobe, ns.ef_search, ns.refine)
@@ -249,7 +250,7 @@ def _search(ns: argparse.Namespace, rank: int, world: int) -> dict:
     if rank == 0:
         result.save(ns.out)
         info = dict(candidates=[len(c) for c in result.candidates], timings=result.timings)
-        (Path(ns.out) / "search.json").write_text(json.dumps(info, indent=1))
+        write_json(Path(ns.out) / "search.json", info)
         _print_top(result, ns.top)
         print(f"\nrescored {len(result.ids)} candidates of {len(retriever.sketches)} sketched "
               f"sequences in {sum(result.timings.values()):.2f} s on {world} rank(s) -> {ns.out}")
