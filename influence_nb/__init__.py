@@ -4,15 +4,17 @@ inline in JupyterLab.
 Scores are reported so that **positive means adding the training sequence raises
 log p(completion | prompt)**; 1 means the log-probability rises by 1 (to first order).
 
-The data path, top to bottom (no module imports one below it in this list; a test checks):
+The data path, bottom layer first (a module imports only its own group or those before it;
+tests/test_layers.py checks):
 :mod:`data`, :mod:`task`, :mod:`hooks`, :mod:`store`, :mod:`distributed` → :mod:`passes` (the
 one loop over a corpus, feeding consumers) → :mod:`curvature` (EK-FAC factors, query
 gradients) → :mod:`scoring`, :mod:`sketch`, :mod:`validate` → :mod:`index`, :mod:`search` →
 :mod:`results`, :mod:`session`, :mod:`retriever` → :mod:`widgets`, :mod:`charts`,
 :mod:`magics`, :mod:`cli`. This package module wires the notebook view in (the explorer
-displays a result) when the widget dependencies are installed.
+displays a result) in a notebook kernel when the widget dependencies are installed.
 """
 import importlib.util
+import sys
 
 from .curvature import FactorArgs, Factors, fit_factors, query_gradients
 from .data import Batch, Corpus, CorpusError
@@ -24,7 +26,9 @@ from .task import Task
 
 __version__ = "0.1.0"
 
-if importlib.util.find_spec("anywidget") is not None:  # the "notebook" extra
+# in a notebook kernel (IPython loaded) with the "notebook" extra installed, a result displays
+# itself as the explorer; scripts, the CLI and torchrun workers skip the widget imports
+if "IPython" in sys.modules and importlib.util.find_spec("anywidget") is not None:
     from . import widgets  # noqa: F401  registers InfluenceResult.view
 
 __all__ = ["Batch", "Capture", "Corpus", "CorpusError", "FactorArgs", "Factors", "Influence",

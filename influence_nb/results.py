@@ -159,6 +159,7 @@ class InfluenceResult:
                          f"<b>{html.escape(query['completion'])}</b></h4>")
             for sign in ("positive", "negative"):
                 df = self.top(q, 5, sign)
-                cols = ["id", "score", "text", *self.metadata_columns]
+                cols = [c for c in ("id", "score", "text", *self.metadata_columns)
+                        if c in df.columns]
                 parts.append(df[cols].to_html(escape=True, float_format="{:.4g}".format))
         return "\n".join(parts)

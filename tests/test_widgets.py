@@ -178,3 +178,22 @@ def test_magics_session_query_lab(session):
     assert lab.query["completion"] == " Velmora" and len(lab.scores) == 2
     other = shell.run_cell_magic("influence_lab", "--query 2 + 3 = || 5", "Two plus three is 5.")
     assert other.query["prompt"] == "2 + 3 =" and len(other.scores) == 1
+
+
+def test_a_result_displays_as_the_explorer_once_widgets_are_loaded():
+    """results never import the widgets: the widgets module registers the explorer as the view
+    of every InfluenceResult (the package does so in a notebook kernel)."""
+    import numpy as np
+
+    from influence_nb.results import InfluenceResult
+    res = InfluenceResult([dict(prompt="a", completion=" b", logprob=-1.0)], np.array([[1.0, -2.0]]),
+                          np.array([0, 1]), ["h.0.mlp"])
+    assert InfluenceResult.view is InfluenceExplorer
+    bundle = res._repr_mimebundle_()
+    data = bundle[0] if isinstance(bundle, tuple) else bundle  # ipywidgets: (data, metadata)
+    assert "application/vnd.jupyter.widget-view+json" in data
+    saved, InfluenceResult.view = InfluenceResult.view, None
+    try:
+        assert res._repr_mimebundle_() is None and "<table" in res._repr_html_()
+    finally:
+        InfluenceResult.view = saved
