@@ -49,7 +49,6 @@ class PassBatch:
     k:      global index of the batch in the pass (seeds its Fisher labels)
     rows:   (B,) positions of the batch's sequences in the pass's order (the ``ids`` asked
             for, or a running count for plain batches): where a consumer writes its outputs
-    ids:    (B,) corpus ids, or None for plain batches
     data:   the batch on the model's device (Mapping or object, see :func:`~influence_nb.task.get`)
     mask:   (B, T) bool, the scored positions
     tokens: (n,) int64 indices of the scored positions in the flattened (B·T) batch, n of them
@@ -59,7 +58,6 @@ class PassBatch:
     """
     k: int
     rows: np.ndarray
-    ids: np.ndarray | None
     data: object
     mask: Tensor
     tokens: Tensor
@@ -288,9 +286,8 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
     try:
         with eval_mode(model), Capture(model, layers, stat_dtype(model)) as cap:
             for k, rows, batch in prepared(model, src, max_examples, shard):
-                ids = None if isinstance(batch, Mapping) else getattr(batch, "ids", None)
                 mask = task.loss_mask(batch)
-                pb = PassBatch(k, rows, None if ids is None else np.asarray(ids), batch, mask,
+                pb = PassBatch(k, rows, batch, mask,
                                mask.flatten().nonzero().squeeze(1), mask.sum(1).cpu().numpy())
                 cap.start(mask)
                 with torch.enable_grad():

@@ -118,9 +118,7 @@ class ChunkStore:
         if "crc32" not in arrays or "ids" not in arrays:
             raise ValueError(f"{path} was not written by this store (no CRC-32 or ids); delete it "
                              f"and resume the {self.what}")
-        crc = int(arrays.pop("crc32"))
-        if crc != zlib.crc32(b"".join(np.ascontiguousarray(arrays[k]).tobytes()
-                                      for k in sorted(arrays))):
+        if int(arrays.pop("crc32")) != _crc_of(arrays):
             raise ValueError(f"{path} is corrupt (fails its CRC-32); delete it and resume the "
                              f"{self.what}")
         if not np.array_equal(arrays.pop("ids"), ids):
@@ -130,8 +128,14 @@ class ChunkStore:
 
     def write(self, start: int, ids: np.ndarray, **arrays: np.ndarray) -> None:
         arrays = dict(arrays, ids=np.asarray(ids))
-        crc = zlib.crc32(b"".join(np.ascontiguousarray(arrays[k]).tobytes()
-                                  for k in sorted(arrays)))
         buf = io.BytesIO()
-        np.savez(buf, crc32=np.int64(crc), **arrays)
+        np.savez(buf, crc32=np.int64(_crc_of(arrays)), **arrays)
         atomic_write(self._file(start), buf.getvalue())
+
+
+def _crc_of(arrays: dict[str, np.ndarray]) -> int:
+    """One CRC-32 over the named arrays' memory, in name order."""
+    crc = 0
+    for k in sorted(arrays):
+        crc = zlib.crc32(np.ascontiguousarray(arrays[k]), crc)
+    return crc
