@@ -8,6 +8,10 @@ Each measurement runs in a fresh subprocess with one torch thread, alternating b
 trees (``PYTHONPATH``), ``--repeats`` times; the JSON gives the median and the spread (min, max)
 of each figure per tree. Figures:
 
+The speed figures are measured on the demo world (``fit``, ``scan``, ``sketch``) and on an
+independent one (``*_wide``: the wider tiny GPT-NeoX below at random init, on 128 sequences of
+random tokens, queries cut from its own sequences; 128 sequences for every figure).
+
 - ``fit_ratio``: EK-FAC fit (2 passes) ÷ plain forward + backward, same batches (demo model,
   512 sequences, batch 16);
 - ``scan_1q_ratio`` / ``scan_50q_ratio``: plain fwd+bwd throughput ÷ scan throughput for 1 and
@@ -65,7 +69,8 @@ def child(kind: str) -> dict:
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t
 
-    if kind in ("fit", "scan", "sketch") or kind.endswith("demo"):
+    wide = kind.endswith("wide")
+    if not wide:
         from influence_nb import demo
         model, tokenizer, corpus = demo.load()
     else:  # the wider tiny model, random tokens
@@ -83,30 +88,35 @@ def child(kind: str) -> dict:
                                                            .tolist())) for _ in range(128)]
         corpus = Corpus.from_texts(texts, tokenizer, max_len=128)
     out = dict(tree=str(Path(influence_nb.__file__).parent.parent))
-    if kind == "fit":
-        args = FactorArgs(batch_size=16, max_examples=512, progress=False)
-        ids = np.arange(512)
+    n_fit, n_scan = (128, 128) if wide else (512, 1024)
+    if kind.split("_")[0] == "fit" and "memory" not in kind:
+        args = FactorArgs(batch_size=16, max_examples=n_fit, progress=False)
+        ids = np.arange(n_fit)
         batches = list(corpus.batches(16, ids=ids[corpus.by_length(ids, 64 * 16)]))
         plain(model, batches[:2])  # warm-up
         base = plain(model, batches)
         t = time.perf_counter()
         fit_factors(model, corpus, args)
         out.update(fit_ratio=(time.perf_counter() - t) / base, plain_s=base)
-    elif kind in ("scan", "sketch"):
+    elif kind.split("_")[0] in ("scan", "sketch") and "memory" not in kind:
         factors = fit_factors(model, corpus, FactorArgs(batch_size=32, max_examples=256,
                                                         progress=False))
-        ids = np.random.default_rng(0).choice(len(corpus), 1024, replace=False)
+        ids = np.random.default_rng(0).choice(len(corpus), n_scan, replace=False)
         batches = list(corpus.batches(32, ids=ids[corpus.by_length(ids, len(ids))]))
         plain(model, batches[:2])
         base = plain(model, batches)
         out["plain_s"] = base
-        if kind == "scan":
-            facts = demo.facts()
+        if kind.startswith("scan"):
+            if wide:  # queries: a span of a training sequence and the 3 tokens after it
+                seqs = [corpus.token_ids(i).tolist() for i in range(50)]
+                prompts, completions = [s[:8] for s in seqs], [s[8:11] for s in seqs]
+            else:
+                facts = demo.facts() * 2
+                prompts = [tokenizer(f.prompt())["input_ids"] for f in facts[:50]]
+                completions = [tokenizer(f.completion, add_special_tokens=False)["input_ids"]
+                               for f in facts[:50]]
             for n in (1, 50):
-                pairs = (facts * 2)[:n]
-                q = make_queries(model, factors, [tokenizer(f.prompt())["input_ids"] for f in pairs],
-                                 [tokenizer(f.completion, add_special_tokens=False)["input_ids"]
-                                  for f in pairs], rank=32)
+                q = make_queries(model, factors, prompts[:n], completions[:n], rank=32)
                 t = time.perf_counter()
                 scan(model, q, corpus, ScoreArgs(batch_size=32, progress=False), ids=ids)
                 out[f"scan_{n}q_ratio"] = (time.perf_counter() - t) / base
@@ -140,8 +150,8 @@ def child(kind: str) -> dict:
     return out
 
 
-KINDS = ("fit", "scan", "sketch", "fit_memory_demo", "fit_memory_wide", "scan_memory_demo",
-         "scan_memory_wide")
+KINDS = ("fit", "scan", "sketch", "fit_wide", "scan_wide", "sketch_wide", "fit_memory_demo",
+         "fit_memory_wide", "scan_memory_demo", "scan_memory_wide")
 
 
 def main() -> None:
@@ -177,7 +187,7 @@ def main() -> None:
             for key in rows[0]:
                 if key in ("tree", "plain_s", "rss_before_mb"):
                     continue
-                label = key if "peak" not in key else \
+                label = (f"{key}_wide" if kind.endswith("wide") else key) if "peak" not in key else \
                     f"{'plain' if key.startswith('plain') else kind.split('_')[0]}_peak_mb_" \
                     f"{kind.split('_')[-1]}"
                 values = [r[key] for r in rows]
