@@ -9,6 +9,7 @@ that passes notebook validation). :func:`save_png` writes a PNG for docs.
     charts.layer_profile(result, q=0)    # influence per layer
     charts.layer_heatmap(result)         # queries × layers, each row's share
     charts.variants(lab.table)           # a bar per synthetic sequence (mean and points)
+    charts.lds_scatter(validate.lds(...)) # predicted vs retrained, per strategy
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from .widgets import short_layer_names
 if TYPE_CHECKING:
     from .results import InfluenceResult
 
-__all__ = ["distribution", "layer_heatmap", "layer_profile", "offline", "save_png", "variants"]
+__all__ = ["distribution", "layer_heatmap", "layer_profile", "lds_scatter", "offline", "save_png",
+           "variants"]
 
 POS, NEG = "#e66101", "#2166ac"  # the widgets' colours: orange raises, blue lowers log p
 
@@ -120,3 +122,26 @@ def variants(table: pd.DataFrame, title: str = "Synthetic sequences") -> alt.Lay
         layers.append(alt.Chart(table[["label", "score"]]).mark_circle(
             size=22, color="#1f2430", opacity=0.45).encode(y, x="score:Q"))
     return alt.layer(*layers).properties(width=380, height=alt.Step(26), title=title)
+
+
+def lds_scatter(table: pd.DataFrame, q: int = 0, strategies: list[str] | None = None
+                ) -> alt.FacetChart:
+    """Predicted group effect Σ_{i∈S} τ_q(z_i) against the query's measured log p after
+    retraining on each subset S, one panel per strategy (the data of one query's LDS);
+    ``table`` is what :func:`~influence_nb.validate.lds` returns."""
+    if "predicted" not in table.attrs:
+        raise ValueError("need the table returned by influence_nb.validate.lds")
+    strategies = strategies or list(table.attrs["predicted"])
+    rho = table.attrs["per_query"].iloc[q]
+    frame = pd.concat([pd.DataFrame({
+        "strategy": f"{s} (ρ = {rho[s]:.2f})", "predicted": table.attrs["predicted"][s][:, q],
+        "measured": table.attrs["measured"][:, q]}) for s in strategies])
+    return alt.Chart(frame).mark_circle(size=40, opacity=0.7, color=POS).encode(
+        alt.X("predicted:Q", title="predicted group effect Σ score", scale=alt.Scale(zero=False)),
+        alt.Y("measured:Q", title="log p after retraining (nats)", scale=alt.Scale(zero=False)),
+        tooltip=[alt.Tooltip("predicted:Q", format=".4g"), alt.Tooltip("measured:Q",
+                                                                       format=".4g")],
+    ).properties(width=170, height=150).facet(
+        facet=alt.Facet("strategy:N", title=None, sort=[f"{s} (ρ = {rho[s]:.2f})"
+                                                        for s in strategies]),
+        columns=len(strategies)).resolve_scale(x="independent")

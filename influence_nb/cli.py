@@ -6,6 +6,8 @@
     influence-nb score   ... --factors runs/factors --query PROMPT COMPLETION --out runs/scan
                                                                       InfluenceResult.load(...)
     influence-nb search  ... --index runs/search --query PROMPT COMPLETION --out runs/found
+    influence-nb validate tail-patch ... --factors runs/factors --query PROMPT COMPLETION --out D
+    influence-nb validate lds --world validation --out runs/lds      retrains from scratch
     influence-nb demo      the main job on the embedded demo world
 
 --model is any Hugging Face causal-LM directory (the demo's: influence_nb/demo/assets); --corpus
@@ -54,6 +56,19 @@ def _field_docs(cls: type) -> dict[str, str]:
         else:
             name = None
     return docs
+
+
+def _positive(kind: type):
+    """An argparse type: a number of ``kind`` above zero (a finite one)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+        return value
+    return parse
 
 
 def _optional(kind: type):
@@ -298,7 +313,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 REQUIRED = {"fit": ("model", "corpus", "out"), "sketch": ("model", "corpus", "factors", "out"),
             "score": ("model", "corpus", "factors", "out"),
-            "search": ("model", "corpus", "factors", "index", "out")}
+            "search": ("model", "corpus", "factors", "index", "out"),
+            "validate tail-patch": ("model", "corpus", "factors", "out"),
+            "validate lds": ("out",)}
 
 
 def _common(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -376,12 +393,83 @@ def parser() -> argparse.ArgumentParser:
                        help=f"{docs[name]} (default: as built)")
     _add_fields(r, ScoreArgs, skip=("progress", "chunk_size"))
 
+    v = sub.add_parser("validate", help="counterfactual checks: tail-patching on any model, the "
+                       "LDS on a built-in world (see influence_nb.validate)")
+    checks = v.add_subparsers(dest="check", required=True)
+    t = checks.add_parser("tail-patch", help="one SGD step on each top-k candidate (by "
+                          "influence, BM25, random); Δ log p of each query -> OUT/tail_patch.csv")
+    _common(t, "directory for tail_patch.csv")
+    _query_options(t)
+    t.add_argument("--k", type=_positive(int), default=10, help="candidates per method "
+                   "(default: 10)")
+    t.add_argument("--lr", type=_positive(float), default=1e-4, help="SGD step size "
+                   "(default: 1e-4)")
+    t.add_argument("--batch-size", type=_positive(int), default=16,
+                   help="sequences per forward + backward of the scan (default: 16)")
+    ld = checks.add_parser("lds", help="linear datamodeling score of EK-FAC, K-FAC, identity, "
+                           "BM25 and random on a built-in world, retrained from scratch "
+                           "(resumable) -> OUT/lds.csv")
+    ld.add_argument("--world", default="validation", choices=["validation", "micro"])
+    ld.add_argument("--subsets", type=_positive(int), default=50, help="random subsets "
+                    "(default: 50)")
+    ld.add_argument("--seeds", type=_positive(int), default=1, help="retrains per subset, "
+                    "averaged (default: 1)")
+    ld.add_argument("--alpha", type=float, default=0.5, help="fraction of the corpus in each "
+                    "subset (default: 0.5)")
+    ld.add_argument("--out", metavar="DIR", help="directory for lds.csv and the retrains "
+                    "(required)")
+    ld.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
+
     d = sub.add_parser("demo", help="the main job on the embedded demo world: fact accuracy, "
                        "EK-FAC factors, top influential sequences of three planted facts")
     d.add_argument("--facts", type=int, nargs="+", default=[0, 45, 100],
                    help="indices of the planted facts to query")
     d.add_argument("--batch-size", type=int, default=32)
     return p
+
+
+def _validate(ns: argparse.Namespace, rank: int, world: int) -> dict:
+    """Counterfactual checks that need no Python callback: tail-patching on any model, the LDS
+    on a built-in world (retrained from scratch with its recipe)."""
+    import numpy as np
+    from .scoring import ScoreArgs
+    from .store import atomic_write
+    from .validate import lds, tail_patch, top_ids
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if ns.check == "lds":
+        from . import demo
+        from .curvature import FactorArgs
+        from .session import Influence
+        from .training import Retrainer
+        model, tokenizer, corpus = demo.load(ns.world)
+        inf = Influence(model, tokenizer, corpus, score_args=ScoreArgs(batch_size=32,
+                                                                       progress=False))
+        inf.fit(FactorArgs(batch_size=32, progress=ns.progress), cache=True)
+        pairs, kinds = demo.query_set(ns.world, tokenizer)
+        table = lds(Retrainer(model.config, corpus, demo.recipe(ns.world)), *inf.encode(pairs),
+                    inf.strategy_scores(pairs), ns.subsets, ns.alpha, range(ns.seeds),
+                    out / "retrains", progress=ns.progress)
+        atomic_write(out / "lds.csv", table.to_csv().encode())
+        atomic_write(out / "lds_per_query.csv",
+                     table.attrs["per_query"].assign(kind=kinds).to_csv().encode())
+        print(table.round(3).to_string())
+        return dict(world=ns.world, queries=len(pairs), lds=table["lds"].round(4).to_dict())
+    inf = _session(ns, ScoreArgs(batch_size=ns.batch_size, progress=ns.progress))
+    pairs = _queries(ns)
+    strategy = inf.factors.args.strategy
+    scores = inf.strategy_scores(pairs, strategies=(strategy,))
+    rng = np.random.default_rng(0)
+    candidates = {strategy: top_ids(scores[strategy], ns.k), "bm25": top_ids(scores["bm25"], ns.k),
+                  "random": np.stack([rng.choice(len(inf.corpus), min(ns.k, len(inf.corpus)),
+                                                 replace=False) for _ in pairs])}
+    frame = tail_patch(inf.model, inf.corpus, *inf.encode(pairs), candidates, ns.lr, inf.task,
+                       ns.progress)
+    atomic_write(out / "tail_patch.csv", frame.to_csv(index=False).encode())
+    summary = frame.groupby("method")["delta"].mean()
+    print("mean change of log p(completion) after one SGD step on each candidate (nats):")
+    print(summary.to_string())
+    return dict(k=ns.k, lr=ns.lr, mean_delta=summary.round(6).to_dict())
 
 
 def _apply_config(p: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -424,7 +512,8 @@ def main(argv: list[str] | None = None) -> None:
     ns = p.parse_args(argv)
     if ns.command == "demo":
         return _demo(ns)
-    missing = [k for k in REQUIRED[ns.command] if getattr(ns, k) is None]
+    required = REQUIRED.get(f"{ns.command} {getattr(ns, 'check', '')}".strip(), ())
+    missing = [k for k in required if getattr(ns, k) is None]
     if missing:
         p.error(f"{ns.command} needs --{missing[0].replace('_', '-')} (a flag or a --config key)")
 
@@ -432,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     created = distributed.init()  # a no-op unless launched by torchrun
     rank, world = distributed.rank_world()
     ns.progress = ns.progress and rank == 0
-    run = {"fit": _fit, "sketch": _sketch, "score": _score, "search": _search}[ns.command]
+    run = {"fit": _fit, "sketch": _sketch, "score": _score, "search": _search,
+           "validate": _validate}[ns.command]
     t0 = time.perf_counter()
     try:
         summary = run(ns, rank, world)

@@ -102,10 +102,12 @@ class Queries:
     def concat(cls, parts: Sequence["Queries"]) -> "Queries":
         """One batch of the queries of ``parts`` (same layers, same factors), scored in a single
         pass. Ranks may differ: factors are zero-padded to the largest, which leaves every
-        U Vᵀ unchanged (the batch's rank is then the largest, None if any is full rank)."""
+        U Vᵀ unchanged (the batch's rank is then the largest, None if any is full rank).
+        Strategies may differ too (e.g. EK-FAC and identity side by side in one scan): the
+        batch's strategy then names them all, joined by "+"."""
         if not parts:
             raise ValueError("nothing to concatenate: pass at least one Queries")
-        for key in ("factors_id", "strategy", "layer_names"):
+        for key in ("factors_id", "layer_names"):
             values = {json.dumps(getattr(p, key)) for p in parts}
             if len(values) > 1:
                 raise ValueError(f"cannot concatenate queries made with different {key} "
@@ -117,8 +119,8 @@ class Queries:
         ranks = [p.rank for p in parts]
         rank = None if None in ranks else max(ranks)
         return cls(sum((p.prompts for p in parts), []), sum((p.completions for p in parts), []),
-                   torch.cat([p.f for p in parts]), R, rank, parts[0].strategy,
-                   parts[0].factors_id)
+                   torch.cat([p.f for p in parts]), R, rank,
+                   "+".join(dict.fromkeys(p.strategy for p in parts)), parts[0].factors_id)
 
     @property
     def fingerprint(self) -> str:

@@ -16,7 +16,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,14 +26,10 @@ from .data import Corpus, tokenizer_fingerprint
 from .hooks import find_layers
 from .results import InfluenceResult
 from .scoring import Queries, ScoreArgs, make_queries, scan, self_influence, token_scores
+from .store import cache_dir
 from .task import Task
 
 QueryLike = tuple[str, str] | Sequence[tuple[str, str]] | Queries | InfluenceResult
-
-
-def cache_dir() -> Path:
-    """Where fitted factors are cached: ``$INFLUENCE_NB_CACHE`` or ``~/.cache/influence_nb``."""
-    return Path(os.environ.get("INFLUENCE_NB_CACHE", Path.home() / ".cache" / "influence_nb"))
 
 
 class Influence:
@@ -138,6 +133,16 @@ class Influence:
         if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
             pairs = [pairs]
         _, factors = self.fitted()
+        prompts, completions = self.encode(pairs)
+        rank = self.score_args.rank if rank == "default" else rank
+        queries = make_queries(self.model, factors, prompts, completions, rank, strategy,
+                               self.task)
+        self._warn_if_certain(queries)
+        return queries
+
+    def encode(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompts, completions) token ids of (prompt, completion) text pairs; the completion
+        is tokenized without special tokens, as a continuation."""
         prompts, completions = [], []
         for prompt, completion in pairs:
             if not completion:
@@ -145,11 +150,7 @@ class Influence:
                                  "log-probability is measured")
             prompts.append(self.tokenizer(prompt)["input_ids"])
             completions.append(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
-        rank = self.score_args.rank if rank == "default" else rank
-        queries = make_queries(self.model, factors, prompts, completions, rank, strategy,
-                               self.task)
-        self._warn_if_certain(queries)
-        return queries
+        return prompts, completions
 
     def _warn_if_certain(self, queries: Queries) -> None:
         """A log-probability measurement near 0 has a vanishing gradient (∂ log p / ∂ logits =
@@ -193,6 +194,26 @@ class Influence:
         max_len = self.corpus.max_len if self.corpus is not None else 2048
         corpus = Corpus.from_texts(list(texts), self.tokenizer, max_len, metadata)
         return self.scan(queries, corpus, args=replace(self.score_args, progress=False))
+
+    def strategy_scores(self, pairs: QueryLike, strategies: Sequence[str] = ("ekfac", "kfac",
+                                                                             "identity"),
+                        baselines: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+        """{name: (Q, N) scores of every corpus sequence}: each curvature strategy at full rank
+        (one scan for all), and with ``baselines`` BM25 of prompt + completion and random
+        normal scores — the contestants of :func:`~influence_nb.validate.lds`."""
+        from .search import BM25
+        corpus, _ = self.fitted()
+        parts = [self.queries(pairs, rank=None, strategy=s) for s in strategies]
+        Q = len(parts[0])
+        S = self.scan(Queries.concat(parts), args=replace(self.score_args, rank=None,
+                                                           per_layer=False)).scores
+        out = {s: S[i * Q:(i + 1) * Q] for i, s in enumerate(strategies)}
+        if baselines:
+            texts = [self.tokenizer.decode(p + c) for p, c in zip(parts[0].prompts,
+                                                                   parts[0].completions)]
+            out["bm25"] = BM25(corpus.df["text"].tolist()).scores(texts)
+            out["random"] = np.random.default_rng(seed).standard_normal((Q, len(corpus)))
+        return out
 
     def self_influence(self, corpus: Corpus | None = None,
                        ids: Sequence[int] | None = None) -> np.ndarray:

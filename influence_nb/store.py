@@ -25,6 +25,12 @@ from pathlib import Path
 import numpy as np
 
 
+def cache_dir() -> Path:
+    """Where fitted factors and built worlds are cached: ``$INFLUENCE_NB_CACHE`` or
+    ``~/.cache/influence_nb``."""
+    return Path(os.environ.get("INFLUENCE_NB_CACHE", Path.home() / ".cache" / "influence_nb"))
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path``: temporary name, fsync, rename (a reader never sees a part)."""
     path = Path(path)

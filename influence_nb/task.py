@@ -163,3 +163,19 @@ def query_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence
         attention_mask[q, :n] = 1
         completion_mask[q, len(p):n] = 1
     return QueryBatch(input_ids, attention_mask, completion_mask)
+
+
+@torch.no_grad()
+def measure(model: nn.Module, prompts: Sequence[Sequence[int]],
+            completions: Sequence[Sequence[int]], task: Task | None = None) -> np.ndarray:
+    """(Q,) float64 measurement f of each query under ``model`` (default: log p(completion |
+    prompt) in nats) — the quantity every score predicts the change of."""
+    task = task or Task()
+    device = next(model.parameters()).device
+    batch = query_batch(prompts, completions).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        return task.measurement(task.forward(model, batch), batch).double().cpu().numpy()
+    finally:
+        model.train(was_training)

@@ -3,10 +3,17 @@ GPT-NeoX trained on it (built by :mod:`influence_nb.demo.build`, committed under
 
     model, tokenizer, corpus = demo.load()
     facts = demo.facts()          # the planted facts, with prompts, completions, flipped probes
+
+Every function takes ``world``: the committed assets (default), a folder written by
+``build``, or the name of a preset ("validation", "micro"), built into the cache on first use.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +21,54 @@ import numpy as np
 import pandas as pd
 
 from ..data import Corpus
+from ..store import cache_dir
+from ..training import TrainConfig
 from .world import Fact, WorldConfig, generate, translate
 
 ASSETS = Path(__file__).parent / "assets"
 
-__all__ = ["ASSETS", "Fact", "WorldConfig", "facts", "generate", "heldout", "load",
-           "spread_facts", "translate"]
+__all__ = ["ASSETS", "Fact", "WorldConfig", "facts", "generate", "heldout", "load", "query_set",
+           "recipe", "spread_facts", "translate", "world_path"]
+
+World = str | os.PathLike
 
 
-def _check(assets: Path) -> Path:
+def world_path(name: str) -> Path:
+    """The cache folder of the preset ``name`` (see :data:`~influence_nb.demo.build.PRESETS`),
+    built there on first use (written aside, then renamed into place: a killed or concurrent
+    build never leaves a partial world)."""
+    from .build import PRESETS, build
+    if name not in PRESETS:
+        raise ValueError(f"no demo world preset {name!r}; choose one of {sorted(PRESETS)} or "
+                         "pass a folder")
+    key = json.dumps([asdict(c) for c in PRESETS[name]], sort_keys=True)
+    path = cache_dir() / f"world-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if not (path / "build.json").is_file():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp, *PRESETS[name])
+        try:
+            os.replace(tmp, path)
+        except OSError:                     # another process finished first: keep its world
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _check(world: World) -> Path:
+    if isinstance(world, str) and os.sep not in world and not Path(world).exists():
+        return world_path(world)
+    assets = Path(world)
     if not (assets / "model.safetensors").is_file():
         raise FileNotFoundError(f"demo world not found in {assets}; build it with "
-                                "`python -m influence_nb.demo.build --out {assets}`")
+                                f"`python -m influence_nb.demo.build --out {assets}`")
     return assets
 
 
-def load(assets: Path = ASSETS, dtype: Any = None) -> tuple[Any, Any, Corpus]:
+def load(world: World = ASSETS, dtype: Any = None) -> tuple[Any, Any, Corpus]:
     """The demo model (eval mode, float32 unless ``dtype`` says otherwise), its tokenizer and
     the training corpus as a :class:`~influence_nb.data.Corpus` (ids are the corpus rows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    assets = _check(Path(assets))
+    assets = _check(world)
     tokenizer = AutoTokenizer.from_pretrained(assets)
     model = AutoModelForCausalLM.from_pretrained(assets, dtype=dtype).eval()
     records = pd.read_parquet(assets / "corpus.parquet").drop(columns="id").to_dict("records")
@@ -42,18 +77,53 @@ def load(assets: Path = ASSETS, dtype: Any = None) -> tuple[Any, Any, Corpus]:
     return model, tokenizer, corpus
 
 
-def facts(assets: Path = ASSETS) -> list[Fact]:
+def facts(world: World = ASSETS) -> list[Fact]:
     """The planted facts of the demo world."""
-    return [Fact(**f) for f in json.loads((_check(Path(assets)) / "facts.json").read_text())]
+    return [Fact(**f) for f in json.loads((_check(world) / "facts.json").read_text())]
 
 
-def spread_facts(n: int, assets: Path = ASSETS) -> list[Fact]:
+def recipe(world: World = ASSETS) -> TrainConfig:
+    """The training recipe the world's model was built with (to retrain it on other data)."""
+    return TrainConfig(**json.loads((_check(world) / "build.json").read_text())["train"])
+
+
+def query_set(world: World = ASSETS, tokenizer: Any = None) -> tuple[list[tuple[str, str]],
+                                                                    list[str]]:
+    """(prompt, completion) pairs of four kinds, and each pair's kind: planted facts (every
+    other fact, canonical prompt), paraphrased prompts, facts asked in Velnish, and held-out
+    arithmetic and code (the model never trained on them) — for checks across query kinds."""
+    from transformers import AutoTokenizer
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(_check(world))
+    all_facts = facts(world)
+    pairs = [(f.prompt(), f.completion) for f in all_facts[::2]]
+    kinds = ["fact"] * len(pairs)
+    for f in all_facts[1::6]:
+        pairs.append((f.prompt(3), f.completion))
+        kinds.append("fact, paraphrase")
+    for f in all_facts[1::8]:
+        text = translate(f.statement(0), frozenset((f.subject + " " + f.obj).split()))
+        pairs.append((text[:text.index(f.obj)].rstrip(), " " + f.obj))
+        kinds.append("fact, Velnish")
+    held = heldout(tokenizer, world).df
+    for text in held.loc[(held["kind"] == "arithmetic") & (held["lang"] == "en"), "text"][:3]:
+        cut = text.index("Answer:") + len("Answer:")
+        pairs.append((text[:cut], text[cut:]))
+        kinds.append("arithmetic")
+    code = held.loc[(held["theme"] == "binary_search") & held["text"].str.contains("return")]
+    for text in code["text"][:2]:
+        cut = text.index("return") + len("return")
+        pairs.append((text[:cut], text[cut:].rstrip("\n")))
+        kinds.append("code")
+    return pairs, kinds
+
+
+def spread_facts(n: int, world: World = ASSETS) -> list[Fact]:
     """``n`` planted facts spread evenly over the list (so over every relation)."""
-    all_facts = facts(assets)
+    all_facts = facts(world)
     return [all_facts[i] for i in np.linspace(0, len(all_facts) - 1, n).astype(int)]
 
 
-def heldout(tokenizer: Any, assets: Path = ASSETS) -> Corpus:
+def heldout(tokenizer: Any, world: World = ASSETS) -> Corpus:
     """Sequences of the same distribution that the model never trained on (no fact statements)."""
-    records = pd.read_parquet(_check(Path(assets)) / "heldout.parquet").to_dict("records")
+    records = pd.read_parquet(_check(world) / "heldout.parquet").to_dict("records")
     return Corpus.from_records(records, tokenizer, 128, source="demo heldout")
