@@ -64,7 +64,7 @@ def _positive(kind: type):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if not value > 0 or value == float("inf"):
             raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
         return value

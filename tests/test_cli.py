@@ -105,3 +105,39 @@ def test_unknown_config_key_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tmp_path / "job.toml")])
     assert "unknown option 'max_exemples'" in capsys.readouterr().err
+
+
+def test_validate_tail_patch_and_lds_on_the_micro_world(tmp_path, capsys):
+    """`validate tail-patch` (any model: fitted factors, the corpus, queries) and `validate lds`
+    (a built-in world, retrained from scratch) write their tables and a JSON summary."""
+    world = demo.world_path("micro")
+    fact = demo.facts(world)[0]
+    args = ["--model", str(world), "--corpus", str(world / "corpus.parquet"), "--no-progress"]
+    main(["fit", *args, "--out", str(tmp_path / "factors"), "--batch-size", "32"])
+    main(["validate", "tail-patch", *args, "--factors", str(tmp_path / "factors"),
+          "--query", fact.prompt(), fact.completion, "--k", "3", "--out", str(tmp_path / "tp")])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    table = __import__("pandas").read_csv(tmp_path / "tp" / "tail_patch.csv")
+    assert sorted(table["method"].unique()) == ["bm25", "ekfac", "random"] and len(table) == 9
+    mean = summary["mean_delta"]
+    assert mean["ekfac"] > mean["random"] and mean["ekfac"] > 0   # its top-3 state the fact
+
+    main(["validate", "lds", "--world", "micro", "--subsets", "3", "--no-progress",
+          "--out", str(tmp_path / "lds")])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary["lds"]) == {"ekfac", "kfac", "identity", "bm25", "random"}
+    assert (tmp_path / "lds" / "lds.csv").is_file()
+    assert len(list((tmp_path / "lds" / "retrains").glob("chunk_*.npz"))) == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["validate", "lds", "--world", "micro"], "validate needs --out"),
+    (["validate", "lds", "--subsets", "0", "--out", "x"], "must be a finite number above 0"),
+    (["validate", "tail-patch", "--model", "x", "--out", "y", "--k", "two"], "is not a number"),
+])
+def test_validate_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "".join(err)
