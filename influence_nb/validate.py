@@ -228,19 +228,20 @@ class _Retrained:
                            retrain=getattr(retrain, "fingerprint", type(retrain).__name__))
         self.store = ChunkStore(out_dir, description, "retraining run") if out_dir else None
 
-    def run(self, jobs: Sequence[tuple[np.ndarray, int]], progress: bool, desc: str
+    def run(self, jobs: Sequence[tuple[int, np.ndarray, int]], progress: bool, desc: str
             ) -> np.ndarray:
-        """(len(jobs), Q) f of every query after retraining on each job's (ids, seed)."""
+        """(len(jobs), Q) f of every query after retraining on each job's (ids, seed); a job's
+        number names its chunk, so a later run with more jobs keeps the finished ones."""
         out = np.empty((len(jobs), len(self.prompts)))
-        for j, (ids, seed) in enumerate(tqdm(jobs, desc=desc, unit="retrain",
-                                             disable=not progress)):
+        for j, (number, ids, seed) in enumerate(tqdm(jobs, desc=desc, unit="retrain",
+                                                     disable=not progress)):
             key = np.append(np.asarray(ids, np.int64), -1 - seed)   # ids and seed, one array
-            done = self.store.read(j, key) if self.store else None
+            done = self.store.read(number, key) if self.store else None
             if done is None:
                 model = self.retrain(np.asarray(ids, np.int64), seed)
                 done = {"f": measure(model, self.prompts, self.completions, self.task)}
                 if self.store:
-                    self.store.write(j, key, **done)
+                    self.store.write(number, key, **done)
             out[j] = done["f"]
         return out
 
@@ -276,8 +277,9 @@ def lds(retrain: Retrain, prompts: Sequence[Sequence[int]], completions: Sequenc
     measures every query f_q, and correlates, per query, the predicted group effect
     Σ_{i∈S_m} τ_q(z_i) with the measured f_q(θ_{S_m}) over the subsets (Spearman).
 
-    scores: {name: (Q, N) scores with scan's sign}; all are evaluated on the same retrains, and
-        a later call with the same ``out_dir`` and inputs adds strategies without retraining.
+    scores: {name: (Q, N) scores with scan's sign}; all are evaluated on the same retrains. A
+        later call with the same ``out_dir`` adds strategies without retraining, and more
+        subsets or seeds by retraining only the new ones.
     Returns one row per name: lds (mean over queries), ci_low / ci_high (bootstrap 95 % over
     queries), queries (those whose f varied), subsets, seeds. ``.attrs``: "per_query"
     (Q × names), "measured" (subsets, Q), "predicted" {name: (subsets, Q)}, "masks".
@@ -291,9 +293,10 @@ def lds(retrain: Retrain, prompts: Sequence[Sequence[int]], completions: Sequenc
     n = next(iter(shapes))[1]
     masks = lds_subsets(n, subsets, alpha, subset_seed)
     runs = _Retrained(retrain, prompts, completions, task, out_dir,
-                      dict(kind="lds", n=n, subsets=subsets, alpha=alpha, seeds=list(seeds),
-                           subset_seed=subset_seed))
-    jobs = [(np.flatnonzero(m), s) for m in masks for s in seeds]
+                      dict(kind="lds", n=n, alpha=alpha, subset_seed=subset_seed))
+    # subset m retrained with seed s is job m + 100,000 s: more subsets or seeds later reuse it
+    jobs = [(m + 100_000 * s, np.flatnonzero(mask), s) for m, mask in enumerate(masks)
+            for s in seeds]
     measured = runs.run(jobs, progress, "LDS").reshape(subsets, len(seeds), -1).mean(axis=1)
     predicted = {k: masks.astype(np.float64) @ v.T for k, v in scores.items()}   # (M, Q)
     varied = measured.std(axis=0) > 0
@@ -344,6 +347,7 @@ def leave_out(retrain: Retrain, prompts: Sequence[Sequence[int]],
              for s in seeds]
     jobs = [(everything, s) for s in seeds] + [
         (np.setdiff1d(everything, rankings[m][q, :k]), s) for m, q, k, s in cases]
+    jobs = [(j, ids, s) for j, (ids, s) in enumerate(jobs)]
     f = runs.run(jobs, progress, "leave-k-out")
     full = dict(zip(seeds, f[:len(seeds)]))
     return pd.DataFrame([dict(method=m, query=q, k=k, seed=s, f_full=full[s][q],
