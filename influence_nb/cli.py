@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     try:
         summary = run(ns, rank, world)
-    except (ValueError, KeyError, OSError) as e:  # our errors name the fix: one line, no trace
+    except (ValueError, TypeError, KeyError, OSError) as e:  # our errors name the fix: one line
         where = f" (rank {rank})" if world > 1 else ""
         print(f"influence-nb {ns.command}: error{where}: {e.args[0] if e.args else e}",
               file=sys.stderr)

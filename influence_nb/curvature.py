@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import safetensors.torch
 import torch
@@ -31,6 +32,7 @@ from einops import einsum
 from torch import Tensor, nn
 
 from . import distributed, store
+from .checks import check_args
 from .hooks import TrackedLayer, context_length, find_layers, stat_dtype
 from .passes import Consumer, Gradients, PassBatch, corpus_pass, source
 from .task import Task, get, query_batch, token_rows
@@ -63,6 +65,13 @@ class FactorArgs:
     damping_factor: float = 0.1
     seed: int = 0
     progress: bool = True
+
+    MINIMUM: ClassVar[dict[str, float]] = {"batch_size": 1, "max_examples": 1, "blocks": 1,
+                                           "damping": 0.0, "damping_factor": 0.0}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"strategy": ("ekfac", "kfac", "identity")}
+
+    def __post_init__(self) -> None:
+        check_args(self)
 
 
 @dataclass

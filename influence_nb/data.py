@@ -159,7 +159,10 @@ class Corpus:
         """A corpus from a list of strings, with optional per-text metadata dicts."""
         if isinstance(texts, str):
             raise CorpusError("texts must be a list of strings, got one string; wrap it: [text]")
-        metadata = metadata or [{} for _ in texts]
+        metadata = [{} for _ in texts] if metadata is None else list(metadata)
+        if len(metadata) != len(texts):
+            raise CorpusError(f"{len(texts)} texts but {len(metadata)} metadata dicts; give one "
+                              "dict per text (or none)")
         return cls.from_records(({"text": t, **m} for t, m in zip(texts, metadata)),
                                 tokenizer, max_len, source="texts", total=len(texts))
 

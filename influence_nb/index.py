@@ -28,12 +28,14 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import store
+from .checks import check_args
 from .sketch import Sketches
 
 KINDS = ("flat", "ivfpq", "ivfsq8", "hnsw")
@@ -77,6 +79,15 @@ class IndexArgs:
     refine: int = 4
     seed: int = 0
     progress: bool = True
+
+    MINIMUM: ClassVar[dict[str, float]] = {
+        "flat_max": 0, "hnsw_max": 0, "nlist": 1, "pq_m": 1, "hnsw_m": 2, "train_size": 1,
+        "shard_size": 1, "nprobe": 1, "ef_search": 1, "refine": 1}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "kind": ("auto", "flat", "hnsw", "ivfpq", "ivfsq8")}
+
+    def __post_init__(self) -> None:
+        check_args(self)
 
     def resolve(self, n: int, dim: int) -> tuple[str, str]:
         """-> (kind, FAISS factory string) for n sequences of dimension dim."""

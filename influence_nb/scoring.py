@@ -25,6 +25,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, store
+from .checks import check_args
 from .curvature import Factors, fingerprint_of, query_gradients
 from .data import Corpus
 from .hooks import TrackedLayer, find_layers
@@ -56,6 +58,11 @@ class ScoreArgs:
     per_layer: bool = True
     chunk_size: int = 2048
     progress: bool = True
+
+    MINIMUM: ClassVar[dict[str, float]] = {"rank": 1, "batch_size": 1, "chunk_size": 1}
+
+    def __post_init__(self) -> None:
+        check_args(self)
 
 
 @dataclass

@@ -47,6 +47,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, store
+from .checks import check_args
 from .curvature import Factors, fingerprint_of, rotate
 from .data import Corpus
 from .hooks import TrackedLayer, find_layers
@@ -92,6 +94,13 @@ class SketchArgs:
     batch_size: int = 32
     chunk_size: int = 2048
     progress: bool = True
+
+    MINIMUM: ClassVar[dict[str, float]] = {"m": 1, "batch_size": 1, "chunk_size": 1}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "variant": ("whitened", "plain"), "structure": ("khatri-rao", "kronecker")}
+
+    def __post_init__(self) -> None:
+        check_args(self)
 
     @property
     def projection(self) -> dict:

@@ -13,7 +13,7 @@ ROOT = Path(influence_nb.__file__).parent
 
 # bottom to top; a module may import its own layer (without a cycle) or any layer below
 LAYERS = [
-    {"data", "task", "hooks", "store", "distributed", "training", "demo", "demo.world",
+    {"data", "task", "hooks", "store", "distributed", "checks", "training", "demo", "demo.world",
      "demo.build"},
     {"passes"},
     {"curvature"},
