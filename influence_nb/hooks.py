@@ -57,6 +57,12 @@ class TrackedLayer:
         W = grads[0].T if self.transposed else grads[0]
         return torch.cat([W, grads[1][:, None]], dim=1) if self.bias else W
 
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        """One (out, in + bias) matrix -> tensors shaped like :meth:`parameters` (the inverse
+        of :meth:`as_matrix`)."""
+        W = matrix[:, :self.d_in]
+        return [W.T if self.transposed else W] + ([matrix[:, self.d_in]] if self.bias else [])
+
 
 def _as_tracked(name: str, module: nn.Module) -> TrackedLayer | None:
     if isinstance(module, nn.Linear):

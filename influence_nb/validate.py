@@ -10,9 +10,9 @@
   user-supplied ``(ids, seed) -> model`` function (:class:`~influence_nb.training.Retrainer`
   for a Hugging Face causal LM and a recipe); finished retrains are kept on disk.
 
-Exact references. The exact Fisher is built from per-sequence pseudo-gradients computed with plain autograd
-(independently of the hooks), with the *same* sampled labels as :func:`fit_factors` (same
-seed, same batches, same order):
+Exact references. The exact Fisher is built from per-sequence pseudo-gradients computed with
+plain autograd (independently of the hooks), with the *same* sampled labels as
+:func:`fit_factors` (same seed, same batches, same order):
 
     G = (1/N) Σ_n g_n g_nᵀ             g_n = ∇ fisher_loss(z_n), flattened over tracked layers
     score(q, m) = ∇f_qᵀ (G + λ)⁻¹ ∇ log p(z_m)
@@ -377,26 +377,22 @@ def tail_patch(model: nn.Module, corpus: Corpus, prompts: Sequence[Sequence[int]
     saved = [p.detach().clone() for p in params]
     before = measure(model, prompts, completions, task)
     delta = {}
-    try:
-        with eval_mode(model):
-            for i in tqdm(distinct, desc="tail-patch", unit="seq", disable=not progress):
-                batch = next(corpus.batches(1, ids=[int(i)]))
-                batch = to_device(batch, saved[0].device)
-                grads = torch.autograd.grad(
-                    task.training_loss(task.forward(model, batch), batch).sum(), params,
-                    allow_unused=True)
+    with eval_mode(model):
+        for i in tqdm(distinct, desc="tail-patch", unit="seq", disable=not progress):
+            batch = to_device(next(corpus.batches(1, ids=[int(i)])), saved[0].device)
+            grads = torch.autograd.grad(
+                task.training_loss(task.forward(model, batch), batch).sum(), params,
+                allow_unused=True)
+            try:
                 with torch.no_grad():
                     for p, g in zip(params, grads):
                         if g is not None:
                             p.sub_(lr * g)
                 delta[int(i)] = measure(model, prompts, completions, task) - before
+            finally:                          # the final weights again, even on an interrupt
                 with torch.no_grad():
                     for p, s in zip(params, saved):
                         p.copy_(s)
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
     return pd.DataFrame([dict(method=m, query=q, rank=r, id=int(i), delta=delta[int(i)][q])
                          for m, c in candidates.items() for q in range(len(c))
                          for r, i in enumerate(c[q])])
@@ -459,26 +455,21 @@ def pbrf(model: nn.Module, data: object, prompts: Sequence[Sequence[int]],
                 where[len(where)] = (len(batches) - 1, b)
     N = len(where)
     eps = eps if eps is not None else 1.0 / N
-    names = [f"{layer.name}.{w}" for layer in layers for w in ("weight", "bias")[:len(
-        layer.parameters())]]
-    base = [p.detach().double() for layer in layers for p in layer.parameters()]
-    queries = query_batch(prompts, completions).to(base[0].device)
+    names = {id(p): n for n, p in model.named_parameters()}
+    base = {names[id(p)]: p.detach().double() for layer in layers for p in layer.parameters()}
+    sizes = [layer.shape[0] * layer.shape[1] for layer in layers]
+    queries = query_batch(prompts, completions).to(next(model.parameters()).device)
 
     def step(u: Tensor) -> Tensor:
         """(P,) θ − θs of whitened variables u."""
         return torch.linalg.solve_triangular(chol.T, u[:, None], upper=True)[:, 0]
 
     def weights(d: Tensor) -> dict[str, Tensor]:
-        out, start, i = {}, 0, 0
-        for layer in layers:
-            o, w = layer.shape
-            D = d[start:start + o * w].view(o, w)
-            start += o * w
-            W = D[:, :layer.d_in]
-            out[names[i]] = base[i] + (W.T if layer.transposed else W)
-            if layer.bias:
-                out[names[i + 1]] = base[i + 1] + D[:, layer.d_in]
-            i += 1 + int(layer.bias)
+        """{parameter name: θs + its part of d}, d flattened as :func:`flatten` orders it."""
+        out = {}
+        for layer, D in zip(layers, d.split(sizes)):
+            for p, delta in zip(layer.parameters(), layer.split(D.view(layer.shape))):
+                out[names[id(p)]] = base[names[id(p)]] + delta
         return out
 
     def run(params: dict[str, Tensor], batch: object) -> Tensor:

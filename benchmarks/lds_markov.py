@@ -1,0 +1,116 @@
+"""LDS and leave-top-k-out on a world built independently of the demo generator.
+
+A second-order Markov chain over 96 invented words (peaked transition laws, so contexts
+matter), sequences of 12–40 words, a word-level tokenizer and a 2-layer GPT-2 (not the demo's
+GPT-NeoX) trained from scratch with its own recipe. Queries: a chain prefix and the next two
+words, half from the training distribution's frequent contexts, half from rare ones.
+Same strategies and same machinery as ``benchmarks/lds.py``.
+
+    python benchmarks/lds_markov.py [--subsets 50] [--seeds 2] [--leave-out-queries 12]
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from influence_nb.curvature import FactorArgs
+from influence_nb.data import Corpus
+from influence_nb.scoring import ScoreArgs
+from influence_nb.session import Influence
+from influence_nb.store import cache_dir
+from influence_nb.training import Retrainer, TrainConfig, train
+from influence_nb.validate import leave_out, lds, top_ids
+
+p = argparse.ArgumentParser()
+p.add_argument("--sequences", type=int, default=1000)
+p.add_argument("--queries", type=int, default=20)
+p.add_argument("--subsets", type=int, default=50)
+p.add_argument("--seeds", type=int, default=2)
+p.add_argument("--leave-out-queries", type=int, default=12)
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--work", type=Path, default=cache_dir() / "bench-lds-markov")
+a = p.parse_args()
+torch.set_num_threads(a.threads)
+t0 = time.time()
+
+V = 96
+rng = np.random.default_rng(7)
+words = [f"w{i:02d}" for i in range(V)]
+law = np.exp(2.5 * rng.standard_normal((V, V, V)))       # p(x_t | x_t-2, x_t-1), peaked
+law /= law.sum(-1, keepdims=True)
+popular = np.exp(rng.standard_normal(V))                  # start words: some frequent, some rare
+popular /= popular.sum()
+
+
+def chain(n: int) -> list[int]:
+    x = list(rng.choice(V, 2, p=popular))
+    while len(x) < n:
+        x.append(int(rng.choice(V, p=law[x[-2], x[-1]])))
+    return x
+
+
+texts = [" ".join(words[i] for i in chain(int(rng.integers(12, 41))))
+         for _ in range(a.sequences)]
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<eos>": 0, "<pad>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+tokenizer = word_tokenizer()
+corpus = Corpus.from_texts(texts, tokenizer, 64)
+from transformers import GPT2Config  # noqa: E402
+config = GPT2Config(vocab_size=V + 2, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                    bos_token_id=0, eos_token_id=0, pad_token_id=1)
+recipe = TrainConfig(epochs=8, batch_size=32, lr=5e-3, warmup_steps=20, label_smoothing=0.1)
+retrain = Retrainer(config, corpus, recipe)
+t1 = time.time()
+model = retrain(np.arange(len(corpus)), seed=0)
+t_train = time.time() - t1
+
+# queries: prefixes of fresh chains, completion = the next two words
+pairs = []
+for q in range(a.queries):
+    x = chain(10)
+    pairs.append((" ".join(words[i] for i in x[:8]), " " + " ".join(words[i] for i in x[8:])))
+
+inf = Influence(model, tokenizer, corpus, score_args=ScoreArgs(progress=False, batch_size=32))
+inf.fit(FactorArgs(batch_size=32, progress=False))
+scores = inf.strategy_scores(pairs)
+prompts, completions = inf.encode(pairs)
+t_scores = time.time() - t1 - t_train
+
+t2 = time.time()
+table = lds(retrain, prompts, completions, scores, a.subsets, 0.5, range(a.seeds),
+            a.work / "lds")
+t_lds = time.time() - t2
+t3 = time.time()
+N, Q = len(corpus), len(pairs)
+q_ids = np.arange(min(a.leave_out_queries, Q))
+rankings = {"ekfac": top_ids(scores["ekfac"][q_ids], 10),
+            "bm25": top_ids(scores["bm25"][q_ids], 10),
+            "random": np.stack([np.random.default_rng(q).permutation(N)[:10] for q in q_ids])}
+removed = leave_out(retrain, [prompts[q] for q in q_ids], [completions[q] for q in q_ids],
+                    rankings, N, (10,), out_dir=a.work / "leave-out")
+t_leave = time.time() - t3
+print(json.dumps(dict(
+    world="markov (independent of the demo generator)", n_sequences=N,
+    n_tokens=int(len(corpus.tokens)), n_params=sum(p.numel() for p in model.parameters()),
+    train_seconds=round(t_train, 1), queries=Q, subsets=a.subsets, seeds=a.seeds,
+    lds={k: {c: round(float(v), 4) for c, v in row.items()}
+         for k, row in table[["lds", "ci_low", "ci_high", "queries"]].iterrows()},
+    ekfac_above_identity=bool(table.loc["ekfac", "ci_low"] > table.loc["identity", "ci_high"]),
+    leave_out={f"{m} top-{k}": round(float(g["delta"].mean()), 4)
+               for (m, k), g in removed.groupby(["method", "k"])},
+    leave_out_queries=len(q_ids),
+    seconds=dict(scores=round(t_scores, 1), lds=round(t_lds, 1), leave_out=round(t_leave, 1),
+                 total=round(time.time() - t0, 1)),
+), indent=1))
