@@ -22,7 +22,7 @@ import importlib.metadata
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -196,11 +196,11 @@ class Factors:
                 "fisher": "empirical" if self.empirical_fisher else "true"}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``factors.safetensors`` then ``manifest.json`` (last, with the tensors' SHA-256)
-        into directory ``path``, each atomically: an interrupted save never pairs a manifest
-        with other tensors, and flipped bytes are refused on load."""
+        """Write the tensors to ``factors-<sha256>.safetensors``, then ``manifest.json`` naming
+        that file, into directory ``path``, under a lock. The manifest is the commit: a save
+        killed at any moment leaves the previous factors loadable (an orphan tensor file at
+        worst, removed by the next save), and flipped bytes are refused on load."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name, f in self.layers.items():
             tensors |= {f"{name}/Q_A/{k}": q.contiguous() for k, q in enumerate(f.Q_A)}
@@ -209,9 +209,15 @@ class Factors:
             if f.Lambda is not None:
                 tensors[f"{name}/Lambda"] = f.Lambda
         blob = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()})
-        store.atomic_write(path / "factors.safetensors", blob)
-        store.write_json(path / "manifest.json",
-                         self.manifest() | {"sha256": hashlib.sha256(blob).hexdigest()})
+        sha = hashlib.sha256(blob).hexdigest()
+        file = f"factors-{sha[:16]}.safetensors"
+        with store.lock(path, ValueError, wait=True):
+            store.atomic_write(path / file, blob)
+            store.write_json(path / "manifest.json",
+                             self.manifest() | {"tensors": file, "sha256": sha})
+            for old in path.glob("factors*.safetensors"):
+                if old.name != file:
+                    old.unlink()
         return path
 
     @classmethod
@@ -219,17 +225,18 @@ class Factors:
              device: torch.device | str = "cpu") -> "Factors":
         """Read factors saved by :meth:`save`; with ``model``, refuse factors fitted on another."""
         path = Path(path)
-        fix = "fit them with fit_factors(...).save(path)"
-        if not (path / "factors.safetensors").exists():
-            raise FileNotFoundError(f"no fitted factors in {path} (need manifest.json and "
-                                    f"factors.safetensors); {fix}")
-        m = store.read_manifest(path / "manifest.json", FORMAT, ValueError,
-                                f"refit: {fix}")
-        blob = (path / "factors.safetensors").read_bytes()
-        if hashlib.sha256(blob).hexdigest() != m.get("sha256"):
-            raise ValueError(f"factors in {path} are corrupt or incomplete (the tensors fail the "
-                             f"manifest's SHA-256); refit: {fix}")
-        t = {k: v.to(device) for k, v in safetensors.torch.load(blob).items()}
+        fix = "refit them with fit_factors(...).save(path)"
+        if not (path / "manifest.json").exists():
+            raise FileNotFoundError(f"no fitted factors in {path} (no manifest.json); {fix}")
+        m = store.read_manifest(path / "manifest.json", FORMAT, ValueError, fix,
+                                keys=("args", "layers", "n_examples", "n_tokens", "tensors",
+                                      "sha256", "model_fingerprint", "corpus_fingerprint",
+                                      "fisher"))
+        file = store.member(path, m["tensors"], ValueError, fix)
+        blob = file.read_bytes() if file.exists() else b""
+        if hashlib.sha256(blob).hexdigest() != m["sha256"]:
+            raise ValueError(f"factors in {path} are corrupt or incomplete ({file.name} fails the "
+                             f"manifest's SHA-256); {fix}")
         shapes = {n: tuple(s) for n, s in m["layers"].items()}
         if model is not None:
             fp = fingerprint_of(model, list(shapes))
@@ -237,14 +244,26 @@ class Factors:
                 raise ValueError(f"factors in {path} were fitted for a different model "
                                  f"(fingerprint {m['model_fingerprint']} ≠ {fp}); load them with the "
                                  "model they were fitted on, or refit with fit_factors(model, ...)")
+        t = {k: v.to(device) for k, v in safetensors.torch.load(blob).items()}
         args = FactorArgs(**m["args"])
         layers = {}
         if args.strategy != "identity":
-            for name in shapes:
+            for name, (d_out, d_in) in shapes.items():
+                need = [f"{name}/{k}" for k in ("Q_A/0", "Q_S/0", "lambda_A", "lambda_S")]
+                need += [f"{name}/Lambda"] if args.strategy == "ekfac" else []
+                missing = [k for k in need if k not in t]
+                if missing:
+                    raise ValueError(f"factors in {path} lack tensor {missing[0]!r} of a "
+                                     f"strategy={args.strategy!r} fit; {fix}")
                 blocks = {key: [t[f"{name}/{key}/{k}"] for k in range(
                     sum(x.startswith(f"{name}/{key}/") for x in t))] for key in ("Q_A", "Q_S")}
-                layers[name] = LayerFactors(blocks["Q_A"], t[f"{name}/lambda_A"], blocks["Q_S"],
-                                            t[f"{name}/lambda_S"], t.get(f"{name}/Lambda"))
+                f = LayerFactors(blocks["Q_A"], t[f"{name}/lambda_A"], blocks["Q_S"],
+                                 t[f"{name}/lambda_S"], t.get(f"{name}/Lambda"))
+                if (f.lambda_A.shape != (d_in,) or f.lambda_S.shape != (d_out,) or (
+                        f.Lambda is not None and f.Lambda.shape != (d_out, d_in))):
+                    raise ValueError(f"factors in {path} have tensors of other shapes than layer "
+                                     f"{name!r} ({d_out} × {d_in}); {fix}")
+                layers[name] = f
         return cls(args, shapes, layers, m["n_examples"], m["n_tokens"], m["model_fingerprint"],
                    m["corpus_fingerprint"], m["fisher"] == "empirical")
 
@@ -271,7 +290,9 @@ def fingerprint_of(model: nn.Module, layer_names: Sequence[str]) -> str:
 
 def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
     """A 16-hex hash of the model config, the tracked layers' names and shapes, and a strided
-    sample of their weights rounded to bfloat16 (so float32 and bfloat16 copies agree)."""
+    sample (≤ 4,096 values) of every parameter of the model — tracked or not, so factors or
+    scores never pair with a model whose embeddings or attention differ — rounded to bfloat16
+    (so float32 and bfloat16 copies agree)."""
     h = hashlib.sha256(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if hasattr(config, "to_dict"):
@@ -279,10 +300,11 @@ def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
         h.update(json.dumps(items, sort_keys=True, default=str).encode())
     for layer in layers:
         h.update(f"{layer.name}{layer.shape}".encode())
-        for p in layer.parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[::max(1, flat.numel() // 4096)][:4096]
-            h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 4096)][:4096]
+        h.update(name.encode())
+        h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -376,6 +398,8 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     passes = {"identity": 0, "kfac": 1, "ekfac": 2}[args.strategy]
     src = source(data, args.batch_size, max_examples=args.max_examples, passes=passes)
     fp = model_fingerprint(model, tracked)
+    distributed.check_same(json.dumps([fp, src.fingerprint, asdict(replace(args, progress=True))],
+                                      default=str), "the model, corpus and FactorArgs of the fit")
     if passes == 0:
         return Factors(args, shapes, {}, 0, 0, fp, src.fingerprint, task.empirical_fisher)
 

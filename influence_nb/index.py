@@ -99,6 +99,12 @@ class IndexArgs:
         pq_m = self.pq_m or max(1, dim // 16)
         if kind == "ivfpq" and dim % pq_m:
             raise ValueError(f"pq_m={pq_m} must divide the sketch dimension {dim}")
+        # k-means needs at least one training row per centroid (PQ: 256 per sub-quantizer)
+        need = {"ivfpq": max(nlist, 256), "ivfsq8": nlist}.get(kind, 1)
+        if min(n, self.train_size) < need:
+            raise ValueError(f"an index of kind {kind!r} (nlist={nlist}) needs at least {need} "
+                             f"training rows, but there are {min(n, self.train_size)}; use "
+                             "kind='flat' or 'hnsw', a smaller nlist, or sketch more sequences")
         return kind, {"flat": "Flat", "ivfpq": f"IVF{nlist},PQ{pq_m}",
                       "ivfsq8": f"IVF{nlist},SQ8", "hnsw": f"HNSW{self.hnsw_m},SQ8"}[kind]
 
@@ -158,25 +164,26 @@ class SketchIndex:
             if kind.startswith("ivf"):
                 faiss.extract_index_ivf(empty).cp.seed = args.seed
             empty.train(_rows(sketches.data, sample))
-        path.mkdir(parents=True, exist_ok=True)
-        size = args.shard_size or n
-        shards, files = [], []
-        with tqdm(total=n, desc="indexing", unit="seq", disable=not args.progress) as bar:
-            for k, start in enumerate(range(0, n, size)):
-                stop = min(n, start + size)
-                index = faiss.clone_index(empty)
-                for s in range(start, stop, _ADD_BLOCK):
-                    index.add(np.asarray(sketches.data[s:min(stop, s + _ADD_BLOCK)], np.float32))
-                    bar.update(min(stop, s + _ADD_BLOCK) - s)
-                blob = faiss.serialize_index(index).tobytes()
-                name = f"shard_{k:03d}.faiss"
-                store.atomic_write(path / name, blob)
-                shards.append(index)
-                files.append(dict(file=name, start=start, stop=stop, bytes=len(blob),
-                                  crc32=store.crc32(blob)))
-        manifest = dict(format=FORMAT, kind=kind, factory=factory, n=n, dim=dim,
-                        sketches=sketches.fingerprint, shards=files, args=asdict(args))
-        store.write_json(path / "index.json", manifest)
+        with store.lock(path, IndexFileError):
+            size = args.shard_size or n
+            shards, files = [], []
+            with tqdm(total=n, desc="indexing", unit="seq", disable=not args.progress) as bar:
+                for k, start in enumerate(range(0, n, size)):
+                    stop = min(n, start + size)
+                    index = faiss.clone_index(empty)
+                    for s in range(start, stop, _ADD_BLOCK):
+                        block = sketches.data[s:min(stop, s + _ADD_BLOCK)]
+                        index.add(np.asarray(block, np.float32))
+                        bar.update(len(block))
+                    blob = faiss.serialize_index(index).tobytes()
+                    name = f"shard_{k:03d}.faiss"
+                    store.atomic_write(path / name, blob)
+                    shards.append(index)
+                    files.append(dict(file=name, start=start, stop=stop, bytes=len(blob),
+                                      crc32=store.crc32(blob)))
+            manifest = dict(format=FORMAT, kind=kind, factory=factory, n=n, dim=dim,
+                            sketches=sketches.fingerprint, shards=files, args=asdict(args))
+            store.write_json(path / "index.json", manifest)
         return cls(sketches, shards, manifest)
 
     @classmethod
@@ -184,14 +191,18 @@ class SketchIndex:
         """Read an index saved by :meth:`build`; refuse one built over other sketches."""
         path = Path(path)
         manifest = store.read_manifest(path / "index.json", FORMAT, IndexFileError,
-                                 "rebuild with SketchIndex.build(sketches, path)")
+                                       "rebuild with SketchIndex.build(sketches, path)",
+                                       keys=("kind", "factory", "n", "dim", "sketches", "shards",
+                                             "args"))
         if manifest["sketches"] != sketches.fingerprint:
             raise IndexFileError(f"the index in {path} was built over other sketches (another model, "
                               f"factors, projection or rows: {manifest['sketches']} ≠ "
                               f"{sketches.fingerprint}); rebuild with SketchIndex.build(...)")
         shards = []
         for s in manifest["shards"]:
-            blob = (path / s["file"]).read_bytes() if (path / s["file"]).exists() else b""
+            file = store.member(path, s["file"], IndexFileError,
+                                "rebuild with SketchIndex.build(sketches, path)")
+            blob = file.read_bytes() if file.exists() else b""
             if len(blob) != s["bytes"] or store.crc32(blob) != s["crc32"]:
                 what = "truncated" if len(blob) < s["bytes"] else "corrupt"
                 raise IndexFileError(f"{path / s['file']} is {what} ({len(blob)} of {s['bytes']} "

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .curvature import FactorArgs, Factors, fit_factors, model_fingerprint
+from .curvature import FactorArgs, Factors, fingerprint_of, fit_factors, model_fingerprint
 from .data import Corpus, tokenizer_fingerprint
 from .hooks import find_layers
 from .results import InfluenceResult
@@ -44,7 +44,7 @@ class Influence:
                  task: Task | None = None):
         self.model, self.tokenizer, self.task = model, tokenizer, task or Task()
         self.score_args = score_args or ScoreArgs()
-        self.factors = factors
+        self.factors = self._check_factors(factors) if factors is not None else None
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         self.corpus = self._check_corpus(corpus) if corpus is not None else None
 
@@ -69,6 +69,14 @@ class Influence:
                              f"({corpus.tokenizer_fingerprint} ≠ {self.tokenizer_fingerprint}); "
                              "rebuild it with Corpus.from_...(..., tokenizer)")
         return corpus
+
+    def _check_factors(self, factors: Factors) -> Factors:
+        fp = fingerprint_of(self.model, factors.layer_names)
+        if fp != factors.model_fingerprint:
+            raise ValueError(f"the factors were fitted on another model (fingerprint "
+                             f"{factors.model_fingerprint} ≠ {fp}); pass the model they were "
+                             "fitted on, or refit with inf.fit()")
+        return factors
 
     def fitted(self) -> tuple[Corpus, Factors]:
         """(corpus, factors), or a one-line error saying which is missing and how to get it."""

@@ -45,7 +45,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -365,36 +365,38 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
     path = Path(path)
     owner = _owner(model, factors)
     proj = Projection(factors, args)
-    if (path / "sketches.json").exists():
-        old = Sketches.open(path, model, factors, verify=False)
-        if old.manifest["projection"] != args.projection:
-            raise SketchError(f"{path} holds sketches with projection {old.manifest['projection']}"
-                              f", not {args.projection}; pass those SketchArgs or a new directory")
-        old.check_corpus(corpus)
-        manifest, done = old.manifest, set(old.ids.tolist())
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        manifest = dict(format=FORMAT, dim=proj.dim, projection=args.projection,
-                        layers={n: list(s) for n, s in factors.shapes.items()}, chunks=[],
-                        **owner)
-        done = set()
-    ids = as_ids(ids, len(corpus))
-    todo = np.array([i for i in ids.tolist() if i not in done], dtype=np.int64)
-    n = sum(c[0] for c in manifest["chunks"])
-    for name, width in (("rows.bin", ROW.itemsize), ("sketches.f16", 2 * proj.dim)):
-        store.truncate(path / name, n * width)  # drop the rows of an interrupted chunk
-    layers = find_layers(model, factors.layer_names)
-    with tqdm(total=len(todo), desc="sketching", unit="seq", disable=not args.progress) as bar:
-        for start in range(0, len(todo), args.chunk_size):
-            chunk = todo[start:start + args.chunk_size]
-            data = corpus_pass(model, layers, source(corpus, args.batch_size, chunk),
-                               [Sketcher(proj, len(chunk))], task=task, progress=bar)[0]
-            rows = np.empty(len(chunk), ROW)
-            rows["id"], rows["hash"] = chunk, sequence_hashes(corpus, chunk)
-            store.append(path / "rows.bin", rows.tobytes())
-            store.append(path / "sketches.f16", data.tobytes())
-            manifest["chunks"].append([len(chunk), store.crc32(rows), store.crc32(data)])
-            store.write_json(path / "sketches.json", manifest)
+    with store.lock(path, SketchError):
+        if (path / "sketches.json").exists():
+            old = Sketches.open(path, model, factors)   # verified: appending to a corrupt store
+            if old.manifest["projection"] != args.projection:  # would bury the damage
+                raise SketchError(f"{path} holds sketches with projection "
+                                  f"{old.manifest['projection']}, not {args.projection}; pass "
+                                  "those SketchArgs or a new directory")
+            old.check_corpus(corpus)
+            manifest, done = old.manifest, set(old.ids.tolist())
+        else:
+            manifest = dict(format=FORMAT, dim=proj.dim, projection=args.projection,
+                            layers={n: list(s) for n, s in factors.shapes.items()}, chunks=[],
+                            **owner)
+            done = set()
+        ids = as_ids(ids, len(corpus))
+        todo = np.array([i for i in ids.tolist() if i not in done], dtype=np.int64)
+        n = sum(c[0] for c in manifest["chunks"])
+        for name, width in (("rows.bin", ROW.itemsize), ("sketches.f16", 2 * proj.dim)):
+            store.truncate(path / name, n * width)  # drop the rows of an interrupted chunk
+        layers = find_layers(model, factors.layer_names)
+        with tqdm(total=len(todo), desc="sketching", unit="seq",
+                  disable=not args.progress) as bar:
+            for start in range(0, len(todo), args.chunk_size):
+                chunk = todo[start:start + args.chunk_size]
+                data = corpus_pass(model, layers, source(corpus, args.batch_size, chunk),
+                                   [Sketcher(proj, len(chunk))], task=task, progress=bar)[0]
+                rows = np.empty(len(chunk), ROW)
+                rows["id"], rows["hash"] = chunk, sequence_hashes(corpus, chunk)
+                store.append(path / "rows.bin", rows.tobytes())
+                store.append(path / "sketches.f16", data.tobytes())
+                manifest["chunks"].append([len(chunk), store.crc32(rows), store.crc32(data)])
+                store.write_json(path / "sketches.json", manifest)
     return Sketches.open(path, verify=False)
 
 
@@ -410,12 +412,16 @@ def _build_sharded(model: nn.Module, factors: Factors, corpus: Corpus,
     """
     rank, world = distributed.rank_world()
     args, path = args or SketchArgs(), Path(path)
+    ids = as_ids(ids, len(corpus))
+    distributed.check_same(json.dumps([_owner(model, factors), corpus.fingerprint, str(path),
+                                       asdict(replace(args, progress=True)),
+                                       hashlib.sha256(ids.tobytes()).hexdigest()]),
+                           "the model, factors, corpus, store and SketchArgs of the sketch")
     exists = (path / "sketches.json").exists()
     if rank == 0 and exists:  # check model, factors, projection and corpus; drop a torn chunk
         _build_local(model, factors, corpus, path, replace(args, progress=False),
                      np.zeros(0, np.int64), task)
     distributed.barrier()
-    ids = as_ids(ids, len(corpus))
     if exists:
         ids = ids[~np.isin(ids, Sketches.open(path, verify=False).ids)]
     n_chunks = -(-len(ids) // args.chunk_size)
@@ -446,7 +452,13 @@ def merge_sketches(path: str | os.PathLike, parts: Sequence[Sketches]) -> Sketch
     path = Path(path)
     if not parts:
         return Sketches.open(path, verify=False)
-    path.mkdir(parents=True, exist_ok=True)
+    with store.lock(path, SketchError):
+        _merge(path, parts)
+    return Sketches.open(path)
+
+
+def _merge(path: Path, parts: Sequence[Sketches]) -> None:
+    """:func:`merge_sketches` under its lock."""
     manifest = (_read_manifest(path) if (path / "sketches.json").exists()
                 else dict(parts[0].manifest, chunks=[]))
     have = Sketches.open(path, verify=False).ids if manifest["chunks"] else np.zeros(0, np.int64)
@@ -476,4 +488,3 @@ def merge_sketches(path: str | os.PathLike, parts: Sequence[Sketches]) -> Sketch
             os.fsync(out.fileno())
     manifest["chunks"] = manifest["chunks"] + [c for p in parts for c in p.manifest["chunks"]]
     store.write_json(path / "sketches.json", manifest)
-    return Sketches.open(path)

@@ -12,14 +12,23 @@ here, so that one set of rules holds for all of them:
   one-line error of the artifact's own exception class naming the fix (:func:`read_manifest`);
 - a chunk store (:class:`ChunkStore`) keeps one ``.npz`` per chunk of a long computation
   under a manifest of what is computed, each with its CRC-32 inside, so a restarted job skips
-  finished chunks and a changed job is refused.
+  finished chunks and a changed job is refused;
+- a store that several files make up is written under :func:`lock`, so two writers never
+  interleave; the lock is the kernel's (``flock``), released when its holder dies, so a
+  killed writer never leaves a stale lock behind;
+- a file name read from a manifest must name a file inside the manifest's folder
+  (:func:`member`), so a forged manifest cannot make a reader open another path.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
+import socket
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +56,44 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
+@contextlib.contextmanager
+def lock(directory: str | os.PathLike, error: type[Exception], wait: bool = False
+         ) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (created when absent) while writing it.
+
+    A second writer waits with ``wait``; without, it gets a one-line ``error`` naming the
+    process that holds the lock. The lock file ``.lock`` stays behind, but its lock dies with
+    its holder: a killed writer's folder is free at once."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise error(f"{directory} is being written by {holder}; wait for it to finish or "
+                        "write to another folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def member(directory: str | os.PathLike, name: object, error: type[Exception], fix: str
+           ) -> Path:
+    """``directory / name`` for a plain file name read from a manifest; anything else (a path,
+    "..", not a string) is a one-line ``error`` ending with ``fix``."""
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name:
+        raise error(f"the manifest in {directory} names {name!r}, not a file in that folder; "
+                    f"{fix}")
+    return Path(directory) / name
+
+
 def append(path: str | os.PathLike, data: bytes) -> None:
     """Append ``data`` to ``path`` and fsync (rows a manifest will commit to afterwards)."""
     with open(path, "ab") as fh:
@@ -68,9 +115,10 @@ def crc32(data: bytes | np.ndarray) -> int:
     return zlib.crc32(data)
 
 
-def read_manifest(file: str | os.PathLike, fmt: str, error: type[Exception], fix: str) -> dict:
-    """The JSON manifest ``file`` of format ``fmt``; missing, corrupt or foreign -> one-line
-    ``error`` that ends with ``fix`` (how to rebuild)."""
+def read_manifest(file: str | os.PathLike, fmt: str, error: type[Exception], fix: str,
+                  keys: tuple[str, ...] = ()) -> dict:
+    """The JSON manifest ``file`` of format ``fmt`` with at least ``keys``; missing, corrupt,
+    foreign or incomplete -> one-line ``error`` that ends with ``fix`` (how to rebuild)."""
     file = Path(file)
     if not file.exists():
         raise error(f"{file} is missing; {fix}")
@@ -80,6 +128,9 @@ def read_manifest(file: str | os.PathLike, fmt: str, error: type[Exception], fix
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         raise error(f"{file} is corrupt or not a manifest of format {fmt!r}; {fix}")
+    missing = [k for k in keys if k not in manifest]
+    if missing:
+        raise error(f"{file} lacks {', '.join(missing)}; {fix}")
     return manifest
 
 

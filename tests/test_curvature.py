@@ -3,6 +3,7 @@ and agreement with the exact damped Fisher on tiny models (float64 where exactne
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
                           LlamaConfig, LlamaForCausalLM)
 
-from influence_nb import validate
+from influence_nb import store, validate
 from influence_nb.curvature import (FactorArgs, Factors, fit_factors, query_gradients,
                                     sequence_gradients)
 from influence_nb.hooks import find_layers
@@ -350,7 +351,8 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     model = tiny("gpt2")
     factors = fit_factors(model, batches(3), FactorArgs(blocks=2, progress=False))
     factors.save(tmp_path / "f")
-    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["factors.safetensors",
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [".lock", manifest["tensors"],
                                                                    "manifest.json"]
     loaded = Factors.load(tmp_path / "f", model)
     manifest = loaded.manifest()
@@ -365,11 +367,17 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         Factors.load(tmp_path / "f", tiny("gpt2", seed=1))
     with pytest.raises(ValueError, match="different model"):
         Factors.load(tmp_path / "f", tiny("neox"))
-    # an interrupted save: new tensors in place, manifest of the old fit
-    fit_factors(model, batches(2), FactorArgs(progress=False)).save(tmp_path / "g")
-    (tmp_path / "g" / "factors.safetensors").replace(tmp_path / "f" / "factors.safetensors")
-    with pytest.raises(ValueError, match="incomplete"):
-        Factors.load(tmp_path / "f", model)
+    # a save killed before its manifest: the previous factors still load, the next save tidies
+    other = fit_factors(model, batches(2), FactorArgs(progress=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store, "write_json", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            other.save(tmp_path / "f")
+    assert len(list((tmp_path / "f").glob("*.safetensors"))) == 2
+    assert Factors.load(tmp_path / "f", model).n_examples == 12
+    other.save(tmp_path / "f")
+    assert len(list((tmp_path / "f").glob("*.safetensors"))) == 1
+    assert Factors.load(tmp_path / "f", model).n_examples == 8
     with pytest.raises(FileNotFoundError, match="no fitted factors"):
         Factors.load(tmp_path / "nothing")
 

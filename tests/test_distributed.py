@@ -30,9 +30,10 @@ WORKER = textwrap.dedent("""
                 os._exit(1)                      # a rank that dies mid-scan
             return update(self, *a, **kw)
         scoring.Scorer.update = dying
+    swap = json.loads(os.environ.get("RANK1_SWAP", "{}"))  # rank 1 given other inputs
     distributed.init()
     for argv in json.loads(sys.argv[1]):
-        main(argv)
+        main([swap.get(a, a) for a in argv] if os.environ["RANK"] == "1" else argv)
     distributed.finish()
 """)
 QUERIES = [("alpha number 3 is", " odd."), ("the gamma", " number 10")]
@@ -125,3 +126,29 @@ def test_two_ranks_equal_one_process(job, capsys):
         for q in range(len(QUERIES)):
             for sign in ("positive", "negative"):
                 assert list(r1.top(q, 5, sign)["id"]) == list(r2.top(q, 5, sign)["id"])
+
+
+def test_ranks_given_other_inputs_refuse_to_fit_or_sketch(job, capsys):
+    """Every rank checks that the others hold the same corpus, weights (all of them, not only
+    the tracked layers) and arguments before fitting or sketching; none mixes its statistics."""
+    out = job / "disagree"
+    lines = (job / "corpus.jsonl").read_text().splitlines()
+    lines[5] = json.dumps({"text": "one other sequence"})
+    (job / "corpus_b.jsonl").write_text("\n".join(lines) + "\n")
+    model = GPTNeoXForCausalLM.from_pretrained(job / "model", dtype=torch.float64)
+    with torch.no_grad():
+        model.gpt_neox.embed_in.weight[3, 0] += 0.5          # an untracked weight differs
+    model.save_pretrained(job / "model_b")
+    AutoTokenizer.from_pretrained(job / "model").save_pretrained(job / "model_b")
+    fit, sketch = steps(job, out)[:2]
+    main(fit)
+    capsys.readouterr()
+    for argv, swap, what in [
+            (fit, {str(job / "model"): str(job / "model_b")},
+             "the model, corpus and FactorArgs of the fit"),
+            (sketch, {str(job / "corpus.jsonl"): str(job / "corpus_b.jsonl")},
+             "the model, factors, corpus, store and SketchArgs of the sketch")]:
+        run = torchrun(job, [argv], RANK1_SWAP=json.dumps(swap))
+        assert run.returncode != 0
+        assert f"error (rank 0): the ranks disagree on {what}" in run.stderr, run.stderr[-2000:]
+    assert not (out / "search").exists() or not (out / "search" / "sketches.json").exists()

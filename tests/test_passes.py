@@ -158,9 +158,10 @@ def test_session_scan_uses_the_rank_it_is_given(setup, tokenizer):
 def test_factors_checksum_refuses_flipped_bytes(setup, tmp_path):
     _, _, factors, _ = setup
     factors.save(tmp_path)
-    blob = bytearray((tmp_path / "factors.safetensors").read_bytes())
+    file = tmp_path / json.loads((tmp_path / "manifest.json").read_text())["tensors"]
+    blob = bytearray(file.read_bytes())
     blob[-5] ^= 0x40
-    (tmp_path / "factors.safetensors").write_bytes(bytes(blob))
+    file.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="SHA-256"):
         type(factors).load(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")

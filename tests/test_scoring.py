@@ -224,7 +224,9 @@ def test_a_query_the_model_is_certain_of_warns(setup, tokenizer):
         out = certain.get_output_embeddings().weight
         out.zero_()
         out[target] = 2.0                                         # logit 32: p ≈ 1 − 1e-11
-    inf = Influence(certain, tokenizer, corpus, factors)
+    # its Fisher is ~0 (nothing to learn): the gradient dot product stands in for EK-FAC
+    plain = fit_factors(certain, corpus, FactorArgs(strategy="identity", progress=False))
+    inf = Influence(certain, tokenizer, corpus, plain)
     with pytest.warns(UserWarning, match=f"certain of 1 of 2 queries.*'{word}'"):
         q = inf.queries([("gamma number 2 is", word), ("gamma number 2 is", " odd")])
     assert float(q.f[0]) > -1e-3 > float(q.f[1])
@@ -236,5 +238,5 @@ def test_a_query_the_model_is_certain_of_warns(setup, tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Influence(model, tokenizer, corpus, factors).queries(("gamma number 2 is", word))
-        Influence(certain, tokenizer, corpus, factors, task=Margin()).queries(
+        Influence(certain, tokenizer, corpus, plain, task=Margin()).queries(
             ("gamma number 2 is", word))
