@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -39,6 +40,14 @@ COMMANDS = ("fit", "sketch", "score", "search")
 
 class CLIError(ValueError):
     """A bad option or input; the message names the fix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in one line (no usage block): exit 2, the problem and where to
+    look."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # -- options from dataclasses ----------------------------------------------------------------------
@@ -69,6 +78,17 @@ def _positive(kind: type):
             raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
         return value
     return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a number from 0 to 1")
+    return value
 
 
 def _optional(kind: type):
@@ -119,7 +139,15 @@ def _make(cls: type, ns: argparse.Namespace, prefix: str = "", **fixed: Any) -> 
 def _device(name: str | None):
     import torch
     if name:
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise CLIError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:1, "
+                           "mps, ...") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: this torch has no CUDA device available; use "
+                           "--device cpu or install a CUDA build of torch")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -128,6 +156,7 @@ def _device(name: str | None):
 def _load_model(ns: argparse.Namespace):
     """(model, tokenizer) from a Hugging Face directory, in eval mode on the device."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(ns.model)
     if not (path / "config.json").is_file():
@@ -135,9 +164,35 @@ def _load_model(ns: argparse.Namespace):
                        "pass a directory written by save_pretrained")
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float64": torch.float64}[ns.dtype]
-    tokenizer = AutoTokenizer.from_pretrained(ns.tokenizer or path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(_device(ns.device)).eval(), tokenizer
+    device = _device(ns.device)
+    if not ns.progress:
+        transformers.utils.logging.disable_progress_bar()
+    where = Path(ns.tokenizer or path)
+    flag = "--tokenizer" if ns.tokenizer else "--model"
+    if where.is_dir() and not any((where / f).is_file() for f in _TOKENIZER_FILES):
+        raise CLIError(f"{flag} {where} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                       "save the tokenizer there or pass --tokenizer DIR")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except Exception as e:  # transformers raises many kinds; the first line says which
+        raise CLIError(f"{flag} {where}: the tokenizer does not load ({_first_line(e)})") \
+            from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        raise CLIError(f"--model {path}: the model does not load ({_first_line(e)}); check "
+                       "that save_pretrained wrote it completely") from None
+    return model.to(device).eval(), tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
+                    "vocab.txt", "spiece.model")
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (ours are one line; libraries' may not be)."""
+    text = str(e).strip() if not isinstance(e, KeyError) or not e.args else str(e.args[0])
+    return (text.splitlines() or [type(e).__name__])[0]
 
 
 def _load_corpus(ns: argparse.Namespace, model, tokenizer):
@@ -154,8 +209,8 @@ def _load_corpus(ns: argparse.Namespace, model, tokenizer):
             raise CLIError(f"--corpus {path} is a directory but not a saved datasets.Dataset; "
                            "pass a .txt / .jsonl / .parquet file or a save_to_disk directory"
                            ) from None
-        return Corpus.from_dataset(dataset, tokenizer, max_len, ns.text_field)
-    return Corpus.from_file(path, tokenizer, max_len, ns.text_field)
+        return Corpus.from_dataset(dataset, tokenizer, max_len, ns.text_field, ns.progress)
+    return Corpus.from_file(path, tokenizer, max_len, ns.text_field, ns.progress)
 
 
 def _queries(ns: argparse.Namespace) -> list[tuple[str, str]]:
@@ -166,11 +221,17 @@ def _queries(ns: argparse.Namespace) -> list[tuple[str, str]]:
         if not path.is_file():
             raise CLIError(f"--queries {path} not found; pass a .jsonl file of "
                            '{"prompt": ..., "completion": ...} lines')
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace")
+                                 .splitlines(), 1):
             if line.strip():
-                row = json.loads(line)
-                if not {"prompt", "completion"} <= set(row):
-                    raise CLIError(f"{path}:{n} needs the fields prompt and completion")
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CLIError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or not {"prompt", "completion"} <= set(row) or \
+                        not all(isinstance(row[k], str) for k in ("prompt", "completion")):
+                    raise CLIError(f"{path}:{n} must be an object with the text fields prompt "
+                                   "and completion")
                 pairs.append((row["prompt"], row["completion"]))
     if not pairs:
         raise CLIError("no queries: pass --query PROMPT COMPLETION (repeatable) or "
@@ -196,10 +257,11 @@ def _print_top(result, k: int) -> None:
 
 def _fit(ns: argparse.Namespace, rank: int, world: int) -> dict:
     from .curvature import FactorArgs, fit_factors
+    args = _make(FactorArgs, ns, progress=ns.progress)   # bad values fail before any loading
     model, tokenizer = _load_model(ns)
     corpus = _load_corpus(ns, model, tokenizer)
     t0 = time.perf_counter()
-    factors = fit_factors(model, corpus, _make(FactorArgs, ns, progress=ns.progress))
+    factors = fit_factors(model, corpus, args)
     seconds = time.perf_counter() - t0
     if rank == 0:
         factors.save(ns.out)
@@ -222,16 +284,16 @@ def _sketch(ns: argparse.Namespace, rank: int, world: int) -> dict:
     from .distributed import barrier
     from .index import IndexArgs, SketchIndex
     from .sketch import SketchArgs, build_sketches
+    sketch_args = _make(SketchArgs, ns, progress=ns.progress)
+    index_args = _make(IndexArgs, ns, "index-", progress=ns.progress)
     inf = _session(ns)
     out = Path(ns.out)
     t0 = time.perf_counter()
     sketches = build_sketches(inf.model, inf.factors, inf.corpus, out / "sketches",
-                              _make(SketchArgs, ns, progress=ns.progress),
-                              _ids(ns, inf.corpus), inf.task)
+                              sketch_args, _ids(ns, inf.corpus), inf.task)
     seconds = time.perf_counter() - t0
     if rank == 0:  # the index is derived from the sketches: rebuilt on every run
-        index = SketchIndex.build(sketches, out / "index",
-                                  _make(IndexArgs, ns, "index-", progress=ns.progress))
+        index = SketchIndex.build(sketches, out / "index", index_args)
         print(f"{len(sketches)} sketches of {sketches.dim} dims in {seconds:.1f} s on {world} "
               f"rank(s); {index!r} -> {out}")
     barrier()
@@ -240,8 +302,9 @@ def _sketch(ns: argparse.Namespace, rank: int, world: int) -> dict:
 
 def _score(ns: argparse.Namespace, rank: int, world: int) -> dict:
     from .scoring import ScoreArgs
+    pairs = _queries(ns)
     inf = _session(ns, _make(ScoreArgs, ns, progress=ns.progress))
-    queries = inf.queries(_queries(ns), strategy=ns.strategy)
+    queries = inf.queries(pairs, strategy=ns.strategy)
     t0 = time.perf_counter()
     result = inf.scan(queries, ids=_ids(ns, inf.corpus),
                       out_dir=ns.scan_dir or Path(ns.out) / "scan")
@@ -258,10 +321,11 @@ def _search(ns: argparse.Namespace, rank: int, world: int) -> dict:
     from .retriever import Retriever
     from .scoring import ScoreArgs
     from .store import write_json
+    pairs = _queries(ns)
     inf = _session(ns, _make(ScoreArgs, ns, progress=ns.progress))
     retriever = Retriever.open(inf, ns.index, ns.lexical)
     retriever.index.set_params(ns.nprobe, ns.ef_search, ns.refine)
-    result = retriever.search(_queries(ns), ns.candidates)
+    result = retriever.search(pairs, ns.candidates)
     if rank == 0:
         result.save(ns.out)
         info = dict(candidates=[len(c) for c in result.candidates], timings=result.timings)
@@ -272,18 +336,21 @@ def _search(ns: argparse.Namespace, rank: int, world: int) -> dict:
     return dict(sequences=len(result.ids), timings=result.timings)
 
 
-def _demo(args: argparse.Namespace) -> None:
+def _demo(args: argparse.Namespace, rank: int = 0, world: int = 1) -> None:
     from . import demo
     from .curvature import FactorArgs
     from .demo.build import fact_accuracy, perplexity
     from .session import Influence, cache_dir
     t0 = time.time()
+    facts = demo.facts()
+    bad = [i for i in args.facts if not 0 <= i < len(facts)]
+    if bad:
+        raise CLIError(f"--facts {bad[0]}: the demo world has facts 0 … {len(facts) - 1}")
     model, tokenizer, corpus = demo.load()
     print(f"demo world: {corpus}")
     print(f"model: {model.config.model_type}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "
           f"loaded in {time.time() - t0:.1f} s")
-    facts = demo.facts()
     acc, _ = fact_accuracy(model, tokenizer, facts)
     ppl = perplexity(model, demo.heldout(tokenizer))
     print(f"planted-fact accuracy {acc:.3f} over {len(facts)} facts, "
@@ -330,7 +397,7 @@ def _common(p: argparse.ArgumentParser, out_help: str) -> None:
     g.add_argument("--corpus", metavar="PATH",
                    help="training corpus: .txt, .jsonl, .parquet or a saved Dataset (required)")
     g.add_argument("--text-field", default="text", help="the text column (default: text)")
-    g.add_argument("--max-len", type=int, help="tokens per sequence (default: model context)")
+    g.add_argument("--max-len", type=_positive(int), help="tokens per sequence (default: model context)")
     g.add_argument("--out", metavar="DIR", help=out_help + " (required)")
     g.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
                    help="progress bars on rank 0 (default: on)")
@@ -343,7 +410,7 @@ def _query_options(p: argparse.ArgumentParser) -> None:
                    help="a query; repeat for several")
     g.add_argument("--queries", metavar="FILE.jsonl",
                    help='queries, one {"prompt": ..., "completion": ...} per line')
-    g.add_argument("--top", type=int, default=5, help="print the top-k per query (default: 5)")
+    g.add_argument("--top", type=_positive(int), default=5, help="print the top-k per query (default: 5)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -351,8 +418,8 @@ def parser() -> argparse.ArgumentParser:
     from .index import IndexArgs
     from .scoring import ScoreArgs
     from .sketch import SketchArgs
-    p = argparse.ArgumentParser(prog="influence-nb", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="influence-nb", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fit", help="fit EK-FAC / K-FAC factors over a corpus -> Factors dir")
@@ -363,7 +430,7 @@ def parser() -> argparse.ArgumentParser:
                        "sketches/ and index/ (Retriever.open)")
     _common(s, "directory for sketches/ and index/")
     s.add_argument("--factors", metavar="DIR", help="fitted factors (from `fit`; required)")
-    s.add_argument("--limit", type=int, help="only the first N sequences (ids 0 … N-1)")
+    s.add_argument("--limit", type=_positive(int), help="only the first N sequences (ids 0 … N-1)")
     _add_fields(s, SketchArgs)
     _add_fields(s, IndexArgs, "index-")
 
@@ -371,7 +438,7 @@ def parser() -> argparse.ArgumentParser:
                        "InfluenceResult dir (resumable)")
     _common(c, "directory for the result (InfluenceResult.load)")
     _query_options(c)
-    c.add_argument("--limit", type=int, help="only the first N sequences (ids 0 … N-1)")
+    c.add_argument("--limit", type=_positive(int), help="only the first N sequences (ids 0 … N-1)")
     c.add_argument("--strategy", choices=["ekfac", "kfac", "identity"],
                    help="precondition with another strategy than the fitted one")
     c.add_argument("--scan-dir", metavar="DIR",
@@ -383,13 +450,13 @@ def parser() -> argparse.ArgumentParser:
     _common(r, "directory for the result (InfluenceResult.load)")
     _query_options(r)
     r.add_argument("--index", metavar="DIR", help="the `sketch` output directory (required)")
-    r.add_argument("--candidates", type=int, default=400,
+    r.add_argument("--candidates", type=_positive(int), default=400,
                    help="sequences rescored per query, half per sign (default: 400)")
-    r.add_argument("--lexical", type=float, default=0.5,
+    r.add_argument("--lexical", type=_fraction, default=0.5,
                    help="share of the positive half taken from BM25 matches (default: 0.5)")
     docs = _field_docs(IndexArgs)
     for name in ("nprobe", "ef_search", "refine"):
-        r.add_argument(f"--{name.replace('_', '-')}", type=int,
+        r.add_argument(f"--{name.replace('_', '-')}", type=_positive(int),
                        help=f"{docs[name]} (default: as built)")
     _add_fields(r, ScoreArgs, skip=("progress", "chunk_size"))
 
@@ -414,7 +481,7 @@ def parser() -> argparse.ArgumentParser:
                     "(default: 50)")
     ld.add_argument("--seeds", type=_positive(int), default=1, help="retrains per subset, "
                     "averaged (default: 1)")
-    ld.add_argument("--alpha", type=float, default=0.5, help="fraction of the corpus in each "
+    ld.add_argument("--alpha", type=_fraction, default=0.5, help="fraction of the corpus in each "
                     "subset (default: 0.5)")
     ld.add_argument("--out", metavar="DIR", help="directory for lds.csv and the retrains "
                     "(required)")
@@ -424,7 +491,8 @@ def parser() -> argparse.ArgumentParser:
                        "EK-FAC factors, top influential sequences of three planted facts")
     d.add_argument("--facts", type=int, nargs="+", default=[0, 45, 100],
                    help="indices of the planted facts to query")
-    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--batch-size", type=_positive(int), default=32,
+                   help="sequences per batch of the fit (default: 32)")
     return p
 
 
@@ -455,8 +523,8 @@ def _validate(ns: argparse.Namespace, rank: int, world: int) -> dict:
                      table.attrs["per_query"].assign(kind=kinds).to_csv().encode())
         print(table.round(3).to_string())
         return dict(world=ns.world, queries=len(pairs), lds=table["lds"].round(4).to_dict())
-    inf = _session(ns, ScoreArgs(batch_size=ns.batch_size, progress=ns.progress))
     pairs = _queries(ns)
+    inf = _session(ns, ScoreArgs(batch_size=ns.batch_size, progress=ns.progress))
     strategy = inf.factors.args.strategy
     scores = inf.strategy_scores(pairs, strategies=(strategy,))
     rng = np.random.default_rng(0)
@@ -498,8 +566,45 @@ def _apply_config(p: argparse.ArgumentParser, argv: list[str]) -> None:
     if unknown:
         raise CLIError(f"--config {path}: unknown option {unknown[0]}; use the flag names "
                        f"of `influence-nb {known.command} --help`")
-    subs[known.command].set_defaults(**{k: v for k, v in shared.items()
-                                        if k in dests[known.command]}, **own)
+    actions = {a.dest: a for a in subs[known.command]._actions}
+    values = {k: v for k, v in shared.items() if k in dests[known.command]} | own
+    subs[known.command].set_defaults(**{k: _config_value(actions[k], v, f"--config {path}: {k}")
+                                        for k, v in values.items()})
+
+
+def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A TOML value checked and converted like the flag ``action`` would be on the command line
+    (type, range, choices); a mismatch is a :class:`CLIError` naming the key."""
+    flag = action.option_strings[0] if action.option_strings else action.dest
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise CLIError(f"{where} = {value!r} must be true or false (like {flag})")
+        return value
+    if action.nargs is not None and action.nargs not in ("?",):   # lists: --layers, --query
+        items = value if isinstance(value, list) else [value]
+        if isinstance(action, argparse._AppendAction):
+            if not all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)
+                       for v in items):
+                raise CLIError(f"{where} must be a list of [prompt, completion] string pairs")
+            return [list(v) for v in items]
+        if not all(isinstance(v, str) for v in items):
+            raise CLIError(f"{where} = {value!r} must be a string or a list of strings "
+                           f"(like {flag})")
+        return items
+    if isinstance(value, (dict, list, bool)) or value is None:
+        raise CLIError(f"{where} = {value!r} is not a value {flag} takes")
+    if action.type is None:
+        if not isinstance(value, str):
+            raise CLIError(f"{where} = {value!r} must be a string (like {flag})")
+        return value
+    try:
+        value = action.type(str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        raise CLIError(f"{where} = {value!r} is not valid for {flag} ({_first_line(e)})"
+                       ) from None
+    if action.choices is not None and value not in action.choices:
+        raise CLIError(f"{where} = {value!r} must be one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -510,8 +615,6 @@ def main(argv: list[str] | None = None) -> None:
     except CLIError as e:
         p.error(str(e))
     ns = p.parse_args(argv)
-    if ns.command == "demo":
-        return _demo(ns)
     required = REQUIRED.get(f"{ns.command} {getattr(ns, 'check', '')}".strip(), ())
     missing = [k for k in required if getattr(ns, k) is None]
     if missing:
@@ -520,20 +623,33 @@ def main(argv: list[str] | None = None) -> None:
     from . import distributed
     created = distributed.init()  # a no-op unless launched by torchrun
     rank, world = distributed.rank_world()
-    ns.progress = ns.progress and rank == 0
+    if ns.command == "demo":
+        ns.out = None
+    else:
+        ns.progress = ns.progress and rank == 0
     run = {"fit": _fit, "sketch": _sketch, "score": _score, "search": _search,
-           "validate": _validate}[ns.command]
+           "validate": _validate, "demo": _demo}[ns.command]
     t0 = time.perf_counter()
     try:
         summary = run(ns, rank, world)
-    except (ValueError, TypeError, KeyError, OSError) as e:  # our errors name the fix: one line
+    except (Exception, KeyboardInterrupt) as e:  # one line, never a traceback
         where = f" (rank {rank})" if world > 1 else ""
-        print(f"influence-nb {ns.command}: error{where}: {e.args[0] if e.args else e}",
-              file=sys.stderr)
-        sys.exit(2)
+        if isinstance(e, KeyboardInterrupt):
+            message = "interrupted; what was committed is kept and a rerun resumes it"
+        elif isinstance(e, (ValueError, TypeError, KeyError, OSError)):
+            message = _first_line(e)        # ours name the fix; an OSError names the file
+        else:                               # a library's failure: say whose, keep it short
+            message = (f"{type(e).__name__}: {_first_line(e)} (set INFLUENCE_NB_TRACEBACK=1 "
+                       "to see where)")
+        print(f"influence-nb {ns.command}: error{where}: {message}", file=sys.stderr)
+        if os.environ.get("INFLUENCE_NB_TRACEBACK"):
+            raise
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
     finally:
         if created:
             distributed.finish()
+    if summary is None:
+        return
     if rank == 0:
         print(json.dumps(dict(command=ns.command, out=str(ns.out), ranks=world,
                               total_seconds=round(time.perf_counter() - t0, 2),

@@ -339,6 +339,10 @@ class Covariance(Consumer):
     def finish(self) -> tuple[dict[str, LayerFactors], int, int]:
         distributed.all_reduce_([blk for n in self.A for blk in self.A[n] + self.S[n]])
         n_seq, n_tok = distributed.sum_counts(self.n_seq, self.n_tok)
+        if n_tok == 0:
+            raise ValueError(f"none of the {n_seq} sequences has a token to score (each needs "
+                             "at least 2 tokens, and the task's loss mask must keep one); "
+                             "give longer sequences")
         layers = {}
         for n in self.A:
             Q_A, lambda_A = _eigh([blk / n_tok for blk in self.A[n]], self.dtype)

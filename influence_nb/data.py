@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 _BLOCK = 1024  # documents tokenized per call when streaming a source
+RESERVED = frozenset({"text", "doc", "offset", "n_tokens", "parent_id"})  # columns of Corpus.df
 
 
 class CorpusError(ValueError):
@@ -98,13 +99,14 @@ class Corpus:
     @classmethod
     def from_records(cls, records: Iterable[dict], tokenizer: Any, max_len: int = 128,
                      text_field: str = "text", source: str = "",
-                     total: int | None = None) -> "Corpus":
+                     total: int | None = None, progress: bool = True) -> "Corpus":
         """Tokenize an iterable of dicts (one per document); ``text_field`` holds the text and
         every other field is kept as metadata. Documents longer than ``max_len`` tokens are cut
-        into consecutive chunks."""
-        if max_len < 2:
-            raise CorpusError(f"max_len must be at least 2 (one input and one target token), "
-                              f"got {max_len}")
+        into consecutive chunks. ``progress``: a bar, unless the source is known to be small."""
+        if not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool) \
+                or max_len < 2:
+            raise CorpusError(f"max_len must be an integer ≥ 2 (one input and one target "
+                              f"token), got {max_len!r}")
         if total is None and hasattr(records, "__len__"):
             total = len(records)
         tokens: list[np.ndarray] = []
@@ -133,13 +135,23 @@ class Corpus:
             block.clear()
 
         for rec in tqdm(records, desc="tokenizing", unit="doc", total=total,
-                        disable=total is not None and total < 50 * _BLOCK):
+                        disable=not progress or (total is not None and total < 50 * _BLOCK)):
+            if not isinstance(rec, Mapping):
+                raise CorpusError(f"{source or 'a record'} holds a {type(rec).__name__}, not an "
+                                  "object of fields; give one dict per document")
             if text_field not in rec:
                 raise CorpusError(f"{source or 'a record'} has no field {text_field!r} "
                                   f"(fields: {', '.join(rec)}); pass text_field=<one of them>")
             if not isinstance(rec[text_field], str):
                 raise CorpusError(f"field {text_field!r} must hold text, got "
                                   f"{type(rec[text_field]).__name__} in {source or 'a record'}")
+            clash = RESERVED.intersection(k for k in rec if k != text_field) | (
+                {"source_id"} if "id" in rec and "source_id" in rec else set())
+            if clash:
+                raise CorpusError(f"{source or 'a record'} has a metadata field "
+                                  f"{sorted(clash)[0]!r}, a name the corpus uses for its own "
+                                  f"columns ({', '.join(sorted(RESERVED))}; a field 'id' "
+                                  "becomes 'source_id'); rename that field")
             if rec[text_field].strip():
                 block.append(rec)
             if len(block) == _BLOCK:
@@ -168,7 +180,7 @@ class Corpus:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, tokenizer: Any, max_len: int = 128,
-                  text_field: str = "text") -> "Corpus":
+                  text_field: str = "text", progress: bool = True) -> "Corpus":
         """A corpus from ``.txt`` (one document per non-empty line), ``.jsonl`` (one JSON object
         per line) or ``.parquet``; read in streamed blocks."""
         path = Path(path)
@@ -179,17 +191,17 @@ class Corpus:
             raise CorpusError(f"unsupported corpus file type {suffix!r} for {path}; "
                               "use .txt, .jsonl or .parquet")
         return cls.from_records(_read_records(path, text_field), tokenizer, max_len,
-                                text_field=text_field, source=str(path))
+                                text_field=text_field, source=str(path), progress=progress)
 
     @classmethod
     def from_dataset(cls, dataset: Any, tokenizer: Any, max_len: int = 128,
-                     text_field: str = "text") -> "Corpus":
+                     text_field: str = "text", progress: bool = True) -> "Corpus":
         """A corpus from a Hugging Face ``datasets.Dataset`` (rows streamed)."""
         if text_field not in dataset.column_names:
             raise CorpusError(f"dataset has no column {text_field!r} (columns: "
                               f"{', '.join(dataset.column_names)}); pass text_field=<one of them>")
         return cls.from_records(iter(dataset), tokenizer, max_len, text_field=text_field,
-                                source="dataset", total=len(dataset))
+                                source="dataset", total=len(dataset), progress=progress)
 
     # -- access -----------------------------------------------------------------------------
 
@@ -245,28 +257,56 @@ class Corpus:
         return Corpus(flat, offsets, df, self.tokenizer, self.max_len, self.source)
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a UTF-8 file; a byte that is not UTF-8
+    is a :class:`CorpusError` naming the file, line and column."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}:{n} is not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                  f"{e.start + 1}); re-encode the file as UTF-8") from None
+            if line.strip():
+                yield n, line.rstrip("\r\n")
+
+
 def _read_records(path: Path, text_field: str) -> Iterator[dict]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield {text_field: line.rstrip("\n")}
+        for _, line in _lines(path):
+            yield {text_field: line}
     elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}:{n} is not valid JSON ({e.msg}); "
-                                      "each line must be one JSON object") from None
+        for n, line in _lines(path):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{n} is not valid JSON ({e.msg}); "
+                                  "each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise CorpusError(f"{path}:{n} is a JSON {type(record).__name__}, not an object; "
+                                  f"each line must be one JSON object with a {text_field!r} "
+                                  "field")
+            yield record
     else:
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise CorpusError(f"{path} is not a readable parquet file ({_first_line(e)}); "
+                              "rewrite it, e.g. with pandas.DataFrame.to_parquet") from None
         if text_field not in pf.schema_arrow.names:
             raise CorpusError(f"{path} has no column {text_field!r} (columns: "
                               f"{', '.join(pf.schema_arrow.names)}); pass text_field=...")
-        for batch in pf.iter_batches(batch_size=_BLOCK):
-            yield from batch.to_pylist()
+        try:
+            for batch in pf.iter_batches(batch_size=_BLOCK):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise CorpusError(f"{path} is a corrupt parquet file ({_first_line(e)}); "
+                              "rewrite it") from None
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an exception from a library (our errors are one line)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

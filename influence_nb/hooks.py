@@ -78,8 +78,8 @@ def find_layers(model: nn.Module, layers: str | Sequence[str] = "mlp") -> list[T
     """The model's tracked layers, in module order.
 
     ``layers``: a preset — ``"mlp"`` (the paper's choice), ``"attn"``, ``"all"`` (every Linear /
-    Conv1D except the input and output embeddings) — or a list of module names or fnmatch
-    globs (``"*.mlp.c_fc"``), each of which must match at least one Linear / Conv1D.
+    Conv1D except the input and output embeddings) — or a module name or fnmatch glob
+    (``"*.mlp.c_fc"``), or a list of them, each of which must match at least one Linear / Conv1D.
     """
     excluded = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
@@ -88,10 +88,9 @@ def find_layers(model: nn.Module, layers: str | Sequence[str] = "mlp") -> list[T
             excluded.add(id(emb))
     candidates = [t for name, m in model.named_modules()
                   if id(m) not in excluded and (t := _as_tracked(name, m)) is not None]
+    if isinstance(layers, str) and layers not in PRESETS:
+        layers = [layers]                                 # one module name or glob
     if isinstance(layers, str):
-        if layers not in PRESETS:
-            raise ValueError(f"unknown layer preset {layers!r}; use one of {PRESETS} "
-                             "or a list of module names / globs")
         parts = {"mlp": _MLP_PARTS, "attn": _ATTN_PARTS, "all": None}[layers]
         found = [t for t in candidates if parts is None or parts & set(t.name.split("."))]
         if not found:
@@ -104,8 +103,9 @@ def find_layers(model: nn.Module, layers: str | Sequence[str] = "mlp") -> list[T
         hits = [t for t in candidates if fnmatch.fnmatchcase(t.name, pattern)]
         if not hits:
             names = ", ".join(t.name for t in candidates[:8]) or "none"
-            raise ValueError(f"layer {pattern!r} matches no Linear/Conv1D module of the model "
-                             f"(trackable: {names}{', ...' if len(candidates) > 8 else ''})")
+            raise ValueError(f"layer {pattern!r} is not a preset ({', '.join(PRESETS)}) and "
+                             "matches no Linear/Conv1D module of the model (trackable: "
+                             f"{names}{', ...' if len(candidates) > 8 else ''})")
         found += [t for t in hits if t not in found]
     if not found:
         raise ValueError("no trackable layers: the list of layer names is empty; pass names, "
@@ -121,6 +121,13 @@ def context_length(model: nn.Module) -> int | None:
         if isinstance(getattr(config, key, None), int):
             return getattr(config, key)
     return None
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (the token ids it accepts), or None if unknown."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return getattr(emb, "num_embeddings", None)
 
 
 def stat_dtype(model: nn.Module) -> torch.dtype:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .hooks import Capture, TrackedLayer, context_length, eval_mode, stat_dtype
+from .hooks import Capture, TrackedLayer, context_length, eval_mode, stat_dtype, vocab_size
 from .task import Task, get, to_device
 
 LOSSES = ("loglik", "fisher", "measurement")
@@ -245,7 +245,7 @@ def prepared(model: nn.Module, src: Source, max_examples: int | None = None,
     against the model's context; with ``shard`` only batches k ≡ rank (mod W). An empty
     source is an error."""
     device = next(model.parameters()).device
-    n_ctx = context_length(model)
+    n_ctx, n_vocab = context_length(model), vocab_size(model)
     rank, world = distributed.rank_world() if shard else (0, 1)
     seen = 0
     for k, (rows, batch) in enumerate(src.batches()):
@@ -258,6 +258,10 @@ def prepared(model: nn.Module, src: Source, max_examples: int | None = None,
         if n_ctx is not None and T > n_ctx:
             raise ValueError(f"a batch holds sequences of {T} tokens, longer than the model's "
                              f"context of {n_ctx}; re-chunk the corpus with max_len ≤ {n_ctx}")
+        top = int(get(batch, "input_ids").max()) if n_vocab is not None and B else -1
+        if top >= n_vocab:
+            raise ValueError(f"a batch holds token id {top}, beyond the model's vocabulary of "
+                             f"{n_vocab}; tokenize the corpus with the model's own tokenizer")
         seen += B
         if k % world == rank:
             yield k, rows, to_device(batch, device)

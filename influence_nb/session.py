@@ -23,7 +23,7 @@ from torch import nn
 
 from .curvature import FactorArgs, Factors, fingerprint_of, fit_factors, model_fingerprint
 from .data import Corpus, tokenizer_fingerprint
-from .hooks import find_layers
+from .hooks import context_length, find_layers
 from .results import InfluenceResult
 from .scoring import Queries, ScoreArgs, make_queries, scan, self_influence, token_scores
 from .store import cache_dir
@@ -199,8 +199,16 @@ class Influence:
                     metadata: Sequence[dict] | None = None) -> InfluenceResult:
         """Score synthetic training sequences (a list of strings) on the queries, no corpus
         file needed; ids are positions in ``texts``."""
-        max_len = self.corpus.max_len if self.corpus is not None else 2048
-        corpus = Corpus.from_texts(list(texts), self.tokenizer, max_len, metadata)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        lengths = [len(self.tokenizer(t)["input_ids"]) if t.strip() else 0 for t in texts]
+        limit = context_length(self.model)
+        for k, n in enumerate(lengths):  # each text must stay one sequence: ids are positions
+            if n == 0:
+                raise ValueError(f"text {k} is empty; give each synthetic sequence some text")
+            if limit is not None and n > limit:
+                raise ValueError(f"text {k} has {n} tokens, more than the model's context of "
+                                 f"{limit}; shorten it or split it into several texts")
+        corpus = Corpus.from_texts(texts, self.tokenizer, max([2, *lengths]), metadata)
         return self.scan(queries, corpus, args=replace(self.score_args, progress=False))
 
     def strategy_scores(self, pairs: QueryLike, strategies: Sequence[str] = ("ekfac", "kfac",
