@@ -593,12 +593,10 @@ def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
         return items
     if isinstance(value, (dict, list, bool)) or value is None:
         raise CLIError(f"{where} = {value!r} is not a value {flag} takes")
-    if action.type is None:
-        if not isinstance(value, str):
-            raise CLIError(f"{where} = {value!r} must be a string (like {flag})")
-        return value
+    if action.type is None and not isinstance(value, str):
+        raise CLIError(f"{where} = {value!r} must be a string (like {flag})")
     try:
-        value = action.type(str(value))
+        value = action.type(str(value)) if action.type else value
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
         raise CLIError(f"{where} = {value!r} is not valid for {flag} ({_first_line(e)})"
                        ) from None
@@ -636,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
         where = f" (rank {rank})" if world > 1 else ""
         if isinstance(e, KeyboardInterrupt):
             message = "interrupted; what was committed is kept and a rerun resumes it"
-        elif isinstance(e, (ValueError, TypeError, KeyError, OSError)):
+        elif isinstance(e, (ValueError, TypeError, KeyError, OSError, ArithmeticError)):
             message = _first_line(e)        # ours name the fix; an OSError names the file
         else:                               # a library's failure: say whose, keep it short
             message = (f"{type(e).__name__}: {_first_line(e)} (set INFLUENCE_NB_TRACEBACK=1 "

@@ -2,9 +2,9 @@
 each score, per-layer and per-token views, save / load."""
 from __future__ import annotations
 
+import hashlib
 import html
 import io
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +17,7 @@ import pandas as pd
 from . import store
 from .data import Corpus
 
-FORMAT = "influence_nb.result/1"
+FORMAT = "influence_nb.result/2"
 
 
 @dataclass
@@ -109,7 +109,9 @@ class InfluenceResult:
     # -- persistence --------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``result.npz`` and ``result.json`` into directory ``path`` (atomically)."""
+        """Write ``result.npz``, then ``result.json`` (last, with the arrays' SHA-256) into
+        directory ``path``, each atomically: a reader never pairs a manifest with other
+        arrays."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
@@ -119,7 +121,8 @@ class InfluenceResult:
         np.savez(buf, **arrays)
         store.atomic_write(path / "result.npz", buf.getvalue())
         meta = dict(format=FORMAT, queries=self.queries, layer_names=self.layer_names,
-                    corpus_fingerprint=self.corpus_fingerprint)
+                    corpus_fingerprint=self.corpus_fingerprint,
+                    sha256=hashlib.sha256(buf.getvalue()).hexdigest())
         store.write_json(path / "result.json", meta)
         return path
 
@@ -129,14 +132,28 @@ class InfluenceResult:
         path = Path(path)
         if not (path / "result.json").exists():
             raise FileNotFoundError(f"no saved result in {path}; save one with result.save(path)")
-        meta = json.loads((path / "result.json").read_text())
+        fix = "save the result again with result.save(path)"
+        meta = store.read_manifest(path / "result.json", FORMAT, ValueError, fix,
+                                   keys=("queries", "layer_names", "corpus_fingerprint",
+                                         "sha256"))
         if corpus is not None and corpus.fingerprint != meta["corpus_fingerprint"]:
             raise ValueError(f"the result in {path} was computed on another corpus (fingerprint "
                              f"{meta['corpus_fingerprint']} ≠ {corpus.fingerprint}); pass that one")
-        with np.load(path / "result.npz") as z:
+        blob = (path / "result.npz").read_bytes() if (path / "result.npz").exists() else b""
+        if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{path / 'result.npz'} is missing, corrupt or from another save "
+                             f"(fails the manifest's SHA-256); {fix}")
+        with np.load(io.BytesIO(blob)) as z:
             arrays = {k: z[k] for k in z.files}
+        Q, L = len(meta["queries"]), len(meta["layer_names"])
+        N = len(arrays.get("ids", []))
+        layer = arrays.get("layer_scores")
+        if arrays.get("scores", np.zeros(0)).shape != (Q, N) or (
+                layer is not None and layer.shape != (Q, L, N)):
+            raise ValueError(f"{path / 'result.npz'} holds arrays of other shapes than its "
+                             f"manifest's {Q} queries and {L} layers; {fix}")
         return cls(meta["queries"], arrays["scores"], arrays["ids"], meta["layer_names"],
-                   arrays.get("layer_scores"), corpus, meta["corpus_fingerprint"])
+                   layer, corpus, meta["corpus_fingerprint"])
 
     # -- display ------------------------------------------------------------------------------
 

@@ -247,7 +247,8 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
               unit="seq", disable=not args.progress) as bar:
         for start in mine:
             chunk = ids[start:start + args.chunk_size]
-            done = chunk_store.read(start, chunk) if chunk_store else None
+            shape = {"layer_scores": (Q, L, len(chunk))}
+            done = chunk_store.read(start, chunk, shape) if chunk_store else None
             if done is None:
                 src = source(corpus, args.batch_size, chunk, window=len(chunk))
                 done = {"layer_scores": corpus_pass(model, layers, src,
@@ -262,7 +263,7 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
         distributed.barrier()
         for start in sorted(set(starts) - set(mine)):
             chunk = ids[start:start + args.chunk_size]
-            done = chunk_store.read(start, chunk)
+            done = chunk_store.read(start, chunk, {"layer_scores": (Q, L, len(chunk))})
             if done is None:
                 raise FileNotFoundError(f"chunk {start} of the scan is not in {chunk_store.root}: "
                                         "out_dir must be on a filesystem that every rank sees")

@@ -292,8 +292,9 @@ class Sketches:
 
 def _read_manifest(path: Path) -> dict:
     return store.read_manifest(path / "sketches.json", FORMAT, SketchError,
-                         f"delete {path} and rebuild with build_sketches(model, factors, "
-                         "corpus, path)")
+                               f"delete {path} and rebuild with build_sketches(model, factors, "
+                               "corpus, path)", keys=("dim", "projection", "layers", "chunks",
+                                                      "model_fingerprint", "factors_id"))
 
 
 def _owner(model: nn.Module, factors: Factors) -> dict:

@@ -27,6 +27,7 @@ import io
 import json
 import os
 import socket
+import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,16 +163,19 @@ class ChunkStore:
     def _file(self, start: int) -> Path:
         return self.root / f"chunk_{start:010d}.npz"
 
-    def read(self, start: int, ids: np.ndarray) -> dict[str, np.ndarray] | None:
+    def read(self, start: int, ids: np.ndarray,
+             shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray] | None:
+        """The chunk's arrays (CRC-checked, for exactly ``ids``, and of ``shapes`` when given),
+        or None when it is not written yet; anything else is a one-line ValueError."""
         path = self._file(start)
         if not path.exists():
             return None
         try:
             with np.load(path) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, zlib.error) as e:
-            raise ValueError(f"{path} is unreadable ({e}); delete it and resume the "
-                             f"{self.what}") from None
+        except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is unreadable ({type(e).__name__}); delete it and resume "
+                             f"the {self.what}") from None
         if "crc32" not in arrays or "ids" not in arrays:
             raise ValueError(f"{path} was not written by this store (no CRC-32 or ids); delete it "
                              f"and resume the {self.what}")
@@ -181,6 +185,10 @@ class ChunkStore:
         if not np.array_equal(arrays.pop("ids"), ids):
             raise ValueError(f"{path} holds other sequences than this {self.what}; use a new "
                              "out_dir")
+        for name, shape in (shapes or {}).items():
+            if name not in arrays or arrays[name].shape != tuple(shape):
+                raise ValueError(f"{path} holds no {name} of shape {tuple(shape)}; delete it "
+                                 f"and resume the {self.what}")
         return arrays
 
     def write(self, start: int, ids: np.ndarray, **arrays: np.ndarray) -> None:
