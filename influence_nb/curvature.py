@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -148,7 +149,14 @@ class Factors:
         key = (name, strategy or self.args.strategy, self.args.damping_factor)
         if key not in self._damping:
             Lambda = self.layers[name].eigenvalues(key[1])
-            self._damping[key] = self.args.damping_factor * Lambda.mean().item()
+            lam = self.args.damping_factor * Lambda.mean().item()
+            if not lam > 0 or not math.isfinite(lam):   # a zero Fisher would divide by zero
+                raise ValueError(f"the Fisher of layer {name!r} has mean eigenvalue "
+                                 f"{Lambda.mean().item():.3g}, so the relative damping is "
+                                 f"{lam:.3g}; the model has nothing left to learn on this "
+                                 "corpus there — set an absolute FactorArgs(damping=...) or "
+                                 "track other layers")
+            self._damping[key] = lam
         return self._damping[key]
 
     def _strategy(self, strategy: str | None) -> str:

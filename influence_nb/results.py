@@ -119,11 +119,12 @@ class InfluenceResult:
         if self.layer_scores is not None:
             arrays["layer_scores"] = self.layer_scores
         np.savez(buf, **arrays)
-        store.atomic_write(path / "result.npz", buf.getvalue())
         meta = dict(format=FORMAT, queries=self.queries, layer_names=self.layer_names,
                     corpus_fingerprint=self.corpus_fingerprint,
                     sha256=hashlib.sha256(buf.getvalue()).hexdigest())
-        store.write_json(path / "result.json", meta)
+        with store.lock(path, ValueError, wait=True):   # two saves never pair their files
+            store.atomic_write(path / "result.npz", buf.getvalue())
+            store.write_json(path / "result.json", meta)
         return path
 
     @classmethod

@@ -495,3 +495,28 @@ def test_the_installed_command_never_prints_a_traceback(cli_job):
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-1500:]
         assert len(run.stderr.strip().splitlines()) == 1 and message in run.stderr, run.stderr
+
+
+def test_a_zero_fisher_is_refused_instead_of_dividing_by_zero(small):
+    factors = copy.deepcopy(small[2])
+    name = factors.layer_names[0]
+    factors.layers[name].Lambda.zero_()
+    V = torch.ones(factors.shapes[name], dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"the Fisher of layer '{name}' has mean eigenvalue 0"):
+        factors.precondition_layer(name, V)
+    assert torch.isfinite(replace_damping(factors, 1e-3).precondition_layer(name, V)).all()
+
+
+def replace_damping(factors, damping):
+    from dataclasses import replace
+    return replace(factors, args=replace(factors.args, damping=damping))
+
+
+def test_one_module_name_or_glob_selects_layers(small):
+    from influence_nb.hooks import find_layers
+    model = small[0]
+    one = find_layers(model, "gpt_neox.layers.1.mlp.dense_4h_to_h")
+    assert [t.name for t in one] == ["gpt_neox.layers.1.mlp.dense_4h_to_h"]
+    assert [t.name for t in find_layers(model, "*.dense_h_to_4h")] == [
+        "gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.1.mlp.dense_h_to_4h"]
+    assert FactorArgs(layers="*.dense_h_to_4h").layers == "*.dense_h_to_4h"
