@@ -259,7 +259,7 @@ def prepared(model: nn.Module, src: Source, max_examples: int | None = None,
             raise ValueError(f"a batch holds sequences of {T} tokens, longer than the model's "
                              f"context of {n_ctx}; re-chunk the corpus with max_len ≤ {n_ctx}")
         top = int(get(batch, "input_ids").max()) if n_vocab is not None and B else -1
-        if top >= n_vocab:
+        if n_vocab is not None and top >= n_vocab:
             raise ValueError(f"a batch holds token id {top}, beyond the model's vocabulary of "
                              f"{n_vocab}; tokenize the corpus with the model's own tokenizer")
         seen += B
