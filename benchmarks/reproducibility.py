@@ -1,0 +1,63 @@
+"""The same answer twice? Agreement between EK-FAC fits that differ only in what should not
+matter: the Fisher label seed, the batch size, and the half of the corpus fitted on.
+
+For each pair of fits: per query, the Spearman correlation of the full-rank scores over every
+training sequence, and the overlap of the top-10 (most positive) sequences; mean and worst
+over the queries of the world's query set. Figures for the validation world (the demo
+generator at 1,500 sequences); pass ``--world demo`` for the committed 20,000-sequence world.
+
+    python benchmarks/reproducibility.py [--world validation] > reproducibility.json
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from influence_nb import demo
+from influence_nb.curvature import FactorArgs, fit_factors
+from influence_nb.scoring import ScoreArgs
+from influence_nb.session import Influence
+
+p = argparse.ArgumentParser()
+p.add_argument("--world", default="validation")
+p.add_argument("--threads", type=int, default=1)
+a = p.parse_args()
+torch.set_num_threads(a.threads)
+
+model, tokenizer, corpus = demo.load(a.world)
+pairs, kinds = demo.query_set(a.world, tokenizer)
+rng = np.random.default_rng(0)
+half = np.sort(rng.permutation(len(corpus))[:len(corpus) // 2])
+variants = {"seed 0": dict(seed=0), "seed 1": dict(seed=1), "batch 16": dict(batch_size=16),
+            "half A": dict(sample=half),
+            "half B": dict(sample=np.setdiff1d(np.arange(len(corpus)), half))}
+scores, seconds = {}, {}
+for name, v in variants.items():
+    args = FactorArgs(batch_size=v.get("batch_size", 32), seed=v.get("seed", 0), progress=False)
+    t0 = time.perf_counter()
+    data = corpus.subset(v["sample"]) if "sample" in v else corpus
+    factors = fit_factors(model, data, args)
+    seconds[name] = round(time.perf_counter() - t0, 2)
+    inf = Influence(model, tokenizer, corpus, factors, ScoreArgs(rank=None, progress=False,
+                                                                batch_size=32))
+    scores[name] = inf.scan(pairs).scores
+
+
+def agreement(x: np.ndarray, y: np.ndarray) -> dict:
+    rho = [spearmanr(a, b)[0] for a, b in zip(x, y)]
+    top = [len(set(np.argsort(-a)[:10]) & set(np.argsort(-b)[:10])) / 10 for a, b in zip(x, y)]
+    return dict(spearman_mean=round(float(np.mean(rho)), 4),
+                spearman_min=round(float(np.min(rho)), 4),
+                top10_overlap_mean=round(float(np.mean(top)), 3),
+                top10_overlap_min=round(float(np.min(top)), 3))
+
+
+print(json.dumps(dict(
+    world=a.world, sequences=len(corpus), queries=len(pairs), fit_seconds=seconds,
+    label_seed=agreement(scores["seed 0"], scores["seed 1"]),
+    batch_size_32_vs_16=agreement(scores["seed 0"], scores["batch 16"]),
+    corpus_halves=agreement(scores["half A"], scores["half B"]),
+), indent=1))
