@@ -1,10 +1,5 @@
-"""LDS and leave-top-k-out on a world built independently of the demo generator.
-
-A second-order Markov chain over 96 invented words (peaked transition laws, so contexts
-matter), sequences of 12–40 words, a word-level tokenizer and a 2-layer GPT-2 (not the demo's
-GPT-NeoX) trained from scratch with its own recipe. Queries: a chain prefix and the next two
-words, half from the training distribution's frequent contexts, half from rare ones.
-Same strategies and same machinery as ``benchmarks/lds.py``.
+"""LDS and leave-top-k-out on a world built independently of the demo generator
+(``benchmarks/markov_world.py``). Same strategies and same machinery as ``benchmarks/lds.py``.
 
     python benchmarks/lds_markov.py [--subsets 50] [--seeds 2] [--leave-out-queries 12]
 """
@@ -16,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from markov_world import build   # benchmarks/markov_world.py
+
 from influence_nb.curvature import FactorArgs
-from influence_nb.data import Corpus
 from influence_nb.scoring import ScoreArgs
 from influence_nb.session import Influence
 from influence_nb.store import cache_dir
-from influence_nb.training import Retrainer, TrainConfig, train
 from influence_nb.validate import leave_out, lds, top_ids
 
 p = argparse.ArgumentParser()
@@ -36,51 +31,11 @@ a = p.parse_args()
 torch.set_num_threads(a.threads)
 t0 = time.time()
 
-V = 96
-rng = np.random.default_rng(7)
-words = [f"w{i:02d}" for i in range(V)]
-law = np.exp(2.5 * rng.standard_normal((V, V, V)))       # p(x_t | x_t-2, x_t-1), peaked
-law /= law.sum(-1, keepdims=True)
-popular = np.exp(rng.standard_normal(V))                  # start words: some frequent, some rare
-popular /= popular.sum()
-
-
-def chain(n: int) -> list[int]:
-    x = list(rng.choice(V, 2, p=popular))
-    while len(x) < n:
-        x.append(int(rng.choice(V, p=law[x[-2], x[-1]])))
-    return x
-
-
-texts = [" ".join(words[i] for i in chain(int(rng.integers(12, 41))))
-         for _ in range(a.sequences)]
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<eos>": 0, "<pad>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-
-
-tokenizer = word_tokenizer()
-corpus = Corpus.from_texts(texts, tokenizer, 64)
-from transformers import GPT2Config  # noqa: E402
-config = GPT2Config(vocab_size=V + 2, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                    bos_token_id=0, eos_token_id=0, pad_token_id=1)
-recipe = TrainConfig(epochs=8, batch_size=32, lr=5e-3, warmup_steps=20, label_smoothing=0.1)
-retrain = Retrainer(config, corpus, recipe)
-t1 = time.time()
-model = retrain(np.arange(len(corpus)), seed=0)
-t_train = time.time() - t1
-
-# queries: prefixes of fresh chains, completion = the next two words
-pairs = []
-for q in range(a.queries):
-    x = chain(10)
-    pairs.append((" ".join(words[i] for i in x[:8]), " " + " ".join(words[i] for i in x[8:])))
+world = build(a.sequences, a.queries)
+tokenizer, corpus, retrain, model, pairs = (world.tokenizer, world.corpus, world.retrain,
+                                            world.model, world.pairs)
+t_train = world.train_seconds
+t1 = time.time() - t_train
 
 inf = Influence(model, tokenizer, corpus, score_args=ScoreArgs(progress=False, batch_size=32))
 inf.fit(FactorArgs(batch_size=32, progress=False))

@@ -3,10 +3,11 @@ matter: the Fisher label seed, the batch size, and the half of the corpus fitted
 
 For each pair of fits: per query, the Spearman correlation of the full-rank scores over every
 training sequence, and the overlap of the top-10 (most positive) sequences; mean and worst
-over the queries of the world's query set. Figures for the validation world (the demo
-generator at 1,500 sequences); pass ``--world demo`` for the committed 20,000-sequence world.
+over the queries of the world's query set. Worlds: ``validation`` (the demo generator at 1,500
+sequences), ``demo`` (the committed 20,000-sequence world) and ``markov`` (independent of the
+demo generator: ``benchmarks/markov_world.py``).
 
-    python benchmarks/reproducibility.py [--world validation] > reproducibility.json
+    python benchmarks/reproducibility.py [--world validation|demo|markov] > reproducibility.json
 """
 import argparse
 import json
@@ -24,16 +25,24 @@ from influence_nb.session import Influence
 p = argparse.ArgumentParser()
 p.add_argument("--world", default="validation")
 p.add_argument("--threads", type=int, default=1)
+p.add_argument("--only-seeds", action="store_true", help="fit only the two label seeds")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 
-model, tokenizer, corpus = demo.load(a.world)
-pairs, kinds = demo.query_set(a.world, tokenizer)
+if a.world == "markov":
+    from markov_world import build   # benchmarks/markov_world.py
+    world = build()
+    model, tokenizer, corpus, pairs = world.model, world.tokenizer, world.corpus, world.pairs
+else:
+    model, tokenizer, corpus = demo.load(a.world)
+    pairs, _ = demo.query_set(a.world, tokenizer)
 rng = np.random.default_rng(0)
 half = np.sort(rng.permutation(len(corpus))[:len(corpus) // 2])
 variants = {"seed 0": dict(seed=0), "seed 1": dict(seed=1), "batch 16": dict(batch_size=16),
             "half A": dict(sample=half),
             "half B": dict(sample=np.setdiff1d(np.arange(len(corpus)), half))}
+if a.only_seeds:
+    variants = {k: v for k, v in variants.items() if k.startswith("seed")}
 scores, seconds = {}, {}
 for name, v in variants.items():
     args = FactorArgs(batch_size=v.get("batch_size", 32), seed=v.get("seed", 0), progress=False)
@@ -58,6 +67,7 @@ def agreement(x: np.ndarray, y: np.ndarray) -> dict:
 print(json.dumps(dict(
     world=a.world, sequences=len(corpus), queries=len(pairs), fit_seconds=seconds,
     label_seed=agreement(scores["seed 0"], scores["seed 1"]),
-    batch_size_32_vs_16=agreement(scores["seed 0"], scores["batch 16"]),
-    corpus_halves=agreement(scores["half A"], scores["half B"]),
+    **({} if a.only_seeds else dict(
+        batch_size_32_vs_16=agreement(scores["seed 0"], scores["batch 16"]),
+        corpus_halves=agreement(scores["half A"], scores["half B"]))),
 ), indent=1))

@@ -1,0 +1,69 @@
+"""An evaluation world built independently of the demo generator, shared by the benchmarks.
+
+A second-order Markov chain over 96 invented words (peaked transition laws, so contexts
+matter), sequences of 12–40 words, a word-level tokenizer and a 2-layer GPT-2 (not the demo's
+GPT-NeoX) trained from scratch with its own recipe. Queries: a chain prefix of 8 words and the
+next two words.
+"""
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from transformers import GPT2Config
+
+from influence_nb.data import Corpus
+from influence_nb.training import Retrainer, TrainConfig
+
+V = 96
+
+
+@dataclass
+class MarkovWorld:
+    tokenizer: Any
+    corpus: Corpus
+    retrain: Retrainer
+    model: Any
+    pairs: list[tuple[str, str]]
+    train_seconds: float
+
+
+def word_tokenizer(words: list[str]) -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<eos>": 0, "<pad>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def build(sequences: int = 1000, queries: int = 20, seed: int = 7) -> MarkovWorld:
+    """The world's corpus, its model trained from scratch (seed 0) and the query pairs."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i:02d}" for i in range(V)]
+    law = np.exp(2.5 * rng.standard_normal((V, V, V)))       # p(x_t | x_t-2, x_t-1), peaked
+    law /= law.sum(-1, keepdims=True)
+    popular = np.exp(rng.standard_normal(V))                  # start words: frequent and rare
+    popular /= popular.sum()
+
+    def chain(n: int) -> list[int]:
+        x = list(rng.choice(V, 2, p=popular))
+        while len(x) < n:
+            x.append(int(rng.choice(V, p=law[x[-2], x[-1]])))
+        return x
+
+    texts = [" ".join(words[i] for i in chain(int(rng.integers(12, 41))))
+             for _ in range(sequences)]
+    pairs = []
+    for _ in range(queries):
+        x = chain(10)
+        pairs.append((" ".join(words[i] for i in x[:8]), " " + " ".join(words[i] for i in x[8:])))
+    tokenizer = word_tokenizer(words)
+    corpus = Corpus.from_texts(texts, tokenizer, 64)
+    config = GPT2Config(vocab_size=V + 2, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    recipe = TrainConfig(epochs=8, batch_size=32, lr=5e-3, warmup_steps=20, label_smoothing=0.1)
+    retrain = Retrainer(config, corpus, recipe)
+    t0 = time.time()
+    model = retrain(np.arange(len(corpus)), seed=0)
+    return MarkovWorld(tokenizer, corpus, retrain, model, pairs, time.time() - t0)
