@@ -149,6 +149,11 @@ class Factors:
         if key not in self._damping:
             Lambda = self.layers[name].eigenvalues(key[1])
             self._damping[key] = self.args.damping_factor * Lambda.mean().item()
+            if self._damping[key] == 0.0 and self.args.damping_factor > 0:
+                raise ValueError(f"layer {name!r} has zero curvature: its gradient vanishes on "
+                                 "every training sequence (a LoRA lora_A whose lora_B is still "
+                                 "zero, i.e. an untrained adapter?); train it, leave the layer "
+                                 "out, or set an absolute FactorArgs(damping=...)")
         return self._damping[key]
 
     def _strategy(self, strategy: str | None) -> str:
@@ -271,7 +276,8 @@ def fingerprint_of(model: nn.Module, layer_names: Sequence[str]) -> str:
 
 def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
     """A 16-hex hash of the model config, the tracked layers' names and shapes, and a strided
-    sample of their weights rounded to bfloat16 (so float32 and bfloat16 copies agree)."""
+    sample of their weights (and of the base weight each tracked LoRA matrix adapts) rounded to
+    bfloat16 (so float32 and bfloat16 copies agree)."""
     h = hashlib.sha256(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if hasattr(config, "to_dict"):
@@ -279,7 +285,9 @@ def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
         h.update(json.dumps(items, sort_keys=True, default=str).encode())
     for layer in layers:
         h.update(f"{layer.name}{layer.shape}".encode())
-        for p in layer.parameters():
+        # an adapter's curvature depends on the weights it adapts: sample them too
+        base = [layer.adapter_of.weight] if layer.is_adapter else []
+        for p in layer.parameters() + base:
             flat = p.detach().reshape(-1)
             sample = flat[::max(1, flat.numel() // 4096)][:4096]
             h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
