@@ -57,6 +57,33 @@ class Influence:
         inf.fit(args or FactorArgs(batch_size=32), cache=True)  # a tiny model: larger batches
         return inf
 
+    @classmethod
+    def from_trainer(cls, trainer: Any, step: int | None = None, model: nn.Module | None = None,
+                     **kw: Any) -> "Influence":
+        """A session on a Hugging Face ``Trainer``: its model (or ``model``, e.g. the weights of
+        checkpoint ``step``), its ``processing_class`` as the tokenizer, its ``train_dataset``
+        as the corpus (:meth:`Corpus.from_tokenized`: one row one sequence, labels honoured),
+        and the factors :class:`~influence_nb.trainer.InfluenceCallback` saved at the end of
+        training (or at checkpoint ``step``) when they are there (else call :meth:`fit`)."""
+        from .trainer import factors_path
+        tokenizer = getattr(trainer, "processing_class", None)
+        if tokenizer is None:
+            raise ValueError("the Trainer has no tokenizer: pass processing_class=tokenizer to "
+                             "Trainer(...)")
+        if trainer.train_dataset is None:
+            raise ValueError("the Trainer has no train_dataset to attribute to; pass "
+                             "train_dataset=... to Trainer(...)")
+        corpus = Corpus.from_tokenized(trainer.train_dataset, tokenizer, source="train_dataset")
+        inf = cls(model if model is not None else trainer.model, tokenizer, corpus, **kw)
+        path = factors_path(trainer, step)
+        if (path / "manifest.json").exists():
+            inf.load_factors(path)
+        elif step is not None:
+            raise FileNotFoundError(f"no factors in {path}: add InfluenceCallback(steps=[{step}])"
+                                    " to the Trainer's callbacks, with a checkpoint save at that "
+                                    "step")
+        return inf
+
     def __repr__(self) -> str:
         f = self.factors
         fit = f"{f.args.strategy} on {f.n_examples} sequences" if f else "not fitted"

@@ -17,7 +17,7 @@ LAYERS = [
      "demo.build"},
     {"passes"},
     {"curvature"},
-    {"scoring", "sketch", "validate"},
+    {"scoring", "sketch", "validate", "trainer"},
     {"index", "search"},
     {"results", "session", "retriever"},
     {"widgets", "charts", "magics", "cli", "__main__"},
