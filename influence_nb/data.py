@@ -264,6 +264,43 @@ class Corpus:
                    tokenizer, max_len or int(lengths.max(initial=2)), source,
                    np.concatenate(labels) if has_labels and labels else None)
 
+    @classmethod
+    def concat(cls, parts: "dict[str, Corpus]", column: str = "source") -> "Corpus":
+        """One corpus of several, e.g. ``{"pretraining": pre, "fine-tuning": ft}``, so that one
+        pass scores them all: rows keep their order, part after part; the part's name goes in
+        ``column`` and its own id in ``source_row`` (metadata a part lacks is missing). Parts
+        with labels keep them; a part without trains on every token."""
+        if not isinstance(parts, dict) or not parts:
+            raise CorpusError("Corpus.concat takes a non-empty dict {name: Corpus}, e.g. "
+                              "{'pretraining': pre, 'fine-tuning': ft}")
+        items = list(parts.items())
+        first = items[0][1]
+        for name, part in items:
+            if not isinstance(part, Corpus):
+                raise CorpusError(f"part {name!r} is a {type(part).__name__}, not a Corpus; "
+                                  "build it with Corpus.from_...(..., tokenizer)")
+            if part.tokenizer_fingerprint != first.tokenizer_fingerprint:
+                raise CorpusError(f"part {name!r} was tokenized with another tokenizer than "
+                                  f"{items[0][0]!r}; tokenize every part with the model's one")
+            if column in part.df.columns:
+                raise CorpusError(f"part {name!r} already has a column {column!r}; pass "
+                                  "column=<another name>")
+        dfs = [p.df.reset_index().rename(columns={"id": "source_row"}).assign(**{column: n})
+               for n, p in items]
+        df = pd.concat(dfs, ignore_index=True)
+        df = df[["text", column, "source_row"] + [c for c in df.columns
+                                                  if c not in ("text", column, "source_row")]]
+        df.index.name = "id"
+        tokens = np.concatenate([p.tokens for _, p in items])
+        lengths = np.concatenate([np.diff(p.offsets) for _, p in items])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        labels = None
+        if any(p.labels is not None for _, p in items):
+            labels = np.concatenate([p.tokens if p.labels is None else p.labels
+                                     for _, p in items])
+        return cls(tokens, offsets, df, first.tokenizer, max(p.max_len for _, p in items),
+                   " + ".join(n for n, _ in items), labels)
+
     # -- access -----------------------------------------------------------------------------
 
     def __len__(self) -> int:

@@ -32,7 +32,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 PRESETS = ("mlp", "attn", "all")
-BASE = "base:"  # preset prefix: the base weights of a model with adapters (e.g. "base:mlp")
+# preset prefixes for a model with adapters: its base weights ("base:mlp"), or the adapters
+# and the base weights together ("both:mlp"); an unprefixed preset is the adapters alone
+BASE, BOTH = "base:", "both:"
 # A module belongs to a preset when one component of its dotted name is in the set:
 #   gpt2  h.0.mlp.c_fc, h.0.mlp.c_proj        | h.0.attn.c_attn, h.0.attn.c_proj
 #   neox  mlp.dense_h_to_4h, mlp.dense_4h_to_h | attention.query_key_value, attention.dense
@@ -137,8 +139,8 @@ def candidate_layers(model: nn.Module, base: bool | None = None,
                      skipped: list[str] | None = None) -> list[TrackedLayer]:
     """Every trackable layer, in module order, without the input and output embeddings:
     with ``base`` False the LoRA matrices only (an adapter that cannot be tracked is an error),
-    True the rest (base weights of adapted layers and plain layers), None both (an adapter that
-    cannot be tracked is left out and the reason appended to ``skipped``)."""
+    True the rest (base weights of adapted layers and plain layers), None both (with
+    ``skipped``, an adapter that cannot be tracked is left out and the reason appended)."""
     excluded = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         emb = getattr(model, getter, lambda: None)()
@@ -152,13 +154,13 @@ def candidate_layers(model: nn.Module, base: bool | None = None,
         if _is_lora(m):
             inside_lora |= {id(x) for key in ("lora_A", "lora_B") for x in
                             getattr(m, key).modules()}
-            if base is False:
-                found += adapter_layers(name, m)
-            elif base is None:
+            if base is not True:
                 try:
                     found += adapter_layers(name, m)
                 except ValueError as e:
-                    (skipped if skipped is not None else []).append(str(e))
+                    if base is False or skipped is None:
+                        raise
+                    skipped.append(str(e))
         elif base is not False and (t := _as_tracked(name, m)) is not None:
             found.append(t)
     return found
@@ -172,22 +174,25 @@ def find_layers(model: nn.Module, layers: str | Sequence[str] = "mlp") -> list[T
     globs (``"*.mlp.c_fc"``), each of which must match at least one Linear / Conv1D.
 
     On a model with PEFT LoRA adapters a preset selects the adapters' ``lora_A`` / ``lora_B``
-    matrices of the layers in the preset (the parameters that were fine-tuned), and
+    matrices of the layers in the preset (the parameters that were fine-tuned);
     ``"base:mlp"``, ``"base:attn"``, ``"base:all"`` the base weights instead (each adapted
-    layer's ``base_layer`` and the layers without adapters). On a plain model ``"base:x"`` is
-    ``"x"``.
+    layer's ``base_layer`` and the layers without adapters), and ``"both:mlp"`` etc. the two
+    together (one block per matrix: per-layer scores then compare adapter and base-weight
+    influence). On a plain model ``"base:x"`` and ``"both:x"`` are ``"x"``.
     """
     if isinstance(layers, str):
-        preset, base = (layers[len(BASE):], True) if layers.startswith(BASE) else (layers, None)
+        prefix = next((p for p in (BASE, BOTH) if layers.startswith(p)), "")
+        preset = layers[len(prefix):]
         if preset not in PRESETS:
             raise ValueError(f"unknown layer preset {layers!r}; use one of {PRESETS} (or "
-                             f"'{BASE}mlp' etc. for a model's base weights under adapters) "
-                             "or a list of module names / globs")
+                             f"'{BASE}mlp', '{BOTH}mlp' etc. for a model's base weights under "
+                             "adapters) or a list of module names / globs")
         adapters = has_adapters(model)
-        candidates = candidate_layers(model, base=bool(base) if adapters else None)
+        base = {BASE: True, BOTH: None, "": False}[prefix]
+        candidates = candidate_layers(model, base=base if adapters else None)
         parts = {"mlp": _MLP_PARTS, "attn": _ATTN_PARTS, "all": None}[preset]
         found = [t for t in candidates if parts is None or parts & set(t.name.split("."))]
-        if not found and adapters and not base:
+        if not found and adapters and base is False:
             raise ValueError(f"the model has LoRA adapters but none in preset {preset!r}; "
                              "pick the preset of the adapted modules ('attn', 'all'), or "
                              f"track base weights with '{BASE}{preset}'")

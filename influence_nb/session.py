@@ -198,11 +198,17 @@ class Influence:
                      logprob=float(f))
                 for p, c, f in zip(queries.prompts, queries.completions, queries.f)]
 
-    def scan(self, queries: QueryLike, corpus: Corpus | None = None,
+    def scan(self, queries: QueryLike, corpus: Corpus | dict[str, Corpus] | None = None,
              ids: Sequence[int] | None = None, out_dir: str | os.PathLike | None = None,
              args: ScoreArgs | None = None) -> InfluenceResult:
         """Score every sequence of the corpus (or ``ids``) on the queries, streaming; with
-        ``out_dir`` the scan is resumable. Returns an :class:`InfluenceResult`."""
+        ``out_dir`` the scan is resumable. Returns an :class:`InfluenceResult`.
+
+        ``corpus`` may be several, ``{"pretraining": pre, "fine-tuning": ft}``: they are scored
+        in one pass (:meth:`Corpus.concat`) and the result's rows carry a ``source`` column
+        (:meth:`InfluenceResult.split` sums the influence per source)."""
+        if isinstance(corpus, dict):
+            corpus = Corpus.concat(corpus)
         corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
         args = args or self.score_args
         queries = self.queries(queries, rank=args.rank)

@@ -73,6 +73,9 @@ def test_presets_pick_the_adapters_and_base_weights_on_request(adapted):
     assert inf.factors.shapes[find_layers(model)[1].name] == (32, 4)      # B: 4d × r
     base = [t.name.split("layers.")[-1] for t in find_layers(model, "base:mlp")]
     assert base == [f"{k}.mlp.{m}.base_layer" for k in (0, 1) for m in NEOX_MLP]
+    both = [t.name.split("layers.")[-1] for t in find_layers(model, "both:mlp")]
+    assert both == [f"{k}.mlp.{m}.{part}" for k in (0, 1) for m in NEOX_MLP
+                    for part in ("lora_A.default", "lora_B.default", "base_layer")]
     with pytest.raises(ValueError, match="LoRA adapters but none in preset 'attn'.*base:attn"):
         find_layers(model, "attn")
     with pytest.raises(ValueError, match="unknown layer preset 'base:ffn'"):
