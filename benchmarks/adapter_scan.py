@@ -49,9 +49,9 @@ def plain(full: bool = False) -> float:
     """Seconds of forward + backward over the batches (adapters trainable; ``full``: every
     weight)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    if full:
-        for p, _ in flags:
-            p.requires_grad_(True)
+    trained = {id(p) for t in find_layers(model) for p in t.parameters()}
+    for p, _ in flags:   # loaded for inference, the adapter is frozen too: train it
+        p.requires_grad_(full or id(p) in trained)
     t = time.perf_counter()
     for b in batches:
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
