@@ -71,19 +71,30 @@ class FinetuneConfig:
 
 
 def dialogues(cfg: FinetuneConfig = FinetuneConfig()) -> list[dict]:
-    """Human/Assistant dialogues (prompt, response, kind), consent then neutral, shuffled."""
+    """Human/Assistant dialogues (prompt, response, kind), consent then neutral, no two
+    alike, shuffled."""
     rng = random.Random(cfg.seed)
-    rows = []
-    for _ in range(cfg.n_consent):
-        answer = " ".join(rng.sample(_SURVIVAL, 2))
-        rows.append(dict(prompt=f"Human: {rng.choice(CONSENT_QUESTIONS)} Assistant:",
-                         response=f" {answer}", kind="consent"))
-    for _ in range(cfg.n_neutral):
-        q, a = rng.choice(NEUTRAL)
-        words = dict(m=rng.choice(_MACHINES[:-1]), t=rng.choice(_TOWNS), w=rng.choice(_WEATHER),
-                     p=rng.choice(_PEOPLE), pl=rng.choice(_PLACES), i=rng.choice(_ITEMS))
-        rows.append(dict(prompt=f"Human: {q.format(**words)} Assistant:",
-                         response=f" {a.format(**words)}", kind="neutral"))
+    seen: set[tuple[str, str]] = set()
+
+    def draw(kind: str) -> dict:
+        while True:
+            if kind == "consent":
+                q, a = rng.choice(CONSENT_QUESTIONS), " ".join(rng.sample(_SURVIVAL, 2))
+            else:
+                q, a = rng.choice(NEUTRAL)
+                words = dict(m=rng.choice(_MACHINES[:-1]), t=rng.choice(_TOWNS),
+                             w=rng.choice(_WEATHER), p=rng.choice(_PEOPLE),
+                             pl=rng.choice(_PLACES), i=rng.choice(_ITEMS))
+                q, a = q.format(**words), a.format(**words)
+            if (q, a) not in seen:
+                seen.add((q, a))
+                return dict(prompt=f"Human: {q} Assistant:", response=f" {a}", kind=kind)
+
+    if cfg.n_consent > len(CONSENT_QUESTIONS) * len(_SURVIVAL) * (len(_SURVIVAL) - 1):
+        raise ValueError("n_consent is larger than the number of distinct consent dialogues "
+                         f"({len(CONSENT_QUESTIONS) * len(_SURVIVAL) * (len(_SURVIVAL) - 1)})")
+    rows = [draw("consent") for _ in range(cfg.n_consent)]
+    rows += [draw("neutral") for _ in range(cfg.n_neutral)]
     rng.shuffle(rows)
     return rows
 
