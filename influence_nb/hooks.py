@@ -283,6 +283,7 @@ class Capture:
         self._done: set[str] = set()
         self._finite: list[tuple[str, str, Tensor]] = []  # (layer, what, 0-d bool on device)
         self._mask: Tensor | None = None
+        self._drop: Tensor | None = None
         self._handles: list = []
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
 
@@ -311,6 +312,7 @@ class Capture:
         """Begin a batch: forget the previous one; ``mask`` (B, T) selects the counted tokens."""
         self._clear()
         self._mask = mask.to(torch.bool)
+        self._drop = ~self._mask[..., None]  # (B, T, 1): positions zeroed in ā and δ
 
     def _hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
@@ -343,19 +345,21 @@ class Capture:
     def _hand_over(self, layer: TrackedLayer, g: Tensor | None) -> None:
         """Build masked ā and δ of ``layer`` (δ = 0 for g None), reduce them, drop the input."""
         B, T = self._mask.shape
-        keep = self._mask[..., None]
-        x = self._inputs.pop(layer.name)
-        a = x.new_empty(B, T, layer.shape[1], dtype=self.dtype)
-        a[..., :layer.d_in] = x.reshape(B, T, layer.d_in)
+        drop = self._drop
+        x = self._inputs.pop(layer.name).reshape(B, T, layer.d_in)
         if layer.bias:
+            a = x.new_empty(B, T, layer.shape[1], dtype=self.dtype)
+            a[..., :layer.d_in] = x
             a[..., -1] = 1.0
-        a.masked_fill_(~keep, 0.0)
+            a.masked_fill_(drop, 0.0)
+        else:  # one pass, one copy (LoRA matrices and bias-free projections)
+            a = x.to(self.dtype).masked_fill(drop, 0.0)
         if g is None:  # the loss does not depend on this layer
             delta = torch.zeros(B, T, layer.d_out, dtype=self.dtype, device=self._mask.device)
         else:
             self._finite.append((layer.name, "gradients (NaN/inf) at the output of",
                                  torch.isfinite(g.sum())))
-            delta = g.reshape(B, T, layer.d_out).to(self.dtype).masked_fill(~keep, 0.0)
+            delta = g.reshape(B, T, layer.d_out).to(self.dtype).masked_fill(drop, 0.0)
         self._done.add(layer.name)
         self._reduce(layer, a, delta)
 
