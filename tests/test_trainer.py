@@ -107,3 +107,24 @@ def test_tokenized_corpus_trains_on_the_labels(tokenizer):
     assert corpus.subset([1, 2]).token_labels(0).tolist() == rows[1]["labels"]
     with pytest.raises(ValueError, match="no input_ids column.*from_dataset"):
         Corpus.from_tokenized(datasets.Dataset.from_dict({"text": ["a b"]}), tokenizer)
+
+
+def test_callback_on_a_lora_model_fits_the_adapters(tokenizer, tmp_path):
+    """The usual fine-tune: a peft LoRA model under the Trainer. The callback's default preset
+    tracks the adapters, and its factors equal a separate fit on the same rows and collator."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model(len(tokenizer), torch.float32), peft.LoraConfig(
+        r=4, target_modules=["dense_h_to_4h", "dense_4h_to_h"], lora_dropout=0.1))
+    ds = datasets.Dataset.from_dict({"input_ids": [tokenizer(t)["input_ids"] for t in TEXTS]})
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = Trainer(model, TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        logging_strategy="no"), train_dataset=ds, data_collator=collator,
+        processing_class=tokenizer, callbacks=[InfluenceCallback(ARGS)])
+    trainer.train()
+    factors = Factors.load(factors_path(trainer), trainer.model)
+    assert len(factors.shapes) == 8 and all(".lora_" in n for n in factors.shapes)
+    identical(factors, fit_factors(trainer.model, CollatedDataset(ds, collator), ARGS))
+    inf = Influence.from_trainer(trainer)
+    assert np.isfinite(inf.scan([("alpha number", " 0 is even.")]).scores).all()
