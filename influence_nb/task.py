@@ -82,10 +82,25 @@ class Task:
     def loss_mask(self, batch: object) -> Tensor:
         """(B, T) bool: position t is scored when tokens t and t + 1 are real (and, when the
         batch has Hugging Face ``labels``, token t + 1's label is not -100)."""
-        mask = get(batch, "attention_mask").bool()
-        mask = mask & _shift(mask)
+        mask = self._real(batch)
         labels = find(batch, "labels")
         return mask if labels is None else mask & _shift(labels != -100)
+
+    def token_mask(self, batch: object) -> Tensor:
+        """(B, T) bool: the positions whose ā and δ enter a sequence's gradient
+        DW = Σ_t δ_t ā_tᵀ (elsewhere δ = 0). For the default losses: tokens t and t + 1 real,
+        whatever the labels — a prompt token that is not trained on (label -100) still shapes,
+        through attention, the predictions that are, so its update counts. A subclass that
+        overrides :meth:`loss_mask` gets its own mask here."""
+        if type(self).loss_mask is not Task.loss_mask:
+            return self.loss_mask(batch)
+        return self._real(batch)
+
+    @staticmethod
+    def _real(batch: object) -> Tensor:
+        """(B, T) bool: tokens t and t + 1 are both real."""
+        mask = get(batch, "attention_mask").bool()
+        return mask & _shift(mask)
 
     def targets(self, batch: object) -> Tensor:
         """(B, T) the token predicted at each position: ``labels`` (HF convention, aligned with

@@ -7,7 +7,8 @@ import torch
 from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer,
                           TrainingArguments)
 
-from influence_nb.curvature import FactorArgs, Factors, fit_factors
+from influence_nb.curvature import FactorArgs, Factors, fit_factors, sequence_gradients
+from influence_nb.hooks import find_layers
 from influence_nb.data import Corpus
 from influence_nb.session import Influence
 from influence_nb.task import Task
@@ -102,6 +103,18 @@ def test_tokenized_corpus_trains_on_the_labels(tokenizer):
                                           {"input_ids": batch.input_ids,
                                            "attention_mask": batch.attention_mask})
     assert (all_tokens > ours + 1).all()                  # the masked prompt is left out
+    # the captured per-sequence gradients are autograd's, prompt positions included: their
+    # labels are -100 but the answer attends to them
+    layers = find_layers(model, "all")
+    DW, _ = sequence_gradients(model, batch, layers, "loglik")
+    params = [p for layer in layers for p in layer.parameters()]
+    for b in range(len(rows)):
+        loglik = -Task().training_loss(model(input_ids=batch.input_ids,
+                                             attention_mask=batch.attention_mask).logits, batch)
+        grads = iter(torch.autograd.grad(loglik[b], params))
+        for layer in layers:
+            expected = layer.as_matrix([next(grads) for _ in layer.parameters()])
+            torch.testing.assert_close(DW[layer.name][b], expected, rtol=1e-9, atol=1e-12)
     plain = Corpus.from_tokenized([{"input_ids": r["input_ids"]} for r in rows], tokenizer)
     assert plain.labels is None and plain.fingerprint != corpus.fingerprint
     assert corpus.subset([1, 2]).token_labels(0).tolist() == rows[1]["labels"]
