@@ -10,9 +10,11 @@ that passes notebook validation). :func:`save_png` writes a PNG for docs.
     charts.layer_heatmap(result)         # queries × layers, each row's share
     charts.variants(lab.table)           # a bar per synthetic sequence (mean and points)
     charts.lds_scatter(validate.lds(...)) # predicted vs retrained, per strategy
+    charts.source_split(result)          # a scan over several corpora: each source's share
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -26,9 +28,11 @@ if TYPE_CHECKING:
     from .results import InfluenceResult
 
 __all__ = ["distribution", "layer_heatmap", "layer_profile", "lds_scatter", "offline", "save_png",
-           "variants"]
+           "source_split", "variants"]
 
 POS, NEG = "#e66101", "#2166ac"  # the widgets' colours: orange raises, blue lowers log p
+# sources of a scan over several corpora, in order (the explorer's stripes: the same colours)
+SOURCE_COLOURS = ["#1b9e77", "#7570b3", "#d95f02", "#e7298a", "#66a61e", "#a6761d"]
 
 
 def offline() -> None:
@@ -104,6 +108,32 @@ def layer_heatmap(result: "InfluenceResult", queries: list[int] | None = None,
         tooltip=["query:N", "layer:N", alt.Tooltip("share:Q", format=".3f")],
     ).properties(width=alt.Step(34), height=alt.Step(22),
                  title="Where the influence sits: share of each layer (top sequences)")
+
+
+def source_split(result: "InfluenceResult", queries: list[int] | None = None,
+                 labels: list[str] | None = None) -> alt.Chart:
+    """How each query's influence splits between the corpora of a scan over several: a bar
+    per query, one segment per source, its share of Σ|score| (tooltips: sums of positive and
+    negative scores, sequences, mean |score| per sequence; :meth:`InfluenceResult.split`)."""
+    split = result.split().reset_index()
+    queries = list(range(result.n_queries)) if queries is None else queries
+    names = {q: labels[i] if labels else f"{q}: {result.queries[q]['completion'].strip()}"
+             for i, q in enumerate(queries)}
+    df = split[split["query"].isin(queries)].assign(label=lambda d: d["query"].map(names))
+    sources = result.sources
+    return alt.Chart(df).mark_bar().encode(
+        alt.Y("label:N", sort=[names[q] for q in queries], title=None),
+        alt.X("abs_share:Q", title="share of total |influence|", stack="zero",
+              scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+        alt.Color("source:N", sort=sources, title="source",
+                  scale=alt.Scale(domain=sources,
+                                  range=SOURCE_COLOURS[:len(sources)])),
+        order=alt.Order("order:Q"),
+        tooltip=["label:N", "source:N", alt.Tooltip("abs_share:Q", format=".1%"),
+                 alt.Tooltip("positive:Q", format=".4g"), alt.Tooltip("negative:Q", format=".4g"),
+                 "sequences:Q", alt.Tooltip("mean_abs:Q", format=".3g", title="mean |score|")],
+    ).transform_calculate(order=f"indexof({json.dumps(sources)}, datum.source)").properties(
+        width=380, height=alt.Step(24), title="How the influence splits between the corpora")
 
 
 def variants(table: pd.DataFrame, title: str = "Synthetic sequences") -> alt.LayerChart:

@@ -152,10 +152,11 @@ class Factors:
             lam = self.args.damping_factor * Lambda.mean().item()
             if not lam > 0 or not math.isfinite(lam):   # a zero Fisher would divide by zero
                 raise ValueError(f"the Fisher of layer {name!r} has mean eigenvalue "
-                                 f"{Lambda.mean().item():.3g}, so the relative damping is "
-                                 f"{lam:.3g}; the model has nothing left to learn on this "
-                                 "corpus there — set an absolute FactorArgs(damping=...) or "
-                                 "track other layers")
+                                 f"{Lambda.mean().item():.3g} (zero curvature: its gradient "
+                                 "vanishes on every training sequence — an untrained adapter, "
+                                 "a LoRA lora_A whose lora_B is still zero? or nothing left to "
+                                 "learn there); train it, leave the layer out, or set an "
+                                 "absolute FactorArgs(damping=...)")
             self._damping[key] = lam
         return self._damping[key]
 
@@ -299,8 +300,8 @@ def fingerprint_of(model: nn.Module, layer_names: Sequence[str]) -> str:
 def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
     """A 16-hex hash of the model config, the tracked layers' names and shapes, and a strided
     sample (≤ 4,096 values) of every parameter of the model — tracked or not, so factors or
-    scores never pair with a model whose embeddings or attention differ — rounded to bfloat16
-    (so float32 and bfloat16 copies agree)."""
+    scores never pair with a model whose embeddings, attention or adapted base weights
+    differ — rounded to bfloat16 (so float32 and bfloat16 copies agree)."""
     h = hashlib.sha256(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if hasattr(config, "to_dict"):

@@ -2,7 +2,9 @@
 
 A :class:`Corpus` is built from a list of strings, a ``.txt`` / ``.jsonl`` / ``.parquet`` file or a
 Hugging Face ``datasets.Dataset``. Each document is tokenized and cut into sequences of at most
-``max_len`` tokens; every sequence keeps a stable id (its row), the document it came from and
+``max_len`` tokens — or from a dataset already tokenized the way a Hugging Face Trainer sees it
+(``input_ids`` [, ``attention_mask``, ``labels``], :meth:`Corpus.from_tokenized`); every
+sequence keeps a stable id (its row), the document it came from and
 its token offset there, its text (for display) and the document's metadata.
 
 Tokens live in one flat ``int32`` array with offsets (``tokens[offsets[i]:offsets[i+1]]`` is
@@ -39,13 +41,17 @@ class Batch:
     input_ids:      (B, T) int64, right-padded with ``pad_id``
     attention_mask: (B, T) int64, 1 for real tokens, 0 for padding
     ids:            (B,) int64, the corpus ids of the rows
+    labels:         (B, T) int64 training targets in Hugging Face's convention (the token,
+                    or -100 where it is not trained on), or None: every real token is trained
     """
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     ids: np.ndarray
+    labels: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.ids)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.ids,
+                     None if self.labels is None else self.labels.to(device))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -62,15 +68,23 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def pad_batch(seqs: Sequence[np.ndarray], pad_id: int, ids: np.ndarray) -> Batch:
-    """Right-pad 1-D token arrays into a :class:`Batch`."""
+IGNORE = -100  # Hugging Face's label of a token that is not trained on
+
+
+def pad_batch(seqs: Sequence[np.ndarray], pad_id: int, ids: np.ndarray,
+              labels: Sequence[np.ndarray] | None = None) -> Batch:
+    """Right-pad 1-D token arrays (and their labels, padded with -100) into a :class:`Batch`."""
     T = max(len(s) for s in seqs)
     input_ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), T), dtype=np.int64)
+    padded = None if labels is None else np.full((len(seqs), T), IGNORE, dtype=np.int64)
     for b, s in enumerate(seqs):
         input_ids[b, :len(s)] = s
         mask[b, :len(s)] = 1
-    return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask), np.asarray(ids, np.int64))
+        if padded is not None:
+            padded[b, :len(s)] = labels[b]
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(mask), np.asarray(ids, np.int64),
+                 None if padded is None else torch.from_numpy(padded))
 
 
 class Corpus:
@@ -79,19 +93,29 @@ class Corpus:
     Build with :meth:`from_texts`, :meth:`from_file`, :meth:`from_dataset`; iterate with
     :meth:`batches`; look rows up with ``corpus.df`` (a DataFrame indexed by id with columns
     ``text``, ``doc``, ``offset``, ``n_tokens`` and the source's metadata).
+
+    ``labels``: None (every token is a training target), or one int32 label per token in
+    Hugging Face's convention — the token itself, or -100 where the model is not trained to
+    predict it (e.g. the prompt of a chat fine-tune) — aligned with ``tokens``.
     """
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, df: pd.DataFrame,
-                 tokenizer: Any, max_len: int, source: str = "") -> None:
+                 tokenizer: Any, max_len: int, source: str = "",
+                 labels: np.ndarray | None = None) -> None:
         if len(df) == 0:
             raise CorpusError(f"corpus is empty: {source or 'the input'} produced no sequences; "
                               "give at least one non-empty text")
-        self.tokens, self.offsets, self.df = tokens, offsets, df
+        if labels is not None and len(labels) != len(tokens):
+            raise CorpusError(f"{len(labels)} labels for {len(tokens)} tokens; give one label "
+                              "per token (-100 where it is not trained on)")
+        self.tokens, self.offsets, self.df, self.labels = tokens, offsets, df, labels
         self.tokenizer, self.max_len, self.source = tokenizer, max_len, source
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         h = hashlib.sha256(self.tokenizer_fingerprint.encode())
         h.update(np.ascontiguousarray(offsets).tobytes())
         h.update(np.ascontiguousarray(tokens).tobytes())
+        if labels is not None:
+            h.update(np.ascontiguousarray(labels).tobytes())
         self.fingerprint = h.hexdigest()[:16]
 
     # -- building ---------------------------------------------------------------------------
@@ -203,6 +227,92 @@ class Corpus:
         return cls.from_records(iter(dataset), tokenizer, max_len, text_field=text_field,
                                 source="dataset", total=len(dataset), progress=progress)
 
+    @classmethod
+    def from_tokenized(cls, dataset: Any, tokenizer: Any, max_len: int | None = None,
+                       source: str = "tokenized dataset") -> "Corpus":
+        """A corpus from rows already tokenized as a Hugging Face Trainer sees them: a
+        ``datasets.Dataset`` (or a list of dicts) with ``input_ids``, optionally
+        ``attention_mask`` (tokens where it is 0 are dropped) and ``labels`` (-100: not trained
+        on, e.g. a masked prompt). One row is one sequence, as the Trainer trains it; its text
+        is the decoded tokens, and scalar columns are kept as metadata. ``max_len``: the longest
+        row by default; a longer row is an error (the Trainer would have cut it otherwise)."""
+        columns = getattr(dataset, "column_names", None) or (list(dataset[0]) if len(dataset)
+                                                             else [])
+        if "input_ids" not in columns:
+            raise CorpusError(f"{source} has no input_ids column (columns: "
+                              f"{', '.join(columns) or 'none'}); tokenize it first, or build the "
+                              "corpus from text with Corpus.from_dataset(..., text_field=...)")
+        token_columns = {"input_ids", "attention_mask", "labels", "token_type_ids",
+                         "position_ids", "special_tokens_mask"}
+        has_labels = "labels" in columns
+        tokens, labels, rows = [], [], []
+        for n, rec in enumerate(tqdm(dataset, desc="reading", unit="row", total=len(dataset),
+                                     disable=len(dataset) < 50 * _BLOCK)):
+            ids = np.asarray(rec["input_ids"], dtype=np.int64).reshape(-1)
+            keep = (np.asarray(rec["attention_mask"]).reshape(-1).astype(bool)
+                    if rec.get("attention_mask") is not None else np.ones(len(ids), bool))
+            lab = np.asarray(rec["labels"], dtype=np.int64).reshape(-1) if has_labels else None
+            if len(keep) != len(ids) or (lab is not None and len(lab) != len(ids)):
+                raise CorpusError(f"{source} row {n}: input_ids, attention_mask and labels must "
+                                  "have one entry per token")
+            ids = ids[keep]
+            if len(ids) == 0:
+                continue
+            if max_len is not None and len(ids) > max_len:
+                raise CorpusError(f"{source} row {n} has {len(ids)} tokens, more than max_len="
+                                  f"{max_len}; truncate the dataset or raise max_len")
+            tokens.append(ids.astype(np.int32))
+            if lab is not None:
+                labels.append(lab[keep].astype(np.int32))
+            meta = {("source_id" if k == "id" else k): v for k, v in rec.items()
+                    if k not in token_columns and np.ndim(v) == 0}
+            rows.append(dict(text=tokenizer.decode(ids), doc=n, offset=0, n_tokens=len(ids),
+                             **{k: v for k, v in meta.items() if k != "text"}))
+        lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        df = pd.DataFrame(rows)
+        df.index.name = "id"
+        return cls(np.concatenate(tokens) if tokens else np.zeros(0, np.int32), offsets, df,
+                   tokenizer, max_len or int(lengths.max(initial=2)), source,
+                   np.concatenate(labels) if has_labels and labels else None)
+
+    @classmethod
+    def concat(cls, parts: "dict[str, Corpus]", column: str = "source") -> "Corpus":
+        """One corpus of several, e.g. ``{"pretraining": pre, "fine-tuning": ft}``, so that one
+        pass scores them all: rows keep their order, part after part; the part's name goes in
+        ``column`` and its own id in ``source_row`` (metadata a part lacks is missing). Parts
+        with labels keep them; a part without trains on every token."""
+        if not isinstance(parts, dict) or not parts:
+            raise CorpusError("Corpus.concat takes a non-empty dict {name: Corpus}, e.g. "
+                              "{'pretraining': pre, 'fine-tuning': ft}")
+        items = list(parts.items())
+        first = items[0][1]
+        for name, part in items:
+            if not isinstance(part, Corpus):
+                raise CorpusError(f"part {name!r} is a {type(part).__name__}, not a Corpus; "
+                                  "build it with Corpus.from_...(..., tokenizer)")
+            if part.tokenizer_fingerprint != first.tokenizer_fingerprint:
+                raise CorpusError(f"part {name!r} was tokenized with another tokenizer than "
+                                  f"{items[0][0]!r}; tokenize every part with the model's one")
+            if column in part.df.columns:
+                raise CorpusError(f"part {name!r} already has a column {column!r}; pass "
+                                  "column=<another name>")
+        dfs = [p.df.reset_index().rename(columns={"id": "source_row"}).assign(**{column: n})
+               for n, p in items]
+        df = pd.concat(dfs, ignore_index=True)
+        df = df[["text", column, "source_row"] + [c for c in df.columns
+                                                  if c not in ("text", column, "source_row")]]
+        df.index.name = "id"
+        tokens = np.concatenate([p.tokens for _, p in items])
+        lengths = np.concatenate([np.diff(p.offsets) for _, p in items])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        labels = None
+        if any(p.labels is not None for _, p in items):
+            labels = np.concatenate([p.tokens if p.labels is None else p.labels
+                                     for _, p in items])
+        return cls(tokens, offsets, df, first.tokenizer, max(p.max_len for _, p in items),
+                   " + ".join(n for n, _ in items), labels)
+
     # -- access -----------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -215,6 +325,10 @@ class Corpus:
     def token_ids(self, i: int) -> np.ndarray:
         """Token ids of sequence ``i``, shape (n_tokens,)."""
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def token_labels(self, i: int) -> np.ndarray | None:
+        """Labels of sequence ``i`` (n_tokens,), -100 where not trained on; None without labels."""
+        return None if self.labels is None else self.labels[self.offsets[i]:self.offsets[i + 1]]
 
     def text(self, i: int) -> str:
         return self.df.at[i, "text"]
@@ -233,7 +347,8 @@ class Corpus:
         starts = range(0, len(ids), batch_size)
         for s in tqdm(starts, desc="batches", disable=not progress, unit="batch"):
             chunk = ids[s:s + batch_size]
-            yield pad_batch([self.token_ids(i) for i in chunk], self.pad_id, chunk)
+            yield pad_batch([self.token_ids(i) for i in chunk], self.pad_id, chunk,
+                            None if self.labels is None else [self.token_labels(i) for i in chunk])
 
     def by_length(self, ids: Sequence[int], window: int) -> np.ndarray:
         """Positions into ``ids`` that order them by token count within consecutive windows of
@@ -254,7 +369,10 @@ class Corpus:
         df = self.df.iloc[ids].reset_index().rename(columns={"id": "parent_id"})
         df.index.name = "id"
         flat = np.concatenate(seqs) if len(seqs) else np.zeros(0, np.int32)
-        return Corpus(flat, offsets, df, self.tokenizer, self.max_len, self.source)
+        labels = (None if self.labels is None else
+                  np.concatenate([self.token_labels(i) for i in ids]) if len(ids) else
+                  np.zeros(0, np.int32))
+        return Corpus(flat, offsets, df, self.tokenizer, self.max_len, self.source, labels)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:

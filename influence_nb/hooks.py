@@ -9,6 +9,16 @@ which is all the curvature fit, the query gradients and the scorer need. :class:
 records ā (forward hooks) and δ (``torch.autograd.grad`` with respect to the layers'
 outputs, so no parameter gradient is ever materialised) without wrapping or renaming
 anything in the user's model; every hook is removed when the context exits.
+
+Adapters. A PEFT LoRA layer (``peft.tuners.lora.LoraLayer``, on a Linear or a GPT-2 Conv1D)
+computes y = W₀ x + s · B A x with ``base_layer`` (W₀), ``lora_A.<adapter>`` (A, r × in) and
+``lora_B.<adapter>`` (B, out × r), all three plain Linear / Conv1D modules. They are tracked as
+they are: A and B are two Linear layers like any other (ā of B is A x, δ of A is s Bᵀ δ_y),
+read from the model's own modules — the model is never wrapped or rewritten. Presets pick the
+adapters when the model has any, the base weights with ``"base:"`` (see :func:`find_layers`).
+With the adapter unmerged, the gradient of W₀ equals the gradient of the merged weight
+W₀ + s B A of ``merge_and_unload()``'s model (same function, same ā and δ), so base-weight
+scores of the two agree; the adapter's gradients are ∇B = s ∇W Aᵀ and ∇A = s Bᵀ ∇W.
 """
 from __future__ import annotations
 
@@ -22,6 +32,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 PRESETS = ("mlp", "attn", "all")
+# preset prefixes for a model with adapters: its base weights ("base:mlp"), or the adapters
+# and the base weights together ("both:mlp"); an unprefixed preset is the adapters alone
+BASE, BOTH = "base:", "both:"
 # A module belongs to a preset when one component of its dotted name is in the set:
 #   gpt2  h.0.mlp.c_fc, h.0.mlp.c_proj        | h.0.attn.c_attn, h.0.attn.c_proj
 #   neox  mlp.dense_h_to_4h, mlp.dense_4h_to_h | attention.query_key_value, attention.dense
@@ -42,6 +55,12 @@ class TrackedLayer:
     d_out: int
     bias: bool
     transposed: bool  # Conv1D stores its weight as (in, out)
+    # for a LoRA matrix (lora_A / lora_B): the adapted layer's base weight module, else None
+    adapter_of: nn.Module | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter_of is not None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -64,14 +83,87 @@ class TrackedLayer:
         return [W.T if self.transposed else W] + ([matrix[:, self.d_in]] if self.bias else [])
 
 
-def _as_tracked(name: str, module: nn.Module) -> TrackedLayer | None:
+def _as_tracked(name: str, module: nn.Module, adapter_of: nn.Module | None = None
+                ) -> TrackedLayer | None:
     if isinstance(module, nn.Linear):
         d_out, d_in = module.weight.shape
-        return TrackedLayer(name, module, d_in, d_out, module.bias is not None, transposed=False)
+        return TrackedLayer(name, module, d_in, d_out, module.bias is not None, False, adapter_of)
     if isinstance(module, Conv1D):
         d_in, d_out = module.weight.shape
-        return TrackedLayer(name, module, d_in, d_out, module.bias is not None, transposed=True)
+        return TrackedLayer(name, module, d_in, d_out, module.bias is not None, True, adapter_of)
     return None
+
+
+def _is_lora(module: nn.Module) -> bool:
+    """A PEFT LoRA layer (duck-typed: peft stays optional): ``base_layer`` plus ``lora_A`` /
+    ``lora_B`` dicts of modules, one per adapter name."""
+    return (isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+            and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
+            and isinstance(getattr(module, "base_layer", None), nn.Module))
+
+
+def adapter_layers(name: str, module: nn.Module) -> list[TrackedLayer]:
+    """The active adapters' A and B matrices of the LoRA layer ``module`` called ``name``
+    (an adapter of another kind, or one that does not run in the forward, is a one-line error)."""
+    if any(getattr(module, "use_dora", {}).get(a, False) for a in module.lora_A):
+        raise ValueError(f"{name} is a DoRA adapter: its magnitude rescales the update outside "
+                         "lora_A / lora_B, which is not supported; track the base weights "
+                         "(layers='base:mlp') or use plain LoRA")
+    if getattr(module, "merged", False):
+        raise ValueError(f"the adapters of {name} are merged into its base weights, so lora_A / "
+                         "lora_B do not run; call model.unmerge_adapter() to score adapter "
+                         "parameters, or track the base weights with layers='base:mlp' (or "
+                         "'base:all')")
+    if getattr(module, "disable_adapters", False):
+        raise ValueError(f"the adapters of {name} are disabled, so lora_A / lora_B do not run; "
+                         "enable them or track the base weights with layers='base:mlp'")
+    active = getattr(module, "active_adapters", None) or list(module.lora_A)
+    active = [active] if isinstance(active, str) else list(active)
+    found = []
+    for key in ("lora_A", "lora_B"):
+        for adapter, m in getattr(module, key).items():
+            if adapter in active and (t := _as_tracked(f"{name}.{key}.{adapter}", m,
+                                                       module.base_layer)) is not None:
+                found.append(t)
+    order = {f"{name}.{k}.{a}": i for i, (k, a) in enumerate(
+        (k, a) for a in module.lora_A for k in ("lora_A", "lora_B"))}
+    return sorted(found, key=lambda t: order[t.name])  # A then B, adapter by adapter
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether the model holds PEFT LoRA layers (merged or not)."""
+    return any(_is_lora(m) for m in model.modules())
+
+
+def candidate_layers(model: nn.Module, base: bool | None = None,
+                     skipped: list[str] | None = None) -> list[TrackedLayer]:
+    """Every trackable layer, in module order, without the input and output embeddings:
+    with ``base`` False the LoRA matrices only (an adapter that cannot be tracked is an error),
+    True the rest (base weights of adapted layers and plain layers), None both (with
+    ``skipped``, an adapter that cannot be tracked is left out and the reason appended)."""
+    excluded = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        emb = getattr(model, getter, lambda: None)()
+        if emb is not None:
+            excluded.add(id(emb))
+    inside_lora: set[int] = set()   # the lora_A / lora_B modules (and whatever they hold)
+    found = []
+    for name, m in model.named_modules():
+        if id(m) in excluded or id(m) in inside_lora:
+            continue
+        if _is_lora(m):
+            inside_lora |= {id(x) for key in ("lora_A", "lora_B") for x in
+                            getattr(m, key).modules()}
+            if base is not True:
+                try:
+                    found += adapter_layers(name, m)
+                except ValueError as e:
+                    if base is False or skipped is None:
+                        raise
+                    skipped.append(str(e))
+        elif base is not False and (t := _as_tracked(name, m)) is not None:
+            found.append(t)
+    return found
 
 
 def find_layers(model: nn.Module, layers: str | Sequence[str] = "mlp") -> list[TrackedLayer]:
@@ -80,27 +172,45 @@ def find_layers(model: nn.Module, layers: str | Sequence[str] = "mlp") -> list[T
     ``layers``: a preset — ``"mlp"`` (the paper's choice), ``"attn"``, ``"all"`` (every Linear /
     Conv1D except the input and output embeddings) — or a module name or fnmatch glob
     (``"*.mlp.c_fc"``), or a list of them, each of which must match at least one Linear / Conv1D.
+
+    On a model with PEFT LoRA adapters a preset selects the adapters' ``lora_A`` / ``lora_B``
+    matrices of the layers in the preset (the parameters that were fine-tuned);
+    ``"base:mlp"``, ``"base:attn"``, ``"base:all"`` the base weights instead (each adapted
+    layer's ``base_layer`` and the layers without adapters), and ``"both:mlp"`` etc. the two
+    together (one block per matrix: per-layer scores then compare adapter and base-weight
+    influence). On a plain model ``"base:x"`` and ``"both:x"`` are ``"x"``.
     """
-    excluded = set()
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        emb = getattr(model, getter, lambda: None)()
-        if emb is not None:
-            excluded.add(id(emb))
-    candidates = [t for name, m in model.named_modules()
-                  if id(m) not in excluded and (t := _as_tracked(name, m)) is not None]
-    if isinstance(layers, str) and layers not in PRESETS:
-        layers = [layers]                                 # one module name or glob
     if isinstance(layers, str):
-        parts = {"mlp": _MLP_PARTS, "attn": _ATTN_PARTS, "all": None}[layers]
+        prefix = next((p for p in (BASE, BOTH) if layers.startswith(p)), "")
+        preset = layers[len(prefix):]
+        if preset not in PRESETS and prefix:
+            raise ValueError(f"unknown layer preset {layers!r}; use one of {PRESETS} (or "
+                             f"'{BASE}mlp', '{BOTH}mlp' etc. for a model's base weights under "
+                             "adapters) or a list of module names / globs")
+        if preset not in PRESETS:
+            layers = [layers]                             # one module name or glob
+    if isinstance(layers, str):
+        adapters = has_adapters(model)
+        base = {BASE: True, BOTH: None, "": False}[prefix]
+        candidates = candidate_layers(model, base=base if adapters else None)
+        parts = {"mlp": _MLP_PARTS, "attn": _ATTN_PARTS, "all": None}[preset]
         found = [t for t in candidates if parts is None or parts & set(t.name.split("."))]
+        if not found and adapters and base is False:
+            raise ValueError(f"the model has LoRA adapters but none in preset {preset!r}; "
+                             "pick the preset of the adapted modules ('attn', 'all'), or "
+                             f"track base weights with '{BASE}{preset}'")
         if not found:
             raise ValueError(f"no trackable layers: the model has no torch.nn.Linear or Conv1D "
                              f"module for preset {layers!r}; pass layers='all' or a list of "
                              "module names")
         return found
+    skipped: list[str] = []
+    candidates = candidate_layers(model, skipped=skipped)
     found = []
     for pattern in layers:
         hits = [t for t in candidates if fnmatch.fnmatchcase(t.name, pattern)]
+        if not hits and skipped:
+            raise ValueError(f"layer {pattern!r} matches no trackable module: {skipped[0]}")
         if not hits:
             names = ", ".join(t.name for t in candidates[:8]) or "none"
             raise ValueError(f"layer {pattern!r} is not a preset ({', '.join(PRESETS)}) and "
@@ -184,6 +294,7 @@ class Capture:
         self._done: set[str] = set()
         self._finite: list[tuple[str, str, Tensor]] = []  # (layer, what, 0-d bool on device)
         self._mask: Tensor | None = None
+        self._drop: Tensor | None = None
         self._handles: list = []
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
 
@@ -212,6 +323,7 @@ class Capture:
         """Begin a batch: forget the previous one; ``mask`` (B, T) selects the counted tokens."""
         self._clear()
         self._mask = mask.to(torch.bool)
+        self._drop = ~self._mask[..., None]  # (B, T, 1): positions zeroed in ā and δ
 
     def _hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
@@ -244,19 +356,21 @@ class Capture:
     def _hand_over(self, layer: TrackedLayer, g: Tensor | None) -> None:
         """Build masked ā and δ of ``layer`` (δ = 0 for g None), reduce them, drop the input."""
         B, T = self._mask.shape
-        keep = self._mask[..., None]
-        x = self._inputs.pop(layer.name)
-        a = x.new_empty(B, T, layer.shape[1], dtype=self.dtype)
-        a[..., :layer.d_in] = x.reshape(B, T, layer.d_in)
+        drop = self._drop
+        x = self._inputs.pop(layer.name).reshape(B, T, layer.d_in)
         if layer.bias:
+            a = x.new_empty(B, T, layer.shape[1], dtype=self.dtype)
+            a[..., :layer.d_in] = x
             a[..., -1] = 1.0
-        a.masked_fill_(~keep, 0.0)
+            a.masked_fill_(drop, 0.0)
+        else:  # one pass, one copy (LoRA matrices and bias-free projections)
+            a = x.to(self.dtype).masked_fill(drop, 0.0)
         if g is None:  # the loss does not depend on this layer
             delta = torch.zeros(B, T, layer.d_out, dtype=self.dtype, device=self._mask.device)
         else:
             self._finite.append((layer.name, "gradients (NaN/inf) at the output of",
                                  torch.isfinite(g.sum())))
-            delta = g.reshape(B, T, layer.d_out).to(self.dtype).masked_fill(~keep, 0.0)
+            delta = g.reshape(B, T, layer.d_out).to(self.dtype).masked_fill(drop, 0.0)
         self._done.add(layer.name)
         self._reduce(layer, a, delta)
 

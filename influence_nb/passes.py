@@ -50,8 +50,8 @@ class PassBatch:
     rows:   (B,) positions of the batch's sequences in the pass's order (the ``ids`` asked
             for, or a running count for plain batches): where a consumer writes its outputs
     data:   the batch on the model's device (Mapping or object, see :func:`~influence_nb.task.get`)
-    mask:   (B, T) bool, the scored positions
-    tokens: (n,) int64 indices of the scored positions in the flattened (B·T) batch, n of them
+    mask:   (B, T) bool, the positions whose ā and δ count (:meth:`Task.token_mask`)
+    tokens: (n,) int64 indices of those positions in the flattened (B·T) batch, n of them
             (found once per batch: the pass's one host synchronisation before the backward)
     counts: (B,) scored positions per sequence, on the host
     losses: (B,) the values whose gradient δ is, detached (set before :meth:`Consumer.update`)
@@ -290,7 +290,7 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
     try:
         with eval_mode(model), Capture(model, layers, stat_dtype(model)) as cap:
             for k, rows, batch in prepared(model, src, max_examples, shard):
-                mask = task.loss_mask(batch)
+                mask = task.token_mask(batch)
                 pb = PassBatch(k, rows, batch, mask,
                                mask.flatten().nonzero().squeeze(1), mask.sum(1).cpu().numpy())
                 cap.start(mask)

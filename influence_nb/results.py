@@ -66,15 +66,38 @@ class InfluenceResult:
             raise IndexError(f"query {q} out of range: this result has {self.n_queries} queries")
         return q % self.n_queries
 
-    def top(self, q: int = 0, k: int = 10, sign: str = "positive") -> pd.DataFrame:
+    @property
+    def sources(self) -> list[str]:
+        """The corpora this result scored, in order (the ``source`` column of a scan over
+        several, :meth:`Corpus.concat`); [] for a single corpus."""
+        if self.corpus is None or "source" not in self.corpus.df.columns:
+            return []
+        return list(pd.unique(self.corpus.df["source"]))
+
+    def _source_of_ids(self) -> np.ndarray:
+        """(N,) the source of each scored sequence."""
+        if not self.sources:
+            raise ValueError("this result scored one corpus; scan several to split by source: "
+                             "inf.scan(pairs, corpus={'pretraining': pre, 'fine-tuning': ft})")
+        return self.corpus.df["source"].to_numpy()[self.ids]
+
+    def top(self, q: int = 0, k: int = 10, sign: str = "positive",
+            source: str | None = None) -> pd.DataFrame:
         """The k most influential sequences on query ``q``: ``sign`` "positive" (largest
-        scores), "negative" (most negative) or "abs". Columns: rank, id, score, text and the
-        corpus metadata, and one column per layer when per-layer scores were kept."""
+        scores), "negative" (most negative) or "abs"; ``source``: only that corpus's sequences
+        (a scan over several). Columns: rank, id, score, text and the corpus metadata, and one
+        column per layer when per-layer scores were kept."""
         s = self.scores[self._q(q)]
         key = {"positive": -s, "negative": s, "abs": -np.abs(s)}.get(sign)
         if key is None:
             raise ValueError(f"sign must be 'positive', 'negative' or 'abs', got {sign!r}")
-        order = np.argsort(key, kind="stable")[:k]
+        order = np.argsort(key, kind="stable")
+        if source is not None:
+            if source not in self.sources:
+                raise ValueError(f"unknown source {source!r}; this result has "
+                                 f"{self.sources or 'one corpus and no sources'}")
+            order = order[self._source_of_ids()[order] == source]
+        order = order[:k]
         df = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "id": self.ids[order],
                            "score": s[order]})
         if self.corpus is not None:
@@ -84,6 +107,28 @@ class InfluenceResult:
             for l, name in enumerate(self.layer_names):
                 df[name] = self.layer_scores[self._q(q), l, order]
         return df.set_index("rank")
+
+    def split(self, k: int = 10) -> pd.DataFrame:
+        """How each query's influence splits between the sources of a scan over several
+        corpora. One row per (query, source): ``sequences``; ``total``, ``positive`` and
+        ``negative`` sums of scores; ``abs_share``, the source's share of Σ|score| over all
+        sources; ``mean_abs``, the mean |score| per sequence (corpora differ in size);
+        ``in_top``, how many of the query's top-k positive sequences come from the source."""
+        src = self._source_of_ids()
+        rows = []
+        for q in range(self.n_queries):
+            s = self.scores[q]
+            top = set(np.argsort(-s, kind="stable")[:k])
+            whole = np.abs(s).sum()
+            for name in self.sources:
+                m = src == name
+                x = s[m]
+                rows.append(dict(query=q, source=name, sequences=int(m.sum()),
+                                 total=x.sum(), positive=x[x > 0].sum(), negative=x[x < 0].sum(),
+                                 abs_share=np.abs(x).sum() / whole if whole > 0 else np.nan,
+                                 mean_abs=np.abs(x).mean() if len(x) else np.nan,
+                                 in_top=sum(i in top for i in np.flatnonzero(m))))
+        return pd.DataFrame(rows).set_index(["query", "source"])
 
     def layer_profile(self, q: int = 0, k: int | None = None) -> pd.Series:
         """Per-layer sum of scores on query ``q`` (over the top-k positive, or all)."""

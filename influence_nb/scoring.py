@@ -20,11 +20,12 @@ whenever that is cheaper (a cost model per layer picks); both give the same numb
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -128,6 +129,18 @@ class Queries:
         return cls(sum((p.prompts for p in parts), []), sum((p.completions for p in parts), []),
                    torch.cat([p.f for p in parts]), R, rank,
                    "+".join(dict.fromkeys(p.strategy for p in parts)), parts[0].factors_id)
+
+    def select(self, layers: Sequence[str]) -> "Queries":
+        """The same queries on a subset of their layers: names or fnmatch globs, e.g.
+        ``["*.lora_*"]`` (a fit with ``layers="both:mlp"`` restricted to its adapters). Factors
+        are per layer, so the result equals queries made from a fit on those layers alone."""
+        if isinstance(layers, str):
+            layers = [layers]
+        names = [n for n in self.R if any(fnmatch.fnmatchcase(n, p) for p in layers)]
+        if not names:
+            raise ValueError(f"{list(layers)} match none of the queries' layers "
+                             f"({', '.join(self.layer_names[:4])}, ...)")
+        return replace(self, R={n: self.R[n] for n in names})
 
     @property
     def fingerprint(self) -> str:

@@ -57,6 +57,33 @@ class Influence:
         inf.fit(args or FactorArgs(batch_size=32), cache=True)  # a tiny model: larger batches
         return inf
 
+    @classmethod
+    def from_trainer(cls, trainer: Any, step: int | None = None, model: nn.Module | None = None,
+                     **kw: Any) -> "Influence":
+        """A session on a Hugging Face ``Trainer``: its model (or ``model``, e.g. the weights of
+        checkpoint ``step``), its ``processing_class`` as the tokenizer, its ``train_dataset``
+        as the corpus (:meth:`Corpus.from_tokenized`: one row one sequence, labels honoured),
+        and the factors :class:`~influence_nb.trainer.InfluenceCallback` saved at the end of
+        training (or at checkpoint ``step``) when they are there (else call :meth:`fit`)."""
+        from .trainer import factors_path
+        tokenizer = getattr(trainer, "processing_class", None)
+        if tokenizer is None:
+            raise ValueError("the Trainer has no tokenizer: pass processing_class=tokenizer to "
+                             "Trainer(...)")
+        if trainer.train_dataset is None:
+            raise ValueError("the Trainer has no train_dataset to attribute to; pass "
+                             "train_dataset=... to Trainer(...)")
+        corpus = Corpus.from_tokenized(trainer.train_dataset, tokenizer, source="train_dataset")
+        inf = cls(model if model is not None else trainer.model, tokenizer, corpus, **kw)
+        path = factors_path(trainer, step)
+        if (path / "manifest.json").exists():
+            inf.load_factors(path)
+        elif step is not None:
+            raise FileNotFoundError(f"no factors in {path}: add InfluenceCallback(steps=[{step}])"
+                                    " to the Trainer's callbacks, with a checkpoint save at that "
+                                    "step")
+        return inf
+
     def __repr__(self) -> str:
         f = self.factors
         fit = f"{f.args.strategy} on {f.n_examples} sequences" if f else "not fitted"
@@ -179,11 +206,17 @@ class Influence:
                      logprob=float(f))
                 for p, c, f in zip(queries.prompts, queries.completions, queries.f)]
 
-    def scan(self, queries: QueryLike, corpus: Corpus | None = None,
+    def scan(self, queries: QueryLike, corpus: Corpus | dict[str, Corpus] | None = None,
              ids: Sequence[int] | None = None, out_dir: str | os.PathLike | None = None,
              args: ScoreArgs | None = None) -> InfluenceResult:
         """Score every sequence of the corpus (or ``ids``) on the queries, streaming; with
-        ``out_dir`` the scan is resumable. Returns an :class:`InfluenceResult`."""
+        ``out_dir`` the scan is resumable. Returns an :class:`InfluenceResult`.
+
+        ``corpus`` may be several, ``{"pretraining": pre, "fine-tuning": ft}``: they are scored
+        in one pass (:meth:`Corpus.concat`) and the result's rows carry a ``source`` column
+        (:meth:`InfluenceResult.split` sums the influence per source)."""
+        if isinstance(corpus, dict):
+            corpus = Corpus.concat(corpus)
         corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
         args = args or self.score_args
         queries = self.queries(queries, rank=args.rank)

@@ -33,6 +33,11 @@ def get(batch: object, key: str) -> Tensor:
     return value
 
 
+def find(batch: object, key: str) -> Tensor | None:
+    """``batch[key]`` / ``batch.key``, or None when the batch has no such field."""
+    return batch.get(key) if isinstance(batch, Mapping) else getattr(batch, key, None)
+
+
 def to_device(batch: object, device: torch.device | str) -> object:
     """A batch with its tensors on ``device``: a Mapping (a dict back), an object with ``.to``
     (its own), or any other object (a shallow copy with its tensor attributes moved)."""
@@ -75,13 +80,37 @@ class Task:
                      attention_mask=get(batch, "attention_mask")).logits
 
     def loss_mask(self, batch: object) -> Tensor:
-        """(B, T) bool: position t is scored when tokens t and t + 1 are real."""
+        """(B, T) bool: position t is scored when tokens t and t + 1 are real (and, when the
+        batch has Hugging Face ``labels``, token t + 1's label is not -100)."""
+        mask = self._real(batch)
+        labels = find(batch, "labels")
+        return mask if labels is None else mask & _shift(labels != -100)
+
+    def token_mask(self, batch: object) -> Tensor:
+        """(B, T) bool: the positions whose ā and δ enter a sequence's gradient
+        DW = Σ_t δ_t ā_tᵀ (elsewhere δ = 0). For the default losses: tokens t and t + 1 real,
+        whatever the labels — a prompt token that is not trained on (label -100) still shapes,
+        through attention, the predictions that are, so its update counts. A subclass that
+        overrides :meth:`loss_mask` gets its own mask here."""
+        if type(self).loss_mask is not Task.loss_mask:
+            return self.loss_mask(batch)
+        return self._real(batch)
+
+    @staticmethod
+    def _real(batch: object) -> Tensor:
+        """(B, T) bool: tokens t and t + 1 are both real."""
         mask = get(batch, "attention_mask").bool()
         return mask & _shift(mask)
 
+    def targets(self, batch: object) -> Tensor:
+        """(B, T) the token predicted at each position: ``labels`` (HF convention, aligned with
+        ``input_ids``) where given and not -100, else the next input token."""
+        ids, labels = get(batch, "input_ids"), find(batch, "labels")
+        return _shift(ids if labels is None else torch.where(labels == -100, ids, labels))
+
     def training_loss(self, logits: Tensor, batch: object) -> Tensor:
         """(B,) Σ_t −log p(z_t+1 | z_≤t) over the scored positions, in nats."""
-        logp = next_token_logprobs(logits, _shift(get(batch, "input_ids")))
+        logp = next_token_logprobs(logits, self.targets(batch))
         return -(logp * self.loss_mask(batch)).sum(dim=1)
 
     def fisher_loss(self, logits: Tensor, batch: object, generator: torch.Generator) -> Tensor:

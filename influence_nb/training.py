@@ -66,7 +66,8 @@ def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, ids: Sequence[int]
         for k in rng.permutation(len(buckets)):
             batch = next(corpus.batches(len(buckets[k]), ids=np.sort(buckets[k])))
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)[:, 1:]
+            targets = batch.input_ids if batch.labels is None else batch.labels  # -100: skip
+            labels = targets.masked_fill(batch.attention_mask == 0, -100)[:, 1:]
             loss = torch.nn.functional.cross_entropy(
                 rearrange(logits[:, :-1], "b t v -> (b t) v"), labels.flatten(),
                 ignore_index=-100, label_smoothing=cfg.label_smoothing)

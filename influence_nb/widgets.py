@@ -132,11 +132,15 @@ def _meta(row: Any, columns: Sequence[str]) -> dict:
 
 class InfluenceExplorer(_Widget):
     """The ranked training sequences of a result: pick the query and the sign, click a sequence
-    to see its per-token highlighting and per-layer bars (recomputed for that sequence)."""
+    to see its per-token highlighting and per-layer bars (recomputed for that sequence). A scan
+    over several corpora colours each row by its source and can show one source only
+    (``source``: "" for all)."""
     _view = t.Unicode("explorer").tag(sync=True)
     queries = t.List(t.Dict()).tag(sync=True)
     query = t.Int(0).tag(sync=True)
     sign = t.Unicode("positive").tag(sync=True)
+    sources = t.List(t.Unicode()).tag(sync=True)
+    source = t.Unicode("").tag(sync=True)
     rows = t.List(t.Dict()).tag(sync=True)
     selected = t.Int(-1).tag(sync=True)
     detail = t.Dict().tag(sync=True)
@@ -144,20 +148,25 @@ class InfluenceExplorer(_Widget):
     error = t.Unicode("").tag(sync=True)
 
     def __init__(self, result: "InfluenceResult", k: int = 20, query: int = 0,
-                 sign: str = "positive", **kw: Any):
+                 sign: str = "positive", source: str = "", **kw: Any):
         self.result, self.k = result, k
         tok = result.corpus.tokenizer if result.corpus is not None else None
-        super().__init__(queries=[_query_view(q, tok) for q in result.queries], **kw)
-        self.query, self.sign = result._q(query), sign  # observers rank on a change
+        super().__init__(queries=[_query_view(q, tok) for q in result.queries],
+                         sources=result.sources, **kw)
+        if source and source not in result.sources:
+            raise ValueError(f"unknown source {source!r}; this result has "
+                             f"{result.sources or 'no sources'}")
+        # observers rank on a change
+        self.query, self.sign, self.source = result._q(query), sign, source
         if not self.rows:
             self._rank()
 
-    @t.observe("query", "sign")
+    @t.observe("query", "sign", "source")
     def _rank(self, _: Any = None) -> None:
-        df = self.result.top(self.query, self.k, self.sign)
+        df = self.result.top(self.query, self.k, self.sign, self.source or None)
         with self.hold_sync():
             self.rows = [dict(rank=int(rank), id=int(r["id"]), score=float(r["score"]),
-                              text=str(r.get("text", "")),
+                              text=str(r.get("text", "")), source=str(r.get("source", "")),
                               meta=_meta(r, self.result.metadata_columns))
                          for rank, r in df.iterrows()]
             first = self.rows[0]["id"] if self.rows else -1

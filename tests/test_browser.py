@@ -168,3 +168,42 @@ def test_click_syncs_selected_to_kernel(page):
     assert _kernel(page, "print(view.selected)").strip() == "6"
     assert page.locator(".inb-root[data-view='tokens'] .inb-tok.inb-selected").count() == 1
     page.screenshot(path=str(ARTIFACTS / "notebook01.png"), full_page=True)
+
+
+def test_explorer_filters_and_stripes_rows_by_source(page):
+    """A scan over two corpora: each row carries a stripe in its source's colour, the source
+    menu filters the rows (through the kernel), and training text stays text (no HTML)."""
+    code = ("from influence_nb.data import Corpus\n"
+            "extra = Corpus.from_texts(['<b>not bold</b> The first President was Velmora.', "
+            "'Rain fell on the market.'], inf.tokenizer)\n"
+            "two = inf.scan(query, corpus={'demo': corpus.subset(range(60)), 'extra': extra})\n"
+            "InfluenceExplorer(two, k=8)")
+    page.evaluate("""async (code) => {
+        const nb = window.jupyterapp.shell.currentWidget;
+        nb.content.activeCellIndex = nb.content.widgets.length - 1;
+        await window.jupyterapp.commands.execute('notebook:insert-cell-below');
+        nb.content.activeCell.model.sharedModel.setSource(code);
+        await window.jupyterapp.commands.execute('notebook:run-cell');
+    }""", code)
+    menu = page.locator(".inb-root[data-view='explorer'] .inb-source-select")
+    menu.wait_for(timeout=60_000)
+    explorer = page.locator(".inb-root[data-view='explorer']").filter(
+        has=page.locator(".inb-source-select"))
+    rows = explorer.locator(".inb-row")
+    assert rows.count() == 8
+    stripes = rows.evaluate_all(
+        "els => els.map(e => [e.dataset.source, getComputedStyle(e).borderLeftColor])")
+    colour = {"demo": (27, 158, 119), "extra": (117, 112, 179)}   # charts.SOURCE_COLOURS
+    assert {s for s, _ in stripes} <= set(colour)
+    for source, css in stripes:
+        assert _rgb(css) == colour[source], (source, css)
+    menu.select_option("extra")
+    page.wait_for_function("""() => {
+        const rows = [...document.querySelectorAll('.inb-source-select')].pop()
+            .closest('.inb-root').querySelectorAll('.inb-row');
+        return rows.length === 2 && [...rows].every(r => r.dataset.source === 'extra');
+    }""", timeout=30_000)
+    snippets = explorer.locator(".inb-row .inb-snippet")
+    texts = snippets.all_inner_texts()
+    assert any("<b>not bold</b>" in t for t in texts), texts
+    assert explorer.locator(".inb-snippet b").count() == 0

@@ -14,10 +14,10 @@ ROOT = Path(influence_nb.__file__).parent
 # bottom to top; a module may import its own layer (without a cycle) or any layer below
 LAYERS = [
     {"data", "task", "hooks", "store", "distributed", "checks", "training", "demo", "demo.world",
-     "demo.build"},
+     "demo.build", "demo.finetune"},
     {"passes"},
     {"curvature"},
-    {"scoring", "sketch", "validate"},
+    {"scoring", "sketch", "validate", "trainer"},
     {"index", "search"},
     {"results", "session", "retriever"},
     {"widgets", "charts", "magics", "cli", "__main__"},

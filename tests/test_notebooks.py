@@ -74,3 +74,18 @@ def test_word_ordering_claim(executed):
     assert fact["ordered"] > 0
     assert fact["flipped_over_ordered"] < 0.5
     assert claim["whole object"]["ordered"] > 0
+
+
+def test_pretraining_vs_finetuning_claim(executed):
+    """Notebook 09: asked for its consent to being shut down, the LoRA-fine-tuned demo assistant
+    draws its strongest pretraining support from the survival-themed passages — through the
+    adapter parameters and through the base weights alike — while its top-10 overall, through
+    the adapter, are fine-tuning dialogues."""
+    path = next(p for p in NOTEBOOKS if p.name.startswith("09_"))
+    line = [ln for ln in _stdout(executed(path)).splitlines() if "top10_pretraining_survival" in ln]
+    claim = json.loads(line[-1])
+    print(f"\npretraining vs fine-tuning: {claim}")
+    assert claim["adapter"]["top10_pretraining_survival"] >= 0.8
+    assert claim["base"]["top10_pretraining_survival"] >= 0.8
+    assert claim["adapter"]["top10_from_pretraining"] <= 0.2
+    assert 0.2 < claim["spearman_adapter_vs_base"] < 0.99     # related, not the same ranking

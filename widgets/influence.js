@@ -5,6 +5,8 @@
 
 const POS = [230, 97, 1];     // #e66101
 const NEG = [33, 102, 172];   // #2166ac
+// sources of a scan over several corpora (charts.SOURCE_COLOURS: the same order)
+const SOURCE_COLOURS = ["#1b9e77", "#7570b3", "#d95f02", "#e7298a", "#66a61e", "#a6761d"];
 const NOTE = "A token's score belongs to the update at this position, which predicts the next token.";
 
 function h(tag, cls, text) {
@@ -240,6 +242,21 @@ function explorerWidget(model, root, tip) {
     b.addEventListener("click", () => { model.set("sign", sign); model.save_changes(); });
     tabs.append(b);
   }
+  const sources = model.get("sources") || [];
+  if (sources.length > 1) {   // a scan over several corpora: filter by source
+    const sel = h("select", "inb-select inb-source-select");
+    sel.setAttribute("aria-label", "source");
+    sel.append(h("option", null, "all sources"));
+    sel.lastChild.value = "";
+    for (const s of sources) {
+      const o = h("option", null, s);
+      o.value = s;
+      sel.append(o);
+    }
+    sel.value = model.get("source");
+    sel.addEventListener("change", () => { model.set("source", sel.value); model.save_changes(); });
+    tabs.append(sel);
+  }
   left.append(tabs);
   const rows = model.get("rows");
   const d = domainOf(rows.map((r) => r.score), 0);
@@ -248,6 +265,10 @@ function explorerWidget(model, root, tip) {
     const li = h("li", "inb-row" + (r.id === model.get("selected") ? " inb-selected" : ""));
     li.tabIndex = 0;
     li.dataset.id = String(r.id);
+    if (sources.length > 1 && r.source) {   // a stripe in the source's colour
+      li.dataset.source = r.source;
+      li.style.borderLeft = `4px solid ${SOURCE_COLOURS[sources.indexOf(r.source) % SOURCE_COLOURS.length]}`;
+    }
     const score = h("span", "inb-score", fmt(r.score));
     score.style.background = colour(r.score, d);
     score.style.color = textColour(r.score, d);
@@ -277,7 +298,7 @@ function explorerWidget(model, root, tip) {
   }
   body.append(left, right);
   root.append(body);
-  return ["queries", "query", "sign", "rows", "selected", "detail", "token", "error"];
+  return ["queries", "query", "sign", "sources", "source", "rows", "selected", "detail", "token", "error"];
 }
 
 function labWidget(model, root, tip) {

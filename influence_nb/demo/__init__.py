@@ -27,8 +27,8 @@ from .world import Fact, WorldConfig, generate, translate
 
 ASSETS = Path(__file__).parent / "assets"
 
-__all__ = ["ASSETS", "Fact", "WorldConfig", "facts", "generate", "heldout", "load", "query_set",
-           "recipe", "spread_facts", "translate", "world_path"]
+__all__ = ["ASSETS", "Fact", "WorldConfig", "facts", "finetuned", "generate", "heldout", "load",
+           "query_set", "recipe", "spread_facts", "translate", "world_path"]
 
 World = str | os.PathLike
 
@@ -75,6 +75,15 @@ def load(world: World = ASSETS, dtype: Any = None) -> tuple[Any, Any, Corpus]:
     corpus = Corpus.from_records(records, tokenizer, model.config.max_position_embeddings,
                                  source="demo corpus")
     return model, tokenizer, corpus
+
+
+def finetuned(world: World = ASSETS, path: str | os.PathLike | None = None
+              ) -> tuple[Any, Any, Corpus, Corpus]:
+    """The demo assistant (:mod:`~influence_nb.demo.finetune`): (the demo model with its LoRA
+    adapter, unmerged; tokenizer; the pretraining corpus; the fine-tuning dialogues, labels on
+    the answers only)."""
+    from .finetune import load_finetuned
+    return load_finetuned(world, path)
 
 
 def facts(world: World = ASSETS) -> list[Fact]:

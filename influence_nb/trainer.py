@@ -1,0 +1,140 @@
+"""Hugging Face Trainer integration: fit the curvature where the Trainer trains, on its data.
+
+    trainer = Trainer(model, args, train_dataset=ds, data_collator=collator,
+                      processing_class=tokenizer,
+                      callbacks=[InfluenceCallback(FactorArgs(batch_size=16), steps=[500])])
+    trainer.train()   # -> output_dir/influence_factors and checkpoint-500/influence_factors
+    inf = Influence.from_trainer(trainer)     # model, tokenizer, corpus, the factors above
+
+The callback fits on the Trainer's own training rows (after its column removal), in dataset
+order, collated by the Trainer's collator — so the training loss it differentiates is the one
+the Trainer optimised, with the collator's ``labels`` (-100: not trained on) honoured by
+:class:`~influence_nb.task.Task`. The model is read as the Trainer holds it (a PEFT model
+included: the default layer preset then tracks the adapters); nothing is wrapped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from . import store
+from .curvature import FactorArgs, Factors, fit_factors
+from .task import Task
+
+FACTORS_DIR = "influence_factors"  # beside a checkpoint's weights, or in output_dir
+
+
+class CollatedDataset:
+    """A dataset and a collator seen as a corpus by :func:`~influence_nb.passes.source`:
+    batches of rows in dataset order (no length bucketing), collated exactly as the Trainer
+    collates them. A batch without ``attention_mask`` gets one of ones.
+
+    dataset:    rows indexable by position (``datasets.Dataset``, a list of dicts, ...)
+    collate_fn: list of rows -> {input_ids (B, T), attention_mask (B, T)[, labels (B, T)]}
+    """
+
+    def __init__(self, dataset: Any, collate_fn: Callable[[list], Any]) -> None:
+        if collate_fn is None:
+            raise ValueError("no collator: pass the Trainer's data_collator (or "
+                             "transformers.default_data_collator)")
+        self.dataset, self.collate_fn = dataset, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the rows (``datasets``' own fingerprint when there is one) and the
+        collator's type: what the factors' manifest records as their corpus."""
+        h = hashlib.sha256(type(self.collate_fn).__qualname__.encode())
+        own = getattr(self.dataset, "_fingerprint", None)
+        if own is not None:
+            h.update(f"{own}:{len(self.dataset)}".encode())
+        else:
+            for row in self.dataset:
+                h.update(np.asarray(row["input_ids"], np.int64).tobytes() + b"|")
+        return h.hexdigest()[:16]
+
+    def batches(self, batch_size: int = 8, ids: Sequence[int] | None = None,
+                progress: bool = False) -> Iterator[dict]:
+        """Collated batches of ``ids`` (default: all rows, in order)."""
+        ids = np.arange(len(self)) if ids is None else np.asarray(ids, np.int64)
+        for s in tqdm(range(0, len(ids), batch_size), desc="batches", disable=not progress):
+            batch = dict(self.collate_fn([self.dataset[int(i)] for i in ids[s:s + batch_size]]))
+            if "input_ids" not in batch:
+                raise ValueError(f"the collator returned no input_ids (keys: {', '.join(batch)});"
+                                 " influence needs token ids of a causal LM")
+            if batch.get("attention_mask") is None:
+                batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            yield batch
+
+
+def fit_on_dataloader(model: torch.nn.Module, dataloader: Any, args: FactorArgs | None = None,
+                      task: Task | None = None) -> Factors:
+    """Factors of ``model`` on a DataLoader's dataset, in order, with its ``collate_fn`` (the
+    Trainer's train dataloader: its rows after column removal, its collator)."""
+    if dataloader is None or not hasattr(dataloader, "dataset"):
+        raise ValueError("no training dataloader: the Trainer has no train_dataset; pass "
+                         "train_dataset=... to the Trainer")
+    return fit_factors(model, CollatedDataset(dataloader.dataset, dataloader.collate_fn),
+                       args or FactorArgs(), task)
+
+
+class InfluenceCallback(TrainerCallback):
+    """Fits EK-FAC factors on the Trainer's training data at the end of training (``at_end``)
+    and at the checkpoint saves of the given global ``steps``; saves them (tensors + manifest
+    with the model and data fingerprints, see :meth:`Factors.save`) in
+    ``output_dir/influence_factors`` and ``output_dir/checkpoint-<step>/influence_factors``,
+    beside a ``callback.json`` naming the step. ``self.saved`` maps each step to its path.
+
+    args: how to fit (:class:`FactorArgs`; its ``layers`` preset picks a PEFT model's adapters)
+    steps: checkpoint steps to fit at (a step that is not also a save step of the Trainer's
+           ``save_steps`` is never reached: the callback fits where a checkpoint is written)
+    """
+
+    def __init__(self, args: FactorArgs | None = None, steps: Sequence[int] = (),
+                 at_end: bool = True, task: Task | None = None) -> None:
+        self.args, self.steps, self.at_end = args or FactorArgs(), set(steps), at_end
+        self.task = task or Task()
+        self.saved: dict[int, Path] = {}
+
+    def _fit(self, path: Path, state: Any, model: Any, train_dataloader: Any) -> None:
+        factors = fit_on_dataloader(model, train_dataloader, self.args, self.task)
+        if state.is_world_process_zero:
+            factors.save(path)
+            store.write_json(path / "callback.json",
+                             dict(global_step=state.global_step,
+                                  collator=type(train_dataloader.collate_fn).__qualname__,
+                                  n_rows=len(train_dataloader.dataset)))
+        self.saved[state.global_step] = path
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None,
+                train_dataloader: Any = None, **kwargs: Any) -> None:
+        if state.global_step in self.steps:
+            self._fit(Path(args.output_dir) / f"checkpoint-{state.global_step}" / FACTORS_DIR,
+                      state, model, train_dataloader)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                     train_dataloader: Any = None, **kwargs: Any) -> None:
+        if self.at_end:
+            self._fit(Path(args.output_dir) / FACTORS_DIR, state, model, train_dataloader)
+
+
+def factors_path(trainer: Any, step: int | None = None) -> Path:
+    """Where :class:`InfluenceCallback` saved the factors of ``trainer`` (end of training, or
+    the checkpoint of ``step``)."""
+    out = Path(trainer.args.output_dir)
+    return out / (FACTORS_DIR if step is None else f"checkpoint-{step}/{FACTORS_DIR}")
+
+
+def describe(path: str | Path) -> dict:
+    """The callback's note beside saved factors: global_step, collator, n_rows."""
+    return json.loads((Path(path) / "callback.json").read_text())
