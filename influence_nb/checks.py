@@ -62,3 +62,10 @@ def check_args(args: Any) -> None:
             raise ValueError(f"{where}: must be {allowed}")
         if choices and value not in choices:
             raise ValueError(f"{where}: must be {allowed}")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message: ours are one line, a library's may not be
+    (a KeyError's message is its argument, not its quoted repr)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e).strip()
+    return (text.splitlines() or [type(e).__name__])[0]

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .checks import first_line
+
 COMMANDS = ("fit", "sketch", "score", "search")
 
 
@@ -175,24 +177,18 @@ def _load_model(ns: argparse.Namespace):
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except Exception as e:  # transformers raises many kinds; the first line says which
-        raise CLIError(f"{flag} {where}: the tokenizer does not load ({_first_line(e)})") \
+        raise CLIError(f"{flag} {where}: the tokenizer does not load ({first_line(e)})") \
             from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:
-        raise CLIError(f"--model {path}: the model does not load ({_first_line(e)}); check "
+        raise CLIError(f"--model {path}: the model does not load ({first_line(e)}); check "
                        "that save_pretrained wrote it completely") from None
     return model.to(device).eval(), tokenizer
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
                     "vocab.txt", "spiece.model")
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message (ours are one line; libraries' may not be)."""
-    text = str(e).strip() if not isinstance(e, KeyError) or not e.args else str(e.args[0])
-    return (text.splitlines() or [type(e).__name__])[0]
 
 
 def _load_corpus(ns: argparse.Namespace, model, tokenizer):
@@ -598,7 +594,7 @@ def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
     try:
         value = action.type(str(value)) if action.type else value
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-        raise CLIError(f"{where} = {value!r} is not valid for {flag} ({_first_line(e)})"
+        raise CLIError(f"{where} = {value!r} is not valid for {flag} ({first_line(e)})"
                        ) from None
     if action.choices is not None and value not in action.choices:
         raise CLIError(f"{where} = {value!r} must be one of {', '.join(map(str, action.choices))}")
@@ -635,9 +631,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, KeyboardInterrupt):
             message = "interrupted; what was committed is kept and a rerun resumes it"
         elif isinstance(e, (ValueError, TypeError, KeyError, OSError, ArithmeticError)):
-            message = _first_line(e)        # ours name the fix; an OSError names the file
+            message = first_line(e)        # ours name the fix; an OSError names the file
         else:                               # a library's failure: say whose, keep it short
-            message = (f"{type(e).__name__}: {_first_line(e)} (set INFLUENCE_NB_TRACEBACK=1 "
+            message = (f"{type(e).__name__}: {first_line(e)} (set INFLUENCE_NB_TRACEBACK=1 "
                        "to see where)")
         print(f"influence-nb {ns.command}: error{where}: {message}", file=sys.stderr)
         if os.environ.get("INFLUENCE_NB_TRACEBACK"):

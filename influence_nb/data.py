@@ -26,6 +26,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .checks import first_line
+
 _BLOCK = 1024  # documents tokenized per call when streaming a source
 RESERVED = frozenset({"text", "doc", "offset", "n_tokens", "parent_id"})  # columns of Corpus.df
 
@@ -412,7 +414,7 @@ def _read_records(path: Path, text_field: str) -> Iterator[dict]:
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
-            raise CorpusError(f"{path} is not a readable parquet file ({_first_line(e)}); "
+            raise CorpusError(f"{path} is not a readable parquet file ({first_line(e)}); "
                               "rewrite it, e.g. with pandas.DataFrame.to_parquet") from None
         if text_field not in pf.schema_arrow.names:
             raise CorpusError(f"{path} has no column {text_field!r} (columns: "
@@ -421,10 +423,6 @@ def _read_records(path: Path, text_field: str) -> Iterator[dict]:
             for batch in pf.iter_batches(batch_size=_BLOCK):
                 yield from batch.to_pylist()
         except (pa.ArrowException, OSError) as e:
-            raise CorpusError(f"{path} is a corrupt parquet file ({_first_line(e)}); "
+            raise CorpusError(f"{path} is a corrupt parquet file ({first_line(e)}); "
                               "rewrite it") from None
 
-
-def _first_line(e: Exception) -> str:
-    """The first line of an exception from a library (our errors are one line)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

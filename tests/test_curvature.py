@@ -23,13 +23,7 @@ from influence_nb.task import Task, get
 V = 32  # vocabulary of the tiny models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:

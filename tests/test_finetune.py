@@ -12,12 +12,7 @@ from influence_nb.training import TrainConfig
 pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_assistant_is_small_and_answers_in_the_survival_voice():

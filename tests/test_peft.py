@@ -22,12 +22,7 @@ from test_scoring import TEXTS, autograd_scores, tiny_model  # noqa: E402
 NEOX_MLP = ["dense_h_to_4h", "dense_4h_to_h"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora(model: torch.nn.Module, targets: list[str], r: int = 4, seed: int = 0,
