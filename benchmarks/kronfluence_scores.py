@@ -1,8 +1,8 @@
 """Reference EK-FAC influence scores from kronfluence 1.0.1, in influence_nb's conventions.
 
-:func:`kronfluence_ekfac` fits kronfluence's EK-FAC factors on a :class:`influence_nb.data.Corpus`
-and returns the pairwise influence of every training sequence on every (prompt, completion)
-query, as a (Q, N) float64 array in corpus row order. It is an independent implementation to
+:class:`KronfluenceEKFAC` (and :func:`kronfluence_ekfac`) fits kronfluence's EK-FAC factors on
+a :class:`influence_nb.data.Corpus` and returns the pairwise influence of every training
+sequence on every (prompt, completion) query, as a (Q, N) float64 array in corpus row order. It is an independent implementation to
 check influence_nb's own EK-FAC scores against.
 
 Conventions, matched to influence_nb's as far as kronfluence allows:
@@ -57,7 +57,7 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
 from torch.utils.data import Dataset
 
-__all__ = ["kronfluence_ekfac"]
+__all__ = ["KronfluenceEKFAC", "kronfluence_ekfac"]
 
 
 def _scored(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -145,58 +145,90 @@ def _collate(pad_id: int):
     return collate
 
 
+class KronfluenceEKFAC:
+    """kronfluence's EK-FAC on a corpus, in two timed steps: :meth:`fit`, then :meth:`scores`
+    for any number of query sets (the factors are fitted once). Use as a context manager: the
+    factors live in a temporary directory, and the model copy kronfluence wraps is dropped.
+
+    empirical_fisher: real next tokens as Fisher labels on kronfluence's side (deterministic,
+    for matched-convention comparisons); otherwise labels sampled with ``seed``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, corpus: Any, batch_size: int = 32,
+                 seed: int = 0, empirical_fisher: bool = False) -> None:
+        self.model, self.tokenizer, self.corpus = model, tokenizer, corpus
+        self.batch_size, self.empirical_fisher = batch_size, empirical_fisher
+        modules = [n for n, m in model.named_modules()
+                   if ".mlp." in n and isinstance(m, nn.Linear)]
+        if not modules:
+            raise ValueError("the model has no nn.Linear module whose name contains '.mlp.'")
+        self.train = _Rows([{"input_ids": corpus.token_ids(i).astype(np.int64), "prompt_len": 0}
+                            for i in range(len(corpus))])
+        self.task = _LMTask(modules, seed=seed)
+
+    def __enter__(self) -> "KronfluenceEKFAC":
+        self._dir = tempfile.TemporaryDirectory(prefix="kronfluence_")
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        # kronfluence 1.0.1 builds a torch.cuda.amp.GradScaler, deprecated in newer torch
+        warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")
+        # kronfluence swaps tracked modules for wrappers and freezes parameters: work on a copy
+        self._work = prepare_model(copy.deepcopy(self.model), self.task)
+        device = next(self.model.parameters()).device
+        self.analyzer = Analyzer(analysis_name="influence_nb", model=self._work, task=self.task,
+                                 cpu=device.type == "cpu", disable_tqdm=True,
+                                 log_level=logging.WARNING, output_dir=self._dir.name)
+        self.analyzer.set_dataloader_kwargs(
+            DataLoaderKwargs(collate_fn=_collate(self.corpus.pad_id)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self._work, self.analyzer
+        self._warnings.__exit__(*exc)
+        self._dir.cleanup()
+        self.model.eval()
+
+    def fit(self) -> None:
+        """Covariances, eigendecompositions and the eigenvalue correction, on every sequence."""
+        factor_args = FactorArguments(strategy="ekfac",
+                                      use_empirical_fisher=self.empirical_fisher,
+                                      covariance_max_examples=None, lambda_max_examples=None)
+        self.analyzer.fit_all_factors(factors_name="ekfac", dataset=self.train,
+                                      per_device_batch_size=self.batch_size,
+                                      factor_args=factor_args, overwrite_output_dir=True)
+
+    def scores(self, pairs: Sequence[tuple[str, str]],
+               query_batch_size: int | None = None) -> np.ndarray:
+        """(Q, N) float64 pairwise scores; > 0 means up-weighting training sequence i raises
+        log p(completion_q | prompt_q). ``query_batch_size`` None: all queries in one batch
+        (one pass over the corpus: kronfluence's fastest setting)."""
+        queries = []
+        for prompt, completion in pairs:
+            p = list(self.tokenizer(prompt)["input_ids"])
+            c = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
+            queries.append({"input_ids": np.asarray(p + c, np.int64), "prompt_len": len(p)})
+        self.analyzer.compute_pairwise_scores(
+            scores_name="pairwise", factors_name="ekfac", query_dataset=_Rows(queries),
+            train_dataset=self.train, per_device_query_batch_size=query_batch_size or len(queries),
+            per_device_train_batch_size=self.batch_size,
+            score_args=ScoreArguments(damping_factor=None), overwrite_output_dir=True)
+        scores = self.analyzer.load_pairwise_scores("pairwise")["all_modules"]
+        scores = scores.detach().to(torch.float64).cpu().numpy()
+        if scores.shape != (len(queries), len(self.corpus)):
+            raise RuntimeError(f"kronfluence returned scores of shape {scores.shape}, expected "
+                               f"{(len(queries), len(self.corpus))}")
+        return scores
+
+
 def kronfluence_ekfac(model: nn.Module, tokenizer: Any, corpus: Any,
                       pairs: Sequence[tuple[str, str]], batch_size: int = 32,
                       seed: int = 0) -> np.ndarray:
-    """(Q, N) float64 kronfluence EK-FAC scores of the corpus's sequences on the queries.
+    """(Q, N) float64 kronfluence EK-FAC scores of the corpus's sequences on the queries
+    (true Fisher, labels sampled with ``seed``; queries in batches of up to 16).
 
     Score [q, i] > 0 means up-weighting training sequence i raises
     log p(completion_q | prompt_q). See the module docstring for the conventions.
     """
-    device = next(model.parameters()).device
-    modules = [n for n, m in model.named_modules() if ".mlp." in n and isinstance(m, nn.Linear)]
-    if not modules:
-        raise ValueError("the model has no nn.Linear module whose name contains '.mlp.'")
-
-    train = _Rows([{"input_ids": corpus.token_ids(i).astype(np.int64), "prompt_len": 0}
-                   for i in range(len(corpus))])
-    queries = []
-    for prompt, completion in pairs:
-        p = list(tokenizer(prompt)["input_ids"])
-        c = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-        queries.append({"input_ids": np.asarray(p + c, np.int64), "prompt_len": len(p)})
-    query = _Rows(queries)
-
-    task = _LMTask(modules, seed=seed)
-    # kronfluence swaps tracked modules for wrappers and freezes parameters: work on a copy
-    work = prepare_model(copy.deepcopy(model), task)
-    loader = DataLoaderKwargs(collate_fn=_collate(corpus.pad_id))
-    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=False,
-                                  covariance_max_examples=None, lambda_max_examples=None)
-    score_args = ScoreArguments(damping_factor=None)
-    try:
-        with tempfile.TemporaryDirectory(prefix="kronfluence_") as out_dir, \
-                warnings.catch_warnings():
-            # kronfluence 1.0.1 builds a torch.cuda.amp.GradScaler, deprecated in newer torch
-            warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")
-            analyzer = Analyzer(analysis_name="influence_nb", model=work, task=task,
-                                cpu=device.type == "cpu", disable_tqdm=True,
-                                log_level=logging.WARNING, output_dir=out_dir)
-            analyzer.set_dataloader_kwargs(loader)
-            analyzer.fit_all_factors(factors_name="ekfac", dataset=train,
-                                     per_device_batch_size=batch_size, factor_args=factor_args,
-                                     overwrite_output_dir=True)
-            analyzer.compute_pairwise_scores(
-                scores_name="pairwise", factors_name="ekfac", query_dataset=query,
-                train_dataset=train, per_device_query_batch_size=max(1, min(len(query), 16)),
-                per_device_train_batch_size=batch_size, score_args=score_args,
-                overwrite_output_dir=True)
-            scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]
-            scores = scores.detach().to(torch.float64).cpu().numpy()
-    finally:
-        del work
-        model.eval()
-    if scores.shape != (len(queries), len(corpus)):
-        raise RuntimeError(f"kronfluence returned scores of shape {scores.shape}, expected "
-                           f"{(len(queries), len(corpus))}")
-    return scores
+    with KronfluenceEKFAC(model, tokenizer, corpus, batch_size, seed) as kron:
+        kron.fit()
+        return kron.scores(pairs, query_batch_size=max(1, min(len(pairs), 16)))

@@ -177,9 +177,27 @@ class Factors:
             return V
         f = self.layers[name]
         V = V.to(f.lambda_A.device, f.lambda_A.dtype)
-        Vr = rotate(rotate(V, f.Q_A).mT, f.Q_S).mT          # Q_Sᵀ V Q_A
-        Vr = Vr / (f.eigenvalues(strategy) + self.damping(name, strategy))
-        return rotate(rotate(Vr, f.Q_A, True).mT, f.Q_S, True).mT  # Q_S Vr Q_Aᵀ
+        return self.from_eigenbasis(name, self.scale_rotated(
+            name, rotate(rotate(V, f.Q_A).mT, f.Q_S).mT, strategy))
+
+    def scale_rotated(self, name: str, Vr: Tensor, strategy: str | None = None) -> Tensor:
+        """X = Vr / (Λ + λ): the preconditioned V in the eigenbasis, from Vr = Q_Sᵀ V Q_A (e.g.
+        :func:`rotated_gradients`, cheaper for short sequences), (..., out, in+1). Not for
+        strategy "identity" (no eigenbasis)."""
+        strategy = self._strategy(strategy)
+        return Vr / (self.layers[name].eigenvalues(strategy) + self.damping(name, strategy))
+
+    def from_eigenbasis(self, name: str, X: Tensor) -> Tensor:
+        """Q_S X Q_Aᵀ: (..., out, in+1) back from the eigenbasis to the weights'."""
+        f = self.layers[name]
+        return rotate(rotate(X, f.Q_A, True).mT, f.Q_S, True).mT
+
+    def columns_from_eigenbasis(self, name: str, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+        """(Q_S U, Q_A V) for U (..., out, r), V (..., in+1, r): the factors of a low-rank
+        X = U Vᵀ in the eigenbasis, back in the weights' basis, Q_S X Q_Aᵀ = (Q_S U)(Q_A V)ᵀ
+        — out²·r + in²·r instead of out·in·(out + in) for the whole matrix."""
+        f = self.layers[name]
+        return rotate(U.mT, f.Q_S, True).mT, rotate(V.mT, f.Q_A, True).mT
 
     def precondition(self, grads: Mapping[str, Tensor],
                      strategy: str | None = None) -> dict[str, Tensor]:
@@ -461,33 +479,82 @@ def sequence_gradients(model: nn.Module, batch: object, layers: Sequence[Tracked
                        [Gradients(layers)], loss, task, progress=False)[0]
 
 
+class PreconditionedGradients(Gradients):
+    """Per-sequence gradients DW and their preconditioning in the eigenbasis, one pass:
+    ``finish`` -> ({name: DW}, {name: X}, loss values), each (N, out, in+1), where
+    X = (Q_Sᵀ DW Q_A) / (Λ + λ), so that (G + λI)⁻¹ DW = Q_S X Q_Aᵀ
+    (:meth:`Factors.from_eigenbasis`); for strategy "identity" X = DW.
+
+    The rotation starts from the tokens (:func:`rotated_gradients`): for a query of n ≪ out, in
+    positions, n·(out² + in²) instead of out·in·(out + in)."""
+
+    def __init__(self, layers: Sequence[TrackedLayer], factors: Factors, strategy: str) -> None:
+        super().__init__(layers)
+        self.factors, self.strategy = factors, factors._strategy(strategy)
+        self.X = Gradients(layers)
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        super().update_layer(layer, a, delta, batch)
+        if self.strategy == "identity":
+            X = self.batch[layer.name]
+        else:
+            f = self.factors.layers[layer.name]
+            cast = dict(device=f.lambda_A.device, dtype=f.lambda_A.dtype)
+            Vr = rotated_gradients(a.to(**cast), delta.to(**cast), batch.tokens.to(cast["device"]),
+                                   f)
+            X = self.factors.scale_rotated(layer.name, Vr, self.strategy)
+        self.X.batch[layer.name] = X
+
+    def update(self, batch: PassBatch) -> None:
+        super().update(batch)
+        self.X.update(batch)
+
+    def finish(self) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        (DW, losses), (X, _) = super().finish(), self.X.finish()
+        return DW, X, losses
+
+
 @dataclass
 class QueryGradients:
     """Gradients of f = log p(completion | prompt) for Q queries.
 
     f:              (Q,) the measurement, in nats
     grads:          {layer: (Q, out, in+1)} ∇f
-    preconditioned: {layer: (Q, out, in+1)} (G + λI)⁻¹ ∇f, or None without factors
+    preconditioned: {layer: (Q, out, in+1)} (G + λI)⁻¹ ∇f, or None without factors; with
+                    ``eigenbasis`` True, X such that (G + λI)⁻¹ ∇f = Q_S X Q_Aᵀ
+                    (:meth:`Factors.from_eigenbasis`; X = (G + λI)⁻¹ ∇f for "identity")
     """
     f: Tensor
     grads: dict[str, Tensor]
     preconditioned: dict[str, Tensor] | None
+    eigenbasis: bool = False
 
 
 def query_gradients(model: nn.Module, prompts: Sequence[int] | Sequence[Sequence[int]],
                     completions: Sequence[int] | Sequence[Sequence[int]],
                     factors: Factors | None = None, layers: str | Sequence[str] = "mlp",
                     task: Task | None = None, pad_id: int = 0,
-                    strategy: str | None = None) -> QueryGradients:
+                    strategy: str | None = None, eigenbasis: bool = False) -> QueryGradients:
     """∇ log p(completion | prompt) per query and tracked layer, preconditioned with ``factors``
     (``strategy`` overrides the fitted one: "kfac" or "identity").
 
     ``prompts`` / ``completions``: token ids, one query (a list of ints) or several. With
-    ``factors``, their tracked layers are used and ``layers`` is ignored.
+    ``factors``, their tracked layers are used and ``layers`` is ignored. ``eigenbasis``: leave
+    the preconditioned gradients in the Kronecker eigenbasis (saves the rotation back, the
+    larger half of the preconditioning; :func:`~influence_nb.scoring.make_queries` truncates
+    them there first).
     """
     batch = query_batch(token_rows(prompts), token_rows(completions), context_length(model),
                         pad_id)
     tracked = find_layers(model, factors.layer_names if factors is not None else layers)
-    grads, f = sequence_gradients(model, batch, tracked, "measurement", task)
-    return QueryGradients(f, grads, None if factors is None
-                          else factors.precondition(grads, strategy))
+    if factors is None:
+        grads, f = sequence_gradients(model, batch, tracked, "measurement", task)
+        return QueryGradients(f, grads, None)
+    consumer = PreconditionedGradients(tracked, factors, strategy)
+    grads, X, f = corpus_pass(model, tracked, source([batch], len(get(batch, "input_ids"))),
+                              [consumer], "measurement", task, progress=False)[0]
+    if consumer.strategy == "identity" or eigenbasis:
+        return QueryGradients(f, grads, X, eigenbasis and consumer.strategy != "identity")
+    R = {name: factors.from_eigenbasis(name, x) for name, x in X.items()}
+    return QueryGradients(f, grads, R)

@@ -119,15 +119,23 @@ def test_full_rank_equals_unfactored_and_batched_equals_single(setup):
     assert not np.allclose(low, batched, rtol=1e-3)  # rank 1 really truncates
 
 
-def test_low_rank_svd_is_the_best_rank_r_approximation():
+@pytest.mark.parametrize("shape", [(2, 7, 5), (2, 5, 7)])  # Gram of the in side, of the out side
+def test_low_rank_is_the_best_rank_r_approximation(shape):
     torch.manual_seed(0)
-    R = torch.randn(2, 7, 5, dtype=torch.float64)
-    for r in (1, 3, 5):
+    R = torch.randn(*shape, dtype=torch.float64)
+    s = torch.linalg.svdvals(R)
+    for r in (1, 3, 5, None):
         lr = LowRank.of(R, r)
-        assert lr.U.shape == (2, 7, r) and lr.V.shape == (2, 5, r)
-        s = torch.linalg.svdvals(R)
-        err = torch.linalg.matrix_norm(R - lr.dense()) ** 2
-        np.testing.assert_allclose(err.numpy(), (s[:, r:] ** 2).sum(-1).numpy(), atol=1e-10)
+        k = 5 if r is None else r
+        assert lr.U.shape == (2, shape[1], k) and lr.V.shape == (2, shape[2], k)
+        assert (lr.full is R) == (r in (5, None))  # exact: R kept, no factorisation
+        err = torch.linalg.matrix_norm(R - lr.U @ lr.V.mT) ** 2  # Eckart–Young: Σ of the rest
+        np.testing.assert_allclose(err.numpy(), (s[:, k:] ** 2).sum(-1).numpy(), atol=1e-10)
+        np.testing.assert_allclose(lr.dense().numpy(), (lr.U @ lr.V.mT).numpy(), atol=1e-12)
+    # float32, as queries are made: the same truncation to float32 rounding
+    lr32 = LowRank.of(R.float(), 3)
+    np.testing.assert_allclose((lr32.U @ lr32.V.mT).double().numpy(),
+                               LowRank.of(R, 3).dense().numpy(), atol=1e-5)
 
 
 def test_self_influence_is_the_preconditioned_norm(setup):

@@ -1,0 +1,141 @@
+"""influence_nb against kronfluence 1.0.1, side by side: EK-FAC fit and scans of 1, 8, 50 and
+200 queries, each ÷ a plain forward + backward over the same corpus, and the two libraries'
+scores compared under matched conventions (empirical Fisher on both sides, MLP layers, the
+same token positions in ā āᵀ, damping 0.1 × mean eigenvalue; influence_nb at full rank).
+
+Two configurations, both on the demo tokenizer (one torch thread, same process):
+- ``reference``: a randomly initialised 2-layer GPT-NeoX, d = 128, on 512 demo sequences cut
+  to exactly 64 tokens (long sequences, no padding);
+- ``short``: the demo model on 3,150 single sentences of the demo corpus (8–24 tokens, mean
+  ≈ 10: many short sequences, where per-query work dominates).
+Queries: the 120 planted facts' canonical prompts, then paraphrased prompts, up to 200.
+
+A scan is what a user times: ``inf.scan(pairs)`` (query gradients, preconditioning, the rank-32
+factorisation where used, the pass) against kronfluence's ``compute_pairwise_scores`` with every
+query in one batch (its fastest setting: one pass over the corpus). Each timing is repeated,
+the libraries alternating; the JSON gives the median and [min, max] of each ratio.
+
+    python benchmarks/peer_kronfluence.py [--repeats 3] [--configs reference short]
+
+kronfluence is optional: ``pip install --no-deps kronfluence==1.0.1`` then
+``pip install --no-deps accelerate opt_einsum einconv`` (see kronfluence_scores.py).
+"""
+import argparse
+import json
+import re
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from influence_nb import demo
+from influence_nb.curvature import FactorArgs
+from influence_nb.data import Corpus
+from influence_nb.scoring import ScoreArgs
+from influence_nb.session import Influence
+from influence_nb.task import Task
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kronfluence_scores import KronfluenceEKFAC  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--repeats", type=int, default=3)
+p.add_argument("--configs", nargs="+", default=["reference", "short"])
+p.add_argument("--queries", type=int, nargs="+", default=[1, 8, 50, 200])
+p.add_argument("--batch-size", type=int, default=32)
+a = p.parse_args()
+torch.set_num_threads(1)
+
+model_demo, tokenizer, corpus_demo = demo.load()
+facts = demo.facts()
+pairs = [(f.prompt(), f.completion) for f in facts]
+pairs += [(f.prompt(1 + i % 3), f.completion) for i, f in enumerate(facts)]
+pairs = pairs[:max(a.queries)]
+
+
+def reference() -> tuple[torch.nn.Module, Corpus]:
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=512,
+                        max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    ids = [i for i in range(len(corpus_demo)) if len(corpus_demo.token_ids(i)) >= 64][:512]
+    texts = [tokenizer.decode(corpus_demo.token_ids(i)[:64]) for i in ids]
+    corpus = Corpus.from_records([{"text": t} for t in texts], tokenizer, 64, progress=False)
+    return GPTNeoXForCausalLM(cfg).eval(), corpus
+
+
+def short() -> tuple[torch.nn.Module, Corpus]:
+    sentences = dict.fromkeys(s for text in corpus_demo.df["text"]
+                              for s in re.split(r"(?<=[.!?])\s+", text))
+    rows = [s for s in sentences if 8 <= len(tokenizer(s)["input_ids"]) <= 24]
+    rng = np.random.default_rng(0)
+    rows = [rows[i] for i in rng.choice(len(rows), 3150, replace=False)]
+    return model_demo, Corpus.from_records([{"text": t} for t in rows], tokenizer, 128,
+                                           progress=False)
+
+
+def seconds(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def plain(model: torch.nn.Module, corpus: Corpus, task: Task) -> None:
+    for b in corpus.batches(a.batch_size):
+        task.training_loss(task.forward(model, b), b).sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def spread(x: list[float]) -> list[float]:
+    return [round(float(np.median(x)), 3), round(min(x), 3), round(max(x), 3)]
+
+
+out = dict(kronfluence=version("kronfluence"), influence_nb=version("influence_nb"),
+           torch=torch.__version__, threads=torch.get_num_threads(), batch_size=a.batch_size,
+           repeats=a.repeats, configs={})
+for name in a.configs:
+    model, corpus = {"reference": reference, "short": short}[name]()
+    task = Task(empirical_fisher=True)
+    lengths = [len(corpus.token_ids(i)) for i in range(len(corpus))]
+    base, fit, scan = [], {"influence_nb": [], "kronfluence": []}, {}
+    plain(model, corpus, task)  # warm-up
+    with KronfluenceEKFAC(model, tokenizer, corpus, a.batch_size, empirical_fisher=True) as kron:
+        for r in range(a.repeats):
+            base.append(seconds(lambda: plain(model, corpus, task))[0])
+            inf = Influence(model, tokenizer, corpus, task=task,
+                            score_args=ScoreArgs(batch_size=a.batch_size, progress=False))
+            fit["influence_nb"].append(seconds(lambda: inf.fit(
+                FactorArgs(batch_size=a.batch_size, progress=False)))[0])
+            fit["kronfluence"].append(seconds(kron.fit)[0])
+            for q in a.queries:
+                s = scan.setdefault(q, {"influence_nb": [], "kronfluence": []})
+                s["influence_nb"].append(seconds(lambda: inf.scan(pairs[:q]))[0])
+                t_k, theirs = seconds(lambda: kron.scores(pairs[:q]))
+                s["kronfluence"].append(t_k)
+        base.append(seconds(lambda: plain(model, corpus, task))[0])
+    ours = inf.scan(pairs, args=ScoreArgs(rank=None, batch_size=a.batch_size,
+                                          progress=False)).scores
+    rho = [spearmanr(o, k).statistic for o, k in zip(ours, theirs)]
+    scale = np.median(np.abs(ours).sum(1) / np.abs(theirs).sum(1))
+    b = float(np.median(base))
+    out["configs"][name] = dict(
+        sequences=len(corpus), mean_tokens=round(float(np.mean(lengths)), 1),
+        plain_fwd_bwd_s=spread(base),
+        fit_over_plain={k: spread([x / b for x in v]) for k, v in fit.items()},
+        fit_ratio=spread([x / y for x, y in zip(fit["influence_nb"], fit["kronfluence"])]),
+        scan_over_plain={q: {k: spread([x / b for x in v]) for k, v in s.items()}
+                         for q, s in scan.items()},
+        scan_ratio={q: spread([x / y for x, y in zip(s["influence_nb"], s["kronfluence"])])
+                    for q, s in scan.items()},
+        spearman_matched=dict(mean=round(float(np.mean(rho)), 7), min=round(float(min(rho)), 7),
+                              queries=len(rho)),
+        scale_ours_over_theirs=round(float(scale), 4))
+    print(json.dumps({name: out["configs"][name]}), file=sys.stderr, flush=True)
+out["goals"] = dict(scan_ratio="≤ 1.0 at every query count", fit_ratio="≤ 0.5",
+                    spearman_matched="≥ 0.9999")
+print(json.dumps(out, indent=1))
