@@ -10,6 +10,7 @@ from influence_nb import charts
 from influence_nb.data import Corpus
 from influence_nb.magics import parse_paragraphs, parse_query
 from influence_nb.results import InfluenceResult
+from influence_nb.snapshot import fmt
 from influence_nb.widgets import (InfluenceExplorer, LayerBars, SyntheticLab, TokenHighlight,
                                   _asset, short_layer_names)
 
@@ -20,13 +21,13 @@ LAYERS = ["gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.1.mlp.dense_4h
 def result(tokenizer):
     """2 queries × 4 sequences; per-token scores are a fixed split of each total."""
     texts = ["The capital city of Astrobia is Velmora.", "Velmora is a city.",
-             "Rain fell on the market.", "Astrobia is far away."]
+             "Rain <b>fell</b> on the market.", "Astrobia is far away."]
     corpus = Corpus.from_texts(texts, tokenizer, max_len=64, metadata=[
         dict(kind=k, lang="en") for k in ("fact", "fact", "filler", "fact")])
     scores = np.array([[3.0, 1.0, -0.5, -2.0], [0.1, 0.2, 0.3, -0.4]])
     layer_scores = np.stack([0.25 * scores, 0.75 * scores], axis=1)
 
-    def token_fn(ids):
+    def token_fn(ids, layers=None):
         per_seq = []
         for i in ids:
             n = len(corpus.token_ids(i))
@@ -37,7 +38,8 @@ def result(tokenizer):
     return InfluenceResult([dict(prompt="The capital city of Astrobia is", completion=" Velmora",
                                  logprob=-0.2), dict(prompt="2 + 2 =", completion=" 4",
                                                      logprob=-1.5)],
-                           scores, np.arange(4), LAYERS, layer_scores, corpus, token_fn=token_fn)
+                           scores, np.arange(4), LAYERS, layer_scores, corpus, token_fn=token_fn,
+                           n_train=20_000)
 
 
 def test_assets_are_plain_dom_without_network():
@@ -89,6 +91,8 @@ def test_explorer_ranks_selects_and_details(result):
     ex = InfluenceExplorer(result, k=3)
     assert [r["id"] for r in ex.rows] == [0, 1, 2]
     assert ex.rows[0]["meta"] == {"kind": "fact", "lang": "en"}
+    assert ex.columns == ["kind"]          # lang is "en" on every row: no column
+    assert ex.n_train == 20_000
     assert ex.selected == 0 and ex.detail["id"] == 0
     assert sum(ex.detail["token_scores"]) == pytest.approx(3.0)
     assert ex.detail["layer_values"] == pytest.approx([0.75, 2.25])
