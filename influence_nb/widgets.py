@@ -259,14 +259,14 @@ class InfluenceExplorer(_Widget):
             return
         res = self.result
         df = res.top(self.query, self.k, self.sign, self.source or None)
-        self._active, self._q = res, self.query
+        self._active, self._q, failed = res, self.query, ""
         if self.query_token >= 0 and len(df):
             try:
                 self._active = self._by_token(df["id"].to_numpy())
             except ValueError as e:
-                self.error = str(e)
+                failed = str(e)
             else:
-                self._q, self.error = 0, ""
+                self._q = 0
                 s = pd.Series(self._active.scores[0], index=self._active.ids)
                 df = df.assign(score=s.loc[df["id"]].to_numpy())
                 df = df.sort_values("score", ascending=self.sign == "negative", kind="stable")
@@ -283,6 +283,8 @@ class InfluenceExplorer(_Widget):
             if first == self.selected:
                 self._detail()
             self.selected = first
+            if failed:
+                self.error = failed
 
     def _by_token(self, ids: np.ndarray) -> "InfluenceResult":
         """The rows rescored on the chosen completion token alone."""

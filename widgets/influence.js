@@ -42,9 +42,9 @@ function fmt(v) {
   const a = Math.abs(v);
   if (a === 0) return "0";
   if (!Number.isFinite(v)) return String(v);
-  const s = String(Number(v.toPrecision(3)));
-  if (a >= 1e3 || a < 1e-3 || s.includes("e")) return v.toExponential(2);
-  return s;
+  const r = Number(v.toPrecision(3));   // the exponent form is chosen on the rounded value
+  if (Math.abs(r) >= 1e3 || a < 1e-3) return v.toExponential(2);
+  return String(r);
 }
 
 /** score / N: the first-order change in log p (nats) for one added copy of the sequence. */
