@@ -233,7 +233,7 @@ class InfluenceExplorer(_Widget):
     error = t.Unicode("").tag(sync=True)
 
     SPAN = 8        # tokens in a snippet's highlighted span
-    CONTEXT = 24    # tokens of context either side of it
+    CONTEXT = 12    # tokens of context either side of it
 
     def __init__(self, result: "InfluenceResult", k: int = 20, query: int = 0,
                  sign: str = "positive", source: str = "", **kw: Any):

@@ -516,7 +516,8 @@ const VIEWS = { tokens: tokensWidget, layers: layersWidget, explorer: explorerWi
  */
 function connection(model, onChange) {
   const state = { live: null };
-  const kernel = model.widget_manager && model.widget_manager.kernel;
+  const manager = model.widget_manager || {};
+  const kernel = manager.kernel;   // null: none; undefined: a manager that does not say
   const pong = (msg) => {
     if (msg && msg.type === "pong" && state.live !== true) { state.live = true; onChange(); }
   };
@@ -525,10 +526,10 @@ function connection(model, onChange) {
   const check = () => {
     if (state.live !== null) return;
     idle = kernel && kernel.status !== "idle" ? 0 : idle + 1;
-    if (idle >= 2) { state.live = false; onChange(); return; }
+    if (idle >= (kernel ? 2 : 8)) { state.live = false; onChange(); return; }
     timer = setTimeout(check, 1500);
   };
-  if (!kernel) { state.live = false; } else { model.send({ type: "ping" }); timer = setTimeout(check, 1500); }
+  if (kernel === null) { state.live = false; } else { model.send({ type: "ping" }); timer = setTimeout(check, 1500); }
   state.dispose = () => { clearTimeout(timer); model.off("msg:custom", pong); };
   return state;
 }
