@@ -215,12 +215,12 @@ class InfluenceResult:
         return (f"InfluenceResult({self.n_queries} queries × {len(self.ids)} sequences, "
                 f"{len(self.layer_names)} layers)")
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict | None:
+    def _ipython_display_(self) -> None:
         """In a notebook a result shows itself as the registered view (the explorer); without
-        one, IPython falls back to :meth:`_repr_html_`."""
-        if InfluenceResult.view is None:
-            return None
-        return InfluenceResult.view(self)._repr_mimebundle_(include=include, exclude=exclude)
+        one, as :meth:`_repr_html_`."""
+        from IPython.display import HTML, display
+        display(HTML(self._repr_html_()) if InfluenceResult.view is None
+                else InfluenceResult.view(self))
 
     def _repr_html_(self) -> str:
         """A plain table per query (top 5 each way), where widgets cannot render."""

@@ -12,9 +12,12 @@ next token. Where N (``n_train``, the training sequences the curvature was fitte
 score also reads as Δ log p per copy = score / N: the first-order change in log p(completion |
 prompt), in nats, for one added copy of the sequence.
 
-Every widget also puts a static HTML snapshot of itself into its output bundle (``text/html``,
-:mod:`influence_nb.snapshot`), so a saved notebook or nbconvert HTML shows it without a kernel;
-``to_html()`` returns that snapshot and ``save(path)`` writes it as a standalone page.
+Displayed, every widget is two outputs: a static HTML snapshot of itself (``text/html``,
+:mod:`influence_nb.snapshot`, kept up to date while the kernel runs) and the widget view, whose
+CSS hides the snapshot wherever the view renders. So a saved notebook reopened without a kernel
+(where JupyterLab shows "Loading widget…"), nbconvert HTML (with or without widget state, offline)
+and a rendered .ipynb show the snapshot. ``to_html()`` returns it, ``save(path)`` writes it as a
+standalone page.
 """
 from __future__ import annotations
 
@@ -59,7 +62,10 @@ class _Widget(anywidget.AnyWidget):
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
+        self._snapshots: list[Any] = []   # display handles of the snapshots shown so far
         self.on_msg(self._on_msg)
+        self.observe(self._refresh, names=[n for n in self.trait_names(sync=True)
+                                           if not n.startswith("_")])
 
     def _on_msg(self, _: Any, content: dict, buffers: Any) -> None:
         """Messages from a view: "ping" (is the kernel there? see ``connection`` in the JS) is
@@ -87,15 +93,22 @@ class _Widget(anywidget.AnyWidget):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._view} view; .to_html() / .save(path) for a snapshot)"
 
-    def _repr_mimebundle_(self, **kw: Any) -> Any:
-        """The widget view, and beside it the static snapshot as ``text/html`` (shown where
-        no widget manager runs: nbconvert HTML, a rendered .ipynb)."""
-        bundle = super()._repr_mimebundle_(**kw)   # data, or (data, metadata)
-        data = bundle[0] if isinstance(bundle, tuple) else bundle
+    def _ipython_display_(self, **kw: Any) -> None:
+        """Two outputs: the snapshot (a display that :meth:`_refresh` updates) and the view."""
+        from IPython.display import display
+        self._snapshots.append(display({"text/html": self.to_html()}, raw=True,
+                                       display_id=True))
+        bundle = self._repr_mimebundle_()            # data, or (data, metadata)
+        data, meta = bundle if isinstance(bundle, tuple) else (bundle, {})
         if data is not None:
-            data["text/html"] = self.to_html()
-            data["text/plain"] = repr(self)
-        return bundle
+            display(dict(data, **{"text/plain": ""}), metadata=meta, raw=True)
+
+    def _refresh(self, _: Any = None) -> None:
+        """Bring the displayed snapshots up to date (what a saved notebook will show)."""
+        if self._snapshots:
+            page = self.to_html()
+            for handle in self._snapshots:
+                handle.update({"text/html": page}, raw=True)
 
 
 def short_layer_names(names: Sequence[str]) -> list[str]:

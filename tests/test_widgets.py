@@ -251,35 +251,49 @@ def test_a_result_displays_as_the_explorer_once_widgets_are_loaded():
     res = InfluenceResult([dict(prompt="a", completion=" b", logprob=-1.0)], np.array([[1.0, -2.0]]),
                           np.array([0, 1]), ["h.0.mlp"])
     assert InfluenceResult.view is InfluenceExplorer
-    bundle = res._repr_mimebundle_()
-    data = bundle[0] if isinstance(bundle, tuple) else bundle  # ipywidgets: (data, metadata)
-    assert "application/vnd.jupyter.widget-view+json" in data
+    snap, live = _displayed(res)
+    assert "application/vnd.jupyter.widget-view+json" in live and "inb-static" in snap["text/html"]
     saved, InfluenceResult.view = InfluenceResult.view, None
     try:
-        assert res._repr_mimebundle_() is None and "<table" in res._repr_html_()
+        (plain,) = _displayed(res)
+        assert "<table" in plain["text/html"] == res._repr_html_()
     finally:
         InfluenceResult.view = saved
 
 
 # -- static snapshots, numbers, units -----------------------------------------------------------
 
-def _bundle(widget) -> dict:
-    b = widget._repr_mimebundle_()
-    return b[0] if isinstance(b, tuple) else b
+def _displayed(obj) -> list[dict]:
+    """The outputs ``display(obj)`` publishes in a notebook (data of each, in order)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.display import display
+    from IPython.utils.capture import capture_output
+    InteractiveShell.instance()
+    with capture_output() as cap:
+        display(obj)
+    return [o.data for o in cap.outputs]
 
 
-def test_every_widget_carries_a_static_snapshot(result, tmp_path):
-    """Beside the widget view, each bundle holds a self-contained HTML snapshot: no script, no
-    network, training text escaped, tokens coloured inline, bars as inline SVG."""
+def test_every_widget_displays_a_static_snapshot_beside_its_view(result, tmp_path):
+    """Displayed, a widget is a self-contained HTML snapshot (no script, no network, training
+    text escaped, tokens coloured inline, bars as inline SVG), then the view; the snapshot
+    follows the widget's state."""
     ex = InfluenceExplorer(result, k=4)
     views = [ex, TokenHighlight.of(result, 0, 2), LayerBars.of(result, 0)]
     for view in views:
-        data = _bundle(view)
-        assert "application/vnd.jupyter.widget-view+json" in data
-        page = data["text/html"]
+        snap, live = _displayed(view)
+        assert "application/vnd.jupyter.widget-view+json" in live and "text/html" not in live
+        page = snap["text/html"]
         assert page == view.to_html() and page.startswith('<div class="inb-static">')
         assert "<script" not in page and "http" not in page and "object at 0x" not in page
-        assert "object at 0x" not in data["text/plain"]
+        assert "object at 0x" not in live["text/plain"]
+    from IPython.utils.capture import capture_output
+    with capture_output() as cap:
+        ex.selected = 3
+    assert cap.outputs and cap.outputs[-1].data["text/html"] == ex.to_html()
+    assert '<tr class="inb-s-selected"><td class="inb-s-num">4</td><td class="inb-s-num">3</td>' \
+        in ex.to_html()
+    ex.selected = 0
     page = ex.to_html()
     assert "&lt;b&gt;" in page and "<b>" not in page     # training text stays text
     for r in ex.rows:                                    # every row, its id and its score
