@@ -30,14 +30,18 @@ STYLE = """
   line-height: 1.9; white-space: pre-wrap; overflow-wrap: anywhere; }
 .inb-static .inb-s-tok { border-radius: 3px; padding: 1px 0; margin-right: 1px; }
 .inb-static .inb-s-marked { font-weight: 700; text-decoration: underline 2px #e66101; }
-.inb-static table { border-collapse: collapse; width: 100%; font-size: 12px; margin: 4px 0; }
-.inb-static th { text-align: left; font-weight: 600; border-bottom: 1px solid var(--jp-border-color1, #ccc);
+.inb-static table { border-collapse: collapse; width: 100%; font-size: 12px; margin: 4px 0;
+  table-layout: auto; }
+.inb-static th { text-align: left; font-weight: 600; border: 0; border-bottom: 1px solid var(--jp-border-color1, #ccc);
   padding: 2px 6px; }
-.inb-static td { border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); padding: 2px 6px;
-  vertical-align: top; }
-.inb-static td.inb-s-num { font-variant-numeric: tabular-nums; white-space: nowrap; }
+.inb-static td { text-align: left; border: 0; border-bottom: 1px solid var(--jp-border-color2, #e0e0e0);
+  padding: 2px 6px; vertical-align: top; }
+.inb-static tbody tr, .inb-static tbody tr:nth-child(odd), .inb-static tbody tr:hover { background: transparent; }
+.inb-static td.inb-s-num { font-variant-numeric: tabular-nums; white-space: nowrap; width: 1%; }
+.inb-static mark { background: transparent; color: inherit; font-weight: 600;
+  text-decoration: underline 2px var(--jp-brand-color1, #1976d2); }
 .inb-static td.inb-s-text { white-space: pre-wrap; overflow-wrap: anywhere; }
-.inb-static tr.inb-s-selected td { background: var(--jp-layout-color2, #f1f3f5); }
+.inb-static tbody tr.inb-s-selected td { background: var(--jp-layout-color2, #f1f3f5); }
 .inb-static .inb-s-stale { opacity: 0.45; }
 .inb-static .inb-s-error { color: var(--jp-error-color1, #b3261e); }
 .inb-static svg text { fill: currentColor; font-size: 11px; }

@@ -133,7 +133,9 @@ def test_charts_render_offline(result, tmp_path):
         charts.offline()
         bundle = chart._repr_mimebundle_()
         bundle = bundle[0] if isinstance(bundle, tuple) else bundle
-        assert bundle["image/svg+xml"].lstrip().startswith("<svg")
+        svg = bundle["image/svg+xml"]
+        assert svg.lstrip().startswith("<svg") and charts.GREY in svg   # the theme for both
+        assert 'fill="white"' not in svg and "fill: white" not in svg   # no white rectangle
     finally:
         alt.renderers.enable(before)
     charts.save_png(charts.layer_profile(result, 0), tmp_path / "layers.png")
