@@ -173,7 +173,7 @@ def test_lab_scores_are_token_sums_and_order_matters(session):
     assert lab.score().size == 0 and "no sequences" in lab.error
 
 
-def test_lab_results_stay_with_their_texts(session):
+def test_lab_results_stay_with_their_texts(session, capfd):
     """Score [ordered, unrelated, flipped], delete "ordered" without scoring again: the results
     keep the labels and texts they were computed for (stale), the table never raises; deleting
     all and pressing Score drops the old results with the error."""
@@ -197,9 +197,10 @@ def test_lab_results_stay_with_their_texts(session):
     lab.texts, lab.labels = [], []
     assert lab.score().size == 0 and "no sequences" in lab.error
     assert lab.scores == [] and lab.table.empty and "<rect" not in lab.to_html()
+    assert "%|" not in capfd.readouterr().err      # the lab scores without progress bars
 
 
-def test_completion_token_reranks_and_layers_recolour(session):
+def test_completion_token_reranks_and_layers_recolour(session, capfd):
     """Click a completion token: the rows are rescored on log p(c_t | prompt, c_<t) alone
     (equal to a scan of that query); click a layer: the tokens through that layer alone sum to
     its bar."""
@@ -207,10 +208,12 @@ def test_completion_token_reranks_and_layers_recolour(session):
     fact = demo.facts()[0]
     ids = np.union1d(np.flatnonzero(session.corpus.df["kind"] == "fact")[:40], np.arange(40))
     res = session.scan((fact.prompt(), fact.completion), ids=ids)
+    capfd.readouterr()
     ex = InfluenceExplorer(res, k=8)
     whole = [(r["id"], r["score"]) for r in ex.rows]
     assert len(ex.queries[0]["completion_tokens"]) >= 2
     ex.query_token = 1
+    assert "%|" not in capfd.readouterr().err       # clicks show no progress bars
     assert not ex.error and sorted(r["id"] for r in ex.rows) == sorted(i for i, _ in whole)
     prompt, completion = session.encode([(fact.prompt(), fact.completion)])
     alone = session.scan(session.queries(list(zip(

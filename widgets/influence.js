@@ -193,10 +193,10 @@ function barView({ labels, values, tip, title, onSelect, selected, n }) {
   return box;
 }
 
-function chips(meta, keys) {
+/** The selected sequence's metadata (all of it, whether or not it varies between rows). */
+function chips(meta) {
   const box = h("span", "inb-chips");
-  for (const k of keys || Object.keys(meta || {})) {
-    const v = (meta || {})[k];
+  for (const [k, v] of Object.entries(meta || {})) {
     if (v === null || v === undefined || v === "" || (Array.isArray(v) && !v.length)) continue;
     box.append(h("span", "inb-chip", `${k}: ${Array.isArray(v) ? v.join(", ") : v}`));
   }
@@ -424,7 +424,7 @@ function explorerWidget(ctx, root) {
   if (det && det.tokens) {
     const layer = model.get("layer");
     const by = layer >= 0 && det.layer_names ? ` · tokens by layer ${det.layer_names[layer]} alone` : "";
-    right.append(h("div", "inb-title", `sequence ${det.id} · ${scoreText(det.score, n)}${by}`));
+    right.append(h("div", "inb-title", `sequence ${det.id} · ${scoreText(det.score, n)}${by}`), chips(det.meta));
     const tv = tokenView({ tokens: det.tokens, scores: det.token_scores, tip, key: "d", n,
       domain: det.domain || 0, selected: model.get("token"),
       onSelect: (i) => ctx.set("token", i) });
