@@ -172,6 +172,20 @@ def wrap(body: str, note: str) -> str:
 SNAPSHOT = "Static snapshot: run the cell with a kernel to interact."
 
 
+def token_highlight(state: dict) -> str:
+    """TokenHighlight: its title, tokens and legend."""
+    d = domain(state["scores"], state["domain"])
+    title = f'<div class="inb-s-title">{html.escape(state["title"])}</div>' if state["title"] else ""
+    return wrap(title + tokens(state["tokens"], state["scores"], d)
+                + legend(d, "influence per token · " + NOTE), SNAPSHOT)
+
+
+def layer_bars(state: dict) -> str:
+    """LayerBars: one bar per layer."""
+    return wrap(bars(state["names"], state["values"], state["title"] or "influence per layer"),
+                SNAPSHOT)
+
+
 def snippet(row: dict) -> str:
     """A row's text: around its most influential span (marked) when the row has one."""
     if not row.get("snippet"):

@@ -21,7 +21,6 @@ standalone page.
 """
 from __future__ import annotations
 
-import html
 import importlib.resources
 import os
 from collections.abc import Sequence
@@ -150,11 +149,7 @@ class TokenHighlight(_Widget):
         return cls(df["token"].tolist(), df["score"].to_numpy(), **kw)
 
     def to_html(self) -> str:
-        d = snapshot.domain(self.scores, self.domain)
-        title = f'<div class="inb-s-title">{html.escape(self.title)}</div>' if self.title else ""
-        return snapshot.wrap(title + snapshot.tokens(self.tokens, self.scores, d)
-                             + snapshot.legend(d, "influence per token · " + snapshot.NOTE),
-                             snapshot.SNAPSHOT)
+        return snapshot.token_highlight(self.get_state())
 
 
 class LayerBars(_Widget):
@@ -180,9 +175,7 @@ class LayerBars(_Widget):
         return cls(list(prof.index), prof.to_numpy(), **kw)
 
     def to_html(self) -> str:
-        return snapshot.wrap(snapshot.bars(self.names, self.values,
-                                           self.title or "influence per layer"),
-                             snapshot.SNAPSHOT)
+        return snapshot.layer_bars(self.get_state())
 
 
 def _query_view(query: dict, tokenizer: Any) -> dict:
