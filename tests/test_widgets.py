@@ -352,3 +352,8 @@ def test_explorer_rows_without_the_model_are_plain_text(result):
     assert all("snippet" not in r for r in ex.rows)
     ex.query_token = 0
     assert "needs the model" in ex.error and len(ex.rows) == 2
+
+
+def test_a_saved_result_keeps_its_n(result, tmp_path):
+    loaded = InfluenceResult.load(result.save(tmp_path / "res"), result.corpus)
+    assert loaded.n_train == 20_000 and InfluenceExplorer(loaded).n_train == 20_000

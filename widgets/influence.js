@@ -273,7 +273,7 @@ function explorerTable(ctx, rows, columns) {
   const n = model.get("n_train");
   const wrap = h("div", "inb-table-wrap");
   const bar = h("div", "inb-table-bar");
-  const search = h("input", "inb-search");
+  const search = h("input", "inb-search inb-local");   // inb-local: works without a kernel
   search.type = "search";
   search.placeholder = "search text, id, metadata";
   search.setAttribute("aria-label", "search the rows");
@@ -311,7 +311,7 @@ function explorerTable(ctx, rows, columns) {
     count.textContent = shown.length === rows.length ? `${rows.length} rows` : `${shown.length} of ${rows.length} rows`;
     pager.replaceChildren();
     if (pages > 1) {
-      const prev = h("button", "inb-icon", "‹"), next = h("button", "inb-icon", "›");
+      const prev = h("button", "inb-icon inb-local", "‹"), next = h("button", "inb-icon inb-local", "›");
       prev.disabled = ui.page === 0; next.disabled = ui.page === pages - 1;
       prev.setAttribute("aria-label", "previous page"); next.setAttribute("aria-label", "next page");
       prev.addEventListener("click", () => { ui.page--; fill(); });
@@ -556,7 +556,9 @@ function render({ model, el }) {
     keys = VIEWS[model.get("_view")](ctx, root);
     if (conn.live === false) {
       root.prepend(h("div", "inb-offline-note", "No kernel: this is the view as it was saved. Run the cell again to interact."));
-      for (const e of root.querySelectorAll("button, select, textarea, input")) e.disabled = true;
+      for (const e of root.querySelectorAll("button, select, textarea, input")) {
+        if (!e.classList.contains("inb-local")) e.disabled = true;   // search, sort, pages stay
+      }
     }
     if (path) {
       const again = root.querySelector(`[data-id="${CSS.escape(path)}"]`);
