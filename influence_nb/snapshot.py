@@ -30,18 +30,19 @@ STYLE = """
   line-height: 1.9; white-space: pre-wrap; overflow-wrap: anywhere; }
 .inb-static .inb-s-tok { border-radius: 3px; padding: 1px 0; margin-right: 1px; }
 .inb-static .inb-s-marked { font-weight: 700; text-decoration: underline 2px #e66101; }
-.inb-static table { border-collapse: collapse; width: 100%; font-size: 12px; margin: 4px 0;
+.inb-static table.inb-s-table { border-collapse: collapse; width: 100%; font-size: 12px; margin: 4px 0;
   table-layout: auto; }
-.inb-static th { text-align: left; font-weight: 600; border: 0; border-bottom: 1px solid var(--jp-border-color1, #ccc);
+.inb-static table.inb-s-table th { text-align: left; font-weight: 600; border: 0; border-bottom: 1px solid var(--jp-border-color1, #ccc);
   padding: 2px 6px; }
-.inb-static td { text-align: left; border: 0; border-bottom: 1px solid var(--jp-border-color2, #e0e0e0);
+.inb-static table.inb-s-table td { text-align: left; border: 0; border-bottom: 1px solid var(--jp-border-color2, #e0e0e0);
   padding: 2px 6px; vertical-align: top; }
-.inb-static tbody tr, .inb-static tbody tr:nth-child(odd), .inb-static tbody tr:hover { background: transparent; }
-.inb-static td.inb-s-num { font-variant-numeric: tabular-nums; white-space: nowrap; width: 1%; }
+.inb-static table.inb-s-table tr, .inb-static table.inb-s-table tr:nth-child(odd),
+.inb-static table.inb-s-table tr:hover { background: transparent; }
+.inb-static table.inb-s-table td.inb-s-num { font-variant-numeric: tabular-nums; white-space: nowrap; width: 1%; }
 .inb-static mark { background: transparent; color: inherit; font-weight: 600;
   text-decoration: underline 2px var(--jp-brand-color1, #1976d2); }
-.inb-static td.inb-s-text { white-space: pre-wrap; overflow-wrap: anywhere; }
-.inb-static tbody tr.inb-s-selected td { background: var(--jp-layout-color2, #f1f3f5); }
+.inb-static table.inb-s-table td.inb-s-text { white-space: pre-wrap; overflow-wrap: anywhere; }
+.inb-static table.inb-s-table tr.inb-s-selected td { background: var(--jp-layout-color2, #f1f3f5); }
 .inb-static .inb-s-stale { opacity: 0.45; }
 .inb-static .inb-s-error { color: var(--jp-error-color1, #b3261e); }
 .inb-static svg text { fill: currentColor; font-size: 11px; }
@@ -212,7 +213,8 @@ def explorer(state: dict) -> str:
                     + "".join(f"<td>{html.escape(', '.join(m) if isinstance(m, list) else m)}</td>"
                               for m in meta)
                     + f'<td class="inb-s-text">{snippet(r)}</td></tr>')
-    table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    table = ('<table class="inb-s-table"><thead><tr>'
+             + "".join(f"<th>{html.escape(h)}</th>" for h in head)
              + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
     sign = "most negative" if state["sign"] == "negative" else "most positive"
     source = f", source {state['source']}" if state.get("source") else ""
