@@ -28,16 +28,33 @@ if TYPE_CHECKING:
     from .results import InfluenceResult
 
 __all__ = ["distribution", "layer_heatmap", "layer_profile", "lds_scatter", "offline", "save_png",
-           "source_split", "variants"]
+           "source_split", "theme", "variants"]
 
 POS, NEG = "#e66101", "#2166ac"  # the widgets' colours: orange raises, blue lowers log p
 # sources of a scan over several corpora, in order (the explorer's stripes: the same colours)
 SOURCE_COLOURS = ["#1b9e77", "#7570b3", "#d95f02", "#e7298a", "#66a61e", "#a6761d"]
 
 
+GREY = "#7a808a"   # chart text and lines: readable on the light and the dark JupyterLab theme
+
+
+@alt.theme.register("influence_nb", enable=False)
+def theme() -> alt.theme.ThemeConfig:
+    """Transparent background, grey text and lines: an SVG drawn in the kernel cannot read the
+    notebook's theme, so it is made to sit on either."""
+    text = {"labelColor": GREY, "titleColor": GREY}
+    lines = {"domainColor": GREY, "tickColor": GREY, "gridColor": GREY, "gridOpacity": 0.25}
+    return {"config": {"background": "transparent", "view": {"stroke": GREY, "strokeOpacity": 0.4},
+                       "axis": {**text, **lines}, "legend": text, "header": text,
+                       "title": {"color": GREY, "subtitleColor": GREY},
+                       "text": {"color": GREY}}}
+
+
 def offline() -> None:
-    """Render Altair charts as SVG in the kernel (vl-convert): no CDN, valid notebooks."""
+    """Render Altair charts as SVG in the kernel (vl-convert): no CDN, valid notebooks; in the
+    package's theme (transparent, grey text), which suits light and dark notebooks."""
     alt.renderers.enable("svg")
+    alt.theme.enable("influence_nb")
 
 
 def save_png(chart: alt.TopLevelMixin, path: str | os.PathLike, scale: float = 2.0) -> None:

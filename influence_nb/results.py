@@ -31,6 +31,8 @@ class InfluenceResult:
     layer_names:  the L tracked layers
     layer_scores: (Q, L, N) per-layer scores, or None
     corpus:       the scored corpus (text and metadata), or None after a load without one
+    n_train:      N, the training sequences the curvature was fitted on, or None: score / N is
+                  the first-order change in log p (nats) for one added copy of a sequence
     """
     queries: list[dict]
     scores: np.ndarray
@@ -39,8 +41,13 @@ class InfluenceResult:
     layer_scores: np.ndarray | None = None
     corpus: Corpus | None = None
     corpus_fingerprint: str | None = None
-    # recomputes per-token scores: (query index, ids) -> ([(Q, n_tokens)], (Q, L, len(ids)))
+    # recomputes per-token scores: (ids, layers=None) -> ([(Q, n_tokens)], (Q, L, len(ids))),
+    # on the given layers only (names or globs) when ``layers`` is given
     token_fn: Callable | None = field(default=None, repr=False)
+    n_train: int | None = None
+    # (q, t, ids) -> a result for completion token t of query q alone, log p(c_t | prompt + c_<t),
+    # on those ids (each completion token's log-probability is a measurement of its own)
+    token_query_fn: Callable | None = field(default=None, repr=False)
     # how a result shows itself in a notebook: influence_nb.widgets registers its explorer here
     # on import (results sit below the widgets and never import them)
     view: ClassVar[Callable[["InfluenceResult"], Any] | None] = None
@@ -139,13 +146,14 @@ class InfluenceResult:
             ls = ls[:, np.argsort(-self.scores[self._q(q)])[:k]]
         return pd.Series(ls.sum(1), index=self.layer_names, name="score")
 
-    def tokens(self, q: int, id: int) -> pd.DataFrame:
+    def tokens(self, q: int, id: int, layers: list[str] | None = None) -> pd.DataFrame:
         """Per-token scores of sequence ``id`` on query ``q``: columns token (text), score. The
-        score at token t belongs to the update at position t, which predicts token t + 1."""
+        score at token t belongs to the update at position t, which predicts token t + 1.
+        ``layers``: through those layers alone (names or globs; default all)."""
         if self.token_fn is None or self.corpus is None:
             raise ValueError("per-token scores need the model: use a result from "
                              "Influence.scan / score_texts, not one loaded from disk alone")
-        per_seq, _ = self.token_fn([int(id)])
+        per_seq, _ = self.token_fn([int(id)], layers)
         ids = self.corpus.token_ids(int(id))
         tok = self.corpus.tokenizer
         return pd.DataFrame({"token": [tok.decode([int(t)]) for t in ids],
@@ -165,7 +173,7 @@ class InfluenceResult:
             arrays["layer_scores"] = self.layer_scores
         np.savez(buf, **arrays)
         meta = dict(format=FORMAT, queries=self.queries, layer_names=self.layer_names,
-                    corpus_fingerprint=self.corpus_fingerprint,
+                    corpus_fingerprint=self.corpus_fingerprint, n_train=self.n_train,
                     sha256=hashlib.sha256(buf.getvalue()).hexdigest())
         with store.lock(path, ValueError, wait=True):   # two saves never pair their files
             store.atomic_write(path / "result.npz", buf.getvalue())
@@ -199,7 +207,7 @@ class InfluenceResult:
             raise ValueError(f"{path / 'result.npz'} holds arrays of other shapes than its "
                              f"manifest's {Q} queries and {L} layers; {fix}")
         return cls(meta["queries"], arrays["scores"], arrays["ids"], meta["layer_names"],
-                   layer, corpus, meta["corpus_fingerprint"])
+                   layer, corpus, meta["corpus_fingerprint"], n_train=meta.get("n_train"))
 
     # -- display ------------------------------------------------------------------------------
 
@@ -207,12 +215,12 @@ class InfluenceResult:
         return (f"InfluenceResult({self.n_queries} queries × {len(self.ids)} sequences, "
                 f"{len(self.layer_names)} layers)")
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict | None:
+    def _ipython_display_(self) -> None:
         """In a notebook a result shows itself as the registered view (the explorer); without
-        one, IPython falls back to :meth:`_repr_html_`."""
-        if InfluenceResult.view is None:
-            return None
-        return InfluenceResult.view(self)._repr_mimebundle_(include=include, exclude=exclude)
+        one, as :meth:`_repr_html_`."""
+        from IPython.display import HTML, display
+        display(HTML(self._repr_html_()) if InfluenceResult.view is None
+                else InfluenceResult.view(self))
 
     def _repr_html_(self) -> str:
         """A plain table per query (top 5 each way), where widgets cannot render."""

@@ -222,11 +222,20 @@ class Influence:
         queries = self.queries(queries, rank=args.rank)
         scores, layers, ids = scan(self.model, queries, corpus, args, out_dir, ids, self.task)
 
-        def token_fn(seq_ids: Sequence[int]):
-            return token_scores(self.model, queries, corpus, seq_ids, args.batch_size, self.task)
+        def token_fn(seq_ids: Sequence[int], layers: Sequence[str] | None = None):
+            part = queries.select(layers) if layers else queries
+            return token_scores(self.model, part, corpus, seq_ids, args.batch_size, self.task)
+
+        def token_query_fn(q: int, t: int, seq_ids: Sequence[int]) -> InfluenceResult:
+            # completion token t of query q alone: log p(c_t | prompt + c_<t), on seq_ids
+            p, c = list(queries.prompts[q]), list(queries.completions[q])
+            part = make_queries(self.model, self.factors, [p + c[:t]], [c[t:t + 1]], args.rank,
+                                None, self.task)
+            return self.scan(part, corpus, ids=seq_ids, args=replace(args, progress=False))
 
         return InfluenceResult(self._describe(queries), scores, ids, queries.layer_names,
-                               layers, corpus, token_fn=token_fn)
+                               layers, corpus, token_fn=token_fn,
+                               n_train=self.factors.n_examples, token_query_fn=token_query_fn)
 
     def score_texts(self, texts: Sequence[str], queries: QueryLike,
                     metadata: Sequence[dict] | None = None) -> InfluenceResult:

@@ -6,12 +6,23 @@ the synthetic-sequence lab. The JavaScript and CSS live in ``widgets/`` (plain D
     InfluenceExplorer(result)                  query, ranked sequences, their tokens and layers
     SyntheticLab(session, query, texts)        edit sequences, press Score, see bars and tokens
 
-Colours: orange raises log p(completion | prompt), blue lowers it, on a scale symmetric about 0.
-A token's score belongs to the update at its position, which predicts the next token.
+Colours: orange raises log p(completion | prompt), blue lowers it, on a scale symmetric about 0
+(0 is transparent). A token's score belongs to the update at its position, which predicts the
+next token. Where N (``n_train``, the training sequences the curvature was fitted on) is known, a
+score also reads as Δ log p per copy = score / N: the first-order change in log p(completion |
+prompt), in nats, for one added copy of the sequence.
+
+Displayed, every widget is two outputs: a static HTML snapshot of itself (``text/html``,
+:mod:`influence_nb.snapshot`, kept up to date while the kernel runs) and the widget view, whose
+CSS hides the snapshot wherever the view renders. So a saved notebook reopened without a kernel
+(where JupyterLab shows "Loading widget…"), nbconvert HTML (with or without widget state, offline)
+and a rendered .ipynb show the snapshot. ``to_html()`` returns it, ``save(path)`` writes it as a
+standalone page.
 """
 from __future__ import annotations
 
 import importlib.resources
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +32,7 @@ import numpy as np
 import pandas as pd
 import traitlets as t
 
+from . import snapshot
 from .results import InfluenceResult
 
 if TYPE_CHECKING:
@@ -39,9 +51,63 @@ def _asset(name: str) -> Path:
 
 
 class _Widget(anywidget.AnyWidget):
+    """A view of ours: the ESM and CSS in ``widgets/``, a static snapshot beside it."""
     _esm = _asset("influence.js")
     _css = _asset("influence.css")
     _view = t.Unicode().tag(sync=True)
+    # N, the training sequences the curvature was fitted on (0: unknown): score / N is the
+    # first-order change in log p for one added copy of a sequence
+    n_train = t.Int(0).tag(sync=True)
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self._snapshots: list[Any] = []   # display handles of the snapshots shown so far
+        self.on_msg(self._on_msg)
+        self.observe(self._refresh, names=[n for n in self.trait_names(sync=True)
+                                           if not n.startswith("_")])
+
+    def _on_msg(self, _: Any, content: dict, buffers: Any) -> None:
+        """Messages from a view: "ping" (is the kernel there? see ``connection`` in the JS) is
+        answered with "pong"; others go to :meth:`_command`."""
+        if content.get("type") == "ping":
+            self.send({"type": "pong"})
+        else:
+            self._command(content)
+
+    def _command(self, content: dict) -> None:
+        """A view's request (the lab's "score")."""
+
+    def to_html(self) -> str:
+        """A self-contained static HTML snapshot of the view (inline CSS and SVG, no script,
+        no network, every text escaped)."""
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_html` as a standalone HTML page to ``path``; returns the path."""
+        path = Path(path)
+        path.write_text(snapshot.document(self.to_html(), f"influence_nb {self._view}"),
+                        encoding="utf-8")
+        return path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._view} view; .to_html() / .save(path) for a snapshot)"
+
+    def _ipython_display_(self, **kw: Any) -> None:
+        """Two outputs: the snapshot (a display that :meth:`_refresh` updates) and the view."""
+        from IPython.display import display
+        self._snapshots.append(display({"text/html": self.to_html()}, raw=True,
+                                       display_id=True))
+        bundle = self._repr_mimebundle_()            # data, or (data, metadata)
+        data, meta = bundle if isinstance(bundle, tuple) else (bundle, {})
+        if data is not None:
+            display(dict(data, **{"text/plain": ""}), metadata=meta, raw=True)
+
+    def _refresh(self, _: Any = None) -> None:
+        """Bring the displayed snapshots up to date (what a saved notebook will show)."""
+        if self._snapshots:
+            page = self.to_html()
+            for handle in self._snapshots:
+                handle.update({"text/html": page}, raw=True)
 
 
 def short_layer_names(names: Sequence[str]) -> list[str]:
@@ -79,7 +145,11 @@ class TokenHighlight(_Widget):
         """Token view of training sequence ``id`` on query ``q`` of a result."""
         df = result.tokens(q, id)
         kw.setdefault("title", f"sequence {id} on query {q}")
+        kw.setdefault("n_train", result.n_train or 0)
         return cls(df["token"].tolist(), df["score"].to_numpy(), **kw)
+
+    def to_html(self) -> str:
+        return snapshot.token_highlight(self.get_state())
 
 
 class LayerBars(_Widget):
@@ -101,7 +171,11 @@ class LayerBars(_Widget):
         prof = result.layer_profile(q, k)
         kw.setdefault("title", f"influence per layer, query {q}"
                       + (f", top {k}" if k else ", all sequences"))
+        kw.setdefault("n_train", result.n_train or 0)
         return cls(list(prof.index), prof.to_numpy(), **kw)
+
+    def to_html(self) -> str:
+        return snapshot.layer_bars(self.get_state())
 
 
 def _query_view(query: dict, tokenizer: Any) -> dict:
@@ -115,6 +189,15 @@ def _query_view(query: dict, tokenizer: Any) -> dict:
                 logprob=float(query.get("logprob", float("nan"))),
                 prompt_tokens=toks(query["prompt"], False),
                 completion_tokens=toks(query["completion"], False))
+
+
+def _varying(rows: Sequence[dict]) -> list[str]:
+    """The metadata keys whose values differ between the rows (the explorer's columns); every
+    key when there is a single row."""
+    keys = list(dict.fromkeys(k for r in rows for k in r["meta"]))
+    if len(rows) < 2:
+        return keys
+    return [k for k in keys if len({repr(r["meta"].get(k)) for r in rows}) > 1]
 
 
 def _meta(row: Any, columns: Sequence[str]) -> dict:
@@ -131,26 +214,40 @@ def _meta(row: Any, columns: Sequence[str]) -> dict:
 
 
 class InfluenceExplorer(_Widget):
-    """The ranked training sequences of a result: pick the query and the sign, click a sequence
-    to see its per-token highlighting and per-layer bars (recomputed for that sequence). A scan
-    over several corpora colours each row by its source and can show one source only
-    (``source``: "" for all)."""
+    """The ranked training sequences of a result as a table (id, score, the metadata columns
+    that vary, a snippet centred on the sequence's most influential span): pick the query and
+    the sign, click a sequence to see its per-token highlighting and per-layer bars. Linked
+    views: a click on a layer bar recolours the tokens by that layer alone (``layer``); a click
+    on a completion token re-ranks the rows by their influence on that token alone
+    (``query_token``: its log p given the prompt and the completion before it, scored by the
+    kernel); ``shared_scale`` colours every row's tokens on one scale. A scan over several
+    corpora colours each row by its source and can show one source only (``source``)."""
     _view = t.Unicode("explorer").tag(sync=True)
     queries = t.List(t.Dict()).tag(sync=True)
     query = t.Int(0).tag(sync=True)
+    query_token = t.Int(-1).tag(sync=True)   # completion token ranked alone; -1: the whole one
     sign = t.Unicode("positive").tag(sync=True)
     sources = t.List(t.Unicode()).tag(sync=True)
     source = t.Unicode("").tag(sync=True)
     rows = t.List(t.Dict()).tag(sync=True)
+    columns = t.List(t.Unicode()).tag(sync=True)   # metadata keys that vary between the rows
     selected = t.Int(-1).tag(sync=True)
     detail = t.Dict().tag(sync=True)
     token = t.Int(-1).tag(sync=True)
+    layer = t.Int(-1).tag(sync=True)           # detail tokens by this layer alone; -1: all
+    shared_scale = t.Bool(False).tag(sync=True)
     error = t.Unicode("").tag(sync=True)
+
+    SPAN = 8        # tokens in a snippet's highlighted span
+    CONTEXT = 12    # tokens of context either side of it
 
     def __init__(self, result: "InfluenceResult", k: int = 20, query: int = 0,
                  sign: str = "positive", source: str = "", **kw: Any):
         self.result, self.k = result, k
+        self._active, self._q = result, 0   # the result the rows come from, and its query
+        self._tokens: dict[int, np.ndarray] = {}   # per-token scores of the rows, by id
         tok = result.corpus.tokenizer if result.corpus is not None else None
+        kw.setdefault("n_train", result.n_train or 0)
         super().__init__(queries=[_query_view(q, tok) for q in result.queries],
                          sources=result.sources, **kw)
         if source and source not in result.sources:
@@ -161,24 +258,83 @@ class InfluenceExplorer(_Widget):
         if not self.rows:
             self._rank()
 
-    @t.observe("query", "sign", "source")
-    def _rank(self, _: Any = None) -> None:
-        df = self.result.top(self.query, self.k, self.sign, self.source or None)
+    @t.observe("query", "sign", "source", "query_token")
+    def _rank(self, change: Any = None) -> None:
+        if change is not None and change["name"] == "query" and self.query_token >= 0:
+            self.query_token = -1          # its observer ranks again
+            return
+        res = self.result
+        df = res.top(self.query, self.k, self.sign, self.source or None)
+        self._active, self._q, failed = res, self.query, ""
+        if self.query_token >= 0 and len(df):
+            try:
+                self._active = self._by_token(df["id"].to_numpy())
+            except ValueError as e:
+                failed = str(e)
+            else:
+                self._q = 0
+                s = pd.Series(self._active.scores[0], index=self._active.ids)
+                df = df.assign(score=s.loc[df["id"]].to_numpy())
+                df = df.sort_values("score", ascending=self.sign == "negative", kind="stable")
+                df.index = pd.RangeIndex(1, len(df) + 1, name="rank")
+        self._tokens = self._row_tokens(df["id"].tolist())
         with self.hold_sync():
             self.rows = [dict(rank=int(rank), id=int(r["id"]), score=float(r["score"]),
                               text=str(r.get("text", "")), source=str(r.get("source", "")),
-                              meta=_meta(r, self.result.metadata_columns))
+                              meta=_meta(r, self.result.metadata_columns),
+                              **self._snippet(int(r["id"])))
                          for rank, r in df.iterrows()]
+            self.columns = _varying(self.rows)
             first = self.rows[0]["id"] if self.rows else -1
             if first == self.selected:
                 self._detail()
             self.selected = first
+            if failed:
+                self.error = failed
 
-    @t.observe("selected")
+    def _by_token(self, ids: np.ndarray) -> "InfluenceResult":
+        """The rows rescored on the chosen completion token alone."""
+        fn = self.result.token_query_fn
+        n = len(self.queries[self.query]["completion_tokens"])
+        if fn is None:
+            raise ValueError("ranking by one completion token needs the model: use a result "
+                             "from Influence.scan, not one loaded from disk alone")
+        if not 0 <= self.query_token < n:
+            raise ValueError(f"completion token {self.query_token} out of range: the "
+                             f"completion has {n} tokens")
+        return fn(self.query, self.query_token, [int(i) for i in ids])
+
+    def _row_tokens(self, ids: list[int]) -> dict[int, np.ndarray]:
+        """Per-token scores of every row on the active query, in one pass ({} without the
+        model)."""
+        if self._active.token_fn is None or self._active.corpus is None or not ids:
+            return {}
+        per_seq, _ = self._active.token_fn(ids)
+        return {i: np.asarray(s[self._q], dtype=np.float64) for i, s in zip(ids, per_seq)}
+
+    def _snippet(self, id: int) -> dict:
+        """The row's text around its most influential span: the SPAN tokens whose scores sum
+        highest (lowest for the negative tab), with CONTEXT tokens either side; {} without
+        per-token scores."""
+        scores = self._tokens.get(id)
+        if scores is None or not len(scores):
+            return {}
+        corpus = self._active.corpus
+        toks = [corpus.tokenizer.decode([int(x)]) for x in corpus.token_ids(id)]
+        w = min(self.SPAN, len(scores))
+        sums = np.convolve(scores, np.ones(w), "valid") * (-1 if self.sign == "negative" else 1)
+        a = int(np.argmax(sums))
+        lo, hi = max(0, a - self.CONTEXT), min(len(toks), a + w + self.CONTEXT)
+        return dict(snippet=["".join(toks[lo:a]), "".join(toks[a:a + w]), "".join(toks[a + w:hi])],
+                    snippet_cut=[lo > 0, hi < len(toks)],
+                    peak=float(np.abs(scores).max()))
+
+    @t.observe("selected", "layer", "shared_scale")
     def _detail(self, _: Any = None) -> None:
-        """Per-token and per-layer scores of the selected sequence."""
-        res, q, id = self.result, self.query, self.selected
-        if id < 0:
+        """Per-token and per-layer scores of the selected sequence (tokens through one layer
+        when ``layer`` >= 0; on one scale for all rows when ``shared_scale``)."""
+        res, q, id = self._active, self._q, self.selected
+        if id < 0 or id not in res.ids:
             return
         col = int(np.flatnonzero(res.ids == id)[0])
         det = dict(id=id, score=float(res.scores[q, col]),
@@ -186,14 +342,25 @@ class InfluenceExplorer(_Widget):
         if res.layer_scores is not None:
             det.update(layer_names=short_layer_names(res.layer_names),
                        layer_values=_floats(res.layer_scores[q, :, col]))
+        if self.shared_scale and self.layer < 0:
+            det["domain"] = max((r.get("peak", 0.0) for r in self.rows), default=0.0)
+        layer = res.layer_names[self.layer] if 0 <= self.layer < len(res.layer_names) else None
         try:
-            df = res.tokens(q, id)
+            if layer is None and id in self._tokens:
+                scores = self._tokens[id]
+                toks = [res.corpus.tokenizer.decode([int(x)]) for x in res.corpus.token_ids(id)]
+            else:
+                df = res.tokens(q, id, [layer] if layer else None)
+                toks, scores = df["token"].tolist(), df["score"].to_numpy()
         except ValueError as e:
             self.error = str(e)
         else:
-            det.update(tokens=df["token"].tolist(), token_scores=_floats(df["score"]))
+            det.update(tokens=toks, token_scores=_floats(scores))
             self.error = ""
         self.token, self.detail = -1, det
+
+    def to_html(self) -> str:
+        return snapshot.explorer(self.get_state())
 
 
 class SyntheticLab(_Widget):
@@ -203,7 +370,9 @@ class SyntheticLab(_Widget):
     query = t.Dict().tag(sync=True)
     texts = t.List(t.Unicode()).tag(sync=True)
     labels = t.List(t.Unicode()).tag(sync=True)
+    # the results below belong to exactly these texts and labels (an edit makes them stale)
     scored_texts = t.List(t.Unicode()).tag(sync=True)
+    scored_labels = t.List(t.Unicode()).tag(sync=True)
     scores = t.List(t.Float()).tag(sync=True)
     tokens = t.List(t.List(t.Unicode())).tag(sync=True)
     token_scores = t.List(t.List(t.Float())).tag(sync=True)
@@ -220,18 +389,19 @@ class SyntheticLab(_Widget):
         tok, q = session.tokenizer, self._queries
         desc = dict(prompt=tok.decode(q.prompts[0]), completion=tok.decode(q.completions[0]),
                     logprob=float(q.f[0]))
+        kw.setdefault("n_train", session.factors.n_examples)
         super().__init__(query=_query_view(desc, tok), texts=list(texts), labels=list(labels),
                          **kw)
-        self.on_msg(self._on_msg)
         if score and self.texts:
             self.score()
 
-    def _on_msg(self, _: Any, content: dict, buffers: Any) -> None:
+    def _command(self, content: dict) -> None:
         if content.get("type") == "score":
             self.score()
 
     def score(self) -> np.ndarray:
-        """Score the non-empty texts; returns their (n,) totals and updates the view."""
+        """Score the non-empty texts; returns their (n,) totals and updates the view. On an
+        error the previous results are dropped (they belong to texts no longer asked about)."""
         keep = [i for i, x in enumerate(self.texts) if x.strip()]
         texts = [self.texts[i] for i in keep]
         labels = [self.labels[i] if i < len(self.labels) else "" for i in keep]
@@ -242,21 +412,43 @@ class SyntheticLab(_Widget):
             res = self.session.score_texts(texts, self._queries)
             per_tok = [res.tokens(0, int(i)) for i in res.ids]
         except ValueError as e:
-            self.error, self.busy = str(e), False
+            with self.hold_sync():
+                self._set_results([], [], [], [], [])
+                self.error, self.busy = str(e), False
             return np.zeros(0)
         with self.hold_sync():
-            self.texts, self.labels, self.scored_texts = texts, labels, texts
-            self.scores = _floats(res.scores[0])
-            self.tokens = [df["token"].tolist() for df in per_tok]
-            self.token_scores = [_floats(df["score"]) for df in per_tok]
+            self.texts, self.labels = texts, labels
+            self._set_results(texts, labels, _floats(res.scores[0]),
+                              [df["token"].tolist() for df in per_tok],
+                              [_floats(df["score"]) for df in per_tok])
             self.error, self.busy = "", False
         return res.scores[0]
 
+    def _set_results(self, texts: list[str], labels: list[str], scores: list[float],
+                     tokens: list[list[str]], token_scores: list[list[float]]) -> None:
+        """Results and the exact texts and labels they were computed for, set together."""
+        self.scored_texts, self.scored_labels, self.scores = texts, labels, scores
+        self.tokens, self.token_scores = tokens, token_scores
+
+    @property
+    def stale(self) -> bool:
+        """Whether the texts or labels were edited after the last score."""
+        return (self.texts, self.labels) != (self.scored_texts, self.scored_labels)
+
     @property
     def table(self) -> pd.DataFrame:
-        """The last scores: label, text, score (one row per scored sequence)."""
-        labels = [lab or f"#{i + 1}" for i, lab in enumerate(self.labels[:len(self.scores)])]
-        return pd.DataFrame(dict(label=labels, text=self.scored_texts, score=self.scores))
+        """The last scores with the texts and labels they were computed for (not the edited
+        ones): label, text, score and, where N is known, Δ log p per copy = score / N."""
+        labels = [lab or f"#{i + 1}" for i, lab in enumerate(self.scored_labels)]
+        df = pd.DataFrame(dict(label=labels, text=self.scored_texts,
+                               score=np.asarray(self.scores, dtype=np.float64)))
+        if self.n_train > 0:
+            df["dlogp_per_copy"] = df["score"] / self.n_train
+        return df
+
+    def to_html(self) -> str:
+        return snapshot.lab(self.get_state())
+
 
 
 InfluenceResult.view = InfluenceExplorer  # a result in a notebook shows itself as the explorer

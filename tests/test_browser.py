@@ -1,6 +1,11 @@
 """Notebook 01 in a real JupyterLab, driven in headless Chromium (Debian's package) by Playwright:
-the widgets render token colours whose sign matches the scores, hovering shows the exact value,
-clicking a token changes ``selected`` in the kernel. Screenshots go to ``artifacts/browser/``."""
+the widgets render token colours whose sign matches the scores, hovering shows the value,
+clicking a token changes ``selected`` in the kernel, clicking a completion token re-ranks the
+explorer, the lab keeps its results with their texts; at 800 px the explorer does not scroll
+sideways, in the dark theme zero is transparent; saved with its widget state and reopened
+without a kernel the notebook still shows the explorer (and says it has no kernel), and its
+nbconvert HTML holds the static snapshots. Screenshots go to ``artifacts/browser/``, the light
+and dark explorer to ``docs/images/``."""
 from __future__ import annotations
 
 import json
@@ -17,9 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from influence_nb.snapshot import fmt
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts" / "browser"
+IMAGES = ROOT / "docs" / "images"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 
@@ -42,6 +50,9 @@ def lab(tmp_path_factory):
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    widgets = work / ".settings" / "@jupyter-widgets" / "jupyterlab-manager"
+    widgets.mkdir(parents=True)   # save the widget state into the notebook (off by default)
+    (widgets / "plugin.jupyterlab-settings").write_text(json.dumps({"saveState": True}))
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ, OMP_NUM_THREADS="1", JUPYTERLAB_SETTINGS_DIR=str(work / ".settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(work / ".workspaces"))
@@ -64,7 +75,8 @@ def lab(tmp_path_factory):
                 time.sleep(0.5)
         else:
             raise RuntimeError(f"JupyterLab did not start: {(work / 'lab.log').read_text()[-2000:]}")
-        yield f"{url}/lab/tree/01_tour.ipynb?token={token}"
+        yield dict(url=f"{url}/lab/tree/01_tour.ipynb?token={token}", root=url, token=token,
+                   work=work)
     finally:
         proc.terminate()
         proc.wait(20)
@@ -79,7 +91,7 @@ def page(lab):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(lab)
+        page.goto(lab["url"])
         page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
                                "&& window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
         page.evaluate("""async () => {
@@ -118,6 +130,34 @@ def _rgb(css: str) -> tuple[int, int, int]:
     return tuple(int(x) for x in re.findall(r"\d+", css)[:3])
 
 
+def _alpha(css: str) -> float:
+    """The opacity of a computed CSS colour: rgb() is 1, rgba(r, g, b, a) is a."""
+    parts = re.findall(r"[\d.]+", css)
+    return float(parts[3]) if len(parts) > 3 else 1.0
+
+
+def _add_cell(page, code: str) -> None:
+    """Insert ``code`` as a new last cell and run it."""
+    page.evaluate("""async (code) => {
+        const nb = window.jupyterapp.shell.currentWidget;
+        nb.content.activeCellIndex = nb.content.widgets.length - 1;
+        await window.jupyterapp.commands.execute('notebook:insert-cell-below');
+        nb.content.activeCell.model.sharedModel.setSource(code);
+        await window.jupyterapp.commands.execute('notebook:run-cell');
+    }""", code)
+
+
+def _wait_kernel(page, code: str, expected: str, timeout: float = 60) -> str:
+    """Poll ``print(code)`` in the kernel until it prints ``expected`` (comm messages are
+    asynchronous); the last output."""
+    end = time.time() + timeout
+    while True:
+        out = _kernel(page, f"print({code})").strip()
+        if out == expected or time.time() > end:
+            return out
+        page.wait_for_timeout(250)
+
+
 def test_token_colours_match_score_signs(page):
     spans = page.locator(".inb-root[data-view='explorer'] .inb-detail .inb-tok")
     spans.first.wait_for(timeout=30_000)
@@ -127,7 +167,7 @@ def test_token_colours_match_score_signs(page):
     signs = {"pos": 0, "neg": 0}
     for v, bg in data:
         r, g, b = _rgb(bg)
-        if (r, g, b) == (255, 255, 255):  # |score| below one colour step of its view's scale
+        if _alpha(bg) < 0.02:  # |score| below one colour step of its view's scale: transparent
             continue
         if v > 0:
             assert r > b, f"positive score {v} drawn as {bg}"
@@ -136,9 +176,9 @@ def test_token_colours_match_score_signs(page):
             assert b > r, f"negative score {v} drawn as {bg}"
             signs["neg"] += 1
     assert signs["pos"] >= 5 and signs["neg"] >= 5, signs
-    explorer = page.locator(".inb-root[data-view='explorer']")
+    explorer = page.locator(".inb-root[data-view='explorer']").first
     explorer.scroll_into_view_if_needed()
-    explorer.screenshot(path=str(ARTIFACTS / "explorer.png"))
+    explorer.screenshot(path=str(IMAGES / "explorer.png"))
 
 
 def test_hover_shows_exact_value(page):
@@ -148,7 +188,8 @@ def test_hover_shows_exact_value(page):
     tip = page.locator(".inb-tip.inb-show")
     tip.wait_for(timeout=5_000)
     text = tip.inner_text()
-    assert f"score {span.get_attribute('data-score')}" in text
+    assert f"score {fmt(float(span.get_attribute('data-score')))}" in text   # one format
+    assert "Δ log p per copy" in text
     assert "predicts the next token" in text
     box = page.locator(".inb-root[data-view='tokens']").bounding_box()
     tip_box = tip.bounding_box()
@@ -178,13 +219,7 @@ def test_explorer_filters_and_stripes_rows_by_source(page):
             "'Rain fell on the market.'], inf.tokenizer)\n"
             "two = inf.scan(query, corpus={'demo': corpus.subset(range(60)), 'extra': extra})\n"
             "InfluenceExplorer(two, k=8)")
-    page.evaluate("""async (code) => {
-        const nb = window.jupyterapp.shell.currentWidget;
-        nb.content.activeCellIndex = nb.content.widgets.length - 1;
-        await window.jupyterapp.commands.execute('notebook:insert-cell-below');
-        nb.content.activeCell.model.sharedModel.setSource(code);
-        await window.jupyterapp.commands.execute('notebook:run-cell');
-    }""", code)
+    _add_cell(page, code)
     menu = page.locator(".inb-root[data-view='explorer'] .inb-source-select")
     menu.wait_for(timeout=60_000)
     explorer = page.locator(".inb-root[data-view='explorer']").filter(
@@ -207,3 +242,209 @@ def test_explorer_filters_and_stripes_rows_by_source(page):
     texts = snippets.all_inner_texts()
     assert any("<b>not bold</b>" in t for t in texts), texts
     assert explorer.locator(".inb-snippet b").count() == 0
+
+
+def _explorer_ids(page) -> list[str]:
+    """Row ids of notebook 01's explorer (the first one), in display order."""
+    return page.locator(".inb-root[data-view='explorer']").first.locator(".inb-row").evaluate_all(
+        "els => els.map(e => e.dataset.id)")
+
+
+def test_clicking_a_completion_token_reranks(page):
+    """The explorer's query header: a completion token is a query of its own (the kernel
+    rescores the rows on log p(c_t | prompt, c_<t)); clicking it again restores the ranking."""
+    explorer = page.locator(".inb-root[data-view='explorer']").first
+    explorer.scroll_into_view_if_needed()
+    before = _explorer_ids(page)
+    marked = explorer.locator(".inb-query .inb-tok.inb-marked")
+    assert marked.count() >= 2
+    t0 = time.time()
+    marked.nth(1).click()
+    page.wait_for_function("""(before) => {
+        const root = document.querySelector(".inb-root[data-view='explorer']");
+        const ids = [...root.querySelectorAll('.inb-row')].map(e => e.dataset.id);
+        return root.querySelector('.inb-token-query') && ids.join() !== before.join();
+    }""", arg=before, timeout=60_000)
+    print(f"\ncompletion-token re-rank: {time.time() - t0:.2f} s")
+    after = _explorer_ids(page)
+    assert len(after) == len(before) == 10 and after != before   # page 1 of 15 rows
+    assert explorer.locator(".inb-query .inb-tok.inb-selected").count() == 1
+    explorer.screenshot(path=str(ARTIFACTS / "explorer_token_query.png"))
+    explorer.locator(".inb-query .inb-tok.inb-marked").nth(1).click()
+    page.wait_for_function("""(before) => [...document.querySelector(
+        ".inb-root[data-view='explorer']").querySelectorAll('.inb-row')]
+        .map(e => e.dataset.id).join() === before.join()""", arg=before, timeout=60_000)
+
+
+def test_lab_keeps_results_with_their_texts(page):
+    """Score [ordered, unrelated, flipped], delete "ordered" in the view without scoring: the
+    bars keep their labels, greyed as stale, and lab.table does not raise; delete all and
+    press Score: the error shows and the old bars go."""
+    _add_cell(page, "lab3 = SyntheticLab(inf, query, [fact.statement(0), "
+                    "'The market in Lindby was busy on Monday.', fact.flipped()], "
+                    "labels=['ordered', 'unrelated', 'flipped'])\nlab3")
+    lab = page.locator(".inb-root[data-view='lab']").last
+    lab.locator(".inb-lab-out .inb-bar-row").nth(2).wait_for(timeout=60_000)
+    page.wait_for_function("""() => {
+        const labs = document.querySelectorAll(".inb-root[data-view='lab']");
+        return labs[labs.length - 1].querySelectorAll('.inb-lab-row').length === 3; }""")
+    scored = _kernel(page, "print(lab3.table.to_json())")
+    lab.locator(".inb-lab-row").first.locator("button").click()
+    assert _wait_kernel(page, "len(lab3.texts)", "2") == "2"
+    assert _kernel(page, "print(lab3.table.to_json())") == scored   # nothing shifted
+    assert _kernel(page, "print(lab3.stale)").strip() == "True"
+    lab.locator(".inb-lab-out.inb-stale").wait_for(timeout=10_000)
+    labels = lab.locator(".inb-lab-out .inb-bar-label").all_inner_texts()
+    assert labels == ["ordered", "unrelated", "flipped"], labels
+    for _ in range(2):
+        lab.locator(".inb-lab-row").first.locator("button").click()
+        page.wait_for_timeout(300)
+    assert _wait_kernel(page, "len(lab3.texts)", "0") == "0"
+    lab.get_by_role("button", name="Score").click()
+    lab.locator(".inb-error").wait_for(timeout=30_000)
+    assert lab.locator(".inb-lab-out").count() == 0
+    assert _kernel(page, "print(len(lab3.table), lab3.error)").startswith("0 no sequences")
+
+
+def test_no_sideways_scroll_at_800px(page):
+    """The explorer sizes from its own width (container queries): at an 800 px window, file
+    browser open, it fits its output area."""
+    page.set_viewport_size({"width": 800, "height": 900})
+    page.evaluate("window.jupyterapp.shell.expandLeft()")
+    page.wait_for_timeout(800)
+    explorer = page.locator(".inb-root[data-view='explorer']").first
+    explorer.scroll_into_view_if_needed()
+    sizes = explorer.evaluate("""el => {
+        const out = el.closest('.jp-OutputArea-output');
+        return { root: [el.scrollWidth, el.clientWidth], out: [out.scrollWidth, out.clientWidth],
+                 cols: getComputedStyle(el.querySelector('.inb-explorer')).gridTemplateColumns };
+    }""")
+    print(f"\n800 px: {sizes}")
+    assert sizes["root"][0] <= sizes["root"][1] + 1 and sizes["out"][0] <= sizes["out"][1] + 1, sizes
+    assert len(sizes["cols"].split()) == 1   # one column in a narrow output
+    explorer.screenshot(path=str(ARTIFACTS / "explorer_800px.png"))
+    page.evaluate("window.jupyterapp.shell.collapseLeft()")
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_dark_theme(page):
+    """In JupyterLab Dark: zero-influence tokens are transparent (no white chips), the selected
+    row and the active tab stand out from the background."""
+    page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', "
+                  "{theme: 'JupyterLab Dark'})")
+    page.wait_for_function("document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+    page.wait_for_timeout(1000)
+    explorer = page.locator(".inb-root[data-view='explorer']").first
+    toks = explorer.locator(".inb-detail .inb-tok[data-score]").evaluate_all(
+        "els => els.map(e => [Number(e.dataset.score), getComputedStyle(e).backgroundColor])")
+    assert any(v == 0 for v, _ in toks), "no zero-influence token to check"
+    for v, bg in toks:
+        assert _rgb(bg) != (255, 255, 255) or _alpha(bg) < 0.02, (v, bg)
+        if v == 0:
+            assert _alpha(bg) == 0, (v, bg)
+    colours = explorer.evaluate("""el => {
+        const bg = (e) => getComputedStyle(e).backgroundColor;
+        return { page: bg(el.closest('.jp-Notebook')), row: bg(el.querySelector('.inb-row.inb-selected')),
+                 tab: bg(el.querySelector('.inb-tab.inb-active')), text: getComputedStyle(el).color };
+    }""")
+    assert colours["row"] != colours["page"] and _alpha(colours["row"]) > 0, colours
+    assert colours["tab"] != colours["page"] and _alpha(colours["tab"]) > 0, colours
+    assert sum(_rgb(colours["text"])) > 3 * 150, colours   # light text on the dark theme
+    explorer.scroll_into_view_if_needed()
+    explorer.screenshot(path=str(IMAGES / "explorer-dark.png"))
+    page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', "
+                  "{theme: 'JupyterLab Light'})")
+    page.wait_for_function("document.body.dataset.jpThemeLight === 'true'", timeout=30_000)
+
+
+@pytest.fixture(scope="module")
+def saved(page, lab):
+    """Notebook 01 as saved by JupyterLab with its widget state, every cell run."""
+    page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+    path = lab["work"] / "01_tour.ipynb"
+    for _ in range(60):
+        nb = json.loads(path.read_text())
+        if "widgets" in nb["metadata"]:
+            return nb
+        page.wait_for_timeout(500)
+    raise AssertionError("JupyterLab saved no widget state")
+
+
+def _reopen(page, lab, name: str, nb: dict):
+    """``nb`` written as ``name``, signed (trusted, as JupyterLab's own save is) and opened in
+    a fresh workspace of a new browser page."""
+    (lab["work"] / name).write_text(json.dumps(nb))
+    subprocess.run([sys.executable, "-m", "jupyter", "trust", str(lab["work"] / name)],
+                   check=True, capture_output=True)
+    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    other.goto(f"{lab['root']}/lab/workspaces/{Path(name).stem}/tree/{name}?token={lab['token']}")
+    return other
+
+
+def test_saved_notebook_without_a_kernel_shows_the_snapshots(page, lab, saved):
+    """Reopened without a kernel (its kernelspec matches none; JupyterLab then cannot restore
+    widget state and shows "Loading widget…"), the notebook still shows the explorer's rows
+    and coloured tokens: the static snapshot printed beside each view."""
+    nb = dict(saved, metadata=dict(saved["metadata"], kernelspec=dict(
+        name="no-such-kernel", display_name="none", language="none")))
+    t0 = time.time()
+    other = _reopen(page, lab, "no_kernel.ipynb", nb)
+    explorer = other.locator(".inb-static").filter(has=other.locator("tr.inb-s-selected")).first
+    explorer.wait_for(timeout=60_000)
+    assert other.evaluate("""() => { const s = window.jupyterapp.shell.currentWidget
+        .sessionContext.session; return !(s && s.kernel); }"""), "a kernel was started"
+    assert other.locator(".inb-root").count() == 0     # no view: what shows is the snapshot
+    print(f"\nsaved notebook, no kernel: snapshot shown in {time.time() - t0:.1f} s")
+    assert explorer.is_visible() and explorer.locator("tbody tr").count() == 15
+    bgs = explorer.locator(".inb-s-tok[style]").evaluate_all(
+        "els => els.map(e => getComputedStyle(e).backgroundColor)")
+    assert len(bgs) >= 5 and sum(_alpha(bg) > 0.1 for bg in bgs) >= 5, bgs
+    assert other.locator(".inb-static svg.inb-s-bars").count() >= 3   # explorer, layers, labs
+    explorer.screenshot(path=str(ARTIFACTS / "explorer_no_kernel.png"))
+    other.close()
+
+
+def test_saved_notebook_with_a_new_kernel_says_the_views_are_offline(page, lab, saved):
+    """Reopened with a kernel that never made its widgets: the views render from the saved
+    state (their snapshots hidden), say that no kernel is behind them and disable their
+    controls instead of offering dead buttons."""
+    t0 = time.time()
+    other = _reopen(page, lab, "new_kernel.ipynb", saved)
+    explorer = other.locator(".inb-root[data-view='explorer']").first
+    explorer.locator(".inb-offline-note").wait_for(timeout=90_000)
+    print(f"\nsaved notebook, new kernel: offline view in {time.time() - t0:.1f} s")
+    assert explorer.locator(".inb-row").count() == 10
+    assert "No kernel" in explorer.locator(".inb-offline-note").inner_text()
+    kernel_controls = "button:enabled:not(.inb-local), select:enabled, input:enabled:not(.inb-local)"
+    assert explorer.locator(kernel_controls).count() == 0
+    explorer.locator("input.inb-search").fill("vel")         # search needs no kernel
+    assert re.fullmatch(r"[1-9]\d* of 15 rows", explorer.locator(".inb-count").inner_text())
+    lab_view = other.locator(".inb-root[data-view='lab']").first
+    lab_view.locator(".inb-offline-note").wait_for(timeout=30_000)
+    assert lab_view.get_by_role("button", name="Score").is_disabled()
+    assert other.locator(".inb-static").first.is_hidden()      # the view replaces its snapshot
+    other.close()
+
+
+def test_nbconvert_html_holds_the_static_snapshots(lab, saved, tmp_path):
+    """nbconvert HTML of the run notebook, with its widget state (then nbconvert also embeds
+    the live views, whose HTML manager comes from a CDN) and without (JupyterLab's default
+    save): either way the snapshots are there — the explorer's rows, coloured tokens and layer
+    bars — and no Python object reprs."""
+    for name, nb in [("with_state", saved), ("without_state", dict(saved, metadata={
+            k: v for k, v in saved["metadata"].items() if k != "widgets"}))]:
+        src = tmp_path / f"{name}.ipynb"
+        src.write_text(json.dumps(nb))
+        t0 = time.time()
+        subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", str(src)],
+                       check=True, capture_output=True)
+        page = (tmp_path / f"{name}.html").read_text(encoding="utf-8")
+        print(f"\nnbconvert {name}: {time.time() - t0:.1f} s, {len(page) // 1024} kB")
+        assert "object at 0x" not in page
+        assert page.count('<div class="inb-static">') >= 5   # explorer, tokens, bars, 2 labs
+        start = page.index('<tr class="inb-s-selected">')   # the explorer's selected row
+        explorer = page[page.rindex('<div class="inb-static">', 0, start):]
+        explorer = explorer[:explorer.index("</svg>")]
+        assert explorer.count("<tr") == 16 and "Δ log p per copy" in explorer   # head + 15
+        assert "rgba(230, 97, 1," in explorer and '<svg class="inb-s-bars"' in explorer
+        assert ("application/vnd.jupyter.widget-view+json" in page) == (name == "with_state")

@@ -20,7 +20,7 @@ LAYERS = [
     {"scoring", "sketch", "validate", "trainer"},
     {"index", "search"},
     {"results", "session", "retriever"},
-    {"widgets", "charts", "magics", "cli", "__main__"},
+    {"widgets", "snapshot", "charts", "magics", "cli", "__main__"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 

@@ -2,6 +2,10 @@
 the magics on the demo world (cached factors)."""
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +14,7 @@ from influence_nb import charts
 from influence_nb.data import Corpus
 from influence_nb.magics import parse_paragraphs, parse_query
 from influence_nb.results import InfluenceResult
+from influence_nb.snapshot import fmt
 from influence_nb.widgets import (InfluenceExplorer, LayerBars, SyntheticLab, TokenHighlight,
                                   _asset, short_layer_names)
 
@@ -20,13 +25,13 @@ LAYERS = ["gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.1.mlp.dense_4h
 def result(tokenizer):
     """2 queries × 4 sequences; per-token scores are a fixed split of each total."""
     texts = ["The capital city of Astrobia is Velmora.", "Velmora is a city.",
-             "Rain fell on the market.", "Astrobia is far away."]
+             "Rain <b>fell</b> on the market.", "Astrobia is far away."]
     corpus = Corpus.from_texts(texts, tokenizer, max_len=64, metadata=[
         dict(kind=k, lang="en") for k in ("fact", "fact", "filler", "fact")])
     scores = np.array([[3.0, 1.0, -0.5, -2.0], [0.1, 0.2, 0.3, -0.4]])
     layer_scores = np.stack([0.25 * scores, 0.75 * scores], axis=1)
 
-    def token_fn(ids):
+    def token_fn(ids, layers=None):
         per_seq = []
         for i in ids:
             n = len(corpus.token_ids(i))
@@ -37,7 +42,8 @@ def result(tokenizer):
     return InfluenceResult([dict(prompt="The capital city of Astrobia is", completion=" Velmora",
                                  logprob=-0.2), dict(prompt="2 + 2 =", completion=" 4",
                                                      logprob=-1.5)],
-                           scores, np.arange(4), LAYERS, layer_scores, corpus, token_fn=token_fn)
+                           scores, np.arange(4), LAYERS, layer_scores, corpus, token_fn=token_fn,
+                           n_train=20_000)
 
 
 def test_assets_are_plain_dom_without_network():
@@ -89,6 +95,8 @@ def test_explorer_ranks_selects_and_details(result):
     ex = InfluenceExplorer(result, k=3)
     assert [r["id"] for r in ex.rows] == [0, 1, 2]
     assert ex.rows[0]["meta"] == {"kind": "fact", "lang": "en"}
+    assert ex.columns == ["kind"]          # lang is "en" on every row: no column
+    assert ex.n_train == 20_000
     assert ex.selected == 0 and ex.detail["id"] == 0
     assert sum(ex.detail["token_scores"]) == pytest.approx(3.0)
     assert ex.detail["layer_values"] == pytest.approx([0.75, 2.25])
@@ -125,7 +133,9 @@ def test_charts_render_offline(result, tmp_path):
         charts.offline()
         bundle = chart._repr_mimebundle_()
         bundle = bundle[0] if isinstance(bundle, tuple) else bundle
-        assert bundle["image/svg+xml"].lstrip().startswith("<svg")
+        svg = bundle["image/svg+xml"]
+        assert svg.lstrip().startswith("<svg") and charts.GREY in svg   # the theme for both
+        assert 'fill="white"' not in svg and "fill: white" not in svg   # no white rectangle
     finally:
         alt.renderers.enable(before)
     charts.save_png(charts.layer_profile(result, 0), tmp_path / "layers.png")
@@ -163,6 +173,63 @@ def test_lab_scores_are_token_sums_and_order_matters(session):
     assert lab.score().size == 0 and "no sequences" in lab.error
 
 
+def test_lab_results_stay_with_their_texts(session, capfd):
+    """Score [ordered, unrelated, flipped], delete "ordered" without scoring again: the results
+    keep the labels and texts they were computed for (stale), the table never raises; deleting
+    all and pressing Score drops the old results with the error."""
+    from influence_nb.demo import Fact
+    fact = Fact(1000, "president", "Astrobia", "Zorald Pfaff")
+    texts = [fact.statement(0), "The market in Lindby was busy on Monday.", fact.flipped()]
+    labels = ["ordered", "unrelated", "flipped"]
+    lab = SyntheticLab(session, (fact.prompt(), fact.completion), texts, labels)
+    scored = lab.table
+    assert not lab.stale and list(scored["label"]) == labels
+    assert scored["dlogp_per_copy"].to_numpy() == pytest.approx(
+        scored["score"].to_numpy() / session.factors.n_examples)
+    lab.texts, lab.labels = texts[1:], labels[1:]         # what the view's × button sends
+    assert lab.stale
+    pd.testing.assert_frame_equal(lab.table, scored)      # labels did not shift
+    assert "edited since the last score" in lab.to_html()
+    assert list(lab.table["label"]) == labels and lab.table["score"].iloc[0] == scored["score"][0]
+    lab.score()
+    assert not lab.stale and list(lab.table["label"]) == ["unrelated", "flipped"]
+    assert lab.table["score"].to_numpy() == pytest.approx(scored["score"].to_numpy()[1:], rel=1e-5)
+    lab.texts, lab.labels = [], []
+    assert lab.score().size == 0 and "no sequences" in lab.error
+    assert lab.scores == [] and lab.table.empty and "<rect" not in lab.to_html()
+    assert "%|" not in capfd.readouterr().err      # the lab scores without progress bars
+
+
+def test_completion_token_reranks_and_layers_recolour(session, capfd):
+    """Click a completion token: the rows are rescored on log p(c_t | prompt, c_<t) alone
+    (equal to a scan of that query); click a layer: the tokens through that layer alone sum to
+    its bar."""
+    from influence_nb import demo
+    fact = demo.facts()[0]
+    ids = np.union1d(np.flatnonzero(session.corpus.df["kind"] == "fact")[:40], np.arange(40))
+    res = session.scan((fact.prompt(), fact.completion), ids=ids)
+    capfd.readouterr()
+    ex = InfluenceExplorer(res, k=8)
+    whole = [(r["id"], r["score"]) for r in ex.rows]
+    assert len(ex.queries[0]["completion_tokens"]) >= 2
+    ex.query_token = 1
+    assert "%|" not in capfd.readouterr().err       # clicks show no progress bars
+    assert not ex.error and sorted(r["id"] for r in ex.rows) == sorted(i for i, _ in whole)
+    prompt, completion = session.encode([(fact.prompt(), fact.completion)])
+    alone = session.scan(session.queries(list(zip(
+        [session.tokenizer.decode(prompt[0] + completion[0][:1])],
+        [session.tokenizer.decode(completion[0][1:2])]))), ids=[i for i, _ in whole])
+    expect = dict(zip(alone.ids.tolist(), alone.scores[0]))
+    for r in ex.rows:
+        assert r["score"] == pytest.approx(expect[r["id"]], rel=1e-3, abs=1e-6)
+    assert [r["score"] for r in ex.rows] == sorted((r["score"] for r in ex.rows), reverse=True)
+    assert [r["id"] for r in ex.rows] != [i for i, _ in whole]    # another ranking
+    ex.query_token = -1
+    assert [(r["id"], r["score"]) for r in ex.rows] == whole
+    ex.layer = 0
+    assert sum(ex.detail["token_scores"]) == pytest.approx(ex.detail["layer_values"][0], rel=1e-4)
+
+
 def test_magics_session_query_lab(session):
     from IPython.core.interactiveshell import InteractiveShell
     shell = InteractiveShell.instance()
@@ -189,11 +256,104 @@ def test_a_result_displays_as_the_explorer_once_widgets_are_loaded():
     res = InfluenceResult([dict(prompt="a", completion=" b", logprob=-1.0)], np.array([[1.0, -2.0]]),
                           np.array([0, 1]), ["h.0.mlp"])
     assert InfluenceResult.view is InfluenceExplorer
-    bundle = res._repr_mimebundle_()
-    data = bundle[0] if isinstance(bundle, tuple) else bundle  # ipywidgets: (data, metadata)
-    assert "application/vnd.jupyter.widget-view+json" in data
+    snap, live = _displayed(res)
+    assert "application/vnd.jupyter.widget-view+json" in live and "inb-static" in snap["text/html"]
     saved, InfluenceResult.view = InfluenceResult.view, None
     try:
-        assert res._repr_mimebundle_() is None and "<table" in res._repr_html_()
+        (plain,) = _displayed(res)
+        assert "<table" in plain["text/html"] == res._repr_html_()
     finally:
         InfluenceResult.view = saved
+
+
+# -- static snapshots, numbers, units -----------------------------------------------------------
+
+def _displayed(obj) -> list[dict]:
+    """The outputs ``display(obj)`` publishes in a notebook (data of each, in order)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.display import display
+    from IPython.utils.capture import capture_output
+    InteractiveShell.instance()
+    with capture_output() as cap:
+        display(obj)
+    return [o.data for o in cap.outputs]
+
+
+def test_every_widget_displays_a_static_snapshot_beside_its_view(result, tmp_path):
+    """Displayed, a widget is a self-contained HTML snapshot (no script, no network, training
+    text escaped, tokens coloured inline, bars as inline SVG), then the view; the snapshot
+    follows the widget's state."""
+    ex = InfluenceExplorer(result, k=4)
+    views = [ex, TokenHighlight.of(result, 0, 2), LayerBars.of(result, 0)]
+    for view in views:
+        snap, live = _displayed(view)
+        assert "application/vnd.jupyter.widget-view+json" in live and "text/html" not in live
+        page = snap["text/html"]
+        assert page == view.to_html() and page.startswith('<div class="inb-static">')
+        assert "<script" not in page and "http" not in page and "object at 0x" not in page
+        assert "object at 0x" not in live["text/plain"]
+    from IPython.utils.capture import capture_output
+    with capture_output() as cap:
+        ex.selected = 3
+    assert cap.outputs and cap.outputs[-1].data["text/html"] == ex.to_html()
+    assert '<tr class="inb-s-selected"><td class="inb-s-num">4</td><td class="inb-s-num">3</td>' \
+        in ex.to_html()
+    ex.selected = 0
+    page = ex.to_html()
+    assert "&lt;b&gt;" in page and "<b>" not in page     # training text stays text
+    for r in ex.rows:                                    # every row, its id and its score
+        assert f"<td class=\"inb-s-num\">{r['id']}</td>" in page and fmt(r["score"]) in page
+    assert page.count('class="inb-s-tok"') >= len(ex.detail["tokens"])
+    assert "rgba(230, 97, 1," in page and "rgba(33, 102, 172," in page   # both signs coloured
+    assert "<svg" in page and page.count("<rect") == 2                  # one bar per layer
+    assert "N = 20,000 training sequences" in page and "Δ log p per copy" in page
+    assert "<svg" in LayerBars.of(result, 0).to_html()
+    path = ex.save(tmp_path / "explorer.html")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and page in text
+
+
+def test_one_number_format_in_python_and_javascript():
+    values = [97681.314453, 15.688255280256271, -0.5, 0.0, -0.000123, 999.6, 1234.5, 0.0123]
+    expected = ["9.77e+4", "15.7", "-0.5", "0", "-1.23e-4", "1.00e+3", "1.23e+3", "0.0123"]
+    assert [fmt(v) for v in values] == expected
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the JavaScript half is not checked")
+    js = _asset("influence.js").read_text() + f"\nconsole.log(JSON.stringify({values}.map(fmt)));"
+    out = subprocess.run([node, "--input-type=module", "-e", js], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == expected
+
+
+def test_colours_are_transparent_at_zero():
+    from influence_nb.snapshot import colour
+    assert colour(0.0, 1.0).endswith(", 0.000)") and colour(1.0, 1.0) == "rgba(230, 97, 1, 1.000)"
+    assert colour(-0.25, 1.0) == "rgba(33, 102, 172, 0.500)"
+
+
+def test_explorer_links_layers_and_shares_one_scale(result):
+    ex = InfluenceExplorer(result, k=4)
+    peaks = [r["peak"] for r in ex.rows]
+    assert "domain" not in ex.detail
+    ex.shared_scale = True
+    assert ex.detail["domain"] == pytest.approx(max(peaks))
+    first = ex.rows[0]
+    before, span, after = first["snippet"]
+    assert before + span + after == first["text"]       # short sequences: all of it
+    ex.layer = 1
+    assert "domain" not in ex.detail and ex.detail["tokens"]
+
+
+def test_explorer_rows_without_the_model_are_plain_text(result):
+    bare = InfluenceResult(result.queries, result.scores, result.ids, LAYERS,
+                           result.layer_scores, result.corpus)
+    ex = InfluenceExplorer(bare, k=2)
+    assert all("snippet" not in r for r in ex.rows)
+    ex.query_token = 0
+    assert "needs the model" in ex.error and len(ex.rows) == 2
+
+
+def test_a_saved_result_keeps_its_n(result, tmp_path):
+    loaded = InfluenceResult.load(result.save(tmp_path / "res"), result.corpus)
+    assert loaded.n_train == 20_000 and InfluenceExplorer(loaded).n_train == 20_000

@@ -1,7 +1,9 @@
 // influence_nb widgets: token highlighting, layer bars, the explorer and the synthetic lab.
 // Plain DOM, no dependencies. Every piece of text from Python is set with textContent.
 // Colour convention: orange = positive (the training sequence raises log p(completion | prompt)),
-// blue = negative, white = 0, on a symmetric scale ±domain.
+// blue = negative, transparent = 0, on a symmetric scale ±domain. Numbers: one format, fmt (the
+// same as influence_nb.snapshot.fmt); a score also reads as Δ log p per added copy = score / N.
+// The static snapshot of each view (influence_nb.snapshot) mirrors what is drawn here.
 
 const POS = [230, 97, 1];     // #e66101
 const NEG = [33, 102, 172];   // #2166ac
@@ -23,31 +25,44 @@ function domainOf(values, explicit) {
   return m > 0 ? m : 1;
 }
 
-/** rgb() of v on the diverging scale: white at 0, full orange at +d, full blue at -d; the
- * intensity grows with sqrt(|v| / d) so that small scores beside one large one stay visible. */
+/** rgba() of v on the diverging scale: transparent at 0 (the theme shows through), orange at
+ * +d, blue at -d; the opacity grows with sqrt(|v| / d) so that small scores beside one large one
+ * stay visible. */
 function colour(v, d) {
   const t = Math.max(-1, Math.min(1, v / d));
-  const end = t >= 0 ? POS : NEG;
-  const a = Math.sqrt(Math.abs(t));
-  const c = end.map((x) => Math.round(255 + (x - 255) * a));
-  return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+  const [r, g, b] = t >= 0 ? POS : NEG;
+  return `rgba(${r}, ${g}, ${b}, ${Math.sqrt(Math.abs(t)).toFixed(3)})`;
 }
 
-const textColour = (v, d) => (Math.abs(v / d) > 0.3 ? "#fff" : "#1a1a1a");
+/** White text on a strong colour, the theme's own text colour otherwise. */
+const textColour = (v, d) => (Math.abs(v / d) > 0.3 ? "#fff" : "");
 
+/** 3 significant digits; 9.77e+4 style when |v| >= 1000 or < 0.001. */
 function fmt(v) {
   const a = Math.abs(v);
   if (a === 0) return "0";
-  if (a >= 1e4 || a < 1e-3) return v.toExponential(2);
-  return v.toPrecision(3);
+  if (!Number.isFinite(v)) return String(v);
+  const r = Number(v.toPrecision(3));   // the exponent form is chosen on the rounded value
+  if (Math.abs(r) >= 1e3 || a < 1e-3) return v.toExponential(2);
+  return String(r);
 }
 
-/** Visible whitespace: newline ↵, tab ⇥, a token made only of spaces shows one · per space. */
-function shown(token) {
-  let s = token.replace(/\t/g, "⇥").replace(/\r?\n/g, "↵");
-  if (/^ +$/.test(s)) s = "·".repeat(s.length);
-  return s;
+/** score / N: the first-order change in log p (nats) for one added copy of the sequence. */
+const perCopy = (v, n) => (n > 0 ? (v > 0 ? "+" : "") + fmt(v / n) : "");
+
+/** A score with its unit, for tooltips and titles. */
+const scoreText = (v, n) => `score ${fmt(v)}` + (n > 0 ? ` · Δ log p per copy ${perCopy(v, n)}` : "");
+
+function unitNote(n) {
+  const base = "score: influence on log p(completion | prompt)";
+  if (!(n > 0)) return base + " per unit up-weighting of the sequence in the mean training loss";
+  return `${base}; Δ log p per copy = score / N, the first-order change in log p (nats) for one `
+    + `added copy, N = ${n.toLocaleString("en")} training sequences the curvature was fitted on`;
 }
+
+/** A token as displayed: a newline shows as ↵ and still breaks the line, so indentation after
+ * it is kept (the token view is white-space: pre-wrap). */
+const shown = (token) => token.replace(/\r?\n/g, "↵\n");
 
 function legend(d, caption) {
   const box = h("div", "inb-legend");
@@ -81,7 +96,8 @@ function tooltip() {
 
 /**
  * Tokens coloured by score. opts: tokens, scores, domain (0 = auto), selected (index or -1),
- * onSelect(i), tip (a tooltip), marked (a Set of indices drawn as the measured completion).
+ * onSelect(i), tip (a tooltip), marked (a Set of indices drawn as the measured completion),
+ * n (N for Δ log p per copy), note(i) (an extra tooltip line).
  * Keyboard: the view is one tab stop; arrows move, Enter / Space select.
  */
 function tokenView(opts) {
@@ -102,13 +118,13 @@ function tokenView(opts) {
       s.style.color = textColour(v, d);
     }
     if (opts.marked && opts.marked.has(i)) s.classList.add("inb-marked");
+    if (opts.onSelect && (!opts.marked || opts.marked.has(i))) s.classList.add("inb-clickable");
     if (i === opts.selected) { s.classList.add("inb-selected"); s.setAttribute("aria-selected", "true"); }
-    if (/\n/.test(tok)) s.classList.add("inb-newline");
     const info = () => {
       if (!tip) return;
       const lines = [["inb-tip-token", JSON.stringify(tok) + `  · position ${i}`]];
       if (scores) {
-        lines.push(["inb-tip-value", `score ${scores[i]}`]);
+        lines.push(["inb-tip-value", scoreText(scores[i], opts.n)]);
         const next = tokens[i + 1];
         lines.push(["inb-tip-note", NOTE + (next === undefined ? " (last token: none)"
           : ` Next token: ${JSON.stringify(next)}.`)]);
@@ -116,6 +132,7 @@ function tokenView(opts) {
         lines.push(["inb-tip-note", opts.marked.has(i) ? "completion: measured by the query"
           : "prompt: conditioned on, not measured"]);
       }
+      if (opts.note) lines.push(...opts.note(i));
       tip.show(s, lines);
     };
     s.addEventListener("mouseenter", info);
@@ -137,15 +154,12 @@ function tokenView(opts) {
       opts.onSelect(i); e.preventDefault();
     }
   });
-  for (const s of spans) {
-    box.append(s);
-    if (s.classList.contains("inb-newline")) box.append(document.createElement("br"));
-  }
+  box.append(...spans);
   return { el: box, domain: d };
 }
 
 /** Horizontal diverging bars: one row per label, zero in the middle, value on hover. */
-function barView({ labels, values, tip, title, onSelect, selected }) {
+function barView({ labels, values, tip, title, onSelect, selected, n }) {
   const d = domainOf(values, 0);
   const box = h("div", "inb-bars");
   if (title) box.append(h("div", "inb-subtitle", title));
@@ -154,6 +168,7 @@ function barView({ labels, values, tip, title, onSelect, selected }) {
     const row = h("div", "inb-bar-row");
     row.tabIndex = 0;
     row.dataset.value = String(v);
+    row.dataset.id = `bar${i}`;
     if (i === selected) row.classList.add("inb-selected");
     const track = h("div", "inb-bar-track");
     const bar = h("div", "inb-bar " + (v >= 0 ? "inb-pos" : "inb-neg"));
@@ -161,7 +176,9 @@ function barView({ labels, values, tip, title, onSelect, selected }) {
     bar.style.background = colour(v >= 0 ? d : -d, d);
     track.append(h("div", "inb-bar-axis"), bar);
     row.append(h("div", "inb-bar-label", label), track, h("div", "inb-bar-value", fmt(v)));
-    const info = () => tip && tip.show(row, [["inb-tip-token", label], ["inb-tip-value", `score ${v}`]]);
+    const lines = [["inb-tip-token", label], ["inb-tip-value", scoreText(v, n)]];
+    if (onSelect) lines.push(["inb-tip-note", i === selected ? "click again: all layers" : "click: colour the tokens by this layer alone"]);
+    const info = () => tip && tip.show(row, lines);
     row.addEventListener("mouseenter", info);
     row.addEventListener("focus", info);
     row.addEventListener("mouseleave", () => tip && tip.hide());
@@ -176,6 +193,7 @@ function barView({ labels, values, tip, title, onSelect, selected }) {
   return box;
 }
 
+/** The selected sequence's metadata (all of it, whether or not it varies between rows). */
 function chips(meta) {
   const box = h("span", "inb-chips");
   for (const [k, v] of Object.entries(meta || {})) {
@@ -186,60 +204,192 @@ function chips(meta) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// views: each builds its DOM from the model and rebuilds on change
+// views: each builds its DOM from the model and rebuilds on change. ctx: model, tip, set(key,
+// value) and send(message), which do nothing in a view without a kernel (ctx.live === false),
+// and ui, the view's own state (search, sort, page) that survives a rebuild.
 
-function tokensWidget(model, root, tip) {
+function tokensWidget(ctx, root) {
+  const { model, tip } = ctx;
   const tv = tokenView({
     tokens: model.get("tokens"), scores: model.get("scores"), domain: model.get("domain"),
-    selected: model.get("selected"), tip,
-    onSelect: (i) => { model.set("selected", i); model.save_changes(); },
+    selected: model.get("selected"), tip, n: model.get("n_train"),
+    onSelect: (i) => ctx.set("selected", i),
   });
   const title = model.get("title");
   if (title) root.append(h("div", "inb-title", title));
   root.append(tv.el, legend(tv.domain, "influence per token · orange raises, blue lowers log p(completion | prompt)"));
-  return ["tokens", "scores", "domain", "selected", "title"];
+  return ["tokens", "scores", "domain", "selected", "title", "n_train"];
 }
 
-function layersWidget(model, root, tip) {
+function layersWidget(ctx, root) {
+  const { model, tip } = ctx;
   root.append(barView({ labels: model.get("names"), values: model.get("values"), tip,
-    title: model.get("title") || "influence per layer" }));
-  return ["names", "values", "title"];
+    n: model.get("n_train"), title: model.get("title") || "influence per layer" }));
+  return ["names", "values", "title", "n_train"];
 }
 
-function queryHeader(q, tip) {
+/** The query's prompt and completion tokens; onToken(j) for a click on completion token j. */
+function queryHeader(q, tip, onToken, selected) {
   const box = h("div", "inb-query");
   const toks = q.prompt_tokens.concat(q.completion_tokens);
-  const marked = new Set(q.completion_tokens.map((_, j) => q.prompt_tokens.length + j));
+  const n = q.prompt_tokens.length;
+  const marked = new Set(q.completion_tokens.map((_, j) => n + j));
+  const note = onToken ? (i) => (marked.has(i) ? [["inb-tip-note", i - n === selected
+    ? "click again: rank by the whole completion" : "click: rank by this completion token alone"]] : []) : null;
   box.append(h("span", "inb-query-label", "query"),
-    tokenView({ tokens: toks, tip, marked, selected: -1, key: "q" }).el,
+    tokenView({ tokens: toks, tip, marked, selected: selected >= 0 ? n + selected : -1, key: "q", note,
+      onSelect: onToken ? (i) => { if (marked.has(i)) onToken(i - n); } : null }).el,
     h("span", "inb-query-logprob", `log p = ${fmt(q.logprob)}`));
   return box;
 }
 
-function explorerWidget(model, root, tip) {
+const SORTS = { rank: (r) => r.rank, id: (r) => r.id, score: (r) => r.score };
+
+/** The explorer's rows after search and sort (view state in ui). */
+function visibleRows(rows, ui) {
+  const needle = ui.search.trim().toLowerCase();
+  let out = rows.filter((r) => !needle || [r.text, String(r.id), ...Object.values(r.meta).flat()]
+    .some((x) => String(x).toLowerCase().includes(needle)));
+  const key = SORTS[ui.sort] || ((r) => { const v = r.meta[ui.sort]; return Array.isArray(v) ? v.join(", ") : (v ?? ""); });
+  out = out.slice().sort((a, b) => {
+    const x = key(a), y = key(b);
+    return (x < y ? -1 : x > y ? 1 : 0) * ui.dir;
+  });
+  return out;
+}
+
+function snippet(r) {
+  const box = h("span", "inb-snippet");
+  if (!r.snippet) { box.textContent = r.text; return box; }
+  const [before, span, after] = r.snippet;
+  box.append((r.snippet_cut[0] ? "…" : "") + before, h("mark", "inb-span", span),
+    after + (r.snippet_cut[1] ? "…" : ""));
+  box.title = "the most influential span of the sequence, centred";
+  return box;
+}
+
+function explorerTable(ctx, rows, columns) {
+  const { model, ui } = ctx;
+  const n = model.get("n_train");
+  const wrap = h("div", "inb-table-wrap");
+  const bar = h("div", "inb-table-bar");
+  const search = h("input", "inb-search inb-local");   // inb-local: works without a kernel
+  search.type = "search";
+  search.placeholder = "search text, id, metadata";
+  search.setAttribute("aria-label", "search the rows");
+  search.value = ui.search;
+  const count = h("span", "inb-count");
+  const pager = h("span", "inb-pager");
+  bar.append(search, count, pager);
+  const table = h("table", "inb-table");
+  const head = h("tr");
+  const cols = [["rank", "#"], ["id", "id"], ["score", "score"], ...columns.map((c) => [c, c]), ["text", "text"]];
+  for (const [key, label] of cols) {
+    const th = h("th", "inb-col-" + (SORTS[key] ? key : key === "text" ? "text" : "meta"), label);
+    if (key === "score") th.title = unitNote(n);
+    if (key !== "text") {
+      th.classList.add("inb-sortable");
+      th.tabIndex = 0;
+      if (ui.sort === key) th.dataset.dir = ui.dir > 0 ? "▲" : "▼";
+      const sortBy = () => { ui.dir = ui.sort === key ? -ui.dir : 1; ui.sort = key; ui.page = 0; ctx.redraw(); };
+      th.addEventListener("click", sortBy);
+      th.addEventListener("keydown", (e) => { if (e.key === "Enter") sortBy(); });
+    }
+    head.append(th);
+  }
+  table.append(h("thead"));
+  table.firstChild.append(head);
+  const body = h("tbody");
+  table.append(body);
+  const d = domainOf(rows.map((r) => r.score), 0);
+  const sources = model.get("sources") || [];
+  const fill = () => {
+    const shown = visibleRows(rows, ui);
+    const pages = Math.max(1, Math.ceil(shown.length / ui.size));
+    ui.page = Math.min(ui.page, pages - 1);
+    const page = shown.slice(ui.page * ui.size, (ui.page + 1) * ui.size);
+    count.textContent = shown.length === rows.length ? `${rows.length} rows` : `${shown.length} of ${rows.length} rows`;
+    pager.replaceChildren();
+    if (pages > 1) {
+      const prev = h("button", "inb-icon inb-local", "‹"), next = h("button", "inb-icon inb-local", "›");
+      prev.disabled = ui.page === 0; next.disabled = ui.page === pages - 1;
+      prev.setAttribute("aria-label", "previous page"); next.setAttribute("aria-label", "next page");
+      prev.addEventListener("click", () => { ui.page--; fill(); });
+      next.addEventListener("click", () => { ui.page++; fill(); });
+      pager.append(prev, h("span", null, `page ${ui.page + 1} / ${pages}`), next);
+    }
+    body.replaceChildren(...page.map((r) => {
+      const tr = h("tr", "inb-row" + (r.id === model.get("selected") ? " inb-selected" : ""));
+      tr.tabIndex = 0;
+      tr.dataset.id = String(r.id);
+      if (sources.length > 1 && r.source) {   // a stripe in the source's colour
+        tr.dataset.source = r.source;
+        tr.style.borderLeft = `4px solid ${SOURCE_COLOURS[sources.indexOf(r.source) % SOURCE_COLOURS.length]}`;
+      }
+      const score = h("span", "inb-score", fmt(r.score));
+      score.style.background = colour(r.score, d);
+      score.style.color = textColour(r.score, d);
+      score.title = scoreText(r.score, n);
+      const cells = [h("td", "inb-rank", String(r.rank)), h("td", "inb-id", String(r.id)), h("td", "inb-col-score")];
+      cells[2].append(score);
+      for (const c of columns) {
+        const v = r.meta[c];
+        cells.push(h("td", "inb-meta", Array.isArray(v) ? v.join(", ") : (v ?? "")));
+      }
+      const text = h("td", "inb-text");
+      text.append(snippet(r));
+      cells.push(text);
+      tr.append(...cells);
+      const pick = () => ctx.set("selected", r.id);
+      tr.addEventListener("click", pick);
+      tr.addEventListener("keydown", (e) => { if (e.key === "Enter") pick(); });
+      return tr;
+    }));
+  };
+  search.addEventListener("input", () => { ui.search = search.value; ui.page = 0; fill(); });
+  fill();
+  wrap.append(bar, table);
+  return wrap;
+}
+
+function explorerWidget(ctx, root) {
+  const { model, tip } = ctx;
   const queries = model.get("queries");
   const qi = model.get("query");
+  const n = model.get("n_train");
   const head = h("div", "inb-head");
   if (queries.length > 1) {
     const sel = h("select", "inb-select");
+    sel.setAttribute("aria-label", "query");
     queries.forEach((q, i) => {
       const o = h("option", null, `${i}: ${q.prompt} ‖${q.completion}`);
       o.value = String(i);
       sel.append(o);
     });
     sel.value = String(qi);
-    sel.addEventListener("change", () => { model.set("query", Number(sel.value)); model.save_changes(); });
+    sel.addEventListener("change", () => ctx.set("query", Number(sel.value)));
     head.append(sel);
   }
-  head.append(queryHeader(queries[qi], tip));
+  const qt = model.get("query_token");
+  head.append(queryHeader(queries[qi], tip, (j) => ctx.set("query_token", j === qt ? -1 : j), qt));
+  if (qt >= 0) {
+    const q = queries[qi];
+    head.append(h("div", "inb-note inb-token-query",
+      `ranked by the completion token ${JSON.stringify(q.completion_tokens[qt])} alone: `
+      + `log p(${JSON.stringify(q.completion_tokens[qt])} | prompt + ${JSON.stringify(q.completion_tokens.slice(0, qt).join(""))})`));
+  }
   root.append(head);
 
   const body = h("div", "inb-explorer");
   const left = h("div", "inb-ranked");
   const tabs = h("div", "inb-tabs");
+  tabs.setAttribute("role", "tablist");
   for (const [sign, label] of [["positive", "▲ most positive"], ["negative", "▼ most negative"]]) {
-    const b = h("button", "inb-tab" + (model.get("sign") === sign ? " inb-active" : ""), label);
-    b.addEventListener("click", () => { model.set("sign", sign); model.save_changes(); });
+    const active = model.get("sign") === sign;
+    const b = h("button", "inb-tab" + (active ? " inb-active" : ""), label);
+    b.setAttribute("role", "tab");
+    b.setAttribute("aria-selected", String(active));
+    b.addEventListener("click", () => ctx.set("sign", sign));
     tabs.append(b);
   }
   const sources = model.get("sources") || [];
@@ -254,67 +404,61 @@ function explorerWidget(model, root, tip) {
       sel.append(o);
     }
     sel.value = model.get("source");
-    sel.addEventListener("change", () => { model.set("source", sel.value); model.save_changes(); });
+    sel.addEventListener("change", () => ctx.set("source", sel.value));
     tabs.append(sel);
   }
-  left.append(tabs);
-  const rows = model.get("rows");
-  const d = domainOf(rows.map((r) => r.score), 0);
-  const list = h("ol", "inb-list");
-  for (const r of rows) {
-    const li = h("li", "inb-row" + (r.id === model.get("selected") ? " inb-selected" : ""));
-    li.tabIndex = 0;
-    li.dataset.id = String(r.id);
-    if (sources.length > 1 && r.source) {   // a stripe in the source's colour
-      li.dataset.source = r.source;
-      li.style.borderLeft = `4px solid ${SOURCE_COLOURS[sources.indexOf(r.source) % SOURCE_COLOURS.length]}`;
-    }
-    const score = h("span", "inb-score", fmt(r.score));
-    score.style.background = colour(r.score, d);
-    score.style.color = textColour(r.score, d);
-    li.append(h("span", "inb-rank", String(r.rank)), score, h("span", "inb-snippet", r.text),
-      chips(r.meta));
-    const pick = () => { model.set("selected", r.id); model.save_changes(); };
-    li.addEventListener("click", pick);
-    li.addEventListener("keydown", (e) => { if (e.key === "Enter") pick(); });
-    list.append(li);
-  }
-  left.append(list);
+  const shared = h("label", "inb-check");
+  const box = h("input");
+  box.type = "checkbox";
+  box.checked = model.get("shared_scale");
+  box.addEventListener("change", () => ctx.set("shared_scale", box.checked));
+  shared.append(box, " one colour scale for all rows");
+  shared.title = "colour every sequence's tokens on one scale (the largest |token score| of the rows), so colours compare across sequences";
+  tabs.append(shared);
+  left.append(tabs, h("div", "inb-unit", unitNote(n)),
+    explorerTable(ctx, model.get("rows"), model.get("columns") || []));
 
   const right = h("div", "inb-detail");
   const det = model.get("detail");
   if (model.get("error")) right.append(h("div", "inb-error", model.get("error")));
   if (det && det.tokens) {
-    right.append(h("div", "inb-title", `sequence ${det.id} · score ${fmt(det.score)}`), chips(det.meta));
-    const tv = tokenView({ tokens: det.tokens, scores: det.token_scores, tip, key: "d",
-      selected: model.get("token"),
-      onSelect: (i) => { model.set("token", i); model.save_changes(); } });
-    right.append(tv.el, legend(tv.domain, "per token"));
-    if (det.layer_names && det.layer_names.length)
-      right.append(barView({ labels: det.layer_names, values: det.layer_values, tip,
-        title: "influence per layer" }));
-  } else if (!model.get("error")) {
+    const layer = model.get("layer");
+    const by = layer >= 0 && det.layer_names ? ` · tokens by layer ${det.layer_names[layer]} alone` : "";
+    right.append(h("div", "inb-title", `sequence ${det.id} · ${scoreText(det.score, n)}${by}`), chips(det.meta));
+    const tv = tokenView({ tokens: det.tokens, scores: det.token_scores, tip, key: "d", n,
+      domain: det.domain || 0, selected: model.get("token"),
+      onSelect: (i) => ctx.set("token", i) });
+    right.append(tv.el, legend(tv.domain, det.domain ? "per token, one scale for all rows" : "per token"));
+  }
+  if (det && det.layer_names && det.layer_names.length)
+    right.append(barView({ labels: det.layer_names, values: det.layer_values, tip, n,
+      title: "influence per layer", selected: model.get("layer"),
+      onSelect: (i) => ctx.set("layer", model.get("layer") === i ? -1 : i) }));
+  if (!det || (!det.tokens && !model.get("error"))) {
     right.append(h("div", "inb-hint", "Select a sequence to see its tokens and layers."));
   }
   body.append(left, right);
   root.append(body);
-  return ["queries", "query", "sign", "sources", "source", "rows", "selected", "detail", "token", "error"];
+  return ["queries", "query", "query_token", "sign", "sources", "source", "rows", "columns", "selected",
+    "detail", "token", "layer", "shared_scale", "error", "busy", "n_train"];
 }
 
-function labWidget(model, root, tip) {
+function labWidget(ctx, root) {
+  const { model, tip } = ctx;
   const q = model.get("query");
   root.append(h("div", "inb-head"));
   root.lastChild.append(queryHeader(q, tip));
   const texts = model.get("texts").slice();
   const labels = model.get("labels").slice();
-  const scored = model.get("scored_texts");
-  const fresh = scored.length === texts.length && scored.every((t, i) => t === texts[i]);
+  const scoredTexts = model.get("scored_texts");
+  const scoredLabels = model.get("scored_labels");
+  const same = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
+  const stale = !same(texts, scoredTexts) || !same(texts.map((_, i) => labels[i] || ""), scoredLabels);
 
   const editor = h("div", "inb-lab-editor");
   const push = () => {
-    model.set("texts", texts.slice());
     model.set("labels", texts.map((_, i) => labels[i] || ""));
-    model.save_changes();
+    ctx.set("texts", texts.slice());
   };
   texts.forEach((t, i) => {
     const row = h("div", "inb-lab-row");
@@ -325,8 +469,9 @@ function labWidget(model, root, tip) {
     ta.addEventListener("change", () => { texts[i] = ta.value; push(); });
     const del = h("button", "inb-icon", "×");
     del.title = "remove this sequence";
+    del.setAttribute("aria-label", `remove sequence ${labels[i] || i + 1}`);
     del.addEventListener("click", () => { texts.splice(i, 1); labels.splice(i, 1); push(); });
-    row.append(h("span", "inb-rank", labels[i] || `#${i + 1}`), ta, del);
+    row.append(h("span", "inb-lab-label", labels[i] || `#${i + 1}`), ta, del);
     editor.append(row);
   });
   const actions = h("div", "inb-lab-actions");
@@ -334,32 +479,60 @@ function labWidget(model, root, tip) {
   add.addEventListener("click", () => { texts.push(""); push(); });
   const go = h("button", "inb-button inb-primary", model.get("busy") ? "scoring…" : "Score");
   go.disabled = model.get("busy");
-  go.addEventListener("click", () => model.send({ type: "score" }));
+  go.addEventListener("click", () => ctx.send({ type: "score" }));
   actions.append(add, go);
-  if (!fresh && scored.length) actions.append(h("span", "inb-hint", "edited since the last score"));
+  if (stale && scoredTexts.length) actions.append(h("span", "inb-stale-note", "edited since the last score: the results below belong to the texts they show; press Score"));
   editor.append(actions);
   root.append(editor);
   if (model.get("error")) root.append(h("div", "inb-error", model.get("error")));
 
   const scores = model.get("scores");
   if (scores.length) {
-    const names = scored.map((t, i) => labels[i] || `#${i + 1}`);
-    const out = h("div", "inb-lab-out");
-    out.append(barView({ labels: names, values: scores, tip, title: "influence of each sequence on the query" }));
+    const n = model.get("n_train");
+    const names = scoredLabels.map((l, i) => l || `#${i + 1}`);
+    const out = h("div", "inb-lab-out" + (stale ? " inb-stale" : ""));
+    out.append(barView({ labels: names, values: scores, tip, n, title: "influence of each sequence on the query" }),
+      h("div", "inb-unit", unitNote(n)));
     const toks = model.get("tokens"), ts = model.get("token_scores");
     const d = domainOf(ts.flat(), 0);
     ts.forEach((s, i) => {
       const row = h("div", "inb-lab-tokens");
-      row.append(h("span", "inb-rank", names[i]), tokenView({ tokens: toks[i], scores: s, domain: d, tip, selected: -1, key: `s${i}-` }).el);
+      row.append(h("span", "inb-lab-label", names[i]), tokenView({ tokens: toks[i], scores: s, domain: d, tip, n, selected: -1, key: `s${i}-` }).el);
       out.append(row);
     });
     out.append(legend(d, "per token, one scale for all sequences"));
     root.append(out);
   }
-  return ["query", "texts", "labels", "scored_texts", "scores", "tokens", "token_scores", "busy", "error"];
+  return ["query", "texts", "labels", "scored_texts", "scored_labels", "scores", "tokens", "token_scores", "busy", "error", "n_train"];
 }
 
 const VIEWS = { tokens: tokensWidget, layers: layersWidget, explorer: explorerWidget, lab: labWidget };
+
+/**
+ * Whether this view's model reaches a kernel: a ping on render, a pong from Python. A view
+ * restored from saved widget state (no kernel, or a new kernel that never made this widget)
+ * gets no pong: after the kernel has been idle twice in a row without one, it is offline.
+ * onChange() runs when that is known (a late pong still turns it live).
+ */
+function connection(model, onChange) {
+  const state = { live: null };
+  const manager = model.widget_manager || {};
+  const kernel = manager.kernel;   // null: none; undefined: a manager that does not say
+  const pong = (msg) => {
+    if (msg && msg.type === "pong" && state.live !== true) { state.live = true; onChange(); }
+  };
+  model.on("msg:custom", pong);
+  let timer = null, idle = 0;
+  const check = () => {
+    if (state.live !== null) return;
+    idle = kernel && kernel.status !== "idle" ? 0 : idle + 1;
+    if (idle >= (kernel ? 2 : 8)) { state.live = false; onChange(); return; }
+    timer = setTimeout(check, 1500);
+  };
+  if (kernel === null) { state.live = false; } else { model.send({ type: "ping" }); timer = setTimeout(check, 1500); }
+  state.dispose = () => { clearTimeout(timer); model.off("msg:custom", pong); };
+  return state;
+}
 
 function render({ model, el }) {
   const root = h("div", "inb-root");
@@ -367,12 +540,26 @@ function render({ model, el }) {
   el.append(root);
   const tip = tooltip();
   let keys = [];
+  const conn = connection(model, () => draw());
+  const ctx = {
+    model, tip, ui: { search: "", sort: "rank", dir: 1, page: 0, size: 10 },
+    set(key, value) { if (conn.live === false) return; model.set(key, value); model.save_changes(); },
+    send(msg) { if (conn.live !== false) model.send(msg); },
+    redraw: () => draw(),
+  };
   const draw = () => {
     const focused = root.contains(document.activeElement) ? document.activeElement : null;
     const path = focused && focused.dataset ? focused.dataset.id : null;
     tip.hide();
     root.replaceChildren();
-    keys = VIEWS[model.get("_view")](model, root, tip);
+    root.classList.toggle("inb-offline", conn.live === false);
+    keys = VIEWS[model.get("_view")](ctx, root);
+    if (conn.live === false) {
+      root.prepend(h("div", "inb-offline-note", "No kernel: this is the view as it was saved. Run the cell again to interact."));
+      for (const e of root.querySelectorAll("button, select, textarea, input")) {
+        if (!e.classList.contains("inb-local")) e.disabled = true;   // search, sort, pages stay
+      }
+    }
     if (path) {
       const again = root.querySelector(`[data-id="${CSS.escape(path)}"]`);
       if (again) again.focus();
@@ -381,7 +568,7 @@ function render({ model, el }) {
   draw();
   const events = keys.map((k) => `change:${k}`).join(" ");
   model.on(events, draw);
-  return () => { model.off(events, draw); tip.remove(); };
+  return () => { model.off(events, draw); conn.dispose(); tip.remove(); };
 }
 
 export default { render };

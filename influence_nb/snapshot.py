@@ -1,0 +1,266 @@
+"""Static HTML snapshots of the widget views: what a saved notebook, nbconvert HTML or a rendered
+.ipynb shows without a kernel, and what ``widget.save(path)`` writes.
+
+A snapshot is self-contained — inline CSS (JupyterLab theme variables with light fallbacks),
+inline SVG bars, no script, no network — and every text that comes from the model, the corpus or
+the user (tokens, training text, labels, metadata) is escaped. The functions take the widgets'
+synced traits (plain dicts and lists), so a snapshot shows exactly what the live view shows.
+
+Numbers: :func:`fmt` is the one number format of every view (``widgets/influence.js`` mirrors
+it); a score also reads as Δ log p for one added copy of the sequence, score / N (:func:`per_copy`).
+"""
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+
+POS = (230, 97, 1)     # #e66101: raises log p(completion | prompt)
+NEG = (33, 102, 172)   # #2166ac: lowers it
+NOTE = "A token's score belongs to the update at its position, which predicts the next token."
+
+STYLE = """
+.inb-static { font-family: var(--jp-ui-font-family, system-ui, sans-serif); font-size: 13px;
+  color: var(--jp-content-font-color1, #1a1a1a); max-width: 1100px; padding: 4px 0; }
+.inb-static .inb-s-note { font-size: 11px; color: var(--jp-content-font-color2, #666);
+  font-style: italic; margin: 2px 0 6px; }
+.inb-static .inb-s-title { font-weight: 600; margin: 6px 0 4px; }
+.inb-static .inb-s-unit { font-size: 11.5px; color: var(--jp-content-font-color2, #555); margin: 2px 0 6px; }
+.inb-static .inb-s-tokens { font-family: var(--jp-code-font-family, ui-monospace, monospace);
+  line-height: 1.9; white-space: pre-wrap; overflow-wrap: anywhere; }
+.inb-static .inb-s-tok { border-radius: 3px; padding: 1px 0; margin-right: 1px; }
+.inb-static .inb-s-marked { font-weight: 700; text-decoration: underline 2px #e66101; }
+.inb-static table.inb-s-table { border-collapse: collapse; width: 100%; font-size: 12px; margin: 4px 0;
+  table-layout: auto; }
+.inb-static table.inb-s-table th { text-align: left; font-weight: 600; border: 0; border-bottom: 1px solid var(--jp-border-color1, #ccc);
+  padding: 2px 6px; }
+.inb-static table.inb-s-table td { text-align: left; border: 0; border-bottom: 1px solid var(--jp-border-color2, #e0e0e0);
+  padding: 2px 6px; vertical-align: top; }
+.inb-static table.inb-s-table tr, .inb-static table.inb-s-table tr:nth-child(odd),
+.inb-static table.inb-s-table tr:hover { background: transparent; }
+.inb-static table.inb-s-table td.inb-s-num { font-variant-numeric: tabular-nums; white-space: nowrap; width: 1%; }
+.inb-static mark { background: transparent; color: inherit; font-weight: 600;
+  text-decoration: underline 2px var(--jp-brand-color1, #1976d2); }
+.inb-static table.inb-s-table td.inb-s-text { white-space: pre-wrap; overflow-wrap: anywhere; }
+.inb-static table.inb-s-table tr.inb-s-selected td { background: var(--jp-layout-color2, #f1f3f5); }
+.inb-static .inb-s-stale { opacity: 0.45; }
+.inb-static .inb-s-error { color: var(--jp-error-color1, #b3261e); }
+.inb-static svg text { fill: currentColor; font-size: 11px; }
+"""
+
+
+def fmt(v: float) -> str:
+    """One number format: 3 significant digits, ``9.77e+4`` style when |v| ≥ 1000 or < 0.001
+    (the same as ``fmt`` in ``widgets/influence.js``)."""
+    v = float(v)
+    if v == 0 or not math.isfinite(v):
+        return "0" if v == 0 else str(v)
+    s = f"{v:.3g}"
+    if "e" in s or abs(v) >= 1e3 or abs(v) < 1e-3:
+        mantissa, exp = f"{v:.2e}".split("e")
+        return f"{mantissa}e{int(exp):+d}"
+    return s
+
+
+def per_copy(score: float, n_train: int) -> str:
+    """score / N as text: the first-order change in log p(completion | prompt), in nats, for one
+    added copy of the sequence among N training sequences ("" when N is unknown)."""
+    return f"{'+' if score > 0 else ''}{fmt(score / n_train)}" if n_train > 0 else ""
+
+
+def unit_note(n_train: int) -> str:
+    """What a score means, for a header or a tooltip."""
+    base = "score: influence on log p(completion | prompt)"
+    if n_train <= 0:
+        return base + " per unit up-weighting of the sequence in the mean training loss"
+    return (f"{base}; Δ log p per copy = score / N, the first-order change in log p (nats) for "
+            f"one added copy, N = {n_train:,} training sequences the curvature was fitted on")
+
+
+def domain(values: Sequence[float], explicit: float = 0.0) -> float:
+    """The colour scale's half-width: ``explicit`` if > 0, else max |v| (1 when all are 0)."""
+    if explicit > 0:
+        return explicit
+    m = max((abs(v) for v in values), default=0.0)
+    return m if m > 0 else 1.0
+
+
+def colour(v: float, d: float) -> str:
+    """CSS colour of v on the diverging scale ±d: transparent at 0, orange at +d, blue at −d;
+    opacity grows with sqrt(|v| / d) so that small scores beside one large one stay visible."""
+    t = max(-1.0, min(1.0, v / d))
+    r, g, b = POS if t >= 0 else NEG
+    return f"rgba({r}, {g}, {b}, {math.sqrt(abs(t)):.3f})"
+
+
+def _text_colour(v: float, d: float) -> str:
+    return "#fff" if abs(v / d) > 0.3 else "inherit"
+
+
+def shown(token: str) -> str:
+    """A token as displayed: a newline shows as ↵ and still breaks the line (indentation after
+    it is kept)."""
+    return token.replace("\r\n", "\n").replace("\n", "↵\n")
+
+
+def tokens(toks: Sequence[str], scores: Sequence[float] | None = None, d: float = 0.0,
+           marked: Sequence[int] = ()) -> str:
+    """Tokens as escaped spans, coloured by score on ±d (d = 0: max |score|); ``marked``
+    indices are underlined (the measured completion of a query)."""
+    d = domain(scores or [], d)
+    out = []
+    for i, tok in enumerate(toks):
+        cls = "inb-s-tok" + (" inb-s-marked" if i in marked else "")
+        style = title = ""
+        if scores is not None:
+            v = scores[i]
+            style = f' style="background:{colour(v, d)};color:{_text_colour(v, d)}"'
+            title = f' title="score {fmt(v)}"'
+        out.append(f'<span class="{cls}"{style}{title}>{html.escape(shown(tok))}</span>')
+    return f'<div class="inb-s-tokens">{"".join(out)}</div>'
+
+
+def legend(d: float, caption: str) -> str:
+    stops = ", ".join(colour(t * d, d) for t in (-1, -0.5, -0.2, 0, 0.2, 0.5, 1))
+    return (f'<div class="inb-s-unit">−{fmt(d)} <span style="display:inline-block;width:120px;'
+            f'height:9px;vertical-align:middle;background:linear-gradient(to right, {stops})">'
+            f'</span> +{fmt(d)} · {html.escape(caption)}</div>')
+
+
+def bars(labels: Sequence[str], values: Sequence[float], title: str = "") -> str:
+    """Diverging horizontal bars as inline SVG: label, bar about a zero axis, value."""
+    d = domain(values)
+    row, width, lab_w, val_w = 18, 640, 230, 70
+    mid = lab_w + (width - lab_w - val_w) / 2
+    half = (width - lab_w - val_w) / 2 - 4
+    parts = []
+    for i, (label, v) in enumerate(zip(labels, values)):
+        y = i * row
+        w = half * abs(v) / d
+        x = mid if v >= 0 else mid - w
+        r, g, b = POS if v >= 0 else NEG
+        short = label if len(label) <= 36 else label[:35] + "…"
+        parts.append(
+            f'<g><title>{html.escape(label)}: {fmt(v)}</title>'
+            f'<text x="{lab_w - 8}" y="{y + 13}" text-anchor="end">{html.escape(short)}</text>'
+            f'<rect x="{x:.1f}" y="{y + 3}" width="{w:.1f}" height="{row - 6}" rx="2" '
+            f'fill="rgb({r}, {g}, {b})"/>'
+            f'<text x="{width - val_w + 6}" y="{y + 13}">{fmt(v)}</text></g>')
+    height = max(1, len(parts)) * row
+    axis = (f'<line x1="{mid}" x2="{mid}" y1="0" y2="{height}" stroke="currentColor" '
+            'stroke-opacity="0.4"/>')
+    head = f'<div class="inb-s-title">{html.escape(title)}</div>' if title else ""
+    return (f'{head}<svg class="inb-s-bars" viewBox="0 0 {width} {height}" width="100%" '
+            f'style="max-width:{width}px" role="img">'
+            f'{axis}{"".join(parts)}</svg>')
+
+
+def query(q: dict) -> str:
+    """The query header: prompt and (underlined) completion tokens, log p."""
+    toks = list(q["prompt_tokens"]) + list(q["completion_tokens"])
+    n = len(q["prompt_tokens"])
+    return (f'<div class="inb-s-title">query <span class="inb-s-unit">log p = '
+            f'{fmt(q["logprob"])}</span></div>'
+            + tokens(toks, marked=range(n, len(toks))))
+
+
+def wrap(body: str, note: str) -> str:
+    """A snapshot fragment: the style, what it is, the body."""
+    return (f'<div class="inb-static"><style>{STYLE}</style>'
+            f'<div class="inb-s-note">{html.escape(note)}</div>{body}</div>')
+
+
+SNAPSHOT = "Static snapshot: run the cell with a kernel to interact."
+
+
+def token_highlight(state: dict) -> str:
+    """TokenHighlight: its title, tokens and legend."""
+    d = domain(state["scores"], state["domain"])
+    title = f'<div class="inb-s-title">{html.escape(state["title"])}</div>' if state["title"] else ""
+    return wrap(title + tokens(state["tokens"], state["scores"], d)
+                + legend(d, "influence per token · " + NOTE), SNAPSHOT)
+
+
+def layer_bars(state: dict) -> str:
+    """LayerBars: one bar per layer."""
+    return wrap(bars(state["names"], state["values"], state["title"] or "influence per layer"),
+                SNAPSHOT)
+
+
+def snippet(row: dict) -> str:
+    """A row's text: around its most influential span (marked) when the row has one."""
+    if not row.get("snippet"):
+        return html.escape(row["text"])
+    before, span, after = (html.escape(x) for x in row["snippet"])
+    lead, trail = ("…" if cut else "" for cut in row["snippet_cut"])
+    return f"{lead}{before}<mark>{span}</mark>{after}{trail}"
+
+
+def explorer(state: dict) -> str:
+    """The explorer: query, ranked rows (rank, id, score, Δ log p per copy, the metadata
+    columns that vary, text) and the selected sequence's tokens and layer bars."""
+    q = state["queries"][state["query"]]
+    n = state.get("n_train", 0)
+    cols = state.get("columns", [])
+    head = ["rank", "id", "score"] + (["Δ log p per copy"] if n > 0 else []) + cols + ["text"]
+    rows = []
+    for r in state["rows"]:
+        sel = ' class="inb-s-selected"' if r["id"] == state["selected"] else ""
+        meta = [r["meta"].get(c, "") for c in cols]
+        cells = [str(r["rank"]), str(r["id"]), fmt(r["score"])] + (
+            [per_copy(r["score"], n)] if n > 0 else [])
+        rows.append(f"<tr{sel}>" + "".join(f'<td class="inb-s-num">{c}</td>' for c in cells)
+                    + "".join(f"<td>{html.escape(', '.join(m) if isinstance(m, list) else m)}</td>"
+                              for m in meta)
+                    + f'<td class="inb-s-text">{snippet(r)}</td></tr>')
+    table = ('<table class="inb-s-table"><thead><tr>'
+             + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+             + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    sign = "most negative" if state["sign"] == "negative" else "most positive"
+    source = f", source {state['source']}" if state.get("source") else ""
+    body = [query(q), f'<div class="inb-s-title">{len(state["rows"])} {sign} training '
+            f'sequences{html.escape(source)}</div>', f'<div class="inb-s-unit">'
+            f'{html.escape(unit_note(n))}</div>', table]
+    det = state.get("detail") or {}
+    if state.get("error"):
+        body.append(f'<div class="inb-s-error">{html.escape(state["error"])}</div>')
+    if det.get("tokens"):
+        d = det.get("domain", 0.0)
+        body += [f'<div class="inb-s-title">sequence {det["id"]} · score {fmt(det["score"])}</div>',
+                 tokens(det["tokens"], det["token_scores"], d),
+                 legend(domain(det["token_scores"], d), "per token · " + NOTE)]
+    if det.get("layer_names"):
+        body.append(bars(det["layer_names"], det["layer_values"], "influence per layer"))
+    return wrap("".join(body), SNAPSHOT)
+
+
+def lab(state: dict) -> str:
+    """The lab: query, each scored sequence's bar and tokens on one scale; greyed with a note
+    when the texts or labels were edited after the last score."""
+    body = [query(state["query"])]
+    if state.get("error"):
+        body.append(f'<div class="inb-s-error">{html.escape(state["error"])}</div>')
+    scores = state["scores"]
+    if scores:
+        names = [lab or f"#{i + 1}" for i, lab in enumerate(state["scored_labels"])]
+        stale = (state["texts"], state["labels"]) != (state["scored_texts"],
+                                                      state["scored_labels"])
+        out = [bars(names, scores, "influence of each sequence on the query"),
+               f'<div class="inb-s-unit">{html.escape(unit_note(state.get("n_train", 0)))}</div>']
+        d = domain([v for s in state["token_scores"] for v in s])
+        for name, toks, ts in zip(names, state["tokens"], state["token_scores"]):
+            out.append(f'<div class="inb-s-title">{html.escape(name)}</div>' + tokens(toks, ts, d))
+        out.append(legend(d, "per token, one scale for all sequences"))
+        if stale:
+            body.append('<div class="inb-s-error">edited since the last score: these results '
+                        'belong to the texts shown here, not to the edited ones</div>')
+        body.append(f'<div class="{"inb-s-stale" if stale else ""}">{"".join(out)}</div>')
+    else:
+        body.append('<div class="inb-s-note">not scored yet</div>')
+    return wrap("".join(body), SNAPSHOT)
+
+
+def document(fragment: str, title: str) -> str:
+    """A standalone HTML page around a snapshot fragment (what ``save`` writes)."""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<title>{html.escape(title)}</title></head><body>{fragment}</body></html>\n')
