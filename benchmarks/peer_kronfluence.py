@@ -1,19 +1,22 @@
 """influence_nb against kronfluence 1.0.1, side by side: EK-FAC fit and scans of 1, 8, 50 and
-200 queries, each ÷ a plain forward + backward over the same corpus, and the two libraries'
-scores compared under matched conventions (empirical Fisher on both sides, MLP layers, the
-same token positions in ā āᵀ, damping 0.1 × mean eigenvalue; influence_nb at full rank).
+200 queries, each ÷ a plain forward + backward over the same corpus (MLP layers, the same
+token positions in ā āᵀ, damping 0.1 × mean eigenvalue), and the two libraries' scores
+compared under matched conventions (empirical Fisher on both sides, influence_nb at full rank).
 
 Two configurations, both on the demo tokenizer (one torch thread, same process):
 - ``reference``: a randomly initialised 2-layer GPT-NeoX, d = 128, on 512 demo sequences cut
   to exactly 64 tokens (long sequences, no padding);
 - ``short``: the demo model on 3,150 single sentences of the demo corpus (8–24 tokens, mean
-  ≈ 10: many short sequences, where per-query work dominates).
+  ≈ 10: many short sequences, where per-query work dominates; ``short_world.py``).
 Queries: the 120 planted facts' canonical prompts, then paraphrased prompts, up to 200.
 
-A scan is what a user times: ``inf.scan(pairs)`` (query gradients, preconditioning, the rank-32
-factorisation where used, the pass) against kronfluence's ``compute_pairwise_scores`` with every
-query in one batch (its fastest setting: one pass over the corpus). Each timing is repeated,
-the libraries alternating; the JSON gives the median and [min, max] of each ratio.
+Timings use each library's default, the true Fisher (labels sampled from the model: inverse-CDF
+draws here, ``torch.multinomial`` in the kronfluence task, as in its examples); the scores are
+compared on a second pair of fits with deterministic labels. A scan is what a user times:
+``inf.scan(pairs)`` (query gradients, preconditioning, the rank-32 truncation, the pass)
+against kronfluence's ``compute_pairwise_scores`` with every query in one batch (its fastest
+setting: one pass over the corpus). Each timing is repeated, the libraries alternating; the
+JSON gives the median and [min, max] of each ratio.
 
     python benchmarks/peer_kronfluence.py [--repeats 3] [--configs reference short]
 
@@ -22,7 +25,6 @@ kronfluence is optional: ``pip install --no-deps kronfluence==1.0.1`` then
 """
 import argparse
 import json
-import re
 import sys
 import time
 from importlib.metadata import version
@@ -41,6 +43,7 @@ from influence_nb.session import Influence
 from influence_nb.task import Task
 
 sys.path.insert(0, str(Path(__file__).parent))
+import short_world  # noqa: E402  (benchmarks/short_world.py)
 from kronfluence_scores import KronfluenceEKFAC  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -51,11 +54,8 @@ p.add_argument("--batch-size", type=int, default=32)
 a = p.parse_args()
 torch.set_num_threads(1)
 
-model_demo, tokenizer, corpus_demo = demo.load()
-facts = demo.facts()
-pairs = [(f.prompt(), f.completion) for f in facts]
-pairs += [(f.prompt(1 + i % 3), f.completion) for i, f in enumerate(facts)]
-pairs = pairs[:max(a.queries)]
+model_short, tokenizer, corpus_short, pairs = short_world.build(queries=max(a.queries))
+corpus_demo = demo.load()[2]
 
 
 def reference() -> tuple[torch.nn.Module, Corpus]:
@@ -67,16 +67,6 @@ def reference() -> tuple[torch.nn.Module, Corpus]:
     texts = [tokenizer.decode(corpus_demo.token_ids(i)[:64]) for i in ids]
     corpus = Corpus.from_records([{"text": t} for t in texts], tokenizer, 64, progress=False)
     return GPTNeoXForCausalLM(cfg).eval(), corpus
-
-
-def short() -> tuple[torch.nn.Module, Corpus]:
-    sentences = dict.fromkeys(s for text in corpus_demo.df["text"]
-                              for s in re.split(r"(?<=[.!?])\s+", text))
-    rows = [s for s in sentences if 8 <= len(tokenizer(s)["input_ids"]) <= 24]
-    rng = np.random.default_rng(0)
-    rows = [rows[i] for i in rng.choice(len(rows), 3150, replace=False)]
-    return model_demo, Corpus.from_records([{"text": t} for t in rows], tokenizer, 128,
-                                           progress=False)
 
 
 def seconds(fn) -> tuple[float, object]:
@@ -99,12 +89,12 @@ out = dict(kronfluence=version("kronfluence"), influence_nb=version("influence_n
            torch=torch.__version__, threads=torch.get_num_threads(), batch_size=a.batch_size,
            repeats=a.repeats, configs={})
 for name in a.configs:
-    model, corpus = {"reference": reference, "short": short}[name]()
-    task = Task(empirical_fisher=True)
+    model, corpus = reference() if name == "reference" else (model_short, corpus_short)
+    task = Task()  # each library's default: the true Fisher, labels sampled
     lengths = [len(corpus.token_ids(i)) for i in range(len(corpus))]
     base, fit, scan = [], {"influence_nb": [], "kronfluence": []}, {}
     plain(model, corpus, task)  # warm-up
-    with KronfluenceEKFAC(model, tokenizer, corpus, a.batch_size, empirical_fisher=True) as kron:
+    with KronfluenceEKFAC(model, tokenizer, corpus, a.batch_size) as kron:
         for r in range(a.repeats):
             base.append(seconds(lambda: plain(model, corpus, task))[0])
             inf = Influence(model, tokenizer, corpus, task=task,
@@ -115,11 +105,16 @@ for name in a.configs:
             for q in a.queries:
                 s = scan.setdefault(q, {"influence_nb": [], "kronfluence": []})
                 s["influence_nb"].append(seconds(lambda: inf.scan(pairs[:q]))[0])
-                t_k, theirs = seconds(lambda: kron.scores(pairs[:q]))
-                s["kronfluence"].append(t_k)
+                s["kronfluence"].append(seconds(lambda: kron.scores(pairs[:q]))[0])
         base.append(seconds(lambda: plain(model, corpus, task))[0])
-    ours = inf.scan(pairs, args=ScoreArgs(rank=None, batch_size=a.batch_size,
-                                          progress=False)).scores
+    # matched conventions (deterministic labels on both sides; influence_nb at full rank)
+    with KronfluenceEKFAC(model, tokenizer, corpus, a.batch_size, empirical_fisher=True) as kron:
+        kron.fit()
+        theirs = kron.scores(pairs)
+    inf = Influence(model, tokenizer, corpus, task=Task(empirical_fisher=True),
+                    score_args=ScoreArgs(rank=None, batch_size=a.batch_size, progress=False))
+    inf.fit(FactorArgs(batch_size=a.batch_size, progress=False))
+    ours = inf.scan(pairs).scores
     rho = [spearmanr(o, k).statistic for o, k in zip(ours, theirs)]
     scale = np.median(np.abs(ours).sum(1) / np.abs(theirs).sum(1))
     b = float(np.median(base))

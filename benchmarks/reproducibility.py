@@ -4,10 +4,11 @@ matter: the Fisher label seed, the batch size, and the half of the corpus fitted
 For each pair of fits: per query, the Spearman correlation of the full-rank scores over every
 training sequence, and the overlap of the top-10 (most positive) sequences; mean and worst
 over the queries of the world's query set. Worlds: ``validation`` (the demo generator at 1,500
-sequences), ``demo`` (the committed 20,000-sequence world) and ``markov`` (independent of the
-demo generator: ``benchmarks/markov_world.py``).
+sequences), ``demo`` (the committed 20,000-sequence world), ``markov`` (independent of the
+demo generator: ``benchmarks/markov_world.py``) and ``short`` (3,150 sentences of ≈ 10 tokens,
+200 fact queries: ``benchmarks/short_world.py``).
 
-    python benchmarks/reproducibility.py [--world validation|demo|markov] > reproducibility.json
+    python benchmarks/reproducibility.py [--world validation|demo|markov|short] > out.json
 """
 import argparse
 import json
@@ -33,6 +34,9 @@ if a.world == "markov":
     from markov_world import build   # benchmarks/markov_world.py
     world = build()
     model, tokenizer, corpus, pairs = world.model, world.tokenizer, world.corpus, world.pairs
+elif a.world == "short":
+    from short_world import build    # benchmarks/short_world.py
+    model, tokenizer, corpus, pairs = build()
 else:
     model, tokenizer, corpus = demo.load(a.world)
     pairs, _ = demo.query_set(a.world, tokenizer)

@@ -120,10 +120,13 @@ class Task:
         if self.empirical_fisher:
             return self.training_loss(logits, batch)
         B, T, V = logits.shape
-        cdf = logits.detach().reshape(B * T, V).float().softmax(dim=-1).cumsum(dim=-1)
-        u = torch.rand(B * T, 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-        labels = torch.searchsorted(cdf, u, right=True).clamp_max(V - 1).reshape(B, T)
-        return -(next_token_logprobs(logits, labels) * self.loss_mask(batch)).sum(dim=1)
+        # one log-softmax serves the draw and the loss (the largest tensors of a small model)
+        logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1)
+        with torch.no_grad():
+            cdf = logp.reshape(B * T, V).exp().cumsum(dim=-1)
+            u = torch.rand(B * T, 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+            labels = torch.searchsorted(cdf, u, right=True).clamp_max(V - 1).reshape(B, T, 1)
+        return -(logp.gather(-1, labels).squeeze(-1) * self.loss_mask(batch)).sum(dim=1)
 
     def measurement(self, logits: Tensor, batch: object) -> Tensor:
         """(B,) f = log p(completion | prompt): Σ over completion tokens of log p, in nats.
