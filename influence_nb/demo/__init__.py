@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..data import Corpus
+from ..quiet import loading_quietly
 from ..store import cache_dir
 from ..training import TrainConfig
 from .world import Fact, WorldConfig, generate, translate
@@ -71,8 +72,9 @@ def load(world: World = ASSETS, dtype: Any = None) -> tuple[Any, Any, Corpus]:
     the training corpus as a :class:`~influence_nb.data.Corpus` (ids are the corpus rows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     assets = _check(world)
-    tokenizer = AutoTokenizer.from_pretrained(assets)
-    model = AutoModelForCausalLM.from_pretrained(assets, dtype=dtype).eval()
+    with loading_quietly():                 # a tiny model: no "Loading weights" bar
+        tokenizer = AutoTokenizer.from_pretrained(assets)
+        model = AutoModelForCausalLM.from_pretrained(assets, dtype=dtype).eval()
     records = pd.read_parquet(assets / "corpus.parquet").drop(columns="id").to_dict("records")
     corpus = Corpus.from_records(records, tokenizer, model.config.max_position_embeddings,
                                  source="demo corpus")
