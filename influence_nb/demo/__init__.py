@@ -70,7 +70,8 @@ def _check(world: World) -> Path:
 
 def load(world: World = ASSETS, dtype: Any = None) -> tuple[Any, Any, Corpus]:
     """The demo model (eval mode, float32 unless ``dtype`` says otherwise), its tokenizer and
-    the training corpus as a :class:`~influence_nb.data.Corpus` (ids are the corpus rows)."""
+    the training corpus as a :class:`~influence_nb.data.Corpus` (ids are the corpus rows;
+    tokenized on the first load, then read from the cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     assets = _check(world)
     with loading_quietly():                 # a tiny model: no "Loading weights" bar
