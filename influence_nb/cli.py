@@ -93,6 +93,11 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _count_or_all(text: str) -> int | None:
+    """An argparse type: a count above zero, or ``all`` (None)."""
+    return None if text.lower() == "all" else _positive(int)(text)
+
+
 def _optional(kind: type):
     def parse(text: str):
         return None if text.lower() == "none" else kind(text)
@@ -332,11 +337,20 @@ def _search(ns: argparse.Namespace, rank: int, world: int) -> dict:
     return dict(sequences=len(result.ids), timings=result.timings)
 
 
-def _demo(args: argparse.Namespace, rank: int = 0, world: int = 1) -> None:
+def _demo(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict:
+    """The main job on the demo world, sized to finish in about a minute on 2 cores: EK-FAC
+    factors fitted on a random sample of the corpus, and each query's BM25 candidates scored
+    exactly (``--fit-sample all --candidates all``: the whole corpus, ≈ 20 min)."""
+    import numpy as np
+    import torch
+
     from . import demo
-    from .curvature import FactorArgs
+    from .curvature import FactorArgs, fit_factors
     from .demo.build import fact_accuracy, perplexity
-    from .session import Influence, cache_dir
+    from .scoring import ScoreArgs
+    from .search import BM25
+    from .session import Influence
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     facts = demo.facts()
     bad = [i for i in args.facts if not 0 <= i < len(facts)]
@@ -347,29 +361,58 @@ def _demo(args: argparse.Namespace, rank: int = 0, world: int = 1) -> None:
     print(f"model: {model.config.model_type}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "
           f"loaded in {time.time() - t0:.1f} s")
+    rng = np.random.default_rng(args.seed)
     acc, _ = fact_accuracy(model, tokenizer, facts)
-    ppl = perplexity(model, demo.heldout(tokenizer))
-    print(f"planted-fact accuracy {acc:.3f} over {len(facts)} facts, "
-          f"held-out perplexity {ppl:.2f}")
+    heldout = demo.heldout(tokenizer)
+    held = heldout.subset(_sample(rng, len(heldout), args.heldout))
+    ppl = perplexity(model, held)
+    print(f"planted-fact accuracy {acc:.3f} over {len(facts)} facts (greedy), perplexity "
+          f"{ppl:.2f} on {_share(len(held), len(heldout), 'a random sample')} held-out sequences")
 
-    inf = Influence(model, tokenizer, corpus)
     t1 = time.time()
-    inf.fit(FactorArgs(batch_size=args.batch_size), cache=True)
-    print(f"\nEK-FAC factors over {inf.factors.n_examples} sequences "
-          f"({time.time() - t1:.1f} s; cached in {cache_dir()})")
+    sample = corpus.subset(_sample(rng, len(corpus), args.fit_sample))
+    factors = fit_factors(model, sample, FactorArgs(batch_size=args.batch_size, progress=False))
+    print(f"\nEK-FAC factors fitted on {_share(len(sample), len(corpus), 'a random sample')} "
+          f"sequences ({factors.n_tokens:,} tokens) in {time.time() - t1:.1f} s")
+    inf = Influence(model, tokenizer, corpus, factors=factors,
+                    score_args=ScoreArgs(progress=False))
     picked = [facts[i] for i in args.facts]
+    pairs = [(f.prompt(), f.completion) for f in picked]
     t1 = time.time()
-    result = inf.scan([(f.prompt(), f.completion) for f in picked])
-    print(f"scored {len(corpus)} sequences on {len(picked)} queries in {time.time() - t1:.1f} s")
+    if args.candidates is None:
+        ids, how = None, "every sequence"
+    else:
+        bm25 = BM25(corpus.df["text"].tolist()).top([p + c for p, c in pairs], args.candidates)
+        ids = np.unique(np.concatenate(bm25))
+        how = (f"the {args.candidates} best BM25 matches of each query's prompt + completion "
+               f"({len(ids):,} of {len(corpus):,} sequences)")
+    result = inf.scan(pairs, ids=ids)
+    print(f"scored exactly: {how}, on {len(picked)} queries in {time.time() - t1:.1f} s")
     for q, f in enumerate(picked):
-        print(f"\nquery {q}: {f.prompt()!r} → {f.completion!r}  (fact {f.id})")
+        print(f"\nquery {q}: {f.prompt()!r} → {f.completion!r}  (fact {f.id}, "
+              f"log p = {result.queries[q]['logprob']:.3f})")
         for rank, row in result.top(q, 5).iterrows():
             mark = "*" if f.id in list(row["fact_ids"]) else " "
             print(f"  {rank}.{mark} {row['score']:9.2f}  [{row['kind']}/{row['lang']}] "
                   f"{row['text'][:90]!r}")
-    print("\n(* = states the queried fact; positive = raises log p(completion | prompt))")
-    print(json.dumps(dict(fact_accuracy=round(acc, 4), heldout_perplexity=round(ppl, 3),
-                          seconds=round(time.time() - t0, 1))))
+    print("\n(* = states the queried fact; positive = raises log p(completion | prompt); "
+          "influence-nb demo --fit-sample all --candidates all fits and scans the whole corpus)")
+    return dict(fact_accuracy=round(acc, 4), heldout_perplexity=round(ppl, 3),
+                fit_sequences=factors.n_examples, scored_sequences=len(result.ids),
+                seconds=round(time.time() - t0, 1))
+
+
+def _sample(rng, n: int, size: int | None):
+    """Sorted ids of ``size`` of ``n`` rows drawn without replacement (all for None)."""
+    import numpy as np
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size, replace=False))
+
+
+def _share(part: int, whole: int, what: str) -> str:
+    """"all 20,000" or "512 of 20,000 (what)"."""
+    return f"all {whole:,}" if part == whole else f"{part:,} of {whole:,} ({what})"
 
 
 # -- parser -----------------------------------------------------------------------------------------
@@ -489,6 +532,18 @@ def parser() -> argparse.ArgumentParser:
                    help="indices of the planted facts to query")
     d.add_argument("--batch-size", type=_positive(int), default=32,
                    help="sequences per batch of the fit (default: 32)")
+    d.add_argument("--fit-sample", type=_count_or_all, default=512, metavar="N",
+                   help="fit the factors on N sequences drawn at random, or `all` (default: 512;"
+                   " all 20,000 take ≈ 10 min on 2 cores)")
+    d.add_argument("--candidates", type=_count_or_all, default=100, metavar="K",
+                   help="score the K best BM25 matches of each query exactly, or `all` for an "
+                   "exhaustive scan (default: 100)")
+    d.add_argument("--heldout", type=_count_or_all, default=200, metavar="N",
+                   help="held-out sequences for the perplexity, or `all` (default: 200)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random samples (default: 0)")
+    d.add_argument("--threads", type=_positive(int), default=1,
+                   help="torch threads (default: 1: the demo model's matrices are tiny, and "
+                   "more threads only contend, the more so on a busy machine)")
     return p
 
 

@@ -8,10 +8,15 @@
     %%influence_lab                                      each paragraph: a synthetic sequence
 
 The session and query live on the magics object registered with the shell (no module state).
+A misused magic (no session yet, a query without ``||``, a missing file) says so in one line
+naming the fix, not in a traceback (``INFLUENCE_NB_TRACEBACK=1`` shows the traceback).
 """
 from __future__ import annotations
 
+import functools
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,38 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-__all__ = ["InfluenceMagics", "load_ipython_extension", "parse_paragraphs", "parse_query"]
+from .checks import first_line
+from .quiet import loading_quietly
+
+__all__ = ["InfluenceMagics", "MagicError", "load_ipython_extension", "parse_paragraphs",
+           "parse_query"]
+
+
+class MagicError(RuntimeError):
+    """A magic used the wrong way; the shell shows its message as one line."""
+
+
+def _one_line(magic: Callable) -> Callable:
+    """Turn the errors of a misused magic — ours and the library's one-line ValueErrors and
+    OSErrors (a bad query, a missing corpus file or model directory) — into a
+    :class:`MagicError` prefixed with the magic's name."""
+    @functools.wraps(magic)
+    def run(self, *args: Any) -> Any:
+        try:
+            return magic(self, *args)
+        except (MagicError, ValueError, OSError) as e:
+            raise MagicError(f"%{magic.__name__}: {first_line(e)}") from e
+    return run
+
+
+def _show_one_line(shell: Any, etype: type, value: BaseException, tb: Any,
+                   tb_offset: int | None = None) -> None:
+    """Show a :class:`MagicError` as its message, one line (an error output in a kernel)."""
+    if os.environ.get("INFLUENCE_NB_TRACEBACK"):
+        stb = shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
+    else:
+        stb = [f"{etype.__name__}: {value}"]
+    shell._showtraceback(etype, value, stb)
 
 
 def parse_query(line: str) -> tuple[str, str]:
@@ -65,12 +101,12 @@ class InfluenceMagics(Magics):
 
     def _need_session(self) -> Any:
         if self.session is None:
-            raise RuntimeError("no session yet: run `%influence_session demo` (or a model dir)")
+            raise MagicError("no session yet: run `%influence_session demo` (or a model dir)")
         return self.session
 
     def _need_query(self) -> tuple[str, str]:
         if self.query is None:
-            raise RuntimeError("no query yet: run `%influence_query prompt || completion`")
+            raise MagicError("no query yet: run `%influence_query prompt || completion`")
         return self.query
 
     @magic_arguments()
@@ -82,6 +118,7 @@ class InfluenceMagics(Magics):
     @argument("--factors", help="EK-FAC factors directory: loaded when it holds factors, else "
               "fitted and saved there (default: fitted once and cached)")
     @line_magic
+    @_one_line
     def influence_session(self, line: str) -> Any:
         """Set the session: a model, its tokenizer, a corpus and fitted EK-FAC factors.
         Returns the :class:`~influence_nb.session.Influence`, so ``inf = %influence_session demo``.
@@ -98,6 +135,7 @@ class InfluenceMagics(Magics):
         return self.session
 
     @line_magic
+    @_one_line
     def influence_query(self, line: str) -> None:
         """Set the query: ``%influence_query prompt || completion``. The measurement is
         log p(completion | prompt); spaces around ``||`` become the completion's leading space.
@@ -111,6 +149,7 @@ class InfluenceMagics(Magics):
     @argument("-k", type=int, default=20, help="sequences listed per sign")
     @argument("-o", "--out", help="also store the InfluenceResult in this variable")
     @line_magic
+    @_one_line
     def influence_scan(self, line: str) -> None:
         """Score every training sequence on the query and show the explorer."""
         from .widgets import InfluenceExplorer
@@ -124,6 +163,7 @@ class InfluenceMagics(Magics):
     @argument("--query", nargs="+", help="`prompt || completion` for this cell only "
               "(default: the one set with %%influence_query)")
     @cell_magic
+    @_one_line
     def influence_lab(self, line: str, cell: str) -> Any:
         """Score synthetic training sequences against the query: each paragraph (separated by a
         blank line) is one sequence, optionally starting with a ``[label]``. Shows the lab,
@@ -133,7 +173,7 @@ class InfluenceMagics(Magics):
         query = parse_query(" ".join(args.query)) if args.query else self._need_query()
         texts, labels = parse_paragraphs(cell)
         if not texts:
-            raise ValueError("the cell is empty: write one synthetic sequence per paragraph")
+            raise MagicError("the cell is empty: write one synthetic sequence per paragraph")
         return SyntheticLab(self._need_session(), query, texts, labels)
 
 
@@ -144,9 +184,14 @@ def _from_directory(args: Any) -> Any:
     from .data import Corpus
     from .session import Influence
     if not args.corpus:
-        raise ValueError("a model directory needs a corpus: add --corpus FILE")
-    model = AutoModelForCausalLM.from_pretrained(args.source).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.source)
+        raise MagicError(f"{args.source!r} is not `demo`, a variable holding an Influence "
+                         "session, or a model directory with --corpus FILE")
+    if not (Path(args.source) / "config.json").is_file():
+        raise MagicError(f"{args.source} is not a Hugging Face model directory (no config.json);"
+                         " pass a directory written by save_pretrained")
+    with loading_quietly():
+        model = AutoModelForCausalLM.from_pretrained(args.source).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.source)
     corpus = Corpus.from_file(args.corpus, tokenizer, args.max_len, args.text_field)
     inf = Influence(model, tokenizer, corpus)
     factors = Path(args.factors) if args.factors else None
@@ -158,5 +203,8 @@ def _from_directory(args: Any) -> Any:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register the magics (``%load_ext influence_nb``)."""
+    """Register the magics (``%load_ext influence_nb``), and show a misused magic's
+    :class:`MagicError` in one line."""
     ipython.register_magics(InfluenceMagics(ipython))
+    if not ipython.custom_exceptions:       # never replace a handler the user has set
+        ipython.set_custom_exc((MagicError,), _show_one_line)

@@ -13,8 +13,8 @@ ROOT = Path(influence_nb.__file__).parent
 
 # bottom to top; a module may import its own layer (without a cycle) or any layer below
 LAYERS = [
-    {"data", "task", "hooks", "store", "distributed", "checks", "training", "demo", "demo.world",
-     "demo.build", "demo.finetune"},
+    {"data", "task", "hooks", "store", "distributed", "checks", "quiet", "training", "demo",
+     "demo.world", "demo.build", "demo.finetune"},
     {"passes"},
     {"curvature"},
     {"scoring", "sketch", "validate", "trainer"},

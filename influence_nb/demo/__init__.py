@@ -10,6 +10,7 @@ Every function takes ``world``: the committed assets (default), a folder written
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -21,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from ..data import Corpus
-from ..store import cache_dir
+from ..quiet import loading_quietly
+from ..store import atomic_write, cache_dir
 from ..training import TrainConfig
 from .world import Fact, WorldConfig, generate, translate
 
@@ -68,15 +70,39 @@ def _check(world: World) -> Path:
 
 def load(world: World = ASSETS, dtype: Any = None) -> tuple[Any, Any, Corpus]:
     """The demo model (eval mode, float32 unless ``dtype`` says otherwise), its tokenizer and
-    the training corpus as a :class:`~influence_nb.data.Corpus` (ids are the corpus rows)."""
+    the training corpus as a :class:`~influence_nb.data.Corpus` (ids are the corpus rows;
+    tokenized on the first load, then read from the cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     assets = _check(world)
-    tokenizer = AutoTokenizer.from_pretrained(assets)
-    model = AutoModelForCausalLM.from_pretrained(assets, dtype=dtype).eval()
-    records = pd.read_parquet(assets / "corpus.parquet").drop(columns="id").to_dict("records")
-    corpus = Corpus.from_records(records, tokenizer, model.config.max_position_embeddings,
-                                 source="demo corpus")
-    return model, tokenizer, corpus
+    with loading_quietly():                 # a tiny model: no "Loading weights" bar
+        tokenizer = AutoTokenizer.from_pretrained(assets)
+        model = AutoModelForCausalLM.from_pretrained(assets, dtype=dtype).eval()
+    return model, tokenizer, _corpus(assets, tokenizer, model.config.max_position_embeddings)
+
+
+def _corpus(assets: Path, tokenizer: Any, max_len: int) -> Corpus:
+    """The world's training corpus, tokenized once and then read from the cache (keyed by the
+    corpus file's bytes, the tokenizer and ``max_len``; an unreadable entry is rebuilt)."""
+    from ..data import tokenizer_fingerprint
+    raw = (assets / "corpus.parquet").read_bytes()
+    key = hashlib.sha256(raw + f"{tokenizer_fingerprint(tokenizer)} {max_len}".encode())
+    path = cache_dir() / f"corpus-{key.hexdigest()[:16]}.npz"
+    try:
+        with np.load(path) as z:
+            table = pd.read_parquet(io.BytesIO(z["table"].tobytes()))
+            return Corpus(z["tokens"], z["offsets"], table, tokenizer, max_len, "demo corpus")
+    except (OSError, ValueError, KeyError):          # not cached yet, or torn: tokenize
+        pass
+    records = pd.read_parquet(io.BytesIO(raw)).drop(columns="id").to_dict("records")
+    corpus = Corpus.from_records(records, tokenizer, max_len, source="demo corpus")
+    table = io.BytesIO()
+    corpus.df.to_parquet(table)
+    data = io.BytesIO()
+    np.savez(data, tokens=corpus.tokens, offsets=corpus.offsets,
+             table=np.frombuffer(table.getvalue(), np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data.getvalue())
+    return corpus
 
 
 def finetuned(world: World = ASSETS, path: str | os.PathLike | None = None

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from ..data import Corpus
+from ..quiet import loading_quietly
 from ..training import TrainConfig, train
 from .world import _ITEMS, _MACHINES, _PEOPLE, _PLACES, _SURVIVAL, _TOWNS, _WEATHER
 
@@ -206,7 +207,8 @@ def load_finetuned(world: str | Path = ASSETS, path: str | Path | None = None
         raise FileNotFoundError(f"no demo fine-tune in {path}; build it with "
                                 f"`python -m influence_nb.demo.finetune --out {path}`")
     base, tokenizer, pretraining = load(world)
-    model = peft.PeftModel.from_pretrained(base, path).eval()
+    with loading_quietly():
+        model = peft.PeftModel.from_pretrained(base, path).eval()
     return model, tokenizer, pretraining, corpus(tokenizer, path)
 
 
