@@ -64,7 +64,7 @@ from .passes import Consumer, PassBatch, as_ids, corpus_pass, source
 from .scoring import Queries
 from .task import Task
 
-VARIANTS = ("whitened", "plain")
+VARIANTS = ("eigen", "whitened", "plain")
 STRUCTURES = ("khatri-rao", "kronecker")
 FORMAT = "influence_nb.sketches/1"
 ROW = np.dtype([("id", "<i8"), ("hash", "<u8")])
@@ -97,7 +97,7 @@ class SketchArgs:
 
     MINIMUM: ClassVar[dict[str, float]] = {"m": 1, "batch_size": 1, "chunk_size": 1}
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "variant": ("whitened", "plain"), "structure": ("khatri-rao", "kronecker")}
+        "variant": VARIANTS, "structure": STRUCTURES}
 
     def __post_init__(self) -> None:
         check_args(self)
@@ -110,11 +110,19 @@ class SketchArgs:
 
 @dataclass
 class LayerProjection:
-    """Rows u (rows, out), v (rows, in+1) of the training side and u', v' of the query side."""
+    """Rows u (rows, out), v (rows, in+1) of the training side and u', v' of the query side.
+
+    Coordinate j pairs u row ``iu[j]`` with v row ``iv[j]`` and is multiplied by ``w[j]``
+    (query side: ``w_q[j]``); None: row j with row j, weight 1 (the random variants).
+    """
     u: Tensor
     v: Tensor
     u_q: Tensor
     v_q: Tensor
+    iu: Tensor | None = None
+    iv: Tensor | None = None
+    w: Tensor | None = None
+    w_q: Tensor | None = None
 
 
 def _rank_one_scales(Lambda: Tensor, damping: float) -> tuple[Tensor, Tensor]:
@@ -139,6 +147,51 @@ def _gaussian_rows(args: SketchArgs, d_out: int, d_in: int, g: torch.Generator
             torch.randn(k, d_in, generator=g, dtype=torch.float64) / args.m ** .25)
 
 
+def _eigen_coordinates(factors: Factors, total: int) -> dict[str, Tensor]:
+    """Per layer the flat indices (sorted) into (out, in+1) of the ``total`` eigenbasis
+    coordinates with the largest Λ_ij / λ_ℓ over all layers (ties: first in layer order)."""
+    priority = torch.cat([f.eigenvalues(factors.args.strategy).double().flatten()
+                          / factors.damping(name) for name, f in factors.layers.items()])
+    top = torch.from_numpy(np.argsort(-priority.numpy(), kind="stable")[:total].copy())
+    sizes = [d_out * d_in for d_out, d_in in factors.shapes.values()]
+    starts = np.cumsum([0, *sizes])
+    return {name: top[(top >= a) & (top < b)].sort().values - a
+            for name, a, b in zip(factors.layers, starts[:-1], starts[1:])}
+
+
+def _eigen_layer(factors: Factors, name: str, flat: Tensor) -> LayerProjection:
+    """The eigen variant's rows of one layer: coordinate (i, j) = flat index is measured by
+    u = column i of Q_S and v = column j of Q_A, weighted (Λ_ij + λ)^∓1/2 (train / query)."""
+    f, d_in = factors.layers[name], factors.shapes[name][1]
+    scale = (f.eigenvalues(factors.args.strategy).double().flatten()[flat]
+             + factors.damping(name)) ** -0.5
+    i, iu = torch.unique(flat // d_in, return_inverse=True)
+    j, iv = torch.unique(flat % d_in, return_inverse=True)
+    u = torch.block_diag(*[x.double().cpu() for x in f.Q_S])[:, i].T.contiguous()
+    v = torch.block_diag(*[x.double().cpu() for x in f.Q_A])[:, j].T.contiguous()
+    return LayerProjection(u, v, u, v, iu, iv, scale, 1 / scale)
+
+
+def _random_layers(factors: Factors, args: SketchArgs) -> dict[str, LayerProjection]:
+    """Gaussian rows per layer (the "whitened" and "plain" variants), drawn from ``args.seed``."""
+    g = torch.Generator().manual_seed(args.seed)
+    layers = {}
+    for name, (d_out, d_in) in factors.shapes.items():
+        p, q = _gaussian_rows(args, d_out, d_in, g)
+        if args.variant == "plain":
+            layers[name] = LayerProjection(p, q, p, q)
+            continue
+        f = factors.layers[name]
+        s_out, s_in = _rank_one_scales(f.eigenvalues(factors.args.strategy),
+                                       factors.damping(name))
+        Q_S, Q_A = [x.double().cpu() for x in f.Q_S], [x.double().cpu() for x in f.Q_A]
+        # rows of B diag(s) p: (p · s) Bᵀ = rotate(p · s, B, transpose)
+        layers[name] = LayerProjection(
+            rotate(p * s_out, Q_S, True), rotate(q * s_in, Q_A, True),
+            rotate(p / s_out, Q_S, True), rotate(q / s_in, Q_A, True))
+    return layers
+
+
 class Projection:
     """The per-layer measurement rows of a variant, drawn from ``seed`` (reproducible)."""
 
@@ -146,37 +199,48 @@ class Projection:
         if args.variant not in VARIANTS or args.structure not in STRUCTURES:
             raise ValueError(f"unknown sketch variant {args.variant!r} / structure "
                              f"{args.structure!r}; use one of {VARIANTS} / {STRUCTURES}")
-        if args.variant == "whitened" and not factors.layers:
-            raise ValueError("the whitened sketch needs K-FAC or EK-FAC factors, these are "
-                             "'identity'; fit curvature or use SketchArgs(variant='plain')")
-        g = torch.Generator().manual_seed(args.seed)
-        self.layers: dict[str, LayerProjection] = {}
-        for name, (d_out, d_in) in factors.shapes.items():
-            p, q = _gaussian_rows(args, d_out, d_in, g)
-            if args.variant == "plain":
-                self.layers[name] = LayerProjection(p, q, p, q)
-                continue
-            f = factors.layers[name]
-            s_out, s_in = _rank_one_scales(f.eigenvalues(factors.args.strategy),
-                                           factors.damping(name))
-            Q_S, Q_A = [x.double().cpu() for x in f.Q_S], [x.double().cpu() for x in f.Q_A]
-            # rows of B diag(s) p: (p · s) Bᵀ = rotate(p · s, B, transpose)
-            self.layers[name] = LayerProjection(
-                rotate(p * s_out, Q_S, True), rotate(q * s_in, Q_A, True),
-                rotate(p / s_out, Q_S, True), rotate(q / s_in, Q_A, True))
-        self._cast: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self.dim = len(self.layers) * args.m
+        if args.variant != "plain" and not factors.layers:
+            raise ValueError(f"the {args.variant} sketch needs K-FAC or EK-FAC factors, these "
+                             "are 'identity'; fit curvature or use SketchArgs(variant='plain')")
+        if args.variant == "eigen" and args.structure != "khatri-rao":
+            raise ValueError("the eigen sketch selects coordinates (i, j) one by one; use "
+                             "structure='khatri-rao' with it")
+        if args.variant == "eigen":
+            total = min(len(factors.shapes) * args.m,
+                        sum(o * i for o, i in factors.shapes.values()))
+            self.layers = {name: _eigen_layer(factors, name, flat)
+                           for name, flat in _eigen_coordinates(factors, total).items()}
+        else:
+            self.layers = _random_layers(factors, args)
+        self._cast: dict[tuple, LayerProjection] = {}
         # Khatri-Rao pairs row j with row j; Kronecker pairs every row i with every row j
         self.pattern = "b t j, b t j -> b j" if args.structure == "khatri-rao" else \
             "b t i, b t j -> b i j"
+        self.dim = sum(self.width(name) for name in self.layers)
+
+    def width(self, name: str) -> int:
+        """Sketch coordinates of one layer."""
+        p = self.layers[name]
+        if p.iu is not None:
+            return len(p.iu)
+        return len(p.u) if self.pattern.endswith("b j") else len(p.u) * len(p.v)
 
     def sketch_layer(self, name: str, a: Tensor, delta: Tensor) -> Tensor:
-        """Training sketch of one layer from ā (B, T, in+1), δ (B, T, out) -> (B, m)."""
-        p, key = self.layers[name], (name, delta.dtype, delta.device)
+        """Training sketch of one layer from ā (B, T, in+1), δ (B, T, out) -> (B, width)."""
+        key = (name, delta.dtype, delta.device)
         if key not in self._cast:
-            self._cast[key] = p.u.to(delta).T.contiguous(), p.v.to(delta).T.contiguous()
-        u, v = self._cast[key]
-        return einsum(delta @ u, a @ v, self.pattern).flatten(1)  # Σ_t (u·δ_t)(v·ā_t)
+            p = self.layers[name]
+            cast = lambda x: None if x is None else (  # noqa: E731
+                x.to(delta.device) if x.dtype == torch.int64 else x.to(delta))
+            self._cast[key] = LayerProjection(
+                *(cast(x) for x in (p.u.T.contiguous(), p.v.T.contiguous(), None, None,
+                                    p.iu, p.iv, p.w, None)))
+        p = self._cast[key]
+        du, av = delta @ p.u, a @ p.v
+        if p.iu is not None:
+            du, av = du[..., p.iu], av[..., p.iv]
+        out = einsum(du, av, self.pattern).flatten(1)      # Σ_t (u·δ_t)(v·ā_t)
+        return out if p.w is None else out * p.w
 
     def sketch_queries(self, queries: Queries) -> Tensor:
         """Query sketches of the preconditioned gradients R = U Vᵀ -> (Q, D) float32."""
@@ -184,7 +248,10 @@ class Projection:
         for name, p in self.layers.items():
             U, V = queries.R[name].U.double().cpu(), queries.R[name].V.double().cpu()
             uU, vV = (rearrange(x, "q j r -> q r j") for x in (p.u_q @ U, p.v_q @ V))
-            parts.append(einsum(uU, vV, self.pattern).flatten(1))      # Σ_r (u'·U_r)(v'·V_r)
+            if p.iu is not None:
+                uU, vV = uU[..., p.iu], vV[..., p.iv]
+            x = einsum(uU, vV, self.pattern).flatten(1)         # Σ_r (u'·U_r)(v'·V_r)
+            parts.append(x if p.w_q is None else x * p.w_q)
         return torch.cat(parts, 1).float()
 
 
