@@ -11,8 +11,8 @@ queries of several kinds. Per world and per query kind:
   4·D; disk: float16 sketch 2·D + 16 B row record) — the Pareto curve;
 - the Retriever at its defaults (K/4 BM25 + K/4 largest + K/2 most negative sketch), each
   query searched alone: recall at each K (K = 2 %: through ``search``, rescored scores checked
-  against the exhaustive ones), its calibrated recall estimate next to the observed one, and the
-  power-law search-size estimate;
+  against the exhaustive ones), its calibrated recall estimate next to the observed one, the
+  same without BM25 (lexical=0), and the power-law search-size estimate;
 - sketch build ÷ plain fwd+bwd (same sequences), search + rescoring ÷ exhaustive scan time.
 
     python benchmarks/retrieval.py [--worlds demo markov] [--demo-n 4000] [--markov-n 3000]
@@ -33,13 +33,12 @@ from retrieval_worlds import WORLDS, World   # benchmarks/retrieval_worlds.py
 from influence_nb.index import IndexArgs, SketchIndex
 from influence_nb.retriever import Retriever
 from influence_nb.search import recall_at_k
-from influence_nb.sketch import ROW, SketchArgs, Sketches, build_sketches
+from influence_nb.sketch import ROW, SketchArgs, Sketches, build_sketches, resolve_variant
 
 SHARES = (0.01, 0.02, 0.05)
-VARIANTS = [SketchArgs(variant="eigen", m=m) for m in (64, 128, 256, 512, 1024)] + [
-    SketchArgs(variant="whitened", m=256), SketchArgs(variant="plain", m=256),
-    SketchArgs(variant="whitened", structure="kronecker", m=1024),
-    SketchArgs(variant="whitened", structure="kronecker", m=4096)]
+VARIANTS = [SketchArgs(variant="eigen", m=m) for m in (256, 961)] + [
+    SketchArgs(variant="whitened", structure="khatri-rao", m=256)] + [
+    SketchArgs(variant="whitened", m=m) for m in (256, 961, 4096)]   # Kronecker
 
 p = argparse.ArgumentParser()
 p.add_argument("--worlds", nargs="+", default=["demo", "markov"], choices=list(WORLDS))
@@ -52,8 +51,10 @@ p.add_argument("--variants", nargs="*", default=None,
 a = p.parse_args()
 
 
-def key(args: SketchArgs) -> str:
-    return f"{args.variant}-{args.structure}-m{args.m}"
+def key(world: World, args: SketchArgs) -> str:
+    """The variant's name, "auto" resolved for the world's factors."""
+    variant = resolve_variant(world.inf.factors, args)
+    return f"{variant}-m{args.m}" if variant == "eigen" else f"{variant}-{args.structure}-m{args.m}"
 
 
 def split(order: np.ndarray, k: int) -> np.ndarray:
@@ -74,7 +75,7 @@ def recall(cands: list[np.ndarray], S: np.ndarray, kinds: np.ndarray) -> dict:
 
 def sketch_store(world: World, args: SketchArgs) -> tuple[Sketches, float | None]:
     """The world's sketch store of ``args`` (cached) and its build seconds when built now."""
-    path = world.work / f"sketches-{key(args)}"
+    path = world.work / f"sketches-{key(world, args)}"
     if (path / "sketches.json").exists():
         try:
             return Sketches.open(path, world.inf.model, world.inf.factors), None
@@ -90,20 +91,21 @@ def study(world: World, S: np.ndarray, qs) -> dict:
     """Recall (sketch candidates alone, Flat) per variant, K and kind; Pearson; bytes."""
     N, out = S.shape[1], {}
     for args in VARIANTS:
-        if a.variants and key(args) not in a.variants:
+        name = key(world, args)
+        if a.variants and name not in a.variants:
             continue
         sk, seconds = sketch_store(world, args)
         A = sk.query_sketches(world.inf.model, world.inf.factors, qs) \
             @ np.asarray(sk.data, np.float32).T
         order = np.argsort(-A, 1)
-        out[key(args)] = dict(
+        out[name] = dict(
             dim=sk.dim, bytes_disk=2 * sk.dim + ROW.itemsize, bytes_ram_flat=4 * sk.dim,
             build_seconds=None if seconds is None else round(seconds, 1),
             pearson_median=round(float(np.median([np.corrcoef(x, s)[0, 1]
                                                   for x, s in zip(A, S)])), 3),
             **{f"K={s:.0%}": recall([split(o, int(s * N)) for o in order], S, world.kinds)
                for s in SHARES})
-        print(world.name, key(args), json.dumps(out[key(args)]["K=2%"]), flush=True)
+        print(world.name, name, json.dumps(out[name]["K=2%"]), flush=True)
     return out
 
 
@@ -161,11 +163,16 @@ def retriever(world: World, S: np.ndarray, exact, qs) -> dict:
     ret = Retriever(inf, sk, index)
     single = [inf.queries([pair]) for pair in world.pairs]   # one query per search call
     out = {}
+    sketch_only = Retriever(inf, sk, index, lexical=0)
     for share in SHARES:
         K = int(share * N)
         cands = [ret.candidates(q, K)[0][0] for q in single]
+        alone = [sketch_only.candidates(q, K)[0][0] for q in single]
         out[f"K={share:.0%}"] = dict(recall(cands, S, world.kinds),
-                                     estimated=ret.calibration.recall(*ret.split(K)[1:]))
+                                     estimated=ret.calibration.recall(*ret.split(K)[1:]),
+                                     sketch_only=recall(alone, S, world.kinds),
+                                     sketch_only_estimated=sketch_only.calibration.recall(
+                                         *sketch_only.split(K)[1:]))
     K, rows, sizes = int(0.02 * N), [], []
     for q, pair in enumerate(world.pairs):
         res = ret.search(single[q], candidates=K)
@@ -196,7 +203,7 @@ for name in a.worlds:
         queries_by_kind={k: int((world.kinds == k).sum()) for k in dict.fromkeys(world.kinds)},
         n_params_tracked=sum(o * i for o, i in world.inf.factors.shapes.values()),
         exhaustive_scan_seconds=round(time.perf_counter() - t0, 1),
-        default=key(SketchArgs()), variants=study(world, S, qs),
+        default=key(world, SketchArgs()), variants=study(world, S, qs),
         retriever=retriever(world, S, exact, qs))
     print(json.dumps({name: results[name]["retriever"]}), flush=True)
 print(json.dumps(dict(results, threads=torch.get_num_threads()), default=str))

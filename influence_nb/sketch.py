@@ -14,23 +14,36 @@ with p_j, q_j Gaussian, B an orthogonal basis and s positive scales. Since E[p p
 orthogonal, E⟨sketch_q, sketch_m⟩ / m = ⟨R, DW⟩, the layer's score, for any B and s; the choice
 changes only the variance, ∝ ‖X_q‖² ‖X_m‖² / m for the two sides X in the scaled basis.
 
-Bases (``SketchArgs.variant``):
+Variants (``SketchArgs.variant``):
 
-- ``"whitened"`` (default): B = the EK-FAC eigenbases (Q_S, Q_A), s_out s_inᵀ the rank-one
+- ``"eigen"``: no random measurement. The D = layers · m coordinates (i, j) of the EK-FAC
+  eigenbasis with the largest Λ_ij / λ_ℓ over all layers are kept exactly, whitened per
+  coordinate: sketch_m = (Q_Sᵀ DW Q_A)_ij / √(Λ_ij+λ), sketch_q = (Q_Sᵀ R Q_A)_ij · √(Λ_ij+λ),
+  measured token by token with u = column i of Q_S, v = column j of Q_A (few distinct columns:
+  cheap). Biased (the other coordinates are dropped) but noiseless. Why it wins where the
+  damping leaves few directions: the score's variance over the corpus comes from coordinate
+  (i, j) in proportion to ≈ Λ²/(Λ+λ)², so it sits in the top of the spectrum, while a random
+  measurement's noise grows with the whole whitened norm Σ Λ/(Λ+λ), paid also for the long tail
+  of small eigenvalues (docs/design.md, "Retrieval on two worlds").
+- ``"auto"`` (default): "eigen" when its coordinates hold ≥ ``AUTO_COVERAGE`` of the effective
+  dimension Σ Λ/(Λ+λ) (:func:`eigen_coverage`; a spectrum the damping cuts short), else
+  "whitened" (a flat spectrum: no small set of coordinates carries the score).
+- ``"whitened"``: B = the EK-FAC eigenbases (Q_S, Q_A), s_out s_inᵀ the rank-one
   (log-space least squares) fit of (Λ + λ)^-1/2: both sides whitened,
   X_m ≈ Q_Sᵀ DW Q_A / √(Λ+λ) and X_q ≈ Q_Sᵀ ∇f Q_A / √(Λ+λ) — the split of the score
   ⟨g̃ ⊘ (Λ+λ), d̃⟩ that balances the norms. Rank one keeps the measurement bilinear.
 - ``"plain"``: B = I, s = 1; all of the preconditioning sits on the query side.
 
-Structures (``SketchArgs.structure``): ``"khatri-rao"`` (default) draws independent (p_j, q_j)
-per coordinate, cost m · (out + in) per token and layer; ``"kronecker"`` takes all pairs of
+Structures (``SketchArgs.structure``, of the random variants; eigen ignores it):
+``"khatri-rao"`` draws independent (p_j, q_j)
+per coordinate, cost m · (out + in) per token and layer; ``"kronecker"`` (default) takes all pairs of
 k = √m shared rows, sketch = P_out DW P_inᵀ = Σ_t (P_out δ_t)(P_in ā_t)ᵀ, cost k · (out + in)
 per token plus k² per token for the outer products — so a Kronecker sketch can be far larger
 for the same time. For nearly low-rank gradients its error is a product of two k-dimensional
 projections where independent rows avoid that (benchmarks/retrieval.py compares them).
 
-The sketches of all layers are concatenated and scaled by 1/√m, so ⟨sketch_q, sketch_m⟩ ≈ the
-total score.
+The sketches of all layers are concatenated (random variants: scaled by 1/√m), so
+⟨sketch_q, sketch_m⟩ ≈ the total score.
 
 On disk (a directory): ``sketches.f16`` (N, D) float16 rows, ``rows.bin`` (N,) records of
 (corpus id, hash of the sequence's tokens) and ``sketches.json``, the manifest, written last
@@ -64,7 +77,8 @@ from .passes import Consumer, PassBatch, as_ids, corpus_pass, source
 from .scoring import Queries
 from .task import Task
 
-VARIANTS = ("eigen", "whitened", "plain")
+VARIANTS = ("auto", "eigen", "whitened", "plain")
+AUTO_COVERAGE = 0.05  # "auto" takes the eigen sketch when its coordinates hold this share
 STRUCTURES = ("khatri-rao", "kronecker")
 FORMAT = "influence_nb.sketches/1"
 ROW = np.dtype([("id", "<i8"), ("hash", "<u8")])
@@ -78,18 +92,21 @@ class SketchError(ValueError):
 class SketchArgs:
     """How to sketch.
 
-    m:          sketch coordinates per layer; D = layers · m (float16: 2·D bytes per sequence)
-    variant:    "whitened" (EK-FAC eigenbasis scaled by ≈ (Λ+λ)^-1/2; default) or "plain"
-    structure:  "khatri-rao" (independent bilinear measurements; default) or "kronecker"
-                (P_out DW P_inᵀ with k_out = k_in = √m)
+    m:          sketch coordinates per layer; D = layers · m (float16: 2·D bytes per sequence);
+                the eigen variant spreads the D over the layers by eigenvalue
+    variant:    "auto" (default: eigen or whitened, by :func:`eigen_coverage`), "eigen" (the
+                top EK-FAC eigenbasis coordinates, exact), "whitened" (random measurements in
+                the eigenbasis scaled by ≈ (Λ+λ)^-1/2) or "plain" (random, no basis)
+    structure:  of the random variants: "kronecker" (default: P_out DW P_inᵀ with
+                k_out = k_in = √m) or "khatri-rao" (independent bilinear measurements)
     seed:       seed of the Gaussian projections (stored: queries are sketched alike)
     batch_size: training sequences per forward + backward
     chunk_size: sequences per committed chunk (the unit of resumption)
     progress:   show a progress bar
     """
-    m: int = 256
-    variant: str = "whitened"
-    structure: str = "khatri-rao"
+    m: int = 961
+    variant: str = "auto"
+    structure: str = "kronecker"
     seed: int = 0
     batch_size: int = 32
     chunk_size: int = 2048
@@ -147,12 +164,27 @@ def _gaussian_rows(args: SketchArgs, d_out: int, d_in: int, g: torch.Generator
             torch.randn(k, d_in, generator=g, dtype=torch.float64) / args.m ** .25)
 
 
+def _priority(factors: Factors) -> tuple[Tensor, Tensor]:
+    """Over all layers' eigenbasis coordinates, concatenated: Λ_ij / λ_ℓ (the eigen variant's
+    order) and Λ_ij / (Λ_ij + λ_ℓ) (each one's share of the effective dimension)."""
+    ratio = torch.cat([f.eigenvalues(factors.args.strategy).double().flatten()
+                       / factors.damping(name) for name, f in factors.layers.items()])
+    return ratio, ratio / (1 + ratio)
+
+
+def eigen_coverage(factors: Factors, total: int) -> float:
+    """Share of the effective dimension Σ Λ/(Λ+λ) held by the ``total`` coordinates of largest
+    Λ/λ: near 1, the eigen sketch keeps every direction the damping leaves (it is then nearly
+    exact); small, the curvature is flat and a random sketch does better."""
+    ratio, share = _priority(factors)
+    return float(share[torch.topk(ratio, min(total, len(ratio))).indices].sum() / share.sum())
+
+
 def _eigen_coordinates(factors: Factors, total: int) -> dict[str, Tensor]:
     """Per layer the flat indices (sorted) into (out, in+1) of the ``total`` eigenbasis
     coordinates with the largest Λ_ij / λ_ℓ over all layers (ties: first in layer order)."""
-    priority = torch.cat([f.eigenvalues(factors.args.strategy).double().flatten()
-                          / factors.damping(name) for name, f in factors.layers.items()])
-    top = torch.from_numpy(np.argsort(-priority.numpy(), kind="stable")[:total].copy())
+    top = torch.from_numpy(np.argsort(-_priority(factors)[0].numpy(), kind="stable")[:total]
+                           .copy())
     sizes = [d_out * d_in for d_out, d_in in factors.shapes.values()]
     starts = np.cumsum([0, *sizes])
     return {name: top[(top >= a) & (top < b)].sort().values - a
@@ -172,13 +204,26 @@ def _eigen_layer(factors: Factors, name: str, flat: Tensor) -> LayerProjection:
     return LayerProjection(u, v, u, v, iu, iv, scale, 1 / scale)
 
 
-def _random_layers(factors: Factors, args: SketchArgs) -> dict[str, LayerProjection]:
+def resolve_variant(factors: Factors, args: SketchArgs) -> str:
+    """The variant ``args`` means for these factors: "auto" is "eigen" when the eigen sketch's
+    coordinates hold ≥ AUTO_COVERAGE of the effective dimension (:func:`eigen_coverage`), else
+    "whitened" ("plain" for identity factors)."""
+    if args.variant != "auto":
+        return args.variant
+    if not factors.layers:
+        return "plain"
+    total = len(factors.shapes) * args.m
+    return "eigen" if eigen_coverage(factors, total) >= AUTO_COVERAGE else "whitened"
+
+
+def _random_layers(factors: Factors, args: SketchArgs, variant: str
+                   ) -> dict[str, LayerProjection]:
     """Gaussian rows per layer (the "whitened" and "plain" variants), drawn from ``args.seed``."""
     g = torch.Generator().manual_seed(args.seed)
     layers = {}
     for name, (d_out, d_in) in factors.shapes.items():
         p, q = _gaussian_rows(args, d_out, d_in, g)
-        if args.variant == "plain":
+        if variant == "plain":
             layers[name] = LayerProjection(p, q, p, q)
             continue
         f = factors.layers[name]
@@ -199,23 +244,21 @@ class Projection:
         if args.variant not in VARIANTS or args.structure not in STRUCTURES:
             raise ValueError(f"unknown sketch variant {args.variant!r} / structure "
                              f"{args.structure!r}; use one of {VARIANTS} / {STRUCTURES}")
-        if args.variant != "plain" and not factors.layers:
-            raise ValueError(f"the {args.variant} sketch needs K-FAC or EK-FAC factors, these "
+        self.variant = resolve_variant(factors, args)
+        if self.variant != "plain" and not factors.layers:
+            raise ValueError(f"the {self.variant} sketch needs K-FAC or EK-FAC factors, these "
                              "are 'identity'; fit curvature or use SketchArgs(variant='plain')")
-        if args.variant == "eigen" and args.structure != "khatri-rao":
-            raise ValueError("the eigen sketch selects coordinates (i, j) one by one; use "
-                             "structure='khatri-rao' with it")
-        if args.variant == "eigen":
+        if self.variant == "eigen":
             total = min(len(factors.shapes) * args.m,
                         sum(o * i for o, i in factors.shapes.values()))
             self.layers = {name: _eigen_layer(factors, name, flat)
                            for name, flat in _eigen_coordinates(factors, total).items()}
         else:
-            self.layers = _random_layers(factors, args)
+            self.layers = _random_layers(factors, args, self.variant)
         self._cast: dict[tuple, LayerProjection] = {}
         # Khatri-Rao pairs row j with row j; Kronecker pairs every row i with every row j
-        self.pattern = "b t j, b t j -> b j" if args.structure == "khatri-rao" else \
-            "b t i, b t j -> b i j"
+        self.pattern = "b t j, b t j -> b j" if args.structure == "khatri-rao" or \
+            self.variant == "eigen" else "b t i, b t j -> b i j"
         self.dim = sum(self.width(name) for name in self.layers)
 
     def width(self, name: str) -> int:

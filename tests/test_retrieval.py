@@ -12,7 +12,8 @@ from influence_nb.scoring import ScoreArgs
 from influence_nb.retriever import Retriever
 from influence_nb.search import BM25, PowerLawTail, recall_at_k, search_size
 from influence_nb.session import Influence
-from influence_nb.sketch import SketchArgs, SketchError, Sketches, build_sketches
+from influence_nb.sketch import (SketchArgs, SketchError, Sketches, build_sketches,
+                                 resolve_variant)
 
 from test_scoring import tiny_model
 
@@ -132,9 +133,7 @@ def test_eigen_sketch_with_every_coordinate_is_exact(session, exact, tmp_path):
         @ sk.data.astype(np.float32).T
     np.testing.assert_allclose(approx, exact.scores[:, sk.ids], rtol=2e-2,
                                atol=2e-3 * np.abs(exact.scores).max())   # float16 storage
-    with pytest.raises(ValueError, match="khatri-rao"):
-        build_sketches(session.model, session.factors, session.corpus, tmp_path / "k",
-                       SketchArgs(m=64, variant="eigen", structure="kronecker"))
+    assert resolve_variant(session.factors, SketchArgs(m=n_params)) == "eigen"   # coverage 1
 
 
 @pytest.mark.parametrize("variant,structure", [("eigen", "khatri-rao"),
