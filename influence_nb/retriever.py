@@ -6,7 +6,8 @@
 
 Each query gets ``candidates`` training sequences: half for positive influence — the largest
 sketch inner products, and (``lexical`` share of that half) the best BM25 matches of the
-query's text — and half for negative influence, the most negative sketch inner products. The
+query's text — and half for negative influence, the most negative sketch inner products.
+By default BM25 joins only where the store's calibration says the sketch alone falls short. The
 union over the queries is rescored exactly with the streaming scorer (:meth:`Influence.scan`
 with ``ids``), in one pass for all queries, so the result is an
 :class:`~influence_nb.results.InfluenceResult` like an exhaustive scan's, over fewer sequences.
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,8 @@ from .results import InfluenceResult
 from .scoring import Queries
 from .search import BM25, search_size
 from .sketch import SketchArgs, Sketches, build_sketches
+
+TRUST = 0.95  # lexical=None: BM25 joins when the sketch's calibrated recall is below this
 
 if TYPE_CHECKING:  # annotations only: the session opens retrievers, not the other way round
     from .session import Influence, QueryLike
@@ -68,15 +71,17 @@ class SearchResult(InfluenceResult):
 class Retriever:
     """Sketch + index (+ BM25) search over an :class:`Influence` session's corpus.
 
-    lexical:     share of each query's positive-side candidates taken from BM25 (0: sketch only)
+    lexical:     share of each query's positive-side candidates taken from BM25 (0: sketch only);
+                 None (default): 0 when the calibration says the sketch alone finds ≥ ``TRUST``
+                 of the positive top-10 with all of the positive half, else 0.5
     calibration: how the store's recall estimate is made (once per store, on first search)
     """
 
     def __init__(self, inf: Influence, sketches: Sketches, index: SketchIndex,
-                 lexical: float = 0.5, calibration: CalibrationArgs | None = None):
+                 lexical: float | None = None, calibration: CalibrationArgs | None = None):
         corpus = inf.fitted()[0]
         sketches.check_corpus(corpus)
-        if not 0 <= lexical <= 1:
+        if lexical is not None and not 0 <= lexical <= 1:
             raise ValueError(f"lexical={lexical} is a share of the positive candidates; use "
                              "a number from 0 (sketch only) to 1 (BM25 only)")
         self.inf, self.sketches, self.index, self.lexical = inf, sketches, index, lexical
@@ -94,7 +99,10 @@ class Retriever:
     def split(self, candidates: int) -> tuple[int, int, int]:
         """-> (BM25, largest-sketch, most-negative-sketch) candidates per query."""
         half = max(1, candidates // 2)
-        n_lexical = round(self.lexical * half)
+        lexical = self.lexical
+        if lexical is None:   # BM25 only where the sketch alone falls short
+            lexical = 0.0 if self.calibration.recall(half, 0)["positive"] >= TRUST else 0.5
+        n_lexical = round(lexical * half)
         return n_lexical, half - n_lexical, candidates - half
 
     @property
@@ -108,7 +116,8 @@ class Retriever:
     @classmethod
     def build(cls, inf: Influence, path: str | os.PathLike,
               sketch_args: SketchArgs | None = None,
-              index_args: IndexArgs | None = None, lexical: float = 0.5) -> "Retriever":
+              index_args: IndexArgs | None = None, lexical: float | None = None
+              ) -> "Retriever":
         """Sketch the session's corpus into ``path/sketches`` (resuming or appending) and index
         it into ``path/index`` (rebuilt when the sketches changed)."""
         corpus, factors = inf.fitted()
@@ -122,7 +131,7 @@ class Retriever:
         return cls(inf, sketches, index, lexical)
 
     @classmethod
-    def open(cls, inf: Influence, path: str | os.PathLike, lexical: float = 0.5
+    def open(cls, inf: Influence, path: str | os.PathLike, lexical: float | None = None
              ) -> "Retriever":
         """Open what :meth:`build` wrote (checked against the session's model and factors)."""
         sketches = Sketches.open(Path(path) / "sketches", inf.model, inf.fitted()[1])
@@ -151,8 +160,9 @@ class Retriever:
 
     def search(self, queries: QueryLike, candidates: int = 400, probe: int = 128
                ) -> SearchResult:
-        """Exact scores of each query's ``candidates`` (one rescoring pass over their union and
-        ``probe`` random sequences, for the search-size estimate)."""
+        """Exact scores of each query's ``candidates``: one rescoring pass over their union and
+        ``probe`` random sequences (these serve the search-size estimate and are left out of
+        the result)."""
         t0 = time.perf_counter()
         queries = self.inf.queries(queries)
         t1 = time.perf_counter()
@@ -161,7 +171,8 @@ class Retriever:
         rng = np.random.default_rng(0)
         sample = self.sketches.ids[rng.choice(len(self.sketches), min(probe, len(self.sketches)),
                                               replace=False)]
-        res = self.inf.scan(queries, ids=np.unique(np.concatenate([*found, sample])))
+        union = np.unique(np.concatenate(found))
+        res = self.inf.scan(queries, ids=np.union1d(union, sample))
         timings |= dict(queries=t1 - t0, rescore=time.perf_counter() - t2)
         at = {int(i): c for c, i in enumerate(res.ids)}
         sizes: list[dict | None] = [None] * len(queries)
@@ -171,6 +182,10 @@ class Retriever:
                 sizes[q] = search_size(res.scores[q, [at[int(i)] for i in sample]], top)
             except ValueError:    # the probe's tail holds no positive score
                 pass
+        keep = np.isin(res.ids, union)               # the probe only served the estimate
+        res = replace(res, scores=res.scores[:, keep], ids=res.ids[keep],
+                      layer_scores=None if res.layer_scores is None
+                      else res.layer_scores[..., keep])
         _, n_top, n_bottom = self.split(candidates)
         return SearchResult(**{f.name: getattr(res, f.name) for f in fields(InfluenceResult)},
                             candidates=found, timings=timings,

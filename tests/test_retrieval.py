@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from influence_nb.calibration import CalibrationArgs, rank_fractions
+from influence_nb.calibration import Calibration, CalibrationArgs, rank_fractions
 from influence_nb.curvature import FactorArgs, fit_factors
 from influence_nb.data import Corpus
 from influence_nb.hooks import find_layers
@@ -112,6 +112,15 @@ def test_search_reports_estimated_recall_and_search_size(session, tmp_path, monk
     assert again.calibration == ret.calibration and not scans   # scanned once per store
     full = again.calibration.recall(len(TEXTS), len(TEXTS))
     assert full["positive"] == full["negative"] == 1.0          # everything rescored: found
+
+
+def test_bm25_joins_only_where_the_calibrated_sketch_falls_short(session, tmp_path):
+    ret = Retriever.build(session, tmp_path, SMALL, IndexArgs(progress=False), lexical=None)
+    n = len(ret.sketches)
+    ret._calibration = Calibration("x", n, 10, 1, [[0.0]] * 4, [[0.0]] * 4, {})
+    assert ret.split(20) == (0, 10, 10)                          # the sketch finds them all
+    ret._calibration = Calibration("x", n, 10, 1, [[0.9]] * 4, [[0.0]] * 4, {})
+    assert ret.split(20) == (5, 5, 10)                           # it does not: K/4 from BM25
 
 
 def test_rank_fractions():
