@@ -9,7 +9,8 @@ queries of several kinds. Per world and per query kind:
   every sketch variant studied (candidates: the K/2 largest and K/2 most negative sketch inner
   products of that query, Flat index), with Pearson and bytes per sequence (RAM: Flat index
   4·D; disk: float16 sketch 2·D + 16 B row record) — the Pareto curve;
-- the Retriever at its defaults (K/4 BM25 + K/4 largest + K/2 most negative sketch), each
+- the Retriever at its defaults (K/2 most negative sketch; K/2 largest sketch, or K/4 of them
+  and K/4 BM25 where the calibrated sketch recall is below 0.99), each
   query searched alone: recall at each K (K = 2 %: through ``search``, rescored scores checked
   against the exhaustive ones), its calibrated recall estimate next to the observed one, the
   same without BM25 (lexical=0), and the power-law search-size estimate;
@@ -169,6 +170,7 @@ def retriever(world: World, S: np.ndarray, exact, qs) -> dict:
         cands = [ret.candidates(q, K)[0][0] for q in single]
         alone = [sketch_only.candidates(q, K)[0][0] for q in single]
         out[f"K={share:.0%}"] = dict(recall(cands, S, world.kinds),
+                                     bm25_candidates=ret.split(K)[0],
                                      estimated=ret.calibration.recall(*ret.split(K)[1:]),
                                      sketch_only=recall(alone, S, world.kinds),
                                      sketch_only_estimated=sketch_only.calibration.recall(

@@ -451,7 +451,7 @@ def parser() -> argparse.ArgumentParser:
                    help="sequences rescored per query, half per sign (default: 400)")
     r.add_argument("--lexical", type=_fraction, default=None,
                    help="share of the positive half taken from BM25 matches (default: 0 where "
-                        "the sketch's calibrated recall is ≥ 0.95, else 0.5)")
+                        "the sketch's calibrated recall is ≥ 0.99, else 0.5)")
     docs = _field_docs(IndexArgs)
     for name in ("nprobe", "ef_search", "refine"):
         r.add_argument(f"--{name.replace('_', '-')}", type=_positive(int),

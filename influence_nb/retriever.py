@@ -43,7 +43,7 @@ from .scoring import Queries
 from .search import BM25, search_size
 from .sketch import SketchArgs, Sketches, build_sketches
 
-TRUST = 0.95  # lexical=None: BM25 joins when the sketch's calibrated recall is below this
+TRUST = 0.99  # lexical=None: BM25 joins when the sketch's calibrated recall is below this
 
 if TYPE_CHECKING:  # annotations only: the session opens retrievers, not the other way round
     from .session import Influence, QueryLike
