@@ -81,6 +81,7 @@ VARIANTS = ("auto", "eigen", "whitened", "plain")
 AUTO_COVERAGE = 0.05  # "auto" takes the eigen sketch when its coordinates hold this share
 STRUCTURES = ("khatri-rao", "kronecker")
 FORMAT = "influence_nb.sketches/1"
+_DENSE_GATHER = 32  # eigen: form the n_u × n_v block and gather, if ≤ this × the coordinates
 ROW = np.dtype([("id", "<i8"), ("hash", "<u8")])
 
 
@@ -280,10 +281,14 @@ class Projection:
                                     p.iu, p.iv, p.w, None)))
         p = self._cast[key]
         du, av = delta @ p.u, a @ p.v
-        if p.iu is not None:
-            du, av = du[..., p.iu], av[..., p.iv]
-        out = einsum(du, av, self.pattern).flatten(1)      # Σ_t (u·δ_t)(v·ā_t)
-        return out if p.w is None else out * p.w
+        if p.iu is None:
+            return einsum(du, av, self.pattern).flatten(1)      # Σ_t (u·δ_t)(v·ā_t)
+        if len(p.u[0]) * len(p.v[0]) <= _DENSE_GATHER * len(p.iu):   # one small matmul, a gather
+            flat = (p.iu * len(p.v[0]) + p.iv)
+            out = (du.mT @ av).flatten(1)[:, flat]
+        else:                                                # coordinate by coordinate
+            out = einsum(du[..., p.iu], av[..., p.iv], self.pattern).flatten(1)
+        return out * p.w
 
     def sketch_queries(self, queries: Queries) -> Tensor:
         """Query sketches of the preconditioned gradients R = U Vᵀ -> (Q, D) float32."""
