@@ -256,7 +256,7 @@ class Projection:
                            for name, flat in _eigen_coordinates(factors, total).items()}
         else:
             self.layers = _random_layers(factors, args, self.variant)
-        self._cast: dict[tuple, LayerProjection] = {}
+        self._cast: dict[tuple, tuple] = {}
         # Khatri-Rao pairs row j with row j; Kronecker pairs every row i with every row j
         self.pattern = "b t j, b t j -> b j" if args.structure == "khatri-rao" or \
             self.variant == "eigen" else "b t i, b t j -> b i j"
@@ -273,22 +273,26 @@ class Projection:
         """Training sketch of one layer from ā (B, T, in+1), δ (B, T, out) -> (B, width)."""
         key = (name, delta.dtype, delta.device)
         if key not in self._cast:
-            p = self.layers[name]
-            cast = lambda x: None if x is None else (  # noqa: E731
-                x.to(delta.device) if x.dtype == torch.int64 else x.to(delta))
-            self._cast[key] = LayerProjection(
-                *(cast(x) for x in (p.u.T.contiguous(), p.v.T.contiguous(), None, None,
-                                    p.iu, p.iv, p.w, None)))
-        p = self._cast[key]
-        du, av = delta @ p.u, a @ p.v
-        if p.iu is None:
+            self._cast[key] = self._cast_layer(self.layers[name], delta)
+        uT, vT, iu, iv, w, flat = self._cast[key]
+        du, av = delta @ uT, a @ vT
+        if iu is None:
             return einsum(du, av, self.pattern).flatten(1)      # Σ_t (u·δ_t)(v·ā_t)
-        if len(p.u[0]) * len(p.v[0]) <= _DENSE_GATHER * len(p.iu):   # one small matmul, a gather
-            flat = (p.iu * len(p.v[0]) + p.iv)
-            out = (du.mT @ av).flatten(1)[:, flat]
-        else:                                                # coordinate by coordinate
-            out = einsum(du[..., p.iu], av[..., p.iv], self.pattern).flatten(1)
-        return out * p.w
+        if flat is not None:                                  # the n_u × n_v block, gathered
+            return (du.mT @ av).flatten(1)[:, flat] * w
+        return einsum(du[..., iu], av[..., iv], self.pattern).flatten(1) * w
+
+    @staticmethod
+    def _cast_layer(p: LayerProjection, like: Tensor) -> tuple:
+        """(uᵀ, vᵀ, iu, iv, w, flat) on ``like``'s device and dtype; ``flat`` (iu·n_v + iv) when
+        forming the eigen variant's whole n_u × n_v block is the cheaper way (else None)."""
+        to = lambda x: None if x is None else x.to(like.device if x.dtype == torch.int64  # noqa
+                                                   else like)
+        flat = None
+        if p.iu is not None and len(p.u) * len(p.v) <= _DENSE_GATHER * len(p.iu):
+            flat = to(p.iu * len(p.v) + p.iv)
+        return (to(p.u.T.contiguous()), to(p.v.T.contiguous()), to(p.iu), to(p.iv), to(p.w),
+                flat)
 
     def sketch_queries(self, queries: Queries) -> Tensor:
         """Query sketches of the preconditioned gradients R = U Vᵀ -> (Q, D) float32."""

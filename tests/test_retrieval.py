@@ -11,6 +11,7 @@ from influence_nb.index import IndexArgs, IndexFileError, SketchIndex
 from influence_nb.scoring import ScoreArgs
 from influence_nb.retriever import Retriever
 from influence_nb.search import BM25, PowerLawTail, recall_at_k, search_size
+from influence_nb import sketch
 from influence_nb.session import Influence
 from influence_nb.sketch import (SketchArgs, SketchError, Sketches, build_sketches,
                                  resolve_variant)
@@ -143,6 +144,16 @@ def test_eigen_sketch_with_every_coordinate_is_exact(session, exact, tmp_path):
     np.testing.assert_allclose(approx, exact.scores[:, sk.ids], rtol=2e-2,
                                atol=2e-3 * np.abs(exact.scores).max())   # float16 storage
     assert resolve_variant(session.factors, SketchArgs(m=n_params)) == "eigen"   # coverage 1
+
+
+@pytest.mark.parametrize("dense", [0, 10 ** 9])
+def test_eigen_sketch_block_and_coordinate_paths_agree(session, tmp_path, monkeypatch, dense):
+    args = SketchArgs(m=48, variant="eigen", batch_size=8, progress=False)
+    want = build_sketches(session.model, session.factors, session.corpus, tmp_path / "a", args)
+    monkeypatch.setattr(sketch, "_DENSE_GATHER", dense)  # 0: coordinate by coordinate
+    got = build_sketches(session.model, session.factors, session.corpus, tmp_path / "b", args)
+    np.testing.assert_allclose(got.data.astype(np.float32), want.data.astype(np.float32),
+                               rtol=1e-2, atol=1e-3 * np.abs(want.data).max())
 
 
 @pytest.mark.parametrize("variant,structure", [("eigen", "khatri-rao"),
