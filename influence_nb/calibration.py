@@ -36,15 +36,18 @@ FILE = "calibration.json"
 class CalibrationArgs:
     """How to calibrate a sketch store.
 
-    sample:  sketched sequences scanned exactly (at most all of them)
-    queries: calibration queries (held-out halves of other sketched sequences)
-    seed:    seed of the sample and the queries
+    sample:     sketched sequences scanned exactly (at most all of them)
+    queries:    calibration queries (other sketched sequences, cut in half)
+    completion: tokens of each calibration query's completion, after the first half (None:
+                the whole second half)
+    seed:       seed of the sample and the queries
     """
     sample: int = 1000
     queries: int = 16
+    completion: int | None = None
     seed: int = 0
 
-    MINIMUM: ClassVar[dict[str, float]] = {"sample": 2, "queries": 1}
+    MINIMUM: ClassVar[dict[str, float]] = {"sample": 2, "queries": 1, "completion": 1}
 
     def __post_init__(self) -> None:
         check_args(self)
@@ -111,7 +114,9 @@ def calibrate(inf: Influence, sketches: Sketches, args: CalibrationArgs | None =
     for r in others[:args.queries]:
         tokens = corpus.token_ids(int(sketches.ids[r]))
         half = max(1, len(tokens) // 2)
-        pairs.append((inf.tokenizer.decode(tokens[:half]), inf.tokenizer.decode(tokens[half:])))
+        end = len(tokens) if args.completion is None else half + args.completion
+        pairs.append((inf.tokenizer.decode(tokens[:half]),
+                      inf.tokenizer.decode(tokens[half:end])))
     queries = inf.queries(pairs)
     exact = inf.scan(queries, ids=sketches.ids[rows]).scores
     approx = sketches.query_sketches(inf.model, inf.factors, queries) \

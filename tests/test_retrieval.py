@@ -97,7 +97,7 @@ def test_multi_query_recall_is_each_querys_own_not_the_unions(session, exact, tm
 
 
 def test_search_reports_estimated_recall_and_search_size(session, tmp_path, monkeypatch):
-    cal = CalibrationArgs(sample=40, queries=4)
+    cal = CalibrationArgs(sample=40, queries=4, completion=2)
     ret = Retriever.build(session, tmp_path, SMALL, IndexArgs(progress=False), lexical=0)
     ret.calibration_args = cal
     res = ret.search(PAIRS, candidates=12, probe=30)
