@@ -185,9 +185,10 @@ def retriever(world: World, S: np.ndarray, exact, qs) -> dict:
         rows.append([recall_at_k(res, alone, 10, sign)[0] for sign in ("positive", "negative")])
         if res.search_size[0] and res.search_size[0]["n_sequences"]:
             sizes.append(res.search_size[0]["n_sequences"] / N)
-    rows = np.array(rows)
-    assert np.allclose(rows.mean(0), [out["K=2%"]["positive"], out["K=2%"]["negative"]],
-                       atol=1e-3)   # search() finds what candidates() proposed
+    # through search(): the top-10 of each query's own rescored candidates (float32 rescoring
+    # can swap a near-tie at rank 10 against the float64 exhaustive scan)
+    out["K=2% via search"] = dict(zip(("positive", "negative"),
+                                      np.round(np.array(rows).mean(0), 3).tolist()))
     out["search_size_over_N_median"] = round(float(np.median(sizes)), 2) if sizes else None
     out["speed"] = speed(world, ret, world.pairs, K)
     return out
