@@ -329,7 +329,8 @@ def _search(ns: argparse.Namespace, rank: int, world: int) -> dict:
     result = retriever.search(pairs, ns.candidates)
     if rank == 0:
         result.save(ns.out)
-        info = dict(candidates=[len(c) for c in result.candidates], timings=result.timings)
+        info = dict(candidates=[len(c) for c in result.candidates], timings=result.timings,
+                    estimated_recall=result.estimated_recall, search_size=result.search_size)
         write_json(Path(ns.out) / "search.json", info)
         _print_top(result, ns.top)
         print(f"\nrescored {len(result.ids)} candidates of {len(retriever.sketches)} sketched "
@@ -491,8 +492,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--index", metavar="DIR", help="the `sketch` output directory (required)")
     r.add_argument("--candidates", type=_positive(int), default=400,
                    help="sequences rescored per query, half per sign (default: 400)")
-    r.add_argument("--lexical", type=_fraction, default=0.5,
-                   help="share of the positive half taken from BM25 matches (default: 0.5)")
+    r.add_argument("--lexical", type=_fraction, default=None,
+                   help="share of the positive half taken from BM25 matches (default: 0 where "
+                        "the sketch's calibrated recall is ≥ 0.99, else 0.5)")
     docs = _field_docs(IndexArgs)
     for name in ("nprobe", "ef_search", "refine"):
         r.add_argument(f"--{name.replace('_', '-')}", type=_positive(int),

@@ -55,7 +55,8 @@ class IndexArgs:
     flat_max:   "auto" stays exact (flat) up to this many sequences, then uses "hnsw"
     hnsw_max:   "auto" uses "hnsw" up to this many sequences, then "ivfpq" (memory)
     nlist:      IVF cells; None: √N rounded to a power of two (≥ 16)
-    pq_m:       PQ sub-quantisers (bytes per sequence); None: D / 16; must divide D
+    pq_m:       PQ sub-quantisers (bytes per sequence); None: the largest divisor of D
+                up to D / 16; must divide D
     hnsw_m:     HNSW links per node
     train_size: rows sampled to train IVF / PQ
     shard_size: rows per shard; None: one shard
@@ -96,7 +97,7 @@ class IndexArgs:
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {self.kind!r}; use 'auto' or one of {KINDS}")
         nlist = self.nlist or max(16, 2 ** round(np.log2(np.sqrt(max(n, 1)))))
-        pq_m = self.pq_m or max(1, dim // 16)
+        pq_m = self.pq_m or max(d for d in range(1, max(1, dim // 16) + 1) if dim % d == 0)
         if kind == "ivfpq" and dim % pq_m:
             raise ValueError(f"pq_m={pq_m} must divide the sketch dimension {dim}")
         # k-means needs at least one training row per centroid (PQ: 256 per sub-quantizer)

@@ -6,7 +6,8 @@
 
 Each query gets ``candidates`` training sequences: half for positive influence — the largest
 sketch inner products, and (``lexical`` share of that half) the best BM25 matches of the
-query's text — and half for negative influence, the most negative sketch inner products. The
+query's text — and half for negative influence, the most negative sketch inner products.
+By default BM25 joins only where the store's calibration says the sketch alone falls short. The
 union over the queries is rescored exactly with the streaming scorer (:meth:`Influence.scan`
 with ``ids``), in one pass for all queries, so the result is an
 :class:`~influence_nb.results.InfluenceResult` like an exhaustive scan's, over fewer sequences.
@@ -17,23 +18,32 @@ spells the same identifiers); on the demo corpus each misses what the other find
 together they recover the exhaustive top-10 (benchmarks/retrieval.py). BM25 cannot see the
 sign of an influence, so the negative half is the sketch's alone.
 
+What a search cannot promise it says: each result carries ``estimated_recall``, the sketch's
+recall@10 at this K estimated from the store's calibration (:mod:`influence_nb.calibration`,
+one exact scan of a sample per store), and ``search_size``, the paper's power-law estimate of
+how many sequences must be scanned to find as many at least as influential as the top-10
+found, from ``probe`` random sequences rescored with the candidates.
+
 BM25, the power-law search-size estimate and recall@k live in :mod:`influence_nb.search`.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .calibration import Calibration, CalibrationArgs, calibrate
 from .index import IndexArgs, SketchIndex
 from .results import InfluenceResult
 from .scoring import Queries
-from .search import BM25
+from .search import BM25, search_size
 from .sketch import SketchArgs, Sketches, build_sketches
+
+TRUST = 0.99  # lexical=None: BM25 joins when the sketch's calibrated recall is below this
 
 if TYPE_CHECKING:  # annotations only: the session opens retrievers, not the other way round
     from .session import Influence, QueryLike
@@ -43,28 +53,57 @@ if TYPE_CHECKING:  # annotations only: the session opens retrievers, not the oth
 class SearchResult(InfluenceResult):
     """An :class:`InfluenceResult` over the rescored candidates, with the search's bookkeeping.
 
-    candidates: per query, the corpus ids its sketch search proposed (both signs)
-    timings:    seconds per stage: queries, sketch, search, bm25, rescore
+    candidates:       per query, the corpus ids its own search proposed (both signs); recall
+                      of query q counts these only (:func:`~influence_nb.search.recall_at_k`),
+                      never the union over the queries that was rescored
+    timings:          seconds per stage: queries, sketch, search, bm25, rescore
+    estimated_recall: the sketch's recall@10 at this K, positive and negative, from the
+                      store's calibration (BM25 candidates not counted: a lower bound)
+    search_size:      per query, the power-law estimate of the sequences to scan to find 10 at
+                      least as influential as the top-10 found (None: the probe was too small)
     """
     candidates: list[np.ndarray] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    estimated_recall: dict = field(default_factory=dict)
+    search_size: list[dict | None] = field(default_factory=list)
 
 
 class Retriever:
     """Sketch + index (+ BM25) search over an :class:`Influence` session's corpus.
 
-    lexical: share of each query's positive-side candidates taken from BM25 (0: sketch only)
+    lexical:     share of each query's positive-side candidates taken from BM25 (0: sketch only);
+                 None (default): 0 when the calibration says the sketch alone finds ≥ ``TRUST``
+                 of the positive top-10 with all of the positive half, else 0.5
+    calibration: how the store's recall estimate is made (once per store, on first search)
     """
 
     def __init__(self, inf: Influence, sketches: Sketches, index: SketchIndex,
-                 lexical: float = 0.5):
+                 lexical: float | None = None, calibration: CalibrationArgs | None = None):
         corpus = inf.fitted()[0]
         sketches.check_corpus(corpus)
-        if not 0 <= lexical <= 1:
+        if lexical is not None and not 0 <= lexical <= 1:
             raise ValueError(f"lexical={lexical} is a share of the positive candidates; use "
                              "a number from 0 (sketch only) to 1 (BM25 only)")
         self.inf, self.sketches, self.index, self.lexical = inf, sketches, index, lexical
+        self.calibration_args = calibration or CalibrationArgs()
         self._bm25: BM25 | None = None
+        self._calibration: Calibration | None = None
+
+    @property
+    def calibration(self) -> Calibration:
+        """The store's calibration (read from the store, else one exact scan of a sample)."""
+        if self._calibration is None:
+            self._calibration = calibrate(self.inf, self.sketches, self.calibration_args)
+        return self._calibration
+
+    def split(self, candidates: int) -> tuple[int, int, int]:
+        """-> (BM25, largest-sketch, most-negative-sketch) candidates per query."""
+        half = max(1, candidates // 2)
+        lexical = self.lexical
+        if lexical is None:   # BM25 only where the sketch alone falls short
+            lexical = 0.0 if self.calibration.recall(half, 0)["positive"] >= TRUST else 0.5
+        n_lexical = round(lexical * half)
+        return n_lexical, half - n_lexical, candidates - half
 
     @property
     def bm25(self) -> "BM25":
@@ -77,7 +116,8 @@ class Retriever:
     @classmethod
     def build(cls, inf: Influence, path: str | os.PathLike,
               sketch_args: SketchArgs | None = None,
-              index_args: IndexArgs | None = None, lexical: float = 0.5) -> "Retriever":
+              index_args: IndexArgs | None = None, lexical: float | None = None
+              ) -> "Retriever":
         """Sketch the session's corpus into ``path/sketches`` (resuming or appending) and index
         it into ``path/index`` (rebuilt when the sketches changed)."""
         corpus, factors = inf.fitted()
@@ -91,7 +131,7 @@ class Retriever:
         return cls(inf, sketches, index, lexical)
 
     @classmethod
-    def open(cls, inf: Influence, path: str | os.PathLike, lexical: float = 0.5
+    def open(cls, inf: Influence, path: str | os.PathLike, lexical: float | None = None
              ) -> "Retriever":
         """Open what :meth:`build` wrote (checked against the session's model and factors)."""
         sketches = Sketches.open(Path(path) / "sketches", inf.model, inf.fitted()[1])
@@ -104,10 +144,9 @@ class Retriever:
         t0 = time.perf_counter()
         x = self.sketches.query_sketches(self.inf.model, self.inf.factors, queries)
         t1 = time.perf_counter()
-        half = max(1, candidates // 2)
-        n_lexical = round(self.lexical * half)
-        _, top = self.index.search(x, half - n_lexical)
-        _, bottom = self.index.search(-x, candidates - half)
+        n_lexical, n_top, n_bottom = self.split(candidates)
+        _, top = self.index.search(x, n_top)
+        _, bottom = self.index.search(-x, n_bottom)
         t2 = time.perf_counter()
         words = [np.empty(0, np.int64)] * len(queries)
         if n_lexical:
@@ -119,14 +158,36 @@ class Retriever:
                  for t, b, w in zip(top, bottom, words)]
         return found, dict(sketch=t1 - t0, search=t2 - t1, bm25=time.perf_counter() - t2)
 
-    def search(self, queries: QueryLike, candidates: int = 400) -> SearchResult:
-        """Exact scores of the sketch candidates of every query (union over the queries)."""
+    def search(self, queries: QueryLike, candidates: int = 400, probe: int = 128
+               ) -> SearchResult:
+        """Exact scores of each query's ``candidates``: one rescoring pass over their union and
+        ``probe`` random sequences (these serve the search-size estimate and are left out of
+        the result)."""
         t0 = time.perf_counter()
         queries = self.inf.queries(queries)
         t1 = time.perf_counter()
         found, timings = self.candidates(queries, candidates)
         t2 = time.perf_counter()
-        res = self.inf.scan(queries, ids=np.unique(np.concatenate(found)))
+        rng = np.random.default_rng(0)
+        sample = self.sketches.ids[rng.choice(len(self.sketches), min(probe, len(self.sketches)),
+                                              replace=False)]
+        union = np.unique(np.concatenate(found))
+        res = self.inf.scan(queries, ids=np.union1d(union, sample))
         timings |= dict(queries=t1 - t0, rescore=time.perf_counter() - t2)
+        at = {int(i): c for c, i in enumerate(res.ids)}
+        sizes: list[dict | None] = [None] * len(queries)
+        for q in range(len(queries) if probe else 0):
+            top = np.sort(res.scores[q, [at[int(i)] for i in found[q]]])[::-1][:10]
+            try:
+                sizes[q] = search_size(res.scores[q, [at[int(i)] for i in sample]], top)
+            except ValueError:    # the probe's tail holds no positive score
+                pass
+        keep = np.isin(res.ids, union)               # the probe only served the estimate
+        res = replace(res, scores=res.scores[:, keep], ids=res.ids[keep],
+                      layer_scores=None if res.layer_scores is None
+                      else res.layer_scores[..., keep])
+        _, n_top, n_bottom = self.split(candidates)
         return SearchResult(**{f.name: getattr(res, f.name) for f in fields(InfluenceResult)},
-                            candidates=found, timings=timings)
+                            candidates=found, timings=timings,
+                            estimated_recall=self.calibration.recall(n_top, n_bottom),
+                            search_size=sizes)

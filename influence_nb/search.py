@@ -89,6 +89,16 @@ def search_size(sample_scores: np.ndarray, target_scores: np.ndarray, tail: floa
 def recall_at_k(found: InfluenceResult, exact: InfluenceResult, k: int = 10,
                 sign: str = "positive") -> np.ndarray:
     """(Q,) fraction of each query's exact top-k (of ``exact``, e.g. an exhaustive scan) that
-    ``found``'s top-k holds; ``sign`` "positive" or "negative"."""
-    return np.array([len(set(found.top(q, k, sign)["id"]) & set(exact.top(q, k, sign)["id"])) / k
-                     for q in range(exact.n_queries)])
+    ``found``'s top-k holds; ``sign`` "positive" or "negative".
+
+    A search result (:class:`~influence_nb.retriever.SearchResult`) rescored the union of all
+    its queries' candidates; query q is credited only with its own candidates, as if it had
+    been searched alone — the union's recall is not a recall any single query gets."""
+    own = getattr(found, "candidates", None) or None
+    out = []
+    for q in range(exact.n_queries):
+        top = found.top(q, len(found.ids), sign)["id"].to_numpy()
+        if own is not None:
+            top = top[np.isin(top, own[q])]
+        out.append(len(set(top[:k]) & set(exact.top(q, k, sign)["id"])) / k)
+    return np.array(out)

@@ -147,11 +147,12 @@ class Influence:
         return self.factors
 
     def retriever(self, path: str | os.PathLike, sketch_args: Any = None,
-                  index_args: Any = None, lexical: float = 0.5) -> Any:
+                  index_args: Any = None, lexical: float | None = None) -> Any:
         """Sketch and index the corpus into ``path`` once (resumable; reused when present), for
         fast candidate search: ``inf.retriever(path).search(pairs, candidates=K)`` returns the
         exactly rescored candidates as a result; ``lexical`` is the share of the positive
-        candidates that BM25 proposes. See :mod:`influence_nb.search`."""
+        candidates that BM25 proposes (None: only where the sketch's calibrated recall falls
+        short). See :mod:`influence_nb.retriever`."""
         from .retriever import Retriever
         return Retriever.build(self, path, sketch_args, index_args, lexical)
 

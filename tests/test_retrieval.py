@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from influence_nb.calibration import Calibration, CalibrationArgs, rank_fractions
 from influence_nb.curvature import FactorArgs, fit_factors
 from influence_nb.data import Corpus
 from influence_nb.hooks import find_layers
@@ -10,8 +11,10 @@ from influence_nb.index import IndexArgs, IndexFileError, SketchIndex
 from influence_nb.scoring import ScoreArgs
 from influence_nb.retriever import Retriever
 from influence_nb.search import BM25, PowerLawTail, recall_at_k, search_size
+from influence_nb import sketch
 from influence_nb.session import Influence
-from influence_nb.sketch import SketchArgs, SketchError, Sketches, build_sketches
+from influence_nb.sketch import (SketchArgs, SketchError, Sketches, build_sketches,
+                                 resolve_variant)
 
 from test_scoring import tiny_model
 
@@ -41,11 +44,11 @@ def test_flat_retrieval_and_rescoring_equal_exhaustive_top_k(session, exact, tmp
     ret = Retriever.build(session, tmp_path, SketchArgs(m=1024, progress=False),
                           IndexArgs(progress=False), lexical=0)
     assert ret.index.kind == "flat"
-    everything = ret.search(PAIRS, candidates=2 * len(TEXTS))
+    everything = ret.search(PAIRS, candidates=2 * len(TEXTS), probe=0)
     assert sorted(everything.ids) == list(range(len(TEXTS)))
     tol = dict(rtol=1e-5, atol=1e-6 * np.abs(exact.scores).max())  # float32, other batching
     np.testing.assert_allclose(everything.scores, exact.scores[:, everything.ids], **tol)
-    res = ret.search(PAIRS, candidates=len(TEXTS) // 2)          # half the corpus rescored
+    res = ret.search(PAIRS, candidates=len(TEXTS) // 2, probe=0)  # half the corpus rescored
     assert len(res.ids) < len(TEXTS) and set(res.timings) == {"queries", "sketch", "search",
                                                              "bm25", "rescore"}
     np.testing.assert_allclose(res.scores, exact.scores[:, res.ids], **tol)  # exact scores
@@ -62,7 +65,7 @@ def test_hybrid_candidates_add_bm25_matches_to_the_positive_half(session, exact,
     ret = Retriever.build(session, tmp_path, SketchArgs(m=256, progress=False),
                           IndexArgs(progress=False), lexical=0.5)
     K = 24
-    res = ret.search(PAIRS, candidates=K)
+    res = ret.search(PAIRS, candidates=K, probe=0)
     words = BM25(TEXTS).top([p + c for p, c in PAIRS], K // 4)     # half of the positive half
     x = ret.sketches.query_sketches(session.model, session.factors, session.queries(PAIRS))
     for q in range(len(PAIRS)):
@@ -75,7 +78,86 @@ def test_hybrid_candidates_add_bm25_matches_to_the_positive_half(session, exact,
         Retriever(session, ret.sketches, ret.index, lexical=1.5)
 
 
-@pytest.mark.parametrize("variant,structure", [("whitened", "khatri-rao"),
+def test_multi_query_recall_is_each_querys_own_not_the_unions(session, exact, tmp_path):
+    """A search of several queries rescores the union of their candidates; recall_at_k must
+    credit query q with its own candidates only — what a search of q alone finds."""
+    ret = Retriever.build(session, tmp_path, SketchArgs(m=64, variant="whitened",
+                                                        progress=False),
+                          IndexArgs(progress=False), lexical=0)
+    K, k = 4, 5
+    together = ret.search(PAIRS, candidates=K, probe=0)
+    honest = recall_at_k(together, exact, k=k)
+    for q, pair in enumerate(PAIRS):
+        alone = ret.search([pair], candidates=K, probe=0)
+        assert set(alone.candidates[0]) == set(together.candidates[q])
+        assert honest[q] == recall_at_k(alone, session.scan([pair]), k=k)[0]
+    union = [len(set(together.top(q, k)["id"]) & set(exact.top(q, k)["id"])) / k
+             for q in range(len(PAIRS))]
+    assert max(u - h for u, h in zip(union, honest)) > 0   # the union would have looked better
+
+
+def test_search_reports_estimated_recall_and_search_size(session, tmp_path, monkeypatch):
+    cal = CalibrationArgs(sample=40, queries=4, completion=2)
+    ret = Retriever.build(session, tmp_path, SMALL, IndexArgs(progress=False), lexical=0)
+    ret.calibration_args = cal
+    res = ret.search(PAIRS, candidates=12, probe=30)
+    est = res.estimated_recall
+    assert 0 <= est["positive"] <= 1 and 0 <= est["negative"] <= 1
+    assert est["calibration_sample"] == 40 and est["calibration_queries"] == 4
+    assert len(res.search_size) == len(PAIRS)
+    assert (tmp_path / "sketches" / "calibration.json").exists()
+    scans = []
+    monkeypatch.setattr(Influence, "scan", lambda *a, **kw: scans.append(1))
+    again = Retriever.open(session, tmp_path, lexical=0)
+    again.calibration_args = cal
+    assert again.calibration == ret.calibration and not scans   # scanned once per store
+    full = again.calibration.recall(len(TEXTS), len(TEXTS))
+    assert full["positive"] == full["negative"] == 1.0          # everything rescored: found
+
+
+def test_bm25_joins_only_where_the_calibrated_sketch_falls_short(session, tmp_path):
+    ret = Retriever.build(session, tmp_path, SMALL, IndexArgs(progress=False), lexical=None)
+    n = len(ret.sketches)
+    ret._calibration = Calibration("x", n, 10, 1, [[0.0]] * 4, [[0.0]] * 4, {})
+    assert ret.split(20) == (0, 10, 10)                          # the sketch finds them all
+    ret._calibration = Calibration("x", n, 10, 1, [[0.9]] * 4, [[0.0]] * 4, {})
+    assert ret.split(20) == (5, 5, 10)                           # it does not: K/4 from BM25
+
+
+def test_rank_fractions():
+    exact = np.array([[5.0, 4, 3, 2, 1, 0]])
+    approx = np.array([[0.0, 5, 4, 3, 2, 1]])   # the sketch puts the best last
+    pos, neg = rank_fractions(exact, approx, 2)
+    np.testing.assert_allclose(pos, [[5 / 6, 0]])
+    np.testing.assert_allclose(neg, [[1 / 6, 2 / 6]])
+
+
+def test_eigen_sketch_with_every_coordinate_is_exact(session, exact, tmp_path):
+    """Keeping all eigenbasis coordinates, the eigen sketch's inner products are the scores
+    (exact whitening per coordinate, no random measurement); fewer keep the largest Λ/λ."""
+    n_params = sum(o * i for o, i in session.factors.shapes.values())
+    sk = build_sketches(session.model, session.factors, session.corpus, tmp_path,
+                        SketchArgs(m=n_params, variant="eigen", batch_size=8, progress=False))
+    assert sk.dim == n_params
+    approx = sk.query_sketches(session.model, session.factors, session.queries(PAIRS)) \
+        @ sk.data.astype(np.float32).T
+    np.testing.assert_allclose(approx, exact.scores[:, sk.ids], rtol=2e-2,
+                               atol=2e-3 * np.abs(exact.scores).max())   # float16 storage
+    assert resolve_variant(session.factors, SketchArgs(m=n_params)) == "eigen"   # coverage 1
+
+
+@pytest.mark.parametrize("dense", [0, 10 ** 9])
+def test_eigen_sketch_block_and_coordinate_paths_agree(session, tmp_path, monkeypatch, dense):
+    args = SketchArgs(m=48, variant="eigen", batch_size=8, progress=False)
+    want = build_sketches(session.model, session.factors, session.corpus, tmp_path / "a", args)
+    monkeypatch.setattr(sketch, "_DENSE_GATHER", dense)  # 0: coordinate by coordinate
+    got = build_sketches(session.model, session.factors, session.corpus, tmp_path / "b", args)
+    np.testing.assert_allclose(got.data.astype(np.float32), want.data.astype(np.float32),
+                               rtol=1e-2, atol=1e-3 * np.abs(want.data).max())
+
+
+@pytest.mark.parametrize("variant,structure", [("eigen", "khatri-rao"),
+                                               ("whitened", "khatri-rao"),
                                                ("plain", "khatri-rao"), ("whitened", "kronecker")])
 def test_sketch_inner_products_correlate_with_exact_scores(session, exact, tmp_path, variant,
                                                            structure):
@@ -96,8 +178,8 @@ def test_sketch_inner_products_are_unbiased(session, exact, tmp_path, structure)
     ids, queries = range(12), session.queries(PAIRS)
     draws = []
     for seed in range(24):
-        args = SketchArgs(m=64, structure=structure, seed=seed, batch_size=12, chunk_size=12,
-                          progress=False)
+        args = SketchArgs(m=64, variant="whitened", structure=structure, seed=seed,
+                          batch_size=12, chunk_size=12, progress=False)
         sk = build_sketches(session.model, session.factors, session.corpus, tmp_path / str(seed),
                             args, ids=ids)
         draws.append(sk.query_sketches(session.model, session.factors, queries)
