@@ -107,9 +107,14 @@ def _block_sizes(n: int, blocks: int) -> list[int]:
 
 
 def _eigh(blocks: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], Tensor]:
-    """Eigendecomposition in float64 of symmetric blocks -> (eigenvector blocks, eigenvalues ≥ 0)."""
+    """Eigendecomposition in float64 of symmetric blocks -> (eigenvector blocks, eigenvalues ≥ 0).
+
+    Each eigenvector's sign is fixed (its largest-magnitude entry positive), so that two fits
+    whose statistics differ by rounding (another batch order, another number of ranks) give the
+    same basis, and coordinates in it (the eigen sketch) agree."""
     pairs = [torch.linalg.eigh(b.double()) for b in blocks]
-    return ([Q.to(dtype).contiguous() for _, Q in pairs],
+    signs = [torch.sign(Q.gather(0, Q.abs().argmax(0, keepdim=True))) for _, Q in pairs]
+    return ([(Q * sgn).to(dtype).contiguous() for (_, Q), sgn in zip(pairs, signs)],
             torch.cat([lam for lam, _ in pairs]).clamp_min(0.0).to(dtype))
 
 
