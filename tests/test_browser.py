@@ -391,16 +391,21 @@ def test_saved_notebook_without_a_kernel_shows_the_snapshots(page, lab, saved):
     other = _reopen(page, lab, "no_kernel.ipynb", nb)
     explorer = other.locator(".inb-static").filter(has=other.locator("tr.inb-s-selected")).first
     explorer.wait_for(timeout=60_000)
-    assert other.evaluate("""() => { const s = window.jupyterapp.shell.currentWidget
-        .sessionContext.session; return !(s && s.kernel); }"""), "a kernel was started"
-    assert other.locator(".inb-root").count() == 0     # no view: what shows is the snapshot
+    kernel = other.evaluate("""() => { const s = window.jupyterapp.shell.currentWidget
+        .sessionContext.session; return s && s.kernel ? s.kernel.name : null; }""")
+    assert other.locator(".inb-root").count() == 0, f"live views drawn (kernel {kernel})"
     print(f"\nsaved notebook, no kernel: snapshot shown in {time.time() - t0:.1f} s")
     assert explorer.is_visible() and explorer.locator("tbody tr").count() == 15
     bgs = explorer.locator(".inb-s-tok[style]").evaluate_all(
         "els => els.map(e => getComputedStyle(e).backgroundColor)")
     assert len(bgs) >= 5 and sum(_alpha(bg) > 0.1 for bg in bgs) >= 5, bgs
     assert other.locator(".inb-static svg.inb-s-bars").count() >= 3   # explorer, layers, labs
-    explorer.screenshot(path=str(ARTIFACTS / "explorer_no_kernel.png"))
+    # an artifact, not a check: JupyterLab may go on to start its default kernel for the
+    # unknown kernelspec, whose live views then replace the snapshot (after the checks above)
+    try:
+        explorer.screenshot(path=str(ARTIFACTS / "explorer_no_kernel.png"), timeout=10_000)
+    except Exception as e:  # playwright's Error / TimeoutError
+        print(f"no screenshot of the kernel-less snapshot: {str(e).splitlines()[0]}")
     other.close()
 
 
