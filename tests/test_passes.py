@@ -226,3 +226,29 @@ def test_a_scan_folder_is_tied_to_its_model(setup, tmp_path):
             p.mul_(1.01)
     with pytest.raises(ValueError, match="holds a scan of other model"):
         scan(other, queries, corpus, sargs, tmp_path)
+
+
+def test_sampled_labels_and_their_gradient_are_the_log_softmax_ones():
+    """The two-level draw gives, for the same uniform, the label one cumulative sum over all V
+    classes gives (V not a multiple of the block); the pseudo-loss's value and its gradient
+    with respect to the logits equal autograd through log_softmax at those labels."""
+    from influence_nb.task import SampledNLL, sample_labels
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 5, 103
+    logits = (3 * torch.randn(B, T, V, generator=g, dtype=torch.float64)).requires_grad_()
+    p = logits.detach().softmax(-1).flatten(0, 1)
+    cdf = p.cumsum(-1)
+    u = torch.rand(B * T, 1, generator=torch.Generator().manual_seed(7), dtype=p.dtype)
+    expected = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    assert torch.equal(sample_labels(p, torch.Generator().manual_seed(7)), expected)
+
+    mask = torch.rand(B, T, generator=g) > 0.3
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)   # any upstream gradient
+    ours = SampledNLL.apply(logits, mask, torch.Generator().manual_seed(7))
+    (grad,) = torch.autograd.grad((ours * w).sum(), logits)
+    y = expected.view(B, T, 1)
+    ref = -(logits.log_softmax(-1).gather(-1, y).squeeze(-1) * mask).sum(1)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), logits)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    assert grad[~mask].abs().max() == 0
