@@ -13,7 +13,8 @@ tokens treated as independent (paper §3.1, eq. 20)::
 The δ are gradients of the Fisher pseudo-loss (labels sampled from the model, see
 :mod:`influence_nb.task`), so G is the true Fisher of the summed per-sequence loss. A fit
 costs a covariance pass and, for EK-FAC, an eigenvalue-correction pass over the corpus, each
-about one forward + backward (no parameter gradients are formed).
+about one forward + backward (no parameter gradients are formed); when the first pass's ā and δ
+fit in :data:`~influence_nb.passes.RECORD_BYTES`, the second replays them instead.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from . import distributed, store
 from .checks import check_args
 from .hooks import TrackedLayer, context_length, find_layers, stat_dtype
-from .passes import Consumer, Gradients, PassBatch, corpus_pass, source
+from .passes import Consumer, Gradients, PassBatch, Recording, corpus_pass, source
 from .task import Task, get, query_batch, token_rows
 
 STRATEGIES = ("identity", "kfac", "ekfac")
@@ -440,12 +441,18 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
         return Factors(args, shapes, {}, 0, 0, fp, src.fingerprint, task.empirical_fisher)
 
     dtype, device = stat_dtype(model), next(model.parameters()).device
-    run = lambda consumer, desc: corpus_pass(  # noqa: E731
-        model, tracked, src, [consumer], "fisher", task, args.seed, args.max_examples,
-        shard=True, progress=args.progress, desc=desc)[0]
-    layers, n_seq, n_tok = run(Covariance(tracked, args.blocks, dtype, device), "covariance")
+    run = lambda consumers, desc: corpus_pass(  # noqa: E731
+        model, tracked, src, consumers, "fisher", task, args.seed, args.max_examples,
+        shard=True, progress=args.progress, desc=desc)
+    # EK-FAC's second pass needs the first's ā and δ again (same labels): kept when they fit
+    first = [Covariance(tracked, args.blocks, dtype, device)]
+    first += [Recording()] if args.strategy == "ekfac" else []
+    (layers, n_seq, n_tok), *recording = run(first, "covariance")
     if args.strategy == "ekfac":
-        Lambda, seen = run(EigenvalueCorrection(layers, shapes, dtype), "eigenvalues")
+        correction = EigenvalueCorrection(layers, shapes, dtype)
+        Lambda, seen = (recording[0].replay([correction]) if recording[0].complete
+                        else run([correction], "eigenvalues"))[0]
+        recording.clear()
         if seen != n_seq:
             raise ValueError(f"the batches changed between passes ({n_seq} then {seen} "
                              "sequences); fit on a source that yields the same batches each time")

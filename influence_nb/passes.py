@@ -40,6 +40,7 @@ from .task import Task, get, to_device
 
 LOSSES = ("loglik", "fisher", "measurement")
 GROUP_BYTES = 64 << 20  # per-sequence tensors a consumer forms at once (see PassBatch.groups)
+RECORD_BYTES = 1 << 30  # ā and δ a Recording keeps for a replay (see Recording)
 
 
 @dataclass
@@ -92,7 +93,8 @@ class Consumer:
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
         """ā (B, T, in+1) and δ (B, T, out) of ``layer``, float32 (float64 for a float64
-        model), zero at unscored positions. Valid only during the call."""
+        model), zero at unscored positions: fresh tensors that no one modifies in place
+        (a :class:`Recording` keeps them)."""
 
     def update(self, batch: PassBatch) -> None:
         """The batch is complete (every layer seen, values checked finite)."""
@@ -128,6 +130,49 @@ class Gradients(Consumer):
         DW = {n: torch.cat(p)[order.to(p[0].device)] for n, p in self.parts.items()}
         losses = torch.cat(self.losses)
         return DW, losses[order.to(losses.device)]
+
+
+class Recording(Consumer):
+    """The pass itself, kept: every layer's ā and δ of every batch, while they fit in
+    ``budget`` bytes (default :data:`RECORD_BYTES`); past it, everything is dropped and
+    ``complete`` is False. A complete recording is replayed to other consumers (:meth:`replay`)
+    as the pass would have fed them — the same tensors, so the same numbers as a second pass
+    over the model with the same Fisher labels, without its forward and backward."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = RECORD_BYTES if budget is None else budget
+        self.batches: list[tuple[PassBatch, list[tuple[TrackedLayer, Tensor, Tensor]]]] = []
+        self.layers: list[tuple[TrackedLayer, Tensor, Tensor]] = []
+        self.bytes, self.complete = 0, True
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        if self.complete:
+            self.layers.append((layer, a, delta))
+            self.bytes += a.nbytes + delta.nbytes
+            if self.bytes > self.budget:
+                self.batches, self.layers, self.complete = [], [], False
+
+    def update(self, batch: PassBatch) -> None:
+        if self.complete:
+            self.batches.append((batch, self.layers))
+        self.layers = []
+
+    def finish(self) -> "Recording":
+        return self
+
+    def replay(self, consumers: Sequence[Consumer]) -> list[Any]:
+        """Feed the recorded pass to ``consumers`` (layers and batches in the pass's order)
+        -> their ``finish()`` values, as :func:`corpus_pass` returns them."""
+        if not self.complete:
+            raise RuntimeError("the recording outgrew its budget; run the pass again")
+        for batch, layers in self.batches:
+            for layer, a, delta in layers:
+                for c in consumers:
+                    c.update_layer(layer, a, delta, batch)
+            for c in consumers:
+                c.update(batch)
+        return [c.finish() for c in consumers]
 
 
 def as_ids(ids: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:

@@ -252,3 +252,27 @@ def test_sampled_labels_and_their_gradient_are_the_log_softmax_ones():
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
     assert grad[~mask].abs().max() == 0
+
+
+def test_a_recorded_first_pass_gives_the_eigenvalues_of_a_second_model_pass(setup, monkeypatch):
+    """EK-FAC replays the covariance pass's ā and δ when they fit in RECORD_BYTES: the same
+    factors as running the model again (same labels), with one pass over the model instead of
+    two; past the budget the fit runs the second pass."""
+    model, corpus = setup[0], setup[1]
+    forwards = []
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        fits = {}
+        for budget in (1 << 30, 5000):
+            monkeypatch.setattr("influence_nb.passes.RECORD_BYTES", budget)
+            forwards.clear()
+            fits[budget] = fit_factors(model, corpus, FactorArgs(batch_size=5, progress=False))
+            fits[budget, "batches"] = len(forwards)
+    finally:
+        handle.remove()
+    batches = -(-len(corpus) // 5)
+    assert fits[1 << 30, "batches"] == batches and fits[5000, "batches"] == 2 * batches
+    for name, f in fits[1 << 30].layers.items():
+        torch.testing.assert_close(f.Lambda, fits[5000].layers[name].Lambda, rtol=1e-6, atol=0)
+        assert f.Lambda.abs().sum() > 0
+    assert fits[1 << 30].factors_id() == fits[5000].factors_id()
