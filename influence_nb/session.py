@@ -124,10 +124,11 @@ class Influence:
             raise ValueError("no corpus to fit on: pass one to Influence(model, tokenizer, corpus)")
         if cache and path is None:
             # progress bars change how the fit looks, not what it estimates; the batch size
-            # changes the length buckets and each batch's seeded Fisher labels, so it counts
+            # changes the length buckets and each batch's seeded Fisher labels, so it counts,
+            # as does the task (its Fisher estimator)
             key = json.dumps([model_fingerprint(self.model, find_layers(self.model, args.layers)),
-                              self.corpus.fingerprint, asdict(replace(args, progress=True))],
-                             default=str)
+                              self.corpus.fingerprint, asdict(replace(args, progress=True)),
+                              repr(self.task)], default=str)
             path = cache_dir() / f"factors-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
             if (path / "manifest.json").exists():
                 try:

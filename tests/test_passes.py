@@ -16,6 +16,7 @@ from influence_nb.scoring import (Queries, ScoreArgs, Scorer, SelfInfluence, mak
                                   self_influence)
 from influence_nb.session import Influence
 from influence_nb.sketch import Projection, SketchArgs, Sketcher, build_sketches
+from influence_nb.task import Task
 
 from test_scoring import TEXTS, tiny_model
 
@@ -130,16 +131,18 @@ def test_concatenated_queries_keep_their_factors_and_are_searchable(setup, tmp_p
         Queries.concat([queries, q_other])
 
 
-def test_factor_cache_key_includes_the_batch_size(setup, tokenizer, tmp_path, monkeypatch):
-    """The length buckets and the seeded per-batch Fisher labels depend on the batch size: a
-    fit with another batch size is not served from the cache."""
+def test_factor_cache_key_includes_the_batch_size_and_the_task(setup, tokenizer, tmp_path, monkeypatch):
+    """The length buckets and the seeded per-batch Fisher labels depend on the batch size, the
+    Fisher on the task: a fit with another batch size or task is not served from the cache."""
     model, corpus, _, _ = setup
     monkeypatch.setenv("INFLUENCE_NB_CACHE", str(tmp_path))
     inf = Influence(model, tokenizer, corpus)
     a = inf.fit(FactorArgs(batch_size=5, progress=False), cache=True)
     b = inf.fit(FactorArgs(batch_size=7, progress=False), cache=True)
     again = inf.fit(FactorArgs(batch_size=5, progress=True), cache=True)  # bars: same key
-    assert len(list(tmp_path.glob("factors-*"))) == 2
+    empirical = Influence(model, tokenizer, corpus, task=Task(empirical_fisher=True)).fit(
+        FactorArgs(batch_size=5, progress=False), cache=True)   # another Fisher: another fit
+    assert len(list(tmp_path.glob("factors-*"))) == 3 and empirical.empirical_fisher
     assert a.factors_id() == again.factors_id() != b.factors_id()
     name = next(iter(a.layers))
     assert not torch.allclose(a.layers[name].Lambda, b.layers[name].Lambda)
