@@ -88,31 +88,48 @@ def sample_labels(p: Tensor, generator: torch.Generator) -> Tensor:
     return cols.gather(1, k).squeeze(1).clamp_max(V - 1)
 
 
-class SampledNLL(torch.autograd.Function):
-    """Σ_t −log p(y_t | position t) over the masked positions, y_t ~ softmax(logits[b, t]):
-    (B, T, V) logits, (B, T) bool mask, generator -> (B,). The backward returns
-    (p − onehot(y)) · mask, kept from the forward: one softmax serves the draw, the loss and
-    the gradient (a log-softmax's forward and backward would pass over the logits again)."""
+class FisherProbe(torch.autograd.Function):
+    """A pseudo-loss of the true Fisher: (B, T, V) logits, (B, T) bool mask, generator,
+    probe -> (B,), whose gradient with respect to the logits is a draw r_t (zero where the
+    mask is off) with E[r_t] = 0 and E[r_t r_tᵀ] = diag(p_t) − p_t p_tᵀ, p_t = softmax(logits_t):
+    so E[δ δᵀ] through any layer is the Fisher's, whatever the probe.
+
+    - ``"label"`` (the paper): y_t ~ p_t (:func:`sample_labels`), r_t = p_t − onehot(y_t); the
+      value is Σ_t −log p(y_t), the training loss at the sampled labels.
+    - ``"gaussian"``: r_t = diag(√p_t) ε − p_t (√p_tᵀ ε), ε ~ N(0, I_V): the same covariance
+      without the label draw's heavy tail (a rare label gives a residual of ≈ 1 with
+      probability p ≪ 1: its fourth moment is ≈ 1/p times the Gaussian's); the value is
+      Σ_t ⟨logits_t, r_t⟩ (its gradient is r).
+
+    One softmax serves the draw, the value and the gradient, which is kept from the forward
+    (a log-softmax would pass over the logits again in the backward).
+    """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, mask: Tensor, generator: torch.Generator) -> Tensor:
+    def forward(ctx, logits: Tensor, mask: Tensor, generator: torch.Generator,
+                probe: str) -> Tensor:
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))
         m = x.amax(dim=-1, keepdim=True)
         p = (x - m).exp_()
         z = p.sum(dim=-1, keepdim=True)
         p.div_(z)                                                           # softmax
-        y = sample_labels(p.flatten(0, 1), generator).view_as(m)            # (B, T, 1)
-        logp_y = (x.gather(-1, y) - m - z.log()).squeeze(-1)
-        G = p.scatter_add_(-1, y, torch.full_like(m, -1.0)).mul_(mask[..., None])
-        ctx.save_for_backward(G)
+        if probe == "label":
+            y = sample_labels(p.flatten(0, 1), generator).view_as(m)        # (B, T, 1)
+            value = (m + z.log() - x.gather(-1, y)).squeeze(-1)             # −log p(y)
+            r = p.scatter_add_(-1, y, torch.full_like(m, -1.0))             # p − onehot(y)
+        else:
+            e = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            e.mul_(p.sqrt())
+            r = e.sub_(p * e.sum(dim=-1, keepdim=True))
+            value = (x * r).sum(dim=-1)
+        ctx.save_for_backward(r.mul_(mask[..., None]))
         ctx.dtype = logits.dtype
-        return -(logp_y * mask).sum(dim=1)
+        return (value * mask).sum(dim=1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        G, = ctx.saved_tensors
-        return (G * grad[:, None, None]).to(ctx.dtype), None, None
-
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        r, = ctx.saved_tensors
+        return (r * grad[:, None, None]).to(ctx.dtype), None, None, None
 
 @dataclass
 class Task:
@@ -120,8 +137,20 @@ class Task:
 
     empirical_fisher: use the real next tokens as Fisher labels instead of sampling them
         from the model (the paper, and the default, use the true Fisher).
+    fisher_probe: how the true Fisher's output gradient is drawn at each position
+        (:class:`FisherProbe`): ``"gaussian"`` (default: the same Fisher in expectation, less
+        seed-to-seed noise — docs/design.md, "The same answer twice") or ``"label"`` (the
+        paper's one sampled label per position).
     """
     empirical_fisher: bool = False
+    fisher_probe: str = "gaussian"
+
+    PROBES = ("gaussian", "label")
+
+    def __post_init__(self) -> None:
+        if self.fisher_probe not in self.PROBES:
+            raise ValueError(f"unknown fisher_probe {self.fisher_probe!r}; use one of "
+                             f"{self.PROBES}")
 
     def forward(self, model: nn.Module, batch: object) -> Tensor:
         """Run the model: logits (B, T, V)."""
@@ -163,13 +192,11 @@ class Task:
         return -(logp * self.loss_mask(batch)).sum(dim=1)
 
     def fisher_loss(self, logits: Tensor, batch: object, generator: torch.Generator) -> Tensor:
-        """(B,) the training loss with labels drawn from softmax(logits) (true Fisher), or the
-        real tokens when ``empirical_fisher``. ``generator`` makes the draw reproducible
-        (:func:`sample_labels`). Its gradient with respect to the logits is formed directly,
-        (p − onehot(y)) per scored position, from one softmax (:class:`SampledNLL`)."""
+        """(B,) a pseudo-loss whose gradient is the true Fisher's (:class:`FisherProbe`, drawn
+        with ``generator``: reproducible), or the training loss when ``empirical_fisher``."""
         if self.empirical_fisher:
             return self.training_loss(logits, batch)
-        return SampledNLL.apply(logits, self.loss_mask(batch), generator)
+        return FisherProbe.apply(logits, self.loss_mask(batch), generator, self.fisher_probe)
 
     def measurement(self, logits: Tensor, batch: object) -> Tensor:
         """(B,) f = log p(completion | prompt): Σ over completion tokens of log p, in nats.

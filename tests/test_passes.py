@@ -233,9 +233,9 @@ def test_a_scan_folder_is_tied_to_its_model(setup, tmp_path):
 
 def test_sampled_labels_and_their_gradient_are_the_log_softmax_ones():
     """The two-level draw gives, for the same uniform, the label one cumulative sum over all V
-    classes gives (V not a multiple of the block); the pseudo-loss's value and its gradient
-    with respect to the logits equal autograd through log_softmax at those labels."""
-    from influence_nb.task import SampledNLL, sample_labels
+    classes gives (V not a multiple of the block); the "label" probe's value and gradient with
+    respect to the logits equal autograd through log_softmax at those labels."""
+    from influence_nb.task import FisherProbe, sample_labels
     g = torch.Generator().manual_seed(0)
     B, T, V = 3, 5, 103
     logits = (3 * torch.randn(B, T, V, generator=g, dtype=torch.float64)).requires_grad_()
@@ -247,7 +247,7 @@ def test_sampled_labels_and_their_gradient_are_the_log_softmax_ones():
 
     mask = torch.rand(B, T, generator=g) > 0.3
     w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)   # any upstream gradient
-    ours = SampledNLL.apply(logits, mask, torch.Generator().manual_seed(7))
+    ours = FisherProbe.apply(logits, mask, torch.Generator().manual_seed(7), "label")
     (grad,) = torch.autograd.grad((ours * w).sum(), logits)
     y = expected.view(B, T, 1)
     ref = -(logits.log_softmax(-1).gather(-1, y).squeeze(-1) * mask).sum(1)
@@ -255,6 +255,29 @@ def test_sampled_labels_and_their_gradient_are_the_log_softmax_ones():
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
     assert grad[~mask].abs().max() == 0
+
+
+def test_the_gaussian_probe_has_the_fisher_covariance():
+    """The "gaussian" probe's logit gradient r has mean 0, sums to 0 over the vocabulary like
+    p − onehot(y), and E[r rᵀ] = diag(p) − p pᵀ (200,000 draws at one position: within
+    0.004 of it; dropping the −p pᵀ term would be off by up to 0.16); zero where masked."""
+    from influence_nb.task import FisherProbe
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5], dtype=torch.float64)
+    p = logits.softmax(-1)
+    x = logits.expand(1, 200_000, 5).clone().requires_grad_()
+    mask = torch.ones(1, 200_000, dtype=torch.bool)
+    mask[0, :10] = False
+    (r,) = torch.autograd.grad(FisherProbe.apply(x, mask, torch.Generator().manual_seed(0),
+                                                 "gaussian").sum(), x)
+    assert r[0, :10].abs().max() == 0
+    r = r[0, 10:]
+    torch.testing.assert_close(r.sum(-1), torch.zeros(len(r), dtype=r.dtype), atol=1e-12,
+                               rtol=0)
+    assert r.mean(0).abs().max() < 0.004
+    torch.testing.assert_close(r.T @ r / len(r), torch.diag(p) - torch.outer(p, p), atol=4e-3,
+                               rtol=0)
+    with pytest.raises(ValueError, match="unknown fisher_probe 'labels'; use one of"):
+        Task(fisher_probe="labels")
 
 
 def test_a_recorded_first_pass_gives_the_eigenvalues_of_a_second_model_pass(setup, monkeypatch):
