@@ -54,8 +54,11 @@ class FactorArgs:
     blocks:         split A and S into this many diagonal blocks (memory bound for wide layers)
     damping:        absolute λ for every layer; None: ``damping_factor`` · mean(Λ_ℓ) per layer
     damping_factor: relative damping (paper: 0.1)
-    seed:           seed of the Fisher label sampling: batch k draws from a generator seeded with
-                    (seed, k), so both passes, and any number of ranks, draw the same labels
+    seed:           seed of the Fisher draws: batch k draws from a generator seeded with
+                    (seed, k), so both passes, and any number of ranks, draw the same ones
+    draws:          Fisher draws per sequence (independent output gradients of the pseudo-loss,
+                    see :class:`~influence_nb.task.FisherProbe`), averaged in S and Λ: less
+                    seed-to-seed noise for a fit that costs ``draws`` times as much
     progress:       show tqdm progress bars
     """
     strategy: str = "ekfac"
@@ -66,10 +69,11 @@ class FactorArgs:
     damping: float | None = None
     damping_factor: float = 0.1
     seed: int = 0
+    draws: int = 1
     progress: bool = True
 
     MINIMUM: ClassVar[dict[str, float]] = {"batch_size": 1, "max_examples": 1, "blocks": 1,
-                                           "damping": 0.0, "damping_factor": 0.0}
+                                           "draws": 1, "damping": 0.0, "damping_factor": 0.0}
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"strategy": ("ekfac", "kfac", "identity")}
 
     def __post_init__(self) -> None:
@@ -440,10 +444,13 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     if passes == 0:
         return Factors(args, shapes, {}, 0, 0, fp, src.fingerprint, task.empirical_fisher)
 
+    if args.draws > 1 and task.empirical_fisher:
+        raise ValueError(f"draws={args.draws} repeats the true Fisher's random draw, but the task "
+                         "uses the empirical Fisher (nothing random); leave draws at 1")
     dtype, device = stat_dtype(model), next(model.parameters()).device
     run = lambda consumers, desc: corpus_pass(  # noqa: E731
         model, tracked, src, consumers, "fisher", task, args.seed, args.max_examples,
-        shard=True, progress=args.progress, desc=desc)
+        shard=True, progress=args.progress, desc=desc, draws=args.draws)
     # EK-FAC's second pass needs the first's ā and δ again (same labels): kept when they fit
     first = [Covariance(tracked, args.blocks, dtype, device)]
     first += [Recording()] if args.strategy == "ekfac" else []
@@ -458,7 +465,8 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
                              "sequences); fit on a source that yields the same batches each time")
         for n, f in layers.items():
             f.Lambda = Lambda[n] / n_seq
-    return Factors(args, shapes, layers, n_seq, n_tok, fp, src.fingerprint, task.empirical_fisher)
+    return Factors(args, shapes, layers, n_seq // args.draws, n_tok // args.draws, fp,
+                   src.fingerprint, task.empirical_fisher)
 
 
 def rotated_gradients(a: Tensor, delta: Tensor, tokens: Tensor, f: LayerFactors) -> Tensor:

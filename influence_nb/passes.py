@@ -283,6 +283,15 @@ def _take(batch: object, n: int) -> object:
     return cut if isinstance(batch, Mapping) else type(batch)(**cut)
 
 
+def _repeat(batch: object, k: int) -> object:
+    """Every tensor field of a batch stacked k times along the rows (same type for a Mapping)."""
+    fields = batch if isinstance(batch, Mapping) else vars(batch)
+    rep = {n: (v.repeat(k, *[1] * (v.dim() - 1)) if isinstance(v, Tensor)
+               else np.concatenate([v] * k) if isinstance(v, np.ndarray) else v)
+           for n, v in fields.items()}
+    return rep if isinstance(batch, Mapping) else type(batch)(**rep)
+
+
 def prepared(model: nn.Module, src: Source, max_examples: int | None = None,
              shard: bool = False) -> Iterator[tuple[int, np.ndarray, object]]:
     """(k, rows, batch on the model's device) for each batch of ``src`` this rank runs: at
@@ -318,13 +327,15 @@ def prepared(model: nn.Module, src: Source, max_examples: int | None = None,
 def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
                 consumers: Sequence[Consumer], loss: str | Callable = "loglik",
                 task: Task | None = None, seed: int = 0, max_examples: int | None = None,
-                shard: bool = False, progress: bool | tqdm = True, desc: str = "pass"
-                ) -> list[Any]:
+                shard: bool = False, progress: bool | tqdm = True, desc: str = "pass",
+                draws: int = 1) -> list[Any]:
     """Run the model over ``src`` once and feed every consumer; -> their ``finish()`` values.
 
     ``loss``: see :func:`loss_values`. ``max_examples``, ``shard``: see :func:`prepared`
     (consumers reduce over the ranks in ``finish``). ``progress``: a bar of its own, none,
-    or a tqdm bar to advance.
+    or a tqdm bar to advance. ``draws``: each batch runs with its rows stacked that many
+    times (consumers see draws · B rows), so that a Fisher pseudo-loss draws each sequence's
+    output gradients ``draws`` times, independently.
     """
     task = task or Task()
     world = distributed.rank_world()[1] if shard else 1
@@ -335,6 +346,8 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
     try:
         with eval_mode(model), Capture(model, layers, stat_dtype(model)) as cap:
             for k, rows, batch in prepared(model, src, max_examples, shard):
+                if draws > 1:
+                    rows, batch = np.concatenate([rows] * draws), _repeat(batch, draws)
                 mask = task.token_mask(batch)
                 pb = PassBatch(k, rows, batch, mask,
                                mask.flatten().nonzero().squeeze(1), mask.sum(1).cpu().numpy())
@@ -346,7 +359,7 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
                 pb.losses = losses.detach()
                 for c in consumers:
                     c.update(pb)
-                bar.update(len(rows))
+                bar.update(len(rows) // draws)
     finally:
         if bar is not progress:
             bar.close()
