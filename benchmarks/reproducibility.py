@@ -8,7 +8,8 @@ sequences), ``demo`` (the committed 20,000-sequence world), ``markov`` (independ
 demo generator: ``benchmarks/markov_world.py``) and ``short`` (3,150 sentences of ≈ 10 tokens,
 200 fact queries: ``benchmarks/short_world.py``).
 
-    python benchmarks/reproducibility.py [--world validation|demo|markov|short] > out.json
+    python benchmarks/reproducibility.py [--world validation|demo|markov|short]
+        [--probe gaussian|label] [--draws 1] [--only-seeds] > out.json
 """
 import argparse
 import json
@@ -22,11 +23,14 @@ from influence_nb import demo
 from influence_nb.curvature import FactorArgs, fit_factors
 from influence_nb.scoring import ScoreArgs
 from influence_nb.session import Influence
+from influence_nb.task import Task
 
 p = argparse.ArgumentParser()
 p.add_argument("--world", default="validation")
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--only-seeds", action="store_true", help="fit only the two label seeds")
+p.add_argument("--probe", default="gaussian", choices=Task.PROBES, help="Task(fisher_probe=...)")
+p.add_argument("--draws", type=int, default=1, help="FactorArgs(draws=...)")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 
@@ -49,10 +53,11 @@ if a.only_seeds:
     variants = {k: v for k, v in variants.items() if k.startswith("seed")}
 scores, seconds = {}, {}
 for name, v in variants.items():
-    args = FactorArgs(batch_size=v.get("batch_size", 32), seed=v.get("seed", 0), progress=False)
+    args = FactorArgs(batch_size=v.get("batch_size", 32), seed=v.get("seed", 0),
+                      draws=a.draws, progress=False)
     t0 = time.perf_counter()
     data = corpus.subset(v["sample"]) if "sample" in v else corpus
-    factors = fit_factors(model, data, args)
+    factors = fit_factors(model, data, args, Task(fisher_probe=a.probe))
     seconds[name] = round(time.perf_counter() - t0, 2)
     inf = Influence(model, tokenizer, corpus, factors, ScoreArgs(rank=None, progress=False,
                                                                 batch_size=32))
@@ -69,7 +74,8 @@ def agreement(x: np.ndarray, y: np.ndarray) -> dict:
 
 
 print(json.dumps(dict(
-    world=a.world, sequences=len(corpus), queries=len(pairs), fit_seconds=seconds,
+    world=a.world, probe=a.probe, draws=a.draws, sequences=len(corpus), queries=len(pairs),
+    fit_seconds=seconds,
     label_seed=agreement(scores["seed 0"], scores["seed 1"]),
     **({} if a.only_seeds else dict(
         batch_size_32_vs_16=agreement(scores["seed 0"], scores["batch 16"]),
