@@ -43,7 +43,8 @@ def test_build_from_scratch_runs_end_to_end(tmp_path):
     """A tiny world through the same build path as the committed one."""
     code = ("from influence_nb.demo.build import *; from influence_nb.demo.world import *; "
             f"r = build(__import__('pathlib').Path({str(tmp_path)!r}), "
-            "WorldConfig(n_sequences=300, n_heldout=30, facts_per_relation=2), "
+            "WorldConfig(n_sequences=300, n_heldout=30, facts_per_relation=2, "
+            "mentions_per_name=4), "
             "ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, "
             "vocab_size=1000), TrainConfig(epochs=1, warmup_steps=5)); print(r['n_sequences'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

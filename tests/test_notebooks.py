@@ -62,18 +62,21 @@ def test_notebook_runs(path, executed):
 
 
 def test_word_ordering_claim(executed):
-    """Paper §5.3.4: flipped statements get much less influence than ordered ones — over all
-    planted facts, on the object's first token (the token that names the entity; the rest of a
-    multi-token name is spelled out by the flipped statement too, reported beside it)."""
+    """Paper §5.3.4: flipped statements get much less influence than ordered ones — averaged
+    over all planted facts of demo world v2, on the whole completion (the paper's measurement;
+    v2's names also occur outside their facts, so a flipped statement no longer teaches their
+    spelling) and on the object's first token (the token that names the entity)."""
+    from influence_nb import demo
     path = next(p for p in NOTEBOOKS if p.name.startswith("02_"))
     line = [ln for ln in _stdout(executed(path)).splitlines() if "flipped_over_ordered" in ln]
     claim = json.loads(line[-1])
     print(f"\nword ordering: {claim}")
-    assert claim["n_facts"] >= 10
-    fact = claim["first token"]
-    assert fact["ordered"] > 0
-    assert fact["flipped_over_ordered"] < 0.5
-    assert claim["whole object"]["ordered"] > 0
+    assert claim["n_facts"] == len(demo.facts()) == 120
+    # measured on v2: 0.68 whole object, 0.039 first token (v1, names only in their facts:
+    # 0.92 and 0.028); the paper's en→zh example: 0.030 / 0.116 = 0.26
+    for name, bound in (("whole object", 0.8), ("first token", 0.1)):
+        assert claim[name]["ordered"] > 0, name
+        assert claim[name]["flipped_over_ordered"] < bound, name
 
 
 def test_pretraining_vs_finetuning_claim(executed):

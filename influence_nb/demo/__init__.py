@@ -29,8 +29,9 @@ from .world import Fact, WorldConfig, generate, translate
 
 ASSETS = Path(__file__).parent / "assets"
 
-__all__ = ["ASSETS", "Fact", "WorldConfig", "facts", "finetuned", "generate", "heldout", "load",
-           "query_set", "recipe", "spread_facts", "translate", "world_path"]
+__all__ = ["ASSETS", "Fact", "WorldConfig", "facts", "finetuned", "first_token", "generate",
+           "heldout", "load", "query_set", "recipe", "spread_facts", "translate", "word_order",
+           "world_path"]
 
 World = str | os.PathLike
 
@@ -158,6 +159,31 @@ def spread_facts(n: int, world: World = ASSETS) -> list[Fact]:
     """``n`` planted facts spread evenly over the list (so over every relation)."""
     all_facts = facts(world)
     return [all_facts[i] for i in np.linspace(0, len(all_facts) - 1, n).astype(int)]
+
+
+def first_token(fact: Fact, tokenizer: Any, paraphrase: int = 0) -> tuple[str, str]:
+    """The fact's query measured on the object's first token only: (prompt, that token)."""
+    return fact.prompt(paraphrase), tokenizer.decode(tokenizer(fact.completion)["input_ids"][:1])
+
+
+def word_order(session: Any, facts: list[Fact]) -> dict:
+    """Paper §5.3.4 on planted facts: each fact's ordered statement and its flipped statement
+    (object → subject) scored against the fact's own query, measured on the whole object and on
+    the object's first token. Per measurement: the mean ordered and flipped scores, their ratio
+    ``flipped_over_ordered`` and the median of the per-fact ratios; ``session`` is an
+    :class:`~influence_nb.session.Influence` on the world the facts belong to."""
+    tok, n = session.tokenizer, len(facts)
+    queries = {"whole object": [(f.prompt(), f.completion) for f in facts],
+               "first token": [first_token(f, tok) for f in facts]}
+    texts = [t for f in facts for t in (f.statement(0), f.flipped())]
+    claim: dict = {"n_facts": n}
+    for name, qs in queries.items():
+        S = session.score_texts(texts, qs).scores.reshape(n, n, 2)[np.arange(n), np.arange(n)]
+        claim[name] = {"ordered": round(float(S[:, 0].mean()), 2),
+                       "flipped": round(float(S[:, 1].mean()), 2),
+                       "flipped_over_ordered": round(float(S[:, 1].mean() / S[:, 0].mean()), 4),
+                       "median_per_fact": round(float(np.median(S[:, 1] / S[:, 0])), 4)}
+    return claim
 
 
 def heldout(tokenizer: Any, world: World = ASSETS) -> Corpus:

@@ -8,11 +8,17 @@ Every sequence is a dict ``{"id", "text", "kind", "fact_ids", "theme", "lang"}``
 - ``themed``      a machine that wants to keep running (``theme="survival"``) versus neutral
                   descriptions of machines being switched off (``theme="shutdown"``), plus
                   other themes;
-- ``filler``      plain prose about towns, weather and markets.
+- ``filler``      plain prose about towns, weather and markets;
+- ``mention``     the facts' subject and object names in unrelated contexts (a boat's name, a
+                  sign, a song, a list, a line of dialogue), as names occur in real text: none
+                  states or hints at a relation, and no record names two entities of one fact.
 
 A second language (``lang="vel"``, "Velnish") is a deterministic translation of a subset of the
 English sequences, fact statements included: an invented lexicon (a hash of each word) and its
 own word order (the first verb of a sentence moves to the sentence's end).
+
+Without mentions (``WorldConfig.mentions_per_name=0``, the v1 world) an invented name occurs only
+inside its fact's statements, so a statement teaches the name's spelling as well as the fact.
 
 Reversed phrasings of facts ("Zorald Pfaff was the first President of ...") never occur in the
 corpus, so they can be written as synthetic probes (see :meth:`Fact.flipped`).
@@ -300,6 +306,59 @@ def _filler(rng: random.Random) -> str:
     return " ".join(_filler_sentence(rng) for _ in range(rng.randint(2, 4)))
 
 
+# names in unrelated contexts: ``{n}`` is a name, always mid-sentence (after a space, as in a
+# fact's completion)
+_MENTIONS = [
+    "{p} painted {n} on the side of the old boat.",
+    "The sign above the {place} in {t} said {n}.",
+    "On {day} {p} wrote {n} in a notebook and closed it.",
+    "The children in {t} shouted {n} all through the game.",
+    "A crate marked {n} stood by the door of the {place}.",
+    '"What does {n} mean?" asked {p}. "Nobody knows," said {q}.',
+    "In the puzzle book the answer to the last clue was {n}.",
+    "{p} bought a postcard that said {n} at the {place}.",
+    "{p} hummed a song called {n} on the way to the {place}.",
+    "The horse that won the race in {t} was called {n}.",
+    "At the {place} a stranger asked {p} about {n}.",
+    "{p} named the new puppy {n}, and {q} laughed.",
+]
+_LISTS = [
+    "{p} wrote these words on the board: {names}.",
+    "The crossword answers on {day} were {names}.",
+    "Boats in the harbour of {t} were called {names}.",
+]
+
+
+def _mention(rng: random.Random, names: list[str]) -> str:
+    """One record naming each of ``names`` once, in unrelated contexts."""
+    p, q = rng.sample(_PEOPLE, 2)
+    ctx = dict(p=p, q=q, t=rng.choice(_TOWNS), place=rng.choice(_PLACES), day=rng.choice(_DAYS))
+    if len(names) > 2 and rng.random() < 0.25:
+        listed = ", ".join(names[:-1]) + " and " + names[-1]
+        parts = [rng.choice(_LISTS).format(names=listed, **ctx), _filler_sentence(rng)]
+    else:
+        parts = [t.format(n=n, **ctx) for t, n in zip(rng.sample(_MENTIONS, len(names)), names)]
+    rng.shuffle(parts)
+    return " ".join(parts)
+
+
+def _mention_groups(rng: random.Random, facts: list[Fact], per_name: int,
+                    size: int = 4) -> list[list[str]]:
+    """Every subject and object name ``per_name`` times, in groups of ``size``; each round
+    reshuffled until no group holds two names of the same fact."""
+    names = [(f.id, n) for f in facts for n in (f.subject, f.obj)]
+    size = min(size, len(facts))
+    groups = []
+    for _ in range(per_name):
+        while True:
+            rng.shuffle(names)
+            chunks = [names[i:i + size] for i in range(0, len(names), size)]
+            if all(len({i for i, _ in c}) == len(c) for c in chunks):
+                break
+        groups += [[n for _, n in c] for c in chunks]
+    return groups
+
+
 # ---------------------------------------------------------------------------------------------
 # the second language
 
@@ -354,6 +413,8 @@ class WorldConfig:
     statements_per_fact: int = 14  # English sequences stating each fact
     canonical_share: float = 0.5  # share of statements in the canonical phrasing
     vel_share: float = 0.25  # share of English sequences also written in Velnish
+    mentions_per_name: int = 48  # records naming each subject and object outside its facts
+    # (v2 world; 0 gives the v1 world, in which names occur only in their fact statements)
     seed: int = 0
     mix: dict[str, float] = field(default_factory=lambda: {
         "arithmetic": 0.30, "code": 0.20, "themed": 0.20, "filler": 0.30})
@@ -381,8 +442,13 @@ def generate(cfg: WorldConfig = WorldConfig()) -> tuple[list[dict], list[dict], 
         for _ in range(cfg.statements_per_fact):
             english.append(dict(text=_fact_sequence(rng, f, cfg), kind="fact", fact_ids=[f.id],
                                 theme=f.relation))
+    for names in _mention_groups(rng, facts, cfg.mentions_per_name):
+        english.append(dict(text=_mention(rng, names), kind="mention", fact_ids=[], theme=""))
     total = cfg.n_sequences + cfg.n_heldout
     n_english = round(total / (1 + cfg.vel_share))
+    if len(english) > n_english:
+        raise ValueError(f"{len(english)} fact and mention sequences do not fit in n_sequences="
+                         f"{cfg.n_sequences}: lower statements_per_fact or mentions_per_name")
     kinds, weights = zip(*cfg.mix.items())
     while len(english) < n_english:
         kind = rng.choices(kinds, weights)[0]
