@@ -259,7 +259,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class Capture:
-    """Hands each tracked layer's ā (B, T, in + bias) and δ (B, T, out) of a batch, masked, to a
+    """Hands each tracked layer's ā (B, T, in + bias) and δ (B, T, out) of a batch to a
     reducer as soon as the layer's δ is known, one layer at a time.
 
     Use as a context manager; per batch::
@@ -278,7 +278,9 @@ class Capture:
     and no δ outlives its layer: the backward runs towards a zero scalar leaf added to each
     tracked output (y + 0 is y, bit for bit), so autograd keeps no gradient of an output —
     only those leaves' scalar sums — and forms no parameter gradient.
-    Masked positions are exactly zero in both. A layer the loss does not depend on gets δ = 0
+    At unscored positions the narrower of ā and δ is exactly zero, which makes every product
+    δ_t ā_tᵀ zero there (the wider one is the model's own tensor, uncopied: a reducer that uses
+    it alone selects the scored positions, and never writes to either). A layer the loss does not depend on gets δ = 0
     after the backward. Non-finite activations or gradients raise an error naming the layer,
     checked once per batch (one host synchronisation, not one per layer).
     """
@@ -356,21 +358,25 @@ class Capture:
     def _hand_over(self, layer: TrackedLayer, g: Tensor | None) -> None:
         """Build masked ā and δ of ``layer`` (δ = 0 for g None), reduce them, drop the input."""
         B, T = self._mask.shape
-        drop = self._drop
         x = self._inputs.pop(layer.name).reshape(B, T, layer.d_in)
         if layer.bias:
             a = x.new_empty(B, T, layer.shape[1], dtype=self.dtype)
             a[..., :layer.d_in] = x
             a[..., -1] = 1.0
-            a.masked_fill_(drop, 0.0)
-        else:  # one pass, one copy (LoRA matrices and bias-free projections)
-            a = x.to(self.dtype).masked_fill(drop, 0.0)
+        else:  # no copy in the model's dtype (LoRA matrices and bias-free projections)
+            a = x.to(self.dtype)
         if g is None:  # the loss does not depend on this layer
             delta = torch.zeros(B, T, layer.d_out, dtype=self.dtype, device=self._mask.device)
         else:
             self._finite.append((layer.name, "gradients (NaN/inf) at the output of",
                                  torch.isfinite(g.sum())))
-            delta = g.reshape(B, T, layer.d_out).to(self.dtype).masked_fill(drop, 0.0)
+            delta = g.reshape(B, T, layer.d_out).to(self.dtype)
+        # m_t² = m_t: Σ_t (m_t δ_t) ā_tᵀ = Σ_t (m_t δ_t)(m_t ā_t)ᵀ, so zeroing the narrower side
+        # (r columns of a LoRA matrix) at unscored positions makes every product exact
+        if a.shape[-1] <= layer.d_out:  # in place unless a is the model's own input
+            a = a.masked_fill(self._drop, 0.0) if a is x else a.masked_fill_(self._drop, 0.0)
+        else:  # never in place: g flows on through the backward
+            delta = delta.masked_fill(self._drop, 0.0)
         self._done.add(layer.name)
         self._reduce(layer, a, delta)
 

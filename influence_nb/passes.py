@@ -92,7 +92,9 @@ class Consumer:
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
         """ā (B, T, in+1) and δ (B, T, out) of ``layer``, float32 (float64 for a float64
-        model), zero at unscored positions. Valid only during the call."""
+        model), read-only and valid only during the call. At unscored positions the narrower
+        of the two is zero, so each δ_t ā_tᵀ is (Σ_t δ_t ā_tᵀ counts the scored positions
+        only); ā or δ alone is summed over ``batch.tokens``."""
 
     def update(self, batch: PassBatch) -> None:
         """The batch is complete (every layer seen, values checked finite)."""
