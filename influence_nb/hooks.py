@@ -261,8 +261,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 class _Tap(torch.autograd.Function):
     """y ↦ y, the same storage (not a view: an in-place change is caught by its version); the
     backward hands ∂L/∂y to ``take`` and passes it on. ``leaf``, a scalar that requires grad,
-    puts the tap in the graph even when y is not (frozen weights) and is the backward's target;
-    it gets no gradient."""
+    is the backward's target; it gets no gradient."""
 
     @staticmethod
     def forward(ctx, y: Tensor, leaf: Tensor, take: Callable[[Tensor], None]) -> Tensor:
@@ -315,16 +314,24 @@ class Capture:
         self._mask: Tensor | None = None
         self._drop: Tensor | None = None
         self._handles: list = []
+        self._requires_grad: list[tuple[nn.Parameter, bool]] = []
 
     def __enter__(self) -> "Capture":
-        self._handles = [layer.module.register_forward_hook(self._hook(layer))
-                         for layer in self.layers]
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+            # autograd then keeps each layer's input for the weight gradient (which the
+            # backward never forms) and so refuses an in-place change to that ā
+            for p in layer.parameters():
+                self._requires_grad.append((p, p.requires_grad))
+                p.requires_grad_(True)
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
-        self._handles = []
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        self._handles, self._requires_grad = [], []
         self._clear()
 
     def _clear(self) -> None:
