@@ -297,8 +297,8 @@ class Capture:
     At unscored positions the narrower of ā and δ is exactly zero, which makes every product
     δ_t ā_tᵀ zero there (the wider one is the model's own tensor, uncopied: a reducer that uses
     it alone selects the scored positions, and never writes to either). A layer the loss does
-    not depend on gets δ = 0 after the backward. Non-finite activations or gradients raise an error naming the layer,
-    checked once per batch (one host synchronisation, not one per layer).
+    not depend on gets δ = 0 after the backward. Non-finite activations or gradients raise an
+    error naming the layer, checked once per batch (one host synchronisation, not one per layer).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[TrackedLayer],
@@ -368,7 +368,8 @@ class Capture:
         return hook
 
     def _hand_over(self, layer: TrackedLayer, g: Tensor | None) -> None:
-        """Build masked ā and δ of ``layer`` (δ = 0 for g None), reduce them, drop the input."""
+        """Build ā and δ of ``layer`` (δ = 0 for g None), the narrower zeroed at unscored
+        positions, reduce them, drop the input."""
         B, T = self._mask.shape
         x = self._inputs.pop(layer.name).reshape(B, T, layer.d_in)
         if layer.bias:
