@@ -258,8 +258,24 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.train(training)
 
 
+class _Tap(torch.autograd.Function):
+    """y ↦ y, the same storage (not a view: an in-place change is caught by its version); the
+    backward hands ∂L/∂y to ``take`` and passes it on. ``leaf``, a scalar that requires grad,
+    is the backward's target; it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, leaf: Tensor, take: Callable[[Tensor], None]) -> Tensor:
+        ctx.take = take
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:
+        ctx.take(g)
+        return g, None, None
+
+
 class Capture:
-    """Hands each tracked layer's ā (B, T, in + bias) and δ (B, T, out) of a batch, masked, to a
+    """Hands each tracked layer's ā (B, T, in + bias) and δ (B, T, out) of a batch to a
     reducer as soon as the layer's δ is known, one layer at a time.
 
     Use as a context manager; per batch::
@@ -275,12 +291,14 @@ class Capture:
     hooks the output's gradient: when the backward reaches the layer, ā and δ are built in
     ``dtype`` (float32 by default, statistics need it even when the model runs in bfloat16),
     handed over and dropped. So no float32 copy of every layer's ā and δ is ever held at once,
-    and no δ outlives its layer: the backward runs towards a zero scalar leaf added to each
-    tracked output (y + 0 is y, bit for bit), so autograd keeps no gradient of an output —
-    only those leaves' scalar sums — and forms no parameter gradient.
-    Masked positions are exactly zero in both. A layer the loss does not depend on gets δ = 0
-    after the backward. Non-finite activations or gradients raise an error naming the layer,
-    checked once per batch (one host synchronisation, not one per layer).
+    and no δ outlives its layer: each tracked output passes through a :class:`_Tap` (y itself,
+    no copy) whose backward hands δ over, and the backward runs towards the taps' scalar leaf,
+    so autograd keeps no gradient of an output and forms no parameter gradient.
+    At unscored positions the narrower of ā and δ is exactly zero, which makes every product
+    δ_t ā_tᵀ zero there (the wider one is the model's own tensor, uncopied: a reducer that uses
+    it alone selects the scored positions, and never writes to either). A layer the loss does
+    not depend on gets δ = 0 after the backward. Non-finite activations or gradients raise an
+    error naming the layer, checked once per batch (one host synchronisation, not one per layer).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[TrackedLayer],
@@ -289,7 +307,7 @@ class Capture:
         self.dtype = dtype or stat_dtype(model)
         self._inputs: dict[str, Tensor] = {}
         self._outputs: dict[str, tuple[Tensor, int]] = {}
-        self._leaves: list[Tensor] = []
+        self._leaf: Tensor | None = None  # the taps' input that the backward runs towards
         self._reduce: Callable[[TrackedLayer, Tensor, Tensor], None] | None = None
         self._done: set[str] = set()
         self._finite: list[tuple[str, str, Tensor]] = []  # (layer, what, 0-d bool on device)
@@ -301,7 +319,8 @@ class Capture:
     def __enter__(self) -> "Capture":
         for layer in self.layers:
             self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
-            # δ needs the outputs in the graph even when the user froze the weights
+            # autograd then keeps each layer's input for the weight gradient (which the
+            # backward never forms) and so refuses an in-place change to that ā
             for p in layer.parameters():
                 self._requires_grad.append((p, p.requires_grad))
                 p.requires_grad_(True)
@@ -317,13 +336,13 @@ class Capture:
 
     def _clear(self) -> None:
         self._inputs, self._outputs, self._done, self._finite = {}, {}, set(), []
-        self._leaves = []
 
     def start(self, mask: Tensor) -> None:
         """Begin a batch: forget the previous one; ``mask`` (B, T) selects the counted tokens."""
         self._clear()
         self._mask = mask.to(torch.bool)
-        self._drop = ~self._mask[..., None]  # (B, T, 1): positions zeroed in ā and δ
+        self._drop = ~self._mask[..., None]  # (B, T, 1): positions zeroed in ā or δ
+        self._leaf = torch.zeros((), device=mask.device, requires_grad=True)
 
     def _hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
@@ -337,12 +356,7 @@ class Capture:
             self._finite.append((layer.name, "activations (NaN/inf) entering",
                                  torch.isfinite(x.sum())))
             self._inputs[layer.name] = x
-            if output.requires_grad:
-                leaf = torch.zeros((), dtype=output.dtype, device=output.device,
-                                   requires_grad=True)
-                self._leaves.append(leaf)
-                output = output + leaf  # the same values; the backward's target runs through it
-                output.register_hook(self._grad_hook(layer))
+            output = _Tap.apply(output, self._leaf, self._grad_hook(layer))
             self._outputs[layer.name] = (output, output._version)
             return output
         return hook
@@ -354,23 +368,28 @@ class Capture:
         return hook
 
     def _hand_over(self, layer: TrackedLayer, g: Tensor | None) -> None:
-        """Build masked ā and δ of ``layer`` (δ = 0 for g None), reduce them, drop the input."""
+        """Build ā and δ of ``layer`` (δ = 0 for g None), the narrower zeroed at unscored
+        positions, reduce them, drop the input."""
         B, T = self._mask.shape
-        drop = self._drop
         x = self._inputs.pop(layer.name).reshape(B, T, layer.d_in)
         if layer.bias:
             a = x.new_empty(B, T, layer.shape[1], dtype=self.dtype)
             a[..., :layer.d_in] = x
             a[..., -1] = 1.0
-            a.masked_fill_(drop, 0.0)
-        else:  # one pass, one copy (LoRA matrices and bias-free projections)
-            a = x.to(self.dtype).masked_fill(drop, 0.0)
+        else:  # no copy in the model's dtype (LoRA matrices and bias-free projections)
+            a = x.to(self.dtype)
         if g is None:  # the loss does not depend on this layer
             delta = torch.zeros(B, T, layer.d_out, dtype=self.dtype, device=self._mask.device)
         else:
             self._finite.append((layer.name, "gradients (NaN/inf) at the output of",
                                  torch.isfinite(g.sum())))
-            delta = g.reshape(B, T, layer.d_out).to(self.dtype).masked_fill(drop, 0.0)
+            delta = g.reshape(B, T, layer.d_out).to(self.dtype)
+        # m_t² = m_t: Σ_t (m_t δ_t) ā_tᵀ = Σ_t (m_t δ_t)(m_t ā_t)ᵀ, so zeroing the narrower side
+        # (r columns of a LoRA matrix) at unscored positions makes every product exact
+        if a.shape[-1] <= layer.d_out:  # in place unless a is the model's own input
+            a = a.masked_fill(self._drop, 0.0) if a is x else a.masked_fill_(self._drop, 0.0)
+        else:  # never in place: g flows on through the backward
+            delta = delta.masked_fill(self._drop, 0.0)
         self._done.add(layer.name)
         self._reduce(layer, a, delta)
 
@@ -389,10 +408,8 @@ class Capture:
         self._reduce = reduce
         try:
             self._outputs = {}  # the graph holds them; let the backward release each one
-            if self._leaves and losses.requires_grad:
-                # δ comes through the hooks; the leaves' .grad (scalars) are discarded
-                torch.autograd.backward(losses.sum(), inputs=self._leaves)
-            self._leaves = []
+            if losses.requires_grad:  # δ comes through the taps; the leaf gets no gradient
+                torch.autograd.backward(losses.sum(), inputs=[self._leaf])
             for layer in self.layers:
                 if layer.name not in self._done:
                     self._hand_over(layer, None)

@@ -93,8 +93,10 @@ class Consumer:
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
         """ā (B, T, in+1) and δ (B, T, out) of ``layer``, float32 (float64 for a float64
-        model), zero at unscored positions: fresh tensors that no one modifies in place
-        (a :class:`Recording` keeps them)."""
+        model), read-only: no one modifies them, so a consumer may keep them (a
+        :class:`Recording` does). At unscored positions the narrower of the two is zero, so
+        each δ_t ā_tᵀ is (Σ_t δ_t ā_tᵀ counts the scored positions only); ā or δ alone is
+        summed over ``batch.tokens``."""
 
     def update(self, batch: PassBatch) -> None:
         """The batch is complete (every layer seen, values checked finite)."""

@@ -184,8 +184,10 @@ def make_queries(model: nn.Module, factors: Factors, prompts: Sequence[Sequence[
 
 def _use_dense(B: int, T: int, d_out: int, d_in: int, Q: int, r: int) -> bool:
     """Forming DW (B, out, in) and contracting it with dense R costs B·out·in·(T + Q) against
-    Q·B·T·r·(out + in) for the factorised token path."""
-    return d_out * d_in * (T + Q) < Q * T * r * (d_out + d_in)
+    Q·B·T·r·(out + in) for the factorised token path. An exact R (r ≥ min(out, in), e.g. a LoRA
+    matrix, r wide on one side) saves nothing by its factors: the token path then costs DW's
+    flops or Q times them, as products only Q·r columns wide that run several times slower."""
+    return r >= min(d_out, d_in) or d_out * d_in * (T + Q) < Q * T * r * (d_out + d_in)
 
 
 class Scorer(Consumer):
@@ -206,10 +208,14 @@ class Scorer(Consumer):
         self._batch: dict[int, Tensor] = {}      # layer -> (Q, B) on the model's device
         self._tok: Tensor | None = None          # (Q, B, T) summed over the layers so far
 
-    def _R_dense(self, name: str) -> Tensor:
-        if name not in self._dense:
-            self._dense[name] = self.queries.R[name].dense()
-        return self._dense[name]
+    def _R_flat(self, layer: TrackedLayer) -> Tensor:
+        """R as (Q, out·(in+1)), or its transpose's (Q, (in+1)·out) when in+1 < out (see
+        :meth:`update_layer`)."""
+        if layer.name not in self._dense:
+            R = self.queries.R[layer.name].dense()
+            R = R.mT if layer.shape[1] < layer.shape[0] else R
+            self._dense[layer.name] = R.flatten(1)  # a copy of the transpose, once per scan
+        return self._dense[layer.name]
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
@@ -222,10 +228,13 @@ class Scorer(Consumer):
             self._batch[self.index[layer.name]] = tok.sum(-1)
             if self.per_token:
                 self._tok = tok if self._tok is None else self._tok + tok
-        else:
-            R = self._R_dense(layer.name).to(a)
-            self._batch[self.index[layer.name]] = torch.cat([  # DW per group of sequences
-                einsum(R, einsum(delta[g], a[g], "b t o, b t i -> b o i"), "q o i, b o i -> q b")
+        else:  # ⟨R, DW_b⟩ with DW_b = Σ_t δ_bt ā_btᵀ per group of sequences, formed with the
+            # narrower side as rows (DW_bᵀ = Σ_t ā_bt δ_btᵀ when in+1 < out): the batched product
+            # the other way round, or a transposed copy, runs several times slower
+            rows, cols = (a, delta) if layer.shape[1] < layer.shape[0] else (delta, a)
+            R = self._R_flat(layer).to(a)
+            self._batch[self.index[layer.name]] = torch.cat([
+                R @ (rows[g].mT @ cols[g]).flatten(1).T
                 for g, _ in batch.groups(layer.shape[0] * layer.shape[1] * a.element_size())], 1)
         # one host copy per batch, in update (no synchronisation per layer)
 

@@ -94,7 +94,8 @@ def test_capture_masks_padding_and_leaves_model_untouched():
 
     class Check(Consumer):  # what every consumer of a pass is handed
         def update_layer(self, layer, a, delta, batch):
-            assert a[1, 3:].abs().max() == 0 and delta[1, 3:].abs().max() == 0
+            narrow = a if a.shape[-1] <= delta.shape[-1] else delta  # zero at padding
+            assert narrow[1, 3:].abs().max() == 0 and (delta[1, 3:].T @ a[1, 3:] == 0).all()
             assert a[1, :3].abs().min() > 0  # homogeneous column is 1 on real tokens
             seen.append(layer.name)
 
