@@ -84,7 +84,7 @@ def test_multi_query_recall_is_each_querys_own_not_the_unions(session, exact, tm
     ret = Retriever.build(session, tmp_path, SketchArgs(m=64, variant="whitened",
                                                         progress=False),
                           IndexArgs(progress=False), lexical=0)
-    K, k = 4, 5
+    K, k = 6, 5
     together = ret.search(PAIRS, candidates=K, probe=0)
     honest = recall_at_k(together, exact, k=k)
     for q, pair in enumerate(PAIRS):
