@@ -451,15 +451,14 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     run = lambda consumers, desc: corpus_pass(  # noqa: E731
         model, tracked, src, consumers, "fisher", task, args.seed, args.max_examples,
         shard=True, progress=args.progress, desc=desc, draws=args.draws)
-    # EK-FAC's second pass needs the first's ā and δ again (same labels): kept when they fit
-    first = [Covariance(tracked, args.blocks, dtype, device)]
-    first += [Recording()] if args.strategy == "ekfac" else []
-    (layers, n_seq, n_tok), *recording = run(first, "covariance")
-    if args.strategy == "ekfac":
+    # EK-FAC's second pass needs the first's ā and δ again (same draws): kept when they fit
+    recording = Recording() if args.strategy == "ekfac" else None
+    layers, n_seq, n_tok = run([Covariance(tracked, args.blocks, dtype, device)]
+                               + ([recording] if recording is not None else []), "covariance")[0]
+    if recording is not None:
         correction = EigenvalueCorrection(layers, shapes, dtype)
-        Lambda, seen = (recording[0].replay([correction]) if recording[0].complete
+        Lambda, seen = (recording.replay([correction]) if recording.complete
                         else run([correction], "eigenvalues"))[0]
-        recording.clear()
         if seen != n_seq:
             raise ValueError(f"the batches changed between passes ({n_seq} then {seen} "
                              "sequences); fit on a source that yields the same batches each time")

@@ -165,15 +165,19 @@ class Recording(Consumer):
 
     def replay(self, consumers: Sequence[Consumer]) -> list[Any]:
         """Feed the recorded pass to ``consumers`` (layers and batches in the pass's order)
-        -> their ``finish()`` values, as :func:`corpus_pass` returns them."""
+        -> their ``finish()`` values, as :func:`corpus_pass` returns them. Once: each batch is
+        let go as soon as it is fed, so the memory comes back during the replay."""
         if not self.complete:
             raise RuntimeError("the recording outgrew its budget; run the pass again")
-        for batch, layers in self.batches:
+        self.batches.reverse()
+        while self.batches:
+            batch, layers = self.batches.pop()
             for layer, a, delta in layers:
                 for c in consumers:
                     c.update_layer(layer, a, delta, batch)
             for c in consumers:
                 c.update(batch)
+        self.complete = False   # emptied
         return [c.finish() for c in consumers]
 
 
@@ -278,20 +282,23 @@ def loss_values(task: Task, loss: str | Callable[[Tensor, object], Tensor], logi
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES} or a callable")
 
 
-def _take(batch: object, n: int) -> object:
-    """The first n rows of every tensor field of a batch (same type for a Mapping)."""
+def _map_rows(batch: object, fn: Callable[[Tensor | np.ndarray], Tensor | np.ndarray]
+              ) -> object:
+    """``fn`` applied to every tensor / array field of a batch (same type for a Mapping)."""
     fields = batch if isinstance(batch, Mapping) else vars(batch)
-    cut = {k: v[:n] if isinstance(v, (Tensor, np.ndarray)) else v for k, v in fields.items()}
-    return cut if isinstance(batch, Mapping) else type(batch)(**cut)
+    out = {k: fn(v) if isinstance(v, (Tensor, np.ndarray)) else v for k, v in fields.items()}
+    return out if isinstance(batch, Mapping) else type(batch)(**out)
+
+
+def _take(batch: object, n: int) -> object:
+    """The first n rows of every tensor field of a batch."""
+    return _map_rows(batch, lambda v: v[:n])
 
 
 def _repeat(batch: object, k: int) -> object:
-    """Every tensor field of a batch stacked k times along the rows (same type for a Mapping)."""
-    fields = batch if isinstance(batch, Mapping) else vars(batch)
-    rep = {n: (v.repeat(k, *[1] * (v.dim() - 1)) if isinstance(v, Tensor)
-               else np.concatenate([v] * k) if isinstance(v, np.ndarray) else v)
-           for n, v in fields.items()}
-    return rep if isinstance(batch, Mapping) else type(batch)(**rep)
+    """Every tensor field of a batch stacked k times along the rows."""
+    return _map_rows(batch, lambda v: torch.cat([v] * k) if isinstance(v, Tensor)
+                     else np.concatenate([v] * k))
 
 
 def prepared(model: nn.Module, src: Source, max_examples: int | None = None,

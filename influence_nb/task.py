@@ -18,11 +18,14 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .checks import check_args
 
 
 def get(batch: object, key: str) -> Tensor:
@@ -145,12 +148,11 @@ class Task:
     empirical_fisher: bool = False
     fisher_probe: str = "gaussian"
 
-    PROBES = ("gaussian", "label")
+    PROBES: ClassVar[tuple[str, ...]] = ("gaussian", "label")
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"fisher_probe": PROBES}
 
     def __post_init__(self) -> None:
-        if self.fisher_probe not in self.PROBES:
-            raise ValueError(f"unknown fisher_probe {self.fisher_probe!r}; use one of "
-                             f"{self.PROBES}")
+        check_args(self)
 
     def forward(self, model: nn.Module, batch: object) -> Tensor:
         """Run the model: logits (B, T, V)."""

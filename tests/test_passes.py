@@ -276,7 +276,8 @@ def test_the_gaussian_probe_has_the_fisher_covariance():
     assert r.mean(0).abs().max() < 0.004
     torch.testing.assert_close(r.T @ r / len(r), torch.diag(p) - torch.outer(p, p), atol=4e-3,
                                rtol=0)
-    with pytest.raises(ValueError, match="unknown fisher_probe 'labels'; use one of"):
+    with pytest.raises(ValueError,
+                       match=r"Task\(fisher_probe='labels'\): must be one of 'gaussian', 'label'"):
         Task(fisher_probe="labels")
 
 
