@@ -3,12 +3,17 @@
 token positions in ā āᵀ, damping 0.1 × mean eigenvalue), and the two libraries' scores
 compared under matched conventions (empirical Fisher on both sides, influence_nb at full rank).
 
-Two configurations, both on the demo tokenizer (one torch thread, same process):
+Three configurations (one torch thread, same process):
 - ``reference``: a randomly initialised 2-layer GPT-NeoX, d = 128, on 512 demo sequences cut
   to exactly 64 tokens (long sequences, no padding);
 - ``short``: the demo model on 3,150 single sentences of the demo corpus (8–24 tokens, mean
-  ≈ 10: many short sequences, where per-query work dominates; ``short_world.py``).
-Queries: the 120 planted facts' canonical prompts, then paraphrased prompts, up to 200.
+  ≈ 10: many short sequences, where per-query work dominates; ``short_world.py``);
+  queries for both: the 120 planted facts' canonical prompts, then paraphrased prompts, up
+  to 200;
+- ``markov``: built independently of the demo world (``markov_world.py``): its trained 2-layer
+  GPT-2 on its 1,000 sequences of a random second-order Markov chain, 200 queries drawn from the
+  chain; the MLPs' Conv1D modules become the equal nn.Linear (weight transposed), which is
+  what kronfluence tracks.
 
 Timings use each library's default, the true Fisher (labels sampled from the model: inverse-CDF
 draws here, ``torch.multinomial`` in the kronfluence task, as in its examples); the scores are
@@ -48,7 +53,7 @@ from kronfluence_scores import KronfluenceEKFAC  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--repeats", type=int, default=3)
-p.add_argument("--configs", nargs="+", default=["reference", "short"])
+p.add_argument("--configs", nargs="+", default=["reference", "short", "markov"])
 p.add_argument("--queries", type=int, nargs="+", default=[1, 8, 50, 200])
 p.add_argument("--batch-size", type=int, default=32)
 a = p.parse_args()
@@ -67,6 +72,27 @@ def reference() -> tuple[torch.nn.Module, Corpus]:
     texts = [tokenizer.decode(corpus_demo.token_ids(i)[:64]) for i in ids]
     corpus = Corpus.from_records([{"text": t} for t in texts], tokenizer, 64, progress=False)
     return GPTNeoXForCausalLM(cfg).eval(), corpus
+
+
+def markov() -> tuple[torch.nn.Module, object, Corpus, list]:
+    """The Markov world's model with its MLP Conv1D (y = x W + b) as nn.Linear (weight Wᵀ)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from markov_world import build   # benchmarks/markov_world.py
+    world = build(queries=max(a.queries))
+    model = world.model.eval()
+    batch = next(iter(world.corpus.batches(8)))
+    before = Task().forward(model, batch).detach()
+    for name, m in list(model.named_modules()):
+        if ".mlp." in name and isinstance(m, Conv1D):
+            lin = torch.nn.Linear(*m.weight.shape)
+            with torch.no_grad():
+                lin.weight.copy_(m.weight.T)
+                lin.bias.copy_(m.bias)
+            parent, child = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, lin)
+    torch.testing.assert_close(Task().forward(model, batch), before)  # the same function
+    return model, world.tokenizer, world.corpus, world.pairs
 
 
 def seconds(fn) -> tuple[float, object]:
@@ -89,32 +115,36 @@ out = dict(kronfluence=version("kronfluence"), influence_nb=version("influence_n
            torch=torch.__version__, threads=torch.get_num_threads(), batch_size=a.batch_size,
            repeats=a.repeats, configs={})
 for name in a.configs:
-    model, corpus = reference() if name == "reference" else (model_short, corpus_short)
+    tok, queries = tokenizer, pairs
+    if name == "markov":
+        model, tok, corpus, queries = markov()
+    else:
+        model, corpus = reference() if name == "reference" else (model_short, corpus_short)
     task = Task()  # each library's default: the true Fisher, labels sampled
     lengths = [len(corpus.token_ids(i)) for i in range(len(corpus))]
     base, fit, scan = [], {"influence_nb": [], "kronfluence": []}, {}
     plain(model, corpus, task)  # warm-up
-    with KronfluenceEKFAC(model, tokenizer, corpus, a.batch_size) as kron:
+    with KronfluenceEKFAC(model, tok, corpus, a.batch_size) as kron:
         for r in range(a.repeats):
             base.append(seconds(lambda: plain(model, corpus, task))[0])
-            inf = Influence(model, tokenizer, corpus, task=task,
+            inf = Influence(model, tok, corpus, task=task,
                             score_args=ScoreArgs(batch_size=a.batch_size, progress=False))
             fit["influence_nb"].append(seconds(lambda: inf.fit(
                 FactorArgs(batch_size=a.batch_size, progress=False)))[0])
             fit["kronfluence"].append(seconds(kron.fit)[0])
             for q in a.queries:
                 s = scan.setdefault(q, {"influence_nb": [], "kronfluence": []})
-                s["influence_nb"].append(seconds(lambda: inf.scan(pairs[:q]))[0])
-                s["kronfluence"].append(seconds(lambda: kron.scores(pairs[:q]))[0])
+                s["influence_nb"].append(seconds(lambda: inf.scan(queries[:q]))[0])
+                s["kronfluence"].append(seconds(lambda: kron.scores(queries[:q]))[0])
         base.append(seconds(lambda: plain(model, corpus, task))[0])
     # matched conventions (deterministic labels on both sides; influence_nb at full rank)
-    with KronfluenceEKFAC(model, tokenizer, corpus, a.batch_size, empirical_fisher=True) as kron:
+    with KronfluenceEKFAC(model, tok, corpus, a.batch_size, empirical_fisher=True) as kron:
         kron.fit()
-        theirs = kron.scores(pairs)
-    inf = Influence(model, tokenizer, corpus, task=Task(empirical_fisher=True),
+        theirs = kron.scores(queries)
+    inf = Influence(model, tok, corpus, task=Task(empirical_fisher=True),
                     score_args=ScoreArgs(rank=None, batch_size=a.batch_size, progress=False))
     inf.fit(FactorArgs(batch_size=a.batch_size, progress=False))
-    ours = inf.scan(pairs).scores
+    ours = inf.scan(queries).scores
     rho = [spearmanr(o, k).statistic for o, k in zip(ours, theirs)]
     scale = np.median(np.abs(ours).sum(1) / np.abs(theirs).sum(1))
     b = float(np.median(base))
