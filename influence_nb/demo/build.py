@@ -1,8 +1,8 @@
 """Build a demo world from scratch: corpus → byte-level BPE tokenizer → tiny GPT-NeoX trained on
 CPU → fact accuracy and held-out perplexity. Three presets of one generator and one recipe:
 
-- ``demo``        the committed world v2 in ``influence_nb/demo/assets`` (37 min on 2 shared
-                  cores at nice 10; world v1 took 11 min on idle ones);
+- ``demo``        the committed world v2 in ``influence_nb/demo/assets`` (13.3 min on 2 idle
+                  cores, 37 min at one thread beside other jobs);
 - ``validation``  1,500 sequences and a 0.17M-parameter model that retrains from scratch in
                   ≈ 30 s on 2 cores: the world of the counterfactual checks (LDS, leave-k-out);
 - ``micro``       a world of a few hundred sequences that trains in seconds, for tests.
