@@ -298,13 +298,15 @@ class Capture:
     δ_t ā_tᵀ zero there (the wider one is the model's own tensor, uncopied: a reducer that uses
     it alone selects the scored positions, and never writes to either). A layer the loss does
     not depend on gets δ = 0 after the backward. Non-finite activations or gradients raise an
-    error naming the layer, checked once per batch (one host synchronisation, not one per layer).
+    error naming the layer, checked once per batch (one host synchronisation, not one per layer);
+    ``check_finite=False`` leaves that to the reducer (a scorer checks its scores on the host).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[TrackedLayer],
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, check_finite: bool = True):
         self.model, self.layers = model, list(layers)
         self.dtype = dtype or stat_dtype(model)
+        self.check_finite = check_finite
         self._inputs: dict[str, Tensor] = {}
         self._outputs: dict[str, tuple[Tensor, int]] = {}
         self._leaf: Tensor | None = None  # the taps' input that the backward runs towards
@@ -352,9 +354,9 @@ class Capture:
                 raise RuntimeError(f"layer {layer.name!r} ran twice in one forward pass; "
                                    "modules reused within a pass cannot be tracked — exclude it")
             x = args[0].detach()
-            # one reduction; NaN/inf anywhere make it non-finite. Read once per batch.
-            self._finite.append((layer.name, "activations (NaN/inf) entering",
-                                 torch.isfinite(x.sum())))
+            if self.check_finite:  # one reduction; NaN/inf anywhere make it non-finite
+                self._finite.append((layer.name, "activations (NaN/inf) entering",
+                                     torch.isfinite(x.sum())))
             self._inputs[layer.name] = x
             output = _Tap.apply(output, self._leaf, self._grad_hook(layer))
             self._outputs[layer.name] = (output, output._version)
@@ -381,8 +383,9 @@ class Capture:
         if g is None:  # the loss does not depend on this layer
             delta = torch.zeros(B, T, layer.d_out, dtype=self.dtype, device=self._mask.device)
         else:
-            self._finite.append((layer.name, "gradients (NaN/inf) at the output of",
-                                 torch.isfinite(g.sum())))
+            if self.check_finite:
+                self._finite.append((layer.name, "gradients (NaN/inf) at the output of",
+                                     torch.isfinite(g.sum())))
             delta = g.reshape(B, T, layer.d_out).to(self.dtype)
         # m_t² = m_t: Σ_t (m_t δ_t) ā_tᵀ = Σ_t (m_t δ_t)(m_t ā_t)ᵀ, so zeroing the narrower side
         # (r columns of a LoRA matrix) at unscored positions makes every product exact
@@ -418,6 +421,8 @@ class Capture:
             self._reduce = None
 
     def _check_finite(self) -> None:
+        if not self._finite:
+            return
         flags = torch.stack([ok for _, _, ok in self._finite])
         if not bool(flags.all()):
             name, what, _ = self._finite[int((~flags).nonzero()[0, 0])]

@@ -76,6 +76,9 @@ class PassBatch:
         layers at no cost in arithmetic."""
         B, T = self.mask.shape
         step = max(1, GROUP_BYTES // max(1, bytes_per_sequence))
+        if step >= B:  # one group, the usual case: no index arithmetic
+            yield slice(0, B), self.tokens
+            return
         start = np.concatenate([[0], np.cumsum(self.counts)])
         for s in range(0, B, step):
             e = min(B, s + step)
@@ -88,7 +91,15 @@ class PassBatch:
 class Consumer:
     """Something computed from one pass: override :meth:`update_layer` (and :meth:`update`,
     :meth:`finish`). A consumer sees every tracked layer of every batch, in backward order
-    (last layer first)."""
+    (last layer first).
+
+    ``checks_finite``: True for a consumer whose :meth:`update` itself raises
+    FloatingPointError on non-finite results (a NaN or inf in ā or δ at a counted position
+    reaches every product δ_t ā_tᵀ); when every consumer of a pass does, the pass skips the
+    per-layer finiteness reductions, and only a failing batch runs again with them, so that
+    the error names the layer."""
+
+    checks_finite: bool = False
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
@@ -99,7 +110,8 @@ class Consumer:
         summed over ``batch.tokens``."""
 
     def update(self, batch: PassBatch) -> None:
-        """The batch is complete (every layer seen, values checked finite)."""
+        """The batch is complete (every layer seen; ā and δ checked finite unless every
+        consumer ``checks_finite``)."""
 
     def finish(self) -> Any:
         """The pass is over: the result (collectives over ranks happen here)."""
@@ -333,6 +345,17 @@ def prepared(model: nn.Module, src: Source, max_examples: int | None = None,
                          "give at least one non-empty batch")
 
 
+def _step(model: nn.Module, cap: Capture, task: Task, loss: str | Callable, pb: PassBatch,
+          seed: int, reduce: Callable[[TrackedLayer, Tensor, Tensor], None]) -> Tensor:
+    """One forward + backward of a batch, each tracked layer's ā and δ to ``reduce``;
+    -> the losses (B,), detached."""
+    cap.start(pb.mask)
+    with torch.enable_grad():
+        losses = loss_values(task, loss, task.forward(model, pb.data), pb.data, seed, pb.k)
+        cap.backward(losses, reduce)
+    return losses.detach()
+
+
 def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
                 consumers: Sequence[Consumer], loss: str | Callable = "loglik",
                 task: Task | None = None, seed: int = 0, max_examples: int | None = None,
@@ -353,21 +376,28 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
         total=-(-min(known) // world) if known else None, desc=desc, unit="seq",
         disable=not progress)
     try:
-        with eval_mode(model), Capture(model, layers, stat_dtype(model)) as cap:
+        check = not all(c.checks_finite for c in consumers)
+        with eval_mode(model), Capture(model, layers, stat_dtype(model), check) as cap:
             for k, rows, batch in prepared(model, src, max_examples, shard):
                 if draws > 1:
                     rows, batch = np.concatenate([rows] * draws), _repeat(batch, draws)
                 mask = task.token_mask(batch)
                 pb = PassBatch(k, rows, batch, mask,
                                mask.flatten().nonzero().squeeze(1), mask.sum(1).cpu().numpy())
-                cap.start(mask)
-                with torch.enable_grad():
-                    losses = loss_values(task, loss, task.forward(model, batch), batch, seed, k)
-                    cap.backward(losses, lambda layer, a, d: [c.update_layer(layer, a, d, pb)
+                step = (model, cap, task, loss, pb, seed)
+                pb.losses = _step(*step, lambda layer, a, d: [c.update_layer(layer, a, d, pb)
                                                               for c in consumers])
-                pb.losses = losses.detach()
-                for c in consumers:
-                    c.update(pb)
+                try:
+                    for c in consumers:
+                        c.update(pb)
+                except FloatingPointError:
+                    if cap.check_finite:
+                        raise
+                    # the consumers found NaN/inf; run the batch again with the per-layer
+                    # checks, whose error names the layer where it entered
+                    cap.check_finite = True
+                    _step(*step, lambda *_: None)
+                    raise
                 bar.update(len(rows) // draws)
     finally:
         if bar is not progress:

@@ -195,8 +195,10 @@ class Scorer(Consumer):
 
     ``finish`` -> (layer scores (Q, L, n) float64 in the pass's row order, and with
     ``per_token`` the token scores of each row: (Q, T_row) summed over layers, or None).
-    Per layer, whichever form of R the cost model prefers is used (same numbers).
+    Per layer, whichever form of R the cost model prefers is used (same numbers). Non-finite
+    scores raise (checked on the host copy, so the pass skips its per-layer reductions).
     """
+    checks_finite = True
 
     def __init__(self, queries: Queries, layers: Sequence[TrackedLayer], n: int,
                  per_token: bool = False):
@@ -233,14 +235,20 @@ class Scorer(Consumer):
             # the other way round, or a transposed copy, runs several times slower
             rows, cols = (a, delta) if layer.shape[1] < layer.shape[0] else (delta, a)
             R = self._R_flat(layer).to(a)
-            self._batch[self.index[layer.name]] = torch.cat([
-                R @ (rows[g].mT @ cols[g]).flatten(1).T
-                for g, _ in batch.groups(layer.shape[0] * layer.shape[1] * a.element_size())], 1)
+            parts = [R @ (rows[g].mT @ cols[g]).flatten(1).T
+                     for g, _ in batch.groups(layer.shape[0] * layer.shape[1] * a.element_size())]
+            self._batch[self.index[layer.name]] = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         # one host copy per batch, in update (no synchronisation per layer)
 
     def update(self, batch: PassBatch) -> None:
         scores = torch.stack([self._batch[l] for l in range(len(self.index))], 1)  # (Q, L, B)
-        self.layer_scores[..., batch.rows] = scores.double().cpu().numpy()
+        scores = scores.double().cpu().numpy()
+        finite = np.isfinite(scores).all((0, 2))  # (L,): NaN/inf in ā or δ reach the scores
+        if not finite.all():  # (the pass then names the layer where they entered)
+            name = list(self.index)[int(np.argmin(finite))]
+            raise FloatingPointError(f"non-finite scores through layer {name!r}; check the "
+                                     "model's weights, inputs and loss (bfloat16 overflow?)")
+        self.layer_scores[..., batch.rows] = scores
         if self.per_token:
             tok = self._tok.double().cpu().numpy()
             lengths = get(batch.data, "attention_mask").sum(1).tolist()

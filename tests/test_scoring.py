@@ -248,3 +248,32 @@ def test_a_query_the_model_is_certain_of_warns(setup, tokenizer):
         Influence(model, tokenizer, corpus, factors).queries(("gamma number 2 is", word))
         Influence(certain, tokenizer, corpus, plain, task=Margin()).queries(
             ("gamma number 2 is", word))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_scan_checks_its_scores_and_names_the_layer_where_nan_entered(setup, tokenizer, bad):
+    """A scan skips the pass's per-layer finiteness reductions (the scorer checks its scores
+    on the host); a non-finite batch runs again with them, so the error still names the layer
+    where NaN/inf entered, not the first layer that its backward reached."""
+    from influence_nb.hooks import Capture
+    _, corpus, factors, prompts, completions = setup
+    model = tiny_model(len(tokenizer))
+    queries = make_queries(model, factors, prompts, completions)
+    with torch.no_grad():
+        model.gpt_neox.layers[1].post_attention_layernorm.weight[3] = bad
+    checked = []
+    original = Capture.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        checked.append(self.check_finite)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Capture, "__init__", spy)
+        with pytest.raises(FloatingPointError, match=r"activations \(NaN/inf\) entering layer "
+                                                      r"'gpt_neox\.layers\.1\.mlp\.dense_h_to_4h'"):
+            scan(model, queries, corpus, ScoreArgs(batch_size=4, progress=False))
+        assert checked == [False]        # a scan runs without the per-layer reductions
+        with pytest.raises(FloatingPointError, match=r"'gpt_neox\.layers\.1\.mlp\.dense_h_to_4h'"):
+            fit_factors(model, corpus, FactorArgs(batch_size=5, progress=False))
+        assert checked == [False, True]  # a fit's statistics keep them
