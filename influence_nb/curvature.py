@@ -134,6 +134,8 @@ class Factors:
     model_fingerprint: str
     corpus_fingerprint: str | None = None
     empirical_fisher: bool = False
+    fisher_probe: str | None = None      # the true Fisher's draw (Task.fisher_probe); None: the
+    #                                      empirical Fisher, no Fisher (identity), or unrecorded
     # λ_ℓ per (layer, strategy, settings), read from the device once, not per batch
     _damping: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -230,7 +232,8 @@ class Factors:
                 "n_examples": self.n_examples, "n_tokens": self.n_tokens,
                 "model_fingerprint": self.model_fingerprint,
                 "corpus_fingerprint": self.corpus_fingerprint,
-                "fisher": "empirical" if self.empirical_fisher else "true"}
+                "fisher": "empirical" if self.empirical_fisher else "true",
+                "fisher_probe": self.fisher_probe}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tensors to ``factors-<sha256>.safetensors``, then ``manifest.json`` naming
@@ -302,7 +305,7 @@ class Factors:
                                      f"{name!r} ({d_out} × {d_in}); {fix}")
                 layers[name] = f
         return cls(args, shapes, layers, m["n_examples"], m["n_tokens"], m["model_fingerprint"],
-                   m["corpus_fingerprint"], m["fisher"] == "empirical")
+                   m["corpus_fingerprint"], m["fisher"] == "empirical", m.get("fisher_probe"))
 
 
 def _version() -> str:
@@ -465,7 +468,8 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
         for n, f in layers.items():
             f.Lambda = Lambda[n] / n_seq
     return Factors(args, shapes, layers, n_seq // args.draws, n_tok // args.draws, fp,
-                   src.fingerprint, task.empirical_fisher)
+                   src.fingerprint, task.empirical_fisher,
+                   None if task.empirical_fisher else task.fisher_probe)
 
 
 def rotated_gradients(a: Tensor, delta: Tensor, tokens: Tensor, f: LayerFactors) -> Tensor:

@@ -352,6 +352,12 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     loaded = Factors.load(tmp_path / "f", model)
     manifest = loaded.manifest()
     assert manifest["n_examples"] == 12 and manifest["fisher"] == "true"
+    assert manifest["fisher_probe"] == loaded.fisher_probe == "gaussian"   # the default draw
+    label = fit_factors(model, batches(3), FactorArgs(strategy="kfac", progress=False),
+                        task=Task(fisher_probe="label"))
+    assert label.manifest()["fisher_probe"] == "label"
+    assert fit_factors(model, batches(3), FactorArgs(strategy="kfac", progress=False),
+                       task=Task(empirical_fisher=True)).manifest()["fisher_probe"] is None
     assert manifest["model_fingerprint"] == factors.model_fingerprint
     assert manifest["layers"] == {n: list(s) for n, s in factors.shapes.items()}
     q = query_gradients(model, [1, 2, 3], [4, 5]).grads
