@@ -175,11 +175,16 @@ def retriever(world: World, S: np.ndarray, exact, qs) -> dict:
                                      sketch_only=recall(alone, S, world.kinds),
                                      sketch_only_estimated=sketch_only.calibration.recall(
                                          *sketch_only.split(K)[1:]))
-    K, rows, sizes = int(0.02 * N), [], []
+    K, rows, sizes, deviation = int(0.02 * N), [], [], []
     for q, pair in enumerate(world.pairs):
         res = ret.search(single[q], candidates=K)
+        # rescored = exhaustive, up to float32 rounding: a query prepared alone differs from
+        # the same query prepared among all of them by up to ~1e-4 of its largest |score| on
+        # demo v2 (the rescoring itself, same Queries, other batches: ~1e-7); the largest
+        # deviation ÷ the query's largest |score| is kept
+        deviation.append(float(np.abs(res.scores[0] - S[q, res.ids]).max() / np.abs(S[q]).max()))
         np.testing.assert_allclose(res.scores[0], S[q, res.ids], rtol=1e-4,
-                                   atol=1e-5 * np.abs(S[q]).max())   # rescored = exhaustive
+                                   atol=1e-3 * np.abs(S[q]).max())
         alone = replace(exact, queries=exact.queries[q:q + 1], scores=S[q:q + 1],
                         layer_scores=None)
         rows.append([recall_at_k(res, alone, 10, sign)[0] for sign in ("positive", "negative")])
@@ -189,6 +194,7 @@ def retriever(world: World, S: np.ndarray, exact, qs) -> dict:
     # can swap a near-tie at rank 10 against the float64 exhaustive scan)
     out["K=2% via search"] = dict(zip(("positive", "negative"),
                                       np.round(np.array(rows).mean(0), 3).tolist()))
+    out["rescored_deviation_max"] = float(f"{max(deviation):.2g}")
     out["search_size_over_N_median"] = round(float(np.median(sizes)), 2) if sizes else None
     out["speed"] = speed(world, ret, world.pairs, K)
     return out
