@@ -35,7 +35,10 @@ class World:
 
     @property
     def work(self) -> Path:
-        return cache_dir() / f"bench-retrieval-{self.name}-{len(self.inf.corpus)}"
+        """The world's benchmark cache, one folder per fit: a refit (new model, new default
+        settings) starts a folder of its own instead of meeting stale stores."""
+        return cache_dir() / (f"bench-retrieval-{self.name}-{len(self.inf.corpus)}-"
+                              f"{self.inf.factors.factors_id()[:8]}")
 
 
 def _split_at(text: str, marker: str) -> tuple[str, str]:
