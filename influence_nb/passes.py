@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -384,9 +385,9 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
                 mask = task.token_mask(batch)
                 pb = PassBatch(k, rows, batch, mask,
                                mask.flatten().nonzero().squeeze(1), mask.sum(1).cpu().numpy())
-                step = (model, cap, task, loss, pb, seed)
-                pb.losses = _step(*step, lambda layer, a, d: [c.update_layer(layer, a, d, pb)
-                                                              for c in consumers])
+                step = partial(_step, model, cap, task, loss, pb, seed)
+                pb.losses = step(lambda layer, a, d: [c.update_layer(layer, a, d, pb)
+                                                      for c in consumers])
                 try:
                     for c in consumers:
                         c.update(pb)
@@ -396,7 +397,7 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
                     # the consumers found NaN/inf; run the batch again with the per-layer
                     # checks, whose error names the layer where it entered
                     cap.check_finite = True
-                    _step(*step, lambda *_: None)
+                    step(lambda *_: None)
                     raise
                 bar.update(len(rows) // draws)
     finally:

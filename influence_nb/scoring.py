@@ -235,9 +235,9 @@ class Scorer(Consumer):
             # the other way round, or a transposed copy, runs several times slower
             rows, cols = (a, delta) if layer.shape[1] < layer.shape[0] else (delta, a)
             R = self._R_flat(layer).to(a)
-            parts = [R @ (rows[g].mT @ cols[g]).flatten(1).T
-                     for g, _ in batch.groups(layer.shape[0] * layer.shape[1] * a.element_size())]
-            self._batch[self.index[layer.name]] = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            self._batch[self.index[layer.name]] = torch.cat([
+                R @ (rows[g].mT @ cols[g]).flatten(1).T
+                for g, _ in batch.groups(layer.shape[0] * layer.shape[1] * a.element_size())], 1)
         # one host copy per batch, in update (no synchronisation per layer)
 
     def update(self, batch: PassBatch) -> None:
