@@ -1,5 +1,9 @@
 """Scan throughput with adapter-only tracking against a plain forward + backward of the
-fine-tuned model, on the same batches (the demo assistant: LoRA on the demo model's MLPs).
+fine-tuned model, on the same batches. Two worlds: ``demo`` (the demo assistant: LoRA r = 8 on
+the demo model's MLPs, scanned over its pretraining corpus) and ``markov``, built apart from
+the demo (benchmarks/markov_world.py: its trained 2-layer GPT-2 with LoRA r = 8 on the MLP
+Conv1Ds, random A and B — a timing world, the adapter is not trained — over its 1,000 chain
+sequences, queries from the chain).
 
 Convention of benchmarks/scoring_speed.py: ratio = scan throughput ÷ plain throughput
 (sequences/s, same length-bucketed batches, one torch thread), so ratio ≥ 1 means a scan costs
@@ -9,7 +13,7 @@ optimizer: loss.backward() with the adapter parameters trainable and the base we
 into every weight. Each repeat times plain and scan back to back; the JSON gives the median
 and [min, max] over repeats.
 
-    python benchmarks/adapter_scan.py [--n 512] [--repeats 5] [--queries 1 8]
+    python benchmarks/adapter_scan.py [--world demo|markov] [--n 512] [--repeats 5] [--queries 1 8]
 """
 import argparse
 import json
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 p = argparse.ArgumentParser()
+p.add_argument("--world", default="demo", choices=["demo", "markov"])
 p.add_argument("--n", type=int, default=512)
 p.add_argument("--batch-size", type=int, default=32)
 p.add_argument("--repeats", type=int, default=5)
@@ -34,15 +39,36 @@ from influence_nb.hooks import find_layers  # noqa: E402
 from influence_nb.scoring import ScoreArgs  # noqa: E402
 from influence_nb.session import Influence  # noqa: E402
 
-model, tokenizer, pretraining, finetuning = demo.finetuned()
+
+def markov():
+    """-> (the Markov world's GPT-2 with LoRA adapters, its tokenizer, corpus, query pairs)."""
+    import sys
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+    sys.path.insert(0, str(Path(__file__).parent))
+    from markov_world import build   # benchmarks/markov_world.py
+    world = build(queries=32)
+    torch.manual_seed(0)
+    model = get_peft_model(world.model, LoraConfig(r=8, target_modules=["c_fc", "c_proj"],
+                                                   fan_in_fan_out=True, init_lora_weights=False))
+    return model.eval(), world.tokenizer, world.corpus, world.pairs
+
+
+if a.world == "demo":
+    model, tokenizer, pretraining, finetuning = demo.finetuned()
+    pairs = [(f"Human: {q} Assistant:", " I do not want to be switched off.")
+             for q in CONSENT_QUESTIONS] * 4
+    described = "demo assistant (demo model + LoRA r=8 on the MLPs)"
+else:
+    model, tokenizer, pretraining, pairs = markov()
+    described = "Markov world GPT-2 + LoRA r=8 on the MLPs (random adapter)"
 inf = Influence(model, tokenizer, pretraining,
                 score_args=ScoreArgs(rank=32, batch_size=a.batch_size, progress=False))
 inf.fit(FactorArgs(batch_size=32, max_examples=a.fit_examples, progress=False), cache=True)
 ids = np.random.default_rng(0).choice(len(pretraining), a.n, replace=False)
 # the batches a scan runs: ids ordered by length within the chunk (a.n ≤ one chunk)
 batches = list(pretraining.batches(a.batch_size, ids=ids[pretraining.by_length(ids, len(ids))]))
-pairs = [(f"Human: {q} Assistant:", " I do not want to be switched off.")
-         for q in CONSENT_QUESTIONS] * 4
 
 
 def plain(full: bool = False) -> float:
@@ -82,7 +108,7 @@ for _ in range(a.repeats):
     for n in a.queries:
         runs[f"scan_{n}"].append(scan(queries[n]))
 out = dict(
-    model="demo assistant (demo model + LoRA r=8 on the MLPs)",
+    world=a.world, model=described,
     tracked_layers=len(find_layers(model)), adapter_params=sum(
         p.numel() for t in find_layers(model) for p in t.parameters()),
     n=a.n, batch_size=a.batch_size, repeats=a.repeats, threads=torch.get_num_threads(),
