@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from transformers.pytorch_utils import Conv1D
 
 PRESETS = ("mlp", "attn", "all")
@@ -249,29 +250,19 @@ def stat_dtype(model: nn.Module) -> torch.dtype:
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put the model in eval mode (no dropout) and restore every module's flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [m.training for m in model.modules()]
+    if not any(flags):  # already in eval mode, as a loaded model is: nothing to undo
+        yield model
+        return
     model.eval()
     try:
         yield model
     finally:
-        for m, training in flags:
-            m.train(training)
-
-
-class _Tap(torch.autograd.Function):
-    """y ↦ y, the same storage (not a view: an in-place change is caught by its version); the
-    backward hands ∂L/∂y to ``take`` and passes it on. ``leaf``, a scalar that requires grad,
-    is the backward's target; it gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, leaf: Tensor, take: Callable[[Tensor], None]) -> Tensor:
-        ctx.take = take
-        return y.detach()
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:
-        ctx.take(g)
-        return g, None, None
+        if all(flags):  # one recursive call (Module.train recurses: one per module is quadratic)
+            model.train()
+        else:
+            for m, training in zip(model.modules(), flags):
+                m.train(training)
 
 
 class Capture:
@@ -291,9 +282,10 @@ class Capture:
     hooks the output's gradient: when the backward reaches the layer, ā and δ are built in
     ``dtype`` (float32 by default, statistics need it even when the model runs in bfloat16),
     handed over and dropped. So no float32 copy of every layer's ā and δ is ever held at once,
-    and no δ outlives its layer: each tracked output passes through a :class:`_Tap` (y itself,
-    no copy) whose backward hands δ over, and the backward runs towards the taps' scalar leaf,
-    so autograd keeps no gradient of an output and forms no parameter gradient.
+    and no δ outlives its layer: the backward's targets are the outputs' gradient edges
+    (``torch.autograd.graph.get_gradient_edge``), so autograd runs exactly the graph between the
+    loss and the tracked outputs, keeps no gradient of an output (it is no leaf) and forms no
+    parameter gradient; a tensor hook on each output hands δ over.
     At unscored positions the narrower of ā and δ is exactly zero, which makes every product
     δ_t ā_tᵀ zero there (the wider one is the model's own tensor, uncopied: a reducer that uses
     it alone selects the scored positions, and never writes to either). A layer the loss does
@@ -309,7 +301,6 @@ class Capture:
         self.check_finite = check_finite
         self._inputs: dict[str, Tensor] = {}
         self._outputs: dict[str, tuple[Tensor, int]] = {}
-        self._leaf: Tensor | None = None  # the taps' input that the backward runs towards
         self._reduce: Callable[[TrackedLayer, Tensor, Tensor], None] | None = None
         self._done: set[str] = set()
         self._finite: list[tuple[str, str, Tensor]] = []  # (layer, what, 0-d bool on device)
@@ -320,7 +311,8 @@ class Capture:
 
     def __enter__(self) -> "Capture":
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+            self._handles.append(layer.module.register_forward_hook(
+                self._hook(layer, self._grad_hook(layer))))
             # autograd then keeps each layer's input for the weight gradient (which the
             # backward never forms) and so refuses an in-place change to that ā
             for p in layer.parameters():
@@ -344,10 +336,9 @@ class Capture:
         self._clear()
         self._mask = mask.to(torch.bool)
         self._drop = ~self._mask[..., None]  # (B, T, 1): positions zeroed in ā or δ
-        self._leaf = torch.zeros((), device=mask.device, requires_grad=True)
 
-    def _hook(self, layer: TrackedLayer):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+    def _hook(self, layer: TrackedLayer, take: Callable[[Tensor], None]):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self._mask is None:
                 raise RuntimeError("Capture.start(mask) must be called before the forward pass")
             if layer.name in self._inputs:
@@ -358,9 +349,9 @@ class Capture:
                 self._finite.append((layer.name, "activations (NaN/inf) entering",
                                      torch.isfinite(x.sum())))
             self._inputs[layer.name] = x
-            output = _Tap.apply(output, self._leaf, self._grad_hook(layer))
+            if output.requires_grad:  # (not under torch.no_grad: then δ = 0, no loss gradient)
+                output.register_hook(take)
             self._outputs[layer.name] = (output, output._version)
-            return output
         return hook
 
     def _grad_hook(self, layer: TrackedLayer):
@@ -410,9 +401,10 @@ class Capture:
                                    "the layer ran, so its δ cannot be read; exclude the layer")
         self._reduce = reduce
         try:
+            edges = [get_gradient_edge(y) for y, _ in self._outputs.values() if y.requires_grad]
             self._outputs = {}  # the graph holds them; let the backward release each one
-            if losses.requires_grad:  # δ comes through the taps; the leaf gets no gradient
-                torch.autograd.backward(losses.sum(), inputs=[self._leaf])
+            if losses.requires_grad and edges:  # δ comes through the outputs' tensor hooks
+                torch.autograd.backward(losses.sum(), inputs=edges)
             for layer in self.layers:
                 if layer.name not in self._done:
                     self._hand_over(layer, None)

@@ -280,14 +280,16 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
     if args.chunk_size % args.batch_size:
         raise ValueError(f"chunk_size ({args.chunk_size}) must be a multiple of batch_size "
                          f"({args.batch_size})")
-    description = dict(queries=queries.fingerprint, corpus=corpus.fingerprint,
-                       model=fingerprint_of(model, queries.layer_names),
-                       ids=hashlib.sha256(ids.tobytes()).hexdigest()[:16],
-                       layers=queries.layer_names,
-                       args={k: v for k, v in asdict(args).items() if k != "progress"})
     world = distributed.rank_world()[1]
-    distributed.check_same(json.dumps(description, sort_keys=True), "what to scan")
-    chunk_store = store.ChunkStore(out_dir, description) if out_dir is not None else None
+    chunk_store = None
+    if out_dir is not None or world > 1:  # the model's fingerprint samples every parameter
+        description = dict(queries=queries.fingerprint, corpus=corpus.fingerprint,
+                           model=fingerprint_of(model, queries.layer_names),
+                           ids=hashlib.sha256(ids.tobytes()).hexdigest()[:16],
+                           layers=queries.layer_names,
+                           args={k: v for k, v in asdict(args).items() if k != "progress"})
+        distributed.check_same(json.dumps(description, sort_keys=True), "what to scan")
+        chunk_store = store.ChunkStore(out_dir, description) if out_dir is not None else None
     Q, L = len(queries), len(layers)
     layer_scores = np.zeros((Q, L, len(ids)))
     starts = range(0, len(ids), args.chunk_size)

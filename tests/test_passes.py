@@ -326,3 +326,93 @@ def test_several_fisher_draws_average_the_noise_and_keep_the_counts(setup):
     with pytest.raises(ValueError, match="empirical Fisher"):
         fit_factors(model, corpus, FactorArgs(draws=2, progress=False),
                     Task(empirical_fisher=True))
+
+
+def test_a_pass_runs_in_eval_mode_and_gives_back_each_modules_flag(setup):
+    """Dropout is off during a pass (the scores of a model left in training mode are the
+    eval-mode ones) and every module's training flag is as it was afterwards, mixed or not."""
+    model, corpus, _, queries = setup
+    args = ScoreArgs(rank=None, batch_size=4, progress=False)
+    expected = scan(model, queries, corpus, args)[0]
+    dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropout, "the tiny model needs dropout for this test"
+    for m in dropout:
+        m.p = 0.5
+    try:
+        for setting in ("all", "mixed"):
+            model.train()
+            if setting == "mixed":
+                dropout[0].eval()
+            flags = [m.training for m in model.modules()]
+            np.testing.assert_allclose(scan(model, queries, corpus, args)[0], expected,
+                                       rtol=1e-9)
+            assert [m.training for m in model.modules()] == flags
+    finally:
+        for m in dropout:
+            m.p = 0.0
+        model.eval()
+
+
+class _Branches(torch.nn.Module):
+    """x -> lin1 -> tanh -> lin2 (the loss), lin3 beside it (its output is not used), lin4
+    whose output is changed in place when ``inplace``."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin1, self.lin2, self.lin3, self.lin4 = (torch.nn.Linear(3, 3) for _ in range(4))
+        self.inplace = inplace
+
+    def forward(self, x):
+        self.lin3(x)
+        y4 = self.lin4(x)
+        if self.inplace:
+            y4.mul_(2.0)
+        return self.lin2(torch.tanh(self.lin1(x))) + y4
+
+
+def _captured(net, x, layers):
+    from influence_nb.hooks import Capture
+    got = {}
+    with Capture(net, layers) as cap:
+        cap.start(torch.ones(x.shape[:2], dtype=torch.bool))
+        losses = net(x).pow(2).sum((1, 2))
+        cap.backward(losses, lambda layer, a, d: got.__setitem__(layer.name, (a, d)))
+    return got, losses
+
+
+def test_capture_hands_over_each_outputs_gradient_and_zero_where_the_loss_does_not_reach():
+    """δ of every tracked layer is autograd's ∂L/∂y (ā the input with the bias column), a layer
+    whose output the loss does not use gets δ = 0, and no parameter gradient is formed."""
+    net = _Branches().double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    layers = find_layers(net, "all")
+    got, _ = _captured(net, x, layers)
+    assert set(got) == {"lin1", "lin2", "lin3", "lin4"}
+    assert all(p.grad is None for p in net.parameters())
+    outs, ins = {}, {}
+
+    def keep(module, args, y):
+        name = next(n for n in got if getattr(net, n) is module)
+        outs[name], ins[name] = y, args[0]
+
+    hooks = [getattr(net, n).register_forward_hook(keep) for n in got]
+    loss = net(x).pow(2).sum()
+    for h in hooks:
+        h.remove()
+    used = ["lin1", "lin2", "lin4"]
+    for n, g in zip(used, torch.autograd.grad(loss, [outs[n] for n in used])):
+        torch.testing.assert_close(got[n][1], g, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got[n][0][..., :3], ins[n].detach(), rtol=0, atol=0)
+        assert bool((got[n][0][..., 3] == 1).all())
+    assert bool((got["lin3"][1] == 0).all())
+
+
+def test_capture_refuses_an_output_changed_in_place_and_a_layer_run_twice():
+    net = _Branches(inplace=True).double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="'lin4' was modified in place"):
+        _captured(net, x, find_layers(net, "all"))
+    twice = torch.nn.Sequential(net.lin1, net.lin1)
+    with pytest.raises(RuntimeError, match="'0' ran twice"):
+        _captured(twice, x, find_layers(twice, "all"))
