@@ -299,7 +299,7 @@ class Capture:
         self.model, self.layers = model, list(layers)
         self.dtype = dtype or stat_dtype(model)
         self.check_finite = check_finite
-        self._inputs: dict[str, Tensor] = {}
+        self._inputs: dict[str, tuple[Tensor, int]] = {}
         self._outputs: dict[str, tuple[Tensor, int]] = {}
         self._reduce: Callable[[TrackedLayer, Tensor, Tensor], None] | None = None
         self._done: set[str] = set()
@@ -310,14 +310,17 @@ class Capture:
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
 
     def __enter__(self) -> "Capture":
+        # The pass forms no parameter gradient, so no parameter needs one: the forward then
+        # records only the graph between the tracked layers and the loss, and saves no input
+        # for a weight gradient. A tracked layer whose input carries no graph (the first ones)
+        # gets its weight switched on just before it runs, so that its output has one.
+        self._requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self._requires_grad:
+            p.requires_grad_(False)
         for layer in self.layers:
+            self._handles.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
             self._handles.append(layer.module.register_forward_hook(
                 self._hook(layer, self._grad_hook(layer))))
-            # autograd then keeps each layer's input for the weight gradient (which the
-            # backward never forms) and so refuses an in-place change to that ā
-            for p in layer.parameters():
-                self._requires_grad.append((p, p.requires_grad))
-                p.requires_grad_(True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -337,6 +340,15 @@ class Capture:
         self._mask = mask.to(torch.bool)
         self._drop = ~self._mask[..., None]  # (B, T, 1): positions zeroed in ā or δ
 
+    @staticmethod
+    def _pre_hook(layer: TrackedLayer):
+        weight = layer.module.weight
+
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            if not (args[0].requires_grad or weight.requires_grad):
+                weight.requires_grad_(True)
+        return pre_hook
+
     def _hook(self, layer: TrackedLayer, take: Callable[[Tensor], None]):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self._mask is None:
@@ -348,7 +360,7 @@ class Capture:
             if self.check_finite:  # one reduction; NaN/inf anywhere make it non-finite
                 self._finite.append((layer.name, "activations (NaN/inf) entering",
                                      torch.isfinite(x.sum())))
-            self._inputs[layer.name] = x
+            self._inputs[layer.name] = (x, x._version)
             if output.requires_grad:  # (not under torch.no_grad: then δ = 0, no loss gradient)
                 output.register_hook(take)
             self._outputs[layer.name] = (output, output._version)
@@ -364,7 +376,11 @@ class Capture:
         """Build ā and δ of ``layer`` (δ = 0 for g None), the narrower zeroed at unscored
         positions, reduce them, drop the input."""
         B, T = self._mask.shape
-        x = self._inputs.pop(layer.name).reshape(B, T, layer.d_in)
+        x, version = self._inputs.pop(layer.name)
+        if x._version != version:  # (no weight gradient is formed, so autograd would not see it)
+            raise RuntimeError(f"the input of layer {layer.name!r} was modified in place after the "
+                               "layer ran, so its ā cannot be read; exclude the layer")
+        x = x.reshape(B, T, layer.d_in)
         if layer.bias:
             a = x.new_empty(B, T, layer.shape[1], dtype=self.dtype)
             a[..., :layer.d_in] = x

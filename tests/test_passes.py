@@ -355,9 +355,10 @@ def test_a_pass_runs_in_eval_mode_and_gives_back_each_modules_flag(setup):
 
 class _Branches(torch.nn.Module):
     """x -> lin1 -> tanh -> lin2 (the loss), lin3 beside it (its output is not used), lin4
-    whose output is changed in place when ``inplace``."""
+    whose output is changed in place when ``inplace == "output"``, lin1's input when
+    ``inplace == "input"``."""
 
-    def __init__(self, inplace: bool = False):
+    def __init__(self, inplace: str = ""):
         super().__init__()
         torch.manual_seed(0)
         self.lin1, self.lin2, self.lin3, self.lin4 = (torch.nn.Linear(3, 3) for _ in range(4))
@@ -366,9 +367,13 @@ class _Branches(torch.nn.Module):
     def forward(self, x):
         self.lin3(x)
         y4 = self.lin4(x)
-        if self.inplace:
+        if self.inplace == "output":
             y4.mul_(2.0)
-        return self.lin2(torch.tanh(self.lin1(x))) + y4
+        h = x * 1.0
+        y1 = self.lin1(h)
+        if self.inplace == "input":
+            h.add_(1.0)
+        return self.lin2(torch.tanh(y1)) + y4
 
 
 def _captured(net, x, layers):
@@ -389,7 +394,7 @@ def test_capture_hands_over_each_outputs_gradient_and_zero_where_the_loss_does_n
     layers = find_layers(net, "all")
     got, _ = _captured(net, x, layers)
     assert set(got) == {"lin1", "lin2", "lin3", "lin4"}
-    assert all(p.grad is None for p in net.parameters())
+    assert all(p.grad is None and p.requires_grad for p in net.parameters())  # flags given back
     outs, ins = {}, {}
 
     def keep(module, args, y):
@@ -408,11 +413,12 @@ def test_capture_hands_over_each_outputs_gradient_and_zero_where_the_loss_does_n
     assert bool((got["lin3"][1] == 0).all())
 
 
-def test_capture_refuses_an_output_changed_in_place_and_a_layer_run_twice():
-    net = _Branches(inplace=True).double()
+def test_capture_refuses_an_input_or_output_changed_in_place_and_a_layer_run_twice():
     x = torch.randn(2, 4, 3, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="'lin4' was modified in place"):
-        _captured(net, x, find_layers(net, "all"))
+    for where, name in (("output", "lin4"), ("input", "lin1")):
+        net = _Branches(inplace=where).double()
+        with pytest.raises(RuntimeError, match=f"{where} of layer '{name}' was modified in place"):
+            _captured(net, x, find_layers(net, "all"))
     twice = torch.nn.Sequential(net.lin1, net.lin1)
     with pytest.raises(RuntimeError, match="'0' ran twice"):
         _captured(twice, x, find_layers(twice, "all"))
