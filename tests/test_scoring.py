@@ -138,6 +138,22 @@ def test_low_rank_is_the_best_rank_r_approximation(shape):
                                LowRank.of(R, 3).dense().numpy(), atol=1e-5)
 
 
+def test_float32_truncation_is_as_good_as_the_svds_where_the_spectrum_decays():
+    """Query gradients have decaying spectra: where the cut falls at σ_r/σ_1 ≈ 3e-3, σ_r² sits
+    near a float32 Gram's rounding, so the top-r subspace is found only approximately (a query
+    prepared alone and in a batch differ there by ~1e-3 of the largest entry) — yet U Vᵀ is an
+    exact projection of R, so its error is the optimal one (Eckart–Young) to within 1 %."""
+    torch.manual_seed(0)
+    Q, o, i, r = 4, 96, 64, 32
+    U0, _ = torch.linalg.qr(torch.randn(Q, o, i, dtype=torch.float64))
+    V0, _ = torch.linalg.qr(torch.randn(Q, i, i, dtype=torch.float64))
+    sigma = torch.logspace(0, -5, i, dtype=torch.float64)  # σ_32/σ_1 ≈ 3.5e-3
+    R = U0 * sigma @ V0.mT
+    best = (sigma[r:] ** 2).sum().sqrt()
+    err = torch.linalg.matrix_norm(R - LowRank.of(R.float(), r).dense().double())
+    np.testing.assert_allclose(err.numpy(), best.expand(Q).numpy(), rtol=1e-2)
+
+
 def test_self_influence_is_the_preconditioned_norm(setup):
     model, corpus, factors, *_ = setup
     si = self_influence(model, factors, corpus, batch_size=7, progress=False)
