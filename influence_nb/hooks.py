@@ -307,28 +307,30 @@ class Capture:
         self._mask: Tensor | None = None
         self._drop: Tensor | None = None
         self._handles: list = []
+        self._switches: list = []  # the pre-hooks' handles, removed after the first forward
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
 
     def __enter__(self) -> "Capture":
         # The pass forms no parameter gradient, so no parameter needs one: the forward then
         # records only the graph between the tracked layers and the loss, and saves no input
         # for a weight gradient. A tracked layer whose input carries no graph (the first ones)
-        # gets its weight switched on just before it runs, so that its output has one.
+        # gets its weight switched on just before it runs, so that its output has one (the
+        # first forward decides; the flags stay, so the pre-hooks go after it).
         self._requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in self._requires_grad:
             p.requires_grad_(False)
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
+            self._switches.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
             self._handles.append(layer.module.register_forward_hook(
                 self._hook(layer, self._grad_hook(layer))))
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
+        for h in self._handles + self._switches:
             h.remove()
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
-        self._handles, self._requires_grad = [], []
+        self._handles, self._switches, self._requires_grad = [], [], []
         self._clear()
 
     def _clear(self) -> None:
@@ -361,8 +363,12 @@ class Capture:
                 self._finite.append((layer.name, "activations (NaN/inf) entering",
                                      torch.isfinite(x.sum())))
             self._inputs[layer.name] = (x, x._version)
-            if output.requires_grad:  # (not under torch.no_grad: then δ = 0, no loss gradient)
+            if output.requires_grad:
                 output.register_hook(take)
+            elif torch.is_grad_enabled():  # (under torch.no_grad the loss has no gradient)
+                raise RuntimeError(f"layer {layer.name!r} ran without autograd (inside "
+                                   "torch.no_grad in the model?), so its δ cannot be read; "
+                                   "exclude the layer")
             self._outputs[layer.name] = (output, output._version)
         return hook
 
@@ -415,7 +421,9 @@ class Capture:
             if output._version != version:
                 raise RuntimeError(f"the output of layer {layer.name!r} was modified in place after "
                                    "the layer ran, so its δ cannot be read; exclude the layer")
-        self._reduce = reduce
+        for h in self._switches:
+            h.remove()
+        self._switches, self._reduce = [], reduce
         try:
             edges = [get_gradient_edge(y) for y, _ in self._outputs.values() if y.requires_grad]
             self._outputs = {}  # the graph holds them; let the backward release each one

@@ -413,12 +413,16 @@ def test_capture_hands_over_each_outputs_gradient_and_zero_where_the_loss_does_n
     assert bool((got["lin3"][1] == 0).all())
 
 
-def test_capture_refuses_an_input_or_output_changed_in_place_and_a_layer_run_twice():
+def test_capture_refuses_an_input_or_output_changed_in_place_a_layer_without_autograd_and_one_run_twice():
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     for where, name in (("output", "lin4"), ("input", "lin1")):
         net = _Branches(inplace=where).double()
         with pytest.raises(RuntimeError, match=f"{where} of layer '{name}' was modified in place"):
             _captured(net, x, find_layers(net, "all"))
+    frozen = _Branches().double()
+    frozen.lin3.forward = torch.no_grad()(frozen.lin3.forward)  # a layer run without autograd
+    with pytest.raises(RuntimeError, match="'lin3' ran without autograd"):
+        _captured(frozen, x, find_layers(frozen, "all"))
     twice = torch.nn.Sequential(net.lin1, net.lin1)
     with pytest.raises(RuntimeError, match="'0' ran twice"):
         _captured(twice, x, find_layers(twice, "all"))
