@@ -44,15 +44,10 @@ def markov():
     """-> (the Markov world's GPT-2 with LoRA adapters, its tokenizer, corpus, query pairs)."""
     import sys
     from pathlib import Path
-
-    from peft import LoraConfig, get_peft_model
     sys.path.insert(0, str(Path(__file__).parent))
-    from markov_world import build   # benchmarks/markov_world.py
+    from markov_world import build, with_lora   # benchmarks/markov_world.py
     world = build(queries=32)
-    torch.manual_seed(0)
-    model = get_peft_model(world.model, LoraConfig(r=8, target_modules=["c_fc", "c_proj"],
-                                                   fan_in_fan_out=True, init_lora_weights=False))
-    return model.eval(), world.tokenizer, world.corpus, world.pairs
+    return with_lora(world), world.tokenizer, world.corpus, world.pairs
 
 
 if a.world == "demo":

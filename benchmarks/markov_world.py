@@ -108,3 +108,14 @@ def query_kinds(world: MarkovWorld, per_kind: int = 8, seed: int = 11
         y.append(int(np.argmin(law[x[-1], y[0]])))
         out.append(("unlikely", spell(x), " " + spell(y)))
     return out
+
+
+def with_lora(world: MarkovWorld, r: int = 8, seed: int = 0) -> Any:
+    """The world's trained GPT-2 with a LoRA adapter of rank r on both MLP Conv1Ds, random A
+    and B (a timing world: the adapter is not trained), in eval mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    return get_peft_model(world.model, LoraConfig(r=r, target_modules=["c_fc", "c_proj"],
+                                                  fan_in_fan_out=True,
+                                                  init_lora_weights=False)).eval()
