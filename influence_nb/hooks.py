@@ -6,9 +6,10 @@ For a linear layer y = W x + b, write ā = [x, 1] (the bias as a homogeneous coo
     DW = Σ_t δ_t ā_tᵀ          # (out, in+1) = einsum('t o, t i -> o i', δ, ā)
 
 which is all the curvature fit, the query gradients and the scorer need. :class:`Capture`
-records ā (forward hooks) and δ (``torch.autograd.grad`` with respect to the layers'
-outputs, so no parameter gradient is ever materialised) without wrapping or renaming
-anything in the user's model; every hook is removed when the context exits.
+records ā (forward hooks) and δ (tensor hooks on the layers' outputs, during a backward that
+runs to those outputs' gradient edges, so no parameter gradient is ever materialised) without
+wrapping or renaming anything in the user's model; every hook and every parameter's
+``requires_grad`` flag is restored when the context exits.
 
 Adapters. A PEFT LoRA layer (``peft.tuners.lora.LoraLayer``, on a Linear or a GPT-2 Conv1D)
 computes y = W₀ x + s · B A x with ``base_layer`` (W₀), ``lora_A.<adapter>`` (A, r × in) and
@@ -278,8 +279,9 @@ class Capture:
 
     Only :mod:`influence_nb.passes` runs this loop; consumers of a pass are the reducers.
 
-    The forward hook keeps a reference to the layer's input (which autograd saves anyway) and
-    hooks the output's gradient: when the backward reaches the layer, ā and δ are built in
+    The forward hook keeps a reference to the layer's input (refusing, by its version, an
+    in-place change to it before the backward; likewise the output's) and hooks the output's
+    gradient: when the backward reaches the layer, ā and δ are built in
     ``dtype`` (float32 by default, statistics need it even when the model runs in bfloat16),
     handed over and dropped. So no float32 copy of every layer's ā and δ is ever held at once,
     and no δ outlives its layer: the backward's targets are the outputs' gradient edges
