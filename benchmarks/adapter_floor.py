@@ -37,7 +37,7 @@ torch.set_num_threads(1)
 
 from influence_nb.curvature import FactorArgs  # noqa: E402
 from influence_nb.hooks import find_layers  # noqa: E402
-from influence_nb.scoring import Scorer, ScoreArgs  # noqa: E402
+from influence_nb.scoring import ScoreArgs  # noqa: E402
 from influence_nb.session import Influence  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,8 +52,9 @@ queries = inf.queries(world.pairs[:1])
 ids = np.random.default_rng(0).choice(len(world.corpus), a.n, replace=False)
 batches = list(world.corpus.batches(32, ids=ids[world.corpus.by_length(ids, len(ids))]))
 layers = find_layers(model)
-scorer = Scorer(queries, layers, a.n)   # only for its R per layer, flattened for the product
-R = {t.name: scorer._R_flat(t) for t in layers}
+# R per layer, flattened for the product (its transpose's when in+1 < out, as the scorer does)
+R = {t.name: (lambda R: R.mT if t.shape[1] < t.shape[0] else R)(queries.R[t.name].dense())
+     .flatten(1) for t in layers}
 task = inf.task
 
 

@@ -172,7 +172,7 @@ class Factors:
             self._damping[key] = lam
         return self._damping[key]
 
-    def _strategy(self, strategy: str | None) -> str:
+    def resolve_strategy(self, strategy: str | None) -> str:
         strategy = strategy or self.args.strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
@@ -184,7 +184,7 @@ class Factors:
     def precondition_layer(self, name: str, V: Tensor, strategy: str | None = None) -> Tensor:
         """(G_ℓ + λ_ℓ I)⁻¹ V for one layer: (..., out, in+1) -> same shape, on the factors'
         device and in their dtype (``strategy`` as in :meth:`precondition`)."""
-        strategy = self._strategy(strategy)
+        strategy = self.resolve_strategy(strategy)
         if strategy == "identity":
             return V
         f = self.layers[name]
@@ -196,7 +196,7 @@ class Factors:
         """X = Vr / (Λ + λ): the preconditioned V in the eigenbasis, from Vr = Q_Sᵀ V Q_A (e.g.
         :func:`rotated_gradients`, cheaper for short sequences), (..., out, in+1). Not for
         strategy "identity" (no eigenbasis)."""
-        strategy = self._strategy(strategy)
+        strategy = self.resolve_strategy(strategy)
         return Vr / (self.layers[name].eigenvalues(strategy) + self.damping(name, strategy))
 
     def from_eigenbasis(self, name: str, X: Tensor) -> Tensor:
@@ -218,7 +218,7 @@ class Factors:
 
         ``strategy`` overrides the fitted one ("kfac" on an EK-FAC fit, or "identity").
         """
-        strategy = self._strategy(strategy)
+        strategy = self.resolve_strategy(strategy)
         missing = [n for n in self.shapes if n not in grads]
         if missing:
             raise KeyError(f"no gradient for tracked layer {missing[0]!r}; compute gradients on "
@@ -513,7 +513,7 @@ class PreconditionedGradients(Gradients):
 
     def __init__(self, layers: Sequence[TrackedLayer], factors: Factors, strategy: str) -> None:
         super().__init__(layers)
-        self.factors, self.strategy = factors, factors._strategy(strategy)
+        self.factors, self.strategy = factors, factors.resolve_strategy(strategy)
         self.X = Gradients(layers)
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
@@ -544,29 +544,25 @@ class QueryGradients:
 
     f:              (Q,) the measurement, in nats
     grads:          {layer: (Q, out, in+1)} ∇f
-    preconditioned: {layer: (Q, out, in+1)} (G + λI)⁻¹ ∇f, or None without factors; with
-                    ``eigenbasis`` True, X such that (G + λI)⁻¹ ∇f = Q_S X Q_Aᵀ
-                    (:meth:`Factors.from_eigenbasis`; X = (G + λI)⁻¹ ∇f for "identity")
+    preconditioned: {layer: (Q, out, in+1)} (G + λI)⁻¹ ∇f, or None without factors
     """
     f: Tensor
     grads: dict[str, Tensor]
     preconditioned: dict[str, Tensor] | None
-    eigenbasis: bool = False
 
 
 def query_gradients(model: nn.Module, prompts: Sequence[int] | Sequence[Sequence[int]],
                     completions: Sequence[int] | Sequence[Sequence[int]],
                     factors: Factors | None = None, layers: str | Sequence[str] = "mlp",
                     task: Task | None = None, pad_id: int = 0,
-                    strategy: str | None = None, eigenbasis: bool = False) -> QueryGradients:
+                    strategy: str | None = None) -> QueryGradients:
     """∇ log p(completion | prompt) per query and tracked layer, preconditioned with ``factors``
     (``strategy`` overrides the fitted one: "kfac" or "identity").
 
     ``prompts`` / ``completions``: token ids, one query (a list of ints) or several. With
-    ``factors``, their tracked layers are used and ``layers`` is ignored. ``eigenbasis``: leave
-    the preconditioned gradients in the Kronecker eigenbasis (saves the rotation back, the
-    larger half of the preconditioning; :func:`~influence_nb.scoring.make_queries` truncates
-    them there first).
+    ``factors``, their tracked layers are used and ``layers`` is ignored. For a few queries:
+    every (Q, out, in+1) matrix is kept (:func:`~influence_nb.scoring.make_queries` keeps only
+    rank-r factors, in blocks of queries).
     """
     batch = query_batch(token_rows(prompts), token_rows(completions), context_length(model),
                         pad_id)
@@ -577,7 +573,7 @@ def query_gradients(model: nn.Module, prompts: Sequence[int] | Sequence[Sequence
     consumer = PreconditionedGradients(tracked, factors, strategy)
     grads, X, f = corpus_pass(model, tracked, source([batch], len(get(batch, "input_ids"))),
                               [consumer], "measurement", task, progress=False)[0]
-    if consumer.strategy == "identity" or eigenbasis:
-        return QueryGradients(f, grads, X, eigenbasis and consumer.strategy != "identity")
+    if consumer.strategy == "identity":
+        return QueryGradients(f, grads, X)
     R = {name: factors.from_eigenbasis(name, x) for name, x in X.items()}
     return QueryGradients(f, grads, R)

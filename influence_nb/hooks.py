@@ -43,6 +43,17 @@ BASE, BOTH = "base:", "both:"
 #   llama mlp.{gate,up,down}_proj              | self_attn.{q,k,v,o}_proj
 _MLP_PARTS = {"mlp", "feed_forward", "ffn"}
 _ATTN_PARTS = {"attn", "attention", "self_attn", "self_attention"}
+# Mixture of experts: "mlp" means the experts' feed-forward matrices, never a router, so a
+# module with one of these components is in neither preset (only in "all"). A router
+# (``mlp.gate``) or a shared expert's gate (Qwen2-MoE ``mlp.shared_expert_gate``, out = 1) sits
+# in the MLP block but only weighs the experts' outputs: it is no feed-forward matrix, and in
+# "mlp" it would add a different kind of parameter on MoE models than on dense ones. Since
+# transformers 5 the routed experts are fused 3-D parameters (``mlp.experts.gate_up_proj``
+# (E, 2I, H), ``down_proj`` (E, H, I)), not Linear modules, so no preset can track them: on
+# Qwen2-MoE "mlp" is the shared expert (every token passes through it); on Mixtral it is empty
+# and :func:`find_layers` says why. (Before 5 an expert was Linear modules that run on its routed
+# tokens only, which :class:`Capture`, reading ā and δ at (B, T) positions, does not take.)
+_ROUTER_PARTS = {"gate", "router", "shared_expert_gate"}
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,12 @@ def candidate_layers(model: nn.Module, base: bool | None = None,
     return found
 
 
+def _fused_experts(model: nn.Module) -> bool:
+    """Whether an MLP block of the model holds experts as one 3-D parameter (transformers ≥ 5
+    MoE layers: ``mlp.experts.gate_up_proj`` (experts, out, in))."""
+    return any(p.ndim == 3 and "experts" in name.split(".") for name, p in model.named_parameters())
+
+
 def find_layers(model: nn.Module, layers: str | Sequence[str] = "mlp") -> list[TrackedLayer]:
     """The model's tracked layers, in module order.
 
@@ -196,11 +213,16 @@ def find_layers(model: nn.Module, layers: str | Sequence[str] = "mlp") -> list[T
         base = {BASE: True, BOTH: None, "": False}[prefix]
         candidates = candidate_layers(model, base=base if adapters else None)
         parts = {"mlp": _MLP_PARTS, "attn": _ATTN_PARTS, "all": None}[preset]
-        found = [t for t in candidates if parts is None or parts & set(t.name.split("."))]
+        found = [t for t in candidates if parts is None or (
+            parts & set(t.name.split(".")) and not _ROUTER_PARTS & set(t.name.split(".")))]
         if not found and adapters and base is False:
             raise ValueError(f"the model has LoRA adapters but none in preset {preset!r}; "
                              "pick the preset of the adapted modules ('attn', 'all'), or "
                              f"track base weights with '{BASE}{preset}'")
+        if not found and preset == "mlp" and _fused_experts(model):
+            raise ValueError("no trackable layers for preset 'mlp': the model's MLP experts are "
+                             "fused 3-D parameters (a mixture of experts), not Linear modules, "
+                             "and cannot be tracked; use layers='attn'")
         if not found:
             raise ValueError(f"no trackable layers: the model has no torch.nn.Linear or Conv1D "
                              f"module for preset {layers!r}; pass layers='all' or a list of "

@@ -70,13 +70,15 @@ class PassBatch:
     def n_tokens(self) -> int:
         return len(self.tokens)
 
-    def groups(self, bytes_per_sequence: int) -> Iterator[tuple[slice, Tensor]]:
+    def groups(self, bytes_per_sequence: int, budget: int | None = None
+               ) -> Iterator[tuple[slice, Tensor]]:
         """The batch cut into groups of sequences whose per-sequence tensors (e.g. DW, out·in
-        values) take at most :data:`GROUP_BYTES` together -> (slice of the batch, flat indices
-        of the group's scored positions within the group). Bounds a consumer's memory on wide
-        layers at no cost in arithmetic."""
+        values) take at most ``budget`` bytes together (default :data:`GROUP_BYTES`) ->
+        (slice of the batch, flat indices of the group's scored positions within the group).
+        Bounds a consumer's memory on wide layers at no cost in arithmetic."""
         B, T = self.mask.shape
-        step = max(1, GROUP_BYTES // max(1, bytes_per_sequence))
+        budget = GROUP_BYTES if budget is None else budget
+        step = max(1, budget // max(1, bytes_per_sequence))
         if step >= B:  # one group, the usual case: no index arithmetic
             yield slice(0, B), self.tokens
             return

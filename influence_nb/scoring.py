@@ -23,8 +23,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
@@ -36,11 +37,11 @@ from tqdm.auto import tqdm
 
 from . import distributed, store
 from .checks import check_args
-from .curvature import Factors, fingerprint_of, query_gradients
+from .curvature import Factors, fingerprint_of, rotated_gradients
 from .data import Corpus
-from .hooks import TrackedLayer, find_layers
+from .hooks import TrackedLayer, context_length, find_layers, stat_dtype
 from .passes import Consumer, PassBatch, as_ids, chunks, corpus_pass, source
-from .task import Task, get, token_rows
+from .task import Task, get, query_batch, token_rows
 
 
 @dataclass
@@ -98,6 +99,17 @@ class LowRank:
         """(Q, out, in+1)"""
         return self.full if self.full is not None else self.U @ self.V.mT
 
+    @classmethod
+    def cat(cls, parts: Sequence["LowRank"]) -> "LowRank":
+        """The queries of ``parts`` in one: exact ones stay exact (no identity is stacked);
+        otherwise factors are zero-padded to the largest rank, which leaves every U Vᵀ as it
+        was."""
+        if all(p.full is not None for p in parts):
+            return cls.of(torch.cat([p.full for p in parts]), None)
+        r = max(p.U.shape[-1] for p in parts)
+        pad = lambda x: torch.nn.functional.pad(x, (0, r - x.shape[-1]))  # noqa: E731
+        return cls(torch.cat([pad(p.U) for p in parts]), torch.cat([pad(p.V) for p in parts]))
+
 
 @dataclass
 class Queries:
@@ -135,10 +147,7 @@ class Queries:
             if len(values) > 1:
                 raise ValueError(f"cannot concatenate queries made with different {key} "
                                  f"({', '.join(sorted(values))}); make them with one session")
-        r = max(p.R[n].U.shape[-1] for p in parts for n in p.R)
-        pad = lambda x: torch.nn.functional.pad(x, (0, r - x.shape[-1]))  # noqa: E731
-        R = {n: LowRank(torch.cat([pad(p.R[n].U) for p in parts]),
-                        torch.cat([pad(p.R[n].V) for p in parts])) for n in parts[0].R}
+        R = {n: LowRank.cat([p.R[n] for p in parts]) for n in parts[0].R}
         ranks = [p.rank for p in parts]
         rank = None if None in ranks else max(ranks)
         return cls(sum((p.prompts for p in parts), []), sum((p.completions for p in parts), []),
@@ -165,29 +174,92 @@ class Queries:
                               ).hexdigest()[:16]
 
 
+QUERY_BYTES = 256 << 20   # dense per-query matrices make_queries forms at once (one block)
+SCORE_BYTES = 512 << 20   # dense R and per-sequence gradients the scorer holds at once
+
+
+class QueryFactors(Consumer):
+    """Rank-r preconditioned query gradients, one layer at a time as the backward reaches it:
+    Q_Sᵀ ∇f Q_A from the tokens, ⊘ (Λ + λ), truncated to rank r in the eigenbasis, then its
+    columns rotated back, (Q_S U, Q_A V). Only one layer's dense (B, out, in+1) matrices of
+    one block of queries exist at any time. ``finish`` -> ({layer: LowRank} in module order,
+    f (Q,) the measurements)."""
+
+    def __init__(self, layers: Sequence[TrackedLayer], factors: Factors, strategy: str | None,
+                 rank: int | None) -> None:
+        self.factors, self.rank = factors, rank
+        self.strategy = factors.resolve_strategy(strategy)
+        self.parts: dict[str, list[LowRank]] = {t.name: [] for t in layers}
+        self.f: list[Tensor] = []
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        name, F = layer.name, self.factors
+        if self.strategy == "identity":   # no eigenbasis: ∇f itself
+            self.parts[name].append(LowRank.of(einsum(delta, a, "b t o, b t i -> b o i"),
+                                               self.rank))
+            return
+        f = F.layers[name]
+        cast = dict(device=f.lambda_A.device, dtype=f.lambda_A.dtype)
+        X = F.scale_rotated(name, rotated_gradients(a.to(**cast), delta.to(**cast),
+                                                    batch.tokens.to(cast["device"]), f),
+                            self.strategy)
+        lr = LowRank.of(X, self.rank)
+        # the truncation of Q_S X Q_Aᵀ is Q_S (X's truncation) Q_Aᵀ: the Q are orthogonal
+        self.parts[name].append(LowRank.of(F.from_eigenbasis(name, lr.full), None)
+                                if lr.full is not None
+                                else LowRank(*F.columns_from_eigenbasis(name, lr.U, lr.V)))
+
+    def update(self, batch: PassBatch) -> None:
+        self.f.append(batch.losses)
+
+    def finish(self) -> tuple[dict[str, LowRank], Tensor]:
+        return {n: LowRank.cat(p) for n, p in self.parts.items()}, torch.cat(self.f)
+
+
+def query_block(shapes: Sequence[tuple[int, int]], element_size: int = 4,
+                budget: int | None = None) -> int:
+    """Queries prepared together: their dense (out, in+1) matrices of the widest layer, about
+    three per query (rotated gradient, scaled, the truncation's product), within ``budget``
+    bytes (default :data:`QUERY_BYTES`)."""
+    widest = max(o * i for o, i in shapes)
+    return max(1, (QUERY_BYTES if budget is None else budget) // (3 * widest * element_size))
+
+
 def make_queries(model: nn.Module, factors: Factors, prompts: Sequence[Sequence[int]],
                  completions: Sequence[Sequence[int]], rank: int | None = 32,
                  strategy: str | None = None, task: Task | None = None) -> Queries:
     """Gradients of log p(completion | prompt) for each query, preconditioned with ``factors``
-    (``strategy`` overrides the fitted one: "kfac" or "identity") and factorised to ``rank``."""
+    (``strategy`` overrides the fitted one: "kfac" or "identity") and factorised to ``rank``.
+
+    Memory: queries are prepared in blocks (:func:`query_block`), one layer at a time, and
+    only their rank-r factors are kept, (out + in+1)·r numbers per layer and query; full rank
+    (``rank=None``) keeps out·(in+1)."""
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ValueError(f"rank must be a positive integer or None (full rank), got {rank!r}")
-    g = query_gradients(model, prompts, completions, factors, task=task, strategy=strategy,
-                        eigenbasis=True)
-    R = {n: LowRank.of(x, rank) for n, x in g.preconditioned.items()}
-    if g.eigenbasis:  # the truncation of Q_S X Q_Aᵀ is Q_S (X's truncation) Q_Aᵀ: Q's orthogonal
-        R = {n: LowRank.of(factors.from_eigenbasis(n, lr.full), None) if lr.full is not None
-             else LowRank(*factors.columns_from_eigenbasis(n, lr.U, lr.V)) for n, lr in R.items()}
-    return Queries(token_rows(prompts), token_rows(completions), g.f, R, rank,
-                   strategy or factors.args.strategy, factors.factors_id())
+    prompts, completions = token_rows(prompts), token_rows(completions)
+    tracked = find_layers(model, factors.layer_names)
+    batch = query_batch(prompts, completions, context_length(model))
+    size = query_block(factors.shapes.values(), stat_dtype(model).itemsize)
+    consumer = QueryFactors(tracked, factors, strategy, rank)
+    R, f = corpus_pass(model, tracked, source(list(batch.blocks(size)), size), [consumer],
+                       "measurement", task, progress=False)[0]
+    return Queries(prompts, completions, f, R, rank, strategy or factors.args.strategy,
+                   factors.factors_id())
 
 
-def _use_dense(B: int, T: int, d_out: int, d_in: int, Q: int, r: int) -> bool:
-    """Forming DW (B, out, in) and contracting it with dense R costs B·out·in·(T + Q) against
-    Q·B·T·r·(out + in) for the factorised token path. An exact R (r ≥ min(out, in), e.g. a LoRA
-    matrix, r wide on one side) saves nothing by its factors: the token path then costs DW's
-    flops or Q times them, as products only Q·r columns wide that run several times slower."""
-    return r >= min(d_out, d_in) or d_out * d_in * (T + Q) < Q * T * r * (d_out + d_in)
+def scoring_cost(B: int, T: int, d_out: int, d_in: int, Q: int, r: int, kept: bool,
+                 groups: int) -> tuple[float, float]:
+    """Multiply-adds of one layer and batch, (factorised per token, dense):
+    per token (Uᵀ δ_t)·(Vᵀ ā_t) costs Q·B·T·r·(out + in); forming DW (B, out, in) and its
+    product with a dense R costs B·out·in·(T + Q), plus Q·out·in·r for each group of
+    sequences when R is not kept but formed from its factors batch by batch. An exact R
+    (r ≥ min(out, in), e.g. a LoRA matrix) saves nothing by its factors: the token path is
+    never cheaper then (products only Q·r columns wide run several times slower)."""
+    oi = d_out * d_in
+    dense = B * oi * (T + Q) + (0 if kept else groups * Q * oi * r)
+    tokens = math.inf if r >= min(d_out, d_in) else Q * B * T * r * (d_out + d_in)
+    return tokens, dense
 
 
 class Scorer(Consumer):
@@ -195,49 +267,78 @@ class Scorer(Consumer):
 
     ``finish`` -> (layer scores (Q, L, n) float64 in the pass's row order, and with
     ``per_token`` the token scores of each row: (Q, T_row) summed over layers, or None).
-    Per layer, whichever form of R the cost model prefers is used (same numbers). Non-finite
-    scores raise (checked on the host copy, so the pass skips its per-layer reductions).
+    Per layer and batch, the cheaper of two forms of R (:func:`scoring_cost`; same numbers):
+    its factors per token, or dense against each sequence's DW. Memory stays within ``budget``
+    bytes (default :data:`SCORE_BYTES`) whatever the number of queries: dense R is kept for
+    the scan only for layers that fit in half of it, and otherwise formed in blocks of
+    queries (a quarter) against groups of DW (a quarter); the token path runs in blocks of
+    queries too. Non-finite scores raise (checked on the host copy, so the pass skips its
+    per-layer reductions).
     """
     checks_finite = True
 
     def __init__(self, queries: Queries, layers: Sequence[TrackedLayer], n: int,
-                 per_token: bool = False):
+                 per_token: bool = False, budget: int | None = None):
         self.queries, self.per_token = queries, per_token
+        self.budget = SCORE_BYTES if budget is None else budget
         self.index = {t.name: l for l, t in enumerate(layers)}
         self.layer_scores = np.zeros((len(queries), len(layers), n))
         self.tokens: list[np.ndarray | None] = [None] * n if per_token else None
+        room = self.budget // 2
+        self._keep: set[str] = set()             # layers whose dense R stays for the scan
+        for t in sorted(layers, key=lambda t: t.shape[0] * t.shape[1]):
+            lr = queries.R[t.name]
+            need = len(queries) * t.shape[0] * t.shape[1] * lr.U.element_size()
+            if lr.full is not None or need <= room:
+                self._keep.add(t.name)
+                room -= 0 if lr.full is not None else need
         self._dense: dict[str, Tensor] = {}
         self._batch: dict[int, Tensor] = {}      # layer -> (Q, B) on the model's device
         self._tok: Tensor | None = None          # (Q, B, T) summed over the layers so far
 
-    def _R_flat(self, layer: TrackedLayer) -> Tensor:
-        """R as (Q, out·(in+1)), or its transpose's (Q, (in+1)·out) when in+1 < out (see
-        :meth:`update_layer`)."""
-        if layer.name not in self._dense:
-            R = self.queries.R[layer.name].dense()
-            R = R.mT if layer.shape[1] < layer.shape[0] else R
-            self._dense[layer.name] = R.flatten(1)  # a copy of the transpose, once per scan
-        return self._dense[layer.name]
+    def _R_blocks(self, layer: TrackedLayer, dtype: torch.dtype) -> Iterator[Tensor]:
+        """R flattened, (q, out·(in+1)) — or its transpose's (q, (in+1)·out) when in+1 < out
+        (see :meth:`update_layer`) — whole when kept, else in blocks of q queries formed from
+        the factors within a quarter of the budget."""
+        (o, i), lr = layer.shape, self.queries.R[layer.name]
+        wide = i < o
+        if layer.name in self._keep:
+            if layer.name not in self._dense:    # a copy of the transpose, once per scan
+                R = lr.dense()
+                self._dense[layer.name] = (R.mT if wide else R).flatten(1)
+            yield self._dense[layer.name].to(dtype)
+            return
+        Q, size = len(self.queries), o * i * lr.U.element_size()
+        step = max(1, self.budget // 4 // size)
+        for s in range(0, Q, step):
+            U, V = lr.U[s:s + step].to(dtype), lr.V[s:s + step].to(dtype)
+            yield (V @ U.mT if wide else U @ V.mT).flatten(1)
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
-        (B, T, _), Q = a.shape, len(self.queries)
+        (B, T, _), Q, (o, i) = a.shape, len(self.queries), layer.shape
         lr = self.queries.R[layer.name]
-        if self.per_token or not _use_dense(B, T, *layer.shape, Q, lr.U.shape[-1]):
-            # (Uᵀ δ_t) · (Vᵀ ā_t) per token: 'q b t r'
-            tok = (einsum(delta, lr.U.to(a), "b t o, q o r -> q b t r")
-                   * einsum(a, lr.V.to(a), "b t i, q i r -> q b t r")).sum(-1)
+        r, dw = lr.U.shape[-1], o * i * a.element_size()
+        groups = -(-B // max(1, self.budget // 4 // dw))
+        tokens, dense = scoring_cost(B, T, o, i, Q, r, layer.name in self._keep, groups)
+        if self.per_token or tokens < dense:
+            # (Uᵀ δ_t) · (Vᵀ ā_t) per token, 'q b t r', in blocks of queries
+            step = max(1, self.budget // 4 // (2 * B * T * r * a.element_size()))
+            tok = torch.cat([(einsum(delta, lr.U[s:s + step].to(a), "b t o, q o r -> q b t r")
+                              * einsum(a, lr.V[s:s + step].to(a), "b t i, q i r -> q b t r")
+                              ).sum(-1) for s in range(0, Q, step)])
             self._batch[self.index[layer.name]] = tok.sum(-1)
             if self.per_token:
                 self._tok = tok if self._tok is None else self._tok + tok
         else:  # ⟨R, DW_b⟩ with DW_b = Σ_t δ_bt ā_btᵀ per group of sequences, formed with the
             # narrower side as rows (DW_bᵀ = Σ_t ā_bt δ_btᵀ when in+1 < out): the batched product
             # the other way round, or a transposed copy, runs several times slower
-            rows, cols = (a, delta) if layer.shape[1] < layer.shape[0] else (delta, a)
-            R = self._R_flat(layer).to(a)
-            self._batch[self.index[layer.name]] = torch.cat([
-                R @ (rows[g].mT @ cols[g]).flatten(1).T
-                for g, _ in batch.groups(layer.shape[0] * layer.shape[1] * a.element_size())], 1)
+            rows, cols = (a, delta) if i < o else (delta, a)
+            out = []
+            for g, _ in batch.groups(dw, self.budget // 4):
+                DW = (rows[g].mT @ cols[g]).flatten(1)
+                out.append(torch.cat([R @ DW.T for R in self._R_blocks(layer, a.dtype)]))
+            self._batch[self.index[layer.name]] = torch.cat(out, 1)
         # one host copy per batch, in update (no synchronisation per layer)
 
     def update(self, batch: PassBatch) -> None:

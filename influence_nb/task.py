@@ -22,7 +22,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_args
@@ -56,12 +55,48 @@ def to_device(batch: object, device: torch.device | str) -> object:
     return moved
 
 
+LOGIT_BYTES = 64 << 20  # (positions × vocabulary) temporaries a loss forms at once
+
+
+def _row_chunks(n: int, V: int, element_size: int = 4) -> list[tuple[int, int]]:
+    """(start, end) of the row chunks of an (n, V) matrix whose temporaries fit
+    :data:`LOGIT_BYTES`: a 50 K vocabulary would otherwise add several (B·T, V) float32
+    buffers to every batch (softmax, its draw, their products) beyond the logits."""
+    step = max(1, LOGIT_BYTES // (V * element_size))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+class TokenLogProb(torch.autograd.Function):
+    """log p(targets[b, t] | position t) from (B, T, V) logits and (B, T) targets -> (B, T),
+    in float32 or better, chunked over positions (:func:`_row_chunks`). Only the logits (held
+    anyway) and the (B, T) log-normaliser are kept for the backward, which writes
+    g · (onehot − softmax) chunk by chunk into one (B, T, V) gradient: two vocabulary-wide
+    buffers per batch where a cross-entropy keeps four."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        x, y = logits.flatten(0, 1), targets.reshape(-1, 1)
+        lse = torch.empty(len(x), dtype=dtype, device=x.device)
+        for s, e in _row_chunks(len(x), x.shape[1]):
+            lse[s:e] = torch.logsumexp(x[s:e].to(dtype), dim=-1)
+        ctx.save_for_backward(logits, y, lse)
+        return (x.gather(1, y).squeeze(1).to(dtype) - lse).view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
+        logits, y, lse = ctx.saved_tensors
+        x, g = logits.flatten(0, 1), g.reshape(-1, 1).to(lse.dtype)
+        grad = torch.empty_like(x)
+        for s, e in _row_chunks(len(x), x.shape[1]):
+            p = (x[s:e].to(lse.dtype) - lse[s:e, None]).exp_().mul_(-g[s:e])  # −g · softmax
+            grad[s:e] = p.scatter_add_(1, y[s:e], g[s:e])                     # + g · onehot
+        return grad.view_as(logits), None
+
+
 def next_token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """log p(targets[b, t] | position t), in float32 or better: (B, T, V), (B, T) -> (B, T)."""
-    B, T, V = logits.shape
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return -F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T),
-                            reduction="none").reshape(B, T)
+    return TokenLogProb.apply(logits, targets)
 
 
 def _shift(x: Tensor) -> Tensor:
@@ -111,28 +146,34 @@ class FisherProbe(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, mask: Tensor, generator: torch.Generator,
                 probe: str) -> Tensor:
-        x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        m = x.amax(dim=-1, keepdim=True)
-        p = (x - m).exp_()
-        z = p.sum(dim=-1, keepdim=True)
-        p.div_(z)                                                           # softmax
-        if probe == "label":
-            y = sample_labels(p.flatten(0, 1), generator).view_as(m)        # (B, T, 1)
-            value = (m + z.log() - x.gather(-1, y)).squeeze(-1)             # −log p(y)
-            r = p.scatter_add_(-1, y, torch.full_like(m, -1.0))             # p − onehot(y)
-        else:
-            e = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            e.mul_(p.sqrt())
-            r = e.sub_(p * e.sum(dim=-1, keepdim=True))
-            value = (x * r).sum(dim=-1)
-        ctx.save_for_backward(r.mul_(mask[..., None]))
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        x_all = logits.flatten(0, 1)                                        # (B·T, V)
+        r_all = torch.empty(x_all.shape, dtype=dtype, device=x_all.device)
+        value = torch.empty(len(x_all), dtype=dtype, device=x_all.device)
+        for s, e in _row_chunks(*x_all.shape):        # chunks of positions: bounded buffers
+            x = x_all[s:e].to(dtype)
+            m = x.amax(dim=-1, keepdim=True)
+            p = (x - m).exp_()
+            z = p.sum(dim=-1, keepdim=True)
+            p.div_(z)                                                       # softmax
+            if probe == "label":
+                y = sample_labels(p, generator)[:, None]                    # (n, 1)
+                value[s:e] = (m + z.log() - x.gather(-1, y)).squeeze(-1)    # −log p(y)
+                r_all[s:e] = p.scatter_add_(-1, y, torch.full_like(m, -1.0))  # p − onehot(y)
+            else:
+                r = torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
+                r.mul_(p.sqrt())
+                r_all[s:e] = r.sub_(p.mul_(r.sum(dim=-1, keepdim=True)))
+                value[s:e] = (x * r_all[s:e]).sum(dim=-1)
+        r_all.mul_(mask.reshape(-1, 1))
+        ctx.save_for_backward(r_all.view(logits.shape))
         ctx.dtype = logits.dtype
-        return (value * mask).sum(dim=1)
+        return (value.view(mask.shape) * mask).sum(dim=1)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         r, = ctx.saved_tensors
-        return (r * grad[:, None, None]).to(ctx.dtype), None, None, None
+        return (r * grad[:, None, None].to(r.dtype)).to(ctx.dtype), None, None, None
 
 @dataclass
 class Task:
@@ -233,6 +274,15 @@ class QueryBatch:
     def to(self, device: torch.device | str) -> "QueryBatch":
         return QueryBatch(self.input_ids.to(device), self.attention_mask.to(device),
                           self.completion_mask.to(device))
+
+    def blocks(self, size: int) -> list["QueryBatch"]:
+        """The rows in blocks of ``size`` queries, each cut to its longest row."""
+        out = []
+        for s in range(0, len(self.input_ids), size):
+            T = int(self.attention_mask[s:s + size].sum(1).max())
+            out.append(QueryBatch(*(x[s:s + size, :T] for x in (
+                self.input_ids, self.attention_mask, self.completion_mask))))
+        return out
 
 
 def query_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],

@@ -174,10 +174,11 @@ def test_factors_checksum_refuses_flipped_bytes(setup, tmp_path):
 
 
 def test_grouping_sequences_changes_no_number(setup, monkeypatch):
-    """Consumers that form per-sequence gradients do so in groups bounded by GROUP_BYTES: one
-    sequence at a time gives the same Λ, dense-path scores and self-influence."""
+    """Consumers that form per-sequence gradients do so in groups bounded by GROUP_BYTES (the
+    scorer by its SCORE_BYTES): one sequence at a time gives the same Λ, dense-path scores
+    and self-influence."""
     model, corpus, factors, queries = setup
-    monkeypatch.setattr("influence_nb.scoring._use_dense", lambda *a: True)
+    monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: (np.inf, 0))
     args = ScoreArgs(rank=None, batch_size=8, chunk_size=8, progress=False)
 
     def run():
@@ -187,6 +188,7 @@ def test_grouping_sequences_changes_no_number(setup, monkeypatch):
 
     whole = run()
     monkeypatch.setattr("influence_nb.passes.GROUP_BYTES", 1)
+    monkeypatch.setattr("influence_nb.scoring.SCORE_BYTES", 1)
     single = run()
     for name, lf in whole[0].layers.items():
         torch.testing.assert_close(single[0].layers[name].Lambda, lf.Lambda, rtol=1e-10,

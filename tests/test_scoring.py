@@ -97,7 +97,8 @@ def test_dense_and_factorised_paths_agree(setup, monkeypatch):
     args = ScoreArgs(batch_size=8, chunk_size=8, progress=False)
     results = []
     for dense in (True, False):
-        monkeypatch.setattr("influence_nb.scoring._use_dense", lambda *a, d=dense: d)
+        monkeypatch.setattr("influence_nb.scoring.scoring_cost",
+                            lambda *a, d=dense: (1, 0) if d else (0, 1))
         results.append(scan(model, queries, corpus, args)[0])
     np.testing.assert_allclose(results[0], results[1], rtol=1e-8)
 
