@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ import safetensors.torch
 import torch
 from einops import einsum
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from . import distributed, store
 from .checks import check_args
@@ -49,7 +51,9 @@ class FactorArgs:
 
     strategy:       "ekfac" (default), "kfac", or "identity" (no curvature: gradient dot product)
     layers:         "mlp" (paper), "attn", "all", or module names / fnmatch globs
-    batch_size:     sequences per batch when fitting from a Corpus (``corpus.batches(n)``)
+    batch_size:     sequences per batch when fitting from a Corpus; None: as many as fit in
+                    ``batch_tokens`` (length-bucketed, see :func:`~influence_nb.passes.source`)
+    batch_tokens:   padded tokens per batch when ``batch_size`` is None
     max_examples:   stop after this many training sequences (None: the whole corpus)
     blocks:         split A and S into this many diagonal blocks (memory bound for wide layers)
     damping:        absolute λ for every layer; None: ``damping_factor`` · mean(Λ_ℓ) per layer
@@ -63,7 +67,8 @@ class FactorArgs:
     """
     strategy: str = "ekfac"
     layers: str | Sequence[str] = "mlp"
-    batch_size: int = 8
+    batch_size: int | None = None
+    batch_tokens: int = 2048
     max_examples: int | None = None
     blocks: int = 1
     damping: float | None = None
@@ -72,7 +77,8 @@ class FactorArgs:
     draws: int = 1
     progress: bool = True
 
-    MINIMUM: ClassVar[dict[str, float]] = {"batch_size": 1, "max_examples": 1, "blocks": 1,
+    MINIMUM: ClassVar[dict[str, float]] = {"batch_size": 1, "batch_tokens": 1,
+                                           "max_examples": 1, "blocks": 1,
                                            "draws": 1, "damping": 0.0, "damping_factor": 0.0}
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"strategy": ("ekfac", "kfac", "identity")}
 
@@ -107,7 +113,7 @@ def rotate(X: Tensor, Q: Sequence[Tensor], transpose: bool = False) -> Tensor:
     return torch.cat([x @ (q.T if transpose else q) for x, q in zip(parts, Q)], dim=-1)
 
 
-def _block_sizes(n: int, blocks: int) -> list[int]:
+def block_sizes(n: int, blocks: int) -> list[int]:
     return [len(c) for c in torch.arange(n).tensor_split(min(blocks, n))]
 
 
@@ -136,6 +142,9 @@ class Factors:
     empirical_fisher: bool = False
     fisher_probe: str | None = None      # the true Fisher's draw (Task.fisher_probe); None: the
     #                                      empirical Fisher, no Fisher (identity), or unrecorded
+    # seconds of each stage of the fit that made them ("covariance", "eigendecomposition",
+    # "eigenvalues"); empty for loaded factors (they describe a run, not the curvature)
+    timings: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
     # λ_ℓ per (layer, strategy, settings), read from the device once, not per batch
     _damping: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -356,9 +365,10 @@ class Covariance(Consumer):
     rank (sums all-reduced, rank 0's eigenbases broadcast)."""
 
     def __init__(self, layers: Sequence[TrackedLayer], blocks: int, dtype: torch.dtype,
-                 device: torch.device):
-        self.dtype = dtype
-        self.split = {t.name: (_block_sizes(t.shape[1], blocks), _block_sizes(t.d_out, blocks))
+                 device: torch.device, progress: bool = False):
+        self.dtype, self.progress = dtype, progress
+        self.eigh_seconds = 0.0
+        self.split = {t.name: (block_sizes(t.shape[1], blocks), block_sizes(t.d_out, blocks))
                       for t in layers}
         zeros = lambda k: torch.zeros(k, k, dtype=dtype, device=device)  # noqa: E731
         self.A = {n: [zeros(k) for k in s[0]] for n, s in self.split.items()}
@@ -383,12 +393,15 @@ class Covariance(Consumer):
             raise ValueError(f"none of the {n_seq} sequences has a token to score (each needs "
                              "at least 2 tokens, and the task's loss mask must keep one); "
                              "give longer sequences")
-        layers = {}
-        for n in self.A:
+        layers, start = {}, time.perf_counter()
+        # a fixed cost, cubic in the widths (float64 eigh of a 3,072² matrix: ≈ 9 s on one core)
+        for n in tqdm(list(self.A), desc="eigendecomposition", unit="layer",
+                      disable=not self.progress):
             Q_A, lambda_A = _eigh([blk / n_tok for blk in self.A[n]], self.dtype)
             Q_S, lambda_S = _eigh([blk / n_seq for blk in self.S[n]], self.dtype)
             layers[n] = LayerFactors(Q_A, lambda_A, Q_S, lambda_S, None)
         self.A = self.S = {}
+        self.eigh_seconds = time.perf_counter() - start
         distributed.broadcast_([t for f in layers.values()  # one eigenbasis for every rank
                                 for t in [*f.Q_A, f.lambda_A, *f.Q_S, f.lambda_S]])
         return layers, n_seq, n_tok
@@ -440,7 +453,8 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     tracked = find_layers(model, args.layers)
     shapes = {t.name: t.shape for t in tracked}
     passes = {"identity": 0, "kfac": 1, "ekfac": 2}[args.strategy]
-    src = source(data, args.batch_size, max_examples=args.max_examples, passes=passes)
+    src = source(data, args.batch_size, max_examples=args.max_examples, passes=passes,
+                 tokens=args.batch_tokens)
     fp = model_fingerprint(model, tracked)
     distributed.check_same(json.dumps([fp, src.fingerprint, asdict(replace(args, progress=True))],
                                       default=str), "the model, corpus and FactorArgs of the fit")
@@ -456,12 +470,17 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
         shard=True, progress=args.progress, desc=desc, draws=args.draws)
     # EK-FAC's second pass needs the first's ā and δ again (same draws): kept when they fit
     recording = Recording() if args.strategy == "ekfac" else None
-    layers, n_seq, n_tok = run([Covariance(tracked, args.blocks, dtype, device)]
-                               + ([recording] if recording is not None else []), "covariance")[0]
+    covariance = Covariance(tracked, args.blocks, dtype, device, args.progress)
+    start = time.perf_counter()
+    layers, n_seq, n_tok = run([covariance] + ([recording] if recording is not None else []),
+                               "covariance")[0]
+    timings = {"covariance": time.perf_counter() - start - covariance.eigh_seconds,
+               "eigendecomposition": covariance.eigh_seconds}
     if recording is not None:
-        correction = EigenvalueCorrection(layers, shapes, dtype)
+        correction, start = EigenvalueCorrection(layers, shapes, dtype), time.perf_counter()
         Lambda, seen = (recording.replay([correction]) if recording.complete
                         else run([correction], "eigenvalues"))[0]
+        timings["eigenvalues"] = time.perf_counter() - start
         if seen != n_seq:
             raise ValueError(f"the batches changed between passes ({n_seq} then {seen} "
                              "sequences); fit on a source that yields the same batches each time")
@@ -469,7 +488,7 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
             f.Lambda = Lambda[n] / n_seq
     return Factors(args, shapes, layers, n_seq // args.draws, n_tok // args.draws, fp,
                    src.fingerprint, task.empirical_fisher,
-                   None if task.empirical_fisher else task.fisher_probe)
+                   None if task.empirical_fisher else task.fisher_probe, timings)
 
 
 def rotated_gradients(a: Tensor, delta: Tensor, tokens: Tensor, f: LayerFactors) -> Tensor:

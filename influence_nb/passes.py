@@ -42,6 +42,7 @@ from .task import Task, get, to_device
 LOSSES = ("loglik", "fisher", "measurement")
 GROUP_BYTES = 64 << 20  # per-sequence tensors a consumer forms at once (see PassBatch.groups)
 RECORD_BYTES = 1 << 30  # ā and δ a Recording keeps for a replay (see Recording)
+UNSIZED_BATCH = 8       # sequences per batch of a source whose lengths are unknown (see source)
 
 
 @dataclass
@@ -227,26 +228,51 @@ class Source:
     fingerprint: str | None
 
 
-def source(data: object, batch_size: int, ids: Sequence[int] | None = None,
+def token_batches(lengths: np.ndarray, tokens: int, size: int | None = None) -> np.ndarray:
+    """Boundaries (n_batches + 1,) that cut sequences of ``lengths`` (in stream order) into
+    consecutive batches of at most ``tokens`` padded tokens (count × longest) and ``size``
+    sequences; a sequence longer than ``tokens`` gets a batch of its own."""
+    bounds, start, longest = [0], 0, 0
+    for k, n in enumerate(lengths.tolist()):
+        longest = max(longest, n)
+        if k > start and ((k - start + 1) * longest > tokens or (size and k - start >= size)):
+            bounds.append(k)
+            start, longest = k, n
+    return np.asarray(bounds + [len(lengths)], dtype=np.int64)
+
+
+def source(data: object, batch_size: int | None, ids: Sequence[int] | None = None,
            max_examples: int | None = None, window: int | None = None,
-           passes: int = 1) -> Source:
+           passes: int = 1, tokens: int | None = None) -> Source:
     """A :class:`Source` from a Corpus (``.batches``, ``.by_length``), a zero-argument callable
     returning batches, or a re-iterable of batches (a list); a one-shot iterator serves one pass.
 
     For a Corpus: ``ids`` (default all), cut to the first ``max_examples`` (a corpus is in no
     particular order, so the cut is an unbiased sample), then bucketed by length within
-    windows of ``window`` ids (default 64 batches), so batches carry little padding.
+    windows of ``window`` ids (default 64 batches), so batches carry little padding. Batches
+    hold ``batch_size`` sequences, or with ``batch_size`` None as many as fit in ``tokens``
+    padded tokens (:func:`token_batches`): 12-token facts and 1,024-token documents alike run
+    at the throughput of a full batch, in the memory of one (:data:`UNSIZED_BATCH` sequences
+    for a source without ``offsets``, whose lengths show only once collated).
     """
     if callable(getattr(data, "batches", None)):
+        if batch_size is None and tokens is None:
+            raise ValueError("give a batch size or a token budget per batch (batch_tokens)")
         ids = as_ids(ids, len(data))[:max_examples]
+        lengths = np.diff(data.offsets)[ids] if hasattr(data, "offsets") else None
+        if batch_size is None and lengths is None:   # rows whose length shows only once
+            batch_size = UNSIZED_BATCH                # collated (a Trainer's dataset)
+        per = batch_size or max(1, tokens // max(1, int(np.median(lengths)) if len(ids) else 1))
         perm = np.arange(len(ids))
         if callable(getattr(data, "by_length", None)):
-            perm = data.by_length(ids, window or 64 * batch_size)
+            perm = data.by_length(ids, window or 64 * per)
+        bounds = (np.arange(0, len(ids) + batch_size, batch_size).clip(max=len(ids))
+                  if batch_size else token_batches(lengths[perm], tokens))
+        bounds = np.unique(bounds)
 
         def corpus_batches() -> Iterator[tuple[np.ndarray, object]]:
-            for s, batch in zip(range(0, len(ids), batch_size),
-                                data.batches(batch_size, ids=ids[perm])):
-                yield perm[s:s + batch_size], batch
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                yield perm[s:e], next(iter(data.batches(e - s, ids=ids[perm[s:e]])))
 
         return Source(corpus_batches, len(ids), getattr(data, "fingerprint", None))
     if ids is not None:

@@ -50,21 +50,28 @@ class ScoreArgs:
 
     rank:       rank r of each preconditioned query gradient R_ℓ (paper: 32 ≈ full rank);
                 None keeps full rank
-    batch_size: training sequences per forward + backward
+    batch_size: training sequences per forward + backward; None: as many as fit in
+                ``batch_tokens`` (length-bucketed)
+    batch_tokens: padded tokens per batch when ``batch_size`` is None
     per_layer:  keep per-layer scores (Q, L, N) as well as totals
     chunk_size: sequences per chunk file of a resumable scan (a multiple of batch_size)
     progress:   show a progress bar
     """
     rank: int | None = 32
-    batch_size: int = 16
+    batch_size: int | None = None
+    batch_tokens: int = 2048
     per_layer: bool = True
     chunk_size: int = 2048
     progress: bool = True
 
-    MINIMUM: ClassVar[dict[str, float]] = {"rank": 1, "batch_size": 1, "chunk_size": 1}
+    MINIMUM: ClassVar[dict[str, float]] = {"rank": 1, "batch_size": 1, "batch_tokens": 1,
+                                           "chunk_size": 1}
 
     def __post_init__(self) -> None:
         check_args(self)
+
+
+OVERSAMPLE = 8  # extra directions of the randomized range finder (see LowRank.of)
 
 
 @dataclass
@@ -80,15 +87,28 @@ class LowRank:
         """Truncation of R (Q, out, in+1) to its top ``rank`` singular directions; ``rank`` None
         or ≥ min(out, in+1) is exact (R itself beside an identity, no factorisation).
 
-        The top right (or left, when out < in+1) singular vectors are the top eigenvectors of
-        the smaller Gram matrix RᵀR (RRᵀ), in R's dtype; U = R V_r then makes U Vᵀ = R V_r V_rᵀ
-        an exact projection of R, whatever the rounding in V_r. Several times cheaper than an
-        SVD, which a few hundred queries would wait on (a float32 Gram's rounding, ~1e-7 of
-        the largest squared singular value, only touches directions that carry nothing)."""
+        U = R V_r with V_r (in+1, r) orthonormal, so U Vᵀ = R V_r V_rᵀ is an exact projection
+        of R whatever the rounding in V_r. V_r: the top eigenvectors of the smaller Gram matrix
+        (RᵀR or RRᵀ) when min(out, in+1) < 4·(r + OVERSAMPLE) — several times cheaper than an
+        SVD (a float32 Gram's rounding, ~1e-7 of the largest squared singular value, only
+        touches directions that carry nothing) — and otherwise a randomized range finder with
+        two power iterations (Halko, Martinsson & Tropp 2011, alg. 4.4) on one seeded test
+        matrix for every query, so a query's factors do not depend on its batch: (6k + r)·out·in
+        for k = r + OVERSAMPLE instead of out·in·min(out, in) and a min(out, in)² eigh (GPT-2
+        small's MLP: ≈ 6× faster)."""
         Q, o, i = R.shape
         eye = lambda n: torch.eye(n, dtype=R.dtype, device=R.device).expand(Q, n, n)  # noqa: E731
         if rank is None or rank >= min(o, i):
             return cls(R, eye(i), R) if i <= o else cls(eye(o), R.mT, R)
+        k = rank + OVERSAMPLE
+        if min(o, i) >= 4 * k:
+            gen = torch.Generator(device=R.device).manual_seed(0)
+            Y = torch.linalg.qr(R @ torch.randn(i, k, generator=gen, dtype=R.dtype,
+                                                device=R.device)).Q          # (Q, out, k)
+            for _ in range(2):
+                Y = torch.linalg.qr(R @ torch.linalg.qr(R.mT @ Y).Q).Q
+            V = torch.linalg.svd(Y.mT @ R, full_matrices=False).Vh[:, :rank].mT  # (Q, in+1, r)
+            return cls(R @ V, V)
         if i <= o:
             V = torch.linalg.eigh(R.mT @ R).eigenvectors[..., -rank:]  # (Q, in+1, r)
             return cls(R @ V, V)
@@ -248,16 +268,23 @@ def make_queries(model: nn.Module, factors: Factors, prompts: Sequence[Sequence[
                    factors.factors_id())
 
 
+# Costs in multiply-adds of a large matrix product; two kinds of work run far slower per
+# operation (measured on one CPU core, GPT-2-small widths): streaming a dense R through a
+# product with only a batch's few columns (memory-bound: ≈ 48 multiply-adds' time per number
+# of R), and forming R from its factors (batched products only r wide: ≈ 4× each)
+STREAM, REFORM = 48, 4
+
+
 def scoring_cost(B: int, T: int, d_out: int, d_in: int, Q: int, r: int, kept: bool,
                  groups: int) -> tuple[float, float]:
-    """Multiply-adds of one layer and batch, (factorised per token, dense):
-    per token (Uᵀ δ_t)·(Vᵀ ā_t) costs Q·B·T·r·(out + in); forming DW (B, out, in) and its
-    product with a dense R costs B·out·in·(T + Q), plus Q·out·in·r for each group of
-    sequences when R is not kept but formed from its factors batch by batch. An exact R
-    (r ≥ min(out, in), e.g. a LoRA matrix) saves nothing by its factors: the token path is
-    never cheaper then (products only Q·r columns wide run several times slower)."""
-    oi = d_out * d_in
-    dense = B * oi * (T + Q) + (0 if kept else groups * Q * oi * r)
+    """Cost of one layer and batch, (factorised per token, dense), in multiply-adds of a large
+    matrix product: per token (Uᵀ δ_t)·(Vᵀ ā_t) costs Q·B·T·r·(out + in); forming DW (B, out,
+    in) costs B·T·out·in, and its product with a dense R Q·out·in·max(columns, STREAM) per
+    group of sequences, plus REFORM·Q·out·in·r when R is not kept but formed from its factors
+    group by group. An exact R (r ≥ min(out, in), e.g. a LoRA matrix) saves nothing by its
+    factors: the token path is never taken then."""
+    oi, cols = d_out * d_in, -(-B // groups)
+    dense = B * T * oi + groups * Q * oi * (max(cols, STREAM) + (0 if kept else REFORM * r))
     tokens = math.inf if r >= min(d_out, d_in) else Q * B * T * r * (d_out + d_in)
     return tokens, dense
 
@@ -378,7 +405,7 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
     args = args or ScoreArgs()
     layers = find_layers(model, queries.layer_names)
     ids = as_ids(ids, len(corpus))
-    if args.chunk_size % args.batch_size:
+    if args.batch_size and args.chunk_size % args.batch_size:
         raise ValueError(f"chunk_size ({args.chunk_size}) must be a multiple of batch_size "
                          f"({args.batch_size})")
     world = distributed.rank_world()[1]
@@ -402,7 +429,8 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
             shape = {"layer_scores": (Q, L, len(chunk))}
             done = chunk_store.read(start, chunk, shape) if chunk_store else None
             if done is None:
-                src = source(corpus, args.batch_size, chunk, window=len(chunk))
+                src = source(corpus, args.batch_size, chunk, window=len(chunk),
+                             tokens=args.batch_tokens)
                 done = {"layer_scores": corpus_pass(model, layers, src,
                                                     [Scorer(queries, layers, len(chunk))],
                                                     task=task, progress=bar)[0][0]}
@@ -426,8 +454,8 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
 
 
 def token_scores(model: nn.Module, queries: Queries, corpus: Corpus, ids: Sequence[int],
-                 batch_size: int = 16, task: Task | None = None
-                 ) -> tuple[list[np.ndarray], np.ndarray]:
+                 batch_size: int | None = 16, task: Task | None = None,
+                 batch_tokens: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Per-token scores of a few sequences (e.g. a top-k), recomputed with the factorised path.
 
     -> (for each id an array (Q, n_tokens) summed over layers, layer scores (Q, L, len(ids))).
@@ -435,7 +463,8 @@ def token_scores(model: nn.Module, queries: Queries, corpus: Corpus, ids: Sequen
     layers = find_layers(model, queries.layer_names)
     ids = as_ids(ids, len(corpus))
     layer_scores, tokens = corpus_pass(
-        model, layers, source(corpus, batch_size, ids), [Scorer(queries, layers, len(ids), True)],
+        model, layers, source(corpus, batch_size, ids, tokens=batch_tokens),
+        [Scorer(queries, layers, len(ids), True)],
         task=task, progress=False)[0]
     return tokens, layer_scores
 
@@ -466,11 +495,13 @@ class SelfInfluence(Consumer):
 
 
 def self_influence(model: nn.Module, factors: Factors, corpus: Corpus,
-                   batch_size: int = 16, ids: Sequence[int] | None = None,
-                   task: Task | None = None, progress: bool = True) -> np.ndarray:
+                   batch_size: int | None = 16, ids: Sequence[int] | None = None,
+                   task: Task | None = None, progress: bool = True,
+                   batch_tokens: int | None = None) -> np.ndarray:
     """∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) for each sequence z, (N,) float64: how much a sequence's own
     log-likelihood rises when it is up-weighted (large for memorised or atypical sequences)."""
     ids = as_ids(ids, len(corpus))
     return corpus_pass(model, find_layers(model, factors.layer_names),
-                       source(corpus, batch_size, ids), [SelfInfluence(factors, len(ids))],
+                       source(corpus, batch_size, ids, tokens=batch_tokens),
+                       [SelfInfluence(factors, len(ids))],
                        task=task, progress=progress, desc="self-influence")[0]

@@ -24,6 +24,7 @@ from torch import nn
 from .curvature import FactorArgs, Factors, fingerprint_of, fit_factors, model_fingerprint
 from .data import Corpus, tokenizer_fingerprint
 from .hooks import context_length, find_layers
+from .plan import Plan, plan
 from .results import InfluenceResult
 from .scoring import Queries, ScoreArgs, make_queries, scan, self_influence, token_scores
 from .store import cache_dir
@@ -137,10 +138,20 @@ class Influence:
                 except ValueError as e:  # a torn or corrupt entry: refit and replace it
                     warnings.warn(f"the cached factors in {path} are unusable ({e}); refitting",
                                   stacklevel=2)
+        plan(self.model, self.corpus, args, measure=False).check("fit")
         self.factors = fit_factors(self.model, self.corpus, args, self.task)
         if path is not None:
             self.factors.save(path)
         return self.factors
+
+    def plan(self, fit: FactorArgs | None = None, score: ScoreArgs | None = None,
+             queries: int | Sequence[int] = 1, measure: bool = True) -> Plan:
+        """Memory and time of fitting ``fit`` and of scanning with ``score`` for each number of
+        ``queries`` on this model, corpus and machine, from one batch (see
+        :mod:`influence_nb.plan`); ``.check()`` refuses what would not fit in memory."""
+        corpus = self.corpus if self.corpus is not None else self.fitted()[0]
+        return plan(self.model, corpus, fit or (self.factors.args if self.factors else None),
+                    score or self.score_args, queries, self.task, measure)
 
     def load_factors(self, path: str | os.PathLike) -> Factors:
         """Load factors saved by ``fit(path=...)`` (refused if fitted on another model)."""
@@ -165,17 +176,22 @@ class Influence:
         ``rank`` (default: ``score_args.rank``; None = full rank)."""
         if isinstance(pairs, Queries):
             return pairs
-        if isinstance(pairs, InfluenceResult):
-            pairs = [(q["prompt"], q["completion"]) for q in pairs.queries]
-        if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
-            pairs = [pairs]
         _, factors = self.fitted()
-        prompts, completions = self.encode(pairs)
+        prompts, completions = self.encode(self._pairs(pairs))
         rank = self.score_args.rank if rank == "default" else rank
         queries = make_queries(self.model, factors, prompts, completions, rank, strategy,
                                self.task)
         self._warn_if_certain(queries)
         return queries
+
+    @staticmethod
+    def _pairs(pairs: QueryLike) -> Sequence[tuple[str, str]]:
+        """(prompt, completion) text pairs of a result's queries, one pair, or several."""
+        if isinstance(pairs, InfluenceResult):
+            return [(q["prompt"], q["completion"]) for q in pairs.queries]
+        if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
+            return [pairs]
+        return pairs
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
         """(prompts, completions) token ids of (prompt, completion) text pairs; the completion
@@ -221,12 +237,16 @@ class Influence:
             corpus = Corpus.concat(corpus)
         corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
         args = args or self.score_args
+        if not isinstance(queries, Queries):   # refuse a scan that cannot fit, before preparing
+            plan(self.model, corpus, self.fitted()[1].args, args, len(self._pairs(queries)),
+                 measure=False).check("scan")
         queries = self.queries(queries, rank=args.rank)
         scores, layers, ids = scan(self.model, queries, corpus, args, out_dir, ids, self.task)
 
         def token_fn(seq_ids: Sequence[int], layers: Sequence[str] | None = None):
             part = queries.select(layers) if layers else queries
-            return token_scores(self.model, part, corpus, seq_ids, args.batch_size, self.task)
+            return token_scores(self.model, part, corpus, seq_ids, args.batch_size, self.task,
+                                args.batch_tokens)
 
         def token_query_fn(q: int, t: int, seq_ids: Sequence[int]) -> InfluenceResult:
             # completion token t of query q alone: log p(c_t | prompt + c_<t), on seq_ids
@@ -281,4 +301,4 @@ class Influence:
         corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
         return self_influence(self.model, self.fitted()[1], corpus,
                               self.score_args.batch_size, ids, self.task,
-                              self.score_args.progress)
+                              self.score_args.progress, self.score_args.batch_tokens)

@@ -71,7 +71,7 @@ def per_example_gradients(model: nn.Module, data: object, layers: Sequence[Track
     with ``args.seed``: same batches, same order) or "loglik" (Σ_t log p of the real tokens,
     the gradient every score uses).
     """
-    src = source(data, args.batch_size, max_examples=args.max_examples)
+    src = source(data, args.batch_size, max_examples=args.max_examples, tokens=args.batch_tokens)
     params = [p for layer in layers for p in layer.parameters()]
     rows = []
     with eval_mode(model), torch.enable_grad():
@@ -447,7 +447,8 @@ def pbrf(model: nn.Module, data: object, prompts: Sequence[Sequence[int]],
     chol = torch.linalg.cholesky(G + torch.diag(lam))          # M = C Cᵀ, θ − θs = C⁻ᵀ u
     batches, where = [], {}
     with torch.no_grad(), eval_mode(model):
-        for batch in _merged(b for _, _, b in prepared(model, source(data, args.batch_size),
+        for batch in _merged(b for _, _, b in prepared(model, source(data, args.batch_size,
+                                                                        tokens=args.batch_tokens),
                                                         args.max_examples)):
             logits = task.forward(model, batch)
             batches.append((batch, torch.log_softmax(logits.double(), -1), task.loss_mask(batch)))

@@ -18,7 +18,7 @@ LAYERS = [
     {"passes"},
     {"curvature"},
     {"scoring", "sketch", "validate", "trainer"},
-    {"index", "search", "calibration"},
+    {"index", "search", "calibration", "plan"},
     {"results", "session", "retriever"},
     {"widgets", "snapshot", "charts", "magics", "cli", "__main__"},
 ]

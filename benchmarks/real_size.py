@@ -1,0 +1,175 @@
+"""Real size: the models researchers load, at their widths and vocabularies (random init: no
+download), on random token sequences — time and peak memory of a fit and of scans at several
+query counts, against a plain forward + backward on the same batches, and what `plan`
+predicted beforehand.
+
+Each stage runs in a fresh process (one torch thread), so its peak RSS (VmHWM) is its own:
+model + factors + one batch's activations + the stated budgets. Prints JSON.
+
+    python benchmarks/real_size.py --shape gpt2-4 --tokens 128 --sequences 32 --queries 1 50 200
+    python benchmarks/real_size.py --shape llama-0.5b --tokens 128 --sequences 4 --blocks 4
+
+Shapes: gpt2-4 / gpt2-12 (GPT-2 small widths: d 768, MLP 3,072, vocabulary 50,257; 4 or 12
+blocks), pythia-160m (GPT-NeoX, vocabulary 50,304, untied head), llama-0.5b (d 1,536, SwiGLU MLP
+4,096, 16 blocks, grouped-query attention 12/4 heads, RoPE, RMSNorm, vocabulary 32,000).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    "gpt2-4": ("GPT2Config", dict(n_layer=4, n_embd=768, n_head=12, vocab_size=50257,
+                                  n_positions=1024)),
+    "gpt2-12": ("GPT2Config", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257,
+                                   n_positions=1024)),
+    "pythia-160m": ("GPTNeoXConfig", dict(vocab_size=50304, hidden_size=768, num_hidden_layers=12,
+                                          num_attention_heads=12, intermediate_size=3072,
+                                          rotary_pct=0.25, max_position_embeddings=2048,
+                                          use_parallel_residual=True, tie_word_embeddings=False)),
+    "llama-0.5b": ("LlamaConfig", dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096,
+                                       num_hidden_layers=16, num_attention_heads=12,
+                                       num_key_value_heads=4, max_position_embeddings=2048,
+                                       tie_word_embeddings=False)),
+}
+
+
+def vm(key: str = "VmHWM") -> float:
+    """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM), GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 2 ** 20
+    return float("nan")
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")   # VmHWM back to VmRSS (Linux)
+
+
+def world(shape: str, tokens: int, sequences: int, queries: int):
+    """(model, tokenizer, corpus, query pairs): seeded, so every stage's process builds the same."""
+    import numpy as np
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from influence_nb import Corpus
+    torch.manual_seed(0)
+    kind, kw = SHAPES[shape]
+    config = getattr(transformers, kind)(**kw)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    V = config.vocab_size
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0",
+                                                     pad_token="t0")
+    rng = np.random.default_rng(0)
+    text = lambda n: " ".join(f"t{i}" for i in rng.integers(1, V, n))  # noqa: E731
+    corpus = Corpus.from_texts([text(tokens) for _ in range(sequences)], tokenizer, tokens)
+    pairs = [(text(16), text(4)) for _ in range(queries)]
+    return model, tokenizer, corpus, pairs
+
+
+def plain_seconds(model, corpus, batch_tokens: int) -> float:
+    """A plain training step's forward + backward (parameter gradients formed) over the corpus in
+    the batches a scan uses, seconds."""
+    import torch
+    from influence_nb.passes import source
+    src = source(corpus, None, tokens=batch_tokens)
+    start = time.perf_counter()
+    for _, batch in src.batches():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                          batch.input_ids[:, 1:].flatten(), reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def stage(a: argparse.Namespace) -> dict:
+    """One stage in this process: "fit" (saves factors to a.dir) or "scan" with a.q queries."""
+    import torch
+    from influence_nb import FactorArgs, Influence, ScoreArgs
+    torch.set_num_threads(1)
+    model, tokenizer, corpus, pairs = world(a.shape, a.tokens, a.sequences, a.q or 1)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    fargs = FactorArgs(layers=a.layers, blocks=a.blocks, progress=False)
+    sargs = ScoreArgs(progress=False, per_layer=False)
+    inf = Influence(model, tokenizer, corpus, score_args=sargs)
+    out = {"model_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30}
+    reset_peak()
+    plain = plain_seconds(model, corpus, sargs.batch_tokens)
+    out |= {"plain_s_per_seq": plain / a.sequences, "plain_peak_gb": vm()}
+    if a.stage == "fit":
+        if hasattr(inf, "plan"):
+            out["plan"] = inf.plan(fargs, sargs, queries=a.queries).summary()
+        reset_peak()
+        start = time.perf_counter()
+        factors = inf.fit(fargs, path=a.dir)
+        out |= {"fit_s": time.perf_counter() - start, "fit_peak_gb": vm(),
+                "timings_s": getattr(factors, "timings", None),
+                "factors_gb": sum(f.stat().st_size for f in Path(a.dir).glob("*.safetensors"))
+                / 2 ** 30}
+        return out
+    inf.load_factors(a.dir)
+    reset_peak()
+    start = time.perf_counter()
+    queries = inf.queries(pairs[:a.q])
+    prepared = time.perf_counter()
+    inf.scan(queries)
+    out |= {"queries": a.q, "prepare_s": prepared - start, "scan_s": time.perf_counter() - prepared,
+            "scan_peak_gb": vm()}
+    return out
+
+
+def run(args: list[str]) -> dict:
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
+    if r.returncode:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="gpt2-4")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--sequences", type=int, default=32)
+    p.add_argument("--queries", type=int, nargs="+", default=[1, 50, 200])
+    p.add_argument("--layers", default="mlp")
+    p.add_argument("--blocks", type=int, default=1)
+    p.add_argument("--stage", choices=["fit", "scan"], help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    p.add_argument("--q", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.stage:
+        a.queries = max(a.queries)
+        print(json.dumps(stage(a)))
+        return
+    common = [f"--shape={a.shape}", f"--tokens={a.tokens}", f"--sequences={a.sequences}",
+              f"--layers={a.layers}", f"--blocks={a.blocks}",
+              "--queries", *map(str, a.queries)]
+    with tempfile.TemporaryDirectory() as d:
+        fit = run([*common, "--stage=fit", f"--dir={d}"])
+        scans = {q: run([*common, "--stage=scan", f"--dir={d}", f"--q={q}"])
+                 for q in a.queries} if "error" not in fit else {}
+    out = {"shape": a.shape, "tokens": a.tokens, "sequences": a.sequences, "layers": a.layers,
+           "blocks": a.blocks, "fit": fit, "scans": scans, "machine": os.uname().nodename,
+           "load": os.getloadavg()[0]}
+    if "error" not in fit:
+        t = fit.get("timings_s") or {}
+        per_seq = sum(v for k, v in t.items() if k != "eigendecomposition") / a.sequences
+        out["fit_per_seq_over_plain"] = per_seq / fit["plain_s_per_seq"] if t else None
+        out["fit_fixed_eigendecomposition_s"] = t.get("eigendecomposition")
+        out["scan_over_plain"] = {q: s["scan_s"] / a.sequences / s["plain_s_per_seq"]
+                                  for q, s in scans.items() if "error" not in s}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""What a fit and a scan will cost — memory and time, for this model, corpus and machine —
+before they run, from one batch of the corpus.
+
+Memory (bytes; each run's peak is the sum of its column):
+
+    fit:   model + A, S accumulators and the factors (float32) + eigh's float64 copies of the
+           widest block + the recording of ā, δ for EK-FAC's second pass (≤ RECORD_BYTES)
+           + Λ accumulators + one batch's activations (measured)
+    scan:  model + factors + Q·Σ_ℓ (out + in+1)·r·4 (the queries' rank-r factors)
+           + SCORE_BYTES (dense R and DW blocks) + one batch's activations (measured)
+           + the scores, Q·(L + 1)·N·8, and while queries are prepared, QUERY_BYTES
+
+Time (seconds): one batch at the token budget runs the fit's pass (forward + backward with
+the Fisher pseudo-loss) with every consumer timed apart; the recorded ā and δ are replayed to
+the eigenvalue correction and to a scorer of Q random rank-r queries; per padded token, times
+the corpus's padded tokens. The eigendecompositions are timed on one matrix and scaled by n³.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import passes, scoring
+from .curvature import (Covariance, EigenvalueCorrection, FactorArgs, LayerFactors,
+                        block_sizes)
+from .data import Corpus
+from .hooks import TrackedLayer, find_layers, stat_dtype
+from .passes import Consumer, PassBatch, Recording, corpus_pass, source, token_batches
+from .scoring import LowRank, Queries, Scorer, ScoreArgs
+from .task import Task
+
+GB = 2 ** 30
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this process may still take: free accelerator memory, or the host's
+    MemAvailable (Linux) — what the kernel can hand out without swapping."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62   # unknown: nothing is refused
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")   # VmHWM back to VmRSS (Linux)
+        except OSError:
+            pass
+
+
+def _resident(device: torch.device, key: str) -> int:
+    """Allocated (VmRSS / allocated) or peak (VmHWM / max allocated) bytes of this process."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) if key == "VmHWM"
+                else torch.cuda.memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _Timed(Consumer):
+    """Delegates to ``inner`` and adds up the seconds spent in it; ``finish`` is not passed on
+    (a covariance's finish would run the eigendecompositions the plan estimates instead)."""
+
+    def __init__(self, inner: Consumer) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        start = time.perf_counter()
+        self.inner.update_layer(layer, a, delta, batch)
+        self.seconds += time.perf_counter() - start
+
+    def update(self, batch: PassBatch) -> None:
+        start = time.perf_counter()
+        self.inner.update(batch)
+        self.seconds += time.perf_counter() - start
+
+
+def _factor_numbers(shapes: Sequence[tuple[int, int]], blocks: int, ekfac: bool) -> int:
+    """Numbers stored by the factors: eigenbasis blocks of A and S, their eigenvalues, and
+    EK-FAC's Λ (out, in+1) per layer."""
+    n = 0
+    for o, i in shapes:
+        n += sum(k * k for k in block_sizes(i, blocks)) + sum(k * k for k in block_sizes(o, blocks))
+        n += o + i + (o * i if ekfac else 0)
+    return n
+
+
+@dataclass
+class Plan:
+    """Predicted peak memory (bytes) and time (seconds) of a fit and of scans; see the module
+    docstring for what each term holds. :meth:`check` refuses what would not fit."""
+    memory: dict[str, int]              # the terms, bytes
+    fit_peak: int                       # bytes above what the process holds now
+    scan_peak: dict[int, int]           # queries -> bytes above what the process holds now
+    available: int                      # bytes the machine can still give
+    seconds: dict[str, float]           # fit stages and "scan Q" / "prepare Q" per query count
+    n_sequences: int
+    padded_tokens: int
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """JSON-ready: GB and seconds, rounded."""
+        return {"memory_gb": {k: round(v / GB, 3) for k, v in self.memory.items()},
+                "fit_peak_gb": round(self.fit_peak / GB, 3),
+                "scan_peak_gb": {q: round(v / GB, 3) for q, v in self.scan_peak.items()},
+                "available_gb": round(self.available / GB, 3),
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+                "sequences": self.n_sequences, "padded_tokens": self.padded_tokens}
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def __str__(self) -> str:
+        s = self.summary()
+        lines = [f"plan for {self.n_sequences:,} sequences ({self.padded_tokens:,} padded tokens),"
+                 f" {s['available_gb']} GB available",
+                 f"  fit:  +{s['fit_peak_gb']} GB, "
+                 + ", ".join(f"{k} {v:,.1f} s" for k, v in s["seconds"].items()
+                             if not k.startswith(("scan", "prepare")))]
+        for q, peak in s["scan_peak_gb"].items():
+            lines.append(f"  scan of {q} queries: +{peak} GB, prepare {s['seconds'][f'prepare {q}']:,.1f} s,"
+                         f" scan {s['seconds'][f'scan {q}']:,.1f} s")
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+    def check(self, stage: str = "all") -> "Plan":
+        """Raise MemoryError (one line, naming what to change) when the fit or a scan would need
+        more memory than is available; ``stage``: "fit", "scan" or "all"."""
+        if stage in ("fit", "all") and self.fit_peak > self.available:
+            big = max(("factors", "eigh", "recording", "batch"), key=lambda k: self.memory[k])
+            fix = {"factors": "track fewer layers (layers=...) or split wide layers with "
+                              "FactorArgs(blocks=4)",
+                   "eigh": "split wide layers with FactorArgs(blocks=4)",
+                   "recording": "lower passes.RECORD_BYTES",
+                   "batch": "lower FactorArgs(batch_tokens=...)"}[big]
+            raise MemoryError(f"the fit needs ≈ {self.fit_peak / GB:.1f} GB more but "
+                              f"{self.available / GB:.1f} GB are available (mostly {big}); {fix}")
+        if stage in ("scan", "all"):
+            for q, peak in self.scan_peak.items():
+                if peak > self.available:
+                    raise MemoryError(
+                        f"a scan of {q} queries needs ≈ {peak / GB:.1f} GB more but "
+                        f"{self.available / GB:.1f} GB are available; score fewer queries at "
+                        "once, a lower rank (ScoreArgs(rank=...)), fewer layers, or a smaller "
+                        "ScoreArgs(batch_tokens=...)")
+        return self
+
+
+def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
+         score: ScoreArgs | None = None, queries: int | Sequence[int] = 1,
+         task: Task | None = None, measure: bool = True) -> Plan:
+    """Predict the memory and time of fitting ``fit`` on ``corpus`` and of scanning it with
+    ``score`` for each number of ``queries``, on this machine.
+
+    ``measure``: run one batch (the corpus's longest at the token budget) to time the passes
+    and measure its activations; False gives the memory terms that need no run (activations
+    then estimated as 3 float32 vocabulary-wide buffers per token), and no times.
+    """
+    fit, score, task = fit or FactorArgs(progress=False), score or ScoreArgs(), task or Task()
+    counts = sorted({int(queries)} if isinstance(queries, int) else {int(q) for q in queries})
+    layers = find_layers(model, fit.layers)
+    shapes = [t.shape for t in layers]
+    device = next(model.parameters()).device
+    size = torch.finfo(stat_dtype(model)).bits // 8
+    ekfac = fit.strategy == "ekfac"
+    ids = np.arange(len(corpus))[:fit.max_examples]
+    lengths = np.diff(corpus.offsets)[ids]
+    ordered = np.sort(lengths)   # the length buckets, at the scale of the whole corpus
+    bounds = token_batches(ordered, fit.batch_tokens, fit.batch_size)
+    padded = int(sum((e - s) * ordered[e - 1] for s, e in zip(bounds[:-1], bounds[1:])))
+    ad_numbers = sum(i + o for o, i in shapes)   # ā and δ numbers per token
+    widest = max(max(block_sizes(i, fit.blocks)[0], block_sizes(o, fit.blocks)[0])
+                 for o, i in shapes)
+    V = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() else 0
+    factors = _factor_numbers(shapes, fit.blocks, ekfac) * size if fit.strategy != "identity" else 0
+    memory = {
+        "model": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "factors": factors,
+        "accumulators": factors,            # A, S sums and Λ's, the same numbers as the result
+        "eigh": 4 * widest * widest * 8,    # float64 input, eigenvectors and workspace
+        "recording": min(passes.RECORD_BYTES, padded * ad_numbers * size) if ekfac else 0,
+        "batch": 3 * fit.batch_tokens * V * 4,
+        "scorer": scoring.SCORE_BYTES,
+        "prepare": scoring.QUERY_BYTES,
+        "query": sum(o + i for o, i in shapes) * (score.rank or 0) * size
+        + (sum(o * i for o, i in shapes) * size if score.rank is None else 0),
+    }
+    seconds: dict[str, float] = {}
+    notes = []
+    if measure:
+        memory["batch"], seconds = _measure(model, corpus, layers, fit, score, task, counts,
+                                            padded, device)
+        seconds["eigendecomposition"] = _eigh_seconds(shapes, fit.blocks) if ekfac or \
+            fit.strategy == "kfac" else 0.0
+    fit_peak = (memory["factors"] + memory["accumulators"] + memory["eigh"]
+                + memory["recording"] + memory["batch"])
+    results = lambda q: q * (len(layers) * score.per_layer + 1) * len(corpus) * 8  # noqa: E731
+    scan_peak = {q: memory["factors"] + max(memory["prepare"], memory["scorer"] + memory["batch"])
+                 + q * memory["query"] + results(q) for q in counts}
+    if memory["recording"] >= passes.RECORD_BYTES:
+        notes.append("ā and δ exceed RECORD_BYTES: EK-FAC's eigenvalue pass runs the model again")
+    return Plan(memory, fit_peak, scan_peak, available_memory(device), seconds, len(ids),
+                padded, notes)
+
+
+def _eigh_seconds(shapes: Sequence[tuple[int, int]], blocks: int) -> float:
+    """Float64 eigendecompositions of every block of A and S, from one timed matrix (n³)."""
+    sizes = [k for o, i in shapes for n in (i, o) for k in block_sizes(n, blocks)]
+    n = min(512, max(sizes))
+    x = torch.randn(n, 2 * n, dtype=torch.float64)
+    A = x @ x.T
+    start = time.perf_counter()
+    torch.linalg.eigh(A)
+    rate = (time.perf_counter() - start) / n ** 3
+    return rate * sum(k ** 3 for k in sizes)
+
+
+def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: FactorArgs,
+             score: ScoreArgs, task: Task, counts: list[int], padded: int,
+             device: torch.device) -> tuple[int, dict[str, float]]:
+    """One batch (the longest at the token budget): (its activations' peak bytes, seconds of
+    each stage for the whole corpus)."""
+    lengths = np.diff(corpus.offsets)
+    order = np.argsort(lengths, kind="stable")[::-1]
+    bounds = token_batches(lengths[order], fit.batch_tokens, fit.batch_size)
+    ids = order[:bounds[1]]
+    tokens = len(ids) * int(lengths[ids].max())
+    per_token = padded / tokens                  # the corpus in units of this batch
+    shapes = {t.name: t.shape for t in layers}
+    dtype = stat_dtype(model)
+    covariance = _Timed(Covariance(layers, fit.blocks, dtype, device))
+    recording = Recording(budget=1 << 62)
+    run = lambda consumers: corpus_pass(  # noqa: E731
+        model, layers, source(corpus, len(ids), ids), consumers, "fisher", task, fit.seed,
+        progress=False)
+    run([])                                   # a first batch pays for allocations and hooks
+    base = _resident(device, "VmRSS")
+    _peak_reset(device)
+    start = time.perf_counter()
+    run([covariance, recording])
+    total = time.perf_counter() - start
+    batch_bytes = max(0, _resident(device, "VmHWM") - base
+                      - sum(a.nbytes + d.nbytes for _, layer in recording.batches
+                            for _, a, d in layer))
+    fwd_bwd = total - covariance.seconds
+    seconds = {"covariance": (fwd_bwd + covariance.seconds) * per_token}
+    consumers: dict[str, _Timed] = {}
+    if fit.strategy == "ekfac":   # eigenbases of the right sizes: the cost is the matmuls'
+        eye = lambda n: [torch.eye(k, dtype=dtype, device=device)  # noqa: E731
+                         for k in block_sizes(n, fit.blocks)]
+        bases = {n: LayerFactors(eye(i), torch.ones(i), eye(o), torch.ones(o), None)
+                 for n, (o, i) in shapes.items()}
+        consumers["eigenvalues"] = _Timed(EigenvalueCorrection(bases, shapes, dtype))
+    gen = torch.Generator().manual_seed(0)
+    for q in counts:   # q random queries of the scan's rank: the cost is the shapes'
+        R = {n: LowRank(*(torch.randn(q, d, min(score.rank or o, o, i), generator=gen).to(dtype)
+                          for d in (o, i))) for n, (o, i) in shapes.items()}
+        fake = Queries([[0]] * q, [[0]] * q, torch.zeros(q), R, score.rank, "ekfac", "plan")
+        consumers[f"scan {q}"] = _Timed(Scorer(fake, layers, len(ids)))
+    recording.replay(list(consumers.values()))
+    if "eigenvalues" in consumers:   # a replay when every ā and δ fit RECORD_BYTES, else a pass
+        replay = padded * sum(o + i for o, i in shapes.values()) * dtype.itemsize \
+            <= passes.RECORD_BYTES
+        seconds["eigenvalues"] = (consumers["eigenvalues"].seconds
+                                  + (0 if replay else fwd_bwd)) * per_token
+    for q in counts:   # (the scan's log-likelihood costs about the Fisher pseudo-loss)
+        seconds[f"scan {q}"] = (fwd_bwd + consumers[f"scan {q}"].seconds) * per_token
+        # a query: the forward + backward of ≈ 32 tokens, its rotations and truncation
+        seconds[f"prepare {q}"] = q * (_prepare_seconds(shapes, score.rank, dtype)
+                                       + fwd_bwd / tokens * 32)
+    return batch_bytes, seconds
+
+
+def _prepare_seconds(shapes: dict[str, tuple[int, int]], rank: int, dtype: torch.dtype) -> float:
+    """Seconds per query of :func:`~influence_nb.scoring.make_queries` beyond its pass: the
+    Gram eigendecomposition of the truncation and the rotations back, timed on the widest
+    layer and scaled by each layer's size."""
+    o, i = max(shapes.values(), key=lambda s: s[0] * s[1])
+    X = torch.randn(1, o, i, dtype=dtype)
+    Q_S, Q_A = torch.randn(o, o, dtype=dtype), torch.randn(i, i, dtype=dtype)
+    for _ in range(2):                        # the second: without first-call costs
+        start = time.perf_counter()
+        LowRank.of(X, rank or None)
+        Q_S @ X[0] @ Q_A
+        t = time.perf_counter() - start
+    return t * sum(a * b for a, b in shapes.values()) / (o * i)

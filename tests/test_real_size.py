@@ -1,0 +1,170 @@
+"""Real size: memory bounded whatever the number of queries, batches sized by tokens, a plan
+that refuses in one line what cannot fit."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from influence_nb import Corpus, FactorArgs, Influence, ScoreArgs, fit_factors, make_queries, scan
+import influence_nb.plan as plan_module
+from influence_nb.passes import source, token_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_neox(hidden: int = 32, inner: int = 64, vocab: int = 64, layers: int = 2,
+              dtype: torch.dtype = torch.float64):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, intermediate_size=inner,
+                           max_position_embeddings=256)
+    return GPTNeoXForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def small(tokenizer):
+    """A tiny float64 GPT-NeoX, a corpus of mixed lengths (3 to 60 tokens) in the demo
+    tokenizer's ids below 64, and EK-FAC factors."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, 40)
+    tokens = rng.integers(1, 64, lengths.sum()).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    import pandas as pd
+    df = pd.DataFrame({"text": [f"seq {i}" for i in range(len(lengths))]})
+    corpus = Corpus(tokens, offsets, df, tokenizer, 64)
+    model = tiny_neox()
+    factors = fit_factors(model, corpus, FactorArgs(batch_size=8, progress=False))
+    prompts = [rng.integers(1, 64, 5).tolist() for _ in range(6)]
+    completions = [rng.integers(1, 64, 2).tolist() for _ in range(6)]
+    return model, corpus, factors, prompts, completions
+
+
+def test_token_batches_respect_the_budget_and_cover_every_sequence():
+    lengths = np.array([3, 3, 4, 10, 10, 11, 50, 200, 201])
+    bounds = token_batches(lengths, 40)
+    assert bounds[0] == 0 and bounds[-1] == len(lengths) and np.all(np.diff(bounds) > 0)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        assert (e - s) * lengths[s:e].max() <= 40 or e - s == 1   # alone when longer than 40
+    # greedy: no batch could have taken its successor's first sequence
+    for s, e in zip(bounds[:-2], bounds[1:-1]):
+        assert (e - s + 1) * lengths[s:e + 1].max() > 40
+    assert list(token_batches(lengths, 10 ** 6, size=4)) == [0, 4, 8, 9]
+
+
+def test_batches_by_tokens_give_the_scores_of_fixed_batches(small):
+    """A scan's numbers do not depend on how sequences are batched (rows restored to the asked
+    order), so sizing batches by tokens changes speed and memory, never a score."""
+    model, corpus, factors, prompts, completions = small
+    queries = make_queries(model, factors, prompts, completions, rank=4)
+    fixed = scan(model, queries, corpus, ScoreArgs(batch_size=5, chunk_size=40, progress=False))
+    by_tokens = scan(model, queries, corpus, ScoreArgs(batch_tokens=97, progress=False))
+    np.testing.assert_allclose(by_tokens[0], fixed[0], rtol=1e-9, atol=1e-12)
+    sizes = [len(rows) for rows, _ in source(corpus, None, tokens=97).batches()]
+    assert len(set(sizes)) > 2 and sum(sizes) == len(corpus)   # batch sizes follow lengths
+
+
+def test_queries_prepared_in_blocks_equal_queries_prepared_at_once(small, monkeypatch):
+    model, corpus, factors, prompts, completions = small
+    whole = make_queries(model, factors, prompts, completions, rank=None)
+    monkeypatch.setattr("influence_nb.scoring.QUERY_BYTES", 1)       # one query per block
+    blocks = make_queries(model, factors, prompts, completions, rank=None)
+    torch.testing.assert_close(blocks.f, whole.f)
+    for name, lr in whole.R.items():
+        torch.testing.assert_close(blocks.R[name].dense(), lr.dense(), rtol=1e-10, atol=1e-14)
+
+
+def test_scores_do_not_depend_on_the_scorer_budget(small, monkeypatch):
+    """Dense R kept, formed in blocks of one query against groups of one sequence, or the
+    token path in blocks: the same numbers."""
+    model, corpus, factors, prompts, completions = small
+    queries = make_queries(model, factors, prompts, completions, rank=3)
+    args = ScoreArgs(batch_size=8, chunk_size=40, progress=False)
+    monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: (np.inf, 0))
+    kept = scan(model, queries, corpus, args)[1]
+    monkeypatch.setattr("influence_nb.scoring.SCORE_BYTES", 1)
+    blocked = scan(model, queries, corpus, args)[1]
+    monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: (0, np.inf))
+    tokens = scan(model, queries, corpus, args)[1]
+    np.testing.assert_allclose(blocked, kept, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(tokens, kept, rtol=1e-9, atol=1e-13)
+
+
+SCAN_PEAK = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from test_real_size import tiny_neox
+    import influence_nb.scoring as scoring
+    from influence_nb import FactorArgs, ScoreArgs, fit_factors, make_queries, scan
+    from influence_nb.data import Batch
+    scoring.SCORE_BYTES = 32 << 20
+    model = tiny_neox(hidden=256, inner=1024, vocab=128, layers=2, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    batches = [dict(input_ids=torch.randint(1, 128, (8, 64), generator=g),
+                    attention_mask=torch.ones(8, 64, dtype=torch.long))]
+    factors = fit_factors(model, batches, FactorArgs(progress=False))
+    ids = torch.randint(1, 128, (int(sys.argv[1]), 12), generator=g)
+    queries = make_queries(model, factors, ids[:, :10], ids[:, 10:], rank=8)
+
+    class Rows:   # a corpus of 32 sequences of 64 tokens
+        offsets = np.arange(0, 33 * 64, 64)
+        fingerprint = "rows"
+        def __len__(self): return 32
+        def batches(self, n, ids):
+            x = torch.randint(1, 128, (len(ids), 64), generator=torch.Generator().manual_seed(1))
+            yield Batch(x, torch.ones_like(x), np.asarray(ids))
+        def by_length(self, ids, window): return np.arange(len(ids))
+
+    def vm(key):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    args = ScoreArgs(batch_tokens=1024, progress=False, per_layer=False)
+    scan(model, queries, Rows(), args)          # warm
+    base = vm("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    scan(model, queries, Rows(), args)
+    print(json.dumps(vm("VmHWM") - base))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM")
+def test_a_scans_memory_does_not_grow_with_the_queries(tmp_path):
+    """Peak resident memory of a scan over and above its prepared queries, with 4 and with
+    64 queries: dense R for 64 queries would be 64 × 4 layers × 1 MB = 256 MB; bounded by
+    the scorer's budget (32 MB here) it stays within it."""
+    script = tmp_path / "peak.py"
+    script.write_text(SCAN_PEAK.format(tests=os.path.dirname(__file__)))
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    peak = {q: json.loads(subprocess.run([sys.executable, str(script), str(q)], env=env,
+                                         capture_output=True, text=True, check=True
+                                         ).stdout.splitlines()[-1]) for q in (4, 64)}
+    assert peak[64] - peak[4] < 48 << 20, peak     # the budget, and not 256 MB
+    assert peak[4] < 256 << 20, peak
+    print(peak)
+
+
+def test_plan_predicts_and_refuses_in_one_line(small, tokenizer, monkeypatch):
+    model, corpus, factors, prompts, completions = small
+    inf = Influence(model, tokenizer, corpus)
+    p = inf.plan(FactorArgs(progress=False), ScoreArgs(progress=False), queries=[1, 30])
+    assert p.seconds["covariance"] > 0 and p.seconds["scan 30"] > 0
+    assert p.scan_peak[30] > p.scan_peak[1] and p.memory["factors"] > 0
+    assert p.n_sequences == len(corpus) and "scan of 30 queries" in str(p)
+    json.dumps(p.summary())
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: 1 << 10)
+    with pytest.raises(MemoryError, match=r"^the fit needs ≈ .* GB more but .* available .*; ") as e:
+        inf.fit(FactorArgs(progress=False))
+    assert "\n" not in str(e.value)
+    inf.factors = factors
+    with pytest.raises(MemoryError, match=r"^a scan of 2 queries needs .*fewer queries") as e:
+        inf.scan([("a", "b"), ("c", "d")])
+    assert "\n" not in str(e.value)
