@@ -272,6 +272,23 @@ def _fit(ns: argparse.Namespace, rank: int, world: int) -> dict:
     return dict(sequences=factors.n_examples, tokens=factors.n_tokens, seconds=seconds)
 
 
+def _plan(ns: argparse.Namespace, rank: int, world: int) -> dict:
+    from .curvature import FactorArgs
+    from .plan import plan
+    from .scoring import ScoreArgs
+    from .store import write_json
+    fit_args = _make(FactorArgs, ns, progress=False)
+    score_args = _make(ScoreArgs, ns, "score-", progress=False)
+    model, tokenizer = _load_model(ns)
+    result = plan(model, _load_corpus(ns, model, tokenizer), fit_args, score_args, ns.queries)
+    if rank == 0:
+        print(result)
+        if ns.out:
+            write_json(Path(ns.out) / "plan.json", result.summary())
+    result.check()                      # a run that cannot fit: one line naming what to change
+    return result.summary()
+
+
 def _session(ns: argparse.Namespace, score_args=None):
     """An Influence session with the model, corpus and --factors."""
     from .session import Influence
@@ -418,7 +435,7 @@ def _share(part: int, whole: int, what: str) -> str:
 
 # -- parser -----------------------------------------------------------------------------------------
 
-REQUIRED = {"fit": ("model", "corpus", "out"), "sketch": ("model", "corpus", "factors", "out"),
+REQUIRED = {"fit": ("model", "corpus", "out"), "plan": ("model", "corpus"), "sketch": ("model", "corpus", "factors", "out"),
             "score": ("model", "corpus", "factors", "out"),
             "search": ("model", "corpus", "factors", "index", "out"),
             "validate tail-patch": ("model", "corpus", "factors", "out"),
@@ -465,6 +482,14 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit EK-FAC / K-FAC factors over a corpus -> Factors dir")
     _common(f, "directory for the factors (Factors.load)")
     _add_fields(f, FactorArgs)
+
+    pl = sub.add_parser("plan", help="predict the memory and time of a fit and of scans on "
+                        "this model, corpus and machine (one batch is run); refuse what cannot fit")
+    _common(pl, "directory for plan.json (optional)")
+    pl.add_argument("--queries", type=_positive(int), nargs="+", default=[1, 50, 200],
+                    help="query counts to plan scans for (default: 1 50 200)")
+    _add_fields(pl, FactorArgs)
+    _add_fields(pl, ScoreArgs, "score-")
 
     s = sub.add_parser("sketch", help="sketch the corpus and build the FAISS index -> dir with "
                        "sketches/ and index/ (Retriever.open)")
@@ -678,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
         ns.out = None
     else:
         ns.progress = ns.progress and rank == 0
-    run = {"fit": _fit, "sketch": _sketch, "score": _score, "search": _search,
+    run = {"fit": _fit, "plan": _plan, "sketch": _sketch, "score": _score, "search": _search,
            "validate": _validate, "demo": _demo}[ns.command]
     t0 = time.perf_counter()
     try:
@@ -687,7 +712,8 @@ def main(argv: list[str] | None = None) -> None:
         where = f" (rank {rank})" if world > 1 else ""
         if isinstance(e, KeyboardInterrupt):
             message = "interrupted; what was committed is kept and a rerun resumes it"
-        elif isinstance(e, (ValueError, TypeError, KeyError, OSError, ArithmeticError)):
+        elif isinstance(e, (ValueError, TypeError, KeyError, OSError, ArithmeticError,
+                            MemoryError)):
             message = first_line(e)        # ours name the fix; an OSError names the file
         else:                               # a library's failure: say whose, keep it short
             message = (f"{type(e).__name__}: {first_line(e)} (set INFLUENCE_NB_TRACEBACK=1 "

@@ -149,7 +149,8 @@ class Plan:
             big = max(("factors", "eigh", "recording", "batch"), key=lambda k: self.memory[k])
             fix = {"factors": "track fewer layers (layers=...) or split wide layers with "
                               "FactorArgs(blocks=4)",
-                   "eigh": "split wide layers with FactorArgs(blocks=4)",
+                   "eigh": "split wide layers with FactorArgs(blocks=4) or "
+                           "eigh_precision='float32'",
                    "recording": "lower passes.RECORD_BYTES",
                    "batch": "lower FactorArgs(batch_tokens=...)"}[big]
             raise MemoryError(f"the fit needs ≈ {self.fit_peak / GB:.1f} GB more but "
@@ -196,7 +197,8 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
         "model": sum(p.numel() * p.element_size() for p in model.parameters()),
         "factors": factors,
         "accumulators": factors,            # A, S sums and Λ's, the same numbers as the result
-        "eigh": 4 * widest * widest * 8,    # float64 input, eigenvectors and workspace
+        # the input, eigenvectors and workspace in the eigendecomposition's precision
+        "eigh": 4 * widest * widest * getattr(torch, fit.eigh_precision).itemsize,
         "recording": min(passes.RECORD_BYTES, padded * ad_numbers * size) if ekfac else 0,
         "batch": 3 * fit.batch_tokens * V * 4,
         "scorer": scoring.SCORE_BYTES,
@@ -209,8 +211,9 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     if measure:
         memory["batch"], seconds = _measure(model, corpus, layers, fit, score, task, counts,
                                             padded, device)
-        seconds["eigendecomposition"] = _eigh_seconds(shapes, fit.blocks) if ekfac or \
-            fit.strategy == "kfac" else 0.0
+        seconds["eigendecomposition"] = _eigh_seconds(
+            shapes, fit.blocks, getattr(torch, fit.eigh_precision)) if fit.strategy != "identity" \
+            else 0.0
     fit_peak = (memory["factors"] + memory["accumulators"] + memory["eigh"]
                 + memory["recording"] + memory["batch"])
     results = lambda q: q * (len(layers) * score.per_layer + 1) * len(corpus) * 8  # noqa: E731
@@ -222,11 +225,12 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
                 padded, notes)
 
 
-def _eigh_seconds(shapes: Sequence[tuple[int, int]], blocks: int) -> float:
-    """Float64 eigendecompositions of every block of A and S, from one timed matrix (n³)."""
+def _eigh_seconds(shapes: Sequence[tuple[int, int]], blocks: int, precision: torch.dtype
+                  ) -> float:
+    """Eigendecompositions of every block of A and S, from one timed matrix (n³)."""
     sizes = [k for o, i in shapes for n in (i, o) for k in block_sizes(n, blocks)]
     n = min(512, max(sizes))
-    x = torch.randn(n, 2 * n, dtype=torch.float64)
+    x = torch.randn(n, 2 * n, dtype=precision)
     A = x @ x.T
     start = time.perf_counter()
     torch.linalg.eigh(A)

@@ -168,3 +168,39 @@ def test_plan_predicts_and_refuses_in_one_line(small, tokenizer, monkeypatch):
     with pytest.raises(MemoryError, match=r"^a scan of 2 queries needs .*fewer queries") as e:
         inf.scan([("a", "b"), ("c", "d")])
     assert "\n" not in str(e.value)
+
+
+def test_cli_plan_prints_the_plan_and_refuses_in_one_line(tmp_path, capsys, monkeypatch):
+    from influence_nb import demo
+    from influence_nb.cli import main
+    common = ["plan", "--model", str(demo.ASSETS), "--corpus", str(demo.ASSETS / "corpus.parquet"),
+              "--no-progress", "--max-examples", "64", "--queries", "1", "8"]
+    main([*common, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "scan of 8 queries" in out and "eigendecomposition" in out
+    summary = json.loads((tmp_path / "plan.json").read_text())
+    assert summary["sequences"] == 64 and set(summary["scan_peak_gb"]) == {"1", "8"}
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: 1 << 10)
+    with pytest.raises(SystemExit) as exit:
+        main(common)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1
+    assert err[0].startswith("influence-nb plan: error: the fit needs ≈")
+
+
+def test_float32_eigendecompositions_rank_sequences_like_float64(small):
+    """The fit's fixed cost in lower precision: the same scores to Spearman ≥ 0.999 and within
+    a few 1e-3 of the largest, on every query (float64 model, so only the eigh differs)."""
+    from scipy.stats import spearmanr
+    model, corpus, _, prompts, completions = small
+    scores = {}
+    for precision in ("float64", "float32"):
+        f = fit_factors(model, corpus, FactorArgs(batch_size=8, eigh_precision=precision,
+                                                  progress=False))
+        q = make_queries(model, f, prompts, completions, rank=None)
+        scores[precision] = scan(model, q, corpus, ScoreArgs(batch_size=8, chunk_size=40,
+                                                             progress=False))[0]
+    for a, b in zip(scores["float32"], scores["float64"]):
+        assert spearmanr(a, b).statistic >= 0.999
+        assert np.abs(a - b).max() <= 5e-3 * np.abs(b).max()
+    assert not np.array_equal(scores["float32"], scores["float64"])   # it did change something
