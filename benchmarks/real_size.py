@@ -98,16 +98,17 @@ def stage(a: argparse.Namespace) -> dict:
     model, tokenizer, corpus, pairs = world(a.shape, a.tokens, a.sequences, a.q or 1)
     for p in model.parameters():
         p.requires_grad_(True)
-    fargs = FactorArgs(layers=a.layers, blocks=a.blocks, progress=False)
+    fargs = FactorArgs(layers=a.layers, blocks=a.blocks, eigh_precision=a.eigh_precision,
+                       progress=False)
     sargs = ScoreArgs(progress=False, per_layer=False)
     inf = Influence(model, tokenizer, corpus, score_args=sargs)
     out = {"model_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30}
+    if a.stage == "fit":   # before anything else has run in this process, as a user would
+        out["plan"] = inf.plan(fargs, sargs, queries=a.queries).summary()
     reset_peak()
     plain = plain_seconds(model, corpus, sargs.batch_tokens)
     out |= {"plain_s_per_seq": plain / a.sequences, "plain_peak_gb": vm()}
     if a.stage == "fit":
-        if hasattr(inf, "plan"):
-            out["plan"] = inf.plan(fargs, sargs, queries=a.queries).summary()
         reset_peak()
         start = time.perf_counter()
         factors = inf.fit(fargs, path=a.dir)
@@ -135,6 +136,25 @@ def run(args: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def compare(fit: dict, scans: dict) -> dict:
+    """What the plan predicted ÷ what was measured (1.0: exact; the goal is within ±30 %)."""
+    plan = fit.get("plan")
+    if not plan:
+        return {}
+    p, t, held = plan["seconds"], fit.get("timings_s") or {}, plan["resident_gb"]
+    out = {"fit_passes_s": [p["covariance"] + p.get("eigenvalues", 0),
+                            t.get("covariance", 0) + t.get("eigenvalues", 0)],
+           "eigendecomposition_s": [p["eigendecomposition"], t.get("eigendecomposition")],
+           "fit_peak_gb": [held + plan["fit_peak_gb"], fit["fit_peak_gb"]]}
+    for q, s in scans.items():
+        if "error" not in s:
+            out[f"scan {q}_s"] = [p[f"scan {q}"], s["scan_s"]]
+            out[f"prepare {q}_s"] = [p[f"prepare {q}"], s["prepare_s"]]
+            out[f"scan {q}_peak_gb"] = [held + plan["scan_peak_gb"][str(q)], s["scan_peak_gb"]]
+    return {k: [round(v[0], 2), round(v[1], 2), round(v[0] / v[1], 3)] for k, v in out.items()
+            if v[1]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="gpt2-4")
@@ -143,6 +163,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, nargs="+", default=[1, 50, 200])
     p.add_argument("--layers", default="mlp")
     p.add_argument("--blocks", type=int, default=1)
+    p.add_argument("--eigh-precision", default="float64", choices=["float64", "float32"])
     p.add_argument("--stage", choices=["fit", "scan"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--q", type=int, help=argparse.SUPPRESS)
@@ -153,13 +174,14 @@ def main() -> None:
         return
     common = [f"--shape={a.shape}", f"--tokens={a.tokens}", f"--sequences={a.sequences}",
               f"--layers={a.layers}", f"--blocks={a.blocks}",
+              f"--eigh-precision={a.eigh_precision}",
               "--queries", *map(str, a.queries)]
     with tempfile.TemporaryDirectory() as d:
         fit = run([*common, "--stage=fit", f"--dir={d}"])
         scans = {q: run([*common, "--stage=scan", f"--dir={d}", f"--q={q}"])
                  for q in a.queries} if "error" not in fit else {}
     out = {"shape": a.shape, "tokens": a.tokens, "sequences": a.sequences, "layers": a.layers,
-           "blocks": a.blocks, "fit": fit, "scans": scans, "machine": os.uname().nodename,
+           "blocks": a.blocks, "eigh_precision": a.eigh_precision, "fit": fit, "scans": scans, "machine": os.uname().nodename,
            "load": os.getloadavg()[0]}
     if "error" not in fit:
         t = fit.get("timings_s") or {}
@@ -168,6 +190,7 @@ def main() -> None:
         out["fit_fixed_eigendecomposition_s"] = t.get("eigendecomposition")
         out["scan_over_plain"] = {q: s["scan_s"] / a.sequences / s["plain_s_per_seq"]
                                   for q, s in scans.items() if "error" not in s}
+        out["plan_vs_measured"] = compare(fit, scans)
     print(json.dumps(out, indent=1))
 
 

@@ -71,7 +71,7 @@ class FactorArgs:
     strategy: str = "ekfac"
     layers: str | Sequence[str] = "mlp"
     batch_size: int | None = None
-    batch_tokens: int = 2048
+    batch_tokens: int = 1024
     max_examples: int | None = None
     blocks: int = 1
     eigh_precision: str = "float64"

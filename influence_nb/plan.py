@@ -110,6 +110,7 @@ class Plan:
     """Predicted peak memory (bytes) and time (seconds) of a fit and of scans; see the module
     docstring for what each term holds. :meth:`check` refuses what would not fit."""
     memory: dict[str, int]              # the terms, bytes
+    resident: int                       # bytes the process holds now (model included)
     fit_peak: int                       # bytes above what the process holds now
     scan_peak: dict[int, int]           # queries -> bytes above what the process holds now
     available: int                      # bytes the machine can still give
@@ -121,6 +122,7 @@ class Plan:
     def summary(self) -> dict:
         """JSON-ready: GB and seconds, rounded."""
         return {"memory_gb": {k: round(v / GB, 3) for k, v in self.memory.items()},
+                "resident_gb": round(self.resident / GB, 3),
                 "fit_peak_gb": round(self.fit_peak / GB, 3),
                 "scan_peak_gb": {q: round(v / GB, 3) for q, v in self.scan_peak.items()},
                 "available_gb": round(self.available / GB, 3),
@@ -132,8 +134,8 @@ class Plan:
 
     def __str__(self) -> str:
         s = self.summary()
-        lines = [f"plan for {self.n_sequences:,} sequences ({self.padded_tokens:,} padded tokens),"
-                 f" {s['available_gb']} GB available",
+        lines = [f"plan for {self.n_sequences:,} sequences ({self.padded_tokens:,} padded tokens):"
+                 f" {s['resident_gb']} GB held now, {s['available_gb']} GB more available",
                  f"  fit:  +{s['fit_peak_gb']} GB, "
                  + ", ".join(f"{k} {v:,.1f} s" for k, v in s["seconds"].items()
                              if not k.startswith(("scan", "prepare")))]
@@ -160,9 +162,9 @@ class Plan:
                 if peak > self.available:
                     raise MemoryError(
                         f"a scan of {q} queries needs ≈ {peak / GB:.1f} GB more but "
-                        f"{self.available / GB:.1f} GB are available; score fewer queries at "
-                        "once, a lower rank (ScoreArgs(rank=...)), fewer layers, or a smaller "
-                        "ScoreArgs(batch_tokens=...)")
+                        f"{self.available / GB:.1f} GB are available; score fewer queries per "
+                        "pass (ScoreArgs(query_block=...)), a lower rank, fewer layers, or a "
+                        "smaller ScoreArgs(batch_tokens=...)")
         return self
 
 
@@ -218,11 +220,11 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
                 + memory["recording"] + memory["batch"])
     results = lambda q: q * (len(layers) * score.per_layer + 1) * len(corpus) * 8  # noqa: E731
     scan_peak = {q: memory["factors"] + max(memory["prepare"], memory["scorer"] + memory["batch"])
-                 + q * memory["query"] + results(q) for q in counts}
+                 + min(q, score.query_block or q) * memory["query"] + results(q) for q in counts}
     if memory["recording"] >= passes.RECORD_BYTES:
         notes.append("ā and δ exceed RECORD_BYTES: EK-FAC's eigenvalue pass runs the model again")
-    return Plan(memory, fit_peak, scan_peak, available_memory(device), seconds, len(ids),
-                padded, notes)
+    return Plan(memory, _resident(device, "VmRSS"), fit_peak, scan_peak,
+                available_memory(device), seconds, len(ids), padded, notes)
 
 
 def _eigh_seconds(shapes: Sequence[tuple[int, int]], blocks: int, precision: torch.dtype
@@ -275,7 +277,8 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
                  for n, (o, i) in shapes.items()}
         consumers["eigenvalues"] = _Timed(EigenvalueCorrection(bases, shapes, dtype))
     gen = torch.Generator().manual_seed(0)
-    for q in counts:   # q random queries of the scan's rank: the cost is the shapes'
+    for q in counts:   # q random queries of the scan's rank (a block of them per pass)
+        q = min(q, score.query_block or q)
         R = {n: LowRank(*(torch.randn(q, d, min(score.rank or o, o, i), generator=gen).to(dtype)
                           for d in (o, i))) for n, (o, i) in shapes.items()}
         fake = Queries([[0]] * q, [[0]] * q, torch.zeros(q), R, score.rank, "ekfac", "plan")
@@ -286,24 +289,39 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
             <= passes.RECORD_BYTES
         seconds["eigenvalues"] = (consumers["eigenvalues"].seconds
                                   + (0 if replay else fwd_bwd)) * per_token
+    rate = _product_rate(dtype)
     for q in counts:   # (the scan's log-likelihood costs about the Fisher pseudo-loss)
-        seconds[f"scan {q}"] = (fwd_bwd + consumers[f"scan {q}"].seconds) * per_token
-        # a query: the forward + backward of ≈ 32 tokens, its rotations and truncation
-        seconds[f"prepare {q}"] = q * (_prepare_seconds(shapes, score.rank, dtype)
-                                       + fwd_bwd / tokens * 32)
+        b = min(q, score.query_block or q)
+        seconds[f"scan {q}"] = -(-q // b) * (fwd_bwd + consumers[f"scan {b}"].seconds) * per_token
+        # a query: the forward + backward of ≈ 24 tokens, then per layer its rotation from the
+        # tokens, the truncation and the rotation of its columns back
+        seconds[f"prepare {q}"] = q * (fwd_bwd / tokens * 24
+                                       + _prepare_products(shapes, score.rank) / rate)
     return batch_bytes, seconds
 
 
-def _prepare_seconds(shapes: dict[str, tuple[int, int]], rank: int, dtype: torch.dtype) -> float:
-    """Seconds per query of :func:`~influence_nb.scoring.make_queries` beyond its pass: the
-    Gram eigendecomposition of the truncation and the rotations back, timed on the widest
-    layer and scaled by each layer's size."""
-    o, i = max(shapes.values(), key=lambda s: s[0] * s[1])
-    X = torch.randn(1, o, i, dtype=dtype)
-    Q_S, Q_A = torch.randn(o, o, dtype=dtype), torch.randn(i, i, dtype=dtype)
-    for _ in range(2):                        # the second: without first-call costs
-        start = time.perf_counter()
-        LowRank.of(X, rank or None)
-        Q_S @ X[0] @ Q_A
-        t = time.perf_counter() - start
-    return t * sum(a * b for a, b in shapes.values()) / (o * i)
+def _product_rate(dtype: torch.dtype) -> float:
+    """Multiply-adds per second of a large matrix product on this device (one timed product)."""
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    a @ b
+    return 1024 ** 3 / max(time.perf_counter() - start, 1e-9)
+
+
+def _prepare_products(shapes: dict[str, tuple[int, int]], rank: int | None,
+                      tokens: int = 24) -> float:
+    """Multiply-adds of preparing one query beyond its pass (:class:`~influence_nb.scoring.
+    QueryFactors`), weighted ×2 for the QR factorisations and batched products that run below
+    a large product's rate: the rotation of its ``tokens`` into the eigenbasis, the
+    truncation ((6k + r)·out·in for the randomized range finder, out·in·min + min³ for the
+    Gram) and the rotation of r columns back."""
+    n = 0.0
+    for o, i in shapes.values():
+        n += tokens * (o * o + i * i)
+        if rank is None or rank >= min(o, i):
+            continue
+        k = rank + scoring.OVERSAMPLE
+        n += (6 * k + rank) * o * i if min(o, i) >= 4 * k else o * i * min(o, i) + min(o, i) ** 3
+        n += rank * (o * o + i * i)
+    return 2 * n

@@ -27,6 +27,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -53,19 +54,22 @@ class ScoreArgs:
     batch_size: training sequences per forward + backward; None: as many as fit in
                 ``batch_tokens`` (length-bucketed)
     batch_tokens: padded tokens per batch when ``batch_size`` is None
+    query_block: score at most this many queries per pass over the corpus (None: all in one
+                pass): memory flat in the number of queries, at the cost of a pass per block
     per_layer:  keep per-layer scores (Q, L, N) as well as totals
     chunk_size: sequences per chunk file of a resumable scan (a multiple of batch_size)
     progress:   show a progress bar
     """
     rank: int | None = 32
     batch_size: int | None = None
-    batch_tokens: int = 2048
+    batch_tokens: int = 1024
+    query_block: int | None = None
     per_layer: bool = True
     chunk_size: int = 2048
     progress: bool = True
 
     MINIMUM: ClassVar[dict[str, float]] = {"rank": 1, "batch_size": 1, "batch_tokens": 1,
-                                           "chunk_size": 1}
+                                           "query_block": 1, "chunk_size": 1}
 
     def __post_init__(self) -> None:
         check_args(self)
@@ -174,6 +178,14 @@ class Queries:
                    torch.cat([p.f for p in parts]), R, rank,
                    "+".join(dict.fromkeys(p.strategy for p in parts)), parts[0].factors_id)
 
+    def take(self, start: int, stop: int) -> "Queries":
+        """Queries start … stop − 1 (views of the factors, no copy)."""
+        return replace(self, prompts=self.prompts[start:stop],
+                       completions=self.completions[start:stop], f=self.f[start:stop],
+                       R={n: LowRank(lr.U[start:stop], lr.V[start:stop],
+                                     None if lr.full is None else lr.full[start:stop])
+                          for n, lr in self.R.items()})
+
     def select(self, layers: Sequence[str]) -> "Queries":
         """The same queries on a subset of their layers: names or fnmatch globs, e.g.
         ``["*.lora_*"]`` (a fit with ``layers="both:mlp"`` restricted to its adapters). Factors
@@ -195,7 +207,7 @@ class Queries:
 
 
 QUERY_BYTES = 256 << 20   # dense per-query matrices make_queries forms at once (one block)
-SCORE_BYTES = 512 << 20   # dense R and per-sequence gradients the scorer holds at once
+SCORE_BYTES = 256 << 20   # dense R and per-sequence gradients the scorer holds at once
 
 
 class QueryFactors(Consumer):
@@ -403,6 +415,13 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
     (read back from ``out_dir``, or all-reduced without one).
     """
     args = args or ScoreArgs()
+    block = args.query_block
+    if block is not None and len(queries) > block:   # a pass per block, each resumable apart
+        parts = [scan(model, queries.take(s, s + block), corpus, replace(args, query_block=None),
+                      None if out_dir is None else Path(out_dir) / f"queries-{s}", ids, task)
+                 for s in range(0, len(queries), block)]
+        return (np.concatenate([p[0] for p in parts]),
+                None if not args.per_layer else np.concatenate([p[1] for p in parts]), parts[0][2])
     layers = find_layers(model, queries.layer_names)
     ids = as_ids(ids, len(corpus))
     if args.batch_size and args.chunk_size % args.batch_size:

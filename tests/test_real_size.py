@@ -65,6 +65,10 @@ def test_batches_by_tokens_give_the_scores_of_fixed_batches(small):
     fixed = scan(model, queries, corpus, ScoreArgs(batch_size=5, chunk_size=40, progress=False))
     by_tokens = scan(model, queries, corpus, ScoreArgs(batch_tokens=97, progress=False))
     np.testing.assert_allclose(by_tokens[0], fixed[0], rtol=1e-9, atol=1e-12)
+    blocks = scan(model, queries, corpus, ScoreArgs(batch_tokens=97, query_block=4,
+                                                    progress=False))   # a pass per 4 queries
+    np.testing.assert_allclose(blocks[0], by_tokens[0], rtol=1e-12)
+    np.testing.assert_allclose(blocks[1], by_tokens[1], rtol=1e-12)
     sizes = [len(rows) for rows, _ in source(corpus, None, tokens=97).batches()]
     assert len(set(sizes)) > 2 and sum(sizes) == len(corpus)   # batch sizes follow lengths
 
