@@ -147,7 +147,7 @@ def compare(fit: dict, scans: dict) -> dict:
            "eigendecomposition_s": [p["eigendecomposition"], t.get("eigendecomposition")],
            "fit_peak_gb": [held + plan["fit_peak_gb"], fit["fit_peak_gb"]]}
     for q, s in scans.items():
-        if "error" not in s:
+        if "error" not in s and f"scan {q}" in p:
             out[f"scan {q}_s"] = [p[f"scan {q}"], s["scan_s"]]
             out[f"prepare {q}_s"] = [p[f"prepare {q}"], s["prepare_s"]]
             out[f"scan {q}_peak_gb"] = [held + plan["scan_peak_gb"][str(q)], s["scan_peak_gb"]]
@@ -169,7 +169,6 @@ def main() -> None:
     p.add_argument("--q", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.stage:
-        a.queries = max(a.queries)
         print(json.dumps(stage(a)))
         return
     common = [f"--shape={a.shape}", f"--tokens={a.tokens}", f"--sequences={a.sequences}",

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,19 +153,22 @@ class Gradients(Consumer):
 
 class Recording(Consumer):
     """The pass itself, kept: every layer's ā and δ of every batch, while they fit in
-    ``budget`` bytes (default :data:`RECORD_BYTES`); past it, everything is dropped and
+    ``budget`` bytes (default :data:`RECORD_BYTES`, or a quarter of the memory the machine has
+    left if less); past it, everything is dropped and
     ``complete`` is False. A complete recording is replayed to other consumers (:meth:`replay`)
     as the pass would have fed them — the same tensors, so the same numbers as a second pass
     over the model with the same Fisher labels, without its forward and backward."""
 
     def __init__(self, budget: int | None = None) -> None:
-        self.budget = RECORD_BYTES if budget is None else budget
+        self.budget = budget     # None: RECORD_BYTES, within a quarter of the memory left
         self.batches: list[tuple[PassBatch, list[tuple[TrackedLayer, Tensor, Tensor]]]] = []
         self.layers: list[tuple[TrackedLayer, Tensor, Tensor]] = []
         self.bytes, self.complete = 0, True
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
+        if self.budget is None:
+            self.budget = min(RECORD_BYTES, available_memory(a.device) // 4)
         if self.complete:
             self.layers.append((layer, a, delta))
             self.bytes += a.nbytes + delta.nbytes
@@ -195,6 +199,20 @@ class Recording(Consumer):
                 c.update(batch)
         self.complete = False   # emptied
         return [c.finish() for c in consumers]
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this process may still take: free accelerator memory, or the host's
+    MemAvailable (Linux) — what the kernel can hand out without swapping."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62   # unknown: nothing is refused
 
 
 def as_ids(ids: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
@@ -266,11 +284,14 @@ def source(data: object, batch_size: int | None, ids: Sequence[int] | None = Non
         perm = np.arange(len(ids))
         if callable(getattr(data, "by_length", None)):
             perm = data.by_length(ids, window or 64 * per)
-        bounds = (np.arange(0, len(ids) + batch_size, batch_size).clip(max=len(ids))
-                  if batch_size else token_batches(lengths[perm], tokens))
-        bounds = np.unique(bounds)
+        bounds = None if batch_size else token_batches(lengths[perm], tokens)
 
         def corpus_batches() -> Iterator[tuple[np.ndarray, object]]:
+            if bounds is None:
+                for s, batch in zip(range(0, len(ids), batch_size),
+                                    data.batches(batch_size, ids=ids[perm])):
+                    yield perm[s:s + batch_size], batch
+                return
             for s, e in zip(bounds[:-1], bounds[1:]):
                 yield perm[s:e], next(iter(data.batches(e - s, ids=ids[perm[s:e]])))
 

@@ -31,25 +31,12 @@ from .curvature import (Covariance, EigenvalueCorrection, FactorArgs, LayerFacto
                         block_sizes)
 from .data import Corpus
 from .hooks import TrackedLayer, find_layers, stat_dtype
-from .passes import Consumer, PassBatch, Recording, corpus_pass, source, token_batches
+from .passes import (Consumer, PassBatch, Recording, available_memory, corpus_pass, source,
+                     token_batches)
 from .scoring import LowRank, Queries, Scorer, ScoreArgs
 from .task import Task
 
 GB = 2 ** 30
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes this process may still take: free accelerator memory, or the host's
-    MemAvailable (Linux) — what the kernel can hand out without swapping."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62   # unknown: nothing is refused
 
 
 def _peak_reset(device: torch.device) -> None:
@@ -219,7 +206,8 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     fit_peak = (memory["factors"] + memory["accumulators"] + memory["eigh"]
                 + memory["recording"] + memory["batch"])
     results = lambda q: q * (len(layers) * score.per_layer + 1) * len(corpus) * 8  # noqa: E731
-    scan_peak = {q: memory["factors"] + max(memory["prepare"], memory["scorer"] + memory["batch"])
+    batch = memory["batch"] * score.batch_tokens // fit.batch_tokens   # the scan's budget
+    scan_peak = {q: memory["factors"] + max(memory["prepare"], memory["scorer"] + batch)
                  + min(q, score.query_block or q) * memory["query"] + results(q) for q in counts}
     if memory["recording"] >= passes.RECORD_BYTES:
         notes.append("ā and δ exceed RECORD_BYTES: EK-FAC's eigenvalue pass runs the model again")
