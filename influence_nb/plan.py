@@ -219,7 +219,7 @@ def _eigh_seconds(shapes: Sequence[tuple[int, int]], blocks: int, precision: tor
                   ) -> float:
     """Eigendecompositions of every block of A and S, from one timed matrix (n³)."""
     sizes = [k for o, i in shapes for n in (i, o) for k in block_sizes(n, blocks)]
-    n = min(512, max(sizes))
+    n = min(1024, max(sizes))   # large enough for the blocked algorithm's rate
     x = torch.randn(n, 2 * n, dtype=precision)
     A = x @ x.T
     start = time.perf_counter()
