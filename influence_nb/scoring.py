@@ -207,7 +207,7 @@ class Queries:
 
 
 QUERY_BYTES = 256 << 20   # dense per-query matrices make_queries forms at once (one block)
-SCORE_BYTES = 256 << 20   # dense R and per-sequence gradients the scorer holds at once
+SCORE_BYTES = 512 << 20   # dense R and per-sequence gradients the scorer holds at once
 
 
 class QueryFactors(Consumer):

@@ -208,3 +208,48 @@ def test_float32_eigendecompositions_rank_sequences_like_float64(small):
         assert spearmanr(a, b).statistic >= 0.999
         assert np.abs(a - b).max() <= 5e-3 * np.abs(b).max()
     assert not np.array_equal(scores["float32"], scores["float64"])   # it did change something
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_log_probabilities_equal_cross_entropy(dtype, monkeypatch):
+    """The vocabulary-wide path (chunks of a few rows) gives the log-probabilities and the
+    gradient of a cross-entropy, for a float64 or a bfloat16 model."""
+    from influence_nb.task import next_token_logprobs
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 50, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, 50, (3, 7))
+    g = torch.randn(3, 7, dtype=torch.float64)
+    ref = -torch.nn.functional.cross_entropy(x.double().reshape(21, 50), y.reshape(21),
+                                             reduction="none").reshape(3, 7)
+    (ref * g).sum().backward()
+    expected, x.grad = x.grad.clone(), None
+    monkeypatch.setattr("influence_nb.task.LOGIT_BYTES", 3 * 50 * 4)   # 3 rows per chunk
+    out = next_token_logprobs(x, y)
+    assert out.dtype == torch.promote_types(dtype, torch.float32)
+    (out.double() * g).sum().backward()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.double(), ref.detach(), **tol)
+    torch.testing.assert_close(x.grad.double(), expected.double(),
+                               **(tol if dtype == torch.float64 else dict(rtol=0, atol=2e-2)))
+
+
+def test_fisher_probe_in_chunks_draws_like_the_whole(monkeypatch):
+    """Chunked over positions, the label probe draws the very labels of one pass over all
+    positions (sequential uniforms); the Gaussian probe's draws change with the chunks but each
+    row's gradient keeps its defining properties: it sums to zero over the vocabulary (r ⟂ 1)
+    and vanishes where the mask is off."""
+    from influence_nb.task import FisherProbe
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 50, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 7) > 0.3
+
+    def draw(probe: str, budget: int):
+        monkeypatch.setattr("influence_nb.task.LOGIT_BYTES", budget)
+        value = FisherProbe.apply(x, mask, torch.Generator().manual_seed(5), probe)
+        return value, torch.autograd.grad(value.sum(), x)[0]
+
+    whole, chunked = draw("label", 1 << 30), draw("label", 3 * 50 * 4)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    _, r = draw("gaussian", 3 * 50 * 4)
+    torch.testing.assert_close(r.sum(-1), torch.zeros(3, 7, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert r[~mask].abs().max() == 0 and r[mask].abs().max() > 0
