@@ -207,7 +207,11 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
                 + memory["recording"] + memory["batch"])
     results = lambda q: q * (len(layers) * score.per_layer + 1) * len(corpus) * 8  # noqa: E731
     batch = memory["batch"] * score.batch_tokens // fit.batch_tokens   # the scan's budget
-    scan_peak = {q: memory["factors"] + max(memory["prepare"], memory["scorer"] + batch)
+    # the scorer holds at most every query's dense R and one group of DW, within its budget
+    scorer = lambda q: min(memory["scorer"], q * sum(o * i for o, i in shapes) * size  # noqa: E731
+                           + memory["scorer"] // 4)
+    scan_peak = {q: memory["factors"] + max(memory["prepare"], scorer(min(q, score.query_block
+                                                                          or q)) + batch)
                  + min(q, score.query_block or q) * memory["query"] + results(q) for q in counts}
     if memory["recording"] >= passes.RECORD_BYTES:
         notes.append("ā and δ exceed RECORD_BYTES: EK-FAC's eigenvalue pass runs the model again")
