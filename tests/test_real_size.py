@@ -153,7 +153,6 @@ def test_a_scans_memory_does_not_grow_with_the_queries(tmp_path):
                                          ).stdout.splitlines()[-1]) for q in (4, 64)}
     assert peak[64] - peak[4] < 48 << 20, peak     # the budget, and not 256 MB
     assert peak[4] < 256 << 20, peak
-    print(peak)
 
 
 def test_plan_predicts_and_refuses_in_one_line(small, tokenizer, monkeypatch):
