@@ -150,8 +150,9 @@ class Plan:
                     raise MemoryError(
                         f"a scan of {q} queries needs ≈ {peak / GB:.1f} GB more but "
                         f"{self.available / GB:.1f} GB are available; score fewer queries per "
-                        "pass (ScoreArgs(query_block=...)), a lower rank, fewer layers, or a "
-                        "smaller ScoreArgs(batch_tokens=...)")
+                        "pass (ScoreArgs(query_block=...)), keep no per-layer scores "
+                        "(per_layer=False), a lower rank, fewer layers, or a smaller "
+                        "ScoreArgs(batch_tokens=...)")
         return self
 
 
