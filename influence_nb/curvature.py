@@ -215,6 +215,17 @@ class Factors:
         strategy = self.resolve_strategy(strategy)
         return Vr / (self.layers[name].eigenvalues(strategy) + self.damping(name, strategy))
 
+    def precondition_tokens(self, name: str, a: Tensor, delta: Tensor, tokens: Tensor,
+                            strategy: str | None = None) -> Tensor:
+        """X = (Q_Sᵀ DW Q_A) ⊘ (Λ + λ) per sequence, DW = Σ_t δ_t ā_tᵀ over the counted
+        ``tokens`` (:func:`rotated_gradients`): a layer's ā (B, T, in+1) and δ (B, T, out) ->
+        (B, out, in+1) in the eigenbasis, on the factors' device and in their dtype. Not for
+        strategy "identity"."""
+        f = self.layers[name]
+        cast = dict(device=f.lambda_A.device, dtype=f.lambda_A.dtype)
+        Vr = rotated_gradients(a.to(**cast), delta.to(**cast), tokens.to(cast["device"]), f)
+        return self.scale_rotated(name, Vr, strategy)
+
     def from_eigenbasis(self, name: str, X: Tensor) -> Tensor:
         """Q_S X Q_Aᵀ: (..., out, in+1) back from the eigenbasis to the weights'."""
         f = self.layers[name]
@@ -550,11 +561,8 @@ class PreconditionedGradients(Gradients):
         if self.strategy == "identity":
             X = self.batch[layer.name]
         else:
-            f = self.factors.layers[layer.name]
-            cast = dict(device=f.lambda_A.device, dtype=f.lambda_A.dtype)
-            Vr = rotated_gradients(a.to(**cast), delta.to(**cast), batch.tokens.to(cast["device"]),
-                                   f)
-            X = self.factors.scale_rotated(layer.name, Vr, self.strategy)
+            X = self.factors.precondition_tokens(layer.name, a, delta, batch.tokens,
+                                                 self.strategy)
         self.X.batch[layer.name] = X
 
     def update(self, batch: PassBatch) -> None:

@@ -280,7 +280,8 @@ def source(data: object, batch_size: int | None, ids: Sequence[int] | None = Non
         lengths = np.diff(data.offsets)[ids] if hasattr(data, "offsets") else None
         if batch_size is None and lengths is None:   # rows whose length shows only once
             batch_size = UNSIZED_BATCH                # collated (a Trainer's dataset)
-        per = batch_size or max(1, tokens // max(1, int(np.median(lengths)) if len(ids) else 1))
+        typical = int(np.median(lengths)) if batch_size is None and len(ids) else 1
+        per = batch_size or max(1, tokens // max(1, typical))   # sequences a batch holds
         perm = np.arange(len(ids))
         if callable(getattr(data, "by_length", None)):
             perm = data.by_length(ids, window or 64 * per)

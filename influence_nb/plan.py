@@ -175,9 +175,11 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     ekfac = fit.strategy == "ekfac"
     ids = np.arange(len(corpus))[:fit.max_examples]
     lengths = np.diff(corpus.offsets)[ids]
-    ordered = np.sort(lengths)   # the length buckets, at the scale of the whole corpus
-    bounds = token_batches(ordered, fit.batch_tokens, fit.batch_size)
-    padded = int(sum((e - s) * ordered[e - 1] for s, e in zip(bounds[:-1], bounds[1:])))
+    padded = int(lengths.sum())   # a lower bound, exact enough for the memory terms; a
+    if measure:                   # measured plan times the padded tokens of length buckets
+        ordered = np.sort(lengths)
+        bounds = token_batches(ordered, fit.batch_tokens, fit.batch_size)
+        padded = int(sum((e - s) * ordered[e - 1] for s, e in zip(bounds[:-1], bounds[1:])))
     ad_numbers = sum(i + o for o, i in shapes)   # ā and δ numbers per token
     widest = max(max(block_sizes(i, fit.blocks)[0], block_sizes(o, fit.blocks)[0])
                  for o, i in shapes)

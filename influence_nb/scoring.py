@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, store
 from .checks import check_args
-from .curvature import Factors, fingerprint_of, rotated_gradients
+from .curvature import Factors, fingerprint_of
 from .data import Corpus
 from .hooks import TrackedLayer, context_length, find_layers, stat_dtype
 from .passes import Consumer, PassBatch, as_ids, chunks, corpus_pass, source
@@ -231,12 +231,8 @@ class QueryFactors(Consumer):
             self.parts[name].append(LowRank.of(einsum(delta, a, "b t o, b t i -> b o i"),
                                                self.rank))
             return
-        f = F.layers[name]
-        cast = dict(device=f.lambda_A.device, dtype=f.lambda_A.dtype)
-        X = F.scale_rotated(name, rotated_gradients(a.to(**cast), delta.to(**cast),
-                                                    batch.tokens.to(cast["device"]), f),
-                            self.strategy)
-        lr = LowRank.of(X, self.rank)
+        lr = LowRank.of(F.precondition_tokens(name, a, delta, batch.tokens, self.strategy),
+                        self.rank)
         # the truncation of Q_S X Q_Aᵀ is Q_S (X's truncation) Q_Aᵀ: the Q are orthogonal
         self.parts[name].append(LowRank.of(F.from_eigenbasis(name, lr.full), None)
                                 if lr.full is not None
