@@ -36,7 +36,7 @@ a = p.parse_args()
 torch.set_num_threads(1)
 
 from influence_nb.curvature import FactorArgs  # noqa: E402
-from influence_nb.hooks import find_layers  # noqa: E402
+from influence_nb.layers import find_layers  # noqa: E402
 from influence_nb.scoring import ScoreArgs  # noqa: E402
 from influence_nb.session import Influence  # noqa: E402
 

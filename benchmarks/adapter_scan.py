@@ -35,7 +35,7 @@ torch.set_num_threads(1)
 from influence_nb import demo  # noqa: E402
 from influence_nb.curvature import FactorArgs  # noqa: E402
 from influence_nb.demo.finetune import CONSENT_QUESTIONS  # noqa: E402
-from influence_nb.hooks import find_layers  # noqa: E402
+from influence_nb.layers import find_layers  # noqa: E402
 from influence_nb.scoring import ScoreArgs  # noqa: E402
 from influence_nb.session import Influence  # noqa: E402
 

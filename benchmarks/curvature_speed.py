@@ -15,7 +15,7 @@ import torch
 
 from influence_nb import demo
 from influence_nb.curvature import FactorArgs, fit_factors
-from influence_nb.passes import source
+from influence_nb.batching import source
 from influence_nb.task import Task
 
 

@@ -79,7 +79,7 @@ def plain_seconds(model, corpus, batch_tokens: int) -> float:
     """A plain training step's forward + backward (parameter gradients formed) over the corpus in
     the batches a scan uses, seconds."""
     import torch
-    from influence_nb.passes import source
+    from influence_nb.batching import source
     src = source(corpus, None, tokens=batch_tokens)
     start = time.perf_counter()
     for _, batch in src.batches():

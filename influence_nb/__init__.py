@@ -18,7 +18,8 @@ import sys
 
 from .curvature import FactorArgs, Factors, fit_factors, query_gradients
 from .data import Batch, Corpus, CorpusError
-from .hooks import Capture, find_layers
+from .hooks import Capture
+from .layers import find_layers
 from .results import InfluenceResult
 from .scoring import Queries, ScoreArgs, make_queries, scan, self_influence, token_scores
 from .session import Influence

@@ -199,7 +199,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 def _load_corpus(ns: argparse.Namespace, model, tokenizer):
     """The corpus of --corpus, cut at --max-len tokens (default: the model's context)."""
     from .data import Corpus
-    from .hooks import context_length
+    from .layers import context_length
     path = Path(ns.corpus)
     max_len = ns.max_len or context_length(model) or 2048
     if path.is_dir():

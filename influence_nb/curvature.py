@@ -36,9 +36,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, store
+from .batching import source
 from .checks import check_args
-from .hooks import TrackedLayer, context_length, find_layers, stat_dtype
-from .passes import Consumer, Gradients, PassBatch, Recording, corpus_pass, source
+from .layers import TrackedLayer, context_length, find_layers, stat_dtype
+from .passes import Consumer, Gradients, PassBatch, Recording, corpus_pass
 from .task import Task, get, query_batch, token_rows
 
 STRATEGIES = ("identity", "kfac", "ekfac")

@@ -89,6 +89,27 @@ def pad_batch(seqs: Sequence[np.ndarray], pad_id: int, ids: np.ndarray,
                  None if padded is None else torch.from_numpy(padded))
 
 
+def _check_record(rec: object, text_field: str, source: str) -> None:
+    """Refuse a record that is no dict, has no text in ``text_field``, or has a metadata field
+    named like a column of :attr:`Corpus.df` (a field ``id`` becomes ``source_id``)."""
+    if not isinstance(rec, Mapping):
+        raise CorpusError(f"{source or 'a record'} holds a {type(rec).__name__}, not an "
+                          "object of fields; give one dict per document")
+    if text_field not in rec:
+        raise CorpusError(f"{source or 'a record'} has no field {text_field!r} "
+                          f"(fields: {', '.join(rec)}); pass text_field=<one of them>")
+    if not isinstance(rec[text_field], str):
+        raise CorpusError(f"field {text_field!r} must hold text, got "
+                          f"{type(rec[text_field]).__name__} in {source or 'a record'}")
+    clash = RESERVED.intersection(k for k in rec if k != text_field) | (
+        {"source_id"} if "id" in rec and "source_id" in rec else set())
+    if clash:
+        raise CorpusError(f"{source or 'a record'} has a metadata field "
+                          f"{sorted(clash)[0]!r}, a name the corpus uses for its own "
+                          f"columns ({', '.join(sorted(RESERVED))}; a field 'id' "
+                          "becomes 'source_id'); rename that field")
+
+
 class Corpus:
     """Tokenized training sequences with text and metadata; see the module docstring.
 
@@ -162,22 +183,7 @@ class Corpus:
 
         for rec in tqdm(records, desc="tokenizing", unit="doc", total=total,
                         disable=not progress or (total is not None and total < 50 * _BLOCK)):
-            if not isinstance(rec, Mapping):
-                raise CorpusError(f"{source or 'a record'} holds a {type(rec).__name__}, not an "
-                                  "object of fields; give one dict per document")
-            if text_field not in rec:
-                raise CorpusError(f"{source or 'a record'} has no field {text_field!r} "
-                                  f"(fields: {', '.join(rec)}); pass text_field=<one of them>")
-            if not isinstance(rec[text_field], str):
-                raise CorpusError(f"field {text_field!r} must hold text, got "
-                                  f"{type(rec[text_field]).__name__} in {source or 'a record'}")
-            clash = RESERVED.intersection(k for k in rec if k != text_field) | (
-                {"source_id"} if "id" in rec and "source_id" in rec else set())
-            if clash:
-                raise CorpusError(f"{source or 'a record'} has a metadata field "
-                                  f"{sorted(clash)[0]!r}, a name the corpus uses for its own "
-                                  f"columns ({', '.join(sorted(RESERVED))}; a field 'id' "
-                                  "becomes 'source_id'); rename that field")
+            _check_record(rec, text_field, source)
             if rec[text_field].strip():
                 block.append(rec)
             if len(block) == _BLOCK:

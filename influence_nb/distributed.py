@@ -18,7 +18,7 @@ with the same result as one process would have:
   writes.
 
 This module holds only the collectives; what is sharded, and how, lives with each computation
-(:mod:`~influence_nb.passes` shards batches and chunks).
+(:mod:`~influence_nb.batching` shards batches, :mod:`~influence_nb.passes` chunks).
 
 Under plain ``python`` nothing here does anything (``rank_world() == (0, 1)``).
 """

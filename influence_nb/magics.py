@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from IPython import get_ipython
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
@@ -34,6 +35,15 @@ __all__ = ["InfluenceMagics", "MagicError", "load_ipython_extension", "parse_par
 class MagicError(RuntimeError):
     """A magic used the wrong way; the shell shows its message as one line."""
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython's protocol for an exception that renders itself (the shell calls it instead
+        of formatting a traceback): the message, one line — an error output in a kernel. With
+        ``INFLUENCE_NB_TRACEBACK=1``, the shell's own traceback."""
+        shell = get_ipython()
+        if os.environ.get("INFLUENCE_NB_TRACEBACK") and shell is not None:
+            return shell.InteractiveTB.structured_traceback(type(self), self, self.__traceback__)
+        return [f"{type(self).__name__}: {self}"]
+
 
 def _one_line(magic: Callable) -> Callable:
     """Turn the errors of a misused magic — ours and the library's one-line ValueErrors and
@@ -46,16 +56,6 @@ def _one_line(magic: Callable) -> Callable:
         except (MagicError, ValueError, OSError) as e:
             raise MagicError(f"%{magic.__name__}: {first_line(e)}") from e
     return run
-
-
-def _show_one_line(shell: Any, etype: type, value: BaseException, tb: Any,
-                   tb_offset: int | None = None) -> None:
-    """Show a :class:`MagicError` as its message, one line (an error output in a kernel)."""
-    if os.environ.get("INFLUENCE_NB_TRACEBACK"):
-        stb = shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
-    else:
-        stb = [f"{etype.__name__}: {value}"]
-    shell._showtraceback(etype, value, stb)
 
 
 def parse_query(line: str) -> tuple[str, str]:
@@ -203,8 +203,6 @@ def _from_directory(args: Any) -> Any:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register the magics (``%load_ext influence_nb``), and show a misused magic's
-    :class:`MagicError` in one line."""
+    """Register the magics (``%load_ext influence_nb``); a misused magic's :class:`MagicError`
+    shows itself in one line."""
     ipython.register_magics(InfluenceMagics(ipython))
-    if not ipython.custom_exceptions:       # never replace a handler the user has set
-        ipython.set_custom_exc((MagicError,), _show_one_line)

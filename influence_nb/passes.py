@@ -17,14 +17,15 @@ scorer (total, per layer, per token), self-influence, the sketcher and the query
 all consumers (in :mod:`~influence_nb.curvature`, :mod:`~influence_nb.scoring`,
 :mod:`~influence_nb.sketch`).
 
-The pass owns: batching (a :class:`Source`: a Corpus and ids, bucketed by length, or any
-batches), device placement, the context-length check, ``max_examples``, Fisher-label sampling
-(batch k draws from a generator seeded with (seed, k): the same labels in every pass and on
-every rank), sharding of batches over torch.distributed ranks, eval mode and progress.
+The pass runs over a :class:`~influence_nb.batching.Source` (batching, device placement, the
+context check, ``max_examples`` and the sharding of batches over torch.distributed ranks are
+:mod:`~influence_nb.batching`'s) and owns the rest: Fisher-label sampling (batch k draws from a
+generator seeded with (seed, k): the same labels in every pass and on every rank), the sharding
+of chunks over ranks, eval mode and progress.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,13 +38,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .hooks import Capture, TrackedLayer, context_length, eval_mode, stat_dtype, vocab_size
-from .task import Task, get, to_device
+from .batching import Source, prepared, repeat_rows
+from .hooks import Capture, eval_mode
+from .layers import TrackedLayer, stat_dtype
+from .task import Task
 
 LOSSES = ("loglik", "fisher", "measurement")
 GROUP_BYTES = 64 << 20  # per-sequence tensors a consumer forms at once (see PassBatch.groups)
 RECORD_BYTES = 1 << 30  # ā and δ a Recording keeps for a replay (see Recording)
-UNSIZED_BATCH = 8       # sequences per batch of a source whose lengths are unknown (see source)
 
 
 @dataclass
@@ -215,112 +217,6 @@ def available_memory(device: torch.device) -> int:
     return 1 << 62   # unknown: nothing is refused
 
 
-def as_ids(ids: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
-    """Corpus ids as int64 (default: all n), refusing booleans, fractions and ids out of range."""
-    if ids is None:
-        return np.arange(n, dtype=np.int64)
-    arr = np.asarray(ids)
-    if arr.dtype == bool:
-        raise TypeError("ids is a boolean mask; pass the ids themselves: np.flatnonzero(mask)")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
-            raise TypeError(f"ids must be integers, got {arr.dtype}; pass corpus row numbers")
-    arr = arr.astype(np.int64).reshape(-1)
-    if arr.size and (arr.min() < 0 or arr.max() >= n):
-        bad = arr[(arr < 0) | (arr >= n)][0]
-        raise IndexError(f"id {bad} is out of range for a corpus of {n} sequences")
-    return arr
-
-
-@dataclass
-class Source:
-    """Batches for a pass.
-
-    batches:     a fresh iterable per call of (rows (B,), batch); ``rows`` index the order
-                 the ids were asked in, so consumers can undo the length bucketing
-    total:       sequences a pass will see, if known
-    fingerprint: the corpus fingerprint, if known
-    """
-    batches: Callable[[], Iterable[tuple[np.ndarray, object]]]
-    total: int | None
-    fingerprint: str | None
-
-
-def token_batches(lengths: np.ndarray, tokens: int, size: int | None = None) -> np.ndarray:
-    """Boundaries (n_batches + 1,) that cut sequences of ``lengths`` (in stream order) into
-    consecutive batches of at most ``tokens`` padded tokens (count × longest) and ``size``
-    sequences; a sequence longer than ``tokens`` gets a batch of its own."""
-    bounds, start, longest = [0], 0, 0
-    for k, n in enumerate(lengths.tolist()):
-        longest = max(longest, n)
-        if k > start and ((k - start + 1) * longest > tokens or (size and k - start >= size)):
-            bounds.append(k)
-            start, longest = k, n
-    return np.asarray(bounds + [len(lengths)], dtype=np.int64)
-
-
-def source(data: object, batch_size: int | None, ids: Sequence[int] | None = None,
-           max_examples: int | None = None, window: int | None = None,
-           passes: int = 1, tokens: int | None = None) -> Source:
-    """A :class:`Source` from a Corpus (``.batches``, ``.by_length``), a zero-argument callable
-    returning batches, or a re-iterable of batches (a list); a one-shot iterator serves one pass.
-
-    For a Corpus: ``ids`` (default all), cut to the first ``max_examples`` (a corpus is in no
-    particular order, so the cut is an unbiased sample), then bucketed by length within
-    windows of ``window`` ids (default 64 batches), so batches carry little padding. Batches
-    hold ``batch_size`` sequences, or with ``batch_size`` None as many as fit in ``tokens``
-    padded tokens (:func:`token_batches`): 12-token facts and 1,024-token documents alike run
-    at the throughput of a full batch, in the memory of one (:data:`UNSIZED_BATCH` sequences
-    for a source without ``offsets``, whose lengths show only once collated).
-    """
-    if callable(getattr(data, "batches", None)):
-        if batch_size is None and tokens is None:
-            raise ValueError("give a batch size or a token budget per batch (batch_tokens)")
-        ids = as_ids(ids, len(data))[:max_examples]
-        lengths = np.diff(data.offsets)[ids] if hasattr(data, "offsets") else None
-        if batch_size is None and lengths is None:   # rows whose length shows only once
-            batch_size = UNSIZED_BATCH                # collated (a Trainer's dataset)
-        typical = int(np.median(lengths)) if batch_size is None and len(ids) else 1
-        per = batch_size or max(1, tokens // max(1, typical))   # sequences a batch holds
-        perm = np.arange(len(ids))
-        if callable(getattr(data, "by_length", None)):
-            perm = data.by_length(ids, window or 64 * per)
-        bounds = None if batch_size else token_batches(lengths[perm], tokens)
-
-        def corpus_batches() -> Iterator[tuple[np.ndarray, object]]:
-            if bounds is None:
-                for s, batch in zip(range(0, len(ids), batch_size),
-                                    data.batches(batch_size, ids=ids[perm])):
-                    yield perm[s:s + batch_size], batch
-                return
-            for s, e in zip(bounds[:-1], bounds[1:]):
-                yield perm[s:e], next(iter(data.batches(e - s, ids=ids[perm[s:e]])))
-
-        return Source(corpus_batches, len(ids), getattr(data, "fingerprint", None))
-    if ids is not None:
-        raise TypeError("ids select sequences of a Corpus; these are plain batches")
-    if callable(data):
-        make = data
-    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
-        if iter(data) is data and passes > 1:
-            raise ValueError(f"the batches are a one-shot iterator but {passes} passes are "
-                             "needed; pass a list, the Corpus, or a callable: "
-                             "lambda: corpus.batches(16)")
-        make = lambda: data  # noqa: E731
-    else:
-        raise TypeError(f"cannot run a pass over a {type(data).__name__}; pass a Corpus, a list "
-                        "of batches or a callable returning an iterable of batches")
-
-    def plain_batches() -> Iterator[tuple[np.ndarray, object]]:
-        seen = 0
-        for batch in make():
-            B = get(batch, "input_ids").shape[0]
-            yield np.arange(seen, seen + B), batch
-            seen += B
-
-    return Source(plain_batches, None, None)
-
-
 def label_generator(seed: int, k: int, device: torch.device) -> torch.Generator:
     """The generator of batch k's Fisher labels, seeded from (seed, k): a batch draws the same
     labels in every pass and on whichever rank runs it."""
@@ -345,57 +241,6 @@ def loss_values(task: Task, loss: str | Callable[[Tensor, object], Tensor], logi
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES} or a callable")
 
 
-def _map_rows(batch: object, fn: Callable[[Tensor | np.ndarray], Tensor | np.ndarray]
-              ) -> object:
-    """``fn`` applied to every tensor / array field of a batch (same type for a Mapping)."""
-    fields = batch if isinstance(batch, Mapping) else vars(batch)
-    out = {k: fn(v) if isinstance(v, (Tensor, np.ndarray)) else v for k, v in fields.items()}
-    return out if isinstance(batch, Mapping) else type(batch)(**out)
-
-
-def _take(batch: object, n: int) -> object:
-    """The first n rows of every tensor field of a batch."""
-    return _map_rows(batch, lambda v: v[:n])
-
-
-def _repeat(batch: object, k: int) -> object:
-    """Every tensor field of a batch stacked k times along the rows."""
-    return _map_rows(batch, lambda v: torch.cat([v] * k) if isinstance(v, Tensor)
-                     else np.concatenate([v] * k))
-
-
-def prepared(model: nn.Module, src: Source, max_examples: int | None = None,
-             shard: bool = False) -> Iterator[tuple[int, np.ndarray, object]]:
-    """(k, rows, batch on the model's device) for each batch of ``src`` this rank runs: at
-    most ``max_examples`` sequences (a batch across the limit is cut), each batch checked
-    against the model's context; with ``shard`` only batches k ≡ rank (mod W). An empty
-    source is an error."""
-    device = next(model.parameters()).device
-    n_ctx, n_vocab = context_length(model), vocab_size(model)
-    rank, world = distributed.rank_world() if shard else (0, 1)
-    seen = 0
-    for k, (rows, batch) in enumerate(src.batches()):
-        if max_examples is not None and seen >= max_examples:
-            break
-        B, T = get(batch, "input_ids").shape
-        if max_examples is not None and seen + B > max_examples:
-            B = max_examples - seen
-            batch, rows = _take(batch, B), rows[:B]
-        if n_ctx is not None and T > n_ctx:
-            raise ValueError(f"a batch holds sequences of {T} tokens, longer than the model's "
-                             f"context of {n_ctx}; re-chunk the corpus with max_len ≤ {n_ctx}")
-        top = int(get(batch, "input_ids").max()) if n_vocab is not None and B else -1
-        if n_vocab is not None and top >= n_vocab:
-            raise ValueError(f"a batch holds token id {top}, beyond the model's vocabulary of "
-                             f"{n_vocab}; tokenize the corpus with the model's own tokenizer")
-        seen += B
-        if k % world == rank:
-            yield k, rows, to_device(batch, device)
-    if seen == 0:
-        raise ValueError("no training sequences: the corpus (or iterable of batches) is empty; "
-                         "give at least one non-empty batch")
-
-
 def _step(model: nn.Module, cap: Capture, task: Task, loss: str | Callable, pb: PassBatch,
           seed: int, reduce: Callable[[TrackedLayer, Tensor, Tensor], None]) -> Tensor:
     """One forward + backward of a batch, each tracked layer's ā and δ to ``reduce``;
@@ -414,11 +259,11 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
                 draws: int = 1) -> list[Any]:
     """Run the model over ``src`` once and feed every consumer; -> their ``finish()`` values.
 
-    ``loss``: see :func:`loss_values`. ``max_examples``, ``shard``: see :func:`prepared`
-    (consumers reduce over the ranks in ``finish``). ``progress``: a bar of its own, none,
-    or a tqdm bar to advance. ``draws``: each batch runs with its rows stacked that many
-    times (consumers see draws · B rows), so that a Fisher pseudo-loss draws each sequence's
-    output gradients ``draws`` times, independently.
+    ``loss``: see :func:`loss_values`. ``max_examples``, ``shard``: see
+    :func:`~influence_nb.batching.prepared` (consumers reduce over the ranks in ``finish``).
+    ``progress``: a bar of its own, none, or a tqdm bar to advance. ``draws``: each batch runs
+    with its rows stacked that many times (consumers see draws · B rows), so that a Fisher
+    pseudo-loss draws each sequence's output gradients ``draws`` times, independently.
     """
     task = task or Task()
     world = distributed.rank_world()[1] if shard else 1
@@ -431,7 +276,7 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
         with eval_mode(model), Capture(model, layers, stat_dtype(model), check) as cap:
             for k, rows, batch in prepared(model, src, max_examples, shard):
                 if draws > 1:
-                    rows, batch = np.concatenate([rows] * draws), _repeat(batch, draws)
+                    rows, batch = np.concatenate([rows] * draws), repeat_rows(batch, draws)
                 mask = task.token_mask(batch)
                 pb = PassBatch(k, rows, batch, mask,
                                mask.flatten().nonzero().squeeze(1), mask.sum(1).cpu().numpy())

@@ -27,12 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from . import passes, scoring
+from .batching import source, token_batches
 from .curvature import (Covariance, EigenvalueCorrection, FactorArgs, LayerFactors,
                         block_sizes)
 from .data import Corpus
-from .hooks import TrackedLayer, find_layers, stat_dtype
-from .passes import (Consumer, PassBatch, Recording, available_memory, corpus_pass, source,
-                     token_batches)
+from .layers import TrackedLayer, find_layers, stat_dtype
+from .passes import Consumer, PassBatch, Recording, available_memory, corpus_pass
 from .scoring import LowRank, Queries, Scorer, ScoreArgs
 from .task import Task
 

@@ -37,11 +37,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, store
+from .batching import as_ids, source
 from .checks import check_args
 from .curvature import Factors, fingerprint_of
 from .data import Corpus
-from .hooks import TrackedLayer, context_length, find_layers, stat_dtype
-from .passes import Consumer, PassBatch, as_ids, chunks, corpus_pass, source
+from .layers import TrackedLayer, context_length, find_layers, stat_dtype
+from .passes import Consumer, PassBatch, chunks, corpus_pass
 from .task import Task, get, query_batch, token_rows
 
 

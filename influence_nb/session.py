@@ -23,7 +23,7 @@ from torch import nn
 
 from .curvature import FactorArgs, Factors, fingerprint_of, fit_factors, model_fingerprint
 from .data import Corpus, tokenizer_fingerprint
-from .hooks import context_length, find_layers
+from .layers import context_length, find_layers
 from .plan import Plan, plan
 from .results import InfluenceResult
 from .scoring import Queries, ScoreArgs, make_queries, scan, self_influence, token_scores

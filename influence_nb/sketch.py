@@ -69,11 +69,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, store
+from .batching import as_ids, source
 from .checks import check_args
 from .curvature import Factors, fingerprint_of, rotate
 from .data import Corpus
-from .hooks import TrackedLayer, find_layers
-from .passes import Consumer, PassBatch, as_ids, corpus_pass, source
+from .layers import TrackedLayer, find_layers
+from .passes import Consumer, PassBatch, corpus_pass
 from .scoring import Queries
 from .task import Task
 

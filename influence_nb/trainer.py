@@ -33,7 +33,7 @@ FACTORS_DIR = "influence_factors"  # beside a checkpoint's weights, or in output
 
 
 class CollatedDataset:
-    """A dataset and a collator seen as a corpus by :func:`~influence_nb.passes.source`:
+    """A dataset and a collator seen as a corpus by :func:`~influence_nb.batching.source`:
     batches of rows in dataset order (no length bucketing), collated exactly as the Trainer
     collates them. A batch without ``attention_mask`` gets one of ones.
 

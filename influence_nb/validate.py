@@ -39,10 +39,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .batching import as_ids, prepared, source
 from .curvature import FactorArgs, Factors, fit_factors, query_gradients
 from .data import Corpus
-from .hooks import TrackedLayer, eval_mode, find_layers
-from .passes import as_ids, loss_values, prepared, source
+from .hooks import eval_mode
+from .layers import TrackedLayer, find_layers
+from .passes import loss_values
 from .store import ChunkStore
 from .task import Task, get, measure, query_batch, to_device
 

@@ -12,7 +12,7 @@ modules with their (out, in + bias) shapes: the presets are disjoint, ``"all"`` 
 preset ever holds the input embedding or ``lm_head``. Since transformers 5 a MoE's routed experts
 are fused 3-D parameters, not Linear modules: no preset can track them, Qwen2-MoE's "mlp" is its
 shared expert, and Mixtral's "mlp" is a one-line error (see the comment at ``_ROUTER_PARTS`` in
-influence_nb/hooks.py).
+influence_nb/layers.py).
 
 Then, per architecture, one end-to-end exactness check in float64: EK-FAC factors fitted on two
 padded batches, full-rank queries from :func:`make_queries`, scores from :func:`scan`, against
@@ -32,7 +32,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
 
 import influence_nb
 from influence_nb import Corpus, FactorArgs, ScoreArgs
-from influence_nb.hooks import find_layers
+from influence_nb.layers import find_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

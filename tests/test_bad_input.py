@@ -511,7 +511,7 @@ def test_a_zero_fisher_is_refused_instead_of_dividing_by_zero(small):
 
 
 def test_one_module_name_or_glob_selects_layers(small):
-    from influence_nb.hooks import find_layers
+    from influence_nb.layers import find_layers
     model = small[0]
     one = find_layers(model, "gpt_neox.layers.1.mlp.dense_4h_to_h")
     assert [t.name for t in one] == ["gpt_neox.layers.1.mlp.dense_4h_to_h"]

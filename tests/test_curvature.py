@@ -16,8 +16,9 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
 from influence_nb import store, validate
 from influence_nb.curvature import (FactorArgs, Factors, fit_factors, query_gradients,
                                     sequence_gradients)
-from influence_nb.hooks import find_layers
-from influence_nb.passes import Consumer, corpus_pass, source
+from influence_nb.batching import source
+from influence_nb.layers import find_layers
+from influence_nb.passes import Consumer, corpus_pass
 from influence_nb.task import Task, get
 
 V = 32  # vocabulary of the tiny models

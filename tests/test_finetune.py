@@ -6,7 +6,7 @@ import torch
 
 from influence_nb import demo
 from influence_nb.demo import finetune
-from influence_nb.hooks import find_layers, has_adapters
+from influence_nb.layers import find_layers, has_adapters
 from influence_nb.training import TrainConfig
 
 pytest.importorskip("peft")

@@ -13,8 +13,8 @@ ROOT = Path(influence_nb.__file__).parent
 
 # bottom to top; a module may import its own layer (without a cycle) or any layer below
 LAYERS = [
-    {"data", "task", "hooks", "store", "distributed", "checks", "quiet", "training", "demo",
-     "demo.world", "demo.build", "demo.finetune"},
+    {"data", "task", "batching", "layers", "hooks", "store", "distributed", "checks", "quiet",
+     "training", "demo", "demo.world", "demo.build", "demo.finetune"},
     {"passes"},
     {"curvature"},
     {"scoring", "sketch", "validate", "trainer"},
@@ -125,7 +125,7 @@ def test_the_capture_loop_exists_once():
 def test_the_checker_sees_edges():
     """The parser finds relative, absolute, aliased and function-level imports."""
     graph = _graph()
-    assert {"passes", "store", "distributed", "hooks", "task"} <= graph["curvature"]
+    assert {"passes", "store", "distributed", "layers", "task"} <= graph["curvature"]
     assert "retriever" in graph["session"]           # imported inside a method
     assert "data" in graph["demo"]                    # from ..data import Corpus
     assert "session" not in graph["retriever"]        # only under TYPE_CHECKING

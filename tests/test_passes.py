@@ -10,8 +10,9 @@ import torch
 
 from influence_nb.curvature import FactorArgs, fit_factors
 from influence_nb.data import Corpus
-from influence_nb.hooks import find_layers
-from influence_nb.passes import Gradients, as_ids, corpus_pass, source
+from influence_nb.batching import as_ids, source
+from influence_nb.layers import find_layers
+from influence_nb.passes import Gradients, corpus_pass
 from influence_nb.scoring import (Queries, ScoreArgs, Scorer, SelfInfluence, make_queries, scan,
                                   self_influence)
 from influence_nb.session import Influence

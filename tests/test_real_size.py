@@ -12,7 +12,7 @@ import torch
 
 from influence_nb import Corpus, FactorArgs, Influence, ScoreArgs, fit_factors, make_queries, scan
 import influence_nb.plan as plan_module
-from influence_nb.passes import source, token_batches
+from influence_nb.batching import source, token_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

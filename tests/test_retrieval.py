@@ -6,7 +6,7 @@ import torch
 from influence_nb.calibration import Calibration, CalibrationArgs, rank_fractions
 from influence_nb.curvature import FactorArgs, fit_factors
 from influence_nb.data import Corpus
-from influence_nb.hooks import find_layers
+from influence_nb.layers import find_layers
 from influence_nb.index import IndexArgs, IndexFileError, SketchIndex
 from influence_nb.scoring import ScoreArgs
 from influence_nb.retriever import Retriever

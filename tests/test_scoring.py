@@ -13,8 +13,9 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from influence_nb.curvature import FactorArgs, fit_factors
 from influence_nb.data import Corpus
-from influence_nb.hooks import find_layers
-from influence_nb.passes import corpus_pass, source
+from influence_nb.batching import source
+from influence_nb.layers import find_layers
+from influence_nb.passes import corpus_pass
 from influence_nb.scoring import (LowRank, ScoreArgs, Scorer, make_queries, scan, self_influence,
                                   token_scores)
 from influence_nb.session import Influence

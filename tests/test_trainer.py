@@ -8,7 +8,7 @@ from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling,
                           TrainingArguments)
 
 from influence_nb.curvature import FactorArgs, Factors, fit_factors, sequence_gradients
-from influence_nb.hooks import find_layers
+from influence_nb.layers import find_layers
 from influence_nb.data import Corpus
 from influence_nb.session import Influence
 from influence_nb.task import Task
