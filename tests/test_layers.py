@@ -21,7 +21,7 @@ LAYERS = [
     {"scoring", "sketch", "validate", "trainer"},
     {"index", "search", "calibration", "plan"},
     {"results", "session", "retriever"},
-    {"widgets", "snapshot", "charts", "magics", "cli", "__main__"},
+    {"widgets", "view", "snapshot", "style", "charts", "magics", "cli", "__main__"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 
