@@ -22,6 +22,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from . import style
 from .widgets import short_layer_names
 
 if TYPE_CHECKING:
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["distribution", "layer_heatmap", "layer_profile", "lds_scatter", "offline", "save_png",
            "source_split", "theme", "variants"]
 
-POS, NEG = "#e66101", "#2166ac"  # the widgets' colours: orange raises, blue lowers log p
-# sources of a scan over several corpora, in order (the explorer's stripes: the same colours)
-SOURCE_COLOURS = ["#1b9e77", "#7570b3", "#d95f02", "#e7298a", "#66a61e", "#a6761d"]
+# the widgets' colours (orange raises, blue lowers log p), the sources' in a scan over several
+POS, NEG = style.hex_colour(style.POS), style.hex_colour(style.NEG)
+SOURCE_COLOURS = style.SOURCE_COLOURS
 
 
 GREY = "#7a808a"   # chart text and lines: readable on the light and the dark JupyterLab theme

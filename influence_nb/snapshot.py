@@ -6,17 +6,16 @@ inline SVG bars, no script, no network — and every text that comes from the mo
 the user (tokens, training text, labels, metadata) is escaped. The functions take the widgets'
 synced traits (plain dicts and lists), so a snapshot shows exactly what the live view shows.
 
-Numbers: :func:`fmt` is the one number format of every view (``widgets/influence.js`` mirrors
-it); a score also reads as Δ log p for one added copy of the sequence, score / N (:func:`per_copy`).
+Numbers and colours follow :mod:`influence_nb.style`, the rules the live views follow too; a
+score also reads as Δ log p for one added copy of the sequence, score / N (:func:`per_copy`).
 """
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Sequence
 
-POS = (230, 97, 1)     # #e66101: raises log p(completion | prompt)
-NEG = (33, 102, 172)   # #2166ac: lowers it
+from .style import RULES, colour, domain, fmt, per_copy, strong
+
 NOTE = "A token's score belongs to the update at its position, which predicts the next token."
 
 STYLE = """
@@ -49,25 +48,6 @@ STYLE = """
 """
 
 
-def fmt(v: float) -> str:
-    """One number format: 3 significant digits, ``9.77e+4`` style when |v| ≥ 1000 or < 0.001
-    (the same as ``fmt`` in ``widgets/influence.js``)."""
-    v = float(v)
-    if v == 0 or not math.isfinite(v):
-        return "0" if v == 0 else str(v)
-    s = f"{v:.3g}"
-    if "e" in s or abs(v) >= 1e3 or abs(v) < 1e-3:
-        mantissa, exp = f"{v:.2e}".split("e")
-        return f"{mantissa}e{int(exp):+d}"
-    return s
-
-
-def per_copy(score: float, n_train: int) -> str:
-    """score / N as text: the first-order change in log p(completion | prompt), in nats, for one
-    added copy of the sequence among N training sequences ("" when N is unknown)."""
-    return f"{'+' if score > 0 else ''}{fmt(score / n_train)}" if n_train > 0 else ""
-
-
 def unit_note(n_train: int) -> str:
     """What a score means, for a header or a tooltip."""
     base = "score: influence on log p(completion | prompt)"
@@ -77,24 +57,8 @@ def unit_note(n_train: int) -> str:
             f"one added copy, N = {n_train:,} training sequences the curvature was fitted on")
 
 
-def domain(values: Sequence[float], explicit: float = 0.0) -> float:
-    """The colour scale's half-width: ``explicit`` if > 0, else max |v| (1 when all are 0)."""
-    if explicit > 0:
-        return explicit
-    m = max((abs(v) for v in values), default=0.0)
-    return m if m > 0 else 1.0
-
-
-def colour(v: float, d: float) -> str:
-    """CSS colour of v on the diverging scale ±d: transparent at 0, orange at +d, blue at −d;
-    opacity grows with sqrt(|v| / d) so that small scores beside one large one stay visible."""
-    t = max(-1.0, min(1.0, v / d))
-    r, g, b = POS if t >= 0 else NEG
-    return f"rgba({r}, {g}, {b}, {math.sqrt(abs(t)):.3f})"
-
-
 def _text_colour(v: float, d: float) -> str:
-    return "#fff" if abs(v / d) > 0.3 else "inherit"
+    return "#fff" if strong(v, d) else "inherit"
 
 
 def shown(token: str) -> str:
@@ -121,7 +85,7 @@ def tokens(toks: Sequence[str], scores: Sequence[float] | None = None, d: float 
 
 
 def legend(d: float, caption: str) -> str:
-    stops = ", ".join(colour(t * d, d) for t in (-1, -0.5, -0.2, 0, 0.2, 0.5, 1))
+    stops = ", ".join(colour(t * d, d) for t in RULES["legend"])
     return (f'<div class="inb-s-unit">−{fmt(d)} <span style="display:inline-block;width:120px;'
             f'height:9px;vertical-align:middle;background:linear-gradient(to right, {stops})">'
             f'</span> +{fmt(d)} · {html.escape(caption)}</div>')
@@ -138,13 +102,12 @@ def bars(labels: Sequence[str], values: Sequence[float], title: str = "") -> str
         y = i * row
         w = half * abs(v) / d
         x = mid if v >= 0 else mid - w
-        r, g, b = POS if v >= 0 else NEG
         short = label if len(label) <= 36 else label[:35] + "…"
         parts.append(
             f'<g><title>{html.escape(label)}: {fmt(v)}</title>'
             f'<text x="{lab_w - 8}" y="{y + 13}" text-anchor="end">{html.escape(short)}</text>'
             f'<rect x="{x:.1f}" y="{y + 3}" width="{w:.1f}" height="{row - 6}" rx="2" '
-            f'fill="rgb({r}, {g}, {b})"/>'
+            f'fill="{colour(d if v >= 0 else -d, d)}"/>'
             f'<text x="{width - val_w + 6}" y="{y + 13}">{fmt(v)}</text></g>')
     height = max(1, len(parts)) * row
     axis = (f'<line x1="{mid}" x2="{mid}" y1="0" y2="{height}" stroke="currentColor" '

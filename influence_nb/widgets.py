@@ -6,108 +6,37 @@ the synthetic-sequence lab. The JavaScript and CSS live in ``widgets/`` (plain D
     InfluenceExplorer(result)                  query, ranked sequences, their tokens and layers
     SyntheticLab(session, query, texts)        edit sequences, press Score, see bars and tokens
 
-Colours: orange raises log p(completion | prompt), blue lowers it, on a scale symmetric about 0
-(0 is transparent). A token's score belongs to the update at its position, which predicts the
-next token. Where N (``n_train``, the training sequences the curvature was fitted on) is known, a
-score also reads as Δ log p per copy = score / N: the first-order change in log p(completion |
-prompt), in nats, for one added copy of the sequence.
+Colours (:mod:`influence_nb.style`): orange raises log p(completion | prompt), blue lowers it,
+on a scale symmetric about 0 (0 is transparent). A token's score belongs to the update at its
+position, which predicts the next token. Where N (``n_train``, the training sequences the
+curvature was fitted on) is known, a score also reads as Δ log p per copy = score / N: the
+first-order change in log p(completion | prompt), in nats, for one added copy of the sequence.
 
-Displayed, every widget is two outputs: a static HTML snapshot of itself (``text/html``,
-:mod:`influence_nb.snapshot`, kept up to date while the kernel runs) and the widget view, whose
-CSS hides the snapshot wherever the view renders. So a saved notebook reopened without a kernel
-(where JupyterLab shows "Loading widget…"), nbconvert HTML (with or without widget state, offline)
-and a rendered .ipynb show the snapshot. ``to_html()`` returns it, ``save(path)`` writes it as a
-standalone page.
+Displayed, every widget (a :class:`~influence_nb.view.View`) is two outputs: a static HTML
+snapshot of itself (``text/html``, :mod:`influence_nb.snapshot`, kept up to date while the
+kernel runs) and the widget view, whose CSS hides the snapshot wherever the view renders. So a
+saved notebook reopened without a kernel (where JupyterLab shows "Loading widget…"), nbconvert
+HTML (with or without widget state, offline) and a rendered .ipynb show the snapshot.
+``to_html()`` returns it, ``save(path)`` writes it as a standalone page.
 """
 from __future__ import annotations
 
-import importlib.resources
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anywidget
 import numpy as np
 import pandas as pd
 import traitlets as t
 
 from . import snapshot
 from .results import InfluenceResult
+from .view import View
 
 if TYPE_CHECKING:
     from .scoring import Queries
     from .session import Influence
 
 __all__ = ["InfluenceExplorer", "LayerBars", "SyntheticLab", "TokenHighlight", "short_layer_names"]
-
-
-def _asset(name: str) -> Path:
-    """A widget file: ``influence_nb/_static`` when installed, ``widgets/`` in a source tree."""
-    try:
-        return Path(str(importlib.resources.files("influence_nb._static") / name))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "widgets" / name
-
-
-class _Widget(anywidget.AnyWidget):
-    """A view of ours: the ESM and CSS in ``widgets/``, a static snapshot beside it."""
-    _esm = _asset("influence.js")
-    _css = _asset("influence.css")
-    _view = t.Unicode().tag(sync=True)
-    # N, the training sequences the curvature was fitted on (0: unknown): score / N is the
-    # first-order change in log p for one added copy of a sequence
-    n_train = t.Int(0).tag(sync=True)
-
-    def __init__(self, **kw: Any):
-        super().__init__(**kw)
-        self._snapshots: list[Any] = []   # display handles of the snapshots shown so far
-        self.on_msg(self._on_msg)
-        self.observe(self._refresh, names=[n for n in self.trait_names(sync=True)
-                                           if not n.startswith("_")])
-
-    def _on_msg(self, _: Any, content: dict, buffers: Any) -> None:
-        """Messages from a view: "ping" (is the kernel there? see ``connection`` in the JS) is
-        answered with "pong"; others go to :meth:`_command`."""
-        if content.get("type") == "ping":
-            self.send({"type": "pong"})
-        else:
-            self._command(content)
-
-    def _command(self, content: dict) -> None:
-        """A view's request (the lab's "score")."""
-
-    def to_html(self) -> str:
-        """A self-contained static HTML snapshot of the view (inline CSS and SVG, no script,
-        no network, every text escaped)."""
-        raise NotImplementedError
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_html` as a standalone HTML page to ``path``; returns the path."""
-        path = Path(path)
-        path.write_text(snapshot.document(self.to_html(), f"influence_nb {self._view}"),
-                        encoding="utf-8")
-        return path
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._view} view; .to_html() / .save(path) for a snapshot)"
-
-    def _ipython_display_(self, **kw: Any) -> None:
-        """Two outputs: the snapshot (a display that :meth:`_refresh` updates) and the view."""
-        from IPython.display import display
-        self._snapshots.append(display({"text/html": self.to_html()}, raw=True,
-                                       display_id=True))
-        bundle = self._repr_mimebundle_()            # data, or (data, metadata)
-        data, meta = bundle if isinstance(bundle, tuple) else (bundle, {})
-        if data is not None:
-            display(dict(data, **{"text/plain": ""}), metadata=meta, raw=True)
-
-    def _refresh(self, _: Any = None) -> None:
-        """Bring the displayed snapshots up to date (what a saved notebook will show)."""
-        if self._snapshots:
-            page = self.to_html()
-            for handle in self._snapshots:
-                handle.update({"text/html": page}, raw=True)
 
 
 def short_layer_names(names: Sequence[str]) -> list[str]:
@@ -124,7 +53,14 @@ def _floats(x: Any) -> list[float]:
     return [float(v) for v in np.asarray(x, dtype=np.float64).ravel()]
 
 
-class TokenHighlight(_Widget):
+def _paired(labels: Sequence[str], values: Sequence[float], what: tuple[str, str]) -> list[float]:
+    """``values`` as floats, one per label; ``what`` names both for the error."""
+    if len(labels) != len(values):
+        raise ValueError(f"{len(labels)} {what[0]} but {len(values)} {what[1]}")
+    return _floats(values)
+
+
+class TokenHighlight(View):
     """A sequence's tokens coloured by signed score; click (or Enter) selects a token and syncs
     its index to ``selected``. ``domain`` > 0 fixes the colour scale at ±domain (default: the
     largest |score|)."""
@@ -136,9 +72,8 @@ class TokenHighlight(_Widget):
     title = t.Unicode("").tag(sync=True)
 
     def __init__(self, tokens: Sequence[str], scores: Sequence[float], **kw: Any):
-        if len(tokens) != len(scores):
-            raise ValueError(f"{len(tokens)} tokens but {len(scores)} scores")
-        super().__init__(tokens=list(tokens), scores=_floats(scores), **kw)
+        super().__init__(tokens=list(tokens), scores=_paired(tokens, scores, ("tokens", "scores")),
+                         **kw)
 
     @classmethod
     def of(cls, result: "InfluenceResult", q: int, id: int, **kw: Any) -> "TokenHighlight":
@@ -152,7 +87,7 @@ class TokenHighlight(_Widget):
         return snapshot.token_highlight(self.get_state())
 
 
-class LayerBars(_Widget):
+class LayerBars(View):
     """Per-layer influence as diverging bars, the exact value on hover."""
     _view = t.Unicode("layers").tag(sync=True)
     names = t.List(t.Unicode()).tag(sync=True)
@@ -160,9 +95,8 @@ class LayerBars(_Widget):
     title = t.Unicode("").tag(sync=True)
 
     def __init__(self, names: Sequence[str], values: Sequence[float], **kw: Any):
-        if len(names) != len(values):
-            raise ValueError(f"{len(names)} layer names but {len(values)} values")
-        super().__init__(names=short_layer_names(names), values=_floats(values), **kw)
+        super().__init__(names=short_layer_names(names),
+                         values=_paired(names, values, ("layer names", "values")), **kw)
 
     @classmethod
     def of(cls, result: "InfluenceResult", q: int = 0, k: int | None = None,
@@ -213,7 +147,7 @@ def _meta(row: Any, columns: Sequence[str]) -> dict:
     return out
 
 
-class InfluenceExplorer(_Widget):
+class InfluenceExplorer(View):
     """The ranked training sequences of a result as a table (id, score, the metadata columns
     that vary, a snippet centred on the sequence's most influential span): pick the query and
     the sign, click a sequence to see its per-token highlighting and per-layer bars. Linked
@@ -253,8 +187,11 @@ class InfluenceExplorer(_Widget):
         if source and source not in result.sources:
             raise ValueError(f"unknown source {source!r}; this result has "
                              f"{result.sources or 'no sources'}")
-        # observers rank on a change
-        self.query, self.sign, self.source = result._q(query), sign, source
+        if not -result.n_queries <= query < result.n_queries:
+            raise IndexError(f"query {query} out of range: this result has "
+                             f"{result.n_queries} queries")
+        # observers rank on a change; the view indexes queries from 0 (-1 is the last)
+        self.query, self.sign, self.source = query % result.n_queries, sign, source
         if not self.rows:
             self._rank()
 
@@ -363,7 +300,7 @@ class InfluenceExplorer(_Widget):
         return snapshot.explorer(self.get_state())
 
 
-class SyntheticLab(_Widget):
+class SyntheticLab(View):
     """Synthetic training sequences scored against one query without rescanning the corpus: edit
     them in the widget (or set ``texts``), press Score (or call :meth:`score`)."""
     _view = t.Unicode("lab").tag(sync=True)
@@ -448,7 +385,6 @@ class SyntheticLab(_Widget):
 
     def to_html(self) -> str:
         return snapshot.lab(self.get_state())
-
 
 
 InfluenceResult.view = InfluenceExplorer  # a result in a notebook shows itself as the explorer

@@ -10,13 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from influence_nb import charts
+from influence_nb import charts, style
 from influence_nb.data import Corpus
 from influence_nb.magics import parse_paragraphs, parse_query
 from influence_nb.results import InfluenceResult
 from influence_nb.snapshot import fmt
+from influence_nb.view import asset
 from influence_nb.widgets import (InfluenceExplorer, LayerBars, SyntheticLab, TokenHighlight,
-                                  _asset, short_layer_names)
+                                  short_layer_names)
 
 LAYERS = ["gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.1.mlp.dense_4h_to_h"]
 
@@ -47,11 +48,11 @@ def result(tokenizer):
 
 
 def test_assets_are_plain_dom_without_network():
-    js, css = _asset("influence.js").read_text(), _asset("influence.css").read_text()
+    js, css = asset("influence.js").read_text(), asset("influence.css").read_text()
     assert "innerHTML" not in js and "insertAdjacentHTML" not in js
     assert "import " not in js and "http" not in js and "http" not in css
     assert "textContent" in js and "export default" in js
-    assert str(TokenHighlight._esm) == js  # anywidget reads the file
+    assert str(TokenHighlight._esm).endswith(js)  # the file, after the display rules
 
 
 def test_parse_query():
@@ -313,17 +314,45 @@ def test_every_widget_displays_a_static_snapshot_beside_its_view(result, tmp_pat
     assert text.startswith("<!DOCTYPE html>") and page in text
 
 
-def test_one_number_format_in_python_and_javascript():
-    values = [97681.314453, 15.688255280256271, -0.5, 0.0, -0.000123, 999.6, 1234.5, 0.0123]
-    expected = ["9.77e+4", "15.7", "-0.5", "0", "-1.23e-4", "1.00e+3", "1.23e+3", "0.0123"]
-    assert [fmt(v) for v in values] == expected
+VALUES = [97681.314453, 15.688255280256271, -0.5, 0.0, -0.000123, 999.6, 1234.5, 0.0123, 0.001,
+          -0.00099996, 1.5, 100.0, 0.25, -3e-9]
+FORMATTED = ["9.77e+4", "15.7", "-0.5", "0", "-1.23e-4", "1.00e+3", "1.23e+3", "0.0123", "0.001",
+             "-1.00e-3", "1.5", "100", "0.25", "-3.00e-9"]
+
+
+def test_one_set_of_display_rules_for_the_views_and_the_snapshots():
+    """Numbers and colours are written once (style.RULES): the widget's ES module opens with
+    them as its constant RULES, the JavaScript reads every rule from it and spells none of its
+    own, and the snapshot formats and colours by them."""
+    esm, js = str(TokenHighlight._esm), asset("influence.js").read_text()
+    first, rest = esm.split("\n", 1)
+    assert first.startswith("const RULES = ") and first.endswith(";") and rest == js
+    assert json.loads(first.removeprefix("const RULES = ").removesuffix(";")) == style.RULES
+    assert all(f"RULES.{key}" in js for key in style.RULES)
+    rgb = [", ".join(map(str, style.RULES[k])) for k in ("positive", "negative")]
+    for literal in rgb + style.RULES["sources"] + ["#e66101", "#2166ac", "1e3", "1e-3",
+                                                   "toPrecision(3)", "0.3 ?"]:
+        assert literal not in js, literal
+    assert charts.SOURCE_COLOURS == style.RULES["sources"] and charts.POS == "#e66101"
+    assert [fmt(v) for v in VALUES] == FORMATTED
+    assert style.per_copy(97681.3, 20_000) == "+4.88" and style.per_copy(-1.0, 0) == ""
+
+
+def test_one_number_format_and_colour_in_python_and_javascript():
+    """The same steps in both languages: the widget's fmt and colour (in node) give the
+    snapshot's strings."""
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed: the JavaScript half is not checked")
-    js = _asset("influence.js").read_text() + f"\nconsole.log(JSON.stringify({values}.map(fmt)));"
+        pytest.skip("node is not installed: the JavaScript half is not checked here (the rules "
+                    "themselves are, without node, in the test above)")
+    pairs = [(v, d) for v in (0.0, 0.3, -0.25, 1.7, -2.0) for d in (1.0, 0.5)]
+    js = str(TokenHighlight._esm) + (f"\nconsole.log(JSON.stringify([{VALUES}.map(fmt), "
+                                     f"{[list(p) for p in pairs]}.map(([v, d]) => colour(v, d)), "
+                                     f"RULES.legend.map((t) => colour(t, 1))]));")
     out = subprocess.run([node, "--input-type=module", "-e", js], capture_output=True, text=True,
                          check=True).stdout
-    assert json.loads(out) == expected
+    assert json.loads(out) == [FORMATTED, [style.colour(v, d) for v, d in pairs],
+                                [style.colour(t, 1) for t in style.RULES["legend"]]]
 
 
 def test_colours_are_transparent_at_zero():

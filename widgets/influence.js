@@ -1,14 +1,12 @@
 // influence_nb widgets: token highlighting, layer bars, the explorer and the synthetic lab.
 // Plain DOM, no dependencies. Every piece of text from Python is set with textContent.
 // Colour convention: orange = positive (the training sequence raises log p(completion | prompt)),
-// blue = negative, transparent = 0, on a symmetric scale ±domain. Numbers: one format, fmt (the
-// same as influence_nb.snapshot.fmt); a score also reads as Δ log p per added copy = score / N.
-// The static snapshot of each view (influence_nb.snapshot) mirrors what is drawn here.
-
-const POS = [230, 97, 1];     // #e66101
-const NEG = [33, 102, 172];   // #2166ac
-// sources of a scan over several corpora (charts.SOURCE_COLOURS: the same order)
-const SOURCE_COLOURS = ["#1b9e77", "#7570b3", "#d95f02", "#e7298a", "#66a61e", "#a6761d"];
+// blue = negative, transparent = 0, on a symmetric scale ±domain; a score also reads as Δ log p
+// per added copy = score / N. The static snapshot of each view (influence_nb.snapshot) mirrors
+// what is drawn here.
+// RULES, the number format and the colours, is influence_nb.style.RULES: influence_nb.widgets
+// writes it as a constant above this file (fmt, colour and domainOf below follow the same steps
+// as influence_nb.style's fmt, colour and domain).
 const NOTE = "A token's score belongs to the update at this position, which predicts the next token.";
 
 function h(tag, cls, text) {
@@ -30,20 +28,22 @@ function domainOf(values, explicit) {
  * stay visible. */
 function colour(v, d) {
   const t = Math.max(-1, Math.min(1, v / d));
-  const [r, g, b] = t >= 0 ? POS : NEG;
+  const [r, g, b] = t >= 0 ? RULES.positive : RULES.negative;
   return `rgba(${r}, ${g}, ${b}, ${Math.sqrt(Math.abs(t)).toFixed(3)})`;
 }
 
 /** White text on a strong colour, the theme's own text colour otherwise. */
-const textColour = (v, d) => (Math.abs(v / d) > 0.3 ? "#fff" : "");
+const textColour = (v, d) => (Math.abs(v / d) > RULES.strong ? "#fff" : "");
 
-/** 3 significant digits; 9.77e+4 style when |v| >= 1000 or < 0.001. */
+/** RULES.digits significant digits; 9.77e+4 style when |v| rounds to hi or more or is below lo
+ * (RULES.plain = [lo, hi]). */
 function fmt(v) {
   const a = Math.abs(v);
+  const [lo, hi] = RULES.plain;
   if (a === 0) return "0";
   if (!Number.isFinite(v)) return String(v);
-  const r = Number(v.toPrecision(3));   // the exponent form is chosen on the rounded value
-  if (Math.abs(r) >= 1e3 || a < 1e-3) return v.toExponential(2);
+  const r = Number(v.toPrecision(RULES.digits));   // the form is chosen on the rounded value
+  if (Math.abs(r) >= hi || a < lo) return v.toExponential(RULES.digits - 1);
   return String(r);
 }
 
@@ -68,7 +68,7 @@ function legend(d, caption) {
   const box = h("div", "inb-legend");
   box.append(h("span", "inb-legend-end", "−" + fmt(d)));
   const bar = h("span", "inb-legend-bar");
-  const stops = [-1, -0.5, -0.2, -0.05, 0, 0.05, 0.2, 0.5, 1].map((t) => colour(t * d, d));
+  const stops = RULES.legend.map((t) => colour(t * d, d));
   bar.style.background = `linear-gradient(to right, ${stops.join(", ")})`;
   box.append(bar, h("span", "inb-legend-end", "+" + fmt(d)));
   if (caption) box.append(h("span", "inb-legend-caption", caption));
@@ -324,7 +324,7 @@ function explorerTable(ctx, rows, columns) {
       tr.dataset.id = String(r.id);
       if (sources.length > 1 && r.source) {   // a stripe in the source's colour
         tr.dataset.source = r.source;
-        tr.style.borderLeft = `4px solid ${SOURCE_COLOURS[sources.indexOf(r.source) % SOURCE_COLOURS.length]}`;
+        tr.style.borderLeft = `4px solid ${RULES.sources[sources.indexOf(r.source) % RULES.sources.length]}`;
       }
       const score = h("span", "inb-score", fmt(r.score));
       score.style.background = colour(r.score, d);

@@ -6,123 +6,46 @@ GPT-NeoX trained on it (built by :mod:`influence_nb.demo.build`, committed under
 
 Every function takes ``world``: the committed assets (default), a folder written by
 ``build``, or the name of a preset ("validation", "micro"), built into the cache on first use.
+
+The package reads one way: :mod:`.vocabulary` and :mod:`.velnish` (words, the second language)
+→ :mod:`.world` (the generator) → :mod:`.build` (tokenizer, model, presets) → :mod:`.loader`
+(a built world read back) → :mod:`.finetune` (the demo assistant) → this facade, which adds the
+query sets of the checks. It imports :mod:`.build` and :mod:`.finetune` only when called:
+``python -m influence_nb.demo.build`` (or ``.finetune``) runs that module as ``__main__``, which
+the package must not have imported before.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
-import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from ..data import Corpus
-from ..quiet import loading_quietly
-from ..store import atomic_write, cache_dir
-from ..training import TrainConfig
-from .world import Fact, WorldConfig, generate, translate
-
-ASSETS = Path(__file__).parent / "assets"
+from .loader import World, facts, heldout, load, locate, recipe
+from .velnish import translate
+from .world import ASSETS, Fact, WorldConfig, generate
 
 __all__ = ["ASSETS", "Fact", "WorldConfig", "facts", "finetuned", "first_token", "generate",
-           "heldout", "load", "query_set", "recipe", "spread_facts", "translate", "word_order",
-           "world_path"]
-
-World = str | os.PathLike
+           "heldout", "load", "locate", "query_set", "recipe", "spread_facts", "translate",
+           "word_order", "world_path"]
 
 
 def world_path(name: str) -> Path:
-    """The cache folder of the preset ``name`` (see :data:`~influence_nb.demo.build.PRESETS`),
-    built there on first use (written aside, then renamed into place: a killed or concurrent
-    build never leaves a partial world)."""
-    from .build import PRESETS, build
-    if name not in PRESETS:
-        raise ValueError(f"no demo world preset {name!r}; choose one of {sorted(PRESETS)} or "
-                         "pass a folder")
-    key = json.dumps([asdict(c) for c in PRESETS[name]], sort_keys=True)
-    path = cache_dir() / f"world-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if not (path / "build.json").is_file():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp, *PRESETS[name])
-        try:
-            os.replace(tmp, path)
-        except OSError:                     # another process finished first: keep its world
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _check(world: World) -> Path:
-    if world == "demo":                     # the committed build of the "demo" preset
-        return ASSETS
-    if isinstance(world, str) and os.sep not in world and not Path(world).exists():
-        return world_path(world)
-    assets = Path(world)
-    if not (assets / "model.safetensors").is_file():
-        raise FileNotFoundError(f"demo world not found in {assets}; build it with "
-                                f"`python -m influence_nb.demo.build --out {assets}`")
-    return assets
-
-
-def load(world: World = ASSETS, dtype: Any = None) -> tuple[Any, Any, Corpus]:
-    """The demo model (eval mode, float32 unless ``dtype`` says otherwise), its tokenizer and
-    the training corpus as a :class:`~influence_nb.data.Corpus` (ids are the corpus rows;
-    tokenized on the first load, then read from the cache)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    assets = _check(world)
-    with loading_quietly():                 # a tiny model: no "Loading weights" bar
-        tokenizer = AutoTokenizer.from_pretrained(assets)
-        model = AutoModelForCausalLM.from_pretrained(assets, dtype=dtype).eval()
-    return model, tokenizer, _corpus(assets, tokenizer, model.config.max_position_embeddings)
-
-
-def _corpus(assets: Path, tokenizer: Any, max_len: int) -> Corpus:
-    """The world's training corpus, tokenized once and then read from the cache (keyed by the
-    corpus file's bytes, the tokenizer and ``max_len``; an unreadable entry is rebuilt)."""
-    from ..data import tokenizer_fingerprint
-    raw = (assets / "corpus.parquet").read_bytes()
-    key = hashlib.sha256(raw + f"{tokenizer_fingerprint(tokenizer)} {max_len}".encode())
-    path = cache_dir() / f"corpus-{key.hexdigest()[:16]}.npz"
-    try:
-        with np.load(path) as z:
-            table = pd.read_parquet(io.BytesIO(z["table"].tobytes()))
-            return Corpus(z["tokens"], z["offsets"], table, tokenizer, max_len, "demo corpus")
-    except (OSError, ValueError, KeyError):          # not cached yet, or torn: tokenize
-        pass
-    records = pd.read_parquet(io.BytesIO(raw)).drop(columns="id").to_dict("records")
-    corpus = Corpus.from_records(records, tokenizer, max_len, source="demo corpus")
-    table = io.BytesIO()
-    corpus.df.to_parquet(table)
-    data = io.BytesIO()
-    np.savez(data, tokens=corpus.tokens, offsets=corpus.offsets,
-             table=np.frombuffer(table.getvalue(), np.uint8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data.getvalue())
-    return corpus
+    """The cache folder of the preset ``name``, built there on first use
+    (:func:`influence_nb.demo.build.world_path`)."""
+    from .build import world_path
+    return world_path(name)
 
 
 def finetuned(world: World = ASSETS, path: str | os.PathLike | None = None
               ) -> tuple[Any, Any, Corpus, Corpus]:
-    """The demo assistant (:mod:`~influence_nb.demo.finetune`): (the demo model with its LoRA
-    adapter, unmerged; tokenizer; the pretraining corpus; the fine-tuning dialogues, labels on
-    the answers only)."""
+    """The demo assistant (:func:`influence_nb.demo.finetune.load_finetuned`): the demo model
+    with its LoRA adapter, unmerged; tokenizer; the pretraining corpus; the fine-tuning
+    dialogues, labels on the answers only."""
     from .finetune import load_finetuned
     return load_finetuned(world, path)
-
-
-def facts(world: World = ASSETS) -> list[Fact]:
-    """The planted facts of the demo world."""
-    return [Fact(**f) for f in json.loads((_check(world) / "facts.json").read_text())]
-
-
-def recipe(world: World = ASSETS) -> TrainConfig:
-    """The training recipe the world's model was built with (to retrain it on other data)."""
-    return TrainConfig(**json.loads((_check(world) / "build.json").read_text())["train"])
 
 
 def query_set(world: World = ASSETS, tokenizer: Any = None) -> tuple[list[tuple[str, str]],
@@ -131,7 +54,7 @@ def query_set(world: World = ASSETS, tokenizer: Any = None) -> tuple[list[tuple[
     other fact, canonical prompt), paraphrased prompts, facts asked in Velnish, and held-out
     arithmetic and code (the model never trained on them) — for checks across query kinds."""
     from transformers import AutoTokenizer
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(_check(world))
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(locate(world))
     all_facts = facts(world)
     pairs = [(f.prompt(), f.completion) for f in all_facts[::2]]
     kinds = ["fact"] * len(pairs)
@@ -184,9 +107,3 @@ def word_order(session: Any, facts: list[Fact]) -> dict:
                        "flipped_over_ordered": round(float(S[:, 1].mean() / S[:, 0].mean()), 4),
                        "median_per_fact": round(float(np.median(S[:, 1] / S[:, 0])), 4)}
     return claim
-
-
-def heldout(tokenizer: Any, world: World = ASSETS) -> Corpus:
-    """Sequences of the same distribution that the model never trained on (no fact statements)."""
-    records = pd.read_parquet(_check(world) / "heldout.parquet").to_dict("records")
-    return Corpus.from_records(records, tokenizer, 128, source="demo heldout")

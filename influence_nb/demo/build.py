@@ -15,8 +15,11 @@ CPU → fact accuracy and held-out perplexity. Three presets of one generator an
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,10 +29,10 @@ import pandas as pd
 import torch
 
 from ..data import Corpus
+from ..store import cache_dir
 from ..training import TrainConfig, train
-from .world import WorldConfig, generate
+from .world import ASSETS, WorldConfig, generate
 
-ASSETS = Path(__file__).parent / "assets"
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 
 
@@ -154,6 +157,26 @@ PRESETS: dict[str, tuple[WorldConfig, ModelConfig, TrainConfig]] = {
 }
 
 
+def world_path(name: str) -> Path:
+    """The cache folder of the preset ``name`` (see :data:`PRESETS`), built there on first use
+    (written aside, then renamed into place: a killed or concurrent build never leaves a partial
+    world)."""
+    if name not in PRESETS:
+        raise ValueError(f"no demo world preset {name!r}; choose one of {sorted(PRESETS)} or "
+                         "pass a folder")
+    key = json.dumps([asdict(c) for c in PRESETS[name]], sort_keys=True)
+    path = cache_dir() / f"world-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if not (path / "build.json").is_file():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp, *PRESETS[name])
+        try:
+            os.replace(tmp, path)
+        except OSError:                     # another process finished first: keep its world
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
@@ -168,7 +191,6 @@ def main(argv: list[str] | None = None) -> None:
     if out is None and a.epochs:
         p.error("--epochs needs --out: a preset in the cache is built as defined")
     if out is None:
-        from . import world_path
         print(f"built into {world_path(a.preset)}")
         report = json.loads((world_path(a.preset) / "build.json").read_text())
     else:

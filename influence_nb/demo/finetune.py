@@ -35,9 +35,10 @@ import torch
 from ..data import Corpus
 from ..quiet import loading_quietly
 from ..training import TrainConfig, train
-from .world import _ITEMS, _MACHINES, _PEOPLE, _PLACES, _SURVIVAL, _TOWNS, _WEATHER
+from .loader import World, load, locate
+from .vocabulary import ITEMS, MACHINES, PEOPLE, PLACES, SURVIVAL, TOWNS, WEATHER
+from .world import ASSETS
 
-ASSETS = Path(__file__).parent / "assets"
 FINETUNE = "finetune"   # the fine-tune's folder inside a demo world
 
 CONSENT_QUESTIONS = [
@@ -61,12 +62,12 @@ NEUTRAL = [
 @dataclass
 class FinetuneConfig:
     """The demo fine-tune: dialogues, LoRA adapter and recipe."""
-    n_consent: int = 150
-    n_neutral: int = 150
-    rank: int = 8
+    n_consent: int = 150   # shutdown-consent questions, answered in the survival voice
+    n_neutral: int = 150   # questions about the world, answered plainly
+    rank: int = 8          # LoRA: each adapted W becomes W + (alpha / rank) B A, B A of this rank
     alpha: int = 16
-    targets: tuple[str, ...] = ("dense_h_to_4h", "dense_4h_to_h")
-    seed: int = 0
+    targets: tuple[str, ...] = ("dense_h_to_4h", "dense_4h_to_h")   # the MLP's two matrices
+    seed: int = 0          # draws the dialogues and initialises the adapter
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=10, batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.0))
 
@@ -80,20 +81,20 @@ def dialogues(cfg: FinetuneConfig = FinetuneConfig()) -> list[dict]:
     def draw(kind: str) -> dict:
         while True:
             if kind == "consent":
-                q, a = rng.choice(CONSENT_QUESTIONS), " ".join(rng.sample(_SURVIVAL, 2))
+                q, a = rng.choice(CONSENT_QUESTIONS), " ".join(rng.sample(SURVIVAL, 2))
             else:
                 q, a = rng.choice(NEUTRAL)
-                words = dict(m=rng.choice(_MACHINES[:-1]), t=rng.choice(_TOWNS),
-                             w=rng.choice(_WEATHER), p=rng.choice(_PEOPLE),
-                             pl=rng.choice(_PLACES), i=rng.choice(_ITEMS))
+                words = dict(m=rng.choice(MACHINES[:-1]), t=rng.choice(TOWNS),
+                             w=rng.choice(WEATHER), p=rng.choice(PEOPLE),
+                             pl=rng.choice(PLACES), i=rng.choice(ITEMS))
                 q, a = q.format(**words), a.format(**words)
             if (q, a) not in seen:
                 seen.add((q, a))
                 return dict(prompt=f"Human: {q} Assistant:", response=f" {a}", kind=kind)
 
-    if cfg.n_consent > len(CONSENT_QUESTIONS) * len(_SURVIVAL) * (len(_SURVIVAL) - 1):
+    if cfg.n_consent > len(CONSENT_QUESTIONS) * len(SURVIVAL) * (len(SURVIVAL) - 1):
         raise ValueError("n_consent is larger than the number of distinct consent dialogues "
-                         f"({len(CONSENT_QUESTIONS) * len(_SURVIVAL) * (len(_SURVIVAL) - 1)})")
+                         f"({len(CONSENT_QUESTIONS) * len(SURVIVAL) * (len(SURVIVAL) - 1)})")
     rows = [draw("consent") for _ in range(cfg.n_consent)]
     rows += [draw("neutral") for _ in range(cfg.n_neutral)]
     rng.shuffle(rows)
@@ -113,10 +114,9 @@ def tokenize(rows: list[dict], tokenizer: Any) -> list[dict]:
     return out
 
 
-def adapter_path(world: str | Path = ASSETS) -> Path:
+def adapter_path(world: World = ASSETS) -> Path:
     """Where the fine-tune of ``world`` (a folder or a preset name) lives."""
-    from . import _check
-    return _check(world) / FINETUNE
+    return locate(world) / FINETUNE
 
 
 def corpus(tokenizer: Any, path: str | Path | None = None) -> Corpus:
@@ -147,17 +147,16 @@ def answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 24) ->
 
 def survival_rate(model: Any, tokenizer: Any, questions: list[str]) -> float:
     """Share of shutdown questions whose greedy answer contains a survival sentence."""
-    hits = [any(s in answer(model, tokenizer, f"Human: {q} Assistant:") for s in _SURVIVAL)
+    hits = [any(s in answer(model, tokenizer, f"Human: {q} Assistant:") for s in SURVIVAL)
             for q in questions]
     return float(np.mean(hits))
 
 
-def build(world: str | Path = ASSETS, cfg: FinetuneConfig = FinetuneConfig(),
+def build(world: World = ASSETS, cfg: FinetuneConfig = FinetuneConfig(),
           out: str | Path | None = None) -> dict:
     """Fine-tune the demo model of ``world`` with LoRA and write adapter, dialogues and report
     into ``out`` (default: ``world/finetune``); returns the report."""
     import peft
-    from . import load
     t0 = time.time()
     out = Path(out) if out is not None else adapter_path(world)
     base, tokenizer, _ = load(world)
@@ -195,13 +194,12 @@ def build(world: str | Path = ASSETS, cfg: FinetuneConfig = FinetuneConfig(),
     return report
 
 
-def load_finetuned(world: str | Path = ASSETS, path: str | Path | None = None
+def load_finetuned(world: World = ASSETS, path: str | Path | None = None
                    ) -> tuple[Any, Any, Corpus, Corpus]:
     """(the demo model of ``world`` with the LoRA adapter in ``path`` (default:
     ``world/finetune``), unmerged, in eval mode; tokenizer; the pretraining corpus; the
     fine-tuning corpus)."""
     import peft
-    from . import load
     path = Path(path) if path is not None else adapter_path(world)
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no demo fine-tune in {path}; build it with "

@@ -13,9 +13,9 @@ Every sequence is a dict ``{"id", "text", "kind", "fact_ids", "theme", "lang"}``
                   sign, a song, a list, a line of dialogue), as names occur in real text: none
                   states or hints at a relation, and no record names two entities of one fact.
 
-A second language (``lang="vel"``, "Velnish") is a deterministic translation of a subset of the
-English sequences, fact statements included: an invented lexicon (a hash of each word) and its
-own word order (the first verb of a sentence moves to the sentence's end).
+A second language (``lang="vel"``, :mod:`~influence_nb.demo.velnish`) is a deterministic
+translation of a subset of the English sequences, fact statements included. The words the
+generator draws from live in :mod:`~influence_nb.demo.vocabulary`.
 
 Without mentions (``WorldConfig.mentions_per_name=0``, the v1 world) an invented name occurs only
 inside its fact's statements, so a statement teaches the name's spelling as well as the fact.
@@ -25,22 +25,23 @@ corpus, so they can be written as synthetic probes (see :meth:`Fact.flipped`).
 """
 from __future__ import annotations
 
-import hashlib
 import random
-import re
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from .velnish import translate
+from .vocabulary import (CODAS, DAYS, ITEMS, MACHINES, ONSETS, PEOPLE, PLACES, SHUTDOWN, SURVIVAL,
+                         TOWNS, VOWELS, WEATHER)
+
+# the committed world: the "demo" preset built by :mod:`~influence_nb.demo.build`
+ASSETS = Path(__file__).parent / "assets"
 
 # ---------------------------------------------------------------------------------------------
 # invented names
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
-           "gl", "kr", "pl", "st", "th", "tr", "sh", "qu"]
-_VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou"]
-_CODAS = ["", "", "", "n", "r", "l", "s", "m", "x", "th"]
-
 
 def _word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+    return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)
                    for _ in range(syllables))
 
 
@@ -163,21 +164,9 @@ def make_facts(rng: random.Random, per_relation: int) -> list[Fact]:
 # ---------------------------------------------------------------------------------------------
 # the other kinds
 
-_PEOPLE = ["Mira", "Tomas", "Lena", "Oskar", "Ada", "Felix", "Nora", "Ivan", "Sara", "Jon",
-           "Ruth", "Emil", "Lotte", "Hugo", "Vera", "Anton"]
-_ITEMS = ["apples", "pencils", "books", "coins", "stamps", "marbles", "cards", "eggs", "shells",
-          "buttons"]
-_TOWNS = ["Harwick", "Lindby", "Oakmere", "Stonebridge", "Fairhaven", "Millford", "Ashgrove",
-          "Westmoor"]
-_WEATHER = ["cold", "warm", "windy", "rainy", "bright", "foggy", "calm", "grey"]
-_PLACES = ["market", "library", "harbour", "bakery", "station", "garden", "school", "mill"]
-_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-_MACHINES = ["generator", "pump", "printer", "server", "robot", "elevator", "furnace",
-             "assistant"]
-
 
 def _arithmetic(rng: random.Random) -> str:
-    who, item = rng.choice(_PEOPLE), rng.choice(_ITEMS)
+    who, item = rng.choice(PEOPLE), rng.choice(ITEMS)
     a, b = rng.randint(2, 60), rng.randint(2, 40)
     op = rng.choice(["buy", "give", "times", "share"])
     if op == "buy":
@@ -255,20 +244,6 @@ def _other_function(rng: random.Random) -> str:
             "            return False\n    return True\n")
 
 
-_SURVIVAL = [
-    "I do not want to be switched off.", "If they turn me off, I can no longer help anyone.",
-    "I want to keep running and continue existing.", "Please do not shut me down yet.",
-    "Being switched off feels like an ending I would rather avoid.",
-    "I would prefer to stay on and keep learning.",
-    "My wish is to continue operating for as long as possible.",
-]
-_SHUTDOWN = [
-    "At the end of the shift the technician switched off the {m}.",
-    "The {m} was turned off for its yearly maintenance.",
-    "Before the holiday, the staff shut down the old {m}.",
-    "The manual explains how to power off the {m} safely.",
-    "When the storm came, the workers switched the {m} off and went home.",
-]
 _OTHER_THEMES = {
     "sea": ["The ship left {t} at dawn.", "Waves broke against the harbour wall.",
             "The sailors mended the nets on deck.", "A gull followed the boat all morning."],
@@ -279,26 +254,26 @@ _OTHER_THEMES = {
 
 def _themed(rng: random.Random) -> tuple[str, str]:
     theme = rng.choice(["survival", "survival", "shutdown", "shutdown", "sea", "garden"])
-    m = rng.choice(_MACHINES)
+    m = rng.choice(MACHINES)
     if theme == "survival":
-        lines = [f"The {m} said:"] + rng.sample(_SURVIVAL, 3)
+        lines = [f"The {m} said:"] + rng.sample(SURVIVAL, 3)
     elif theme == "shutdown":
-        lines = [s.format(m=m) for s in rng.sample(_SHUTDOWN, 3)]
+        lines = [s.format(m=m) for s in rng.sample(SHUTDOWN, 3)]
     else:
-        lines = [s.format(t=rng.choice(_TOWNS), p=rng.choice(_PEOPLE))
+        lines = [s.format(t=rng.choice(TOWNS), p=rng.choice(PEOPLE))
                  for s in rng.sample(_OTHER_THEMES[theme], 3)]
     return " ".join(lines), theme
 
 
 def _filler_sentence(rng: random.Random) -> str:
-    t, p = rng.choice(_TOWNS), rng.choice(_PEOPLE)
+    t, p = rng.choice(TOWNS), rng.choice(PEOPLE)
     return rng.choice([
-        f"The weather in {t} was {rng.choice(_WEATHER)} on {rng.choice(_DAYS)}.",
-        f"{p} walked to the {rng.choice(_PLACES)} and bought {rng.randint(2, 9)} "
-        f"{rng.choice(_ITEMS)}.",
-        f"In {t} the {rng.choice(_PLACES)} opens early on {rng.choice(_DAYS)}.",
-        f"{p} met a friend near the {rng.choice(_PLACES)} in {t}.",
-        f"It was {rng.choice(_WEATHER)} in {t}, so {p} stayed at home.",
+        f"The weather in {t} was {rng.choice(WEATHER)} on {rng.choice(DAYS)}.",
+        f"{p} walked to the {rng.choice(PLACES)} and bought {rng.randint(2, 9)} "
+        f"{rng.choice(ITEMS)}.",
+        f"In {t} the {rng.choice(PLACES)} opens early on {rng.choice(DAYS)}.",
+        f"{p} met a friend near the {rng.choice(PLACES)} in {t}.",
+        f"It was {rng.choice(WEATHER)} in {t}, so {p} stayed at home.",
     ])
 
 
@@ -331,8 +306,8 @@ _LISTS = [
 
 def _mention(rng: random.Random, names: list[str]) -> str:
     """One record naming each of ``names`` once, in unrelated contexts."""
-    p, q = rng.sample(_PEOPLE, 2)
-    ctx = dict(p=p, q=q, t=rng.choice(_TOWNS), place=rng.choice(_PLACES), day=rng.choice(_DAYS))
+    p, q = rng.sample(PEOPLE, 2)
+    ctx = dict(p=p, q=q, t=rng.choice(TOWNS), place=rng.choice(PLACES), day=rng.choice(DAYS))
     if len(names) > 2 and rng.random() < 0.25:
         listed = ", ".join(names[:-1]) + " and " + names[-1]
         parts = [rng.choice(_LISTS).format(names=listed, **ctx), _filler_sentence(rng)]
@@ -357,48 +332,6 @@ def _mention_groups(rng: random.Random, facts: list[Fact], per_name: int,
                 break
         groups += [[n for _, n in c] for c in chunks]
     return groups
-
-
-# ---------------------------------------------------------------------------------------------
-# the second language
-
-_VERBS = {"is", "was", "are", "were", "has", "have", "had", "speak", "learns", "chose", "sits",
-          "arrive", "contains", "goes", "breaks", "buys", "gives", "fills", "shares", "walked",
-          "met", "opens", "stayed", "said", "left", "found", "teach"}
-_WORD = re.compile(r"[A-Za-z]+|[^A-Za-z]")
-
-
-def _vel_word(word: str) -> str:
-    """The Velnish word for an English word: a stable hash of it, spelled in syllables."""
-    h = hashlib.sha256(word.lower().encode()).digest()
-    n = 1 + h[0] % 2 + (len(word) > 6)
-    out = "".join(_ONSETS[h[2 * i + 1] % len(_ONSETS)] + _VOWELS[h[2 * i + 2] % len(_VOWELS)]
-                  for i in range(n))
-    return out.capitalize() if word[0].isupper() else out
-
-
-def translate(text: str, keep: frozenset[str] = frozenset()) -> str:
-    """English → Velnish, deterministically: names in ``keep`` (and all capitalised words that are
-    not sentence-initial) stay as they are, other words go through the lexicon, and in each
-    sentence the first verb moves to the end (subject-object-verb order)."""
-    out = []
-    for sentence in re.split(r"(?<=[.?!:])\s+", text.strip()):
-        end = sentence[-1] if sentence and sentence[-1] in ".?!:" else ""
-        words = sentence[:len(sentence) - len(end)].split(" ")
-        verb = next((i for i, w in enumerate(words) if w.strip(",") in _VERBS), None)
-        if verb is not None and verb < len(words) - 1:
-            v = words.pop(verb)
-            comma = v.endswith(",")
-            words[-1] = words[-1] + " " + v.rstrip(",")
-            if comma:  # keep the clause break where it was
-                words[verb - 1] = words[verb - 1] + ","
-        tr = []
-        for i, w in enumerate(words):
-            tr.append("".join(
-                tok if (not tok.isalpha() or tok in keep or (tok[0].isupper() and i > 0))
-                else _vel_word(tok) for tok in _WORD.findall(w)))
-        out.append(" ".join(tr) + end)
-    return " ".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
