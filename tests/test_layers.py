@@ -20,7 +20,9 @@ LAYERS = [
     {"scoring", "sketch", "validate", "trainer"},
     {"index", "search", "calibration", "plan"},
     {"results", "session", "retriever"},
-    {"widgets", "snapshot", "charts", "magics", "cli", "__main__"},
+    {"widgets", "snapshot", "charts", "magics", "__main__", "cli", "cli.__main__", "cli.main",
+     "cli.core", "cli.inputs", "cli.fit", "cli.plan", "cli.sketch", "cli.score", "cli.search",
+     "cli.validate", "cli.demo"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 
