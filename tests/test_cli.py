@@ -1,5 +1,6 @@
 """The CLI end to end on the demo world (fit -> sketch -> search -> score, small settings, options
 from a TOML file and from flags), the notebook API opening what it wrote, and one-line errors."""
+import dataclasses
 import json
 
 import numpy as np
@@ -8,10 +9,15 @@ import torch
 
 from influence_nb import demo
 from influence_nb.cli import main
-from influence_nb.curvature import Factors
+from influence_nb.cli.core import Option, field_docs
+from influence_nb.cli.main import VERBS
+from influence_nb.curvature import FactorArgs, Factors
 from influence_nb.results import InfluenceResult
+from influence_nb.index import IndexArgs
 from influence_nb.retriever import Retriever
+from influence_nb.scoring import ScoreArgs
 from influence_nb.session import Influence
+from influence_nb.sketch import SketchArgs
 
 CORPUS = str(demo.ASSETS / "corpus.parquet")
 COMMON = ["--model", str(demo.ASSETS), "--corpus", CORPUS, "--no-progress"]
@@ -131,3 +137,36 @@ def test_validate_tail_patch_and_lds_on_the_micro_world(tmp_path, capsys):
     assert set(summary["lds"]) == {"ekfac", "kfac", "identity", "bm25", "random"}
     assert (tmp_path / "lds" / "lds.csv").is_file()
     assert len(list((tmp_path / "lds" / "retrains").glob("chunk_*.npz"))) == 3
+
+
+def test_field_docs_reads_the_name_text_lines_of_a_docstring():
+    doc = """How to do it.
+
+    alpha:  the first,
+            continued here
+    beta_2: the second (paper: 0.1)
+
+    Prose after the fields, with a colon: not a field.
+    """
+    assert field_docs(doc) == {"alpha": "the first, continued here",
+                               "beta_2": "the second (paper: 0.1)"}
+    for cls in (FactorArgs, ScoreArgs, SketchArgs, IndexArgs):   # every flag has its help
+        assert set(field_docs(cls.__doc__)) == {f.name for f in dataclasses.fields(cls)}
+
+
+def test_a_config_value_converts_through_the_flag_declaration():
+    layers = Option("layers", nargs="+")
+    assert layers.convert("mlp", "k") == ["mlp"] and layers.convert(["a", "b"], "k") == ["a", "b"]
+    assert Option("n", type=int, choices=(1, 2)).convert(2, "k") == 2
+    with pytest.raises(ValueError, match="k = 3 must be one of 1, 2"):
+        Option("n", type=int, choices=(1, 2)).convert(3, "k")
+    with pytest.raises(ValueError, match="k = 'x' must be true or false"):
+        Option("on", switch=True).convert("x", "k")
+
+
+@pytest.mark.parametrize("verb", [v.name for v in VERBS] + ["validate tail-patch",
+                                                              "validate lds"])
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([*verb.split(), "--help"])
+    assert exit.value.code == 0 and f"usage: influence-nb {verb}" in capsys.readouterr().out

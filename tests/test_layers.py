@@ -21,7 +21,9 @@ LAYERS = [
     {"scoring", "sketch", "validate", "trainer"},
     {"index", "search", "calibration", "plan"},
     {"results", "session", "retriever"},
-    {"widgets", "view", "snapshot", "style", "charts", "magics", "cli", "__main__"},
+    {"widgets", "view", "snapshot", "style", "charts", "magics", "__main__", "cli",
+     "cli.__main__", "cli.main", "cli.core", "cli.inputs", "cli.fit", "cli.plan", "cli.sketch",
+     "cli.score", "cli.search", "cli.validate", "cli.demo"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 
