@@ -70,11 +70,12 @@ from tqdm.auto import tqdm
 
 from . import distributed, store
 from .checks import check_args
-from .curvature import Factors, fingerprint_of, rotate
+from .curvature import Factors, fingerprint_of
 from .data import Corpus
 from .hooks import TrackedLayer, find_layers
 from .passes import Consumer, PassBatch, as_ids, corpus_pass, source
-from .scoring import Queries
+from .queries import Queries
+from .statistics import rotate
 from .task import Task
 
 VARIANTS = ("auto", "eigen", "whitened", "plain")

@@ -39,10 +39,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .curvature import FactorArgs, Factors, fit_factors, query_gradients
+from .curvature import FactorArgs, Factors, fit_factors
 from .data import Corpus
 from .hooks import TrackedLayer, eval_mode, find_layers
 from .passes import as_ids, loss_values, prepared, source
+from .queries import query_gradients
 from .store import ChunkStore
 from .task import Task, get, measure, query_batch, to_device
 

@@ -36,7 +36,7 @@ from . import snapshot
 from .results import InfluenceResult
 
 if TYPE_CHECKING:
-    from .scoring import Queries
+    from .queries import Queries
     from .session import Influence
 
 __all__ = ["InfluenceExplorer", "LayerBars", "SyntheticLab", "TokenHighlight", "short_layer_names"]

@@ -12,8 +12,8 @@ from influence_nb.curvature import FactorArgs, fit_factors
 from influence_nb.data import Corpus
 from influence_nb.hooks import find_layers
 from influence_nb.passes import Gradients, as_ids, corpus_pass, source
-from influence_nb.scoring import (Queries, ScoreArgs, Scorer, SelfInfluence, make_queries, scan,
-                                  self_influence)
+from influence_nb.queries import Queries, make_queries
+from influence_nb.scoring import ScoreArgs, Scorer, SelfInfluence, scan, self_influence
 from influence_nb.session import Influence
 from influence_nb.sketch import Projection, SketchArgs, Sketcher, build_sketches
 from influence_nb.task import Task
