@@ -37,7 +37,8 @@ from .passes import Recording, corpus_pass, source
 from .statistics import Covariance, EigenvalueCorrection, LayerFactors, rotate, rotated_gradients
 from .task import Task
 
-STRATEGIES = ("identity", "kfac", "ekfac")
+# the curvature a fit or a preconditioning uses; the default first, then less and less of it
+STRATEGIES = ("ekfac", "kfac", "identity")
 FORMAT = "influence_nb.factors/2"
 
 
@@ -80,7 +81,7 @@ class FactorArgs:
     MINIMUM: ClassVar[dict[str, float]] = {"batch_size": 1, "batch_tokens": 1,
                                            "max_examples": 1, "blocks": 1,
                                            "draws": 1, "damping": 0.0, "damping_factor": 0.0}
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"strategy": ("ekfac", "kfac", "identity"),
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"strategy": STRATEGIES,
                                                      "eigh_precision": ("float64", "float32")}
 
     def __post_init__(self) -> None:
@@ -338,11 +339,7 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     Under torch.distributed the batches are sharded over the ranks and the statistics
     all-reduced (see :mod:`influence_nb.distributed`): every rank returns the same factors.
     """
-    args, task = args or FactorArgs(), task or Task()
-    if args.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {args.strategy!r}; use one of {STRATEGIES}")
-    if args.blocks < 1:
-        raise ValueError(f"blocks must be ≥ 1, got {args.blocks}")
+    args, task = args or FactorArgs(), task or Task()   # FactorArgs checked its fields
     tracked = find_layers(model, args.layers)
     shapes = {t.name: t.shape for t in tracked}
     passes = {"identity": 0, "kfac": 1, "ekfac": 2}[args.strategy]

@@ -14,7 +14,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
                           LlamaConfig, LlamaForCausalLM)
 
 from influence_nb import store, validate
-from influence_nb.curvature import FactorArgs, Factors, fit_factors
+from influence_nb.curvature import STRATEGIES, FactorArgs, Factors, fit_factors
 from influence_nb.hooks import find_layers
 from influence_nb.passes import Consumer, corpus_pass, source
 from influence_nb.queries import make_queries, query_gradients, sequence_gradients
@@ -432,7 +432,7 @@ def test_query_gradients_precondition_like_make_queries():
     """make_queries preconditions through query_gradients (one code path), strategy included."""
     model, data, prompts, completions = validate.toy_problem(n_sequences=64)
     factors = fit_factors(model, data, FactorArgs(progress=False))
-    for strategy in ("ekfac", "kfac", "identity"):
+    for strategy in STRATEGIES:
         q = make_queries(model, factors, prompts[:2], completions[:2], rank=None,
                          strategy=strategy)
         g = query_gradients(model, prompts[:2], completions[:2], factors, strategy=strategy)
