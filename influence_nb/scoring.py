@@ -226,18 +226,10 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
         raise ValueError(f"chunk_size ({args.chunk_size}) must be a multiple of batch_size "
                          f"({args.batch_size})")
     world = distributed.rank_world()[1]
-    chunk_store = None
-    if out_dir is not None or world > 1:  # the model's fingerprint samples every parameter
-        description = dict(queries=queries.fingerprint, corpus=corpus.fingerprint,
-                           model=fingerprint_of(model, queries.layer_names),
-                           ids=hashlib.sha256(ids.tobytes()).hexdigest()[:16],
-                           layers=queries.layer_names,
-                           args={k: v for k, v in asdict(args).items() if k != "progress"})
-        distributed.check_same(json.dumps(description, sort_keys=True), "what to scan")
-        chunk_store = store.ChunkStore(out_dir, description) if out_dir is not None else None
+    chunk_store = (_chunk_store(model, queries, corpus, ids, args, out_dir)
+                   if out_dir is not None or world > 1 else None)
     Q, L = len(queries), len(layers)
     layer_scores = np.zeros((Q, L, len(ids)))
-    starts = range(0, len(ids), args.chunk_size)
     mine = chunks(len(ids), args.chunk_size)
     with tqdm(total=sum(len(ids[s:s + args.chunk_size]) for s in mine), desc="scoring",
               unit="seq", disable=not args.progress) as bar:
@@ -256,18 +248,40 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
             else:
                 bar.update(len(chunk))
             layer_scores[..., start:start + len(chunk)] = done["layer_scores"]
-    if world > 1 and chunk_store:  # the other ranks' chunks, from the shared directory
-        distributed.barrier()
-        for start in sorted(set(starts) - set(mine)):
-            chunk = ids[start:start + args.chunk_size]
-            done = chunk_store.read(start, chunk, {"layer_scores": (Q, L, len(chunk))})
-            if done is None:
-                raise FileNotFoundError(f"chunk {start} of the scan is not in {chunk_store.root}: "
-                                        "out_dir must be on a filesystem that every rank sees")
-            layer_scores[..., start:start + len(chunk)] = done["layer_scores"]
-    elif world > 1:  # zeros where another rank scored: the sum is exact
-        distributed.all_reduce_([torch.from_numpy(layer_scores)])
+    if world > 1:
+        _gather(layer_scores, ids, args.chunk_size, mine, chunk_store)
     return layer_scores.sum(1), (layer_scores if args.per_layer else None), ids
+
+
+def _chunk_store(model: nn.Module, queries: Queries, corpus: Corpus, ids: np.ndarray,
+                 args: ScoreArgs, out_dir: str | os.PathLike | None) -> store.ChunkStore | None:
+    """Check that every rank scans the same (model, queries, corpus, ids, args), and open the
+    resumable chunk directory ``out_dir`` (None without one)."""
+    description = dict(queries=queries.fingerprint, corpus=corpus.fingerprint,
+                       model=fingerprint_of(model, queries.layer_names),  # samples every parameter
+                       ids=hashlib.sha256(ids.tobytes()).hexdigest()[:16],
+                       layers=queries.layer_names,
+                       args={k: v for k, v in asdict(args).items() if k != "progress"})
+    distributed.check_same(json.dumps(description, sort_keys=True), "what to scan")
+    return store.ChunkStore(out_dir, description) if out_dir is not None else None
+
+
+def _gather(layer_scores: np.ndarray, ids: np.ndarray, chunk_size: int, mine: Sequence[int],
+            chunk_store: store.ChunkStore | None) -> None:
+    """The other ranks' chunks into ``layer_scores`` (Q, L, N), in place: read back from the
+    shared directory, or without one all-reduced."""
+    if chunk_store is None:  # zeros where another rank scored: the sum is exact
+        distributed.all_reduce_([torch.from_numpy(layer_scores)])
+        return
+    distributed.barrier()
+    Q, L, _ = layer_scores.shape
+    for start in sorted(set(range(0, len(ids), chunk_size)) - set(mine)):
+        chunk = ids[start:start + chunk_size]
+        done = chunk_store.read(start, chunk, {"layer_scores": (Q, L, len(chunk))})
+        if done is None:
+            raise FileNotFoundError(f"chunk {start} of the scan is not in {chunk_store.root}: "
+                                    "out_dir must be on a filesystem that every rank sees")
+        layer_scores[..., start:start + len(chunk)] = done["layer_scores"]
 
 
 def token_scores(model: nn.Module, queries: Queries, corpus: Corpus, ids: Sequence[int],
