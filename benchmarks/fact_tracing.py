@@ -14,7 +14,8 @@ import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from influence_nb import demo
-from influence_nb.scoring import Queries, ScoreArgs
+from influence_nb.queries import Queries
+from influence_nb.scoring import ScoreArgs
 from influence_nb.session import Influence
 
 p = argparse.ArgumentParser()

@@ -56,7 +56,8 @@ def child(kind: str) -> dict:
 
     import influence_nb
     from influence_nb.curvature import FactorArgs, fit_factors
-    from influence_nb.scoring import ScoreArgs, make_queries, scan
+    from influence_nb.queries import make_queries
+    from influence_nb.scoring import ScoreArgs, scan
     from influence_nb.sketch import SketchArgs, build_sketches
     from influence_nb.task import Task
     torch.set_num_threads(1)

@@ -12,7 +12,8 @@ import time
 import numpy as np
 
 from influence_nb import demo
-from influence_nb.scoring import Queries, ScoreArgs
+from influence_nb.queries import Queries
+from influence_nb.scoring import ScoreArgs
 from influence_nb.session import Influence
 from influence_nb.validate import spearman
 

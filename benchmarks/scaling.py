@@ -39,7 +39,8 @@ def worker(out: Path) -> None:
     import torch
     from influence_nb import demo, distributed
     from influence_nb.curvature import FactorArgs, fit_factors
-    from influence_nb.scoring import ScoreArgs, make_queries, scan
+    from influence_nb.queries import make_queries
+    from influence_nb.scoring import ScoreArgs, scan
     from influence_nb.sketch import SketchArgs, build_sketches
     torch.set_num_threads(1)
     created = distributed.init()
@@ -79,7 +80,8 @@ def knobs() -> dict:
     import torch
     from influence_nb import demo
     from influence_nb.curvature import FactorArgs, fit_factors
-    from influence_nb.scoring import ScoreArgs, make_queries, scan
+    from influence_nb.queries import make_queries
+    from influence_nb.scoring import ScoreArgs, scan
     from influence_nb.validate import pearson, spearman
     torch.set_num_threads(1)
     model, tokenizer, corpus = demo.load()

@@ -7,8 +7,9 @@ log p(completion | prompt)**; 1 means the log-probability rises by 1 (to first o
 The data path, bottom layer first (a module imports only its own group or those before it;
 tests/test_layers.py checks):
 :mod:`data`, :mod:`task`, :mod:`hooks`, :mod:`store`, :mod:`distributed` → :mod:`passes` (the
-one loop over a corpus, feeding consumers) → :mod:`curvature` (EK-FAC factors, query
-gradients) → :mod:`scoring`, :mod:`sketch`, :mod:`validate` → :mod:`index`, :mod:`search` →
+one loop over a corpus, feeding consumers) → :mod:`statistics` (A, S, their eigenbases, Λ) →
+:mod:`curvature` (EK-FAC factors) → :mod:`queries` (preconditioned query gradients) →
+:mod:`scoring`, :mod:`sketch`, :mod:`validate` → :mod:`index`, :mod:`search` →
 :mod:`results`, :mod:`session`, :mod:`retriever` → :mod:`widgets`, :mod:`charts`,
 :mod:`magics`, :mod:`cli`. This package module wires the notebook view in (the explorer
 displays a result) in a notebook kernel when the widget dependencies are installed.
@@ -16,12 +17,13 @@ displays a result) in a notebook kernel when the widget dependencies are install
 import importlib.util
 import sys
 
-from .curvature import FactorArgs, Factors, fit_factors, query_gradients
+from .curvature import FactorArgs, Factors, fit_factors
 from .data import Batch, Corpus, CorpusError
 from .hooks import Capture
 from .layers import find_layers
+from .queries import Queries, make_queries, query_gradients
 from .results import InfluenceResult
-from .scoring import Queries, ScoreArgs, make_queries, scan, self_influence, token_scores
+from .scoring import ScoreArgs, scan, self_influence, token_scores
 from .session import Influence
 from .task import Task
 

@@ -1,11 +1,8 @@
 """Curvature: K-FAC / EK-FAC factors of the Fisher and damped inverse-Fisher-vector products.
 
-Per tracked layer ℓ with input activations ā (in + bias) and output pseudo-gradients δ (out),
-tokens treated as independent (paper §3.1, eq. 20)::
+In the eigenbases of a layer's Kronecker factors A = Q_A diag(λ_A) Q_Aᵀ and S = Q_S diag(λ_S) Q_Sᵀ
+(:mod:`influence_nb.statistics`)::
 
-    A = E_tokens[ā āᵀ]                   (in+1, in+1)    mean over scored tokens
-    S = Σ_tokens δ δᵀ / n_sequences      (out, out)      so that S ⊗ A ≈ E_seq[vec DW vec DWᵀ]
-    A = Q_A diag(λ_A) Q_Aᵀ,  S = Q_S diag(λ_S) Q_Sᵀ      (float64 eigendecomposition)
     K-FAC:   Λ = λ_S λ_Aᵀ                                (out, in+1)
     EK-FAC:  Λ_ij = E_seq[(Q_Sᵀ DW Q_A)_ij²],  DW = Σ_t δ_t ā_tᵀ per sequence
     (G + λI)⁻¹ V = Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ,    λ = 0.1 · mean(Λ) by default
@@ -24,25 +21,25 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
 import safetensors.torch
 import torch
-from einops import einsum
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import distributed, store
 from .batching import source
 from .checks import check_args
-from .layers import TrackedLayer, context_length, find_layers, stat_dtype
-from .passes import Consumer, Gradients, PassBatch, Recording, corpus_pass
-from .task import Task, get, query_batch, token_rows
+from .layers import TrackedLayer, find_layers, stat_dtype
+from .passes import Recording, corpus_pass
+from .statistics import Covariance, EigenvalueCorrection, LayerFactors, rotate, rotated_gradients
+from .task import Task
 
-STRATEGIES = ("identity", "kfac", "ekfac")
+# the curvature a fit or a preconditioning uses; the default first, then less and less of it
+STRATEGIES = ("ekfac", "kfac", "identity")
 FORMAT = "influence_nb.factors/2"
 
 
@@ -85,56 +82,11 @@ class FactorArgs:
     MINIMUM: ClassVar[dict[str, float]] = {"batch_size": 1, "batch_tokens": 1,
                                            "max_examples": 1, "blocks": 1,
                                            "draws": 1, "damping": 0.0, "damping_factor": 0.0}
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"strategy": ("ekfac", "kfac", "identity"),
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"strategy": STRATEGIES,
                                                      "eigh_precision": ("float64", "float32")}
 
     def __post_init__(self) -> None:
         check_args(self)
-
-
-@dataclass
-class LayerFactors:
-    """One layer's eigenbases (a block-diagonal matrix is a list of blocks) and eigenvalues."""
-    Q_A: list[Tensor]       # blocks of the (in+1, in+1) eigenvector matrix of A
-    lambda_A: Tensor        # (in+1,)
-    Q_S: list[Tensor]       # blocks of the (out, out) eigenvector matrix of S
-    lambda_S: Tensor        # (out,)
-    Lambda: Tensor | None   # (out, in+1) EK-FAC eigenvalues; None for a K-FAC fit
-
-    def eigenvalues(self, strategy: str) -> Tensor:
-        """Λ (out, in+1) of the strategy: EK-FAC's corrected ones or K-FAC's λ_S λ_Aᵀ."""
-        if strategy == "kfac":
-            return torch.outer(self.lambda_S, self.lambda_A)
-        if self.Lambda is None:
-            raise ValueError("these factors were fitted with strategy='kfac'; refit with "
-                             "strategy='ekfac' to precondition with EK-FAC")
-        return self.Lambda
-
-
-def rotate(X: Tensor, Q: Sequence[Tensor], transpose: bool = False) -> Tensor:
-    """X @ blockdiag(Q) (or X @ blockdiag(Q)ᵀ) along X's last dimension."""
-    if len(Q) == 1:
-        return X @ (Q[0].T if transpose else Q[0])
-    parts = X.split([q.shape[0] for q in Q], dim=-1)
-    return torch.cat([x @ (q.T if transpose else q) for x, q in zip(parts, Q)], dim=-1)
-
-
-def block_sizes(n: int, blocks: int) -> list[int]:
-    return [len(c) for c in torch.arange(n).tensor_split(min(blocks, n))]
-
-
-def _eigh(blocks: list[Tensor], dtype: torch.dtype, precision: torch.dtype = torch.float64
-          ) -> tuple[list[Tensor], Tensor]:
-    """Eigendecomposition in ``precision`` of symmetric blocks -> (eigenvector blocks in
-    ``dtype``, eigenvalues ≥ 0).
-
-    Each eigenvector's sign is fixed (its largest-magnitude entry positive), so that two fits
-    whose statistics differ by rounding (another batch order, another number of ranks) give the
-    same basis, and coordinates in it (the eigen sketch) agree."""
-    pairs = [torch.linalg.eigh(b.to(precision)) for b in blocks]
-    signs = [torch.sign(Q.gather(0, Q.abs().argmax(0, keepdim=True))) for _, Q in pairs]
-    return ([(Q * sgn).to(dtype).contiguous() for (_, Q), sgn in zip(pairs, signs)],
-            torch.cat([lam for lam, _ in pairs]).clamp_min(0.0).to(dtype))
 
 
 @dataclass
@@ -376,83 +328,6 @@ def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
     return h.hexdigest()[:16]
 
 
-# -- the two passes of a fit, as consumers of passes.corpus_pass -------------------------------
-
-class Covariance(Consumer):
-    """Σ ā āᵀ and Σ δ δᵀ over the scored tokens, per diagonal block of each layer;
-    ``finish`` -> ({name: LayerFactors without Λ}, n_sequences, n_tokens), the same on every
-    rank (sums all-reduced, rank 0's eigenbases broadcast)."""
-
-    def __init__(self, layers: Sequence[TrackedLayer], blocks: int, dtype: torch.dtype,
-                 device: torch.device, progress: bool = False,
-                 precision: torch.dtype = torch.float64):
-        self.dtype, self.progress, self.precision = dtype, progress, precision
-        self.eigh_seconds = 0.0
-        self.split = {t.name: (block_sizes(t.shape[1], blocks), block_sizes(t.d_out, blocks))
-                      for t in layers}
-        zeros = lambda k: torch.zeros(k, k, dtype=dtype, device=device)  # noqa: E731
-        self.A = {n: [zeros(k) for k in s[0]] for n, s in self.split.items()}
-        self.S = {n: [zeros(k) for k in s[1]] for n, s in self.split.items()}
-        self.n_seq = self.n_tok = 0
-
-    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
-                     batch: PassBatch) -> None:
-        n, idx = layer.name, batch.tokens
-        a = a.flatten(0, 1).index_select(0, idx).split(self.split[n][0], dim=1)  # (tokens, in+1)
-        d = delta.flatten(0, 1).index_select(0, idx).split(self.split[n][1], dim=1)  # (tokens, out)
-        for acc, x in zip(self.A[n] + self.S[n], a + d):
-            acc.addmm_(x.T, x)                  # Σ ā āᵀ, Σ δ δᵀ per diagonal block
-
-    def update(self, batch: PassBatch) -> None:
-        self.n_seq, self.n_tok = self.n_seq + len(batch), self.n_tok + batch.n_tokens
-
-    def finish(self) -> tuple[dict[str, LayerFactors], int, int]:
-        distributed.all_reduce_([blk for n in self.A for blk in self.A[n] + self.S[n]])
-        n_seq, n_tok = distributed.sum_counts(self.n_seq, self.n_tok)
-        if n_tok == 0:
-            raise ValueError(f"none of the {n_seq} sequences has a token to score (each needs "
-                             "at least 2 tokens, and the task's loss mask must keep one); "
-                             "give longer sequences")
-        layers, start = {}, time.perf_counter()
-        # a fixed cost, cubic in the widths (float64 eigh of a 3,072² matrix: ≈ 9 s on one core)
-        for n in tqdm(list(self.A), desc="eigendecomposition", unit="layer",
-                      disable=not self.progress):
-            Q_A, lambda_A = _eigh([blk / n_tok for blk in self.A[n]], self.dtype, self.precision)
-            Q_S, lambda_S = _eigh([blk / n_seq for blk in self.S[n]], self.dtype, self.precision)
-            layers[n] = LayerFactors(Q_A, lambda_A, Q_S, lambda_S, None)
-        self.A = self.S = {}
-        self.eigh_seconds = time.perf_counter() - start
-        distributed.broadcast_([t for f in layers.values()  # one eigenbasis for every rank
-                                for t in [*f.Q_A, f.lambda_A, *f.Q_S, f.lambda_S]])
-        return layers, n_seq, n_tok
-
-
-class EigenvalueCorrection(Consumer):
-    """EK-FAC's Λ = E_seq[(Q_Sᵀ DW Q_A)²] in the eigenbases of a covariance pass;
-    ``finish`` -> ({name: Λ (out, in+1)} summed over sequences, n_sequences), all-reduced."""
-
-    def __init__(self, layers: Mapping[str, LayerFactors], shapes: Mapping[str, tuple[int, int]],
-                 dtype: torch.dtype):
-        self.layers = layers
-        self.Lambda = {n: torch.zeros(shapes[n], dtype=dtype, device=f.lambda_A.device)
-                       for n, f in layers.items()}
-        self.n_seq = 0
-
-    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
-                     batch: PassBatch) -> None:
-        f, (o, i) = self.layers[layer.name], layer.shape
-        for group, tokens in batch.groups(2 * o * i * a.element_size()):  # DW and its square
-            G = rotated_gradients(a[group], delta[group], tokens, f)
-            self.Lambda[layer.name] += (G ** 2).sum(0)
-
-    def update(self, batch: PassBatch) -> None:
-        self.n_seq += len(batch)
-
-    def finish(self) -> tuple[dict[str, Tensor], int]:
-        distributed.all_reduce_(list(self.Lambda.values()))
-        return self.Lambda, distributed.sum_counts(self.n_seq)[0]
-
-
 def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
                 task: Task | None = None) -> Factors:
     """Fit the curvature of ``model`` on ``data``: a Corpus, a zero-argument callable returning
@@ -465,11 +340,7 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     Under torch.distributed the batches are sharded over the ranks and the statistics
     all-reduced (see :mod:`influence_nb.distributed`): every rank returns the same factors.
     """
-    args, task = args or FactorArgs(), task or Task()
-    if args.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {args.strategy!r}; use one of {STRATEGIES}")
-    if args.blocks < 1:
-        raise ValueError(f"blocks must be ≥ 1, got {args.blocks}")
+    args, task = args or FactorArgs(), task or Task()   # FactorArgs checked its fields
     tracked = find_layers(model, args.layers)
     shapes = {t.name: t.shape for t in tracked}
     passes = {"identity": 0, "kfac": 1, "ekfac": 2}[args.strategy]
@@ -510,107 +381,3 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     return Factors(args, shapes, layers, n_seq // args.draws, n_tok // args.draws, fp,
                    src.fingerprint, task.empirical_fisher,
                    None if task.empirical_fisher else task.fisher_probe, timings)
-
-
-def rotated_gradients(a: Tensor, delta: Tensor, tokens: Tensor, f: LayerFactors) -> Tensor:
-    """Per-sequence gradients in the Kronecker eigenbasis, Q_Sᵀ (Σ_t δ_t ā_tᵀ) Q_A.
-
-    a: (B, T, in+1), delta: (B, T, out), tokens: (n,) flat indices of the counted positions
-    -> (B, out, in+1). Rotates the counted tokens first when that is cheaper
-    (n · (in² + out²) against B · out · in · (out + in)), else each sequence's summed gradient.
-    """
-    (B, T, i), o = a.shape, delta.shape[-1]
-    if len(tokens) * (i * i + o * o) < B * o * i * (o + i):
-        a_rot = a.new_zeros(B * T, i).index_copy_(
-            0, tokens, rotate(a.flatten(0, 1).index_select(0, tokens), f.Q_A))
-        delta_rot = delta.new_zeros(B * T, o).index_copy_(
-            0, tokens, rotate(delta.flatten(0, 1).index_select(0, tokens), f.Q_S))
-        return einsum(delta_rot.view(B, T, o), a_rot.view(B, T, i), "b t o, b t i -> b o i")
-    DW = einsum(delta, a, "b t o, b t i -> b o i")
-    return rotate(rotate(DW, f.Q_A).mT, f.Q_S).mT
-
-
-def sequence_gradients(model: nn.Module, batch: object, layers: Sequence[TrackedLayer],
-                       loss: str | Callable[[Tensor, object], Tensor], task: Task | None = None
-                       ) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-sequence gradients of ``loss`` (a callable (logits, batch) -> (B,), or a loss name
-    of :func:`~influence_nb.passes.loss_values`) for the tracked layers, one batch.
-
-    -> ({name: (B, out, in+1)}, loss values (B,)), in float32 (float64 for a float64 model).
-    """
-    return corpus_pass(model, layers, source([batch], len(get(batch, "input_ids"))),
-                       [Gradients(layers)], loss, task, progress=False)[0]
-
-
-class PreconditionedGradients(Gradients):
-    """Per-sequence gradients DW and their preconditioning in the eigenbasis, one pass:
-    ``finish`` -> ({name: DW}, {name: X}, loss values), each (N, out, in+1), where
-    X = (Q_Sᵀ DW Q_A) / (Λ + λ), so that (G + λI)⁻¹ DW = Q_S X Q_Aᵀ
-    (:meth:`Factors.from_eigenbasis`); for strategy "identity" X = DW.
-
-    The rotation starts from the tokens (:func:`rotated_gradients`): for a query of n ≪ out, in
-    positions, n·(out² + in²) instead of out·in·(out + in)."""
-
-    def __init__(self, layers: Sequence[TrackedLayer], factors: Factors, strategy: str) -> None:
-        super().__init__(layers)
-        self.factors, self.strategy = factors, factors.resolve_strategy(strategy)
-        self.X = Gradients(layers)
-
-    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
-                     batch: PassBatch) -> None:
-        super().update_layer(layer, a, delta, batch)
-        if self.strategy == "identity":
-            X = self.batch[layer.name]
-        else:
-            X = self.factors.precondition_tokens(layer.name, a, delta, batch.tokens,
-                                                 self.strategy)
-        self.X.batch[layer.name] = X
-
-    def update(self, batch: PassBatch) -> None:
-        super().update(batch)
-        self.X.update(batch)
-
-    def finish(self) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        (DW, losses), (X, _) = super().finish(), self.X.finish()
-        return DW, X, losses
-
-
-@dataclass
-class QueryGradients:
-    """Gradients of f = log p(completion | prompt) for Q queries.
-
-    f:              (Q,) the measurement, in nats
-    grads:          {layer: (Q, out, in+1)} ∇f
-    preconditioned: {layer: (Q, out, in+1)} (G + λI)⁻¹ ∇f, or None without factors
-    """
-    f: Tensor
-    grads: dict[str, Tensor]
-    preconditioned: dict[str, Tensor] | None
-
-
-def query_gradients(model: nn.Module, prompts: Sequence[int] | Sequence[Sequence[int]],
-                    completions: Sequence[int] | Sequence[Sequence[int]],
-                    factors: Factors | None = None, layers: str | Sequence[str] = "mlp",
-                    task: Task | None = None, pad_id: int = 0,
-                    strategy: str | None = None) -> QueryGradients:
-    """∇ log p(completion | prompt) per query and tracked layer, preconditioned with ``factors``
-    (``strategy`` overrides the fitted one: "kfac" or "identity").
-
-    ``prompts`` / ``completions``: token ids, one query (a list of ints) or several. With
-    ``factors``, their tracked layers are used and ``layers`` is ignored. For a few queries:
-    every (Q, out, in+1) matrix is kept (:func:`~influence_nb.scoring.make_queries` keeps only
-    rank-r factors, in blocks of queries).
-    """
-    batch = query_batch(token_rows(prompts), token_rows(completions), context_length(model),
-                        pad_id)
-    tracked = find_layers(model, factors.layer_names if factors is not None else layers)
-    if factors is None:
-        grads, f = sequence_gradients(model, batch, tracked, "measurement", task)
-        return QueryGradients(f, grads, None)
-    consumer = PreconditionedGradients(tracked, factors, strategy)
-    grads, X, f = corpus_pass(model, tracked, source([batch], len(get(batch, "input_ids"))),
-                              [consumer], "measurement", task, progress=False)[0]
-    if consumer.strategy == "identity":
-        return QueryGradients(f, grads, X)
-    R = {name: factors.from_eigenbasis(name, x) for name, x in X.items()}
-    return QueryGradients(f, grads, R)

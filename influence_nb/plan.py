@@ -26,14 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import passes, scoring
+from . import passes, queries, scoring
 from .batching import source, token_batches
-from .curvature import (Covariance, EigenvalueCorrection, FactorArgs, LayerFactors,
-                        block_sizes)
+from .curvature import FactorArgs
 from .data import Corpus
 from .layers import TrackedLayer, find_layers, stat_dtype
 from .passes import Consumer, PassBatch, Recording, available_memory, corpus_pass
-from .scoring import LowRank, Queries, Scorer, ScoreArgs
+from .queries import LowRank, Queries
+from .scoring import Scorer, ScoreArgs
+from .statistics import Covariance, EigenvalueCorrection, LayerFactors, block_sizes
 from .task import Task
 
 GB = 2 ** 30
@@ -127,7 +128,8 @@ class Plan:
                  + ", ".join(f"{k} {v:,.1f} s" for k, v in s["seconds"].items()
                              if not k.startswith(("scan", "prepare")))]
         for q, peak in s["scan_peak_gb"].items():
-            lines.append(f"  scan of {q} queries: +{peak} GB, prepare {s['seconds'][f'prepare {q}']:,.1f} s,"
+            lines.append(f"  scan of {q} queries: +{peak} GB, "
+                         f"prepare {s['seconds'][f'prepare {q}']:,.1f} s,"
                          f" scan {s['seconds'][f'scan {q}']:,.1f} s")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
@@ -172,7 +174,6 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     shapes = [t.shape for t in layers]
     device = next(model.parameters()).device
     size = torch.finfo(stat_dtype(model)).bits // 8
-    ekfac = fit.strategy == "ekfac"
     ids = np.arange(len(corpus))[:fit.max_examples]
     lengths = np.diff(corpus.offsets)[ids]
     padded = int(lengths.sum())   # a lower bound, exact enough for the memory terms; a
@@ -180,24 +181,7 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
         ordered = np.sort(lengths)
         bounds = token_batches(ordered, fit.batch_tokens, fit.batch_size)
         padded = int(sum((e - s) * ordered[e - 1] for s, e in zip(bounds[:-1], bounds[1:])))
-    ad_numbers = sum(i + o for o, i in shapes)   # ā and δ numbers per token
-    widest = max(max(block_sizes(i, fit.blocks)[0], block_sizes(o, fit.blocks)[0])
-                 for o, i in shapes)
-    V = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() else 0
-    factors = _factor_numbers(shapes, fit.blocks, ekfac) * size if fit.strategy != "identity" else 0
-    memory = {
-        "model": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "factors": factors,
-        "accumulators": factors,            # A, S sums and Λ's, the same numbers as the result
-        # the input, eigenvectors and workspace in the eigendecomposition's precision
-        "eigh": 4 * widest * widest * getattr(torch, fit.eigh_precision).itemsize,
-        "recording": min(passes.RECORD_BYTES, padded * ad_numbers * size) if ekfac else 0,
-        "batch": 3 * fit.batch_tokens * V * 4,
-        "scorer": scoring.SCORE_BYTES,
-        "prepare": scoring.QUERY_BYTES,
-        "query": sum(o + i for o, i in shapes) * (score.rank or 0) * size
-        + (sum(o * i for o, i in shapes) * size if score.rank is None else 0),
-    }
+    memory = _memory(model, shapes, fit, score, padded, size)
     seconds: dict[str, float] = {}
     notes = []
     if measure:
@@ -220,6 +204,32 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
         notes.append("ā and δ exceed RECORD_BYTES: EK-FAC's eigenvalue pass runs the model again")
     return Plan(memory, _resident(device, "VmRSS"), fit_peak, scan_peak,
                 available_memory(device), seconds, len(ids), padded, notes)
+
+
+def _memory(model: nn.Module, shapes: Sequence[tuple[int, int]], fit: FactorArgs,
+            score: ScoreArgs, padded: int, size: int) -> dict[str, int]:
+    """The memory terms (bytes, see the module docstring) for the tracked layers' (out, in+1)
+    ``shapes``, ``padded`` tokens and statistics of ``size`` bytes, before any run: "batch" is
+    estimated as 3 float32 vocabulary-wide buffers per token."""
+    ekfac = fit.strategy == "ekfac"
+    ad_numbers = sum(i + o for o, i in shapes)   # ā and δ numbers per token
+    widest = max(max(block_sizes(i, fit.blocks)[0], block_sizes(o, fit.blocks)[0])
+                 for o, i in shapes)
+    V = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() else 0
+    factors = _factor_numbers(shapes, fit.blocks, ekfac) * size if fit.strategy != "identity" else 0
+    return {
+        "model": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "factors": factors,
+        "accumulators": factors,            # A, S sums and Λ's, the same numbers as the result
+        # the input, eigenvectors and workspace in the eigendecomposition's precision
+        "eigh": 4 * widest * widest * getattr(torch, fit.eigh_precision).itemsize,
+        "recording": min(passes.RECORD_BYTES, padded * ad_numbers * size) if ekfac else 0,
+        "batch": 3 * fit.batch_tokens * V * 4,
+        "scorer": scoring.SCORE_BYTES,
+        "prepare": queries.QUERY_BYTES,
+        "query": sum(o + i for o, i in shapes) * (score.rank or 0) * size
+        + (sum(o * i for o, i in shapes) * size if score.rank is None else 0),
+    }
 
 
 def _eigh_seconds(shapes: Sequence[tuple[int, int]], blocks: int, precision: torch.dtype
@@ -316,7 +326,7 @@ def _prepare_products(shapes: dict[str, tuple[int, int]], rank: int | None,
         n += tokens * (o * o + i * i)
         if rank is None or rank >= min(o, i):
             continue
-        k = rank + scoring.OVERSAMPLE
+        k = rank + queries.OVERSAMPLE
         n += (6 * k + rank) * o * i if min(o, i) >= 4 * k else o * i * min(o, i) + min(o, i) ** 3
         n += rank * (o * o + i * i)
     return 2 * n

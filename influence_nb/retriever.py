@@ -38,8 +38,8 @@ import numpy as np
 
 from .calibration import Calibration, CalibrationArgs, calibrate
 from .index import IndexArgs, SketchIndex
+from .queries import Queries
 from .results import InfluenceResult
-from .scoring import Queries
 from .search import BM25, search_size
 from .sketch import SketchArgs, Sketches, build_sketches
 

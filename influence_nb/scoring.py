@@ -13,20 +13,19 @@ Sign: **positive means adding the sequence to training raises log p(completion |
 s is the first-order change of f when the sequence's log-likelihood is up-weighted by one unit
 in the (mean) training objective.
 
-Query batching (paper §3.2.2): R_ℓ is kept as a rank-r factorisation U Vᵀ (SVD), so that
+R_ℓ comes as a rank-r factorisation U Vᵀ (:mod:`influence_nb.queries`), so that
 δ_tᵀ R ā_t = (Uᵀ δ_t) · (Vᵀ ā_t) costs (out + in)·r per token and query instead of out·in.
 For totals and per-layer scores without tokens, the per-sequence gradient DW is formed instead
 whenever that is cheaper (a cost model per layer picks); both give the same numbers.
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,9 +40,10 @@ from .batching import as_ids, source
 from .checks import check_args
 from .curvature import Factors, fingerprint_of
 from .data import Corpus
-from .layers import TrackedLayer, context_length, find_layers, stat_dtype
+from .layers import TrackedLayer, find_layers
 from .passes import Consumer, PassBatch, chunks, corpus_pass
-from .task import Task, get, query_batch, token_rows
+from .queries import Queries
+from .task import Task, get
 
 
 @dataclass
@@ -76,205 +76,7 @@ class ScoreArgs:
         check_args(self)
 
 
-OVERSAMPLE = 8  # extra directions of the randomized range finder (see LowRank.of)
-
-
-@dataclass
-class LowRank:
-    """R ≈ U Vᵀ for Q queries: U (Q, out, r), V (Q, in+1, r), the best rank-r approximation;
-    ``full``: R itself when the factorisation is exact (then :meth:`dense` costs nothing)."""
-    U: Tensor
-    V: Tensor
-    full: Tensor | None = field(default=None, repr=False)
-
-    @classmethod
-    def of(cls, R: Tensor, rank: int | None) -> "LowRank":
-        """Truncation of R (Q, out, in+1) to its top ``rank`` singular directions; ``rank`` None
-        or ≥ min(out, in+1) is exact (R itself beside an identity, no factorisation).
-
-        U = R V_r with V_r (in+1, r) orthonormal, so U Vᵀ = R V_r V_rᵀ is an exact projection
-        of R whatever the rounding in V_r. V_r: the top eigenvectors of the smaller Gram matrix
-        (RᵀR or RRᵀ) when min(out, in+1) < 4·(r + OVERSAMPLE) — several times cheaper than an
-        SVD (a float32 Gram's rounding, ~1e-7 of the largest squared singular value, only
-        touches directions that carry nothing) — and otherwise a randomized range finder with
-        two power iterations (Halko, Martinsson & Tropp 2011, alg. 4.4) on one seeded test
-        matrix for every query, so a query's factors do not depend on its batch: (6k + r)·out·in
-        for k = r + OVERSAMPLE instead of out·in·min(out, in) and a min(out, in)² eigh (GPT-2
-        small's MLP: ≈ 6× faster)."""
-        Q, o, i = R.shape
-        eye = lambda n: torch.eye(n, dtype=R.dtype, device=R.device).expand(Q, n, n)  # noqa: E731
-        if rank is None or rank >= min(o, i):
-            return cls(R, eye(i), R) if i <= o else cls(eye(o), R.mT, R)
-        k = rank + OVERSAMPLE
-        if min(o, i) >= 4 * k:
-            gen = torch.Generator(device=R.device).manual_seed(0)
-            Y = torch.linalg.qr(R @ torch.randn(i, k, generator=gen, dtype=R.dtype,
-                                                device=R.device)).Q          # (Q, out, k)
-            for _ in range(2):
-                Y = torch.linalg.qr(R @ torch.linalg.qr(R.mT @ Y).Q).Q
-            V = torch.linalg.svd(Y.mT @ R, full_matrices=False).Vh[:, :rank].mT  # (Q, in+1, r)
-            return cls(R @ V, V)
-        if i <= o:
-            V = torch.linalg.eigh(R.mT @ R).eigenvectors[..., -rank:]  # (Q, in+1, r)
-            return cls(R @ V, V)
-        U = torch.linalg.eigh(R @ R.mT).eigenvectors[..., -rank:]      # (Q, out, r)
-        return cls(U, R.mT @ U)
-
-    def dense(self) -> Tensor:
-        """(Q, out, in+1)"""
-        return self.full if self.full is not None else self.U @ self.V.mT
-
-    @classmethod
-    def cat(cls, parts: Sequence["LowRank"]) -> "LowRank":
-        """The queries of ``parts`` in one: exact ones stay exact (no identity is stacked);
-        otherwise factors are zero-padded to the largest rank, which leaves every U Vᵀ as it
-        was."""
-        if all(p.full is not None for p in parts):
-            return cls.of(torch.cat([p.full for p in parts]), None)
-        r = max(p.U.shape[-1] for p in parts)
-        pad = lambda x: torch.nn.functional.pad(x, (0, r - x.shape[-1]))  # noqa: E731
-        return cls(torch.cat([pad(p.U) for p in parts]), torch.cat([pad(p.V) for p in parts]))
-
-
-@dataclass
-class Queries:
-    """Preconditioned gradients of Q queries f_q = log p(completion_q | prompt_q).
-
-    prompts, completions: the token ids; f: (Q,) the measurement in nats (log-probability)
-    R: {layer: LowRank} the preconditioned gradients (G + λI)⁻¹ ∇f, factorised
-    """
-    prompts: list[list[int]]
-    completions: list[list[int]]
-    f: Tensor
-    R: dict[str, LowRank]
-    rank: int | None
-    strategy: str
-    factors_id: str  # identifies the curvature that preconditioned R
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self.R)
-
-    @classmethod
-    def concat(cls, parts: Sequence["Queries"]) -> "Queries":
-        """One batch of the queries of ``parts`` (same layers, same factors), scored in a single
-        pass. Ranks may differ: factors are zero-padded to the largest, which leaves every
-        U Vᵀ unchanged (the batch's rank is then the largest, None if any is full rank).
-        Strategies may differ too (e.g. EK-FAC and identity side by side in one scan): the
-        batch's strategy then names them all, joined by "+"."""
-        if not parts:
-            raise ValueError("nothing to concatenate: pass at least one Queries")
-        for key in ("factors_id", "layer_names"):
-            values = {json.dumps(getattr(p, key)) for p in parts}
-            if len(values) > 1:
-                raise ValueError(f"cannot concatenate queries made with different {key} "
-                                 f"({', '.join(sorted(values))}); make them with one session")
-        R = {n: LowRank.cat([p.R[n] for p in parts]) for n in parts[0].R}
-        ranks = [p.rank for p in parts]
-        rank = None if None in ranks else max(ranks)
-        return cls(sum((p.prompts for p in parts), []), sum((p.completions for p in parts), []),
-                   torch.cat([p.f for p in parts]), R, rank,
-                   "+".join(dict.fromkeys(p.strategy for p in parts)), parts[0].factors_id)
-
-    def take(self, start: int, stop: int) -> "Queries":
-        """Queries start … stop − 1 (views of the factors, no copy)."""
-        return replace(self, prompts=self.prompts[start:stop],
-                       completions=self.completions[start:stop], f=self.f[start:stop],
-                       R={n: LowRank(lr.U[start:stop], lr.V[start:stop],
-                                     None if lr.full is None else lr.full[start:stop])
-                          for n, lr in self.R.items()})
-
-    def select(self, layers: Sequence[str]) -> "Queries":
-        """The same queries on a subset of their layers: names or fnmatch globs, e.g.
-        ``["*.lora_*"]`` (a fit with ``layers="both:mlp"`` restricted to its adapters). Factors
-        are per layer, so the result equals queries made from a fit on those layers alone."""
-        if isinstance(layers, str):
-            layers = [layers]
-        names = [n for n in self.R if any(fnmatch.fnmatchcase(n, p) for p in layers)]
-        if not names:
-            raise ValueError(f"{list(layers)} match none of the queries' layers "
-                             f"({', '.join(self.layer_names[:4])}, ...)")
-        return replace(self, R={n: self.R[n] for n in names})
-
-    @property
-    def fingerprint(self) -> str:
-        """A hash of the token ids, layers, rank, strategy and factors."""
-        return hashlib.sha256(json.dumps([self.prompts, self.completions, self.layer_names,
-                                          self.rank, self.strategy, self.factors_id]).encode()
-                              ).hexdigest()[:16]
-
-
-QUERY_BYTES = 256 << 20   # dense per-query matrices make_queries forms at once (one block)
 SCORE_BYTES = 512 << 20   # dense R and per-sequence gradients the scorer holds at once
-
-
-class QueryFactors(Consumer):
-    """Rank-r preconditioned query gradients, one layer at a time as the backward reaches it:
-    Q_Sᵀ ∇f Q_A from the tokens, ⊘ (Λ + λ), truncated to rank r in the eigenbasis, then its
-    columns rotated back, (Q_S U, Q_A V). Only one layer's dense (B, out, in+1) matrices of
-    one block of queries exist at any time. ``finish`` -> ({layer: LowRank} in module order,
-    f (Q,) the measurements)."""
-
-    def __init__(self, layers: Sequence[TrackedLayer], factors: Factors, strategy: str | None,
-                 rank: int | None) -> None:
-        self.factors, self.rank = factors, rank
-        self.strategy = factors.resolve_strategy(strategy)
-        self.parts: dict[str, list[LowRank]] = {t.name: [] for t in layers}
-        self.f: list[Tensor] = []
-
-    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
-                     batch: PassBatch) -> None:
-        name, F = layer.name, self.factors
-        if self.strategy == "identity":   # no eigenbasis: ∇f itself
-            self.parts[name].append(LowRank.of(einsum(delta, a, "b t o, b t i -> b o i"),
-                                               self.rank))
-            return
-        lr = LowRank.of(F.precondition_tokens(name, a, delta, batch.tokens, self.strategy),
-                        self.rank)
-        # the truncation of Q_S X Q_Aᵀ is Q_S (X's truncation) Q_Aᵀ: the Q are orthogonal
-        self.parts[name].append(LowRank.of(F.from_eigenbasis(name, lr.full), None)
-                                if lr.full is not None
-                                else LowRank(*F.columns_from_eigenbasis(name, lr.U, lr.V)))
-
-    def update(self, batch: PassBatch) -> None:
-        self.f.append(batch.losses)
-
-    def finish(self) -> tuple[dict[str, LowRank], Tensor]:
-        return {n: LowRank.cat(p) for n, p in self.parts.items()}, torch.cat(self.f)
-
-
-def query_block(shapes: Sequence[tuple[int, int]], element_size: int = 4,
-                budget: int | None = None) -> int:
-    """Queries prepared together: their dense (out, in+1) matrices of the widest layer, about
-    three per query (rotated gradient, scaled, the truncation's product), within ``budget``
-    bytes (default :data:`QUERY_BYTES`)."""
-    widest = max(o * i for o, i in shapes)
-    return max(1, (QUERY_BYTES if budget is None else budget) // (3 * widest * element_size))
-
-
-def make_queries(model: nn.Module, factors: Factors, prompts: Sequence[Sequence[int]],
-                 completions: Sequence[Sequence[int]], rank: int | None = 32,
-                 strategy: str | None = None, task: Task | None = None) -> Queries:
-    """Gradients of log p(completion | prompt) for each query, preconditioned with ``factors``
-    (``strategy`` overrides the fitted one: "kfac" or "identity") and factorised to ``rank``.
-
-    Memory: queries are prepared in blocks (:func:`query_block`), one layer at a time, and
-    only their rank-r factors are kept, (out + in+1)·r numbers per layer and query; full rank
-    (``rank=None``) keeps out·(in+1)."""
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-        raise ValueError(f"rank must be a positive integer or None (full rank), got {rank!r}")
-    prompts, completions = token_rows(prompts), token_rows(completions)
-    tracked = find_layers(model, factors.layer_names)
-    batch = query_batch(prompts, completions, context_length(model))
-    size = query_block(factors.shapes.values(), stat_dtype(model).itemsize)
-    consumer = QueryFactors(tracked, factors, strategy, rank)
-    R, f = corpus_pass(model, tracked, source(list(batch.blocks(size)), size), [consumer],
-                       "measurement", task, progress=False)[0]
-    return Queries(prompts, completions, f, R, rank, strategy or factors.args.strategy,
-                   factors.factors_id())
 
 
 # Costs in multiply-adds of a large matrix product; two kinds of work run far slower per
@@ -425,18 +227,10 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
         raise ValueError(f"chunk_size ({args.chunk_size}) must be a multiple of batch_size "
                          f"({args.batch_size})")
     world = distributed.rank_world()[1]
-    chunk_store = None
-    if out_dir is not None or world > 1:  # the model's fingerprint samples every parameter
-        description = dict(queries=queries.fingerprint, corpus=corpus.fingerprint,
-                           model=fingerprint_of(model, queries.layer_names),
-                           ids=hashlib.sha256(ids.tobytes()).hexdigest()[:16],
-                           layers=queries.layer_names,
-                           args={k: v for k, v in asdict(args).items() if k != "progress"})
-        distributed.check_same(json.dumps(description, sort_keys=True), "what to scan")
-        chunk_store = store.ChunkStore(out_dir, description) if out_dir is not None else None
+    chunk_store = (_chunk_store(model, queries, corpus, ids, args, out_dir)
+                   if out_dir is not None or world > 1 else None)
     Q, L = len(queries), len(layers)
     layer_scores = np.zeros((Q, L, len(ids)))
-    starts = range(0, len(ids), args.chunk_size)
     mine = chunks(len(ids), args.chunk_size)
     with tqdm(total=sum(len(ids[s:s + args.chunk_size]) for s in mine), desc="scoring",
               unit="seq", disable=not args.progress) as bar:
@@ -455,18 +249,40 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
             else:
                 bar.update(len(chunk))
             layer_scores[..., start:start + len(chunk)] = done["layer_scores"]
-    if world > 1 and chunk_store:  # the other ranks' chunks, from the shared directory
-        distributed.barrier()
-        for start in sorted(set(starts) - set(mine)):
-            chunk = ids[start:start + args.chunk_size]
-            done = chunk_store.read(start, chunk, {"layer_scores": (Q, L, len(chunk))})
-            if done is None:
-                raise FileNotFoundError(f"chunk {start} of the scan is not in {chunk_store.root}: "
-                                        "out_dir must be on a filesystem that every rank sees")
-            layer_scores[..., start:start + len(chunk)] = done["layer_scores"]
-    elif world > 1:  # zeros where another rank scored: the sum is exact
-        distributed.all_reduce_([torch.from_numpy(layer_scores)])
+    if world > 1:
+        _gather(layer_scores, ids, args.chunk_size, mine, chunk_store)
     return layer_scores.sum(1), (layer_scores if args.per_layer else None), ids
+
+
+def _chunk_store(model: nn.Module, queries: Queries, corpus: Corpus, ids: np.ndarray,
+                 args: ScoreArgs, out_dir: str | os.PathLike | None) -> store.ChunkStore | None:
+    """Check that every rank scans the same (model, queries, corpus, ids, args), and open the
+    resumable chunk directory ``out_dir`` (None without one)."""
+    description = dict(queries=queries.fingerprint, corpus=corpus.fingerprint,
+                       model=fingerprint_of(model, queries.layer_names),  # samples every parameter
+                       ids=hashlib.sha256(ids.tobytes()).hexdigest()[:16],
+                       layers=queries.layer_names,
+                       args={k: v for k, v in asdict(args).items() if k != "progress"})
+    distributed.check_same(json.dumps(description, sort_keys=True), "what to scan")
+    return store.ChunkStore(out_dir, description) if out_dir is not None else None
+
+
+def _gather(layer_scores: np.ndarray, ids: np.ndarray, chunk_size: int, mine: Sequence[int],
+            chunk_store: store.ChunkStore | None) -> None:
+    """The other ranks' chunks into ``layer_scores`` (Q, L, N), in place: read back from the
+    shared directory, or without one all-reduced."""
+    if chunk_store is None:  # zeros where another rank scored: the sum is exact
+        distributed.all_reduce_([torch.from_numpy(layer_scores)])
+        return
+    distributed.barrier()
+    Q, L, _ = layer_scores.shape
+    for start in sorted(set(range(0, len(ids), chunk_size)) - set(mine)):
+        chunk = ids[start:start + chunk_size]
+        done = chunk_store.read(start, chunk, {"layer_scores": (Q, L, len(chunk))})
+        if done is None:
+            raise FileNotFoundError(f"chunk {start} of the scan is not in {chunk_store.root}: "
+                                    "out_dir must be on a filesystem that every rank sees")
+        layer_scores[..., start:start + len(chunk)] = done["layer_scores"]
 
 
 def token_scores(model: nn.Module, queries: Queries, corpus: Corpus, ids: Sequence[int],

@@ -25,8 +25,9 @@ from .curvature import FactorArgs, Factors, fingerprint_of, fit_factors, model_f
 from .data import Corpus, tokenizer_fingerprint
 from .layers import context_length, find_layers
 from .plan import Plan, plan
+from .queries import Queries, make_queries
 from .results import InfluenceResult
-from .scoring import Queries, ScoreArgs, make_queries, scan, self_influence, token_scores
+from .scoring import ScoreArgs, scan, self_influence, token_scores
 from .store import cache_dir
 from .task import Task
 

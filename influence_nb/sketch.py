@@ -71,11 +71,12 @@ from tqdm.auto import tqdm
 from . import distributed, store
 from .batching import as_ids, source
 from .checks import check_args
-from .curvature import Factors, fingerprint_of, rotate
+from .curvature import Factors, fingerprint_of
 from .data import Corpus
 from .layers import TrackedLayer, find_layers
 from .passes import Consumer, PassBatch, corpus_pass
-from .scoring import Queries
+from .queries import Queries
+from .statistics import rotate
 from .task import Task
 
 VARIANTS = ("auto", "eigen", "whitened", "plain")

@@ -40,11 +40,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .batching import as_ids, prepared, source
-from .curvature import FactorArgs, Factors, fit_factors, query_gradients
+from .curvature import FactorArgs, Factors, fit_factors
 from .data import Corpus
 from .hooks import eval_mode
 from .layers import TrackedLayer, find_layers
 from .passes import loss_values
+from .queries import query_gradients
 from .store import ChunkStore
 from .task import Task, get, measure, query_batch, to_device
 

@@ -33,7 +33,7 @@ from .results import InfluenceResult
 from .view import View
 
 if TYPE_CHECKING:
-    from .scoring import Queries
+    from .queries import Queries
     from .session import Influence
 
 __all__ = ["InfluenceExplorer", "LayerBars", "SyntheticLab", "TokenHighlight", "short_layer_names"]

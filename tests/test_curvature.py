@@ -14,11 +14,11 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
                           LlamaConfig, LlamaForCausalLM)
 
 from influence_nb import store, validate
-from influence_nb.curvature import (FactorArgs, Factors, fit_factors, query_gradients,
-                                    sequence_gradients)
+from influence_nb.curvature import STRATEGIES, FactorArgs, Factors, fit_factors
 from influence_nb.batching import source
 from influence_nb.layers import find_layers
 from influence_nb.passes import Consumer, corpus_pass
+from influence_nb.queries import make_queries, query_gradients, sequence_gradients
 from influence_nb.task import Task, get
 
 V = 32  # vocabulary of the tiny models
@@ -387,7 +387,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
 def test_compare_scores_equal_scan_values():
     """validate.compare reports scores with scan's sign and size: its EK-FAC scores are scan's
     full-rank scores, value for value (not only rank-correlated)."""
-    from influence_nb.scoring import Scorer, make_queries
+    from influence_nb.scoring import Scorer
     model, data, prompts, completions = validate.toy_problem(n_sequences=64, train_steps=50)
     r = validate.compare(model, data, prompts, completions, lissa_depth=0)
     assert "lissa" not in r["scores"]
@@ -431,10 +431,9 @@ def test_lissa_converges_to_the_damped_inverse():
 
 def test_query_gradients_precondition_like_make_queries():
     """make_queries preconditions through query_gradients (one code path), strategy included."""
-    from influence_nb.scoring import make_queries
     model, data, prompts, completions = validate.toy_problem(n_sequences=64)
     factors = fit_factors(model, data, FactorArgs(progress=False))
-    for strategy in ("ekfac", "kfac", "identity"):
+    for strategy in STRATEGIES:
         q = make_queries(model, factors, prompts[:2], completions[:2], rank=None,
                          strategy=strategy)
         g = query_gradients(model, prompts[:2], completions[:2], factors, strategy=strategy)

@@ -13,8 +13,8 @@ from influence_nb.data import Corpus
 from influence_nb.batching import as_ids, source
 from influence_nb.layers import find_layers
 from influence_nb.passes import Gradients, corpus_pass
-from influence_nb.scoring import (Queries, ScoreArgs, Scorer, SelfInfluence, make_queries, scan,
-                                  self_influence)
+from influence_nb.queries import Queries, make_queries
+from influence_nb.scoring import ScoreArgs, Scorer, SelfInfluence, scan, self_influence
 from influence_nb.session import Influence
 from influence_nb.sketch import Projection, SketchArgs, Sketcher, build_sketches
 from influence_nb.task import Task

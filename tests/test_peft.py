@@ -13,7 +13,8 @@ from influence_nb import validate  # noqa: E402
 from influence_nb.curvature import FactorArgs, fit_factors, model_fingerprint  # noqa: E402
 from influence_nb.data import Corpus  # noqa: E402
 from influence_nb.layers import find_layers, has_adapters  # noqa: E402
-from influence_nb.scoring import ScoreArgs, make_queries, scan  # noqa: E402
+from influence_nb.queries import make_queries  # noqa: E402
+from influence_nb.scoring import ScoreArgs, scan  # noqa: E402
 from influence_nb.session import Influence  # noqa: E402
 from influence_nb.sketch import SketchArgs, build_sketches  # noqa: E402
 

@@ -76,7 +76,7 @@ def test_batches_by_tokens_give_the_scores_of_fixed_batches(small):
 def test_queries_prepared_in_blocks_equal_queries_prepared_at_once(small, monkeypatch):
     model, corpus, factors, prompts, completions = small
     whole = make_queries(model, factors, prompts, completions, rank=None)
-    monkeypatch.setattr("influence_nb.scoring.QUERY_BYTES", 1)       # one query per block
+    monkeypatch.setattr("influence_nb.queries.QUERY_BYTES", 1)       # one query per block
     blocks = make_queries(model, factors, prompts, completions, rank=None)
     torch.testing.assert_close(blocks.f, whole.f)
     for name, lr in whole.R.items():

@@ -16,8 +16,8 @@ from influence_nb.data import Corpus
 from influence_nb.batching import source
 from influence_nb.layers import find_layers
 from influence_nb.passes import corpus_pass
-from influence_nb.scoring import (LowRank, ScoreArgs, Scorer, make_queries, scan, self_influence,
-                                  token_scores)
+from influence_nb.queries import LowRank, make_queries, query_gradients
+from influence_nb.scoring import ScoreArgs, Scorer, scan, self_influence, token_scores
 from influence_nb.session import Influence
 
 TEXTS = [f"{w} number {i} is {'odd' if i % 2 else 'even'}." for i, w in
@@ -107,8 +107,8 @@ def test_dense_and_factorised_paths_agree(setup, monkeypatch):
 def test_full_rank_equals_unfactored_and_batched_equals_single(setup):
     model, corpus, factors, prompts, completions = setup
     full = make_queries(model, factors, prompts, completions, rank=None)
-    R = factors.precondition(__import__("influence_nb.curvature", fromlist=["x"]).query_gradients(
-        model, prompts, completions, layers=factors.layer_names).grads)
+    R = factors.precondition(query_gradients(model, prompts, completions,
+                                             layers=factors.layer_names).grads)
     for name, lr in full.R.items():
         np.testing.assert_allclose(lr.dense().numpy(), R[name].numpy(), rtol=1e-9,
                                    atol=1e-12 * R[name].abs().max().item())
@@ -175,7 +175,8 @@ RESUME_SCRIPT = textwrap.dedent("""
     from influence_nb import demo
     from influence_nb.curvature import Factors
     from influence_nb.data import Corpus
-    from influence_nb.scoring import ScoreArgs, make_queries, scan
+    from influence_nb.queries import make_queries
+    from influence_nb.scoring import ScoreArgs, scan
     tok = demo.load()[1]
     model = tiny_model(len(tok))
     corpus = Corpus.from_texts([f"sequence {{i}} says {{i * 7 % 13}}." for i in range(600)], tok)

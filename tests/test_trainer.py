@@ -7,8 +7,9 @@ import torch
 from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer,
                           TrainingArguments)
 
-from influence_nb.curvature import FactorArgs, Factors, fit_factors, sequence_gradients
+from influence_nb.curvature import FactorArgs, Factors, fit_factors
 from influence_nb.layers import find_layers
+from influence_nb.queries import sequence_gradients
 from influence_nb.data import Corpus
 from influence_nb.session import Influence
 from influence_nb.task import Task

@@ -1,0 +1,314 @@
+"""Preconditioned queries: the gradient of each query's measurement f = log p(completion |
+prompt), preconditioned with the fitted curvature, R_ℓ = (G_ℓ + λ_ℓ I)⁻¹ ∇_ℓ f — what the
+scorer (:mod:`influence_nb.scoring`) and the sketch's query side take.
+
+Query batching (paper §3.2.2): R_ℓ is kept as a rank-r factorisation U Vᵀ (:class:`LowRank`),
+(out + in+1)·r numbers per layer and query instead of out·(in+1), so that the scorer's
+δ_tᵀ R ā_t = (Uᵀ δ_t) · (Vᵀ ā_t) costs (out + in)·r per token and query. Queries are prepared
+in blocks, one layer at a time as the backward reaches it (:class:`QueryFactors`);
+:func:`query_gradients` keeps every dense (Q, out, in+1) matrix instead, for a few queries.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from einops import einsum
+from torch import Tensor, nn
+
+from .batching import source
+from .curvature import Factors
+from .layers import TrackedLayer, context_length, find_layers, stat_dtype
+from .passes import Consumer, Gradients, PassBatch, corpus_pass
+from .task import Task, get, query_batch, token_rows
+
+OVERSAMPLE = 8  # extra directions of the randomized range finder (see LowRank.of)
+
+
+@dataclass
+class LowRank:
+    """R ≈ U Vᵀ for Q queries: U (Q, out, r), V (Q, in+1, r), the best rank-r approximation;
+    ``full``: R itself when the factorisation is exact (then :meth:`dense` costs nothing)."""
+    U: Tensor
+    V: Tensor
+    full: Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, R: Tensor, rank: int | None) -> "LowRank":
+        """Truncation of R (Q, out, in+1) to its top ``rank`` singular directions; ``rank`` None
+        or ≥ min(out, in+1) is exact (R itself beside an identity, no factorisation).
+
+        U = R V_r with V_r (in+1, r) orthonormal, so U Vᵀ = R V_r V_rᵀ is an exact projection
+        of R whatever the rounding in V_r. V_r: the top eigenvectors of the smaller Gram matrix
+        (RᵀR or RRᵀ) when min(out, in+1) < 4·(r + OVERSAMPLE) — several times cheaper than an
+        SVD (a float32 Gram's rounding, ~1e-7 of the largest squared singular value, only
+        touches directions that carry nothing) — and otherwise a randomized range finder with
+        two power iterations (Halko, Martinsson & Tropp 2011, alg. 4.4) on one seeded test
+        matrix for every query, so a query's factors do not depend on its batch: (6k + r)·out·in
+        for k = r + OVERSAMPLE instead of out·in·min(out, in) and a min(out, in)² eigh (GPT-2
+        small's MLP: ≈ 6× faster)."""
+        Q, o, i = R.shape
+        eye = lambda n: torch.eye(n, dtype=R.dtype, device=R.device).expand(Q, n, n)  # noqa: E731
+        if rank is None or rank >= min(o, i):
+            return cls(R, eye(i), R) if i <= o else cls(eye(o), R.mT, R)
+        k = rank + OVERSAMPLE
+        if min(o, i) >= 4 * k:
+            gen = torch.Generator(device=R.device).manual_seed(0)
+            Y = torch.linalg.qr(R @ torch.randn(i, k, generator=gen, dtype=R.dtype,
+                                                device=R.device)).Q          # (Q, out, k)
+            for _ in range(2):
+                Y = torch.linalg.qr(R @ torch.linalg.qr(R.mT @ Y).Q).Q
+            V = torch.linalg.svd(Y.mT @ R, full_matrices=False).Vh[:, :rank].mT  # (Q, in+1, r)
+            return cls(R @ V, V)
+        if i <= o:
+            V = torch.linalg.eigh(R.mT @ R).eigenvectors[..., -rank:]  # (Q, in+1, r)
+            return cls(R @ V, V)
+        U = torch.linalg.eigh(R @ R.mT).eigenvectors[..., -rank:]      # (Q, out, r)
+        return cls(U, R.mT @ U)
+
+    def dense(self) -> Tensor:
+        """(Q, out, in+1)"""
+        return self.full if self.full is not None else self.U @ self.V.mT
+
+    @classmethod
+    def cat(cls, parts: Sequence["LowRank"]) -> "LowRank":
+        """The queries of ``parts`` in one: exact ones stay exact (no identity is stacked);
+        otherwise factors are zero-padded to the largest rank, which leaves every U Vᵀ as it
+        was."""
+        if all(p.full is not None for p in parts):
+            return cls.of(torch.cat([p.full for p in parts]), None)
+        r = max(p.U.shape[-1] for p in parts)
+        pad = lambda x: torch.nn.functional.pad(x, (0, r - x.shape[-1]))  # noqa: E731
+        return cls(torch.cat([pad(p.U) for p in parts]), torch.cat([pad(p.V) for p in parts]))
+
+
+@dataclass
+class Queries:
+    """Preconditioned gradients of Q queries f_q = log p(completion_q | prompt_q).
+
+    prompts, completions: the token ids; f: (Q,) the measurement in nats (log-probability)
+    R: {layer: LowRank} the preconditioned gradients (G + λI)⁻¹ ∇f, factorised
+    """
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    f: Tensor
+    R: dict[str, LowRank]
+    rank: int | None
+    strategy: str
+    factors_id: str  # identifies the curvature that preconditioned R
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.R)
+
+    @classmethod
+    def concat(cls, parts: Sequence["Queries"]) -> "Queries":
+        """One batch of the queries of ``parts`` (same layers, same factors), scored in a single
+        pass. Ranks may differ: factors are zero-padded to the largest, which leaves every
+        U Vᵀ unchanged (the batch's rank is then the largest, None if any is full rank).
+        Strategies may differ too (e.g. EK-FAC and identity side by side in one scan): the
+        batch's strategy then names them all, joined by "+"."""
+        if not parts:
+            raise ValueError("nothing to concatenate: pass at least one Queries")
+        for key in ("factors_id", "layer_names"):
+            values = {json.dumps(getattr(p, key)) for p in parts}
+            if len(values) > 1:
+                raise ValueError(f"cannot concatenate queries made with different {key} "
+                                 f"({', '.join(sorted(values))}); make them with one session")
+        R = {n: LowRank.cat([p.R[n] for p in parts]) for n in parts[0].R}
+        ranks = [p.rank for p in parts]
+        rank = None if None in ranks else max(ranks)
+        return cls(sum((p.prompts for p in parts), []), sum((p.completions for p in parts), []),
+                   torch.cat([p.f for p in parts]), R, rank,
+                   "+".join(dict.fromkeys(p.strategy for p in parts)), parts[0].factors_id)
+
+    def take(self, start: int, stop: int) -> "Queries":
+        """Queries start … stop − 1 (views of the factors, no copy)."""
+        return replace(self, prompts=self.prompts[start:stop],
+                       completions=self.completions[start:stop], f=self.f[start:stop],
+                       R={n: LowRank(lr.U[start:stop], lr.V[start:stop],
+                                     None if lr.full is None else lr.full[start:stop])
+                          for n, lr in self.R.items()})
+
+    def select(self, layers: Sequence[str]) -> "Queries":
+        """The same queries on a subset of their layers: names or fnmatch globs, e.g.
+        ``["*.lora_*"]`` (a fit with ``layers="both:mlp"`` restricted to its adapters). Factors
+        are per layer, so the result equals queries made from a fit on those layers alone."""
+        if isinstance(layers, str):
+            layers = [layers]
+        names = [n for n in self.R if any(fnmatch.fnmatchcase(n, p) for p in layers)]
+        if not names:
+            raise ValueError(f"{list(layers)} match none of the queries' layers "
+                             f"({', '.join(self.layer_names[:4])}, ...)")
+        return replace(self, R={n: self.R[n] for n in names})
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the token ids, layers, rank, strategy and factors."""
+        return hashlib.sha256(json.dumps([self.prompts, self.completions, self.layer_names,
+                                          self.rank, self.strategy, self.factors_id]).encode()
+                              ).hexdigest()[:16]
+
+
+QUERY_BYTES = 256 << 20   # dense per-query matrices make_queries forms at once (one block)
+
+
+class QueryFactors(Consumer):
+    """Rank-r preconditioned query gradients, one layer at a time as the backward reaches it:
+    Q_Sᵀ ∇f Q_A from the tokens, ⊘ (Λ + λ), truncated to rank r in the eigenbasis, then its
+    columns rotated back, (Q_S U, Q_A V). Only one layer's dense (B, out, in+1) matrices of
+    one block of queries exist at any time. ``finish`` -> ({layer: LowRank} in module order,
+    f (Q,) the measurements)."""
+
+    def __init__(self, layers: Sequence[TrackedLayer], factors: Factors, strategy: str | None,
+                 rank: int | None) -> None:
+        self.factors, self.rank = factors, rank
+        self.strategy = factors.resolve_strategy(strategy)
+        self.parts: dict[str, list[LowRank]] = {t.name: [] for t in layers}
+        self.f: list[Tensor] = []
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        name, F = layer.name, self.factors
+        if self.strategy == "identity":   # no eigenbasis: ∇f itself
+            self.parts[name].append(LowRank.of(einsum(delta, a, "b t o, b t i -> b o i"),
+                                               self.rank))
+            return
+        lr = LowRank.of(F.precondition_tokens(name, a, delta, batch.tokens, self.strategy),
+                        self.rank)
+        # the truncation of Q_S X Q_Aᵀ is Q_S (X's truncation) Q_Aᵀ: the Q are orthogonal
+        self.parts[name].append(LowRank.of(F.from_eigenbasis(name, lr.full), None)
+                                if lr.full is not None
+                                else LowRank(*F.columns_from_eigenbasis(name, lr.U, lr.V)))
+
+    def update(self, batch: PassBatch) -> None:
+        self.f.append(batch.losses)
+
+    def finish(self) -> tuple[dict[str, LowRank], Tensor]:
+        return {n: LowRank.cat(p) for n, p in self.parts.items()}, torch.cat(self.f)
+
+
+def query_block(shapes: Sequence[tuple[int, int]], element_size: int = 4,
+                budget: int | None = None) -> int:
+    """Queries prepared together: their dense (out, in+1) matrices of the widest layer, about
+    three per query (rotated gradient, scaled, the truncation's product), within ``budget``
+    bytes (default :data:`QUERY_BYTES`)."""
+    widest = max(o * i for o, i in shapes)
+    return max(1, (QUERY_BYTES if budget is None else budget) // (3 * widest * element_size))
+
+
+def make_queries(model: nn.Module, factors: Factors, prompts: Sequence[Sequence[int]],
+                 completions: Sequence[Sequence[int]], rank: int | None = 32,
+                 strategy: str | None = None, task: Task | None = None) -> Queries:
+    """Gradients of log p(completion | prompt) for each query, preconditioned with ``factors``
+    (``strategy`` overrides the fitted one: "kfac" or "identity") and factorised to ``rank``.
+
+    Memory: queries are prepared in blocks (:func:`query_block`), one layer at a time, and
+    only their rank-r factors are kept, (out + in+1)·r numbers per layer and query; full rank
+    (``rank=None``) keeps out·(in+1)."""
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ValueError(f"rank must be a positive integer or None (full rank), got {rank!r}")
+    prompts, completions = token_rows(prompts), token_rows(completions)
+    tracked = find_layers(model, factors.layer_names)
+    batch = query_batch(prompts, completions, context_length(model))
+    size = query_block(factors.shapes.values(), stat_dtype(model).itemsize)
+    consumer = QueryFactors(tracked, factors, strategy, rank)
+    R, f = corpus_pass(model, tracked, source(list(batch.blocks(size)), size), [consumer],
+                       "measurement", task, progress=False)[0]
+    return Queries(prompts, completions, f, R, rank, strategy or factors.args.strategy,
+                   factors.factors_id())
+
+
+# -- dense query gradients: every (Q, out, in+1) matrix kept, for a few queries --------------------
+
+def sequence_gradients(model: nn.Module, batch: object, layers: Sequence[TrackedLayer],
+                       loss: str | Callable[[Tensor, object], Tensor], task: Task | None = None
+                       ) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-sequence gradients of ``loss`` (a callable (logits, batch) -> (B,), or a loss name
+    of :func:`~influence_nb.passes.loss_values`) for the tracked layers, one batch.
+
+    -> ({name: (B, out, in+1)}, loss values (B,)), in float32 (float64 for a float64 model).
+    """
+    return corpus_pass(model, layers, source([batch], len(get(batch, "input_ids"))),
+                       [Gradients(layers)], loss, task, progress=False)[0]
+
+
+class PreconditionedGradients(Gradients):
+    """Per-sequence gradients DW and their preconditioning in the eigenbasis, one pass:
+    ``finish`` -> ({name: DW}, {name: X}, loss values), each (N, out, in+1), where
+    X = (Q_Sᵀ DW Q_A) / (Λ + λ), so that (G + λI)⁻¹ DW = Q_S X Q_Aᵀ
+    (:meth:`Factors.from_eigenbasis`); for strategy "identity" X = DW.
+
+    The rotation starts from the tokens (:func:`rotated_gradients`): for a query of n ≪ out, in
+    positions, n·(out² + in²) instead of out·in·(out + in)."""
+
+    def __init__(self, layers: Sequence[TrackedLayer], factors: Factors, strategy: str) -> None:
+        super().__init__(layers)
+        self.factors, self.strategy = factors, factors.resolve_strategy(strategy)
+        self.X = Gradients(layers)
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        super().update_layer(layer, a, delta, batch)
+        if self.strategy == "identity":
+            X = self.batch[layer.name]
+        else:
+            X = self.factors.precondition_tokens(layer.name, a, delta, batch.tokens,
+                                                 self.strategy)
+        self.X.batch[layer.name] = X
+
+    def update(self, batch: PassBatch) -> None:
+        super().update(batch)
+        self.X.update(batch)
+
+    def finish(self) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        (DW, losses), (X, _) = super().finish(), self.X.finish()
+        return DW, X, losses
+
+
+@dataclass
+class QueryGradients:
+    """Gradients of f = log p(completion | prompt) for Q queries.
+
+    f:              (Q,) the measurement, in nats
+    grads:          {layer: (Q, out, in+1)} ∇f
+    preconditioned: {layer: (Q, out, in+1)} (G + λI)⁻¹ ∇f, or None without factors
+    """
+    f: Tensor
+    grads: dict[str, Tensor]
+    preconditioned: dict[str, Tensor] | None
+
+
+def query_gradients(model: nn.Module, prompts: Sequence[int] | Sequence[Sequence[int]],
+                    completions: Sequence[int] | Sequence[Sequence[int]],
+                    factors: Factors | None = None, layers: str | Sequence[str] = "mlp",
+                    task: Task | None = None, pad_id: int = 0,
+                    strategy: str | None = None) -> QueryGradients:
+    """∇ log p(completion | prompt) per query and tracked layer, preconditioned with ``factors``
+    (``strategy`` overrides the fitted one: "kfac" or "identity").
+
+    ``prompts`` / ``completions``: token ids, one query (a list of ints) or several. With
+    ``factors``, their tracked layers are used and ``layers`` is ignored. For a few queries:
+    every (Q, out, in+1) matrix is kept (:func:`make_queries` keeps only rank-r factors, in
+    blocks of queries).
+    """
+    batch = query_batch(token_rows(prompts), token_rows(completions), context_length(model),
+                        pad_id)
+    tracked = find_layers(model, factors.layer_names if factors is not None else layers)
+    if factors is None:
+        grads, f = sequence_gradients(model, batch, tracked, "measurement", task)
+        return QueryGradients(f, grads, None)
+    consumer = PreconditionedGradients(tracked, factors, strategy)
+    grads, X, f = corpus_pass(model, tracked, source([batch], len(get(batch, "input_ids"))),
+                              [consumer], "measurement", task, progress=False)[0]
+    if consumer.strategy == "identity":
+        return QueryGradients(f, grads, X)
+    R = {name: factors.from_eigenbasis(name, x) for name, x in X.items()}
+    return QueryGradients(f, grads, R)

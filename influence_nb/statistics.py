@@ -1,0 +1,169 @@
+"""Statistics of a fit: the Kronecker factors of each tracked layer's Fisher, their
+eigendecomposition and EK-FAC's eigenvalue correction, accumulated by the two passes of
+:func:`~influence_nb.curvature.fit_factors` (consumers of :func:`~influence_nb.passes.corpus_pass`).
+
+Per tracked layer ℓ with input activations ā (in + bias) and output pseudo-gradients δ (out),
+tokens treated as independent (paper §3.1, eq. 20)::
+
+    A = E_tokens[ā āᵀ]                   (in+1, in+1)    mean over scored tokens
+    S = Σ_tokens δ δᵀ / n_sequences      (out, out)      so that S ⊗ A ≈ E_seq[vec DW vec DWᵀ]
+    A = Q_A diag(λ_A) Q_Aᵀ,  S = Q_S diag(λ_S) Q_Sᵀ      (float64 eigendecomposition)
+    EK-FAC:  Λ_ij = E_seq[(Q_Sᵀ DW Q_A)_ij²],  DW = Σ_t δ_t ā_tᵀ per sequence
+
+A and S may be split into diagonal blocks (a block-diagonal eigenbasis is a list of blocks).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import distributed
+from .layers import TrackedLayer
+from .passes import Consumer, PassBatch
+
+
+@dataclass
+class LayerFactors:
+    """One layer's eigenbases (a block-diagonal matrix is a list of blocks) and eigenvalues."""
+    Q_A: list[Tensor]       # blocks of the (in+1, in+1) eigenvector matrix of A
+    lambda_A: Tensor        # (in+1,)
+    Q_S: list[Tensor]       # blocks of the (out, out) eigenvector matrix of S
+    lambda_S: Tensor        # (out,)
+    Lambda: Tensor | None   # (out, in+1) EK-FAC eigenvalues; None for a K-FAC fit
+
+    def eigenvalues(self, strategy: str) -> Tensor:
+        """Λ (out, in+1) of the strategy: EK-FAC's corrected ones or K-FAC's λ_S λ_Aᵀ."""
+        if strategy == "kfac":
+            return torch.outer(self.lambda_S, self.lambda_A)
+        if self.Lambda is None:
+            raise ValueError("these factors were fitted with strategy='kfac'; refit with "
+                             "strategy='ekfac' to precondition with EK-FAC")
+        return self.Lambda
+
+
+def rotate(X: Tensor, Q: Sequence[Tensor], transpose: bool = False) -> Tensor:
+    """X @ blockdiag(Q) (or X @ blockdiag(Q)ᵀ) along X's last dimension."""
+    if len(Q) == 1:
+        return X @ (Q[0].T if transpose else Q[0])
+    parts = X.split([q.shape[0] for q in Q], dim=-1)
+    return torch.cat([x @ (q.T if transpose else q) for x, q in zip(parts, Q)], dim=-1)
+
+
+def block_sizes(n: int, blocks: int) -> list[int]:
+    """Sizes of the (at most ``blocks``, near-equal) diagonal blocks of an n × n factor."""
+    return [len(c) for c in torch.arange(n).tensor_split(min(blocks, n))]
+
+
+def _eigh(blocks: list[Tensor], dtype: torch.dtype, precision: torch.dtype = torch.float64
+          ) -> tuple[list[Tensor], Tensor]:
+    """Eigendecomposition in ``precision`` of symmetric blocks -> (eigenvector blocks in
+    ``dtype``, eigenvalues ≥ 0).
+
+    Each eigenvector's sign is fixed (its largest-magnitude entry positive), so that two fits
+    whose statistics differ by rounding (another batch order, another number of ranks) give the
+    same basis, and coordinates in it (the eigen sketch) agree."""
+    pairs = [torch.linalg.eigh(b.to(precision)) for b in blocks]
+    signs = [torch.sign(Q.gather(0, Q.abs().argmax(0, keepdim=True))) for _, Q in pairs]
+    return ([(Q * sgn).to(dtype).contiguous() for (_, Q), sgn in zip(pairs, signs)],
+            torch.cat([lam for lam, _ in pairs]).clamp_min(0.0).to(dtype))
+
+
+def rotated_gradients(a: Tensor, delta: Tensor, tokens: Tensor, f: LayerFactors) -> Tensor:
+    """Per-sequence gradients in the Kronecker eigenbasis, Q_Sᵀ (Σ_t δ_t ā_tᵀ) Q_A.
+
+    a: (B, T, in+1), delta: (B, T, out), tokens: (n,) flat indices of the counted positions
+    -> (B, out, in+1). Rotates the counted tokens first when that is cheaper
+    (n · (in² + out²) against B · out · in · (out + in)), else each sequence's summed gradient.
+    """
+    (B, T, i), o = a.shape, delta.shape[-1]
+    if len(tokens) * (i * i + o * o) < B * o * i * (o + i):
+        a_rot = a.new_zeros(B * T, i).index_copy_(
+            0, tokens, rotate(a.flatten(0, 1).index_select(0, tokens), f.Q_A))
+        delta_rot = delta.new_zeros(B * T, o).index_copy_(
+            0, tokens, rotate(delta.flatten(0, 1).index_select(0, tokens), f.Q_S))
+        return einsum(delta_rot.view(B, T, o), a_rot.view(B, T, i), "b t o, b t i -> b o i")
+    DW = einsum(delta, a, "b t o, b t i -> b o i")
+    return rotate(rotate(DW, f.Q_A).mT, f.Q_S).mT
+
+
+# -- the two passes of a fit, as consumers of passes.corpus_pass -----------------------------------
+
+class Covariance(Consumer):
+    """Σ ā āᵀ and Σ δ δᵀ over the scored tokens, per diagonal block of each layer;
+    ``finish`` -> ({name: LayerFactors without Λ}, n_sequences, n_tokens), the same on every
+    rank (sums all-reduced, rank 0's eigenbases broadcast)."""
+
+    def __init__(self, layers: Sequence[TrackedLayer], blocks: int, dtype: torch.dtype,
+                 device: torch.device, progress: bool = False,
+                 precision: torch.dtype = torch.float64):
+        self.dtype, self.progress, self.precision = dtype, progress, precision
+        self.eigh_seconds = 0.0
+        self.split = {t.name: (block_sizes(t.shape[1], blocks), block_sizes(t.d_out, blocks))
+                      for t in layers}
+        zeros = lambda k: torch.zeros(k, k, dtype=dtype, device=device)  # noqa: E731
+        self.A = {n: [zeros(k) for k in s[0]] for n, s in self.split.items()}
+        self.S = {n: [zeros(k) for k in s[1]] for n, s in self.split.items()}
+        self.n_seq = self.n_tok = 0
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        n, idx = layer.name, batch.tokens
+        a = a.flatten(0, 1).index_select(0, idx).split(self.split[n][0], dim=1)  # (tokens, in+1)
+        d = delta.flatten(0, 1).index_select(0, idx).split(self.split[n][1], dim=1)  # (tokens, out)
+        for acc, x in zip(self.A[n] + self.S[n], a + d):
+            acc.addmm_(x.T, x)                  # Σ ā āᵀ, Σ δ δᵀ per diagonal block
+
+    def update(self, batch: PassBatch) -> None:
+        self.n_seq, self.n_tok = self.n_seq + len(batch), self.n_tok + batch.n_tokens
+
+    def finish(self) -> tuple[dict[str, LayerFactors], int, int]:
+        distributed.all_reduce_([blk for n in self.A for blk in self.A[n] + self.S[n]])
+        n_seq, n_tok = distributed.sum_counts(self.n_seq, self.n_tok)
+        if n_tok == 0:
+            raise ValueError(f"none of the {n_seq} sequences has a token to score (each needs "
+                             "at least 2 tokens, and the task's loss mask must keep one); "
+                             "give longer sequences")
+        layers, start = {}, time.perf_counter()
+        # a fixed cost, cubic in the widths (float64 eigh of a 3,072² matrix: ≈ 9 s on one core)
+        for n in tqdm(list(self.A), desc="eigendecomposition", unit="layer",
+                      disable=not self.progress):
+            Q_A, lambda_A = _eigh([blk / n_tok for blk in self.A[n]], self.dtype, self.precision)
+            Q_S, lambda_S = _eigh([blk / n_seq for blk in self.S[n]], self.dtype, self.precision)
+            layers[n] = LayerFactors(Q_A, lambda_A, Q_S, lambda_S, None)
+        self.A = self.S = {}
+        self.eigh_seconds = time.perf_counter() - start
+        distributed.broadcast_([t for f in layers.values()  # one eigenbasis for every rank
+                                for t in [*f.Q_A, f.lambda_A, *f.Q_S, f.lambda_S]])
+        return layers, n_seq, n_tok
+
+
+class EigenvalueCorrection(Consumer):
+    """EK-FAC's Λ = E_seq[(Q_Sᵀ DW Q_A)²] in the eigenbases of a covariance pass;
+    ``finish`` -> ({name: Λ (out, in+1)} summed over sequences, n_sequences), all-reduced."""
+
+    def __init__(self, layers: Mapping[str, LayerFactors], shapes: Mapping[str, tuple[int, int]],
+                 dtype: torch.dtype):
+        self.layers = layers
+        self.Lambda = {n: torch.zeros(shapes[n], dtype=dtype, device=f.lambda_A.device)
+                       for n, f in layers.items()}
+        self.n_seq = 0
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        f, (o, i) = self.layers[layer.name], layer.shape
+        for group, tokens in batch.groups(2 * o * i * a.element_size()):  # DW and its square
+            G = rotated_gradients(a[group], delta[group], tokens, f)
+            self.Lambda[layer.name] += (G ** 2).sum(0)
+
+    def update(self, batch: PassBatch) -> None:
+        self.n_seq += len(batch)
+
+    def finish(self) -> tuple[dict[str, Tensor], int]:
+        distributed.all_reduce_(list(self.Lambda.values()))
+        return self.Lambda, distributed.sum_counts(self.n_seq)[0]
