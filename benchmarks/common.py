@@ -18,7 +18,8 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -67,6 +68,21 @@ def plain(model: torch.nn.Module, batches: Iterable[Any], task: Any = None,
     return time.perf_counter() - start
 
 
+@contextmanager
+def trainable(model: torch.nn.Module, params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Within the block only ``params`` of the model require gradients (a fine-tune's adapter,
+    say); every parameter's flag is restored after."""
+    keep = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def seconds(fn: Callable[[], object]) -> float:
     """Wall-clock seconds of ``fn()``."""
     start = time.perf_counter()
@@ -93,6 +109,11 @@ def spread(x: Iterable[float], digits: int = 3) -> list[float]:
     """[median, min, max] of repeated measurements, rounded."""
     x = [float(v) for v in x]
     return [round(float(np.median(x)), digits), round(min(x), digits), round(max(x), digits)]
+
+
+def top_overlap(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
+    """The share of the k largest entries of (N,) scores ``x`` that are among ``y``'s."""
+    return len(set(np.argsort(-x)[:k]) & set(np.argsort(-y)[:k])) / k
 
 
 def report(result: dict, indent: int | None = 1) -> None:
