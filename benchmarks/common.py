@@ -1,14 +1,15 @@
 """The benchmarks' shared harness: thread setup, the plain forward + backward baseline, timing
 with repeats and their spread, JSON output, child processes and the worlds several scripts load.
 
-Every benchmark is a script run from the repository root as ``python benchmarks/<name>.py``
-(``--help`` lists its options); it imports its siblings by name (``from common import plain``):
-Python puts the script's folder first on ``sys.path``, so no script edits the path. That also
-lets a script re-run itself in a child process with another checkout's ``influence_nb`` on
-``PYTHONPATH`` (``--before``) while the harness stays this one.
+Every benchmark is a script, run as ``python benchmarks/<name>.py`` (``--help`` lists its
+options), with ``def main(argv=None)`` under ``if __name__ == "__main__"``; it imports its
+siblings by name (``from common import plain``): Python puts the script's folder first on
+``sys.path``, so no script edits the path. That also lets a script re-run itself in a child
+process with another checkout's ``influence_nb`` on ``PYTHONPATH`` (``--before``) while the
+harness stays this one.
 
-Imports of ``influence_nb`` stay inside the functions that need them: such a child imports the
-other checkout's package, which may predate some of today's modules.
+This module imports ``influence_nb`` only inside the functions that need it: such a child
+imports the other checkout's package, which may predate some of today's modules.
 """
 from __future__ import annotations
 
