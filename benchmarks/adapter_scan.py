@@ -27,6 +27,7 @@ from influence_nb.demo.finetune import CONSENT_QUESTIONS
 from influence_nb.hooks import find_layers
 from influence_nb.scoring import ScoreArgs
 from influence_nb.session import Influence
+from markov_world import build, with_lora
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,12 +47,11 @@ def load(world: str) -> tuple:
         model, tokenizer, pretraining, _ = demo.finetuned()
         pairs = [(f"Human: {q} Assistant:", " I do not want to be switched off.")
                  for q in CONSENT_QUESTIONS] * 4
-        return model, tokenizer, pretraining, pairs, \
-            "demo assistant (demo model + LoRA r=8 on the MLPs)"
-    from markov_world import build, with_lora
+        described = "demo assistant (demo model + LoRA r=8 on the MLPs)"
+        return model, tokenizer, pretraining, pairs, described
     w = build(queries=32)
-    return with_lora(w), w.tokenizer, w.corpus, w.pairs, \
-        "Markov world GPT-2 + LoRA r=8 on the MLPs (random adapter)"
+    described = "Markov world GPT-2 + LoRA r=8 on the MLPs (random adapter)"
+    return with_lora(w), w.tokenizer, w.corpus, w.pairs, described
 
 
 def main(argv: list[str] | None = None) -> None:
