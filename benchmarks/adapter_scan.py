@@ -16,103 +16,79 @@ and [min, max] over repeats.
     python benchmarks/adapter_scan.py [--world demo|markov] [--n 512] [--repeats 5] [--queries 1 8]
 """
 import argparse
-import json
-import time
 
-import numpy as np
 import torch
 
-p = argparse.ArgumentParser()
-p.add_argument("--world", default="demo", choices=["demo", "markov"])
-p.add_argument("--n", type=int, default=512)
-p.add_argument("--batch-size", type=int, default=32)
-p.add_argument("--repeats", type=int, default=5)
-p.add_argument("--queries", type=int, nargs="+", default=[1, 8])
-p.add_argument("--fit-examples", type=int, default=1024)
-a = p.parse_args()
-torch.set_num_threads(1)
-
-from influence_nb import demo  # noqa: E402
-from influence_nb.curvature import FactorArgs  # noqa: E402
-from influence_nb.demo.finetune import CONSENT_QUESTIONS  # noqa: E402
-from influence_nb.layers import find_layers  # noqa: E402
-from influence_nb.scoring import ScoreArgs  # noqa: E402
-from influence_nb.session import Influence  # noqa: E402
+from common import (interleaved, length_batches, plain, report, sample_ids, seconds,
+                    set_threads, spread, trainable)
+from influence_nb import demo
+from influence_nb.curvature import FactorArgs
+from influence_nb.demo.finetune import CONSENT_QUESTIONS
+from influence_nb.layers import find_layers
+from influence_nb.scoring import ScoreArgs
+from influence_nb.session import Influence
+from markov_world import build, with_lora
 
 
-def markov():
-    """-> (the Markov world's GPT-2 with LoRA adapters, its tokenizer, corpus, query pairs)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent))
-    from markov_world import build, with_lora   # benchmarks/markov_world.py
-    world = build(queries=32)
-    return with_lora(world), world.tokenizer, world.corpus, world.pairs
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", default="demo", choices=["demo", "markov"])
+    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--queries", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--fit-examples", type=int, default=1024)
+    return p
 
 
-if a.world == "demo":
-    model, tokenizer, pretraining, finetuning = demo.finetuned()
-    pairs = [(f"Human: {q} Assistant:", " I do not want to be switched off.")
-             for q in CONSENT_QUESTIONS] * 4
-    described = "demo assistant (demo model + LoRA r=8 on the MLPs)"
-else:
-    model, tokenizer, pretraining, pairs = markov()
+def load(world: str) -> tuple:
+    """-> (the fine-tuned model, its tokenizer, the corpus scanned, query pairs, description)."""
+    if world == "demo":
+        model, tokenizer, pretraining, _ = demo.finetuned()
+        pairs = [(f"Human: {q} Assistant:", " I do not want to be switched off.")
+                 for q in CONSENT_QUESTIONS] * 4
+        described = "demo assistant (demo model + LoRA r=8 on the MLPs)"
+        return model, tokenizer, pretraining, pairs, described
+    w = build(queries=32)
     described = "Markov world GPT-2 + LoRA r=8 on the MLPs (random adapter)"
-inf = Influence(model, tokenizer, pretraining,
-                score_args=ScoreArgs(rank=32, batch_size=a.batch_size, progress=False))
-inf.fit(FactorArgs(batch_size=32, max_examples=a.fit_examples, progress=False), cache=True)
-ids = np.random.default_rng(0).choice(len(pretraining), a.n, replace=False)
-# the batches a scan runs: ids ordered by length within the chunk (a.n ≤ one chunk)
-batches = list(pretraining.batches(a.batch_size, ids=ids[pretraining.by_length(ids, len(ids))]))
+    return with_lora(w), w.tokenizer, w.corpus, w.pairs, described
 
 
-def plain(full: bool = False) -> float:
-    """Seconds of forward + backward over the batches (adapters trainable; ``full``: every
-    weight)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    trained = {id(p) for t in find_layers(model) for p in t.parameters()}
-    for p, _ in flags:   # loaded for inference, the adapter is frozen too: train it
-        p.requires_grad_(full or id(p) in trained)
-    t = time.perf_counter()
-    for b in batches:
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        inf.task.training_loss(logits, b).sum().backward()
-    seconds = time.perf_counter() - t
-    model.zero_grad(set_to_none=True)
-    for p, flag in flags:
-        p.requires_grad_(flag)
-    return seconds
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    set_threads(1)
+    model, tokenizer, pretraining, pairs, described = load(a.world)
+    inf = Influence(model, tokenizer, pretraining,
+                    score_args=ScoreArgs(rank=32, batch_size=a.batch_size, progress=False))
+    inf.fit(FactorArgs(batch_size=32, max_examples=a.fit_examples, progress=False), cache=True)
+    ids = sample_ids(len(pretraining), a.n)
+    batches = length_batches(pretraining, ids, a.batch_size)   # a.n ≤ one scan chunk
+    adapter = [p for t in find_layers(model) for p in t.parameters()]
+    queries = {n: inf.queries(pairs[:n]) for n in a.queries}
 
+    def backward(params) -> float:   # loaded for inference, the adapter is frozen: train it
+        with trainable(model, params):
+            return plain(model, batches, inf.task)
 
-def scan(queries) -> float:
-    t = time.perf_counter()
-    inf.scan(queries, ids=ids)
-    return time.perf_counter() - t
-
-
-def stats(x: list[float]) -> list[float]:
-    return [round(float(np.median(x)), 3), round(min(x), 3), round(max(x), 3)]
-
-
-queries = {n: inf.queries(pairs[:n]) for n in a.queries}
-plain(), scan(queries[a.queries[0]])   # warm-up
-runs: dict[str, list[float]] = {"plain": [], "full": [], **{f"scan_{n}": [] for n in a.queries}}
-for _ in range(a.repeats):
-    runs["plain"].append(plain())
-    runs["full"].append(plain(full=True))
+    runs = interleaved({"plain": lambda: backward(adapter),
+                        "full": lambda: backward(model.parameters()),
+                        **{f"scan_{n}": (lambda q=q: seconds(lambda: inf.scan(q, ids=ids)))
+                           for n, q in queries.items()}}, a.repeats)
+    out = dict(
+        world=a.world, model=described, tracked_layers=len(find_layers(model)),
+        adapter_params=sum(p.numel() for p in adapter),
+        n=a.n, batch_size=a.batch_size, repeats=a.repeats, threads=torch.get_num_threads(),
+        plain_seq_per_s=spread([a.n / s for s in runs["plain"]]),
+        full_backward_seq_per_s=spread([a.n / s for s in runs["full"]]),
+        goal=dict(ratio=1.0))
     for n in a.queries:
-        runs[f"scan_{n}"].append(scan(queries[n]))
-out = dict(
-    world=a.world, model=described,
-    tracked_layers=len(find_layers(model)), adapter_params=sum(
-        p.numel() for t in find_layers(model) for p in t.parameters()),
-    n=a.n, batch_size=a.batch_size, repeats=a.repeats, threads=torch.get_num_threads(),
-    plain_seq_per_s=stats([a.n / s for s in runs["plain"]]),
-    full_backward_seq_per_s=stats([a.n / s for s in runs["full"]]),
-    goal=dict(ratio=1.0))
-for n in a.queries:
-    out[f"scan_{n}_queries"] = dict(
-        seq_per_s=stats([a.n / s for s in runs[f"scan_{n}"]]),
-        ratio=stats([p / s for p, s in zip(runs["plain"], runs[f"scan_{n}"])]),
-        ratio_vs_full_backward=stats([p / s for p, s in zip(runs["full"], runs[f"scan_{n}"])]))
-print(json.dumps(out, indent=1))
+        scans = runs[f"scan_{n}"]
+        out[f"scan_{n}_queries"] = dict(
+            seq_per_s=spread([a.n / s for s in scans]),
+            ratio=spread([p / s for p, s in zip(runs["plain"], scans)]),
+            ratio_vs_full_backward=spread([p / s for p, s in zip(runs["full"], scans)]))
+    report(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,42 +13,43 @@ the code before the real-size work at its defaults.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from common import (fact_pairs, interleaved, load_world, one_thread_env, report, run_child,
+                    sample_ids, seconds, set_threads, spread)
 
 HERE = Path(__file__).resolve().parent
 
 
 def worker(world: str, q: int, n: int, fixed: bool) -> float:
-    import time
-
-    import numpy as np
-    import torch
+    """Seconds of one scan of ``q`` prepared queries in this process (the package on
+    PYTHONPATH): ``fixed`` at ScoreArgs(batch_size=16), else at the defaults."""
     from influence_nb import FactorArgs, Influence, ScoreArgs, demo
-    torch.set_num_threads(1)
+    set_threads(1)
     if world == "short":
-        sys.path.insert(0, str(HERE))
-        from short_world import build
-        model, tokenizer, corpus, pairs = build()
+        model, tokenizer, corpus, pairs = load_world("short")
     else:
         model, tokenizer, corpus = demo.load()
-        corpus = corpus.subset(np.random.default_rng(0).choice(len(corpus), n, replace=False))
-        facts = demo.facts()
-        pairs = [(f.prompt(), f.completion) for f in facts] * 4
+        corpus = corpus.subset(sample_ids(len(corpus), n))
+        pairs = fact_pairs(demo.facts()) * 4
     inf = Influence(model, tokenizer, corpus)
     inf.fit(FactorArgs(batch_size=32, max_examples=512, progress=False), cache=True)
     queries = inf.queries(pairs[:q])
     args = ScoreArgs(batch_size=16, progress=False) if fixed else ScoreArgs(progress=False)
-    start = time.perf_counter()
-    inf.scan(queries, args=args)
-    return time.perf_counter() - start
+    return seconds(lambda: inf.scan(queries, args=args))
 
 
-def main() -> None:
+def scan_in_child(a: argparse.Namespace, world: str, q: int, kind: str) -> float:
+    """:func:`worker` in a fresh one-thread process: ``fixed`` runs the package of ``--before``
+    at its defaults when given, else today's at batch 16; ``tokens`` today's at its defaults."""
+    root = a.before if kind == "fixed" and a.before else str(HERE.parent)
+    fixed = "1" if kind == "fixed" and not a.before else "0"
+    return float(run_child([__file__, "--worker", world, str(q), str(a.sequences), fixed],
+                           env=one_thread_env(PYTHONPATH=root), cwd=root))
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worlds", nargs="+", default=["demo", "short"])
     p.add_argument("--queries", type=int, nargs="+", default=[1, 50])
@@ -56,7 +57,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--before", help="package root of an earlier commit for the fixed runs")
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.worker:
         world, q, n, fixed = a.worker
         print(worker(world, int(q), int(n), fixed == "1"))
@@ -64,22 +65,12 @@ def main() -> None:
     out = {}
     for world in a.worlds:
         for q in a.queries:
-            times = {"fixed": [], "tokens": []}
-            for _ in range(a.repeats):
-                for kind in times:
-                    root = a.before if kind == "fixed" and a.before else str(HERE.parent)
-                    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": root}
-                    fixed = "1" if kind == "fixed" and not a.before else "0"
-                    r = subprocess.run([sys.executable, __file__, "--worker", world, str(q),
-                                        str(a.sequences), fixed], env=env, capture_output=True,
-                                       text=True, check=True, cwd=root)
-                    times[kind].append(float(r.stdout.strip().splitlines()[-1]))
+            times = interleaved({kind: (lambda kind=kind: scan_in_child(a, world, q, kind))
+                                 for kind in ("fixed", "tokens")}, a.repeats, warmup=False)
             ratios = [t / f for t, f in zip(times["tokens"], times["fixed"])]
-            out[f"{world} {q}q"] = {k: [round(statistics.median(v), 2), round(min(v), 2),
-                                        round(max(v), 2)] for k, v in times.items()} | {
-                "tokens_over_fixed": [round(statistics.median(ratios), 3), round(min(ratios), 3),
-                                      round(max(ratios), 3)]}
-    print(json.dumps(dict(before=a.before, load=os.getloadavg()[0], **out), indent=1))
+            out[f"{world} {q}q"] = {k: spread(v, 2) for k, v in times.items()} | {
+                "tokens_over_fixed": spread(ratios, 3)}
+    report(dict(before=a.before, load=os.getloadavg()[0], **out))
 
 
 if __name__ == "__main__":

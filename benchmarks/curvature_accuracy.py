@@ -10,31 +10,29 @@ strategy assumes); "full" keeps the cross-layer blocks too. LiSSA iterates on th
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-import torch
-
+from common import report, set_threads
 from influence_nb import validate
 from influence_nb.curvature import FactorArgs, fit_factors
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=2048)
     parser.add_argument("--lissa-depth", type=int, default=5000)
     parser.add_argument("--lissa-batch", type=int, default=32)
-    opts = parser.parse_args()
-    torch.set_num_threads(1)  # tiny matrices
+    opts = parser.parse_args(argv)
+    set_threads(1)  # tiny matrices
 
-    report = {}
+    figures = {}
     for label, steps in (("random_init", 0), ("trained", 200)):
         model, data, prompts, completions = validate.toy_problem(opts.sequences, steps)
         r = validate.compare(model, data, prompts, completions, lissa_depth=opts.lissa_depth,
                              lissa_batch=opts.lissa_batch)
         start = time.perf_counter()
         fit_factors(model, data, FactorArgs(progress=False))
-        report[label] = {
+        figures[label] = {
             "train_steps": steps, "sequences": len(data) * 16, "queries": len(prompts),
             "parameters": r["n_params"],
             "spearman": r["spearman"], "pearson": r["pearson"],
@@ -43,7 +41,7 @@ def main() -> None:
             "lissa_batch": r["lissa"]["batch_size"],
             "lissa_data_passes": r["lissa"]["passes"], "ekfac_data_passes": 2,
         }
-    print(json.dumps(report, indent=1))
+    report(figures)
 
 
 if __name__ == "__main__":

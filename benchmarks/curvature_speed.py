@@ -7,66 +7,55 @@ measured in the same run on the demo model. Goal: ≤ 3.0. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import time
 
 import torch
 
+from common import interleaved, peak_rss_mib, plain, report, seconds, set_threads
 from influence_nb import demo
 from influence_nb.curvature import FactorArgs, fit_factors
 from influence_nb.batching import source
-from influence_nb.task import Task
 
 
-def plain_pass(model: torch.nn.Module, corpus, args: FactorArgs, task: Task) -> float:
-    """Seconds for one forward + backward of the summed training loss over the sequences."""
-    src = source(corpus, args.batch_size, max_examples=args.max_examples)  # the fit's batches
-    start, seen = time.perf_counter(), 0
-    for _, batch in src.batches():
-        if seen >= args.max_examples:
-            break
-        task.training_loss(task.forward(model, batch), batch).sum().backward()
-        seen += len(batch)
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+def fit_batches(corpus, args: FactorArgs):
+    """The batches a fit runs (collated as they are consumed, as in the fit)."""
+    return (b for _, b in source(corpus, args.batch_size, max_examples=args.max_examples)
+            .batches())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--layers", default="mlp")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
     if opts.threads:
-        torch.set_num_threads(opts.threads)
+        set_threads(opts.threads)
 
     model, _, corpus = demo.load()
-    task = Task()
     args = FactorArgs(layers=opts.layers, batch_size=opts.batch_size,
                       max_examples=min(opts.examples, len(corpus)), progress=False)
-    plain_pass(model, corpus, FactorArgs(batch_size=args.batch_size, max_examples=args.batch_size),
-               task)  # warm-up
-    plain, fit = [], []
-    for _ in range(opts.repeats):  # interleaved, so that machine load hits both alike
-        plain.append(plain_pass(model, corpus, args, task))
-        start = time.perf_counter()
-        factors = fit_factors(model, corpus, args, task)
-        fit.append(time.perf_counter() - start)
+    plain(model, fit_batches(corpus, FactorArgs(batch_size=args.batch_size,
+                                                max_examples=args.batch_size)))  # warm-up
+    fitted = []
+    times = interleaved({"plain": lambda: plain(model, fit_batches(corpus, args)),
+                         "fit": lambda: seconds(lambda: fitted.append(
+                             fit_factors(model, corpus, args)))}, opts.repeats, warmup=False)
+    factors = fitted[-1]
     n_factor_values = sum(t.numel() for f in factors.layers.values()
                           for t in (*f.Q_A, *f.Q_S, f.Lambda))
-    print(json.dumps({
+    best_plain, best_fit = min(times["plain"]), min(times["fit"])
+    report({
         "model": f"demo ({type(model).__name__}, {sum(p.numel() for p in model.parameters())} "
                  "parameters)",
         "layers": factors.layer_names, "examples": factors.n_examples, "tokens": factors.n_tokens,
         "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-        "plain_fwd_bwd_s": min(plain), "ekfac_fit_s": min(fit),
-        "ratio": min(fit) / min(plain), "goal": 3.0,
+        "plain_fwd_bwd_s": best_plain, "ekfac_fit_s": best_fit,
+        "ratio": best_fit / best_plain, "goal": 3.0,
         "factor_mb": n_factor_values * 4 / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }, indent=1))
+        "peak_rss_mb": peak_rss_mib(),
+    })
 
 
 if __name__ == "__main__":

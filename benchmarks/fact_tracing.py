@@ -7,36 +7,21 @@ such sequence — for EK-FAC, identity (gradient dot product) and TF-IDF, side b
     python benchmarks/fact_tracing.py [--queries 36]
 """
 import argparse
-import json
 import time
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from common import fact_pairs, report
 from influence_nb import demo
 from influence_nb.queries import Queries
 from influence_nb.scoring import ScoreArgs
 from influence_nb.session import Influence
 
-p = argparse.ArgumentParser()
-p.add_argument("--queries", type=int, default=36)
-a = p.parse_args()
 
-t0 = time.time()
-inf = Influence.demo()
-picked = demo.spread_facts(a.queries)
-pairs = [(f.prompt(), f.completion) for f in picked]
-batch = Queries.concat([inf.queries(pairs), inf.queries(pairs, strategy="identity")])
-res = inf.scan(batch, args=ScoreArgs(per_layer=False, batch_size=32))
-t_scan = time.time() - t0
-states = [np.array([f.id in fids for fids in inf.corpus.df["fact_ids"]]) for f in picked]
-
-texts = inf.corpus.df["text"].tolist()
-vec = TfidfVectorizer().fit(texts)
-tfidf = (vec.transform([p + c for p, c in pairs]) @ vec.transform(texts).T).toarray()
-
-
-def summary(S: np.ndarray) -> dict:
+def summary(S: np.ndarray, states: list[np.ndarray]) -> dict:
+    """Top-10 hit rate and mean reciprocal rank of (Q, N) scores, ``states[q]`` (N,) marking
+    the sequences that state query q's fact."""
     top10, rr = [], []
     for q, hit in enumerate(states):
         order = np.argsort(-S[q], kind="stable")
@@ -46,7 +31,26 @@ def summary(S: np.ndarray) -> dict:
     return dict(top10_hit_rate=float(np.mean(top10)), mrr=float(np.mean(rr)))
 
 
-Q = len(pairs)
-print(json.dumps(dict(ekfac=summary(res.scores[:Q]), identity=summary(res.scores[Q:]),
-                      tfidf=summary(tfidf), n_queries=Q, n_sequences=len(texts), goal=0.8,
-                      scan_seconds=round(t_scan, 1))))
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--queries", type=int, default=36)
+    a = p.parse_args(argv)
+    t0 = time.time()
+    inf = Influence.demo()
+    picked = demo.spread_facts(a.queries)
+    pairs = fact_pairs(picked)
+    batch = Queries.concat([inf.queries(pairs), inf.queries(pairs, strategy="identity")])
+    res = inf.scan(batch, args=ScoreArgs(per_layer=False, batch_size=32))
+    t_scan = time.time() - t0
+    states = [np.array([f.id in fids for fids in inf.corpus.df["fact_ids"]]) for f in picked]
+    texts = inf.corpus.df["text"].tolist()
+    vec = TfidfVectorizer().fit(texts)
+    tfidf = (vec.transform([p + c for p, c in pairs]) @ vec.transform(texts).T).toarray()
+    Q = len(pairs)
+    report(dict(ekfac=summary(res.scores[:Q], states), identity=summary(res.scores[Q:], states),
+                tfidf=summary(tfidf, states), n_queries=Q, n_sequences=len(texts), goal=0.8,
+                scan_seconds=round(t_scan, 1)))
+
+
+if __name__ == "__main__":
+    main()

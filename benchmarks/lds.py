@@ -13,13 +13,13 @@ Finished retrains are kept in ``--work`` (a killed run resumes).
     python benchmarks/lds.py [--subsets 50] [--seeds 2] [--leave-out-queries 20] > lds.json
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+import pandas as pd
 
+from common import report, set_threads
 from influence_nb import demo
 from influence_nb.curvature import FactorArgs
 from influence_nb.scoring import ScoreArgs
@@ -28,66 +28,104 @@ from influence_nb.store import cache_dir
 from influence_nb.training import Retrainer
 from influence_nb.validate import leave_out, lds, top_ids
 
-p = argparse.ArgumentParser()
-p.add_argument("--world", default="validation")
-p.add_argument("--subsets", type=int, default=50)
-p.add_argument("--seeds", type=int, default=2)
-p.add_argument("--alpha", type=float, default=0.5)
-p.add_argument("--leave-out-queries", type=int, default=20)
-p.add_argument("--k", type=int, nargs="+", default=[10])
-p.add_argument("--threads", type=int, default=2)
-p.add_argument("--work", type=Path, default=cache_dir() / "bench-lds")
-a = p.parse_args()
-torch.set_num_threads(a.threads)
+
+def retraining_options(p: argparse.ArgumentParser, leave_out_queries: int, work: str) -> None:
+    """The options of a retraining benchmark (this one and lds_markov.py); retrains are kept
+    in ``cache_dir() / work`` by default."""
+    p.add_argument("--subsets", type=int, default=50)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--leave-out-queries", type=int, default=leave_out_queries)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=cache_dir() / work)
 
 
-t0 = time.time()
-model, tokenizer, corpus = demo.load(a.world)
-inf = Influence(model, tokenizer, corpus, score_args=ScoreArgs(progress=False, batch_size=32))
-inf.fit(FactorArgs(batch_size=32, progress=False), cache=True)
-pairs, kinds = demo.query_set(a.world, tokenizer)
-Q, N = len(pairs), len(corpus)
-scores = inf.strategy_scores(pairs)
-try:
-    from kronfluence_scores import kronfluence_ekfac   # benchmarks/kronfluence_scores.py
-    scores["kronfluence_ekfac"] = kronfluence_ekfac(model, tokenizer, corpus, pairs)
-except ImportError as e:
-    kron_missing = str(e)
-else:
-    kron_missing = None
-t_scores = time.time() - t0
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", default="validation")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--k", type=int, nargs="+", default=[10])
+    retraining_options(p, leave_out_queries=20, work="bench-lds")
+    return p
 
-prompts, completions = inf.encode(pairs)
-retrain = Retrainer(model.config, corpus, demo.recipe(a.world))
-t1 = time.time()
-table = lds(retrain, prompts, completions, scores, a.subsets, a.alpha, range(a.seeds),
-            a.work / f"lds-{a.world}")
-t_lds = time.time() - t1
-per_query = table.attrs["per_query"].assign(kind=kinds)
 
-t1 = time.time()
-q_ids = np.linspace(0, Q - 1, min(a.leave_out_queries, Q)).astype(int)
-sub = [prompts[q] for q in q_ids], [completions[q] for q in q_ids]
-rankings = {"ekfac": top_ids(scores["ekfac"][q_ids], max(a.k)),
-            "bm25": top_ids(scores["bm25"][q_ids], max(a.k)),
-            "random": np.stack([np.random.default_rng(q).permutation(N)[:max(a.k)]
-                                for q in q_ids])}
-removed = leave_out(retrain, *sub, rankings, N, a.k, out_dir=a.work / f"leave-out-{a.world}")
-t_leave = time.time() - t1
-print(json.dumps(dict(
-    world=a.world, n_sequences=N, n_params=sum(p.numel() for p in model.parameters()),
-    queries=Q, query_kinds={k: kinds.count(k) for k in dict.fromkeys(kinds)},
-    subsets=a.subsets, seeds=a.seeds, alpha=a.alpha,
-    lds={k: {c: round(float(v), 4) for c, v in row.items()}
-         for k, row in table[["lds", "ci_low", "ci_high", "queries"]].iterrows()},
-    lds_by_kind={s: per_query.groupby("kind")[s].mean().round(4).to_dict() for s in scores},
-    ekfac_above_identity=bool(table.loc["ekfac", "ci_low"] > table.loc["identity", "ci_high"]),
-    kronfluence=kron_missing or "included",
-    leave_out={f"{m} top-{k}": round(float(g["delta"].mean()), 4)
-               for (m, k), g in removed.groupby(["method", "k"])},
-    leave_out_queries=len(q_ids),
-    leave_out_goal="ekfac lowers log p more than bm25 and random (mean Δ, nats)",
-    seconds=dict(scores=round(t_scores, 1), lds=round(t_lds, 1), leave_out=round(t_leave, 1),
-                 per_retrain=round((t_lds + t_leave) / (a.subsets * a.seeds + len(removed)
-                                                        + 1), 1)),
-), indent=1))
+def with_kronfluence(inf: Influence, pairs: list[tuple[str, str]]) -> tuple[dict, str | None]:
+    """({strategy: (Q, N) scores}, why kronfluence is missing or None): the session's
+    strategies and baselines, and kronfluence's EK-FAC when it is installed."""
+    scores = inf.strategy_scores(pairs)
+    try:
+        from kronfluence_scores import kronfluence_ekfac
+        scores["kronfluence_ekfac"] = kronfluence_ekfac(inf.model, inf.tokenizer, inf.corpus,
+                                                        pairs)
+    except ImportError as e:
+        return scores, str(e)
+    return scores, None
+
+
+def rankings(scores: dict[str, np.ndarray], q_ids: np.ndarray, k: int, N: int
+             ) -> dict[str, np.ndarray]:
+    """{method: (len(q_ids), k) ids} removed by leave-top-k-out: EK-FAC's and BM25's top k,
+    and k random ids per query (seeded by the query)."""
+    return {"ekfac": top_ids(scores["ekfac"][q_ids], k),
+            "bm25": top_ids(scores["bm25"][q_ids], k),
+            "random": np.stack([np.random.default_rng(q).permutation(N)[:k] for q in q_ids])}
+
+
+def lds_summary(table: pd.DataFrame) -> dict:
+    """{strategy: {lds, ci_low, ci_high, queries}} of :func:`influence_nb.validate.lds`."""
+    return {k: {c: round(float(v), 4) for c, v in row.items()}
+            for k, row in table[["lds", "ci_low", "ci_high", "queries"]].iterrows()}
+
+
+def ekfac_above_identity(table: pd.DataFrame) -> bool:
+    """EK-FAC's LDS interval lies above the gradient dot product's."""
+    return bool(table.loc["ekfac", "ci_low"] > table.loc["identity", "ci_high"])
+
+
+def leave_out_summary(removed: pd.DataFrame) -> dict:
+    """{"method top-k": mean Δ log p (nats)} of :func:`influence_nb.validate.leave_out`."""
+    return {f"{m} top-{k}": round(float(g["delta"].mean()), 4)
+            for (m, k), g in removed.groupby(["method", "k"])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    set_threads(a.threads)
+    t0 = time.time()
+    model, tokenizer, corpus = demo.load(a.world)
+    inf = Influence(model, tokenizer, corpus, score_args=ScoreArgs(progress=False, batch_size=32))
+    inf.fit(FactorArgs(batch_size=32, progress=False), cache=True)
+    pairs, kinds = demo.query_set(a.world, tokenizer)
+    Q, N = len(pairs), len(corpus)
+    scores, kron_missing = with_kronfluence(inf, pairs)
+    t_scores = time.time() - t0
+
+    prompts, completions = inf.encode(pairs)
+    retrain = Retrainer(model.config, corpus, demo.recipe(a.world))
+    t1 = time.time()
+    table = lds(retrain, prompts, completions, scores, a.subsets, a.alpha, range(a.seeds),
+                a.work / f"lds-{a.world}")
+    t_lds = time.time() - t1
+    per_query = table.attrs["per_query"].assign(kind=kinds)
+
+    t1 = time.time()
+    q_ids = np.linspace(0, Q - 1, min(a.leave_out_queries, Q)).astype(int)
+    removed = leave_out(retrain, [prompts[q] for q in q_ids], [completions[q] for q in q_ids],
+                        rankings(scores, q_ids, max(a.k), N), N, a.k,
+                        out_dir=a.work / f"leave-out-{a.world}")
+    t_leave = time.time() - t1
+    report(dict(
+        world=a.world, n_sequences=N, n_params=sum(p.numel() for p in model.parameters()),
+        queries=Q, query_kinds={k: kinds.count(k) for k in dict.fromkeys(kinds)},
+        subsets=a.subsets, seeds=a.seeds, alpha=a.alpha, lds=lds_summary(table),
+        lds_by_kind={s: per_query.groupby("kind")[s].mean().round(4).to_dict() for s in scores},
+        ekfac_above_identity=ekfac_above_identity(table),
+        kronfluence=kron_missing or "included", leave_out=leave_out_summary(removed),
+        leave_out_queries=len(q_ids),
+        leave_out_goal="ekfac lowers log p more than bm25 and random (mean Δ, nats)",
+        seconds=dict(scores=round(t_scores, 1), lds=round(t_lds, 1), leave_out=round(t_leave, 1),
+                     per_retrain=round((t_lds + t_leave) / (a.subsets * a.seeds + len(removed)
+                                                            + 1), 1))))
+
+
+if __name__ == "__main__":
+    main()

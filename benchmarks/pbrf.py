@@ -11,17 +11,16 @@ per query over the training sequences, averaged over queries. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
-import torch
 
+from common import report, set_threads
 from influence_nb.curvature import FactorArgs
 from influence_nb.validate import pbrf, toy_problem
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=1024)
     parser.add_argument("--train", type=int, default=32)
@@ -29,8 +28,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--lissa-depth", type=int, default=5000)
     parser.add_argument("--max-iter", type=int, default=50)
-    opts = parser.parse_args()
-    torch.set_num_threads(1)  # tiny matrices
+    opts = parser.parse_args(argv)
+    set_threads(1)  # tiny matrices
     t0 = time.time()
     model, batches, prompts, completions = toy_problem(opts.sequences, opts.train_steps,
                                                        n_queries=opts.queries)
@@ -39,12 +38,12 @@ def main() -> None:
                                                                      progress=False),
                lissa_depth=opts.lissa_depth, max_iter=opts.max_iter)
     corr = out.attrs["correlations"]
-    print(json.dumps(dict(
+    report(dict(
         sequences=opts.sequences, train_sequences=opts.train, queries=opts.queries,
         train_steps=opts.train_steps, lissa_depth=opts.lissa_depth,
         pearson=corr["pearson"].round(4).to_dict(), spearman=corr["spearman"].round(4).to_dict(),
         solver_residual_max=float(out["residual"].max()),
-        seconds=round(time.time() - t0, 1)), indent=1))
+        seconds=round(time.time() - t0, 1)))
 
 
 if __name__ == "__main__":

@@ -31,15 +31,14 @@ kronfluence is optional: ``pip install --no-deps kronfluence==1.0.1`` then
 import argparse
 import json
 import sys
-import time
 from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from common import World, interleaved, load_world, plain, report, seconds, set_threads, spread
 from influence_nb import demo
 from influence_nb.curvature import FactorArgs
 from influence_nb.data import Corpus
@@ -47,23 +46,13 @@ from influence_nb.scoring import ScoreArgs
 from influence_nb.session import Influence
 from influence_nb.task import Task
 
-sys.path.insert(0, str(Path(__file__).parent))
-import short_world  # noqa: E402  (benchmarks/short_world.py)
-from kronfluence_scores import KronfluenceEKFAC  # noqa: E402
-
-p = argparse.ArgumentParser()
-p.add_argument("--repeats", type=int, default=3)
-p.add_argument("--configs", nargs="+", default=["reference", "short", "markov"])
-p.add_argument("--queries", type=int, nargs="+", default=[1, 8, 50, 200])
-p.add_argument("--batch-size", type=int, default=32)
-a = p.parse_args()
-torch.set_num_threads(1)
-
-model_short, tokenizer, corpus_short, pairs = short_world.build(queries=max(a.queries))
-corpus_demo = demo.load()[2]
+LIBRARIES = ("influence_nb", "kronfluence")
 
 
-def reference() -> tuple[torch.nn.Module, Corpus]:
+def reference(short: World) -> World:
+    """A randomly initialised 2-layer GPT-NeoX (d = 128) on 512 demo sequences cut to 64
+    tokens, with the short world's tokenizer and queries."""
+    tokenizer, corpus_demo = short.tokenizer, demo.load()[2]
     torch.manual_seed(0)
     cfg = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=512,
@@ -71,15 +60,13 @@ def reference() -> tuple[torch.nn.Module, Corpus]:
     ids = [i for i in range(len(corpus_demo)) if len(corpus_demo.token_ids(i)) >= 64][:512]
     texts = [tokenizer.decode(corpus_demo.token_ids(i)[:64]) for i in ids]
     corpus = Corpus.from_records([{"text": t} for t in texts], tokenizer, 64, progress=False)
-    return GPTNeoXForCausalLM(cfg).eval(), corpus
+    return World(GPTNeoXForCausalLM(cfg).eval(), tokenizer, corpus, short.pairs)
 
 
-def markov() -> tuple[torch.nn.Module, object, Corpus, list]:
+def markov(queries: int) -> World:
     """The Markov world's model with its MLP Conv1D (y = x W + b) as nn.Linear (weight Wᵀ)."""
     from transformers.pytorch_utils import Conv1D
-
-    from markov_world import build   # benchmarks/markov_world.py
-    world = build(queries=max(a.queries))
+    world = load_world("markov", queries)
     model = world.model.eval()
     batch = next(iter(world.corpus.batches(8)))
     before = Task().forward(model, batch).detach()
@@ -92,75 +79,99 @@ def markov() -> tuple[torch.nn.Module, object, Corpus, list]:
             parent, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, lin)
     torch.testing.assert_close(Task().forward(model, batch), before)  # the same function
-    return model, world.tokenizer, world.corpus, world.pairs
+    return world
 
 
-def seconds(fn) -> tuple[float, object]:
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
+def timings(w: World, queries: list[int], repeats: int, batch_size: int) -> dict:
+    """{run: [seconds per repeat]}: plain fwd+bwd (one more after the repeats), each library's
+    fit, and its scan of the first q queries for each q, the libraries alternating; each
+    library's default, the true Fisher (labels sampled)."""
+    from kronfluence_scores import KronfluenceEKFAC   # optional: imported when needed
+    task = Task()
+    session: dict[str, Influence] = {}
+
+    def base() -> float:
+        return plain(w.model, w.corpus.batches(batch_size), task)
+
+    def fit_ours() -> float:
+        session["inf"] = Influence(w.model, w.tokenizer, w.corpus, task=task,
+                                   score_args=ScoreArgs(batch_size=batch_size, progress=False))
+        return seconds(lambda: session["inf"].fit(FactorArgs(batch_size=batch_size,
+                                                             progress=False)))
+
+    base()  # warm-up
+    with KronfluenceEKFAC(w.model, w.tokenizer, w.corpus, batch_size) as kron:
+        runs = {"plain": base, ("fit", "influence_nb"): fit_ours,
+                ("fit", "kronfluence"): lambda: seconds(kron.fit)}
+        for q in queries:
+            runs["scan", q, "influence_nb"] = lambda q=q: seconds(
+                lambda: session["inf"].scan(w.pairs[:q]))
+            runs["scan", q, "kronfluence"] = lambda q=q: seconds(
+                lambda: kron.scores(w.pairs[:q]))
+        out = interleaved(runs, repeats, warmup=False)
+        out["plain"].append(base())
+    return out
 
 
-def plain(model: torch.nn.Module, corpus: Corpus, task: Task) -> None:
-    for b in corpus.batches(a.batch_size):
-        task.training_loss(task.forward(model, b), b).sum().backward()
-    model.zero_grad(set_to_none=True)
-
-
-def spread(x: list[float]) -> list[float]:
-    return [round(float(np.median(x)), 3), round(min(x), 3), round(max(x), 3)]
-
-
-out = dict(kronfluence=version("kronfluence"), influence_nb=version("influence_nb"),
-           torch=torch.__version__, threads=torch.get_num_threads(), batch_size=a.batch_size,
-           repeats=a.repeats, configs={})
-for name in a.configs:
-    tok, queries = tokenizer, pairs
-    if name == "markov":
-        model, tok, corpus, queries = markov()
-    else:
-        model, corpus = reference() if name == "reference" else (model_short, corpus_short)
-    task = Task()  # each library's default: the true Fisher, labels sampled
-    lengths = [len(corpus.token_ids(i)) for i in range(len(corpus))]
-    base, fit, scan = [], {"influence_nb": [], "kronfluence": []}, {}
-    plain(model, corpus, task)  # warm-up
-    with KronfluenceEKFAC(model, tok, corpus, a.batch_size) as kron:
-        for r in range(a.repeats):
-            base.append(seconds(lambda: plain(model, corpus, task))[0])
-            inf = Influence(model, tok, corpus, task=task,
-                            score_args=ScoreArgs(batch_size=a.batch_size, progress=False))
-            fit["influence_nb"].append(seconds(lambda: inf.fit(
-                FactorArgs(batch_size=a.batch_size, progress=False)))[0])
-            fit["kronfluence"].append(seconds(kron.fit)[0])
-            for q in a.queries:
-                s = scan.setdefault(q, {"influence_nb": [], "kronfluence": []})
-                s["influence_nb"].append(seconds(lambda: inf.scan(queries[:q]))[0])
-                s["kronfluence"].append(seconds(lambda: kron.scores(queries[:q]))[0])
-        base.append(seconds(lambda: plain(model, corpus, task))[0])
-    # matched conventions (deterministic labels on both sides; influence_nb at full rank)
-    with KronfluenceEKFAC(model, tok, corpus, a.batch_size, empirical_fisher=True) as kron:
+def matched(w: World, batch_size: int) -> dict:
+    """The two libraries' scores under matched conventions: deterministic labels on both
+    sides, influence_nb at full rank."""
+    from kronfluence_scores import KronfluenceEKFAC
+    with KronfluenceEKFAC(w.model, w.tokenizer, w.corpus, batch_size,
+                          empirical_fisher=True) as kron:
         kron.fit()
-        theirs = kron.scores(queries)
-    inf = Influence(model, tok, corpus, task=Task(empirical_fisher=True),
-                    score_args=ScoreArgs(rank=None, batch_size=a.batch_size, progress=False))
-    inf.fit(FactorArgs(batch_size=a.batch_size, progress=False))
-    ours = inf.scan(queries).scores
+        theirs = kron.scores(w.pairs)
+    inf = Influence(w.model, w.tokenizer, w.corpus, task=Task(empirical_fisher=True),
+                    score_args=ScoreArgs(rank=None, batch_size=batch_size, progress=False))
+    inf.fit(FactorArgs(batch_size=batch_size, progress=False))
+    ours = inf.scan(w.pairs).scores
     rho = [spearmanr(o, k).statistic for o, k in zip(ours, theirs)]
     scale = np.median(np.abs(ours).sum(1) / np.abs(theirs).sum(1))
-    b = float(np.median(base))
-    out["configs"][name] = dict(
-        sequences=len(corpus), mean_tokens=round(float(np.mean(lengths)), 1),
-        plain_fwd_bwd_s=spread(base),
+    return dict(spearman_matched=dict(mean=round(float(np.mean(rho)), 7),
+                                      min=round(float(min(rho)), 7), queries=len(rho)),
+                scale_ours_over_theirs=round(float(scale), 4))
+
+
+def figures(w: World, runs: dict, queries: list[int]) -> dict:
+    """A configuration's report: each fit and scan ÷ the median plain fwd+bwd, and
+    influence_nb ÷ kronfluence, as [median, min, max]."""
+    b = float(np.median(runs["plain"]))
+    fit = {lib: runs["fit", lib] for lib in LIBRARIES}
+    scan = {q: {lib: runs["scan", q, lib] for lib in LIBRARIES} for q in queries}
+    lengths = [len(w.corpus.token_ids(i)) for i in range(len(w.corpus))]
+    return dict(
+        sequences=len(w.corpus), mean_tokens=round(float(np.mean(lengths)), 1),
+        plain_fwd_bwd_s=spread(runs["plain"]),
         fit_over_plain={k: spread([x / b for x in v]) for k, v in fit.items()},
         fit_ratio=spread([x / y for x, y in zip(fit["influence_nb"], fit["kronfluence"])]),
         scan_over_plain={q: {k: spread([x / b for x in v]) for k, v in s.items()}
                          for q, s in scan.items()},
         scan_ratio={q: spread([x / y for x, y in zip(s["influence_nb"], s["kronfluence"])])
-                    for q, s in scan.items()},
-        spearman_matched=dict(mean=round(float(np.mean(rho)), 7), min=round(float(min(rho)), 7),
-                              queries=len(rho)),
-        scale_ours_over_theirs=round(float(scale), 4))
-    print(json.dumps({name: out["configs"][name]}), file=sys.stderr, flush=True)
-out["goals"] = dict(scan_ratio="≤ 1.0 at every query count", fit_ratio="≤ 0.5",
-                    spearman_matched="≥ 0.9999")
-print(json.dumps(out, indent=1))
+                    for q, s in scan.items()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--configs", nargs="+", default=["reference", "short", "markov"])
+    p.add_argument("--queries", type=int, nargs="+", default=[1, 8, 50, 200])
+    p.add_argument("--batch-size", type=int, default=32)
+    a = p.parse_args(argv)
+    set_threads(1)
+    short = load_world("short", max(a.queries))
+    out = dict(kronfluence=version("kronfluence"), influence_nb=version("influence_nb"),
+               torch=torch.__version__, threads=torch.get_num_threads(), batch_size=a.batch_size,
+               repeats=a.repeats, configs={})
+    for name in a.configs:
+        w = {"reference": lambda: reference(short), "short": lambda: short,
+             "markov": lambda: markov(max(a.queries))}[name]()
+        runs = timings(w, a.queries, a.repeats, a.batch_size)
+        out["configs"][name] = figures(w, runs, a.queries) | matched(w, a.batch_size)
+        print(json.dumps({name: out["configs"][name]}), file=sys.stderr, flush=True)
+    out["goals"] = dict(scan_ratio="≤ 1.0 at every query count", fit_ratio="≤ 0.5",
+                        spearman_matched="≥ 0.9999")
+    report(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,11 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from common import (ChildFailed, World, one_thread_env, plain, report, reset_peak, run_child,
+                    set_threads, status_mib)
+from influence_nb import Corpus, FactorArgs, Influence, ScoreArgs
+from influence_nb.batching import source
+from influence_nb.task import Task
 
 SHAPES = {
     "gpt2-4": ("GPT2Config", dict(n_layer=4, n_embd=768, n_head=12, vocab_size=50257,
@@ -40,25 +49,24 @@ SHAPES = {
 }
 
 
-def vm(key: str = "VmHWM") -> float:
-    """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM), GB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 2 ** 20
-    return float("nan")
+class StockLoss(Task):
+    """A user's training step's loss: torch's cross-entropy summed over every position (the
+    sequences are random tokens, all full length), the whole (B·T, V) log-softmax at once."""
+
+    def training_loss(self, logits: torch.Tensor, batch: object) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                                 batch.input_ids[:, 1:].flatten(),
+                                                 reduction="sum")
 
 
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")   # VmHWM back to VmRSS (Linux)
+def peak_gb() -> float:
+    """This process's peak resident memory since the last reset, GB."""
+    return status_mib("VmHWM") / 1024
 
 
-def world(shape: str, tokens: int, sequences: int, queries: int):
-    """(model, tokenizer, corpus, query pairs): seeded, so every stage's process builds the same."""
-    import numpy as np
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from influence_nb import Corpus
+def world(shape: str, tokens: int, sequences: int, queries: int) -> World:
+    """The shape at random init on random token sequences, and random queries: seeded, so every
+    stage's process builds the same."""
     torch.manual_seed(0)
     kind, kw = SHAPES[shape]
     config = getattr(transformers, kind)(**kw)
@@ -72,29 +80,19 @@ def world(shape: str, tokens: int, sequences: int, queries: int):
     text = lambda n: " ".join(f"t{i}" for i in rng.integers(1, V, n))  # noqa: E731
     corpus = Corpus.from_texts([text(tokens) for _ in range(sequences)], tokenizer, tokens)
     pairs = [(text(16), text(4)) for _ in range(queries)]
-    return model, tokenizer, corpus, pairs
+    return World(model, tokenizer, corpus, pairs)
 
 
 def plain_seconds(model, corpus, batch_tokens: int) -> float:
-    """A plain training step's forward + backward (parameter gradients formed) over the corpus in
-    the batches a scan uses, seconds."""
-    import torch
-    from influence_nb.batching import source
-    src = source(corpus, None, tokens=batch_tokens)
-    start = time.perf_counter()
-    for _, batch in src.batches():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
-                                          batch.input_ids[:, 1:].flatten(), reduction="sum").backward()
-        model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    """A plain training step's forward + backward (parameter gradients formed, then dropped) over
+    the corpus in the batches a scan uses, seconds."""
+    batches = (b for _, b in source(corpus, None, tokens=batch_tokens).batches())
+    return plain(model, batches, StockLoss(), zero_each_batch=True)
 
 
 def stage(a: argparse.Namespace) -> dict:
     """One stage in this process: "fit" (saves factors to a.dir) or "scan" with a.q queries."""
-    import torch
-    from influence_nb import FactorArgs, Influence, ScoreArgs
-    torch.set_num_threads(1)
+    set_threads(1)
     model, tokenizer, corpus, pairs = world(a.shape, a.tokens, a.sequences, a.q or 1)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -106,13 +104,13 @@ def stage(a: argparse.Namespace) -> dict:
     if a.stage == "fit":   # before anything else has run in this process, as a user would
         out["plan"] = inf.plan(fargs, sargs, queries=a.queries).summary()
     reset_peak()
-    plain = plain_seconds(model, corpus, sargs.batch_tokens)
-    out |= {"plain_s_per_seq": plain / a.sequences, "plain_peak_gb": vm()}
+    base = plain_seconds(model, corpus, sargs.batch_tokens)
+    out |= {"plain_s_per_seq": base / a.sequences, "plain_peak_gb": peak_gb()}
     if a.stage == "fit":
         reset_peak()
         start = time.perf_counter()
         factors = inf.fit(fargs, path=a.dir)
-        out |= {"fit_s": time.perf_counter() - start, "fit_peak_gb": vm(),
+        out |= {"fit_s": time.perf_counter() - start, "fit_peak_gb": peak_gb(),
                 "timings_s": getattr(factors, "timings", None),
                 "factors_gb": sum(f.stat().st_size for f in Path(a.dir).glob("*.safetensors"))
                 / 2 ** 30}
@@ -124,16 +122,16 @@ def stage(a: argparse.Namespace) -> dict:
     prepared = time.perf_counter()
     inf.scan(queries)
     out |= {"queries": a.q, "prepare_s": prepared - start, "scan_s": time.perf_counter() - prepared,
-            "scan_peak_gb": vm()}
+            "scan_peak_gb": peak_gb()}
     return out
 
 
 def run(args: list[str]) -> dict:
-    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                       env=os.environ | {"OMP_NUM_THREADS": "1"})
-    if r.returncode:
-        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    """A stage's figures from a fresh one-thread process, or {"error": its last stderr line}."""
+    try:
+        return json.loads(run_child([__file__, *args], env=one_thread_env()))
+    except ChildFailed as e:
+        return {"error": str(e).splitlines()[-1]}
 
 
 def compare(fit: dict, scans: dict) -> dict:
@@ -155,7 +153,7 @@ def compare(fit: dict, scans: dict) -> dict:
             if v[1]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="gpt2-4")
     p.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
@@ -167,9 +165,9 @@ def main() -> None:
     p.add_argument("--stage", choices=["fit", "scan"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--q", type=int, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.stage:
-        print(json.dumps(stage(a)))
+        report(stage(a), indent=None)
         return
     common = [f"--shape={a.shape}", f"--tokens={a.tokens}", f"--sequences={a.sequences}",
               f"--layers={a.layers}", f"--blocks={a.blocks}",
@@ -190,7 +188,7 @@ def main() -> None:
         out["scan_over_plain"] = {q: s["scan_s"] / a.sequences / s["plain_s_per_seq"]
                                   for q, s in scans.items() if "error" not in s}
         out["plan_vs_measured"] = compare(fit, scans)
-    print(json.dumps(out, indent=1))
+    report(out)
 
 
 if __name__ == "__main__":

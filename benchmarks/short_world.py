@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 
+from common import fact_pairs
 from influence_nb import demo
 from influence_nb.data import Corpus
 
@@ -23,6 +24,6 @@ def build(n: int = 3150, queries: int = 200, seed: int = 0):
     rows = [rows[i] for i in np.random.default_rng(seed).choice(len(rows), n, replace=False)]
     corpus = Corpus.from_records([{"text": t} for t in rows], tokenizer, 128, progress=False)
     facts = demo.facts()
-    pairs = [(f.prompt(), f.completion) for f in facts]
-    pairs += [(f.prompt(1 + i % 3), f.completion) for i, f in enumerate(facts)]
+    pairs = fact_pairs(facts) + [(f.prompt(1 + i % 3), f.completion)
+                                 for i, f in enumerate(facts)]
     return model, tokenizer, corpus, pairs[:queries]
