@@ -38,10 +38,11 @@ import numpy as np
 
 from .calibration import Calibration, CalibrationArgs, calibrate
 from .index import IndexArgs, SketchIndex
+from .projection import SketchArgs
 from .results import InfluenceResult
 from .scoring import Queries
 from .search import BM25, search_size
-from .sketch import SketchArgs, Sketches, build_sketches
+from .sketch import Sketches, build_sketches
 
 TRUST = 0.99  # lexical=None: BM25 joins when the sketch's calibrated recall is below this
 

@@ -17,7 +17,7 @@ LAYERS = [
      "demo.world", "demo.build", "demo.finetune"},
     {"passes"},
     {"curvature"},
-    {"scoring", "sketch", "validate", "trainer"},
+    {"scoring", "projection", "sketch", "validate", "trainer"},
     {"index", "search", "calibration", "plan"},
     {"results", "session", "retriever"},
     {"widgets", "snapshot", "charts", "magics", "cli", "__main__"},
