@@ -116,12 +116,13 @@ def test_search_reports_estimated_recall_and_search_size(session, tmp_path, monk
 
 
 def test_bm25_joins_only_where_the_calibrated_sketch_falls_short(session, tmp_path):
-    ret = Retriever.build(session, tmp_path, SMALL, IndexArgs(progress=False), lexical=None)
-    n = len(ret.sketches)
-    ret._calibration = Calibration("x", n, 10, 1, [[0.0]] * 4, [[0.0]] * 4, {})
-    assert ret.split(20) == (0, 10, 10)                          # the sketch finds them all
-    ret._calibration = Calibration("x", n, 10, 1, [[0.9]] * 4, [[0.0]] * 4, {})
-    assert ret.split(20) == (5, 5, 10)                           # it does not: K/4 from BM25
+    built = Retriever.build(session, tmp_path, SMALL, IndexArgs(progress=False), lexical=None)
+    n = len(built.sketches)
+    for fraction, split in ((0.0, (0, 10, 10)),      # the sketch finds them all
+                            (0.9, (5, 5, 10))):      # it does not: K/4 from BM25
+        cal = Calibration("x", n, 10, 1, [[fraction]] * 4, [[0.0]] * 4, {})
+        ret = Retriever(session, built.sketches, built.index, calibration=cal)
+        assert ret.calibration is cal and ret.split(20) == split
 
 
 def test_rank_fractions():
