@@ -33,7 +33,7 @@ with u, v rows of the training side and u', v' of the query side, chosen so that
   "whitened" (a flat spectrum: no small set of coordinates carries the score).
 
 Measured and dropped (benchmarks/sketch_variants.py): independent (Khatri-Rao) random pairs per
-coordinate — the same recall as the Kronecker sketch at equal bytes, at m× the cost per token —
+coordinate — the same recall as the Kronecker sketch at equal bytes, at ≈ √m × its cost per token —
 and unwhitened ("plain") random rows.
 
 The sketches of all layers are concatenated, so ⟨sketch_q, sketch_m⟩ ≈ the total score.
