@@ -6,7 +6,8 @@ Worlds (benchmarks/retrieval_worlds.py): ``demo`` (a random subset of the demo c
 queries of several kinds. Per world and per query kind:
 
 - recall@10 of the exhaustive top-10, positive and negative, at K = 1 %, 2 %, 5 % of N, for
-  every sketch variant studied (candidates: the K/2 largest and K/2 most negative sketch inner
+  every sketch variant studied (the package's, and benchmarks/sketch_variants.py's that it no
+  longer draws; candidates: the K/2 largest and K/2 most negative sketch inner
   products of that query, Flat index), with Pearson and bytes per sequence (RAM: Flat index
   4·D; disk: float16 sketch 2·D + 16 B row record) — the Pareto curve;
 - the Retriever at its defaults (K/2 most negative sketch; K/2 largest sketch, or K/4 of them
@@ -30,32 +31,39 @@ import numpy as np
 import torch
 
 from retrieval_worlds import WORLDS, World   # benchmarks/retrieval_worlds.py
+from sketch_variants import KhatriRao        # benchmarks/sketch_variants.py
 
 from influence_nb.index import IndexArgs, SketchIndex
+from influence_nb.projection import SketchArgs, resolve_variant
+from influence_nb.results import InfluenceResult
 from influence_nb.retriever import Retriever
+from influence_nb.queries import Queries
 from influence_nb.search import recall_at_k
-from influence_nb.sketch import ROW, SketchArgs, Sketches, build_sketches, resolve_variant
+from influence_nb.sketch import ROW, Sketches, build_sketches
 
 SHARES = (0.01, 0.02, 0.05)
-VARIANTS = [SketchArgs(variant="eigen", m=m) for m in (256, 961)] + [
-    SketchArgs(variant="whitened", structure="khatri-rao", m=256)] + [
+VARIANTS = [SketchArgs(variant="eigen", m=m) for m in (256, 961)] + [KhatriRao(m=256)] + [
     SketchArgs(variant="whitened", m=m) for m in (256, 961, 4096)]   # Kronecker
 
-p = argparse.ArgumentParser()
-p.add_argument("--worlds", nargs="+", default=["demo", "markov"], choices=list(WORLDS))
-p.add_argument("--demo-n", type=int, default=4000)
-p.add_argument("--markov-n", type=int, default=3000)
-p.add_argument("--timing-n", type=int, default=512, help="sequences for the speed ratios")
-p.add_argument("--timed-queries", type=int, default=3)
-p.add_argument("--variants", nargs="*", default=None,
-               help="variant keys to study (default: all), e.g. eigen-m256")
-a = p.parse_args()
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worlds", nargs="+", default=["demo", "markov"], choices=list(WORLDS))
+    p.add_argument("--demo-n", type=int, default=4000)
+    p.add_argument("--markov-n", type=int, default=3000)
+    p.add_argument("--timing-n", type=int, default=512, help="sequences for the speed ratios")
+    p.add_argument("--timed-queries", type=int, default=3)
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="variant keys to study (default: all), e.g. eigen-m256")
+    return p.parse_args(argv)
 
 
-def key(world: World, args: SketchArgs) -> str:
+def key(world: World, variant: SketchArgs | KhatriRao) -> str:
     """The variant's name, "auto" resolved for the world's factors."""
-    variant = resolve_variant(world.inf.factors, args)
-    return f"{variant}-m{args.m}" if variant == "eigen" else f"{variant}-{args.structure}-m{args.m}"
+    if isinstance(variant, KhatriRao):
+        return variant.name
+    resolved = resolve_variant(world.inf.factors, variant)
+    return f"eigen-m{variant.m}" if resolved == "eigen" else f"{resolved}-kronecker-m{variant.m}"
 
 
 def split(order: np.ndarray, k: int) -> np.ndarray:
@@ -88,19 +96,29 @@ def sketch_store(world: World, args: SketchArgs) -> tuple[Sketches, float | None
     return sk, time.perf_counter() - t0
 
 
-def study(world: World, S: np.ndarray, qs) -> dict:
+def sketched(world: World, variant: SketchArgs | KhatriRao, qs: Queries
+             ) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """(training sketches (N, D), query sketches (Q, D), build seconds when built now)."""
+    inf = world.inf
+    if isinstance(variant, KhatriRao):
+        data, seconds = variant.sketch(inf, world.work / f"sketches-{variant.name}.npy")
+        return data, variant.query_sketches(inf, qs), seconds
+    sk, seconds = sketch_store(world, variant)
+    return sk.data, sk.query_sketches(inf.model, inf.factors, qs), seconds
+
+
+def study(world: World, S: np.ndarray, qs: Queries, only: list[str] | None) -> dict:
     """Recall (sketch candidates alone, Flat) per variant, K and kind; Pearson; bytes."""
     N, out = S.shape[1], {}
-    for args in VARIANTS:
-        name = key(world, args)
-        if a.variants and name not in a.variants:
+    for variant in VARIANTS:
+        name = key(world, variant)
+        if only and name not in only:
             continue
-        sk, seconds = sketch_store(world, args)
-        A = sk.query_sketches(world.inf.model, world.inf.factors, qs) \
-            @ np.asarray(sk.data, np.float32).T
-        order = np.argsort(-A, 1)
+        data, xq, seconds = sketched(world, variant, qs)
+        A = xq @ np.asarray(data, np.float32).T
+        order, dim = np.argsort(-A, 1), data.shape[1]
         out[name] = dict(
-            dim=sk.dim, bytes_disk=2 * sk.dim + ROW.itemsize, bytes_ram_flat=4 * sk.dim,
+            dim=dim, bytes_disk=2 * dim + ROW.itemsize, bytes_ram_flat=4 * dim,
             build_seconds=None if seconds is None else round(seconds, 1),
             pearson_median=round(float(np.median([np.corrcoef(x, s)[0, 1]
                                                   for x, s in zip(A, S)])), 3),
@@ -110,9 +128,9 @@ def study(world: World, S: np.ndarray, qs) -> dict:
     return out
 
 
-def speed(world: World, ret: Retriever, pairs: list, K: int) -> dict:
+def speed(world: World, ret: Retriever, K: int, a: argparse.Namespace) -> dict:
     """Sketch build ÷ plain fwd+bwd on the same sequences; search ÷ exhaustive one-query scan."""
-    inf, N = world.inf, len(world.inf.corpus)
+    inf, N, pairs = world.inf, len(world.inf.corpus), world.pairs
     ids = np.sort(np.random.default_rng(0).choice(N, min(N, a.timing_n), replace=False))
     batches = list(inf.corpus.batches(32, ids=ids))
     work = world.work / "timing"
@@ -154,7 +172,8 @@ def speed(world: World, ret: Retriever, pairs: list, K: int) -> dict:
                 search_over_exhaustive=round(t_search / (t_one * N), 4))
 
 
-def retriever(world: World, S: np.ndarray, exact, qs) -> dict:
+def retriever(world: World, S: np.ndarray, exact: InfluenceResult,
+              a: argparse.Namespace) -> dict:
     """The Retriever at its defaults, each query alone: recall per K (K = 2 % through search),
     calibrated estimate, search size, speed."""
     inf, N = world.inf, S.shape[1]
@@ -196,23 +215,29 @@ def retriever(world: World, S: np.ndarray, exact, qs) -> dict:
                                       np.round(np.array(rows).mean(0), 3).tolist()))
     out["rescored_deviation_max"] = float(f"{max(deviation):.2g}")
     out["search_size_over_N_median"] = round(float(np.median(sizes)), 2) if sizes else None
-    out["speed"] = speed(world, ret, world.pairs, K)
+    out["speed"] = speed(world, ret, K, a)
     return out
 
 
-results = {}
-for name in a.worlds:
-    world = WORLDS[name]({"demo": a.demo_n, "markov": a.markov_n}[name])
-    qs = world.inf.queries(world.pairs)
-    t0 = time.perf_counter()
-    exact = world.inf.scan(qs, out_dir=world.work / "exhaustive")
-    S = exact.scores
-    results[name] = dict(
-        n_sequences=S.shape[1], n_queries=len(world.pairs),
-        queries_by_kind={k: int((world.kinds == k).sum()) for k in dict.fromkeys(world.kinds)},
-        n_params_tracked=sum(o * i for o, i in world.inf.factors.shapes.values()),
-        exhaustive_scan_seconds=round(time.perf_counter() - t0, 1),
-        default=key(world, SketchArgs()), variants=study(world, S, qs),
-        retriever=retriever(world, S, exact, qs))
-    print(json.dumps({name: results[name]["retriever"]}), flush=True)
-print(json.dumps(dict(results, threads=torch.get_num_threads()), default=str))
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    results = {}
+    for name in a.worlds:
+        world = WORLDS[name]({"demo": a.demo_n, "markov": a.markov_n}[name])
+        qs = world.inf.queries(world.pairs)
+        t0 = time.perf_counter()
+        exact = world.inf.scan(qs, out_dir=world.work / "exhaustive")
+        S = exact.scores
+        results[name] = dict(
+            n_sequences=S.shape[1], n_queries=len(world.pairs),
+            queries_by_kind={k: int((world.kinds == k).sum()) for k in dict.fromkeys(world.kinds)},
+            n_params_tracked=sum(o * i for o, i in world.inf.factors.shapes.values()),
+            exhaustive_scan_seconds=round(time.perf_counter() - t0, 1),
+            default=key(world, SketchArgs()), variants=study(world, S, qs, a.variants),
+            retriever=retriever(world, S, exact, a))
+        print(json.dumps({name: results[name]["retriever"]}), flush=True)
+    print(json.dumps(dict(results, threads=torch.get_num_threads()), default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -38,10 +38,11 @@ import numpy as np
 
 from .calibration import Calibration, CalibrationArgs, calibrate
 from .index import IndexArgs, SketchIndex
+from .projection import SketchArgs
 from .queries import Queries
 from .results import InfluenceResult
 from .search import BM25, search_size
-from .sketch import SketchArgs, Sketches, build_sketches
+from .sketch import Sketches, build_sketches
 
 TRUST = 0.99  # lexical=None: BM25 joins when the sketch's calibrated recall is below this
 
@@ -74,24 +75,28 @@ class Retriever:
     lexical:     share of each query's positive-side candidates taken from BM25 (0: sketch only);
                  None (default): 0 when the calibration says the sketch alone finds ≥ ``TRUST``
                  of the positive top-10 with all of the positive half, else 0.5
-    calibration: how the store's recall estimate is made (once per store, on first search)
+    calibration: how the store's recall estimate is made (once per store, on first search), or
+                 a :class:`Calibration` to use as it is
     """
 
     def __init__(self, inf: Influence, sketches: Sketches, index: SketchIndex,
-                 lexical: float | None = None, calibration: CalibrationArgs | None = None):
+                 lexical: float | None = None,
+                 calibration: CalibrationArgs | Calibration | None = None):
         corpus = inf.fitted()[0]
         sketches.check_corpus(corpus)
         if lexical is not None and not 0 <= lexical <= 1:
             raise ValueError(f"lexical={lexical} is a share of the positive candidates; use "
                              "a number from 0 (sketch only) to 1 (BM25 only)")
         self.inf, self.sketches, self.index, self.lexical = inf, sketches, index, lexical
-        self.calibration_args = calibration or CalibrationArgs()
+        self.calibration_args = (calibration if isinstance(calibration, CalibrationArgs)
+                                 else CalibrationArgs())
         self._bm25: BM25 | None = None
-        self._calibration: Calibration | None = None
+        self._calibration = calibration if isinstance(calibration, Calibration) else None
 
     @property
     def calibration(self) -> Calibration:
-        """The store's calibration (read from the store, else one exact scan of a sample)."""
+        """The store's calibration (the one given, else read from the store, else one exact scan
+        of a sample)."""
         if self._calibration is None:
             self._calibration = calibrate(self.inf, self.sketches, self.calibration_args)
         return self._calibration

@@ -1,55 +1,13 @@
-"""Gradient sketches: a small vector per training sequence whose inner product with a query's
-sketch approximates the influence score, written once and searched by every later query.
-
-Per tracked layer ℓ a training sequence's log-likelihood gradient is DW = Σ_t δ_t ā_tᵀ
-(out, in+1). Each of the m sketch coordinates of a layer is a random bilinear measurement,
-formed token by token so that DW is never materialised::
-
-    sketch_m[j] = u_jᵀ DW v_j = Σ_t (u_j · δ_t)(v_j · ā_t)          j = 1 … m
-    sketch_q[j] = u'_jᵀ R v'_j = Σ_r (u'_j · U_r)(v'_j · V_r)        R = U Vᵀ ≈ (G+λI)⁻¹ ∇f
-
-    u_j = B_out diag(s_out) p_j,  u'_j = B_out diag(1/s_out) p_j     (same for v with B_in, s_in)
-
-with p_j, q_j Gaussian, B an orthogonal basis and s positive scales. Since E[p pᵀ] = I and B is
-orthogonal, E⟨sketch_q, sketch_m⟩ / m = ⟨R, DW⟩, the layer's score, for any B and s; the choice
-changes only the variance, ∝ ‖X_q‖² ‖X_m‖² / m for the two sides X in the scaled basis.
-
-Variants (``SketchArgs.variant``):
-
-- ``"eigen"``: no random measurement. The D = layers · m coordinates (i, j) of the EK-FAC
-  eigenbasis with the largest Λ_ij / λ_ℓ over all layers are kept exactly, whitened per
-  coordinate: sketch_m = (Q_Sᵀ DW Q_A)_ij / √(Λ_ij+λ), sketch_q = (Q_Sᵀ R Q_A)_ij · √(Λ_ij+λ),
-  measured token by token with u = column i of Q_S, v = column j of Q_A (few distinct columns:
-  cheap). Biased (the other coordinates are dropped) but noiseless. Why it wins where the
-  damping leaves few directions: the score's variance over the corpus comes from coordinate
-  (i, j) in proportion to ≈ Λ²/(Λ+λ)², so it sits in the top of the spectrum, while a random
-  measurement's noise grows with the whole whitened norm Σ Λ/(Λ+λ), paid also for the long tail
-  of small eigenvalues (docs/design.md, "Retrieval on two worlds").
-- ``"auto"`` (default): "eigen" when its coordinates hold ≥ ``AUTO_COVERAGE`` of the effective
-  dimension Σ Λ/(Λ+λ) (:func:`eigen_coverage`; a spectrum the damping cuts short), else
-  "whitened" (a flat spectrum: no small set of coordinates carries the score).
-- ``"whitened"``: B = the EK-FAC eigenbases (Q_S, Q_A), s_out s_inᵀ the rank-one
-  (log-space least squares) fit of (Λ + λ)^-1/2: both sides whitened,
-  X_m ≈ Q_Sᵀ DW Q_A / √(Λ+λ) and X_q ≈ Q_Sᵀ ∇f Q_A / √(Λ+λ) — the split of the score
-  ⟨g̃ ⊘ (Λ+λ), d̃⟩ that balances the norms. Rank one keeps the measurement bilinear.
-- ``"plain"``: B = I, s = 1; all of the preconditioning sits on the query side.
-
-Structures (``SketchArgs.structure``, of the random variants; eigen ignores it):
-``"khatri-rao"`` draws independent (p_j, q_j)
-per coordinate, cost m · (out + in) per token and layer; ``"kronecker"`` (default) takes all pairs of
-k = √m shared rows, sketch = P_out DW P_inᵀ = Σ_t (P_out δ_t)(P_in ā_t)ᵀ, cost k · (out + in)
-per token plus k² per token for the outer products — so a Kronecker sketch can be far larger
-for the same time. For nearly low-rank gradients its error is a product of two k-dimensional
-projections where independent rows avoid that (benchmarks/retrieval.py compares them).
-
-The sketches of all layers are concatenated (random variants: scaled by 1/√m), so
-⟨sketch_q, sketch_m⟩ ≈ the total score.
+"""The sketch store: a gradient sketch (:mod:`influence_nb.projection`) per training sequence,
+written once and searched by every later query.
 
 On disk (a directory): ``sketches.f16`` (N, D) float16 rows, ``rows.bin`` (N,) records of
 (corpus id, hash of the sequence's tokens) and ``sketches.json``, the manifest, written last
 after each chunk: it lists the committed chunks with their CRC-32, the model and factor
-fingerprints and the projection's settings. A build killed at any moment resumes after the
-last committed chunk; sketching more ids later appends rows and keeps the old ones.
+fingerprints and the projection's settings (the projection itself is drawn again from them).
+A build killed at any moment resumes after the last committed chunk; sketching more ids later
+appends rows and keeps the old ones. Under torch.distributed the chunks are shared out over the
+ranks and the parts merged, byte for byte the store one process writes.
 """
 from __future__ import annotations
 
@@ -58,255 +16,32 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from einops import einsum, rearrange
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, store
 from .batching import as_ids, source
-from .checks import check_args
 from .curvature import Factors, fingerprint_of
 from .data import Corpus
-from .layers import TrackedLayer, find_layers
-from .passes import Consumer, PassBatch, corpus_pass
-from .queries import Queries
-from .statistics import rotate
+from .layers import find_layers
+from .passes import corpus_pass
+from .projection import VARIANTS, Projection, SketchArgs, Sketcher
 from .task import Task
 
-VARIANTS = ("auto", "eigen", "whitened", "plain")
-AUTO_COVERAGE = 0.05  # "auto" takes the eigen sketch when its coordinates hold this share
-STRUCTURES = ("khatri-rao", "kronecker")
+if TYPE_CHECKING:  # annotations only
+    from .queries import Queries
+
 FORMAT = "influence_nb.sketches/1"
-_DENSE_GATHER = 32  # eigen: form the n_u × n_v block and gather, if ≤ this × the coordinates
 ROW = np.dtype([("id", "<i8"), ("hash", "<u8")])
 
 
 class SketchError(ValueError):
     """A sketch store that is missing, corrupt, truncated or made for another model/factors."""
-
-
-@dataclass
-class SketchArgs:
-    """How to sketch.
-
-    m:          sketch coordinates per layer; D = layers · m (float16: 2·D bytes per sequence);
-                the eigen variant spreads the D over the layers by eigenvalue
-    variant:    "auto" (default: eigen or whitened, by :func:`eigen_coverage`), "eigen" (the
-                top EK-FAC eigenbasis coordinates, exact), "whitened" (random measurements in
-                the eigenbasis scaled by ≈ (Λ+λ)^-1/2) or "plain" (random, no basis)
-    structure:  of the random variants: "kronecker" (default: P_out DW P_inᵀ with
-                k_out = k_in = √m) or "khatri-rao" (independent bilinear measurements)
-    seed:       seed of the Gaussian projections (stored: queries are sketched alike)
-    batch_size: training sequences per forward + backward
-    chunk_size: sequences per committed chunk (the unit of resumption)
-    progress:   show a progress bar
-    """
-    m: int = 961
-    variant: str = "auto"
-    structure: str = "kronecker"
-    seed: int = 0
-    batch_size: int = 32
-    chunk_size: int = 2048
-    progress: bool = True
-
-    MINIMUM: ClassVar[dict[str, float]] = {"m": 1, "batch_size": 1, "chunk_size": 1}
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "variant": VARIANTS, "structure": STRUCTURES}
-
-    def __post_init__(self) -> None:
-        check_args(self)
-
-    @property
-    def projection(self) -> dict:
-        """The settings that define the projection (what a store must agree on)."""
-        return dict(m=self.m, variant=self.variant, structure=self.structure, seed=self.seed)
-
-
-@dataclass
-class LayerProjection:
-    """Rows u (rows, out), v (rows, in+1) of the training side and u', v' of the query side.
-
-    Coordinate j pairs u row ``iu[j]`` with v row ``iv[j]`` and is multiplied by ``w[j]``
-    (query side: ``w_q[j]``); None: row j with row j, weight 1 (the random variants).
-    """
-    u: Tensor
-    v: Tensor
-    u_q: Tensor
-    v_q: Tensor
-    iu: Tensor | None = None
-    iv: Tensor | None = None
-    w: Tensor | None = None
-    w_q: Tensor | None = None
-
-
-def _rank_one_scales(Lambda: Tensor, damping: float) -> tuple[Tensor, Tensor]:
-    """s_out (out,), s_in (in+1,) with log(s_out s_inᵀ) the least-squares fit of
-    log (Λ + λ)^-1/2: row means plus column means minus the grand mean."""
-    L = -0.5 * torch.log(Lambda.double() + damping)
-    return torch.exp(L.mean(1)), torch.exp(L.mean(0) - L.mean())
-
-
-def _gaussian_rows(args: SketchArgs, d_out: int, d_in: int, g: torch.Generator
-                   ) -> tuple[Tensor, Tensor]:
-    """Rows p (rows, out), q (rows, in+1), scaled so that ⟨sketch_q, sketch_m⟩ ≈ the score:
-    m independent pairs (Khatri-Rao), or k = √m rows per side whose k² pairs are the sketch."""
-    k = args.m
-    if args.structure == "kronecker":
-        k = round(args.m ** .5)
-        if k * k != args.m:
-            raise ValueError(f"a Kronecker sketch needs m = k_out · k_in = k², got m={args.m}")
-    # a coordinate is (p·X_q·q)(p·X_m·q) / m; Khatri-Rao: E = ⟨X_q, X_m⟩ / m per row pair,
-    # Kronecker: k² pairs of E = ⟨X_q, X_m⟩ — either way rows scale by m^(-1/4)
-    return (torch.randn(k, d_out, generator=g, dtype=torch.float64) / args.m ** .25,
-            torch.randn(k, d_in, generator=g, dtype=torch.float64) / args.m ** .25)
-
-
-def _priority(factors: Factors) -> tuple[Tensor, Tensor]:
-    """Over all layers' eigenbasis coordinates, concatenated: Λ_ij / λ_ℓ (the eigen variant's
-    order) and Λ_ij / (Λ_ij + λ_ℓ) (each one's share of the effective dimension)."""
-    ratio = torch.cat([f.eigenvalues(factors.args.strategy).double().flatten()
-                       / factors.damping(name) for name, f in factors.layers.items()])
-    return ratio, ratio / (1 + ratio)
-
-
-def eigen_coverage(factors: Factors, total: int) -> float:
-    """Share of the effective dimension Σ Λ/(Λ+λ) held by the ``total`` coordinates of largest
-    Λ/λ: near 1, the eigen sketch keeps every direction the damping leaves (it is then nearly
-    exact); small, the curvature is flat and a random sketch does better."""
-    ratio, share = _priority(factors)
-    return float(share[torch.topk(ratio, min(total, len(ratio))).indices].sum() / share.sum())
-
-
-def _eigen_coordinates(factors: Factors, total: int) -> dict[str, Tensor]:
-    """Per layer the flat indices (sorted) into (out, in+1) of the ``total`` eigenbasis
-    coordinates with the largest Λ_ij / λ_ℓ over all layers (ties: first in layer order)."""
-    top = torch.from_numpy(np.argsort(-_priority(factors)[0].numpy(), kind="stable")[:total]
-                           .copy())
-    sizes = [d_out * d_in for d_out, d_in in factors.shapes.values()]
-    starts = np.cumsum([0, *sizes])
-    return {name: top[(top >= a) & (top < b)].sort().values - a
-            for name, a, b in zip(factors.layers, starts[:-1], starts[1:])}
-
-
-def _eigen_layer(factors: Factors, name: str, flat: Tensor) -> LayerProjection:
-    """The eigen variant's rows of one layer: coordinate (i, j) = flat index is measured by
-    u = column i of Q_S and v = column j of Q_A, weighted (Λ_ij + λ)^∓1/2 (train / query)."""
-    f, d_in = factors.layers[name], factors.shapes[name][1]
-    scale = (f.eigenvalues(factors.args.strategy).double().flatten()[flat]
-             + factors.damping(name)) ** -0.5
-    i, iu = torch.unique(flat // d_in, return_inverse=True)
-    j, iv = torch.unique(flat % d_in, return_inverse=True)
-    u = torch.block_diag(*[x.double().cpu() for x in f.Q_S])[:, i].T.contiguous()
-    v = torch.block_diag(*[x.double().cpu() for x in f.Q_A])[:, j].T.contiguous()
-    return LayerProjection(u, v, u, v, iu, iv, scale, 1 / scale)
-
-
-def resolve_variant(factors: Factors, args: SketchArgs) -> str:
-    """The variant ``args`` means for these factors: "auto" is "eigen" when the eigen sketch's
-    coordinates hold ≥ AUTO_COVERAGE of the effective dimension (:func:`eigen_coverage`), else
-    "whitened" ("plain" for identity factors)."""
-    if args.variant != "auto":
-        return args.variant
-    if not factors.layers:
-        return "plain"
-    total = len(factors.shapes) * args.m
-    return "eigen" if eigen_coverage(factors, total) >= AUTO_COVERAGE else "whitened"
-
-
-def _random_layers(factors: Factors, args: SketchArgs, variant: str
-                   ) -> dict[str, LayerProjection]:
-    """Gaussian rows per layer (the "whitened" and "plain" variants), drawn from ``args.seed``."""
-    g = torch.Generator().manual_seed(args.seed)
-    layers = {}
-    for name, (d_out, d_in) in factors.shapes.items():
-        p, q = _gaussian_rows(args, d_out, d_in, g)
-        if variant == "plain":
-            layers[name] = LayerProjection(p, q, p, q)
-            continue
-        f = factors.layers[name]
-        s_out, s_in = _rank_one_scales(f.eigenvalues(factors.args.strategy),
-                                       factors.damping(name))
-        Q_S, Q_A = [x.double().cpu() for x in f.Q_S], [x.double().cpu() for x in f.Q_A]
-        # rows of B diag(s) p: (p · s) Bᵀ = rotate(p · s, B, transpose)
-        layers[name] = LayerProjection(
-            rotate(p * s_out, Q_S, True), rotate(q * s_in, Q_A, True),
-            rotate(p / s_out, Q_S, True), rotate(q / s_in, Q_A, True))
-    return layers
-
-
-class Projection:
-    """The per-layer measurement rows of a variant, drawn from ``seed`` (reproducible)."""
-
-    def __init__(self, factors: Factors, args: SketchArgs):
-        if args.variant not in VARIANTS or args.structure not in STRUCTURES:
-            raise ValueError(f"unknown sketch variant {args.variant!r} / structure "
-                             f"{args.structure!r}; use one of {VARIANTS} / {STRUCTURES}")
-        self.variant = resolve_variant(factors, args)
-        if self.variant != "plain" and not factors.layers:
-            raise ValueError(f"the {self.variant} sketch needs K-FAC or EK-FAC factors, these "
-                             "are 'identity'; fit curvature or use SketchArgs(variant='plain')")
-        if self.variant == "eigen":
-            total = min(len(factors.shapes) * args.m,
-                        sum(o * i for o, i in factors.shapes.values()))
-            self.layers = {name: _eigen_layer(factors, name, flat)
-                           for name, flat in _eigen_coordinates(factors, total).items()}
-        else:
-            self.layers = _random_layers(factors, args, self.variant)
-        self._cast: dict[tuple, tuple] = {}
-        # Khatri-Rao pairs row j with row j; Kronecker pairs every row i with every row j
-        self.pattern = "b t j, b t j -> b j" if args.structure == "khatri-rao" or \
-            self.variant == "eigen" else "b t i, b t j -> b i j"
-        self.dim = sum(self.width(name) for name in self.layers)
-
-    def width(self, name: str) -> int:
-        """Sketch coordinates of one layer."""
-        p = self.layers[name]
-        if p.iu is not None:
-            return len(p.iu)
-        return len(p.u) if self.pattern.endswith("b j") else len(p.u) * len(p.v)
-
-    def sketch_layer(self, name: str, a: Tensor, delta: Tensor) -> Tensor:
-        """Training sketch of one layer from ā (B, T, in+1), δ (B, T, out) -> (B, width)."""
-        key = (name, delta.dtype, delta.device)
-        if key not in self._cast:
-            self._cast[key] = self._cast_layer(self.layers[name], delta)
-        uT, vT, iu, iv, w, flat = self._cast[key]
-        du, av = delta @ uT, a @ vT
-        if iu is None:
-            return einsum(du, av, self.pattern).flatten(1)      # Σ_t (u·δ_t)(v·ā_t)
-        if flat is not None:                                  # the n_u × n_v block, gathered
-            return (du.mT @ av).flatten(1)[:, flat] * w
-        return einsum(du[..., iu], av[..., iv], self.pattern).flatten(1) * w
-
-    @staticmethod
-    def _cast_layer(p: LayerProjection, like: Tensor) -> tuple:
-        """(uᵀ, vᵀ, iu, iv, w, flat) on ``like``'s device and dtype; ``flat`` (iu·n_v + iv) when
-        forming the eigen variant's whole n_u × n_v block is the cheaper way (else None)."""
-        to = lambda x: None if x is None else x.to(like.device if x.dtype == torch.int64  # noqa
-                                                   else like)
-        flat = None
-        if p.iu is not None and len(p.u) * len(p.v) <= _DENSE_GATHER * len(p.iu):
-            flat = to(p.iu * len(p.v) + p.iv)
-        return (to(p.u.T.contiguous()), to(p.v.T.contiguous()), to(p.iu), to(p.iv), to(p.w),
-                flat)
-
-    def sketch_queries(self, queries: Queries) -> Tensor:
-        """Query sketches of the preconditioned gradients R = U Vᵀ -> (Q, D) float32."""
-        parts = []
-        for name, p in self.layers.items():
-            U, V = queries.R[name].U.double().cpu(), queries.R[name].V.double().cpu()
-            uU, vV = (rearrange(x, "q j r -> q r j") for x in (p.u_q @ U, p.v_q @ V))
-            if p.iu is not None:
-                uU, vV = uU[..., p.iu], vV[..., p.iv]
-            x = einsum(uU, vV, self.pattern).flatten(1)         # Σ_r (u'·U_r)(v'·V_r)
-            parts.append(x if p.w_q is None else x * p.w_q)
-        return torch.cat(parts, 1).float()
 
 
 def sequence_hashes(corpus: Corpus, ids: np.ndarray) -> np.ndarray:
@@ -336,7 +71,24 @@ class Sketches:
 
     @property
     def args(self) -> SketchArgs:
-        return SketchArgs(**self.manifest["projection"])
+        """The projection's settings the store was made with (SketchError: a variant the
+        package no longer draws)."""
+        settings = {k: v for k, v in self.manifest["projection"].items() if k != "structure"}
+        if settings["variant"] not in VARIANTS:
+            raise SketchError(f"{self.path} holds sketches of the variant "
+                              f"{settings['variant']!r}, no longer in the package "
+                              f"(benchmarks/sketch_variants.py); rebuild it with SketchArgs()")
+        return SketchArgs(**settings)
+
+    def projection(self, factors: Factors) -> Projection:
+        """The store's projection, drawn again from its settings (SketchError: one the package
+        no longer draws — random Khatri-Rao pairs, benchmarks/sketch_variants.py)."""
+        proj = Projection.draw(factors, self.args)
+        if self.manifest["projection"]["structure"] != "kronecker" and proj.variant != "eigen":
+            raise SketchError(f"{self.path} holds {proj.variant} sketches of the Khatri-Rao "
+                              "structure, no longer in the package (benchmarks/"
+                              "sketch_variants.py); rebuild it with SketchArgs()")
+        return proj
 
     @property
     def fingerprint(self) -> str:
@@ -408,7 +160,7 @@ class Sketches:
         if queries.factors_id != self.manifest["factors_id"]:
             raise SketchError("the queries were preconditioned with other factors than the "
                               f"sketches in {self.path}; make them with the same factors")
-        return Projection(factors, self.args).sketch_queries(queries).numpy()
+        return self.projection(factors).sketch_queries(queries).numpy()
 
 
 def _read_manifest(path: Path) -> dict:
@@ -433,33 +185,8 @@ def _check_owner(path: Path, manifest: dict, model: nn.Module | None,
                               "rebuild them in a new directory")
     if factors is not None and factors.factors_id() != manifest["factors_id"]:
         raise SketchError(f"the sketches in {path} were made with other factors "
-                          f"({manifest['factors_id']} ≠ {factors.factors_id()}); load those factors "
-                          "or rebuild the sketches in a new directory")
-
-
-class Sketcher(Consumer):
-    """Training sketches of the sequences of a pass: ``finish`` -> (n, D) float16 in the
-    pass's row order (layers concatenated in the projection's order)."""
-
-    def __init__(self, proj: Projection, n: int):
-        self.proj, self.out = proj, np.zeros((n, proj.dim), np.float16)
-        self._parts: dict[str, Tensor] = {}
-
-    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
-                     batch: PassBatch) -> None:
-        self._parts[layer.name] = self.proj.sketch_layer(layer.name, a, delta)
-
-    def update(self, batch: PassBatch) -> None:
-        data = torch.cat([self._parts[n] for n in self.proj.layers], 1).cpu().numpy()
-        self._parts = {}
-        data = data.astype(np.float16)
-        if not np.isfinite(data).all():
-            raise FloatingPointError("a sketch overflowed float16; the gradients are huge "
-                                     "(check the model)")
-        self.out[batch.rows] = data
-
-    def finish(self) -> np.ndarray:
-        return self.out
+                          f"({manifest['factors_id']} ≠ {factors.factors_id()}); load those "
+                          "factors or rebuild the sketches in a new directory")
 
 
 def build_sketches(model: nn.Module, factors: Factors, corpus: Corpus,
@@ -486,14 +213,14 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
                          f"({args.batch_size})")
     path = Path(path)
     owner = _owner(model, factors)
-    proj = Projection(factors, args)
+    proj = Projection.draw(factors, args)
     with store.lock(path, SketchError):
         if (path / "sketches.json").exists():
             old = Sketches.open(path, model, factors)   # verified: appending to a corrupt store
             if old.manifest["projection"] != args.projection:  # would bury the damage
                 raise SketchError(f"{path} holds sketches with projection "
                                   f"{old.manifest['projection']}, not {args.projection}; pass "
-                                  "those SketchArgs or a new directory")
+                                  "those settings or a new directory")
             old.check_corpus(corpus)
             manifest, done = old.manifest, set(old.ids.tolist())
         else:

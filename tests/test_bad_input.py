@@ -40,7 +40,7 @@ from test_scoring import TEXTS, tiny_model
     (lambda: FactorArgs(batch_size=True), TypeError, "batch_size=True"),
     (lambda: FactorArgs(max_examples=0), ValueError, "max_examples=0"),
     (lambda: SketchArgs(m=0), ValueError, "SketchArgs(m=0)"),
-    (lambda: SketchArgs(structure="kron"), ValueError, "'khatri-rao', 'kronecker'"),
+    (lambda: SketchArgs(variant="plain"), ValueError, "'auto', 'eigen', 'whitened'"),
     (lambda: IndexArgs(kind="ivf"), ValueError, "IndexArgs(kind='ivf')"),
     (lambda: IndexArgs(nprobe=0), ValueError, "nprobe=0"),
 ])

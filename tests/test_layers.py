@@ -20,7 +20,7 @@ LAYERS = [
     {"statistics"},
     {"curvature"},
     {"queries"},
-    {"scoring", "sketch", "validate", "trainer"},
+    {"scoring", "projection", "sketch", "validate", "trainer"},
     {"index", "search", "calibration", "plan"},
     {"results", "session", "retriever"},
     {"widgets", "view", "snapshot", "style", "charts", "magics", "__main__", "cli",

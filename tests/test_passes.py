@@ -39,7 +39,7 @@ def test_one_sweep_feeds_several_consumers_with_the_numbers_of_separate_passes(s
     model, corpus, factors, queries = setup
     layers = find_layers(model, factors.layer_names)
     ids = np.random.default_rng(0).permutation(len(corpus))[:17]
-    proj = Projection(factors, SketchArgs(m=16))
+    proj = Projection.draw(factors, SketchArgs(m=16))
     consumers = [Scorer(queries, layers, len(ids)), SelfInfluence(factors, len(ids)),
                  Sketcher(proj, len(ids)), Gradients(layers)]
     (layer_scores, _), selfinf, sketches, (DW, losses) = corpus_pass(

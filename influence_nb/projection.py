@@ -1,0 +1,294 @@
+"""The sketch's measurement: a small vector per training sequence whose inner product with a
+query's sketch approximates the influence score.
+
+Per tracked layer ℓ a training sequence's log-likelihood gradient is DW = Σ_t δ_t ā_tᵀ
+(out, in+1). Each sketch coordinate of a layer is a bilinear measurement, formed token by token
+so that DW is never materialised::
+
+    sketch_m[j] = u_jᵀ DW v_j = Σ_t (u_j · δ_t)(v_j · ā_t)
+    sketch_q[j] = u'_jᵀ R v'_j = Σ_r (u'_j · U_r)(v'_j · V_r)        R = U Vᵀ ≈ (G+λI)⁻¹ ∇f
+
+with u, v rows of the training side and u', v' of the query side, chosen so that
+⟨sketch_q, sketch_m⟩ ≈ ⟨R, DW⟩, the layer's score. Variants (``SketchArgs.variant``):
+
+- ``"eigen"``: no random measurement. The D = layers · m coordinates (i, j) of the EK-FAC
+  eigenbasis with the largest Λ_ij / λ_ℓ over all layers are kept exactly, whitened per
+  coordinate: sketch_m = (Q_Sᵀ DW Q_A)_ij / √(Λ_ij+λ), sketch_q = (Q_Sᵀ R Q_A)_ij · √(Λ_ij+λ),
+  measured with u = column i of Q_S, v = column j of Q_A (few distinct columns: cheap).
+  Biased (the other coordinates are dropped) but noiseless. Why it wins where the damping
+  leaves few directions: the score's variance over the corpus comes from coordinate (i, j) in
+  proportion to ≈ Λ²/(Λ+λ)², so it sits in the top of the spectrum, while a random
+  measurement's noise grows with the whole whitened norm Σ Λ/(Λ+λ), paid also for the long tail
+  of small eigenvalues (docs/design.md, "Retrieval on two worlds").
+- ``"whitened"``: random measurements in the eigenbasis, the Kronecker sketch P_out DW P_inᵀ:
+  k = √m Gaussian rows p per side (shared by all k² coordinates), u = B_out diag(s_out) p,
+  u' = B_out diag(1/s_out) p (v, v' alike with B_in, s_in), B the EK-FAC eigenbases (Q_S, Q_A)
+  and s_out s_inᵀ the rank-one (log-space least squares) fit of (Λ + λ)^-1/2: both sides
+  whitened — the split of the score ⟨g̃ ⊘ (Λ+λ), d̃⟩ that balances the norms, so the variance
+  ∝ ‖X_q‖² ‖X_m‖² / m is smallest. Since E[p pᵀ] = I and B is orthogonal the sketch is unbiased
+  for any B and s. Cost k · (out + in) per token plus k² for the outer products.
+  Identity factors have no eigenbasis: B = I, s = 1 (nothing to whiten).
+- ``"auto"`` (default): "eigen" when its coordinates hold ≥ ``AUTO_COVERAGE`` of the effective
+  dimension Σ Λ/(Λ+λ) (:func:`eigen_coverage`; a spectrum the damping cuts short), else
+  "whitened" (a flat spectrum: no small set of coordinates carries the score).
+
+Measured and dropped (benchmarks/sketch_variants.py): independent (Khatri-Rao) random pairs per
+coordinate — the same recall as the Kronecker sketch at equal bytes, at ≈ √m × its cost per token —
+and unwhitened ("plain") random rows.
+
+The sketches of all layers are concatenated, so ⟨sketch_q, sketch_m⟩ ≈ the total score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from einops import einsum, rearrange
+from torch import Tensor
+
+from .checks import check_args
+from .statistics import rotate
+from .passes import Consumer, PassBatch
+
+if TYPE_CHECKING:  # annotations only
+    from .curvature import Factors
+    from .layers import TrackedLayer
+    from .queries import Queries
+
+VARIANTS = ("auto", "eigen", "whitened")
+AUTO_COVERAGE = 0.05  # "auto" takes the eigen sketch when its coordinates hold this share
+DENSE_GATHER = 32  # eigen: form the n_u × n_v block and gather, if ≤ this × the coordinates
+
+
+@dataclass
+class SketchArgs:
+    """How to sketch.
+
+    m:          sketch coordinates per layer; D = layers · m (float16: 2·D bytes per sequence);
+                the eigen variant spreads the D over the layers by eigenvalue; the whitened
+                one needs m = k² (k Gaussian rows a side)
+    variant:    "auto" (default: eigen or whitened, by :func:`eigen_coverage`), "eigen" (the
+                top EK-FAC eigenbasis coordinates, exact) or "whitened" (random Kronecker
+                measurements in the eigenbasis scaled by ≈ (Λ+λ)^-1/2)
+    seed:       seed of the Gaussian projections (stored: queries are sketched alike)
+    batch_size: training sequences per forward + backward
+    chunk_size: sequences per committed chunk (the unit of resumption)
+    progress:   show a progress bar
+    """
+    m: int = 961
+    variant: str = "auto"
+    seed: int = 0
+    batch_size: int = 32
+    chunk_size: int = 2048
+    progress: bool = True
+
+    MINIMUM: ClassVar[dict[str, float]] = {"m": 1, "batch_size": 1, "chunk_size": 1}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"variant": VARIANTS}
+
+    def __post_init__(self) -> None:
+        check_args(self)
+
+    @property
+    def projection(self) -> dict:
+        """The settings that define the projection (what a store must agree on). "structure"
+        records how random coordinates pair, all k² pairs of the rows: stores written before
+        the Khatri-Rao structure left the package say so too (same manifest, same fingerprint)."""
+        return dict(m=self.m, variant=self.variant, structure="kronecker", seed=self.seed)
+
+
+@dataclass
+class LayerProjection:
+    """Rows u (rows, out), v (rows, in+1) of the training side and u', v' of the query side.
+
+    Coordinates: ``iu`` None, every pair (u row i, v row j) — the Kronecker sketch, rows² of
+    them; else coordinate j pairs u row ``iu[j]`` with v row ``iv[j]`` and is multiplied by
+    ``w[j]`` (query side: ``w_q[j]``; None: 1).
+    """
+    u: Tensor
+    v: Tensor
+    u_q: Tensor
+    v_q: Tensor
+    iu: Tensor | None = None
+    iv: Tensor | None = None
+    w: Tensor | None = None
+    w_q: Tensor | None = None
+
+
+def rank_one_scales(Lambda: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """s_out (out,), s_in (in+1,) with log(s_out s_inᵀ) the least-squares fit of
+    log (Λ + λ)^-1/2: row means plus column means minus the grand mean."""
+    L = -0.5 * torch.log(Lambda.double() + damping)
+    return torch.exp(L.mean(1)), torch.exp(L.mean(0) - L.mean())
+
+
+def whitened_rows(factors: Factors, name: str, p: Tensor, q: Tensor) -> LayerProjection:
+    """Layer ``name``'s rows from Gaussian rows p (rows, out), q (rows, in+1): B diag(s) p on the
+    training side, B diag(1/s) p on the query side (q alike), B the eigenbases and s the
+    :func:`rank_one_scales`; identity factors: p and q as they are."""
+    if not factors.layers:
+        return LayerProjection(p, q, p, q)
+    f = factors.layers[name]
+    s_out, s_in = rank_one_scales(f.eigenvalues(factors.args.strategy), factors.damping(name))
+    Q_S, Q_A = [x.double().cpu() for x in f.Q_S], [x.double().cpu() for x in f.Q_A]
+    # rows of B diag(s) p: (p · s) Bᵀ = rotate(p · s, B, transpose)
+    return LayerProjection(rotate(p * s_out, Q_S, True), rotate(q * s_in, Q_A, True),
+                           rotate(p / s_out, Q_S, True), rotate(q / s_in, Q_A, True))
+
+
+def _whitened_layers(factors: Factors, args: SketchArgs) -> dict[str, LayerProjection]:
+    """The whitened variant: per layer k = √m Gaussian rows a side, drawn from ``args.seed``."""
+    k = round(args.m ** .5)
+    if k * k != args.m:
+        raise ValueError(f"a Kronecker sketch needs m = k_out · k_in = k², got m={args.m}")
+    g = torch.Generator().manual_seed(args.seed)
+    layers = {}
+    for name, (d_out, d_in) in factors.shapes.items():
+        # a coordinate is (p·X_q·q)(p·X_m·q); its k² pairs have E = ⟨X_q, X_m⟩ each, so rows
+        # scale by m^(-1/4) for ⟨sketch_q, sketch_m⟩ ≈ the score
+        p = torch.randn(k, d_out, generator=g, dtype=torch.float64) / args.m ** .25
+        q = torch.randn(k, d_in, generator=g, dtype=torch.float64) / args.m ** .25
+        layers[name] = whitened_rows(factors, name, p, q)
+    return layers
+
+
+def _priority(factors: Factors) -> tuple[Tensor, Tensor]:
+    """Over all layers' eigenbasis coordinates, concatenated: Λ_ij / λ_ℓ (the eigen variant's
+    order) and Λ_ij / (Λ_ij + λ_ℓ) (each one's share of the effective dimension)."""
+    ratio = torch.cat([f.eigenvalues(factors.args.strategy).double().flatten()
+                       / factors.damping(name) for name, f in factors.layers.items()])
+    return ratio, ratio / (1 + ratio)
+
+
+def eigen_coverage(factors: Factors, total: int) -> float:
+    """Share of the effective dimension Σ Λ/(Λ+λ) held by the ``total`` coordinates of largest
+    Λ/λ: near 1, the eigen sketch keeps every direction the damping leaves (it is then nearly
+    exact); small, the curvature is flat and a random sketch does better."""
+    ratio, share = _priority(factors)
+    return float(share[torch.topk(ratio, min(total, len(ratio))).indices].sum() / share.sum())
+
+
+def _eigen_layers(factors: Factors, args: SketchArgs) -> dict[str, LayerProjection]:
+    """The eigen variant: the layers · m coordinates (i, j) with the largest Λ_ij / λ_ℓ over all
+    layers (ties: first in layer order), coordinate (i, j) measured by u = column i of Q_S and
+    v = column j of Q_A, weighted (Λ_ij + λ)^∓1/2 (train / query)."""
+    if not factors.layers:
+        raise ValueError("the eigen sketch needs K-FAC or EK-FAC factors, these are 'identity'; "
+                         "fit curvature or use SketchArgs(variant='whitened')")
+    total = min(len(factors.shapes) * args.m, sum(o * i for o, i in factors.shapes.values()))
+    top = torch.from_numpy(np.argsort(-_priority(factors)[0].numpy(), kind="stable")[:total]
+                           .copy())
+    starts = np.cumsum([0, *[d_out * d_in for d_out, d_in in factors.shapes.values()]])
+    layers = {}
+    for (name, f), a, b in zip(factors.layers.items(), starts[:-1], starts[1:]):
+        flat = top[(top >= a) & (top < b)].sort().values - a    # flat indices into (out, in+1)
+        d_in = factors.shapes[name][1]
+        scale = (f.eigenvalues(factors.args.strategy).double().flatten()[flat]
+                 + factors.damping(name)) ** -0.5
+        i, iu = torch.unique(flat // d_in, return_inverse=True)
+        j, iv = torch.unique(flat % d_in, return_inverse=True)
+        u = torch.block_diag(*[x.double().cpu() for x in f.Q_S])[:, i].T.contiguous()
+        v = torch.block_diag(*[x.double().cpu() for x in f.Q_A])[:, j].T.contiguous()
+        layers[name] = LayerProjection(u, v, u, v, iu, iv, scale, 1 / scale)
+    return layers
+
+
+def resolve_variant(factors: Factors, args: SketchArgs) -> str:
+    """The variant ``args`` means for these factors: "auto" is "eigen" when the eigen sketch's
+    coordinates hold ≥ AUTO_COVERAGE of the effective dimension (:func:`eigen_coverage`), else
+    "whitened" (always for identity factors)."""
+    if args.variant != "auto":
+        return args.variant
+    if not factors.layers:
+        return "whitened"
+    total = len(factors.shapes) * args.m
+    return "eigen" if eigen_coverage(factors, total) >= AUTO_COVERAGE else "whitened"
+
+
+class Projection:
+    """The per-layer measurement rows (:class:`LayerProjection`) and the measurements with them:
+    :meth:`sketch_layer` (training side, token by token), :meth:`sketch_queries` (query side)."""
+
+    def __init__(self, layers: dict[str, LayerProjection], variant: str):
+        self.layers, self.variant = layers, variant
+        self._cast: dict[tuple, tuple] = {}
+        self.dim = sum(self.width(name) for name in self.layers)
+
+    @classmethod
+    def draw(cls, factors: Factors, args: SketchArgs) -> "Projection":
+        """The rows of ``args``'s variant for these factors, drawn from ``args.seed``
+        (reproducible: the queries of a store are sketched alike)."""
+        variant = resolve_variant(factors, args)
+        build = _eigen_layers if variant == "eigen" else _whitened_layers
+        return cls(build(factors, args), variant)
+
+    def width(self, name: str) -> int:
+        """Sketch coordinates of one layer."""
+        p = self.layers[name]
+        return len(p.u) * len(p.v) if p.iu is None else len(p.iu)
+
+    def sketch_layer(self, name: str, a: Tensor, delta: Tensor) -> Tensor:
+        """Training sketch of one layer from ā (B, T, in+1), δ (B, T, out) -> (B, width)."""
+        key = (name, delta.dtype, delta.device)
+        if key not in self._cast:
+            self._cast[key] = self._cast_layer(self.layers[name], delta)
+        uT, vT, iu, iv, w, flat = self._cast[key]
+        du, av = delta @ uT, a @ vT
+        if iu is None:                                        # P_out DW P_inᵀ
+            return einsum(du, av, "b t i, b t j -> b i j").flatten(1)
+        if flat is not None:                                  # the n_u × n_v block, gathered
+            x = (du.mT @ av).flatten(1)[:, flat]
+        else:                                                 # Σ_t (u·δ_t)(v·ā_t)
+            x = einsum(du[..., iu], av[..., iv], "b t j, b t j -> b j")
+        return x if w is None else x * w
+
+    @staticmethod
+    def _cast_layer(p: LayerProjection, like: Tensor) -> tuple:
+        """(uᵀ, vᵀ, iu, iv, w, flat) on ``like``'s device and dtype; ``flat`` (iu·n_v + iv) when
+        forming the whole n_u × n_v block of paired coordinates is the cheaper way (else None)."""
+        to = lambda x: None if x is None else x.to(like.device if x.dtype == torch.int64  # noqa
+                                                   else like)
+        flat = None
+        if p.iu is not None and len(p.u) * len(p.v) <= DENSE_GATHER * len(p.iu):
+            flat = to(p.iu * len(p.v) + p.iv)
+        return (to(p.u.T.contiguous()), to(p.v.T.contiguous()), to(p.iu), to(p.iv), to(p.w),
+                flat)
+
+    def sketch_queries(self, queries: Queries) -> Tensor:
+        """Query sketches of the preconditioned gradients R = U Vᵀ -> (Q, D) float32."""
+        parts = []
+        for name, p in self.layers.items():
+            U, V = queries.R[name].U.double().cpu(), queries.R[name].V.double().cpu()
+            uU, vV = (rearrange(x, "q j r -> q r j") for x in (p.u_q @ U, p.v_q @ V))
+            if p.iu is None:                                  # Σ_r (u'·U_r)(v'·V_r)
+                parts.append(einsum(uU, vV, "q r i, q r j -> q i j").flatten(1))
+                continue
+            x = einsum(uU[..., p.iu], vV[..., p.iv], "q r j, q r j -> q j")
+            parts.append(x if p.w_q is None else x * p.w_q)
+        return torch.cat(parts, 1).float()
+
+
+class Sketcher(Consumer):
+    """Training sketches of the sequences of a pass: ``finish`` -> (n, D) float16 in the
+    pass's row order (layers concatenated in the projection's order)."""
+
+    def __init__(self, proj: Projection, n: int):
+        self.proj, self.out = proj, np.zeros((n, proj.dim), np.float16)
+        self._parts: dict[str, Tensor] = {}
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        self._parts[layer.name] = self.proj.sketch_layer(layer.name, a, delta)
+
+    def update(self, batch: PassBatch) -> None:
+        data = torch.cat([self._parts[n] for n in self.proj.layers], 1).cpu().numpy()
+        self._parts = {}
+        data = data.astype(np.float16)
+        if not np.isfinite(data).all():
+            raise FloatingPointError("a sketch overflowed float16; the gradients are huge "
+                                     "(check the model)")
+        self.out[batch.rows] = data
+
+    def finish(self) -> np.ndarray:
+        return self.out
