@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .curvature import FactorArgs, Factors, fingerprint_of, fit_factors, model_fingerprint
+from .curvature import STRATEGIES, FactorArgs, Factors, fingerprint_of, fit_factors, model_fingerprint
 from .data import Corpus, tokenizer_fingerprint
 from .layers import context_length, find_layers
 from .plan import Plan, plan
@@ -276,8 +276,7 @@ class Influence:
         corpus = Corpus.from_texts(texts, self.tokenizer, max([2, *lengths]), metadata)
         return self.scan(queries, corpus, args=replace(self.score_args, progress=False))
 
-    def strategy_scores(self, pairs: QueryLike, strategies: Sequence[str] = ("ekfac", "kfac",
-                                                                             "identity"),
+    def strategy_scores(self, pairs: QueryLike, strategies: Sequence[str] = STRATEGIES,
                         baselines: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
         """{name: (Q, N) scores of every corpus sequence}: each curvature strategy at full rank
         (one scan for all), and with ``baselines`` BM25 of prompt + completion and random

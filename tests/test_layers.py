@@ -20,7 +20,8 @@ LAYERS = [
     {"statistics"},
     {"curvature"},
     {"queries"},
-    {"scoring", "projection", "sketch", "validate", "trainer"},
+    {"scoring", "projection", "sketch", "trainer", "validate", "validate.agreement", "validate.toy",
+     "validate.exact", "validate.bregman", "validate.counterfactual"},
     {"index", "search", "calibration", "plan"},
     {"results", "session", "retriever"},
     {"widgets", "view", "snapshot", "style", "charts", "magics", "__main__", "cli",
@@ -115,7 +116,7 @@ def test_layers_run_one_way():
 
 def test_the_capture_loop_exists_once():
     """Capture(...) is constructed only by the pass module: every computation over a corpus is
-    a consumer of passes.corpus_pass (validate's reference uses plain autograd)."""
+    a consumer of passes.corpus_pass (validate's references use plain autograd)."""
     def calls(name: str) -> list[str]:  # modules whose code (not docstrings) calls ``name``
         return sorted(_module(p) for p in ROOT.rglob("*.py") if any(
             isinstance(n, ast.Call) and name in (getattr(n.func, "id", None),
@@ -123,8 +124,10 @@ def test_the_capture_loop_exists_once():
             for n in ast.walk(ast.parse(p.read_text()))))
 
     assert calls("Capture") == ["passes"]
-    assert calls("enable_grad") == ["passes", "validate"]   # validate: the autograd reference
-    assert re.search(r"\bCapture\(", (ROOT / "validate.py").read_text()) is None
+    # the autograd references: the exact Fisher's per-sequence gradients and the PBRF's solves
+    assert calls("enable_grad") == ["passes", "validate.bregman", "validate.exact"]
+    assert not any(re.search(r"\bCapture\(", p.read_text())
+                   for p in (ROOT / "validate").glob("*.py"))
 
 
 def test_the_checker_sees_edges():

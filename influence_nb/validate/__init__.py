@@ -1,0 +1,21 @@
+"""Do the scores hold? Influence estimates checked against ground truth.
+
+- :mod:`.exact`: on a tiny model (:mod:`.toy`), against exact linear algebra — the exact damped
+  Fisher by plain autograd, exact influence, and how close each curvature strategy (identity,
+  K-FAC, EK-FAC, LiSSA) comes to it (:func:`compare`).
+- :mod:`.bregman`: against the proximal Bregman response function that influence functions
+  approximate (:func:`pbrf`).
+- :mod:`.counterfactual`: on any model, against counterfactual truth — the linear datamodeling
+  score over retrained random subsets (:func:`lds`), retraining without each query's top-k
+  (:func:`leave_out`), and one-step tail-patching of the final weights (:func:`tail_patch`).
+- :mod:`.agreement`: the correlations they report (:func:`spearman`, :func:`pearson`).
+"""
+from .agreement import pearson, spearman
+from .bregman import pbrf
+from .counterfactual import Retrain, lds, lds_subsets, leave_out, tail_patch, top_ids
+from .exact import compare, exact_damping, flatten, lissa, per_example_gradients
+from .toy import toy_problem
+
+__all__ = ["Retrain", "compare", "exact_damping", "flatten", "lds", "lds_subsets",
+           "leave_out", "lissa", "pbrf", "pearson", "per_example_gradients", "spearman",
+           "tail_patch", "top_ids", "toy_problem"]
