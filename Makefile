@@ -1,5 +1,8 @@
 # make demo  — set up .venv (CPU torch first), install the package alone, run the main job on the demo world
-# make test  — the same set-up plus the notebook and test extras, then the test suite
+# make test  — the same set-up plus the notebook and test extras, then the whole test suite
+#              (notebooks and the browser included), on every core
+# make check — the inner loop: unit and exact-math tests on tiny models (no notebooks, browser,
+#              retraining or demo build), on every core
 # make lab   — JupyterLab on notebooks/
 PY      ?= python3
 VENV    := .venv
@@ -10,7 +13,7 @@ PIP     := $(BIN)/pip install -q --no-compile
 CORE    := $(VENV)/.installed-core
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lab clean browser
+.PHONY: demo test check lab clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,13 +32,17 @@ demo: $(CORE)
 	$(BIN)/influence-nb demo
 
 # the browser test drives Debian's Chromium with Playwright (never `playwright install`);
-# where apt-get is not available the test says so and skips
+# without it `make test` fails (the browser tests are part of the suite, never skipped)
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
-		echo "chromium not installed: the browser test will be skipped"
+		(echo "chromium is needed by the browser tests: apt-get install -y chromium" && false)
 
+# pytest-xdist: one worker per core; the slowest tests are scheduled first (tests/conftest.py)
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto tests
+
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto -m "not slow" tests
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

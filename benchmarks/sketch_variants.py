@@ -9,7 +9,7 @@ whitened Kronecker sketch. Measured against them and dropped (issue #27):
   against √m · (out + in) + m. At equal bytes it finds what the Kronecker sketch finds (demo,
   K = 2 %, m = 256: 0.65 / 0.23 against 0.63 / 0.19; m = 1,024: both 0.84 / 0.32 — projection
   seeds move these by ≈ 0.05), while the Kronecker sketch can be far larger for the same time
-  (docs/design.md, "Retrieval on two worlds").
+  (docs/results.md, "Retrieval on two worlds").
 - **plain** (B = I, s = 1: all of the preconditioning on the query side) was never measured
   better and is not compared here; it lived in influence_nb/sketch.py up to commit cac198d. On
   identity factors the package's whitened sketch is exactly it.

@@ -6,10 +6,11 @@ log p(completion | prompt)**; 1 means the log-probability rises by 1 (to first o
 
 The data path, bottom layer first (a module imports only its own group or those before it;
 tests/test_layers.py checks):
-:mod:`data`, :mod:`task`, :mod:`hooks`, :mod:`store`, :mod:`distributed` → :mod:`passes` (the
+:mod:`data`, :mod:`task`, :mod:`layers`, :mod:`hooks`, :mod:`batching`, :mod:`store` → :mod:`passes` (the
 one loop over a corpus, feeding consumers) → :mod:`statistics` (A, S, their eigenbases, Λ) →
 :mod:`curvature` (EK-FAC factors) → :mod:`queries` (preconditioned query gradients) →
-:mod:`scoring`, :mod:`sketch`, :mod:`validate` → :mod:`index`, :mod:`search` →
+:mod:`scoring`, :mod:`projection`, :mod:`sketch`, :mod:`validate` → :mod:`index`, :mod:`search`,
+:mod:`calibration`, :mod:`plan` →
 :mod:`results`, :mod:`session`, :mod:`retriever` → :mod:`widgets`, :mod:`charts`,
 :mod:`magics`, :mod:`cli`. This package module wires the notebook view in (the explorer
 displays a result) in a notebook kernel when the widget dependencies are installed.

@@ -19,7 +19,7 @@ with u, v rows of the training side and u', v' of the query side, chosen so that
   leaves few directions: the score's variance over the corpus comes from coordinate (i, j) in
   proportion to ≈ Λ²/(Λ+λ)², so it sits in the top of the spectrum, while a random
   measurement's noise grows with the whole whitened norm Σ Λ/(Λ+λ), paid also for the long tail
-  of small eigenvalues (docs/design.md, "Retrieval on two worlds").
+  of small eigenvalues (docs/results.md, "Retrieval on two worlds").
 - ``"whitened"``: random measurements in the eigenbasis, the Kronecker sketch P_out DW P_inᵀ:
   k = √m Gaussian rows p per side (shared by all k² coordinates), u = B_out diag(s_out) p,
   u' = B_out diag(1/s_out) p (v, v' alike with B_in, s_in), B the EK-FAC eigenbases (Q_S, Q_A)

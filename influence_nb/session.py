@@ -21,14 +21,15 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .curvature import STRATEGIES, FactorArgs, Factors, fingerprint_of, fit_factors, model_fingerprint
+from . import store
+from .curvature import (STRATEGIES, FactorArgs, Factors, fingerprint_of, fit_factors,
+                        model_fingerprint)
 from .data import Corpus, tokenizer_fingerprint
 from .layers import context_length, find_layers
 from .plan import Plan, plan
 from .queries import Queries, make_queries
 from .results import InfluenceResult
 from .scoring import ScoreArgs, scan, self_influence, token_scores
-from .store import cache_dir
 from .task import Task
 
 QueryLike = tuple[str, str] | Sequence[tuple[str, str]] | Queries | InfluenceResult
@@ -124,14 +125,17 @@ class Influence:
         args = args or FactorArgs()
         if self.corpus is None:
             raise ValueError("no corpus to fit on: pass one to Influence(model, tokenizer, corpus)")
-        if cache and path is None:
-            # progress bars change how the fit looks, not what it estimates; the batch size
-            # changes the length buckets and each batch's seeded Fisher labels, so it counts,
-            # as does the task (its Fisher estimator)
-            key = json.dumps([model_fingerprint(self.model, find_layers(self.model, args.layers)),
-                              self.corpus.fingerprint, asdict(replace(args, progress=True)),
-                              repr(self.task)], default=str)
-            path = cache_dir() / f"factors-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        if not (cache and path is None):
+            return self._fit(args, path)
+        # progress bars change how the fit looks, not what it estimates; the batch size changes
+        # the length buckets and each batch's seeded Fisher labels, so it counts, as does the
+        # task (its Fisher estimator)
+        key = json.dumps([model_fingerprint(self.model, find_layers(self.model, args.layers)),
+                          self.corpus.fingerprint, asdict(replace(args, progress=True)),
+                          repr(self.task)], default=str)
+        path = store.cache_dir() / f"factors-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        # one process fits, the others (two notebooks, test workers) wait and load its factors
+        with store.lock(path, ValueError, wait=True, name=".fitting"):
             if (path / "manifest.json").exists():
                 try:
                     self.factors = Factors.load(path, self.model)
@@ -139,6 +143,9 @@ class Influence:
                 except ValueError as e:  # a torn or corrupt entry: refit and replace it
                     warnings.warn(f"the cached factors in {path} are unusable ({e}); refitting",
                                   stacklevel=2)
+            return self._fit(args, path)
+
+    def _fit(self, args: FactorArgs, path: str | os.PathLike | None) -> Factors:
         plan(self.model, self.corpus, args, measure=False).check("fit")
         self.factors = fit_factors(self.model, self.corpus, args, self.task)
         if path is not None:

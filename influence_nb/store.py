@@ -58,16 +58,17 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
 
 
 @contextlib.contextmanager
-def lock(directory: str | os.PathLike, error: type[Exception], wait: bool = False
-         ) -> Iterator[None]:
+def lock(directory: str | os.PathLike, error: type[Exception], wait: bool = False,
+         name: str = ".lock") -> Iterator[None]:
     """Hold an exclusive lock on ``directory`` (created when absent) while writing it.
 
     A second writer waits with ``wait``; without, it gets a one-line ``error`` naming the
-    process that holds the lock. The lock file ``.lock`` stays behind, but its lock dies with
-    its holder: a killed writer's folder is free at once."""
+    process that holds the lock. The lock file ``name`` stays behind, but its lock dies with
+    its holder: a killed writer's folder is free at once. A lock of another ``name`` guards
+    another step (computing what a writer will then save under ``.lock``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a+") as fh:
+    with open(directory / name, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -191,7 +191,7 @@ class Task:
         from the model (the paper, and the default, use the true Fisher).
     fisher_probe: how the true Fisher's output gradient is drawn at each position
         (:class:`FisherProbe`): ``"gaussian"`` (default: the same Fisher in expectation, less
-        seed-to-seed noise — docs/design.md, "The same answer twice") or ``"label"`` (the
+        seed-to-seed noise — docs/results.md, "The same answer twice") or ``"label"`` (the
         paper's one sampled label per position).
     """
     empirical_fisher: bool = False

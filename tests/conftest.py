@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# under pytest-xdist the cores are shared between workers: each takes its share of threads, so
+# that two workers on two cores do not run four threads
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session")

@@ -476,6 +476,7 @@ def test_every_cli_failure_is_exit_2_and_one_line(cli_job, capsys, case):
     assert message in err, err
 
 
+@pytest.mark.slow
 def test_the_installed_command_never_prints_a_traceback(cli_job):
     """The console script itself, in a fresh process: a library failure deep in the model
     load is one line, and a non-finite model is refused in one line too."""

@@ -31,8 +31,14 @@ IMAGES = ROOT / "docs" / "images"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="needs Debian's chromium: apt-get install -y chromium")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def chromium():
+    """The browser tests are part of ``make test``: a missing browser fails them, never skips."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: apt-get install -y chromium (make browser)")
 
 
 def _free_port() -> int:

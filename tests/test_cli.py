@@ -52,6 +52,7 @@ def runs(tmp_path_factory):
     return root, pairs
 
 
+@pytest.mark.slow
 def test_notebook_api_opens_what_the_cli_wrote(runs, world, capsys):
     root, pairs = runs
     model, tokenizer, corpus = world
@@ -116,6 +117,7 @@ def test_unknown_config_key_is_refused(tmp_path, capsys):
     assert "unknown option 'max_exemples'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_validate_tail_patch_and_lds_on_the_micro_world(tmp_path, capsys):
     """`validate tail-patch` (any model: fitted factors, the corpus, queries) and `validate lds`
     (a built-in world, retrained from scratch) write their tables and a JSON summary."""

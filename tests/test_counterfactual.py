@@ -181,6 +181,7 @@ def test_tail_patch_raises_the_stated_object_and_lowers_it_for_a_contradiction()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # restored
 
 
+@pytest.mark.slow
 def test_pbrf_on_a_tiny_transformer_is_approximated_best_by_curvature_aware_estimators():
     """The PBRF's ε → 0 response is ∇fᵀ(G + λ)⁻¹∇log p with G the Gauss–Newton Hessian; the
     damped (sampled) Fisher, K-FAC and EK-FAC approximate it, the gradient dot product less."""

@@ -17,6 +17,8 @@ from influence_nb.curvature import Factors
 from influence_nb.demo import ASSETS
 from influence_nb.results import InfluenceResult
 
+pytestmark = pytest.mark.slow  # kernels / torchrun: `make test`, not `make check`
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 WORKER = textwrap.dedent("""
     import json, os, sys

@@ -198,6 +198,38 @@ def test_grouping_sequences_changes_no_number(setup, monkeypatch):
     np.testing.assert_allclose(single[2], whole[2], rtol=1e-10)
 
 
+def test_a_cached_fit_runs_once_while_others_wait(setup, tokenizer, tmp_path, monkeypatch):
+    """Two sessions asking for the same cached factors at once (two notebooks, two test
+    workers): one fits, the other waits on the entry's lock and loads what it saved."""
+    import threading
+    import time
+
+    from influence_nb import session
+    model, corpus, _, _ = setup
+    monkeypatch.setenv("INFLUENCE_NB_CACHE", str(tmp_path))
+    fits = []
+
+    def slow_fit(*a, **kw):   # long enough that the second request arrives during the fit
+        fits.append(1)
+        time.sleep(0.5)
+        return fit_factors(*a, **kw)
+
+    monkeypatch.setattr(session, "fit_factors", slow_fit)
+    args = FactorArgs(batch_size=5, progress=False)
+    got = [None, None]
+
+    def ask(i):
+        got[i] = Influence(model, tokenizer, corpus).fit(args, cache=True)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert len(fits) == 1 and got[0].factors_id() == got[1].factors_id()
+
+
 def test_a_corrupt_cache_entry_is_refitted_and_a_foreign_chunk_refused(setup, tokenizer, tmp_path,
                                                                        monkeypatch):
     model, corpus, _, queries = setup

@@ -141,6 +141,7 @@ SCAN_PEAK = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM")
+@pytest.mark.slow
 def test_a_scans_memory_does_not_grow_with_the_queries(tmp_path):
     """Peak resident memory of a scan over and above its prepared queries, with 4 and with
     64 queries: dense R for 64 queries would be 64 × 4 layers × 1 MB = 256 MB; bounded by

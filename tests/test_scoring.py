@@ -188,6 +188,7 @@ RESUME_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_scan_resumes_with_identical_scores(tmp_path, tokenizer):
     model = tiny_model(len(tokenizer))
     fit_factors(model, Corpus.from_texts(TEXTS, tokenizer),

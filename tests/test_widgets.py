@@ -154,8 +154,11 @@ def test_charts_render_offline(result, tmp_path):
 
 @pytest.fixture(scope="module")
 def session():
+    """The demo world fitted on 2,048 of its sequences: the lab's arithmetic, not the full fit
+    (minutes with an empty cache), is under test."""
+    from influence_nb.curvature import FactorArgs
     from influence_nb.session import Influence
-    return Influence.demo()
+    return Influence.demo(FactorArgs(batch_size=32, max_examples=2048, progress=False))
 
 
 def test_lab_scores_are_token_sums_and_order_matters(session):
