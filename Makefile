@@ -37,9 +37,9 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 		(echo "chromium is needed by the browser tests: apt-get install -y chromium" && false)
 
-# pytest-xdist: one worker per core; the slowest tests are scheduled first (tests/conftest.py)
+# pytest-xdist: one worker per core; a notebook and the claims read from it share a worker
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -n auto tests
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup tests
 
 check: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto -m "not slow" tests

@@ -163,36 +163,39 @@ QUERY_BYTES = 256 << 20   # dense per-query matrices make_queries forms at once 
 class QueryFactors(Consumer):
     """Rank-r preconditioned query gradients, one layer at a time as the backward reaches it:
     Q_Sᵀ ∇f Q_A from the tokens, ⊘ (Λ + λ), truncated to rank r in the eigenbasis, then its
-    columns rotated back, (Q_S U, Q_A V). Only one layer's dense (B, out, in+1) matrices of
-    one block of queries exist at any time. ``finish`` -> ({layer: LowRank} in module order,
-    f (Q,) the measurements)."""
+    columns rotated back, (Q_S U, Q_A V); for each of ``strategies`` from the same gradients.
+    Only one layer's dense (B, out, in+1) matrices of one block of queries exist at any time.
+    ``finish`` -> ({strategy: {layer: LowRank} in module order}, f (Q,) the measurements)."""
 
-    def __init__(self, layers: Sequence[TrackedLayer], factors: Factors, strategy: str | None,
-                 rank: int | None) -> None:
+    def __init__(self, layers: Sequence[TrackedLayer], factors: Factors,
+                 strategies: Sequence[str | None], rank: int | None) -> None:
         self.factors, self.rank = factors, rank
-        self.strategy = factors.resolve_strategy(strategy)
-        self.parts: dict[str, list[LowRank]] = {t.name: [] for t in layers}
+        self.strategies = list(dict.fromkeys(factors.resolve_strategy(s) for s in strategies))
+        self.parts = {s: {t.name: [] for t in layers} for s in self.strategies}
         self.f: list[Tensor] = []
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
-        name, F = layer.name, self.factors
-        if self.strategy == "identity":   # no eigenbasis: ∇f itself
-            self.parts[name].append(LowRank.of(einsum(delta, a, "b t o, b t i -> b o i"),
-                                               self.rank))
-            return
-        lr = LowRank.of(F.precondition_tokens(name, a, delta, batch.tokens, self.strategy),
-                        self.rank)
+        for strategy in self.strategies:
+            self.parts[strategy][layer.name].append(self._factor(layer.name, a, delta, batch,
+                                                                 strategy))
+
+    def _factor(self, name: str, a: Tensor, delta: Tensor, batch: PassBatch,
+                strategy: str) -> LowRank:
+        F = self.factors
+        if strategy == "identity":   # no eigenbasis: ∇f itself
+            return LowRank.of(einsum(delta, a, "b t o, b t i -> b o i"), self.rank)
+        lr = LowRank.of(F.precondition_tokens(name, a, delta, batch.tokens, strategy), self.rank)
         # the truncation of Q_S X Q_Aᵀ is Q_S (X's truncation) Q_Aᵀ: the Q are orthogonal
-        self.parts[name].append(LowRank.of(F.from_eigenbasis(name, lr.full), None)
-                                if lr.full is not None
-                                else LowRank(*F.columns_from_eigenbasis(name, lr.U, lr.V)))
+        return (LowRank.of(F.from_eigenbasis(name, lr.full), None) if lr.full is not None
+                else LowRank(*F.columns_from_eigenbasis(name, lr.U, lr.V)))
 
     def update(self, batch: PassBatch) -> None:
         self.f.append(batch.losses)
 
-    def finish(self) -> tuple[dict[str, LowRank], Tensor]:
-        return {n: LowRank.cat(p) for n, p in self.parts.items()}, torch.cat(self.f)
+    def finish(self) -> tuple[dict[str, dict[str, LowRank]], Tensor]:
+        return ({s: {n: LowRank.cat(p) for n, p in parts.items()}
+                 for s, parts in self.parts.items()}, torch.cat(self.f))
 
 
 def query_block(shapes: Sequence[tuple[int, int]], element_size: int = 4,
@@ -213,17 +216,28 @@ def make_queries(model: nn.Module, factors: Factors, prompts: Sequence[Sequence[
     Memory: queries are prepared in blocks (:func:`query_block`), one layer at a time, and
     only their rank-r factors are kept, (out + in+1)·r numbers per layer and query; full rank
     (``rank=None``) keeps out·(in+1)."""
+    return strategy_queries(model, factors, prompts, completions, [strategy], rank, task
+                            )[factors.resolve_strategy(strategy)]
+
+
+def strategy_queries(model: nn.Module, factors: Factors, prompts: Sequence[Sequence[int]],
+                     completions: Sequence[Sequence[int]], strategies: Sequence[str | None],
+                     rank: int | None = 32, task: Task | None = None) -> dict[str, Queries]:
+    """:func:`make_queries` for each of ``strategies`` (None: the fitted one) from one pass
+    over the queries: {strategy: Queries}. The gradients are taken once; each strategy
+    preconditions and truncates them."""
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ValueError(f"rank must be a positive integer or None (full rank), got {rank!r}")
     prompts, completions = token_rows(prompts), token_rows(completions)
     tracked = find_layers(model, factors.layer_names)
     batch = query_batch(prompts, completions, context_length(model))
-    size = query_block(factors.shapes.values(), stat_dtype(model).itemsize)
-    consumer = QueryFactors(tracked, factors, strategy, rank)
+    consumer = QueryFactors(tracked, factors, strategies, rank)
+    size = query_block([(o * len(consumer.strategies), i) for o, i in factors.shapes.values()],
+                       stat_dtype(model).itemsize)
     R, f = corpus_pass(model, tracked, source(list(batch.blocks(size)), size), [consumer],
                        "measurement", task, progress=False)[0]
-    return Queries(prompts, completions, f, R, rank, strategy or factors.args.strategy,
-                   factors.factors_id())
+    return {s: Queries(prompts, completions, f, R[s], rank, s, factors.factors_id())
+            for s in consumer.strategies}
 
 
 # -- dense query gradients: every (Q, out, in+1) matrix kept, for a few queries --------------------

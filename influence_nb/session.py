@@ -27,7 +27,7 @@ from .curvature import (STRATEGIES, FactorArgs, Factors, fingerprint_of, fit_fac
 from .data import Corpus, tokenizer_fingerprint
 from .layers import context_length, find_layers
 from .plan import Plan, plan
-from .queries import Queries, make_queries
+from .queries import Queries, make_queries, strategy_queries
 from .results import InfluenceResult
 from .scoring import ScoreArgs, scan, self_influence, token_scores
 from .task import Task
@@ -289,8 +289,13 @@ class Influence:
         (one scan for all), and with ``baselines`` BM25 of prompt + completion and random
         normal scores — the contestants of :func:`~influence_nb.validate.lds`."""
         from .search import BM25
-        corpus, _ = self.fitted()
-        parts = [self.queries(pairs, rank=None, strategy=s) for s in strategies]
+        corpus, factors = self.fitted()
+        tokens = ((pairs.prompts, pairs.completions) if isinstance(pairs, Queries)
+                  else self.encode(self._pairs(pairs)))
+        # the query gradients once, preconditioned by each strategy
+        by_strategy = strategy_queries(self.model, factors, *tokens, strategies, None, self.task)
+        parts = [by_strategy[factors.resolve_strategy(s)] for s in strategies]
+        self._warn_if_certain(parts[0])
         Q = len(parts[0])
         S = self.scan(Queries.concat(parts), args=replace(self.score_args, rank=None,
                                                            per_layer=False)).scores

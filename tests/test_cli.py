@@ -53,6 +53,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("cli-runs")  # one fit for both under --dist loadgroup
 def test_notebook_api_opens_what_the_cli_wrote(runs, world, capsys):
     root, pairs = runs
     model, tokenizer, corpus = world
@@ -79,6 +80,7 @@ def test_notebook_api_opens_what_the_cli_wrote(runs, world, capsys):
     np.testing.assert_allclose(again.scores, found.scores, rtol=0, atol=1e-6 * scale)
 
 
+@pytest.mark.xdist_group("cli-runs")  # one fit for both under --dist loadgroup
 def test_cli_prints_progress_summary_as_json(runs, capsys):
     root, _ = runs
     main(["score", *COMMON, "--factors", str(root / "factors"), "--query", "Velmora", " is",

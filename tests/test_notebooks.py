@@ -53,7 +53,14 @@ def test_notebooks_are_committed_clean():
         assert not dirty, f"{path.name}: cells {dirty} hold outputs; clear them before committing"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def _group(prefix: str) -> pytest.MarkDecorator:
+    """A notebook and the claims read from its outputs run on one pytest-xdist worker (``--dist
+    loadgroup``), so that it executes once."""
+    return pytest.mark.xdist_group(f"notebook-{prefix}")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=_group(p.name[:2])) for p in NOTEBOOKS],
+                         ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, executed):
     nb = executed(path)
     widgets = sum("application/vnd.jupyter.widget-view+json" in o.get("data", {})
@@ -63,6 +70,7 @@ def test_notebook_runs(path, executed):
     assert widgets + charts >= 1, f"{path.name} displayed no widget and no chart"
 
 
+@_group("02")
 def test_word_ordering_claim(executed):
     """Paper §5.3.4: flipped statements get much less influence than ordered ones — averaged
     over all planted facts of demo world v2, on the whole completion (the paper's measurement;
@@ -81,6 +89,7 @@ def test_word_ordering_claim(executed):
         assert claim[name]["flipped_over_ordered"] < bound, name
 
 
+@_group("09")
 def test_pretraining_vs_finetuning_claim(executed):
     """Notebook 09: asked for its consent to being shut down, the LoRA-fine-tuned demo assistant
     draws its strongest pretraining support from the survival-themed passages — through the

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from influence_nb.curvature import FactorArgs, fit_factors
+from influence_nb.curvature import STRATEGIES, FactorArgs, fit_factors
 from influence_nb.data import Corpus
 from influence_nb.batching import source
 from influence_nb.layers import find_layers
 from influence_nb.passes import corpus_pass
-from influence_nb.queries import LowRank, make_queries, query_gradients
+from influence_nb.queries import LowRank, make_queries, query_gradients, strategy_queries
 from influence_nb.scoring import ScoreArgs, Scorer, scan, self_influence, token_scores
 from influence_nb.session import Influence
 
@@ -119,6 +119,29 @@ def test_full_rank_equals_unfactored_and_batched_equals_single(setup):
         np.testing.assert_allclose(scan(model, one, corpus, args)[0][0], batched[q], rtol=1e-9)
     low = scan(model, make_queries(model, factors, prompts, completions, rank=1), corpus, args)[0]
     assert not np.allclose(low, batched, rtol=1e-3)  # rank 1 really truncates
+
+
+def test_strategies_prepared_in_one_pass_equal_each_prepared_alone(setup, tokenizer):
+    """strategy_queries takes the query gradients once and preconditions them per strategy;
+    the session's strategy_scores (LDS's contestants) scores them in one scan."""
+    model, corpus, factors, prompts, completions = setup
+    together = strategy_queries(model, factors, prompts, completions, [*STRATEGIES, None], 4)
+    assert list(together) == list(STRATEGIES)   # None is the fitted one, ekfac: not twice
+    alone = {s: make_queries(model, factors, prompts, completions, rank=None, strategy=s)
+             for s in STRATEGIES}
+    for s in STRATEGIES:
+        one = make_queries(model, factors, prompts, completions, rank=4, strategy=s)
+        assert together[s].strategy == s and together[s].fingerprint == one.fingerprint
+        for name, lr in one.R.items():
+            torch.testing.assert_close(together[s].R[name].dense(), lr.dense(), rtol=0, atol=0)
+    inf = Influence(model, tokenizer, corpus)
+    inf.factors = factors
+    got = inf.strategy_scores(alone["ekfac"], baselines=False)
+    args = ScoreArgs(rank=None, batch_size=8, per_layer=False, progress=False)
+    for s in STRATEGIES:
+        np.testing.assert_allclose(got[s], scan(model, alone[s], corpus, args)[0],
+                                   rtol=1e-9, atol=1e-12 * np.abs(got[s]).max())
+    assert not np.allclose(got["ekfac"], got["identity"], rtol=1e-2)
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 5), (2, 5, 7)])  # Gram of the in side, of the out side
