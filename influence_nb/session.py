@@ -32,6 +32,10 @@ from .results import InfluenceResult
 from .scoring import ScoreArgs, scan, self_influence, token_scores
 from .task import Task
 
+# the demo world's default fit: a tiny model (larger batches), on a random sample (the corpus is
+# in no particular order, so its first 4,096 sequences are one)
+DEMO_FIT = FactorArgs(batch_size=32, max_examples=4096)
+
 QueryLike = tuple[str, str] | Sequence[tuple[str, str]] | Queries | InfluenceResult
 
 
@@ -53,11 +57,14 @@ class Influence:
 
     @classmethod
     def demo(cls, args: FactorArgs | None = None, **kw: Any) -> "Influence":
-        """The embedded demo world with EK-FAC factors (fitted once, then cached)."""
+        """The embedded demo world with EK-FAC factors (fitted once, then cached), by default
+        on :data:`DEMO_FIT`'s random sample of 4,096 of its 20,000 sequences (about a minute
+        on two cores, where all of them take five or more); the full fit is
+        ``Influence.demo(FactorArgs(batch_size=32))``. Scores use every sequence either way."""
         from . import demo
         model, tokenizer, corpus = demo.load()
         inf = cls(model, tokenizer, corpus, **kw)
-        inf.fit(args or FactorArgs(batch_size=32), cache=True)  # a tiny model: larger batches
+        inf.fit(args or DEMO_FIT, cache=True)
         return inf
 
     @classmethod
@@ -115,6 +122,15 @@ class Influence:
         if self.factors is None:
             raise ValueError("no factors yet: call inf.fit() or inf.load_factors(path) first")
         return self.corpus, self.factors
+
+    @property
+    def n_train(self) -> int:
+        """N of "Δ log p per copy = score / N": the training sequences the curvature stands
+        for — the session's corpus when the factors were fitted on it (all of it, or a sample
+        of it through ``max_examples``), else the sequences they were fitted on."""
+        corpus, factors = self.fitted()
+        return (len(corpus) if factors.corpus_fingerprint == corpus.fingerprint
+                else factors.n_examples)
 
     # -- curvature ----------------------------------------------------------------------------
 
@@ -265,7 +281,7 @@ class Influence:
 
         return InfluenceResult(self._describe(queries), scores, ids, queries.layer_names,
                                layers, corpus, token_fn=token_fn,
-                               n_train=self.factors.n_examples, token_query_fn=token_query_fn)
+                               n_train=self.n_train, token_query_fn=token_query_fn)
 
     def score_texts(self, texts: Sequence[str], queries: QueryLike,
                     metadata: Sequence[dict] | None = None) -> InfluenceResult:

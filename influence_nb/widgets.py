@@ -326,7 +326,7 @@ class SyntheticLab(View):
         tok, q = session.tokenizer, self._queries
         desc = dict(prompt=tok.decode(q.prompts[0]), completion=tok.decode(q.completions[0]),
                     logprob=float(q.f[0]))
-        kw.setdefault("n_train", session.factors.n_examples)
+        kw.setdefault("n_train", session.n_train)
         super().__init__(query=_query_view(desc, tok), texts=list(texts), labels=list(labels),
                          **kw)
         if score and self.texts:

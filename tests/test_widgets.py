@@ -188,8 +188,10 @@ def test_lab_results_stay_with_their_texts(session, capfd):
     lab = SyntheticLab(session, (fact.prompt(), fact.completion), texts, labels)
     scored = lab.table
     assert not lab.stale and list(scored["label"]) == labels
+    # N is the training set the curvature stands for (20,000), not the fit's sample (2,048)
+    assert session.factors.n_examples == 2048 and session.n_train == len(session.corpus) == 20_000
     assert scored["dlogp_per_copy"].to_numpy() == pytest.approx(
-        scored["score"].to_numpy() / session.factors.n_examples)
+        scored["score"].to_numpy() / 20_000)
     lab.texts, lab.labels = texts[1:], labels[1:]         # what the view's × button sends
     assert lab.stale
     pd.testing.assert_frame_equal(lab.table, scored)      # labels did not shift
