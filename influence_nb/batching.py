@@ -16,27 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .checks import as_ids
 from .layers import context_length, vocab_size
 from .task import get, to_device
 
 UNSIZED_BATCH = 8       # sequences per batch of a source whose lengths are unknown (see source)
-
-
-def as_ids(ids: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
-    """Corpus ids as int64 (default: all n), refusing booleans, fractions and ids out of range."""
-    if ids is None:
-        return np.arange(n, dtype=np.int64)
-    arr = np.asarray(ids)
-    if arr.dtype == bool:
-        raise TypeError("ids is a boolean mask; pass the ids themselves: np.flatnonzero(mask)")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
-            raise TypeError(f"ids must be integers, got {arr.dtype}; pass corpus row numbers")
-    arr = arr.astype(np.int64).reshape(-1)
-    if arr.size and (arr.min() < 0 or arr.max() >= n):
-        bad = arr[(arr < 0) | (arr >= n)][0]
-        raise IndexError(f"id {bad} is out of range for a corpus of {n} sequences")
-    return arr
 
 
 @dataclass

@@ -3,6 +3,10 @@
 so a zero, negative, NaN or wrongly typed size fails at once, in one line naming the argument,
 its value and what is allowed — not deep inside a pass, and never as a silently wrong result.
 
+Ids and counts given to a method (a corpus row, a query number, how many rows) go through
+:func:`as_ids` and :func:`whole`: an integer in range or a one-line error, never a float
+truncated or a negative number wrapped around.
+
 The rules come from the field annotations (``int``, ``float``, ``bool``, ``str``, ``| None``)
 and two class attributes: ``MINIMUM`` {field: smallest allowed value} and ``CHOICES``
 {field: allowed strings}. Floats must be finite; ``MINIMUM`` of 0.0 for a float means > 0.
@@ -11,7 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 
 def _describe(kind: str, minimum: float | None, choices: tuple[str, ...] | None,
@@ -69,3 +77,36 @@ def first_line(e: BaseException) -> str:
     (a KeyError's message is its argument, not its quoted repr)."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e).strip()
     return (text.splitlines() or [type(e).__name__])[0]
+
+
+def whole(value: Any, what: str, low: int = 0, high: int | None = None) -> int:
+    """``value`` as an int in [low, high): a Python or NumPy integer, never a bool or a float
+    (1.5 would be truncated); else a one-line error naming ``what``."""
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {value!r}") from None
+    if n < low or (high is not None and n >= high):
+        span = f"from {low} to {high - 1}" if high is not None else f"≥ {low}"
+        raise (IndexError if high is not None else ValueError)(
+            f"{what} must be an integer {span}, got {n}")
+    return n
+
+
+def as_ids(ids: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
+    """Corpus ids as int64 (default: all n), refusing booleans, fractions and ids out of range."""
+    if ids is None:
+        return np.arange(n, dtype=np.int64)
+    arr = np.asarray(ids)
+    if arr.dtype == bool:
+        raise TypeError("ids is a boolean mask; pass the ids themselves: np.flatnonzero(mask)")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
+            raise TypeError(f"ids must be integers, got {arr.dtype}; pass corpus row numbers")
+    arr = arr.astype(np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        bad = arr[(arr < 0) | (arr >= n)][0]
+        raise IndexError(f"id {bad} is out of range for a corpus of {n} sequences")
+    return arr

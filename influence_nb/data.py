@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .checks import first_line
+from .checks import as_ids, first_line
 
 _BLOCK = 1024  # documents tokenized per call when streaming a source
 RESERVED = frozenset({"text", "doc", "offset", "n_tokens", "parent_id"})  # columns of Corpus.df
@@ -370,7 +370,7 @@ class Corpus:
     def subset(self, ids: Sequence[int]) -> "Corpus":
         """A new corpus of the given rows (renumbered from 0; the old id is kept as
         ``parent_id``)."""
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = as_ids(ids, len(self))
         seqs = [self.token_ids(i) for i in ids]
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

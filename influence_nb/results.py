@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from . import store
+from .checks import whole
 from .data import Corpus
 
 FORMAT = "influence_nb.result/2"
@@ -69,9 +70,8 @@ class InfluenceResult:
         return [c for c in self.corpus.df.columns if c not in ("text", "doc", "offset", "n_tokens")]
 
     def _q(self, q: int) -> int:
-        if not -self.n_queries <= q < self.n_queries:
-            raise IndexError(f"query {q} out of range: this result has {self.n_queries} queries")
-        return q % self.n_queries
+        return whole(q, f"query (this result has {self.n_queries})", -self.n_queries,
+                     self.n_queries) % self.n_queries
 
     @property
     def sources(self) -> list[str]:
@@ -95,6 +95,7 @@ class InfluenceResult:
         (a scan over several). Columns: rank, id, score, text and the corpus metadata, and one
         column per layer when per-layer scores were kept."""
         s = self.scores[self._q(q)]
+        k = whole(k, "k, the number of rows", 1)
         key = {"positive": -s, "negative": s, "abs": -np.abs(s)}.get(sign)
         if key is None:
             raise ValueError(f"sign must be 'positive', 'negative' or 'abs', got {sign!r}")
@@ -143,6 +144,7 @@ class InfluenceResult:
             raise ValueError("per-layer scores were not kept; scan with ScoreArgs(per_layer=True)")
         ls = self.layer_scores[self._q(q)]
         if k is not None:
+            k = whole(k, "k, the number of top sequences", 1)
             ls = ls[:, np.argsort(-self.scores[self._q(q)])[:k]]
         return pd.Series(ls.sum(1), index=self.layer_names, name="score")
 
@@ -153,8 +155,9 @@ class InfluenceResult:
         if self.token_fn is None or self.corpus is None:
             raise ValueError("per-token scores need the model: use a result from "
                              "Influence.scan / score_texts, not one loaded from disk alone")
-        per_seq, _ = self.token_fn([int(id)], layers)
-        ids = self.corpus.token_ids(int(id))
+        id = whole(id, f"sequence id (the corpus has {len(self.corpus)})", 0, len(self.corpus))
+        per_seq, _ = self.token_fn([id], layers)
+        ids = self.corpus.token_ids(id)
         tok = self.corpus.tokenizer
         return pd.DataFrame({"token": [tok.decode([int(t)]) for t in ids],
                              "score": per_seq[0][self._q(q)]})

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, store
-from .batching import as_ids, source
-from .checks import check_args
+from .batching import source
+from .checks import as_ids, check_args
 from .curvature import Factors, fingerprint_of
 from .data import Corpus
 from .layers import TrackedLayer, find_layers

@@ -215,6 +215,15 @@ class Influence:
             return [(q["prompt"], q["completion"]) for q in pairs.queries]
         if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
             return [pairs]
+        pairs = [] if isinstance(pairs, str) else list(pairs)
+        if not pairs:
+            raise ValueError("no queries: pass a (prompt, completion) pair of strings or a list "
+                             "of them")
+        for i, pair in enumerate(pairs):   # "ab" would unpack as prompt "a", completion "b"
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                    and all(isinstance(x, str) for x in pair)):
+                raise TypeError(f"query {i} is {pair!r}, not a (prompt, completion) pair of "
+                                "strings; pass [(prompt, completion), ...]")
         return pairs
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:

@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, store
-from .batching import as_ids, source
+from .batching import source
+from .checks import as_ids
 from .curvature import Factors, fingerprint_of
 from .data import Corpus
 from .layers import find_layers

@@ -107,6 +107,35 @@ def small(tokenizer):
     return model, corpus, fit_factors(model, corpus, FactorArgs(batch_size=6, progress=False))
 
 
+def test_ids_counts_and_queries_of_the_wrong_kind_are_refused(small, tokenizer):
+    """A float is never truncated, a negative id never wrapped, a count never below 1, a string
+    never unpacked into a (prompt, completion) pair: one line each."""
+    model, corpus, factors = small
+    inf = Influence(model, tokenizer, corpus, factors, ScoreArgs(progress=False))
+    res = inf.scan([("alpha number", " 0 is even."), ("theta", " number 7")], ids=[0, 1, 2])
+    cases = [
+        (lambda: res.top(0, k=-3), ValueError, r"k, the number of rows must be an integer ≥ 1, got -3"),
+        (lambda: res.top(0, k=0), ValueError, "≥ 1, got 0"),
+        (lambda: res.top(0, k=2.0), TypeError, "k, the number of rows must be an integer, got 2.0"),
+        (lambda: res.top(1.0), TypeError, r"query \(this result has 2\) must be an integer"),
+        (lambda: res.top(2), IndexError, "must be an integer from -2 to 1, got 2"),
+        (lambda: res.tokens(0, 1.5), TypeError, "sequence id .* must be an integer, got 1.5"),
+        (lambda: res.tokens(0, True), TypeError, "must be an integer, got True"),
+        (lambda: res.tokens(0, len(corpus)), IndexError, f"from 0 to {len(corpus) - 1}"),
+        (lambda: res.layer_profile(0, k=-1), ValueError, "≥ 1, got -1"),
+        (lambda: corpus.subset([-1]), IndexError, "id -1 is out of range"),
+        (lambda: corpus.subset([0.5]), TypeError, "ids must be integers"),
+        (lambda: inf.scan(["ab"]), TypeError, "query 0 is 'ab', not a .prompt, completion. pair"),
+        (lambda: inf.scan([("a", " b"), ("c",)]), TypeError, r"query 1 is \('c',\)"),
+        (lambda: inf.scan([]), ValueError, "no queries: pass a .prompt, completion. pair"),
+        (lambda: inf.scan("ab"), ValueError, "no queries"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert len(res.top(0, k=np.int64(2))) == 2 and len(res.top(-1, k=1)) == 1   # still fine
+
+
 def test_token_ids_beyond_the_vocabulary_are_refused(small, tokenizer):
     corpus = small[1]
     vocab = int(corpus.tokens.max())               # a model one token short of the corpus

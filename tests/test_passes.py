@@ -10,7 +10,8 @@ import torch
 
 from influence_nb.curvature import FactorArgs, fit_factors
 from influence_nb.data import Corpus
-from influence_nb.batching import as_ids, source
+from influence_nb.batching import source
+from influence_nb.checks import as_ids
 from influence_nb.layers import find_layers
 from influence_nb.passes import Gradients, corpus_pass
 from influence_nb.queries import Queries, make_queries

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..batching import as_ids, prepared, source
+from ..batching import prepared, source
+from ..checks import as_ids
 from ..curvature import FactorArgs
 from ..hooks import eval_mode
 from ..layers import TrackedLayer, find_layers

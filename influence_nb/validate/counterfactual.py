@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Corpus
-from ..batching import as_ids
+from ..checks import as_ids
 from ..hooks import eval_mode
 from ..store import ChunkStore
 from ..task import Task, measure, to_device
