@@ -81,7 +81,8 @@ def first_line(e: BaseException) -> str:
 
 def whole(value: Any, what: str, low: int = 0, high: int | None = None) -> int:
     """``value`` as an int in [low, high): a Python or NumPy integer, never a bool or a float
-    (1.5 would be truncated); else a one-line error naming ``what``."""
+    (1.5 would be truncated); else a one-line error naming ``what`` — TypeError for the kind,
+    IndexError outside an index's range (``high`` given), ValueError below a count's ``low``."""
     try:
         if isinstance(value, (bool, np.bool_)):
             raise TypeError

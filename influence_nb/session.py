@@ -201,12 +201,17 @@ class Influence:
         if isinstance(pairs, Queries):
             return pairs
         _, factors = self.fitted()
-        prompts, completions = self.encode(self._pairs(pairs))
         rank = self.score_args.rank if rank == "default" else rank
-        queries = make_queries(self.model, factors, prompts, completions, rank, strategy,
+        queries = make_queries(self.model, factors, *self._tokens(pairs), rank, strategy,
                                self.task)
         self._warn_if_certain(queries)
         return queries
+
+    def _tokens(self, pairs: QueryLike) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompts, completions) token ids of the queries, however they were given."""
+        if isinstance(pairs, Queries):
+            return pairs.prompts, pairs.completions
+        return self.encode(self._pairs(pairs))
 
     @staticmethod
     def _pairs(pairs: QueryLike) -> Sequence[tuple[str, str]]:
@@ -214,7 +219,7 @@ class Influence:
         if isinstance(pairs, InfluenceResult):
             return [(q["prompt"], q["completion"]) for q in pairs.queries]
         if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
-            return [pairs]
+            pairs = [pairs]   # one pair; checked with the others below
         pairs = [] if isinstance(pairs, str) else list(pairs)
         if not pairs:
             raise ValueError("no queries: pass a (prompt, completion) pair of strings or a list "
@@ -315,10 +320,9 @@ class Influence:
         normal scores — the contestants of :func:`~influence_nb.validate.lds`."""
         from .search import BM25
         corpus, factors = self.fitted()
-        tokens = ((pairs.prompts, pairs.completions) if isinstance(pairs, Queries)
-                  else self.encode(self._pairs(pairs)))
         # the query gradients once, preconditioned by each strategy
-        by_strategy = strategy_queries(self.model, factors, *tokens, strategies, None, self.task)
+        by_strategy = strategy_queries(self.model, factors, *self._tokens(pairs), strategies,
+                                       None, self.task)
         parts = [by_strategy[factors.resolve_strategy(s)] for s in strategies]
         self._warn_if_certain(parts[0])
         Q = len(parts[0])

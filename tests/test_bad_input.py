@@ -129,6 +129,7 @@ def test_ids_counts_and_queries_of_the_wrong_kind_are_refused(small, tokenizer):
         (lambda: inf.scan([("a", " b"), ("c",)]), TypeError, r"query 1 is \('c',\)"),
         (lambda: inf.scan([]), ValueError, "no queries: pass a .prompt, completion. pair"),
         (lambda: inf.scan("ab"), ValueError, "no queries"),
+        (lambda: inf.scan(("alpha", 3)), TypeError, r"query 0 is \('alpha', 3\)"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
