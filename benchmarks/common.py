@@ -178,9 +178,10 @@ class World(NamedTuple):
 
 def load_world(name: str, queries: int | None = None) -> World:
     """A world by name: ``markov`` (markov_world.py, independent of the demo generator; its
-    model trained here), ``short`` (short_world.py: 3,150 demo sentences), or a demo world
-    (``demo``, ``validation``) with its query set. ``queries``: how many the Markov and short
-    worlds draw (default theirs)."""
+    model trained here), ``memorized`` (memorized_world.py: short facts learned to
+    near-certainty, its model cached), ``short`` (short_world.py: 3,150 demo sentences), or a
+    demo world (``demo``, ``validation``) with its query set. ``queries``: how many the Markov,
+    memorized and short worlds draw (default theirs)."""
     drawn = {} if queries is None else {"queries": queries}
     if name == "markov":
         import markov_world
@@ -189,6 +190,10 @@ def load_world(name: str, queries: int | None = None) -> World:
     if name == "short":
         import short_world
         return World(*short_world.build(**drawn))
+    if name == "memorized":
+        import memorized_world
+        w = memorized_world.build(**drawn)
+        return World(w.model, w.tokenizer, w.corpus, w.pairs)
     from influence_nb import demo
     model, tokenizer, corpus = demo.load(name)
     return World(model, tokenizer, corpus, demo.query_set(name, tokenizer)[0])

@@ -152,16 +152,22 @@ class KronfluenceEKFAC:
 
     empirical_fisher: real next tokens as Fisher labels on kronfluence's side (deterministic,
     for matched-convention comparisons); otherwise labels sampled with ``seed``.
+    modules: the tracked nn.Linear modules' names (default: those named ``*.mlp.*``).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, corpus: Any, batch_size: int = 32,
-                 seed: int = 0, empirical_fisher: bool = False) -> None:
+                 seed: int = 0, empirical_fisher: bool = False,
+                 modules: Sequence[str] | None = None) -> None:
         self.model, self.tokenizer, self.corpus = model, tokenizer, corpus
         self.batch_size, self.empirical_fisher = batch_size, empirical_fisher
-        modules = [n for n, m in model.named_modules()
-                   if ".mlp." in n and isinstance(m, nn.Linear)]
-        if not modules:
-            raise ValueError("the model has no nn.Linear module whose name contains '.mlp.'")
+        if modules is None:
+            modules = [n for n, m in model.named_modules()
+                       if ".mlp." in n and isinstance(m, nn.Linear)]
+        modules = list(modules)
+        if not modules or not all(isinstance(model.get_submodule(n), nn.Linear)
+                                  for n in modules):
+            raise ValueError("kronfluence tracks nn.Linear modules: give their names (default: "
+                             "every nn.Linear whose name contains '.mlp.')")
         self.train = _Rows([{"input_ids": corpus.token_ids(i).astype(np.int64), "prompt_len": 0}
                             for i in range(len(corpus))])
         self.task = _LMTask(modules, seed=seed)

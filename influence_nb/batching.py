@@ -31,10 +31,12 @@ class Source:
                  the ids were asked in, so consumers can undo the length bucketing
     total:       sequences a pass will see, if known
     fingerprint: the corpus fingerprint, if known
+    repeatable:  whether more passes than asked for can run (not over a one-shot iterator)
     """
     batches: Callable[[], Iterable[tuple[np.ndarray, object]]]
     total: int | None
     fingerprint: str | None
+    repeatable: bool = True
 
 
 def token_batches(lengths: np.ndarray, tokens: int, size: int | None = None) -> np.ndarray:
@@ -90,10 +92,12 @@ def source(data: object, batch_size: int | None, ids: Sequence[int] | None = Non
         return Source(corpus_batches, len(ids), getattr(data, "fingerprint", None))
     if ids is not None:
         raise TypeError("ids select sequences of a Corpus; these are plain batches")
+    once = False
     if callable(data):
         make = data
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
-        if iter(data) is data and passes > 1:
+        once = iter(data) is data
+        if once and passes > 1:
             raise ValueError(f"the batches are a one-shot iterator but {passes} passes are "
                              "needed; pass a list, the Corpus, or a callable: "
                              "lambda: corpus.batches(16)")
@@ -109,7 +113,7 @@ def source(data: object, batch_size: int | None, ids: Sequence[int] | None = Non
             yield np.arange(seen, seen + B), batch
             seen += B
 
-    return Source(plain_batches, None, None)
+    return Source(plain_batches, None, None, repeatable=not once)
 
 
 def _map_rows(batch: object, fn: Callable[[Tensor | np.ndarray], Tensor | np.ndarray]
@@ -124,11 +128,6 @@ def _take(batch: object, n: int) -> object:
     """The first n rows of every tensor field of a batch."""
     return _map_rows(batch, lambda v: v[:n])
 
-
-def repeat_rows(batch: object, k: int) -> object:
-    """Every tensor field of a batch stacked k times along the rows."""
-    return _map_rows(batch, lambda v: torch.cat([v] * k) if isinstance(v, Tensor)
-                     else np.concatenate([v] * k))
 
 
 def prepared(model: nn.Module, src: Source, max_examples: int | None = None,

@@ -60,10 +60,15 @@ class FactorArgs:
     damping:        absolute λ for every layer; None: ``damping_factor`` · mean(Λ_ℓ) per layer
     damping_factor: relative damping (paper: 0.1)
     seed:           seed of the Fisher draws: batch k draws from a generator seeded with
-                    (seed, k), so both passes, and any number of ranks, draw the same ones
-    draws:          Fisher draws per sequence (independent output gradients of the pseudo-loss,
-                    see :class:`~influence_nb.task.FisherProbe`), averaged in S and Λ: less
-                    seed-to-seed noise for a fit that costs ``draws`` times as much
+                    (seed, k, draw), so both passes, and any number of ranks, draw the same ones
+    draws:          Fisher draws per sequence in S (independent output gradients of the
+                    pseudo-loss, see :class:`~influence_nb.task.FisherProbe`; one forward, a
+                    backward each); Λ takes the first. None (default): as many as S needs to be
+                    worth ``DRAW_TARGET`` equally weighted positions per row
+                    (:func:`fisher_draws`), measured in the first draw — one draw
+                    unless most positions are near-certain (short memorised facts), at most
+                    ``MAX_DRAWS``; one for a one-shot iterator of batches (a single pass);
+                    the number drawn is recorded in the fitted factors' args
     progress:       show tqdm progress bars
     """
     strategy: str = "ekfac"
@@ -76,7 +81,7 @@ class FactorArgs:
     damping: float | None = None
     damping_factor: float = 0.1
     seed: int = 0
-    draws: int = 1
+    draws: int | None = None
     progress: bool = True
 
     MINIMUM: ClassVar[dict[str, float]] = {"batch_size": 1, "batch_tokens": 1,
@@ -328,6 +333,24 @@ def model_fingerprint(model: nn.Module, layers: Sequence[TrackedLayer]) -> str:
     return h.hexdigest()[:16]
 
 
+DRAW_TARGET = 16   # effective positions per row of S, geometric mean over the layers
+MAX_DRAWS = 8
+
+
+def fisher_draws(effective: Mapping[str, float], widths: Mapping[str, int]) -> int:
+    """Fisher draws for S: the fewest k with k · ρ ≥ DRAW_TARGET, where ρ is the geometric
+    mean over the layers of N_eff / width (N_eff: the first draw's effective positions,
+    :meth:`Covariance.effective_tokens`; width: the layer's widest S block), within
+    [1, MAX_DRAWS]. A sample covariance's relative error grows as √(width / N); the target is
+    measured: seed-to-seed Spearman ≥ 0.95 from ρ ≈ 10-16 on (docs/results.md, "The same
+    answer twice")."""
+    if not any(effective.values()):
+        return 1                          # nothing to score: the fit refuses it, once
+    rho = math.exp(sum(math.log(max(e, 1.0) / widths[n]) for n, e in effective.items())
+                   / len(effective))
+    return int(min(MAX_DRAWS, max(1, math.ceil(DRAW_TARGET / rho - 1e-9))))
+
+
 def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
                 task: Task | None = None) -> Factors:
     """Fit the curvature of ``model`` on ``data``: a Corpus, a zero-argument callable returning
@@ -352,32 +375,41 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     if passes == 0:
         return Factors(args, shapes, {}, 0, 0, fp, src.fingerprint, task.empirical_fisher)
 
-    if args.draws > 1 and task.empirical_fisher:
+    if (args.draws or 1) > 1 and task.empirical_fisher:
         raise ValueError(f"draws={args.draws} repeats the true Fisher's random draw, but the task "
-                         "uses the empirical Fisher (nothing random); leave draws at 1")
+                         "uses the empirical Fisher (nothing random); leave draws at None or 1")
     dtype, device = stat_dtype(model), next(model.parameters()).device
-    run = lambda consumers, desc: corpus_pass(  # noqa: E731
+    run = lambda consumers, desc, draws, first=0: corpus_pass(  # noqa: E731
         model, tracked, src, consumers, "fisher", task, args.seed, args.max_examples,
-        shard=True, progress=args.progress, desc=desc, draws=args.draws)
-    # EK-FAC's second pass needs the first's ā and δ again (same draws): kept when they fit
+        shard=True, progress=args.progress, desc=desc, draws=draws, first_draw=first)
+    # EK-FAC's second pass needs the first's ā and δ again (its first draw): kept when they fit
     recording = Recording() if args.strategy == "ekfac" else None
     covariance = Covariance(tracked, args.blocks, dtype, device, args.progress,
                             getattr(torch, args.eigh_precision))
     start = time.perf_counter()
-    layers, n_seq, n_tok = run([covariance] + ([recording] if recording is not None else []),
-                               "covariance")[0]
-    timings = {"covariance": time.perf_counter() - start - covariance.eigh_seconds,
-               "eigendecomposition": covariance.eigh_seconds}
+    draws = args.draws or 1
+    run([covariance] + ([recording] if recording is not None else []), "covariance", draws)
+    if args.draws is None and src.repeatable and not task.empirical_fisher:
+        widths = {n: max(sizes) for n, (_, sizes) in covariance.split.items()}
+        draws = fisher_draws(covariance.effective_tokens(), widths)
+        if draws > 1:
+            run([covariance], f"covariance, draws 2-{draws}", draws - 1, first=1)
+    timings = {"covariance": time.perf_counter() - start}
+    layers, n_seq, n_tok = covariance.factors()
+    n_seq, n_tok = n_seq // draws, n_tok // draws
+    timings["eigendecomposition"] = covariance.eigh_seconds
+    args = replace(args, draws=draws)
     if recording is not None:
+        # Λ from one draw: the seed-to-seed noise of a fit is S's, not Λ's (docs/results.md)
         correction, start = EigenvalueCorrection(layers, shapes, dtype), time.perf_counter()
         Lambda, seen = (recording.replay([correction]) if recording.complete
-                        else run([correction], "eigenvalues"))[0]
+                        else run([correction], "eigenvalues", 1))[0]
         timings["eigenvalues"] = time.perf_counter() - start
         if seen != n_seq:
             raise ValueError(f"the batches changed between passes ({n_seq} then {seen} "
                              "sequences); fit on a source that yields the same batches each time")
         for n, f in layers.items():
             f.Lambda = Lambda[n] / n_seq
-    return Factors(args, shapes, layers, n_seq // args.draws, n_tok // args.draws, fp,
+    return Factors(args, shapes, layers, n_seq, n_tok, fp,
                    src.fingerprint, task.empirical_fisher,
                    None if task.empirical_fisher else task.fisher_probe, timings)

@@ -74,6 +74,7 @@ class Capture:
         self._inputs: dict[str, tuple[Tensor, int]] = {}
         self._outputs: dict[str, tuple[Tensor, int]] = {}
         self._reduce: Callable[[TrackedLayer, Tensor, Tensor], None] | None = None
+        self._retain = False       # a backward that another backward of the batch follows
         self._done: set[str] = set()
         self._finite: list[tuple[str, str, Tensor]] = []  # (layer, what, 0-d bool on device)
         self._mask: Tensor | None = None
@@ -154,7 +155,7 @@ class Capture:
         """Build ā and δ of ``layer`` (δ = 0 for g None), the narrower zeroed at unscored
         positions, reduce them, drop the input."""
         B, T = self._mask.shape
-        x, version = self._inputs.pop(layer.name)
+        x, version = (self._inputs.get if self._retain else self._inputs.pop)(layer.name)
         if x._version != version:  # (no weight gradient is formed, so autograd would not see it)
             raise RuntimeError(f"the input of layer {layer.name!r} was modified in place after the "
                                "layer ran, so its ā cannot be read; exclude the layer")
@@ -181,10 +182,12 @@ class Capture:
         self._done.add(layer.name)
         self._reduce(layer, a, delta)
 
-    def backward(self, losses: Tensor, reduce: Callable[[TrackedLayer, Tensor, Tensor], None]
-                 ) -> None:
+    def backward(self, losses: Tensor, reduce: Callable[[TrackedLayer, Tensor, Tensor], None],
+                 retain: bool = False) -> None:
         """δ = ∂(Σ losses)/∂y per tracked layer, each handed with its ā to ``reduce(layer, ā,
-        δ)`` as the backward reaches it (parameter .grad untouched)."""
+        δ)`` as the backward reaches it (parameter .grad untouched). ``retain``: keep the
+        graph and the inputs for another backward of the same forward (another loss of the
+        same logits, e.g. a second Fisher draw)."""
         for layer in self.layers:
             if layer.name not in self._outputs:
                 raise RuntimeError(f"layer {layer.name!r} did not run in the forward pass; "
@@ -195,18 +198,19 @@ class Capture:
                                    "the layer ran, so its δ cannot be read; exclude the layer")
         for h in self._switches:
             h.remove()
-        self._switches, self._reduce = [], reduce
+        self._switches, self._reduce, self._retain, self._done = [], reduce, retain, set()
         try:
             edges = [get_gradient_edge(y) for y, _ in self._outputs.values() if y.requires_grad]
-            self._outputs = {}  # the graph holds them; let the backward release each one
+            if not retain:
+                self._outputs = {}  # the graph holds them; let the backward release each one
             if losses.requires_grad and edges:  # δ comes through the outputs' tensor hooks
-                torch.autograd.backward(losses.sum(), inputs=edges)
+                torch.autograd.backward(losses.sum(), inputs=edges, retain_graph=retain)
             for layer in self.layers:
                 if layer.name not in self._done:
                     self._hand_over(layer, None)
             self._check_finite()
         finally:
-            self._reduce = None
+            self._reduce, self._retain = None, False
 
     def _check_finite(self) -> None:
         if not self._finite:

@@ -26,8 +26,7 @@ of chunks over ranks, eval mode and progress.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batching import Source, prepared, repeat_rows
+from .batching import Source, prepared
 from .hooks import Capture, eval_mode
 from .layers import TrackedLayer, stat_dtype
 from .task import Task
@@ -61,6 +60,8 @@ class PassBatch:
             (found once per batch: the pass's one host synchronisation before the backward)
     counts: (B,) scored positions per sequence, on the host
     losses: (B,) the values whose gradient δ is, detached (set before :meth:`Consumer.update`)
+    draw:   which of the pass's Fisher draws of this batch the consumers are fed (0, 1, ...;
+            each draw is fed as a batch of its own, see :func:`corpus_pass`)
     """
     k: int
     rows: np.ndarray
@@ -69,6 +70,7 @@ class PassBatch:
     tokens: Tensor
     counts: np.ndarray
     losses: Tensor | None = None
+    draw: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -154,7 +156,8 @@ class Gradients(Consumer):
 
 
 class Recording(Consumer):
-    """The pass itself, kept: every layer's ā and δ of every batch, while they fit in
+    """The pass itself, kept: every layer's ā and δ of every batch (of its first Fisher draw,
+    when the pass draws several), while they fit in
     ``budget`` bytes (default :data:`RECORD_BYTES`, or a quarter of the memory the machine has
     left if less); past it, everything is dropped and
     ``complete`` is False. A complete recording is replayed to other consumers (:meth:`replay`)
@@ -171,14 +174,14 @@ class Recording(Consumer):
                      batch: PassBatch) -> None:
         if self.budget is None:
             self.budget = min(RECORD_BYTES, available_memory(a.device) // 4)
-        if self.complete:
+        if self.complete and batch.draw == 0:
             self.layers.append((layer, a, delta))
             self.bytes += a.nbytes + delta.nbytes
             if self.bytes > self.budget:
                 self.batches, self.layers, self.complete = [], [], False
 
     def update(self, batch: PassBatch) -> None:
-        if self.complete:
+        if self.complete and batch.draw == 0:
             self.batches.append((batch, self.layers))
         self.layers = []
 
@@ -217,15 +220,16 @@ def available_memory(device: torch.device) -> int:
     return 1 << 62   # unknown: nothing is refused
 
 
-def label_generator(seed: int, k: int, device: torch.device) -> torch.Generator:
-    """The generator of batch k's Fisher labels, seeded from (seed, k): a batch draws the same
-    labels in every pass and on whichever rank runs it."""
-    hi, lo = np.random.SeedSequence([seed, k]).generate_state(2)
+def label_generator(seed: int, k: int, device: torch.device, draw: int = 0) -> torch.Generator:
+    """The generator of batch k's Fisher labels (its ``draw``-th draw), seeded from (seed, k,
+    draw): a batch draws the same labels in every pass and on whichever rank runs it, and its
+    first draw is the same however many follow."""
+    hi, lo = np.random.SeedSequence([seed, k] + ([draw] if draw else [])).generate_state(2)
     return torch.Generator(device=device).manual_seed(int(hi) << 32 | int(lo))
 
 
 def loss_values(task: Task, loss: str | Callable[[Tensor, object], Tensor], logits: Tensor,
-                batch: object, seed: int, k: int) -> Tensor:
+                batch: object, seed: int, k: int, draw: int = 0) -> Tensor:
     """(B,) the values a pass differentiates: ``"loglik"`` Σ_t log p (the training
     log-likelihood, whose gradient the scores use), ``"fisher"`` the pseudo-loss with labels
     from :func:`label_generator`, ``"measurement"`` f = log p(completion | prompt), or a
@@ -235,36 +239,48 @@ def loss_values(task: Task, loss: str | Callable[[Tensor, object], Tensor], logi
     if loss == "loglik":
         return -task.training_loss(logits, batch)
     if loss == "fisher":
-        return task.fisher_loss(logits, batch, label_generator(seed, k, logits.device))
+        return task.fisher_loss(logits, batch, label_generator(seed, k, logits.device, draw))
     if loss == "measurement":
         return task.measurement(logits, batch)
     raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES} or a callable")
 
 
 def _step(model: nn.Module, cap: Capture, task: Task, loss: str | Callable, pb: PassBatch,
-          seed: int, reduce: Callable[[TrackedLayer, Tensor, Tensor], None]) -> Tensor:
-    """One forward + backward of a batch, each tracked layer's ā and δ to ``reduce``;
-    -> the losses (B,), detached."""
+          seed: int, draws: range, consumers: Sequence[Consumer]) -> None:
+    """One forward of a batch, then a backward per draw: each tracked layer's ā and δ to the
+    consumers, then :meth:`Consumer.update`, with a PassBatch of the draw's own (``draw``,
+    ``losses``)."""
     cap.start(pb.mask)
     with torch.enable_grad():
-        losses = loss_values(task, loss, task.forward(model, pb.data), pb.data, seed, pb.k)
-        cap.backward(losses, reduce)
-    return losses.detach()
+        logits = task.forward(model, pb.data)
+        for j in draws:
+            drawn = replace(pb, draw=j)
+            losses = loss_values(task, loss, logits, pb.data, seed, pb.k, j)
+            cap.backward(losses, lambda layer, a, d: [c.update_layer(layer, a, d, drawn)
+                                                      for c in consumers],
+                         retain=j + 1 < draws.stop)
+            drawn.losses = losses.detach()
+            for c in consumers:
+                c.update(drawn)
 
 
 def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
                 consumers: Sequence[Consumer], loss: str | Callable = "loglik",
                 task: Task | None = None, seed: int = 0, max_examples: int | None = None,
                 shard: bool = False, progress: bool | tqdm = True, desc: str = "pass",
-                draws: int = 1) -> list[Any]:
+                draws: int = 1, first_draw: int = 0) -> list[Any]:
     """Run the model over ``src`` once and feed every consumer; -> their ``finish()`` values.
 
     ``loss``: see :func:`loss_values`. ``max_examples``, ``shard``: see
     :func:`~influence_nb.batching.prepared` (consumers reduce over the ranks in ``finish``).
-    ``progress``: a bar of its own, none, or a tqdm bar to advance. ``draws``: each batch runs
-    with its rows stacked that many times (consumers see draws · B rows), so that a Fisher
-    pseudo-loss draws each sequence's output gradients ``draws`` times, independently.
+    ``progress``: a bar of its own, none, or a tqdm bar to advance. ``draws``: each batch's
+    forward is followed by that many backwards of independent Fisher draws (generators
+    seeded with (seed, k, draw)), each fed to the consumers as a batch of its own (the same
+    rows, ``PassBatch.draw`` 0, 1, ...): the forward is shared, and the first draw is the
+    one a single-draw pass makes. ``first_draw``: number the draws from there (more draws
+    after a pass that made the first ones).
     """
+    drawn = range(first_draw, first_draw + draws)
     task = task or Task()
     world = distributed.rank_world()[1] if shard else 1
     known = [x for x in (src.total, max_examples) if x is not None]
@@ -275,26 +291,20 @@ def corpus_pass(model: nn.Module, layers: Sequence[TrackedLayer], src: Source,
         check = not all(c.checks_finite for c in consumers)
         with eval_mode(model), Capture(model, layers, stat_dtype(model), check) as cap:
             for k, rows, batch in prepared(model, src, max_examples, shard):
-                if draws > 1:
-                    rows, batch = np.concatenate([rows] * draws), repeat_rows(batch, draws)
                 mask = task.token_mask(batch)
                 pb = PassBatch(k, rows, batch, mask,
                                mask.flatten().nonzero().squeeze(1), mask.sum(1).cpu().numpy())
-                step = partial(_step, model, cap, task, loss, pb, seed)
-                pb.losses = step(lambda layer, a, d: [c.update_layer(layer, a, d, pb)
-                                                      for c in consumers])
                 try:
-                    for c in consumers:
-                        c.update(pb)
+                    _step(model, cap, task, loss, pb, seed, drawn, consumers)
                 except FloatingPointError:
                     if cap.check_finite:
                         raise
                     # the consumers found NaN/inf; run the batch again with the per-layer
                     # checks, whose error names the layer where it entered
                     cap.check_finite = True
-                    step(lambda *_: None)
+                    _step(model, cap, task, loss, pb, seed, drawn, [])
                     raise
-                bar.update(len(rows) // draws)
+                bar.update(len(rows))
     finally:
         if bar is not progress:
             bar.close()

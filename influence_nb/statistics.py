@@ -95,9 +95,10 @@ def rotated_gradients(a: Tensor, delta: Tensor, tokens: Tensor, f: LayerFactors)
 # -- the two passes of a fit, as consumers of passes.corpus_pass -----------------------------------
 
 class Covariance(Consumer):
-    """Σ ā āᵀ and Σ δ δᵀ over the scored tokens, per diagonal block of each layer;
-    ``finish`` -> ({name: LayerFactors without Λ}, n_sequences, n_tokens), the same on every
-    rank (sums all-reduced, rank 0's eigenbases broadcast)."""
+    """Σ ā āᵀ and Σ δ δᵀ over the scored tokens, per diagonal block of each layer, over one
+    pass or more (``finish`` returns the consumer itself); :meth:`factors` -> ({name:
+    LayerFactors without Λ}, n_sequences, n_tokens), the same on every rank (sums all-reduced,
+    rank 0's eigenbases broadcast)."""
 
     def __init__(self, layers: Sequence[TrackedLayer], blocks: int, dtype: torch.dtype,
                  device: torch.device, progress: bool = False,
@@ -109,6 +110,8 @@ class Covariance(Consumer):
         zeros = lambda k: torch.zeros(k, k, dtype=dtype, device=device)  # noqa: E731
         self.A = {n: [zeros(k) for k in s[0]] for n, s in self.split.items()}
         self.S = {n: [zeros(k) for k in s[1]] for n, s in self.split.items()}
+        # Σ_t w_t and Σ_t w_t² of the first draw, w_t = |δ_t|²: how evenly positions fill S
+        self.w = {n: torch.zeros(2, dtype=torch.float64, device=device) for n in self.split}
         self.n_seq = self.n_tok = 0
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
@@ -118,11 +121,28 @@ class Covariance(Consumer):
         d = delta.flatten(0, 1).index_select(0, idx).split(self.split[n][1], dim=1)  # (tokens, out)
         for acc, x in zip(self.A[n] + self.S[n], a + d):
             acc.addmm_(x.T, x)                  # Σ ā āᵀ, Σ δ δᵀ per diagonal block
+        if batch.draw == 0:
+            w = sum((x * x).sum(1) for x in d).double()                    # (tokens,) |δ_t|²
+            self.w[n] += torch.stack([w.sum(), (w * w).sum()])
 
     def update(self, batch: PassBatch) -> None:
         self.n_seq, self.n_tok = self.n_seq + len(batch), self.n_tok + batch.n_tokens
 
-    def finish(self) -> tuple[dict[str, LayerFactors], int, int]:
+    def finish(self) -> "Covariance":
+        """The sums so far (another pass may add to them); :meth:`factors` ends the fit."""
+        return self
+
+    def effective_tokens(self) -> dict[str, float]:
+        """Per layer, how many equally weighted positions the first draw's S is worth,
+        (Σ_t w_t)² / Σ_t w_t² with w_t = |δ_t|² (all-reduced): far fewer than the tokens when a
+        few uncertain positions carry the Fisher (a model certain of most of its data)."""
+        sums = [w.clone() for w in self.w.values()]
+        distributed.all_reduce_(sums)
+        return {n: float(s[0] ** 2 / s[1]) if s[1] > 0 else 0.0 for n, s in zip(self.w, sums)}
+
+    def factors(self) -> tuple[dict[str, LayerFactors], int, int]:
+        """All-reduce the sums and eigendecompose them: ({name: LayerFactors without Λ},
+        n_sequences, n_tokens), counted once per draw."""
         distributed.all_reduce_([blk for n in self.A for blk in self.A[n] + self.S[n]])
         n_seq, n_tok = distributed.sum_counts(self.n_seq, self.n_tok)
         if n_tok == 0:

@@ -2,6 +2,7 @@
 and agreement with the exact damped Fisher on tiny models (float64 where exactness is asserted)."""
 from __future__ import annotations
 
+import math
 import copy
 import json
 from dataclasses import dataclass
@@ -440,3 +441,29 @@ def test_query_gradients_precondition_like_make_queries():
         for name, lr in q.R.items():
             torch.testing.assert_close(lr.dense(), g.preconditioned[name], rtol=1e-9,
                                        atol=1e-12 * g.preconditioned[name].abs().max().item())
+
+
+def test_fisher_draws_follow_the_effective_positions_per_row_of_S():
+    """fisher_draws: the fewest k with k · (geometric mean of N_eff / width) ≥ DRAW_TARGET,
+    within [1, MAX_DRAWS]; one when nothing was scored (the fit refuses that itself)."""
+    from influence_nb.curvature import DRAW_TARGET, MAX_DRAWS, fisher_draws
+    w = {"a": 100, "b": 400}
+    assert fisher_draws({"a": 100 * DRAW_TARGET, "b": 400 * DRAW_TARGET}, w) == 1
+    # ratios 1 and 16: geometric mean 4 -> DRAW_TARGET / 4 draws
+    assert fisher_draws({"a": 100, "b": 400 * 16}, w) == math.ceil(DRAW_TARGET / 4)
+    assert fisher_draws({"a": 1, "b": 1}, w) == MAX_DRAWS
+    assert fisher_draws({"a": 0.0, "b": 0.0}, w) == 1
+
+
+def test_a_default_fit_records_the_draws_it_chose_and_a_pinned_one_keeps_them():
+    """FactorArgs(draws=None) chooses the draws from the first draw's effective positions and
+    records the number in the factors' args (so a saved fit says what it did); the tiny
+    model's near-uniform predictions on 8 sequences need more than one, and an explicit
+    count is used as given, also for a one-shot iterator of batches."""
+    model = tiny("gpt2")
+    auto = fit_factors(model, batches(2), FactorArgs(progress=False))
+    assert 1 < auto.args.draws <= 8
+    pinned = fit_factors(model, batches(2), FactorArgs(draws=2, progress=False))
+    assert pinned.args.draws == 2
+    once = fit_factors(model, iter(batches(2)), FactorArgs(strategy="kfac", progress=False))
+    assert once.args.draws == 1

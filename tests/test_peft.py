@@ -51,7 +51,7 @@ def adapted(tokenizer):
     corpus = Corpus.from_texts(TEXTS, tokenizer, max_len=64)
     inf = Influence(model, tokenizer, corpus,
                     score_args=ScoreArgs(rank=None, batch_size=4, chunk_size=8, progress=False))
-    inf.fit(FactorArgs(batch_size=5, progress=False))
+    inf.fit(FactorArgs(batch_size=5, draws=1, progress=False))
     pairs = [("alpha number", " 0 is even."), ("gamma number 2 is", " even"),
              ("theta", " number 7")]
     return inf, pairs
@@ -161,18 +161,19 @@ def test_adapter_sketches_approximate_the_scores(adapted, tmp_path):
 
 def test_a_joint_fit_restricted_to_the_adapters_equals_an_adapter_fit(adapted):
     """EK-FAC is block-diagonal per matrix with per-matrix damping, and both fits draw the same
-    Fisher labels: a "both:mlp" fit's queries restricted to the adapters score exactly what an
+    Fisher labels (at the same number of draws, pinned: by default each layer set chooses its
+    own): a "both:mlp" fit's queries restricted to the adapters score exactly what an
     adapter-only fit scores — and its base-weight part what a "base:mlp" fit scores."""
     inf, pairs = adapted
     joint = Influence(inf.model, inf.tokenizer, inf.corpus, score_args=inf.score_args)
-    joint.fit(FactorArgs(layers="both:mlp", batch_size=5, progress=False))
+    joint.fit(FactorArgs(layers="both:mlp", batch_size=5, draws=1, progress=False))
     assert len(joint.factors.shapes) == 12
     q = joint.queries(pairs, rank=None)
     adapters = joint.scan(q.select(["*.lora_*"]))
     assert adapters.layer_names == inf.factors.layer_names
     np.testing.assert_allclose(adapters.scores, inf.scan(pairs).scores, rtol=1e-9)
     base = Influence(inf.model, inf.tokenizer, inf.corpus, score_args=inf.score_args)
-    base.fit(FactorArgs(layers="base:mlp", batch_size=5, progress=False))
+    base.fit(FactorArgs(layers="base:mlp", batch_size=5, draws=1, progress=False))
     np.testing.assert_allclose(joint.scan(q.select("*.base_layer")).scores,
                                base.scan(pairs).scores, rtol=1e-9)
     with pytest.raises(ValueError, match="match none of the queries' layers"):
