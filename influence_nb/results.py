@@ -180,7 +180,7 @@ class InfluenceResult:
                     sha256=hashlib.sha256(buf.getvalue()).hexdigest())
         with store.lock(path, ValueError, wait=True):   # two saves never pair their files
             store.atomic_write(path / "result.npz", buf.getvalue())
-            store.write_json(path / "result.json", meta)
+            store.write_manifest(path / "result.json", meta)
         return path
 
     @classmethod

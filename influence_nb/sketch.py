@@ -246,7 +246,7 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
                 store.append(path / "rows.bin", rows.tobytes())
                 store.append(path / "sketches.f16", data.tobytes())
                 manifest["chunks"].append([len(chunk), store.crc32(rows), store.crc32(data)])
-                store.write_json(path / "sketches.json", manifest)
+                store.write_manifest(path / "sketches.json", manifest)
     return Sketches.open(path, verify=False)
 
 
@@ -337,4 +337,4 @@ def _merge(path: Path, parts: Sequence[Sketches]) -> None:
             out.flush()
             os.fsync(out.fileno())
     manifest["chunks"] = manifest["chunks"] + [c for p in parts for c in p.manifest["chunks"]]
-    store.write_json(path / "sketches.json", manifest)
+    store.write_manifest(path / "sketches.json", manifest)

@@ -15,7 +15,6 @@ included: the default layer preset then tracks the adapters); nothing is wrapped
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from .curvature import FactorArgs, Factors, fit_factors
 from .task import Task
 
 FACTORS_DIR = "influence_factors"  # beside a checkpoint's weights, or in output_dir
+CALLBACK_FORMAT = "influence_nb.callback/1"  # callback.json, the callback's note beside them
 
 
 class CollatedDataset:
@@ -110,10 +110,10 @@ class InfluenceCallback(TrainerCallback):
         factors = fit_on_dataloader(model, train_dataloader, self.args, self.task)
         if state.is_world_process_zero:
             factors.save(path)
-            store.write_json(path / "callback.json",
-                             dict(global_step=state.global_step,
-                                  collator=type(train_dataloader.collate_fn).__qualname__,
-                                  n_rows=len(train_dataloader.dataset)))
+            store.write_manifest(path / "callback.json",
+                                 dict(format=CALLBACK_FORMAT, global_step=state.global_step,
+                                      collator=type(train_dataloader.collate_fn).__qualname__,
+                                      n_rows=len(train_dataloader.dataset)))
         self.saved[state.global_step] = path
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None,
@@ -137,4 +137,6 @@ def factors_path(trainer: Any, step: int | None = None) -> Path:
 
 def describe(path: str | Path) -> dict:
     """The callback's note beside saved factors: global_step, collator, n_rows."""
-    return json.loads((Path(path) / "callback.json").read_text())
+    return store.read_manifest(Path(path) / "callback.json", CALLBACK_FORMAT, ValueError,
+                               "train again with the InfluenceCallback to rewrite it",
+                               ("global_step", "collator", "n_rows"))
