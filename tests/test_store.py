@@ -1,7 +1,9 @@
 """Every artifact sealed and bound to the run that made it, and no stale state: an edited manifest
 field, a data file swapped between two artifacts, a manifest older than sealing, a chunk of
-another run and chunks left behind by a deleted manifest are each refused in one line that
-names the file and the fix."""
+another run, chunks left behind by a deleted manifest, and a model whose weights changed since
+its factors were fitted are each refused in one line that names the file (or the problem) and
+the fix."""
+import copy
 import json
 import shutil
 
@@ -214,3 +216,26 @@ def test_an_lds_chunk_of_another_recipes_run_is_refused(tmp_path):
     shutil.copy(tmp_path / "b" / "chunk_0000000001.npz", tmp_path / "a")
     _refused(ValueError, lambda: lds(retrain, *pairs, {"w": w}, out_dir=tmp_path / "a", **kw),
              "chunk_0000000001.npz is a chunk from another run", "resume the retraining run")
+
+
+# -- stale state --------------------------------------------------------------------------------
+
+def test_a_scan_after_the_weights_changed_in_place_is_refused(small, tokenizer):
+    model, corpus, factors = small
+    model = copy.deepcopy(model)                        # the module's model stays as it is
+    inf = Influence(model, tokenizer, corpus, factors, ARGS)
+    before = inf.scan(PAIR).scores
+    np.testing.assert_array_equal(inf.scan(PAIR).scores, before)     # unchanged: no refusal
+    with torch.no_grad():
+        model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight.mul_(1 + 1e-9)   # below bfloat16
+    stale = ("the model's weights changed since the factors were fitted or loaded",
+             "refit with inf.fit(...), or call inf.keep_factors()")
+    for use in (lambda: inf.scan(PAIR), lambda: inf.queries(PAIR), inf.self_influence):
+        _refused(ValueError, use, *stale)
+    inf.keep_factors()                                  # the override: old curvature, new weights
+    assert not np.array_equal(inf.scan(PAIR).scores, before)
+    with torch.no_grad():
+        model.gpt_neox.embed_in.weight[0, 0] += 0.5     # an untracked weight counts too
+    _refused(ValueError, lambda: inf.scan(PAIR), *stale)
+    inf.fit(FactorArgs(batch_size=6, progress=False))   # refitted: scans again
+    inf.scan(PAIR)
