@@ -21,6 +21,7 @@ from influence_nb.results import InfluenceResult
 from influence_nb.scoring import ScoreArgs
 from influence_nb.session import Influence
 from influence_nb.sketch import SketchError, Sketches, build_sketches, merge_sketches
+from influence_nb.training import Retrainer, TrainConfig, code_fingerprint
 from influence_nb.validate import lds
 from test_counterfactual import Direct, Linear
 from test_scoring import TEXTS, tiny_model
@@ -216,6 +217,28 @@ def test_an_lds_chunk_of_another_recipes_run_is_refused(tmp_path):
     shutil.copy(tmp_path / "b" / "chunk_0000000001.npz", tmp_path / "a")
     _refused(ValueError, lambda: lds(retrain, *pairs, {"w": w}, out_dir=tmp_path / "a", **kw),
              "chunk_0000000001.npz is a chunk from another run", "resume the retraining run")
+    lds(other, *pairs, {"w": w}, out_dir=tmp_path / "c", **kw)   # two recipes never share one
+    _refused(ValueError, lambda: lds(retrain, *pairs, {"w": w}, out_dir=tmp_path / "c", **kw),
+             f"{tmp_path / 'c'} holds a retraining run of other retrain")
+
+
+def test_retraining_stores_are_keyed_by_the_recipes_code_never_an_address(tmp_path):
+    def retrain(ids, seed):
+        return Linear(torch.tensor([float(np.sum(ids))]))
+
+    assert code_fingerprint(retrain) == code_fingerprint(retrain) and "0x" not in \
+        code_fingerprint(retrain)
+    kw = dict(subsets=2, seeds=(0,), task=Direct(), progress=False)
+    args = ([[1]], [[2]], {"s": np.arange(8.0)[None]})
+    anonymous = lambda ids, seed: retrain(ids, seed)                        # noqa: E731
+    lds(anonymous, *args, **kw)                                       # no store: no key needed
+    _refused(ValueError, lambda: lds(anonymous, *args, out_dir=tmp_path, **kw),
+             "retrain <function", "define it with def, or name its recipe: "
+             "retrain.fingerprint = 'a name for this recipe'")
+    anonymous.fingerprint = "sum of ids"
+    lds(anonymous, *args, out_dir=tmp_path, **kw)
+    _refused(ValueError, lambda: Retrainer(lambda seed: None, None, TrainConfig()).fingerprint,
+             "the Retrainer's config <function", "config.fingerprint = ")
 
 
 # -- stale state --------------------------------------------------------------------------------
