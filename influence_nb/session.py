@@ -74,8 +74,10 @@ class Influence:
         checkpoint ``step``), its ``processing_class`` as the tokenizer, its ``train_dataset``
         as the corpus (:meth:`Corpus.from_tokenized`: one row one sequence, labels honoured),
         and the factors :class:`~influence_nb.trainer.InfluenceCallback` saved at the end of
-        training (or at checkpoint ``step``) when they are there (else call :meth:`fit`)."""
-        from .trainer import factors_path
+        training (or at checkpoint ``step``) when they are there (else call :meth:`fit`) —
+        refused when the Trainer's collator hands the model other tokens than the corpus holds
+        (:func:`~influence_nb.trainer.check_corpus`)."""
+        from .trainer import check_corpus, factors_path
         tokenizer = getattr(trainer, "processing_class", None)
         if tokenizer is None:
             raise ValueError("the Trainer has no tokenizer: pass processing_class=tokenizer to "
@@ -88,6 +90,7 @@ class Influence:
         path = factors_path(trainer, step)
         if (path / "manifest.json").exists():
             inf.load_factors(path)
+            check_corpus(path, corpus)
         elif step is not None:
             raise FileNotFoundError(f"no factors in {path}: add InfluenceCallback(steps=[{step}])"
                                     " to the Trainer's callbacks, with a checkpoint save at that "
