@@ -219,7 +219,9 @@ class Factors:
         """Write the tensors to ``factors-<sha256>.safetensors``, then ``manifest.json`` naming
         that file, into directory ``path``, under a lock. The manifest is the commit: a save
         killed at any moment leaves the previous factors loadable (an orphan tensor file at
-        worst, removed by the next save), and flipped bytes are refused on load."""
+        worst, removed by the next save); the manifest is sealed (:func:`store.write_manifest`)
+        and records the tensors' SHA-256, so an edited field or flipped bytes are refused on
+        load."""
         path = Path(path)
         tensors = {}
         for name, f in self.layers.items():
