@@ -163,6 +163,15 @@ def test_sketches_index_and_calibration_are_sealed_through_appends(inf, sketched
         _edit(tmp_path / name, change)
         _refused(error, load, f"{tmp_path / name} fails its seal", fix)
         (tmp_path / name).write_bytes(good)
+    build_sketches(inf.model, inf.factors, inf.corpus, tmp_path / "t",     # the same rows,
+                   SketchArgs(m=16, chunk_size=12, batch_size=6, progress=False),  # reversed
+                   ids=range(23, -1, -1))
+    for name in ("sketches.f16", "rows.bin"):                  # swapped between two stores
+        good = (tmp_path / "s" / name).read_bytes()
+        shutil.copy(tmp_path / "t" / name, tmp_path / "s" / name)
+        _refused(SketchError, lambda: Sketches.open(tmp_path / "s"),
+                 f"{tmp_path / 's'} is corrupt (chunk 0, rows 0–12, fails its CRC-32)")
+        (tmp_path / "s" / name).write_bytes(good)
 
 
 def test_merged_sketch_parts_are_sealed(inf, tmp_path):
