@@ -16,20 +16,20 @@ counted (the estimate is the sketch's share alone, a lower bound of a hybrid sea
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from . import store
 from .checks import check_args
-from .sketch import Sketches
+from .sketch import SketchError, Sketches
 
 if TYPE_CHECKING:  # annotations only
     from .session import Influence
 
 FILE = "calibration.json"
+FORMAT = "influence_nb.calibration/1"
 
 
 @dataclass
@@ -101,7 +101,10 @@ def calibrate(inf: Influence, sketches: Sketches, args: CalibrationArgs | None =
     args = args or CalibrationArgs()
     path = sketches.path / FILE
     if path.exists():
-        saved = Calibration(**json.loads(path.read_text()))
+        names = tuple(f.name for f in fields(Calibration))
+        saved = store.read_manifest(path, FORMAT, SketchError, f"delete {path} to calibrate "
+                                    "the store again", names)
+        saved = Calibration(**{k: saved[k] for k in names})
         if saved.fingerprint == sketches.fingerprint and saved.args == asdict(args):
             return saved
     corpus = inf.fitted()[0]
@@ -125,5 +128,5 @@ def calibrate(inf: Influence, sketches: Sketches, args: CalibrationArgs | None =
     pos, neg = rank_fractions(exact, approx, t)
     cal = Calibration(sketches.fingerprint, n, len(rows), t, pos.tolist(), neg.tolist(),
                       asdict(args))
-    store.write_json(path, asdict(cal))
+    store.write_manifest(path, dict(format=FORMAT) | asdict(cal))
     return cal

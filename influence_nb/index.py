@@ -184,7 +184,7 @@ class SketchIndex:
                                       crc32=store.crc32(blob)))
             manifest = dict(format=FORMAT, kind=kind, factory=factory, n=n, dim=dim,
                             sketches=sketches.fingerprint, shards=files, args=asdict(args))
-            store.write_json(path / "index.json", manifest)
+            store.write_manifest(path / "index.json", manifest)
         return cls(sketches, shards, manifest)
 
     @classmethod

@@ -165,9 +165,9 @@ class InfluenceResult:
     # -- persistence --------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``result.npz``, then ``result.json`` (last, with the arrays' SHA-256) into
-        directory ``path``, each atomically: a reader never pairs a manifest with other
-        arrays."""
+        """Write ``result.npz``, then ``result.json`` (last, sealed, with the arrays' SHA-256)
+        into directory ``path``, each atomically: a reader never pairs a manifest with other
+        arrays, nor trusts an edited one."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
@@ -180,7 +180,7 @@ class InfluenceResult:
                     sha256=hashlib.sha256(buf.getvalue()).hexdigest())
         with store.lock(path, ValueError, wait=True):   # two saves never pair their files
             store.atomic_write(path / "result.npz", buf.getvalue())
-            store.write_json(path / "result.json", meta)
+            store.write_manifest(path / "result.json", meta)
         return path
 
     @classmethod

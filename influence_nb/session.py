@@ -23,7 +23,7 @@ from torch import nn
 
 from . import store
 from .curvature import (STRATEGIES, FactorArgs, Factors, fingerprint_of, fit_factors,
-                        model_fingerprint)
+                        model_fingerprint, weights_fingerprint)
 from .data import Corpus, tokenizer_fingerprint
 from .layers import context_length, find_layers
 from .plan import Plan, plan
@@ -51,7 +51,7 @@ class Influence:
                  task: Task | None = None):
         self.model, self.tokenizer, self.task = model, tokenizer, task or Task()
         self.score_args = score_args or ScoreArgs()
-        self.factors = self._check_factors(factors) if factors is not None else None
+        self.factors = factors
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         self.corpus = self._check_corpus(corpus) if corpus is not None else None
 
@@ -74,8 +74,10 @@ class Influence:
         checkpoint ``step``), its ``processing_class`` as the tokenizer, its ``train_dataset``
         as the corpus (:meth:`Corpus.from_tokenized`: one row one sequence, labels honoured),
         and the factors :class:`~influence_nb.trainer.InfluenceCallback` saved at the end of
-        training (or at checkpoint ``step``) when they are there (else call :meth:`fit`)."""
-        from .trainer import factors_path
+        training (or at checkpoint ``step``) when they are there (else call :meth:`fit`) —
+        refused when the Trainer's collator hands the model other tokens than the corpus holds
+        (:func:`~influence_nb.trainer.check_corpus`)."""
+        from .trainer import check_corpus, factors_path
         tokenizer = getattr(trainer, "processing_class", None)
         if tokenizer is None:
             raise ValueError("the Trainer has no tokenizer: pass processing_class=tokenizer to "
@@ -88,6 +90,7 @@ class Influence:
         path = factors_path(trainer, step)
         if (path / "manifest.json").exists():
             inf.load_factors(path)
+            check_corpus(path, corpus)
         elif step is not None:
             raise FileNotFoundError(f"no factors in {path}: add InfluenceCallback(steps=[{step}])"
                                     " to the Trainer's callbacks, with a checkpoint save at that "
@@ -107,21 +110,43 @@ class Influence:
                              "rebuild it with Corpus.from_...(..., tokenizer)")
         return corpus
 
-    def _check_factors(self, factors: Factors) -> Factors:
-        fp = fingerprint_of(self.model, factors.layer_names)
-        if fp != factors.model_fingerprint:
-            raise ValueError(f"the factors were fitted on another model (fingerprint "
-                             f"{factors.model_fingerprint} ≠ {fp}); pass the model they were "
-                             "fitted on, or refit with inf.fit()")
-        return factors
+    @property
+    def factors(self) -> Factors | None:
+        """The fitted curvature (None before :meth:`fit` or :meth:`load_factors`)."""
+        return self._factors
+
+    @factors.setter
+    def factors(self, factors: Factors | None) -> None:
+        """Refuse factors of another model; note the weights they now stand for."""
+        if factors is not None:
+            fp = fingerprint_of(self.model, factors.layer_names)
+            if fp != factors.model_fingerprint:
+                raise ValueError(f"the factors were fitted on another model (fingerprint "
+                                 f"{factors.model_fingerprint} ≠ {fp}); pass the model they were "
+                                 "fitted on, or refit with inf.fit()")
+        self._factors = factors
+        self._weights = weights_fingerprint(self.model) if factors is not None else None
+
+    def keep_factors(self) -> None:
+        """Score the model's weights as they are now with the factors fitted before they changed
+        (a small fine-tuning step, say): an approximation the session otherwise refuses."""
+        if self._factors is None:
+            raise ValueError("no factors to keep: call inf.fit() or inf.load_factors(path) first")
+        self._weights = weights_fingerprint(self.model)
 
     def fitted(self) -> tuple[Corpus, Factors]:
-        """(corpus, factors), or a one-line error saying which is missing and how to get it."""
+        """(corpus, factors), or a one-line error saying which is missing and how to get it,
+        or that the model's weights changed in place since the factors were fitted."""
         if self.corpus is None:
             raise ValueError("no corpus: pass one to Influence(model, tokenizer, corpus)")
-        if self.factors is None:
+        if self._factors is None:
             raise ValueError("no factors yet: call inf.fit() or inf.load_factors(path) first")
-        return self.corpus, self.factors
+        if weights_fingerprint(self.model) != self._weights:
+            raise ValueError("the model's weights changed since the factors were fitted or "
+                             "loaded (a training step, load_state_dict, a cast?); refit with "
+                             "inf.fit(...), or call inf.keep_factors() to score the new "
+                             "weights with the old curvature")
+        return self.corpus, self._factors
 
     @property
     def n_train(self) -> int:

@@ -3,8 +3,9 @@ written once and searched by every later query.
 
 On disk (a directory): ``sketches.f16`` (N, D) float16 rows, ``rows.bin`` (N,) records of
 (corpus id, hash of the sequence's tokens) and ``sketches.json``, the manifest, written last
-after each chunk: it lists the committed chunks with their CRC-32, the model and factor
-fingerprints and the projection's settings (the projection itself is drawn again from them).
+(and sealed) after each chunk: it lists the committed chunks with their CRC-32, the model and
+factor fingerprints and the projection's settings (the projection itself is drawn again from
+them).
 A build killed at any moment resumes after the last committed chunk; sketching more ids later
 appends rows and keeps the old ones. Under torch.distributed the chunks are shared out over the
 ranks and the parts merged, byte for byte the store one process writes.
@@ -246,7 +247,7 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
                 store.append(path / "rows.bin", rows.tobytes())
                 store.append(path / "sketches.f16", data.tobytes())
                 manifest["chunks"].append([len(chunk), store.crc32(rows), store.crc32(data)])
-                store.write_json(path / "sketches.json", manifest)
+                store.write_manifest(path / "sketches.json", manifest)
     return Sketches.open(path, verify=False)
 
 
@@ -337,4 +338,4 @@ def _merge(path: Path, parts: Sequence[Sketches]) -> None:
             out.flush()
             os.fsync(out.fileno())
     manifest["chunks"] = manifest["chunks"] + [c for p in parts for c in p.manifest["chunks"]]
-    store.write_json(path / "sketches.json", manifest)
+    store.write_manifest(path / "sketches.json", manifest)

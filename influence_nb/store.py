@@ -8,11 +8,15 @@ here, so that one set of rules holds for all of them:
 - append-only data files grow by fsynced appends and are cut back to the length their
   manifest commits to before the next append (:func:`append`, :func:`truncate`): the manifest,
   rewritten atomically last, is what makes rows exist;
-- a manifest is JSON with a ``format`` field; a missing, unreadable or foreign one is a
-  one-line error of the artifact's own exception class naming the fix (:func:`read_manifest`);
+- a manifest is JSON with a ``format`` field and a ``seal``: the SHA-256 of its own canonical
+  JSON, which records the digest of each data file it names, so one hash covers the manifest
+  and its data (:func:`write_manifest`); a missing, unreadable, foreign, edited or unsealed one
+  is a one-line error of the artifact's own exception class naming the fix
+  (:func:`read_manifest`);
 - a chunk store (:class:`ChunkStore`) keeps one ``.npz`` per chunk of a long computation
-  under a manifest of what is computed, each with its CRC-32 inside, so a restarted job skips
-  finished chunks and a changed job is refused;
+  under a manifest of what is computed, each with its CRC-32 and its store's run id inside, so
+  a restarted job skips finished chunks, a changed job is refused, and so is a chunk of
+  another run (copied from another folder, or left behind by a deleted manifest);
 - a store that several files make up is written under :func:`lock`, so two writers never
   interleave; the lock is the kernel's (``flock``), released when its holder dies, so a
   killed writer never leaves a stale lock behind;
@@ -23,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import os
 import socket
+import uuid
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -117,10 +123,26 @@ def crc32(data: bytes | np.ndarray) -> int:
     return zlib.crc32(data)
 
 
+def seal_of(manifest: dict) -> str:
+    """SHA-256 (hex) of a manifest's compact JSON, ``seal`` left out: it covers every field and
+    the order of every list and mapping (a mapping of layers is in module order), and through
+    the digests the manifest records, its data files."""
+    body = {k: v for k, v in manifest.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
+    """:func:`write_json` of ``manifest`` with its ``seal`` (:func:`seal_of`, over the
+    manifest as it reads back from JSON)."""
+    manifest = json.loads(json.dumps({k: v for k, v in manifest.items() if k != "seal"}))
+    write_json(path, manifest | {"seal": seal_of(manifest)})
+
+
 def read_manifest(file: str | os.PathLike, fmt: str, error: type[Exception], fix: str,
                   keys: tuple[str, ...] = ()) -> dict:
-    """The JSON manifest ``file`` of format ``fmt`` with at least ``keys``; missing, corrupt,
-    foreign or incomplete -> one-line ``error`` that ends with ``fix`` (how to rebuild)."""
+    """The JSON manifest ``file`` of format ``fmt`` with at least ``keys``, its seal checked
+    and dropped; missing, corrupt, foreign, unsealed (older than sealing), edited or
+    incomplete -> one-line ``error`` that ends with ``fix`` (how to rebuild)."""
     file = Path(file)
     if not file.exists():
         raise error(f"{file} is missing; {fix}")
@@ -130,6 +152,11 @@ def read_manifest(file: str | os.PathLike, fmt: str, error: type[Exception], fix
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         raise error(f"{file} is corrupt or not a manifest of format {fmt!r}; {fix}")
+    if "seal" not in manifest:
+        raise error(f"{file} predates sealed manifests (written by an older influence_nb, "
+                    f"nothing vouches for it); {fix}")
+    if manifest.pop("seal") != seal_of(manifest):
+        raise error(f"{file} fails its seal (edited or damaged since it was written); {fix}")
     missing = [k for k in keys if k not in manifest]
     if missing:
         raise error(f"{file} lacks {', '.join(missing)}; {fix}")
@@ -137,9 +164,11 @@ def read_manifest(file: str | os.PathLike, fmt: str, error: type[Exception], fix
 
 
 class ChunkStore:
-    """Chunk files ``chunk_{start}.npz`` (ids, arrays, CRC-32) under ``manifest.json``, the
-    description of what is computed; a store whose description differs is another
-    computation and is refused.
+    """Chunk files ``chunk_{start}.npz`` (ids, arrays, CRC-32, run id) under ``manifest.json``,
+    the description of what is computed and the store's run id (drawn once, when the manifest
+    is written); a store whose description differs is another computation and is refused, and
+    so is a chunk whose run id is not the manifest's (from another folder, or from before the
+    manifest was deleted and written anew).
 
     ``read(start, ids)`` -> the chunk's arrays, or None when the chunk is not done yet.
     """
@@ -151,23 +180,36 @@ class ChunkStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.description = json.loads(json.dumps(description))  # as it reads back from JSON
         path = self.root / "manifest.json"
-        if path.exists():
-            old = read_manifest(path, self.FORMAT, ValueError,
-                                f"delete {self.root} and run the {what} again")["description"]
-            if old != self.description:
-                diff = [k for k in self.description if old.get(k) != self.description[k]]
-                raise ValueError(f"{self.root} holds a {what} of other {', '.join(diff)}; resume "
-                                 "with the same inputs or use a new out_dir")
-        else:
-            write_json(path, dict(format=self.FORMAT, description=self.description))
+        if not path.exists():   # ranks of one job open one store: one of them writes it
+            with lock(self.root, ValueError, wait=True, name=".manifest.lock"):
+                if not path.exists():
+                    self._create(path)
+        m = read_manifest(path, self.FORMAT, ValueError,
+                          f"delete {self.root} and run the {what} again", ("description", "run"))
+        if m["description"] != self.description:
+            diff = [k for k in self.description if m["description"].get(k) != self.description[k]]
+            raise ValueError(f"{self.root} holds a {what} of other {', '.join(diff)}; resume "
+                             "with the same inputs or use a new out_dir")
+        self.run = m["run"]
+
+    def _create(self, path: Path) -> None:
+        """Write the manifest with a new run id, unless chunks of an unknown run are there."""
+        orphans = sorted(self.root.glob("chunk_*.npz"))
+        if orphans:
+            raise ValueError(f"{self.root} holds {len(orphans)} chunks but no manifest.json (it "
+                             f"was deleted): they belong to no known run; delete them, or the "
+                             f"folder, and run the {self.what} again")
+        write_manifest(path, dict(format=self.FORMAT, description=self.description,
+                                  run=uuid.uuid4().hex))
 
     def _file(self, start: int) -> Path:
         return self.root / f"chunk_{start:010d}.npz"
 
     def read(self, start: int, ids: np.ndarray,
              shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray] | None:
-        """The chunk's arrays (CRC-checked, for exactly ``ids``, and of ``shapes`` when given),
-        or None when it is not written yet; anything else is a one-line ValueError."""
+        """The chunk's arrays (CRC-checked, of this run, for exactly ``ids``, and of ``shapes``
+        when given), or None when it is not written yet; anything else is a one-line
+        ValueError."""
         path = self._file(start)
         if not path.exists():
             return None
@@ -183,6 +225,10 @@ class ChunkStore:
         if int(arrays.pop("crc32")) != _crc_of(arrays):
             raise ValueError(f"{path} is corrupt (fails its CRC-32); delete it and resume the "
                              f"{self.what}")
+        if str(arrays.pop("run", "")) != self.run:
+            raise ValueError(f"{path} is a chunk from another run than {self.root}'s manifest "
+                             f"(copied from another folder?): delete it and resume the "
+                             f"{self.what}")
         if not np.array_equal(arrays.pop("ids"), ids):
             raise ValueError(f"{path} holds other sequences than this {self.what}; use a new "
                              "out_dir")
@@ -193,7 +239,7 @@ class ChunkStore:
         return arrays
 
     def write(self, start: int, ids: np.ndarray, **arrays: np.ndarray) -> None:
-        arrays = dict(arrays, ids=np.asarray(ids))
+        arrays = dict(arrays, ids=np.asarray(ids), run=np.array(self.run))
         buf = io.BytesIO()
         np.savez(buf, crc32=np.int64(_crc_of(arrays)), **arrays)
         atomic_write(self._file(start), buf.getvalue())

@@ -15,8 +15,7 @@ included: the default layer preset then tracks the adapters); nothing is wrapped
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from .curvature import FactorArgs, Factors, fit_factors
 from .task import Task
 
 FACTORS_DIR = "influence_factors"  # beside a checkpoint's weights, or in output_dir
+CALLBACK_FORMAT = "influence_nb.callback/1"  # callback.json, the callback's note beside them
 
 
 class CollatedDataset:
@@ -76,6 +76,23 @@ class CollatedDataset:
                 batch["attention_mask"] = torch.ones_like(batch["input_ids"])
             yield batch
 
+    def token_rows(self, batch_size: int = 64) -> Iterator[np.ndarray]:
+        """Each row's token ids as the collator hands them to the model, padding dropped."""
+        for batch in self.batches(batch_size):
+            mask = torch.as_tensor(batch["attention_mask"]).bool()
+            for ids, keep in zip(torch.as_tensor(batch["input_ids"]), mask):
+                yield ids[keep].numpy()
+
+
+def tokens_fingerprint(rows: Iterable[np.ndarray]) -> str:
+    """16 hex of the rows' token ids, in order, empty rows left out (as a corpus leaves them
+    out): the callback's collated rows and the corpus a session scores must agree."""
+    h = hashlib.sha256()
+    for row in rows:
+        if len(row):
+            h.update(len(row).to_bytes(8, "little") + np.asarray(row, np.int64).tobytes())
+    return h.hexdigest()[:16]
+
 
 def fit_on_dataloader(model: torch.nn.Module, dataloader: Any, args: FactorArgs | None = None,
                       task: Task | None = None) -> Factors:
@@ -93,11 +110,12 @@ class InfluenceCallback(TrainerCallback):
     and at the checkpoint saves of the given global ``steps``; saves them (tensors + manifest
     with the model and data fingerprints, see :meth:`Factors.save`) in
     ``output_dir/influence_factors`` and ``output_dir/checkpoint-<step>/influence_factors``,
-    beside a ``callback.json`` naming the step. ``self.saved`` maps each step to its path.
+    beside a ``callback.json`` naming the step and fingerprinting the collated rows' tokens
+    (:func:`check_corpus`). ``self.saved`` maps each step to its path.
 
     args: how to fit (:class:`FactorArgs`; its ``layers`` preset picks a PEFT model's adapters)
-    steps: checkpoint steps to fit at (a step that is not also a save step of the Trainer's
-           ``save_steps`` is never reached: the callback fits where a checkpoint is written)
+    steps: global steps to fit at: the callback has the Trainer save a checkpoint there (a
+           step beyond the training's last is refused when training begins)
     """
 
     def __init__(self, args: FactorArgs | None = None, steps: Sequence[int] = (),
@@ -110,11 +128,24 @@ class InfluenceCallback(TrainerCallback):
         factors = fit_on_dataloader(model, train_dataloader, self.args, self.task)
         if state.is_world_process_zero:
             factors.save(path)
-            store.write_json(path / "callback.json",
-                             dict(global_step=state.global_step,
-                                  collator=type(train_dataloader.collate_fn).__qualname__,
-                                  n_rows=len(train_dataloader.dataset)))
+            rows = CollatedDataset(train_dataloader.dataset, train_dataloader.collate_fn)
+            store.write_manifest(path / "callback.json",
+                                 dict(format=CALLBACK_FORMAT, global_step=state.global_step,
+                                      collator=type(train_dataloader.collate_fn).__qualname__,
+                                      n_rows=len(train_dataloader.dataset),
+                                      tokens=tokens_fingerprint(rows.token_rows())))
         self.saved[state.global_step] = path
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        late = sorted(s for s in self.steps if s > state.max_steps)
+        if late:
+            raise ValueError(f"InfluenceCallback(steps=...) asks for step {late[0]}, but the "
+                             f"training ends at step {state.max_steps}; ask for steps up to "
+                             "that, or train longer")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step in self.steps:   # a checkpoint here, whatever save_steps says
+            control.should_save = True
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None,
                 train_dataloader: Any = None, **kwargs: Any) -> None:
@@ -136,5 +167,22 @@ def factors_path(trainer: Any, step: int | None = None) -> Path:
 
 
 def describe(path: str | Path) -> dict:
-    """The callback's note beside saved factors: global_step, collator, n_rows."""
-    return json.loads((Path(path) / "callback.json").read_text())
+    """The callback's note beside saved factors: global_step, collator, n_rows, tokens."""
+    return store.read_manifest(Path(path) / "callback.json", CALLBACK_FORMAT, ValueError,
+                               "train again with the InfluenceCallback to rewrite it",
+                               ("global_step", "collator", "n_rows", "tokens"))
+
+
+def check_corpus(path: str | Path, corpus: Any) -> None:
+    """Refuse a corpus whose sequences are not the collated rows the callback fitted the
+    factors in ``path`` on: a collator that truncates, prepends or rewrites tokens trains on
+    other sequences than the dataset's, and the scores would name the wrong ones."""
+    if describe(path)["tokens"] != tokens_fingerprint(corpus.token_ids(k)
+                                                      for k in range(len(corpus))):
+        raise ValueError(f"the Trainer's collator hands the model other tokens than its "
+                         f"train_dataset holds (it truncates, prepends or rewrites them), so the "
+                         f"factors in {path} were fitted on other sequences than the corpus a "
+                         "session scores; tokenize the dataset as the collator would (leaving "
+                         "it only padding), or make the session yourself, Influence(trainer.model, "
+                         "tokenizer, Corpus.from_tokenized(trainer.train_dataset, tokenizer)), "
+                         "and fit it with inf.fit()")

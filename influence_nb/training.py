@@ -3,7 +3,8 @@
 Counterfactual checks (:mod:`influence_nb.validate`: LDS, leave-k-out) need the one thing an
 influence estimate predicts: the model that training *would* have produced on other data. A
 :class:`Retrainer` is that function for a Hugging Face causal LM and a :class:`TrainConfig`
-recipe; any callable ``(ids, seed) -> model`` can stand in for it.
+recipe; any callable ``(ids, seed) -> model`` can stand in for it. What keys a store of its
+retrains is its :func:`code_fingerprint`.
 
     retrain = Retrainer(model.config, corpus, TrainConfig(epochs=14))
     model_without = retrain(np.setdiff1d(np.arange(len(corpus)), removed), seed=0)
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -108,8 +110,10 @@ class Retrainer:
 
     @property
     def fingerprint(self) -> str:
-        """What a retrain depends on besides (ids, seed): corpus, recipe and model config."""
-        config = getattr(self.config, "to_json_string", lambda: repr(self.config))()
+        """What a retrain depends on besides (ids, seed): corpus, recipe and model config (a
+        factory's :func:`code_fingerprint`)."""
+        config = (self.config.to_json_string() if hasattr(self.config, "to_json_string")
+                  else code_fingerprint(self.config, "the Retrainer's config"))
         key = json.dumps([self.corpus.fingerprint, asdict(self.recipe), config], default=str)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -117,3 +121,29 @@ class Retrainer:
         model = self.make(seed)
         train(model, self.corpus, replace(self.recipe, seed=seed), ids, self.progress)
         return model
+
+
+def code_fingerprint(fn: Callable, what: str = "retrain") -> str:
+    """What keys a store of ``fn``'s results from run to run: its ``fingerprint`` attribute (a
+    string: :class:`Retrainer`'s, or one set by hand, ``fn.fingerprint = "recipe v2"``), else,
+    for a function defined with ``def``, its module, qualified name and a hash of its code —
+    never a memory address. What the code reads from outside (globals, a closure) is not in
+    it: set a fingerprint when that changes. A lambda, a ``functools.partial`` or an object
+    without a fingerprint is a one-line ValueError."""
+    own = getattr(fn, "fingerprint", None)
+    if isinstance(own, str) and own:
+        return own
+    function = getattr(fn, "__func__", fn)   # a bound method: its function
+    if not isinstance(function, types.FunctionType) or function.__name__ == "<lambda>":
+        raise ValueError(f"{what} {fn!r} has no name and code that stay the same from run to "
+                         f"run; define it with def, or name its recipe: "
+                         f"{what.split()[-1]}.fingerprint = 'a name for this recipe'")
+    return f"{function.__module__}.{function.__qualname__}:{_code_hash(function.__code__)}"
+
+
+def _code_hash(code: types.CodeType) -> str:
+    """16 hex of a code object's bytecode, names and constants (nested code included)."""
+    h = hashlib.sha256(code.co_code + repr(code.co_names).encode())
+    for c in code.co_consts:
+        h.update((_code_hash(c) if isinstance(c, types.CodeType) else repr(c)).encode())
+    return h.hexdigest()[:16]

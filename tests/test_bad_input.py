@@ -16,6 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from influence_nb import store
 from influence_nb.curvature import FactorArgs, Factors, fit_factors
 from influence_nb.data import Corpus, CorpusError
 from influence_nb.index import IndexArgs, IndexFileError
@@ -206,9 +207,10 @@ def _manifest(path):
 
 
 def _forge(path, **changes):
-    """Rewrite a factors manifest with ``changes`` (None deletes a key)."""
+    """Rewrite a factors manifest with ``changes`` (None deletes a key), sealed again: a forger
+    who recomputes the seal still meets every check behind it."""
     m = _manifest(path) | changes
-    (path / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if v is not None}))
+    store.write_manifest(path / "manifest.json", {k: v for k, v in m.items() if v is not None})
 
 
 def _drop_lambda(path):
@@ -251,9 +253,10 @@ def test_damaged_scan_chunks_and_results_are_refused(small, tokenizer, tmp_path)
     chunk.write_bytes(good[:len(good) // 2])                              # truncated
     with pytest.raises(ValueError, match="chunk_0000000012.npz is unreadable"):
         inf.scan(pair, out_dir=tmp_path / "scan")
-    ids = np.arange(12, 24)                                               # forged: valid CRC
+    ids = np.arange(12, 24)                                   # forged: valid CRC and run id
+    run = json.loads((tmp_path / "scan" / "manifest.json").read_text())["run"]
     buf = io.BytesIO()
-    arrays = dict(layer_scores=np.zeros((1, 1, 12)), ids=ids)
+    arrays = dict(layer_scores=np.zeros((1, 1, 12)), ids=ids, run=np.array(run))
     crc = 0
     for k in sorted(arrays):
         crc = zlib.crc32(np.ascontiguousarray(arrays[k]), crc)
@@ -285,12 +288,12 @@ def test_damaged_sketches_and_index_are_refused(sketched, tmp_path):
     shutil.copytree(root, tmp_path / "r")
     index = json.loads((tmp_path / "r/index/index.json").read_text())
     index["shards"][0]["file"] = "../sketches/sketches.f16"
-    (tmp_path / "r/index/index.json").write_text(json.dumps(index))
+    store.write_manifest(tmp_path / "r/index/index.json", index)
     with pytest.raises(IndexFileError, match="not a file in that folder"):
         Retriever.open(inf, tmp_path / "r")
     manifest = json.loads((tmp_path / "r/sketches/sketches.json").read_text())
     del manifest["chunks"]
-    (tmp_path / "r/sketches/sketches.json").write_text(json.dumps(manifest))
+    store.write_manifest(tmp_path / "r/sketches/sketches.json", manifest)
     with pytest.raises(SketchError, match="lacks chunks"):
         Retriever.open(inf, tmp_path / "r")
 

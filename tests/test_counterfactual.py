@@ -12,6 +12,7 @@ from influence_nb import demo
 from influence_nb.curvature import FactorArgs
 from influence_nb.data import Corpus
 from influence_nb.task import Task
+from influence_nb.training import code_fingerprint
 from influence_nb.validate import (compare, lds, lds_subsets, leave_out, pbrf, tail_patch,
                                    toy_problem, top_ids)
 
@@ -153,6 +154,7 @@ def test_lds_group_effect_is_the_sum_of_scores_and_a_resumed_run_equals_a_whole_
         if len(calls) >= 24 + 5:
             raise KeyboardInterrupt
         return retrain(ids, seed)
+    dies_after_5.fingerprint = code_fingerprint(retrain)   # the same recipe, resumed
 
     with pytest.raises(KeyboardInterrupt):
         lds(dies_after_5, prompts, completions, scores, out_dir=tmp_path, **kw)

@@ -39,14 +39,47 @@ def trained(tokenizer, tmp_path_factory):
                                      "topic": [t.split()[0] for t in TEXTS]})
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     callback = InfluenceCallback(ARGS, steps=[2])
-    trainer = Trainer(tiny_model(len(tokenizer), torch.float32), TrainingArguments(
+    trainer = _trainer(tokenizer, out, ds, collator, callback)
+    trainer.train()
+    return trainer, callback, ds, collator
+
+
+def _trainer(tokenizer, out, ds, collator, callback):
+    """4 steps of 4 rows, a checkpoint every 2 steps."""
+    return Trainer(tiny_model(len(tokenizer), torch.float32), TrainingArguments(
         output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
         save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0,
         disable_tqdm=True, logging_strategy="no", remove_unused_columns=True),
         train_dataset=ds, data_collator=collator, processing_class=tokenizer,
         callbacks=[callback])
-    trainer.train()
-    return trainer, callback, ds, collator
+
+
+def test_a_collator_that_rewrites_the_rows_and_steps_between_saves(trained, tmp_path):
+    """The callback's factors of truncated rows never pair with the untruncated corpus; a
+    step between two saves still gets its checkpoint and factors; a step past the end is
+    refused before training."""
+    trainer, _, ds, collator = trained
+    tokenizer = trainer.processing_class
+
+    def truncating(rows):
+        return collator([{"input_ids": r["input_ids"][:4]} for r in rows])
+
+    callback = InfluenceCallback(ARGS, steps=[3])
+    cut = _trainer(tokenizer, tmp_path / "a", ds, truncating, callback)
+    cut.train()
+    assert sorted(callback.saved) == [3, 4]
+    with pytest.raises(ValueError, match="the Trainer's collator hands the model other tokens "
+                                         "than its train_dataset holds"):
+        Influence.from_trainer(cut)
+    with pytest.raises(ValueError, match="asks for step 9, but the training ends at step 4"):
+        _trainer(tokenizer, tmp_path / "b", ds, collator, InfluenceCallback(ARGS, steps=[9]),
+                 ).train()
+    note = factors_path(trainer) / "callback.json"
+    good = note.read_text()
+    note.write_text(good.replace('"global_step": 4', '"global_step": 3'))
+    with pytest.raises(ValueError, match="callback.json fails its seal"):
+        describe(factors_path(trainer))
+    note.write_text(good)
 
 
 def test_callback_factors_equal_a_separate_fit(trained):

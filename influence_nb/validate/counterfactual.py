@@ -25,6 +25,7 @@ from ..checks import as_ids
 from ..hooks import eval_mode
 from ..store import ChunkStore
 from ..task import Task, measure, to_device
+from ..training import code_fingerprint
 from .agreement import spearman
 
 Retrain = Callable[[np.ndarray, int], nn.Module]   # (training ids, seed) -> trained model
@@ -57,9 +58,9 @@ class _Retrained:
         self.task = task or Task()
         queries = hashlib.sha256(json.dumps([list(map(int, p)) + [-1] + list(map(int, c)) for
                                              p, c in zip(prompts, completions)]).encode())
-        description = dict(description, queries=queries.hexdigest()[:16],
-                           retrain=getattr(retrain, "fingerprint", type(retrain).__name__))
-        self.store = ChunkStore(out_dir, description, "retraining run") if out_dir else None
+        self.store = ChunkStore(out_dir, dict(description, queries=queries.hexdigest()[:16],
+                                              retrain=code_fingerprint(retrain)),
+                                "retraining run") if out_dir else None
 
     def run(self, jobs: Sequence[Job], progress: bool, desc: str) -> np.ndarray:
         """(len(jobs), Q) f of every query after retraining on each job's (ids, seed)."""
