@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import passes, queries, scoring
 from .batching import source, token_batches
-from .curvature import FactorArgs
+from .curvature import FactorArgs, fisher_draws
 from .data import Corpus
 from .layers import TrackedLayer, find_layers, stat_dtype
 from .passes import Consumer, PassBatch, Recording, available_memory, corpus_pass
@@ -260,9 +260,9 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
     dtype = stat_dtype(model)
     covariance = _Timed(Covariance(layers, fit.blocks, dtype, device))
     recording = Recording(budget=1 << 62)
-    run = lambda consumers: corpus_pass(  # noqa: E731
+    run = lambda consumers, draws=1, first=0: corpus_pass(  # noqa: E731
         model, layers, source(corpus, len(ids), ids), consumers, "fisher", task, fit.seed,
-        progress=False)
+        progress=False, draws=draws, first_draw=first)
     run([])                                   # a first batch pays for allocations and hooks
     base = _resident(device, "VmRSS")
     _peak_reset(device)
@@ -273,7 +273,16 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
                       - sum(a.nbytes + d.nbytes for _, layer in recording.batches
                             for _, a, d in layer))
     fwd_bwd = total - covariance.seconds
-    seconds = {"covariance": (fwd_bwd + covariance.seconds) * per_token}
+    draws = fit.draws or 1
+    if fit.draws is None and not task.empirical_fisher:   # as the fit chooses them, from the
+        cov = covariance.inner                             # corpus's worth of this batch
+        draws = fisher_draws({n: e * per_token for n, e in cov.effective_tokens().items()},
+                             {n: max(sizes) for n, (_, sizes) in cov.split.items()})
+    if draws > 1:   # the fit's second covariance pass: a forward, draws - 1 backwards
+        start = time.perf_counter()
+        run([covariance], draws - 1, 1)
+        total += time.perf_counter() - start
+    seconds = {"covariance": total * per_token}
     consumers: dict[str, _Timed] = {}
     if fit.strategy == "ekfac":   # eigenbases of the right sizes: the cost is the matmuls'
         eye = lambda n: [torch.eye(k, dtype=dtype, device=device)  # noqa: E731

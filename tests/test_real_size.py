@@ -174,6 +174,26 @@ def test_plan_predicts_and_refuses_in_one_line(small, tokenizer, monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_plan_times_the_fisher_draws_the_fit_would_make(small, tokenizer):
+    """A plan runs its batch forward once more for a fit of several Fisher draws (the fit's
+    second covariance pass: a forward, draws − 1 backwards), with the draws given or, by
+    default, chosen from the batch as the fit chooses them (here the batch is the corpus)."""
+    model, corpus = small[0], small[1]
+    inf = Influence(model, tokenizer, corpus)
+    forwards = []
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        counts = {}
+        for draws in (1, 3, None):
+            forwards.clear()
+            inf.plan(FactorArgs(draws=draws, progress=False), ScoreArgs(progress=False))
+            counts[draws] = len(forwards)
+    finally:
+        handle.remove()
+    chosen = fit_factors(model, corpus, FactorArgs(progress=False)).args.draws
+    assert counts[3] == counts[1] + 1 and counts[None] == counts[1] + (chosen > 1)
+
+
 def test_cli_plan_prints_the_plan_and_refuses_in_one_line(tmp_path, capsys, monkeypatch):
     from influence_nb import demo
     from influence_nb.cli import main
