@@ -97,7 +97,7 @@ def stage(a: argparse.Namespace) -> dict:
     for p in model.parameters():
         p.requires_grad_(True)
     fargs = FactorArgs(layers=a.layers, blocks=a.blocks, eigh_precision=a.eigh_precision,
-                       progress=False)
+                       draws=a.draws, progress=False)
     sargs = ScoreArgs(progress=False, per_layer=False)
     inf = Influence(model, tokenizer, corpus, score_args=sargs)
     out = {"model_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30}
@@ -112,6 +112,7 @@ def stage(a: argparse.Namespace) -> dict:
         factors = inf.fit(fargs, path=a.dir)
         out |= {"fit_s": time.perf_counter() - start, "fit_peak_gb": peak_gb(),
                 "timings_s": getattr(factors, "timings", None),
+                "draws": getattr(factors.args, "draws", None),
                 "factors_gb": sum(f.stat().st_size for f in Path(a.dir).glob("*.safetensors"))
                 / 2 ** 30}
         return out
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", default="mlp")
     p.add_argument("--blocks", type=int, default=1)
     p.add_argument("--eigh-precision", default="float64", choices=["float64", "float32"])
+    p.add_argument("--draws", type=int, default=None,
+                   help="FactorArgs(draws=...); default None: the fit chooses (a few sequences "
+                        "of wide layers choose many, see docs/design.md)")
     p.add_argument("--stage", choices=["fit", "scan"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--q", type=int, help=argparse.SUPPRESS)
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     common = [f"--shape={a.shape}", f"--tokens={a.tokens}", f"--sequences={a.sequences}",
               f"--layers={a.layers}", f"--blocks={a.blocks}",
               f"--eigh-precision={a.eigh_precision}",
-              "--queries", *map(str, a.queries)]
+              *([f"--draws={a.draws}"] if a.draws else []), "--queries", *map(str, a.queries)]
     with tempfile.TemporaryDirectory() as d:
         fit = run([*common, "--stage=fit", f"--dir={d}"])
         scans = {q: run([*common, "--stage=scan", f"--dir={d}", f"--q={q}"])
