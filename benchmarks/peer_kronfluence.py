@@ -91,14 +91,19 @@ def markov(queries: int) -> World:
     return world
 
 
+def tracked(w: World, layers: str) -> list[str]:
+    """The names of the modules both libraries track: influence_nb's preset ``layers``."""
+    return [t.name for t in find_layers(w.model, layers)]
+
+
 def best_batch(w: World, layers: str, batches: list[int], q: int) -> tuple[int, dict]:
     """kronfluence's fastest batch size at a fit and a q-query scan (one run of each per
     batch size) and {batch: [fit s, scan s]}."""
     from kronfluence_scores import KronfluenceEKFAC   # optional: imported when needed
-    names = [t.name for t in find_layers(w.model, layers)]
     sweep = {}
     for b in batches:
-        with KronfluenceEKFAC(w.model, w.tokenizer, w.corpus, b, modules=names) as kron:
+        with KronfluenceEKFAC(w.model, w.tokenizer, w.corpus, b,
+                              modules=tracked(w, layers)) as kron:
             sweep[b] = [round(seconds(kron.fit), 2), round(seconds(
                 lambda: kron.scores(w.pairs[:q])), 2)]
     return min(batches, key=lambda b: sweep[b][1]), sweep
@@ -122,8 +127,8 @@ def timings(w: World, layers: str, queries: list[int], repeats: int, batch_size:
         return seconds(lambda: session["inf"].fit(FactorArgs(layers=layers, progress=False)))
 
     base()  # warm-up
-    names = [t.name for t in find_layers(w.model, layers)]
-    with KronfluenceEKFAC(w.model, w.tokenizer, w.corpus, batch_size, modules=names) as kron:
+    with KronfluenceEKFAC(w.model, w.tokenizer, w.corpus, batch_size,
+                          modules=tracked(w, layers)) as kron:
         runs = {"plain": base, ("fit", "influence_nb"): fit_ours,
                 ("fit", "kronfluence"): lambda: seconds(kron.fit)}
         for q in queries:
@@ -140,9 +145,8 @@ def matched(w: World, layers: str, batch_size: int) -> dict:
     """The two libraries' scores under matched conventions: deterministic labels on both
     sides, influence_nb at full rank."""
     from kronfluence_scores import KronfluenceEKFAC
-    names = [t.name for t in find_layers(w.model, layers)]
     with KronfluenceEKFAC(w.model, w.tokenizer, w.corpus, batch_size,
-                          empirical_fisher=True, modules=names) as kron:
+                          empirical_fisher=True, modules=tracked(w, layers)) as kron:
         kron.fit()
         theirs = kron.scores(w.pairs)
     inf = Influence(w.model, w.tokenizer, w.corpus, task=Task(empirical_fisher=True),

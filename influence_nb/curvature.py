@@ -64,10 +64,10 @@ class FactorArgs:
     draws:          Fisher draws per sequence in S (independent output gradients of the
                     pseudo-loss, see :class:`~influence_nb.task.FisherProbe`; one forward, a
                     backward each); Λ takes the first. None (default): as many as S needs to be
-                    worth ``DRAW_TARGET`` equally weighted positions per row
-                    (:func:`fisher_draws`), measured in the first draw — one draw
+                    worth ``statistics.DRAW_TARGET`` equally weighted positions per row
+                    (:meth:`Covariance.draws_needed`), measured in the first draw — one draw
                     unless most positions are near-certain (short memorised facts), at most
-                    ``MAX_DRAWS``; one for a one-shot iterator of batches (a single pass);
+                    ``statistics.MAX_DRAWS``; one for a one-shot iterator of batches (a single pass);
                     the number drawn is recorded in the fitted factors' args
     progress:       show tqdm progress bars
     """
@@ -355,24 +355,6 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-DRAW_TARGET = 16   # effective positions per row of S, geometric mean over the layers
-MAX_DRAWS = 8
-
-
-def fisher_draws(effective: Mapping[str, float], widths: Mapping[str, int]) -> int:
-    """Fisher draws for S: the fewest k with k · ρ ≥ DRAW_TARGET, where ρ is the geometric
-    mean over the layers of N_eff / width (N_eff: the first draw's effective positions,
-    :meth:`Covariance.effective_tokens`; width: the layer's widest S block), within
-    [1, MAX_DRAWS]. A sample covariance's relative error grows as √(width / N); the target is
-    measured: seed-to-seed Spearman ≥ 0.95 from ρ ≈ 10-16 on (docs/results.md, "The same
-    answer twice")."""
-    if not any(effective.values()):
-        return 1                          # nothing to score: the fit refuses it, once
-    rho = math.exp(sum(math.log(max(e, 1.0) / widths[n]) for n, e in effective.items())
-                   / len(effective))
-    return int(min(MAX_DRAWS, max(1, math.ceil(DRAW_TARGET / rho - 1e-9))))
-
-
 def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
                 task: Task | None = None) -> Factors:
     """Fit the curvature of ``model`` on ``data``: a Corpus, a zero-argument callable returning
@@ -412,8 +394,7 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     draws = args.draws or 1
     run([covariance] + ([recording] if recording is not None else []), "covariance", draws)
     if args.draws is None and src.repeatable and not task.empirical_fisher:
-        widths = {n: max(sizes) for n, (_, sizes) in covariance.split.items()}
-        draws = fisher_draws(covariance.effective_tokens(), widths)
+        draws = covariance.draws_needed()
         if draws > 1:
             run([covariance], f"covariance, draws 2-{draws}", draws - 1, first=1)
     timings = {"covariance": time.perf_counter() - start}

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import passes, queries, scoring
 from .batching import source, token_batches
-from .curvature import FactorArgs, fisher_draws
+from .curvature import FactorArgs
 from .data import Corpus
 from .layers import TrackedLayer, find_layers, stat_dtype
 from .passes import Consumer, PassBatch, Recording, available_memory, corpus_pass
@@ -275,9 +275,7 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
     fwd_bwd = total - covariance.seconds
     draws = fit.draws or 1
     if fit.draws is None and not task.empirical_fisher:   # as the fit chooses them, from the
-        cov = covariance.inner                             # corpus's worth of this batch
-        draws = fisher_draws({n: e * per_token for n, e in cov.effective_tokens().items()},
-                             {n: max(sizes) for n, (_, sizes) in cov.split.items()})
+        draws = covariance.inner.draws_needed(per_token)   # corpus's worth of this batch
     if draws > 1:   # the fit's second covariance pass: a forward, draws - 1 backwards
         start = time.perf_counter()
         run([covariance], draws - 1, 1)

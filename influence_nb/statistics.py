@@ -14,6 +14,7 @@ A and S may be split into diagonal blocks (a block-diagonal eigenbasis is a list
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -92,6 +93,24 @@ def rotated_gradients(a: Tensor, delta: Tensor, tokens: Tensor, f: LayerFactors)
     return rotate(rotate(DW, f.Q_A).mT, f.Q_S).mT
 
 
+DRAW_TARGET = 16   # effective positions per row of S, geometric mean over the layers
+MAX_DRAWS = 8
+
+
+def fisher_draws(effective: Mapping[str, float], widths: Mapping[str, int]) -> int:
+    """Fisher draws for S: the fewest k with k · ρ ≥ DRAW_TARGET, where ρ is the geometric
+    mean over the layers of N_eff / width (N_eff: the first draw's effective positions,
+    :meth:`Covariance.effective_tokens`; width: the layer's widest S block), within
+    [1, MAX_DRAWS]. A sample covariance's relative error grows as √(width / N); the target is
+    measured: seed-to-seed Spearman ≥ 0.95 from ρ ≈ 10-16 on (docs/results.md, "The same
+    answer twice")."""
+    if not any(effective.values()):
+        return 1                          # nothing to score: the fit refuses it, once
+    rho = math.exp(sum(math.log(max(e, 1.0) / widths[n]) for n, e in effective.items())
+                   / len(effective))
+    return int(min(MAX_DRAWS, max(1, math.ceil(DRAW_TARGET / rho - 1e-9))))
+
+
 # -- the two passes of a fit, as consumers of passes.corpus_pass -----------------------------------
 
 class Covariance(Consumer):
@@ -139,6 +158,12 @@ class Covariance(Consumer):
         sums = [w.clone() for w in self.w.values()]
         distributed.all_reduce_(sums)
         return {n: float(s[0] ** 2 / s[1]) if s[1] > 0 else 0.0 for n, s in zip(self.w, sums)}
+
+    def draws_needed(self, scale: float = 1.0) -> int:
+        """:func:`fisher_draws` for the first draw seen so far, its effective positions times
+        ``scale`` (the corpus's worth of a sample of it, say)."""
+        return fisher_draws({n: e * scale for n, e in self.effective_tokens().items()},
+                            {n: max(sizes) for n, (_, sizes) in self.split.items()})
 
     def factors(self) -> tuple[dict[str, LayerFactors], int, int]:
         """All-reduce the sums and eigendecompose them: ({name: LayerFactors without Λ},

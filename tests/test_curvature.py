@@ -446,7 +446,7 @@ def test_query_gradients_precondition_like_make_queries():
 def test_fisher_draws_follow_the_effective_positions_per_row_of_S():
     """fisher_draws: the fewest k with k · (geometric mean of N_eff / width) ≥ DRAW_TARGET,
     within [1, MAX_DRAWS]; one when nothing was scored (the fit refuses that itself)."""
-    from influence_nb.curvature import DRAW_TARGET, MAX_DRAWS, fisher_draws
+    from influence_nb.statistics import DRAW_TARGET, MAX_DRAWS, fisher_draws
     w = {"a": 100, "b": 400}
     assert fisher_draws({"a": 100 * DRAW_TARGET, "b": 400 * DRAW_TARGET}, w) == 1
     # ratios 1 and 16: geometric mean 4 -> DRAW_TARGET / 4 draws
