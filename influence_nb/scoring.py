@@ -54,7 +54,8 @@ class ScoreArgs:
                 None keeps full rank
     batch_size: training sequences per forward + backward; None: as many as fit in
                 ``batch_tokens`` (length-bucketed)
-    batch_tokens: padded tokens per batch when ``batch_size`` is None
+    batch_tokens: padded tokens per batch when ``batch_size`` is None; None: chosen from the
+                model (:func:`scan_tokens`, 1,024 to 4,096)
     query_block: score at most this many queries per pass over the corpus (None: all in one
                 pass): memory flat in the number of queries, at the cost of a pass per block
     per_layer:  keep per-layer scores (Q, L, N) as well as totals
@@ -63,7 +64,7 @@ class ScoreArgs:
     """
     rank: int | None = 32
     batch_size: int | None = None
-    batch_tokens: int = 1024
+    batch_tokens: int | None = None
     query_block: int | None = None
     per_layer: bool = True
     chunk_size: int = 2048
@@ -77,6 +78,24 @@ class ScoreArgs:
 
 
 SCORE_BYTES = 512 << 20   # dense R and per-sequence gradients the scorer holds at once
+SCAN_BATCH_BYTES = 256 << 20   # a scan batch's vocabulary-wide buffers and tracked ā, δ
+
+
+def scan_tokens(model: nn.Module, layers: Sequence[TrackedLayer],
+                batch_tokens: int | None = None) -> int:
+    """Padded tokens per scan batch: ``batch_tokens`` when given, else as many as take
+    :data:`SCAN_BATCH_BYTES` at 4 bytes for each of two vocabulary-wide numbers (the logits and
+    their gradient, see ``task.LOGIT_BYTES``) and each tracked layer's ā and δ per token, from
+    1,024 (the fit's budget) to 4,096. Larger batches share the scorer's work per batch —
+    forming R from its factors, at many queries — among more sequences (on the short world's
+    200-query scan of every block linear, 3,637 tokens took 0.67× the time of 1,024); a 32–50 K
+    vocabulary keeps 1,024."""
+    if batch_tokens is not None:
+        return batch_tokens
+    head = model.get_output_embeddings()
+    V = head.weight.shape[0] if head is not None else 0
+    per_token = 4 * (2 * V + sum(o + i for o, i in (t.shape for t in layers)))
+    return int(min(4096, max(1024, SCAN_BATCH_BYTES // per_token)))
 
 
 # Costs in multiply-adds of a large matrix product; two kinds of work run far slower per
@@ -87,17 +106,29 @@ STREAM, REFORM = 48, 4
 
 
 def scoring_cost(B: int, T: int, d_out: int, d_in: int, Q: int, r: int, kept: bool,
-                 groups: int) -> tuple[float, float]:
+                 groups: int, blocks: int = 1) -> tuple[float, float]:
     """Cost of one layer and batch, (factorised per token, dense), in multiply-adds of a large
     matrix product: per token (Uᵀ δ_t)·(Vᵀ ā_t) costs Q·B·T·r·(out + in); forming DW (B, out,
     in) costs B·T·out·in, and its product with a dense R Q·out·in·max(columns, STREAM) per
-    group of sequences, plus REFORM·Q·out·in·r when R is not kept but formed from its factors
-    group by group. An exact R (r ≥ min(out, in), e.g. a LoRA matrix) saves nothing by its
-    factors: the token path is never taken then."""
+    group of sequences. R not kept is formed from its factors in ``blocks`` blocks of queries
+    (REFORM·Q·out·in·r each time), either once per group of DW or once per batch with each
+    group's DW formed once per block: :func:`reform_per_group` picks the cheaper. An exact R
+    (r ≥ min(out, in), e.g. a LoRA matrix) saves nothing by its factors: the token path is
+    never taken then."""
     oi, cols = d_out * d_in, -(-B // groups)
-    dense = B * T * oi + groups * Q * oi * (max(cols, STREAM) + (0 if kept else REFORM * r))
+    dense = B * T * oi + groups * Q * oi * max(cols, STREAM)
+    if not kept:
+        dw, form = B * T * oi, REFORM * Q * oi * r
+        dense += form + min((groups - 1) * form, (blocks - 1) * dw)
     tokens = math.inf if r >= min(d_out, d_in) else Q * B * T * r * (d_out + d_in)
     return tokens, dense
+
+
+def reform_per_group(B: int, T: int, d_out: int, d_in: int, Q: int, r: int, groups: int,
+                     blocks: int) -> bool:
+    """Whether R's blocks are best formed again for each group of DW (True) rather than each
+    group's DW formed again for each block of R (see :func:`scoring_cost`)."""
+    return (groups - 1) * REFORM * Q * r <= (blocks - 1) * B * T
 
 
 class Scorer(Consumer):
@@ -134,6 +165,11 @@ class Scorer(Consumer):
         self._batch: dict[int, Tensor] = {}      # layer -> (Q, B) on the model's device
         self._tok: Tensor | None = None          # (Q, B, T) summed over the layers so far
 
+    def _block(self, layer: TrackedLayer) -> int:
+        """Queries per block of R formed from its factors: a quarter of the budget."""
+        size = layer.shape[0] * layer.shape[1] * self.queries.R[layer.name].U.element_size()
+        return max(1, self.budget // 4 // size)
+
     def _R_blocks(self, layer: TrackedLayer, dtype: torch.dtype) -> Iterator[Tensor]:
         """R flattened, (q, out·(in+1)) — or its transpose's (q, (in+1)·out) when in+1 < out
         (see :meth:`update_layer`) — whole when kept, else in blocks of q queries formed from
@@ -146,9 +182,8 @@ class Scorer(Consumer):
                 self._dense[layer.name] = (R.mT if wide else R).flatten(1)
             yield self._dense[layer.name].to(dtype)
             return
-        Q, size = len(self.queries), o * i * lr.U.element_size()
-        step = max(1, self.budget // 4 // size)
-        for s in range(0, Q, step):
+        step = self._block(layer)
+        for s in range(0, len(self.queries), step):
             U, V = lr.U[s:s + step].to(dtype), lr.V[s:s + step].to(dtype)
             yield (V @ U.mT if wide else U @ V.mT).flatten(1)
 
@@ -156,9 +191,10 @@ class Scorer(Consumer):
                      batch: PassBatch) -> None:
         (B, T, _), Q, (o, i) = a.shape, len(self.queries), layer.shape
         lr = self.queries.R[layer.name]
-        r, dw = lr.U.shape[-1], o * i * a.element_size()
+        r, dw, kept = lr.U.shape[-1], o * i * a.element_size(), layer.name in self._keep
         groups = -(-B // max(1, self.budget // 4 // dw))
-        tokens, dense = scoring_cost(B, T, o, i, Q, r, layer.name in self._keep, groups)
+        blocks = 1 if kept else -(-Q // self._block(layer))
+        tokens, dense = scoring_cost(B, T, o, i, Q, r, kept, groups, blocks)
         if self.per_token or tokens < dense:
             # (Uᵀ δ_t) · (Vᵀ ā_t) per token, 'q b t r', in blocks of queries
             step = max(1, self.budget // 4 // (2 * B * T * r * a.element_size()))
@@ -168,15 +204,21 @@ class Scorer(Consumer):
             self._batch[self.index[layer.name]] = tok.sum(-1)
             if self.per_token:
                 self._tok = tok if self._tok is None else self._tok + tok
-        else:  # ⟨R, DW_b⟩ with DW_b = Σ_t δ_bt ā_btᵀ per group of sequences, formed with the
-            # narrower side as rows (DW_bᵀ = Σ_t ā_bt δ_btᵀ when in+1 < out): the batched product
-            # the other way round, or a transposed copy, runs several times slower
-            rows, cols = (a, delta) if i < o else (delta, a)
-            out = []
-            for g, _ in batch.groups(dw, self.budget // 4):
-                DW = (rows[g].mT @ cols[g]).flatten(1)
-                out.append(torch.cat([R @ DW.T for R in self._R_blocks(layer, a.dtype)]))
+            return
+        # ⟨R, DW_b⟩ with DW_b = Σ_t δ_bt ā_btᵀ per group of sequences, formed with the narrower
+        # side as rows (DW_bᵀ = Σ_t ā_bt δ_btᵀ when in+1 < out): the batched product the other
+        # way round, or a transposed copy, runs several times slower
+        rows, cols = (a, delta) if i < o else (delta, a)
+        slices = [g for g, _ in batch.groups(dw, self.budget // 4)]
+        DW = lambda g: (rows[g].mT @ cols[g]).flatten(1)  # noqa: E731
+        if kept or reform_per_group(B, T, o, i, Q, r, len(slices), blocks):
+            out = [torch.cat([R @ DW(g).T for R in self._R_blocks(layer, a.dtype)], 0)
+                   for g in slices]                                       # [(Q, b)]
             self._batch[self.index[layer.name]] = torch.cat(out, 1)
+        else:
+            out = [torch.cat([R @ DW(g).T for g in slices], 1)
+                   for R in self._R_blocks(layer, a.dtype)]               # [(q, B)]
+            self._batch[self.index[layer.name]] = torch.cat(out, 0)
         # one host copy per batch, in update (no synchronisation per layer)
 
     def update(self, batch: PassBatch) -> None:
@@ -240,7 +282,7 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
             done = chunk_store.read(start, chunk, shape) if chunk_store else None
             if done is None:
                 src = source(corpus, args.batch_size, chunk, window=len(chunk),
-                             tokens=args.batch_tokens)
+                             tokens=scan_tokens(model, layers, args.batch_tokens))
                 done = {"layer_scores": corpus_pass(model, layers, src,
                                                     [Scorer(queries, layers, len(chunk))],
                                                     task=task, progress=bar)[0][0]}
@@ -295,7 +337,8 @@ def token_scores(model: nn.Module, queries: Queries, corpus: Corpus, ids: Sequen
     layers = find_layers(model, queries.layer_names)
     ids = as_ids(ids, len(corpus))
     layer_scores, tokens = corpus_pass(
-        model, layers, source(corpus, batch_size, ids, tokens=batch_tokens),
+        model, layers, source(corpus, batch_size, ids,
+                              tokens=scan_tokens(model, layers, batch_tokens)),
         [Scorer(queries, layers, len(ids), True)],
         task=task, progress=False)[0]
     return tokens, layer_scores
@@ -332,8 +375,9 @@ def self_influence(model: nn.Module, factors: Factors, corpus: Corpus,
                    batch_tokens: int | None = None) -> np.ndarray:
     """∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) for each sequence z, (N,) float64: how much a sequence's own
     log-likelihood rises when it is up-weighted (large for memorised or atypical sequences)."""
-    ids = as_ids(ids, len(corpus))
-    return corpus_pass(model, find_layers(model, factors.layer_names),
-                       source(corpus, batch_size, ids, tokens=batch_tokens),
+    ids, layers = as_ids(ids, len(corpus)), find_layers(model, factors.layer_names)
+    return corpus_pass(model, layers,
+                       source(corpus, batch_size, ids,
+                              tokens=scan_tokens(model, layers, batch_tokens)),
                        [SelfInfluence(factors, len(ids))],
                        task=task, progress=progress, desc="self-influence")[0]

@@ -84,18 +84,23 @@ def test_queries_prepared_in_blocks_equal_queries_prepared_at_once(small, monkey
 
 
 def test_scores_do_not_depend_on_the_scorer_budget(small, monkeypatch):
-    """Dense R kept, formed in blocks of one query against groups of one sequence, or the
-    token path in blocks: the same numbers."""
+    """Dense R kept, formed in blocks of one query against groups of one sequence (each block
+    formed again for every group, or each group's DW for every block), or the token path in
+    blocks: the same numbers."""
     model, corpus, factors, prompts, completions = small
     queries = make_queries(model, factors, prompts, completions, rank=3)
     args = ScoreArgs(batch_size=8, chunk_size=40, progress=False)
     monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: (np.inf, 0))
     kept = scan(model, queries, corpus, args)[1]
     monkeypatch.setattr("influence_nb.scoring.SCORE_BYTES", 1)
-    blocked = scan(model, queries, corpus, args)[1]
+    blocked = []
+    for per_group in (True, False):
+        monkeypatch.setattr("influence_nb.scoring.reform_per_group", lambda *a, g=per_group: g)
+        blocked.append(scan(model, queries, corpus, args)[1])
     monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: (0, np.inf))
     tokens = scan(model, queries, corpus, args)[1]
-    np.testing.assert_allclose(blocked, kept, rtol=1e-9, atol=1e-13)
+    for b in blocked:
+        np.testing.assert_allclose(b, kept, rtol=1e-9, atol=1e-13)
     np.testing.assert_allclose(tokens, kept, rtol=1e-9, atol=1e-13)
 
 
@@ -273,3 +278,18 @@ def test_fisher_probe_in_chunks_draws_like_the_whole(monkeypatch):
     _, r = draw("gaussian", 3 * 50 * 4)
     torch.testing.assert_close(r.sum(-1), torch.zeros(3, 7, dtype=torch.float64), atol=1e-12, rtol=0)
     assert r[~mask].abs().max() == 0 and r[mask].abs().max() > 0
+
+
+def test_scan_batches_take_more_tokens_where_tokens_are_cheap():
+    """ScoreArgs(batch_tokens=None): 4 bytes for 2 vocabulary-wide numbers and each tracked
+    ā, δ per token within SCAN_BATCH_BYTES, from 1,024 to 4,096 tokens; a given budget stands."""
+    from influence_nb.layers import find_layers
+    from influence_nb.scoring import SCAN_BATCH_BYTES, scan_tokens
+    for vocab, expected in ((50_257, 1024), (64, 4096)):
+        model = tiny_neox(vocab=vocab)
+        assert scan_tokens(model, find_layers(model, "mlp")) == expected
+    model = tiny_neox(vocab=16_000)
+    layers = find_layers(model, "all")
+    per_token = 4 * (2 * 16_000 + sum(o + i for o, i in (t.shape for t in layers)))
+    assert scan_tokens(model, layers) == SCAN_BATCH_BYTES // per_token == 2047
+    assert scan_tokens(model, layers, 97) == 97
