@@ -172,16 +172,17 @@ class Lds(Chunks):
     name, sub = "lds", "retrains"
 
     def build(self, world: dict, root: Path) -> None:
+        from influence_nb.curvature import FactorArgs
+        from influence_nb.scoring import ScoreArgs
         from influence_nb.session import Influence
         from influence_nb.training import Retrainer, TrainConfig
-        from influence_nb.curvature import FactorArgs
         tok, corpus = world["tokenizer"], world["small_corpus"]
-        inf = Influence(tiny_model(len(tok)), tok, corpus)
+        inf = Influence(tiny_model(len(tok)), tok, corpus, score_args=ScoreArgs(progress=False))
         inf.fit(FactorArgs(batch_size=8, progress=False))
         self.scores = inf.scan(PAIRS).scores
         self.prompts, self.completions = inf.encode(PAIRS)
         self.retrainer = Retrainer(inf.model.config, corpus,
-                                   TrainConfig(epochs=2, batch_size=8, warmup_steps=2))
+                                   TrainConfig(epochs=8, batch_size=8, warmup_steps=2))
         self.subsets, self.seeds = 10, (0, 1)
         self.pieces = self.subsets * len(self.seeds)
 
@@ -247,29 +248,32 @@ class Sketch(Op):
 
 
 class Fit(Op):
-    """``Influence.fit(cache=True)`` of EK-FAC on a GPT-NeoX of width 128 over 160 sequences,
-    the cache (``$INFLUENCE_NB_CACHE``) in the trial's folder: a complete entry is reused, a
-    torn one refitted."""
-    name, pieces = "fit", 1
+    """``Influence.fit(cache=True)`` of K-FAC, then of EK-FAC, on a GPT-NeoX of width 256 over
+    160 sequences, the cache (``$INFLUENCE_NB_CACHE``) in the trial's folder: two entries, a
+    complete one reused as it is, a torn one refitted."""
+    name, pieces = "fit", 2
 
     def build(self, world: dict, root: Path) -> None:
         from influence_nb.curvature import FactorArgs
-        self.world, self.args = world, FactorArgs(batch_size=8, progress=False)
+        self.world, self.model = world, tiny_model(len(world["tokenizer"]), hidden=256)
+        self.args = [FactorArgs(strategy=s, batch_size=8, progress=False)
+                     for s in ("kfac", "ekfac")]
 
     def run(self, folder: Path, log: Path) -> None:
         import influence_nb.session
         Counted(influence_nb.session, "fit_factors", log)
         os.environ["INFLUENCE_NB_CACHE"] = str(folder)
-        w = self.world
-        influence_nb.session.Influence(w["wide_model"], w["tokenizer"], w["fit_corpus"]).fit(
-            self.args, cache=True)
+        inf = influence_nb.session.Influence(self.model, self.world["tokenizer"],
+                                             self.world["fit_corpus"])
+        for args in self.args:
+            inf.fit(args, cache=True)
 
     def finished(self, folder: Path) -> dict[str, object]:
         from influence_nb.curvature import Factors
         out = {}
         for entry in sorted(folder.glob("factors-*/manifest.json")):
             try:
-                Factors.load(entry.parent, self.world["wide_model"])
+                Factors.load(entry.parent, self.model)
             except ValueError:
                 continue
             out[entry.parent.name] = file_ids(entry.parent.glob("*"))
@@ -277,14 +281,22 @@ class Fit(Op):
 
 
 class Save(Op):
-    """``Factors.save`` of the width-128 model's EK-FAC factors into a folder that holds the
-    factors of another fit (seed 1): after the kill the folder must load as one or the other,
-    whole; the resumed save must leave exactly the new ones."""
+    """``Factors.save`` of a width-384 GPT-NeoX's EK-FAC factors (50 MB) into a folder holding
+    its K-FAC factors: after the kill the folder must load as the one or the other, whole; the
+    save run again must leave exactly the new ones."""
     name, pieces = "save", 1
 
     def build(self, world: dict, root: Path) -> None:
-        self.world, self.old = world, root / "old-factors"
-        world["old_factors"].save(self.old)
+        from influence_nb.curvature import FactorArgs, fit_factors
+        self.model = tiny_model(len(world["tokenizer"]), hidden=384)
+        self.sha = {}
+        for strategy in ("kfac", "ekfac"):
+            factors = fit_factors(self.model, world["fit_corpus"],
+                                  FactorArgs(strategy=strategy, batch_size=8, progress=False))
+            factors.save(root / strategy)
+            self.sha[json.loads((root / strategy / "manifest.json").read_text())["sha256"]] = \
+                "old" if strategy == "kfac" else "new"
+        self.old, self.new = root / "kfac", factors
 
     def prepare(self, folder: Path) -> None:
         shutil.copytree(self.old, folder, ignore=shutil.ignore_patterns(*LOCKS))
@@ -292,17 +304,17 @@ class Save(Op):
     def run(self, folder: Path, log: Path) -> None:
         with open(log, "a") as fh:
             fh.write("1\n")
-        self.world["wide_factors"].save(folder)
+        self.new.save(folder)
 
     def which(self, folder: Path) -> str:
         """"old", "new", or what else the folder loads as."""
         from influence_nb.curvature import Factors
         try:
             sha = json.loads((folder / "manifest.json").read_text())["sha256"]
-            Factors.load(folder, self.world["wide_model"])
+            Factors.load(folder, self.model)
         except (ValueError, FileNotFoundError, KeyError) as e:
             return f"unloadable: {e}"
-        return {self.world["old_sha"]: "old", self.world["new_sha"]: "new"}.get(sha, sha)
+        return self.sha.get(sha, sha)
 
     def finished(self, folder: Path) -> dict[str, object]:
         return {}   # a save is not resumed but done again: nothing of it to keep
@@ -318,28 +330,21 @@ class Save(Op):
 OPS = {op.name: op for op in (Fit(), Save(), Scan(), Sketch(), Lds())}
 
 
-def build_world(root: Path, ops: list[str]) -> dict:
-    """The inputs every child shares, made once here (the children are forked after)."""
+def build_world(root: Path, ops: list[str]) -> None:
+    """The inputs the children share, made once here (the children are forked after): the
+    demo tokenizer, a tiny GPT-NeoX (width 16) with its factors and corpora of short sentences;
+    each operation adds its own."""
     from transformers import AutoTokenizer
     from influence_nb.curvature import FactorArgs, fit_factors
     from influence_nb.data import Corpus
     from influence_nb.demo.world import ASSETS
     tok = AutoTokenizer.from_pretrained(ASSETS)
-    w = dict(tokenizer=tok, model=tiny_model(len(tok)),
-             corpus=Corpus.from_texts(texts(480), tok), small_corpus=Corpus.from_texts(texts(24), tok),
-             wide_model=tiny_model(len(tok), hidden=256), fit_corpus=Corpus.from_texts(texts(160), tok))
-    args = FactorArgs(batch_size=8, progress=False)
-    w["factors"] = fit_factors(w["model"], w["corpus"], args)
-    if {"fit", "save"} & set(ops):
-        w["wide_factors"] = fit_factors(w["wide_model"], w["fit_corpus"], args)
-        w["old_factors"] = fit_factors(w["wide_model"], w["fit_corpus"],
-                                       FactorArgs(batch_size=8, seed=1, progress=False))
-        for key, f in (("new_sha", "wide_factors"), ("old_sha", "old_factors")):
-            w[f].save(root / f)
-            w[key] = json.loads((root / f / "manifest.json").read_text())["sha256"]
+    w = dict(tokenizer=tok, model=tiny_model(len(tok)), corpus=Corpus.from_texts(texts(480), tok),
+             small_corpus=Corpus.from_texts(texts(24), tok),
+             fit_corpus=Corpus.from_texts(texts(160), tok))
+    w["factors"] = fit_factors(w["model"], w["corpus"], FactorArgs(batch_size=8, progress=False))
     for name in ops:
         OPS[name].build(w, root)
-    return w
 
 
 # --- comparing artifacts -----------------------------------------------------------------------
@@ -419,13 +424,22 @@ def finish(pid: int, folder: Path) -> None:
         raise RuntimeError(Path(f"{folder}.err").read_text()[-2000:])
 
 
-def reference(op: Op, root: Path) -> tuple[dict[str, str], float]:
-    """(artifacts, seconds) of an uninterrupted run."""
-    folder = root / op.name / "reference"
-    op.prepare(folder)
-    t0 = time.perf_counter()
-    finish(start(op, folder, root / op.name / "reference.log"), folder)
-    return artifacts(folder), time.perf_counter() - t0
+def reference(op: Op, root: Path, repeats: int = 3) -> tuple[dict[str, str], float, int]:
+    """(artifacts, seconds, pieces computed) of ``repeats`` uninterrupted runs, each in a fresh
+    folder; runs that disagree are a RuntimeError (nothing to compare a resume with). The
+    seconds are the shortest run's: a kill drawn within them finds most children running."""
+    seen, seconds = [], []
+    for r in range(repeats):
+        folder = root / op.name / f"reference-{r}"
+        op.prepare(folder)
+        t0 = time.perf_counter()
+        finish(start(op, folder, Path(f"{folder}.log")), folder)
+        seconds.append(time.perf_counter() - t0)
+        seen.append(artifacts(folder))
+    if any(differences(seen[0], s) for s in seen[1:]):
+        raise RuntimeError(f"{op.name}: uninterrupted runs differ: "
+                           f"{[differences(seen[0], s) for s in seen[1:]]}")
+    return seen[0], min(seconds), computed(Path(f"{folder}.log"))
 
 
 def kill_after(pid: int, delay: float) -> bool:
@@ -470,8 +484,7 @@ def trial(op: Op, root: Path, k: int, delay: float, ref: dict[str, str]) -> dict
 
 def campaign(op: Op, root: Path, trials: int, rng: np.random.Generator) -> dict:
     """The reference run, then ``trials`` kills and resumes; the trial folders are removed."""
-    ref, seconds = reference(op, root)
-    ref_computed = computed(root / op.name / "reference.log")
+    ref, seconds, ref_computed = reference(op, root)
     runs = []
     for k in range(trials):
         runs.append(trial(op, root, k, float(rng.uniform(0, seconds)), ref))
