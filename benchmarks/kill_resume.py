@@ -49,7 +49,6 @@ from common import report, set_threads
 VOLATILE = {"manifest.json": ("run", "seal"), ".npz": ("run", "crc32")}  # chunk stores only
 CHUNKS = "influence_nb.chunks/1"   # store.ChunkStore.FORMAT
 LOCKS = (".lock", ".manifest.lock", ".fitting")
-COUNT_LOG = "computed.log"   # one line per piece a run computes (beside the folder)
 
 
 # --- the world ---------------------------------------------------------------------------------
@@ -75,21 +74,27 @@ PAIRS = [("alpha number", " 0 is even."), ("gamma number 2 is", " even"), ("thet
          ("beta number 9", " is odd and so on.")]
 
 
+def tally(log: Path) -> None:
+    """Note in ``log`` that a run starts computing a piece (a line each)."""
+    with open(log, "a") as fh:
+        fh.write("1\n")
+
+
+def computed(log: Path) -> int:
+    """How many pieces the run that wrote ``log`` started computing."""
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
 class Counted:
-    """Wraps ``module.name`` in the child: each call appends a line to ``log`` first."""
+    """Wraps ``module.name`` in the child: each call is tallied in ``log`` first."""
 
     def __init__(self, module: object, name: str, log: Path):
         self.fn, self.log = getattr(module, name), log
         setattr(module, name, self)
 
     def __call__(self, *args, **kw):
-        with open(self.log, "a") as fh:
-            fh.write("1\n")
+        tally(self.log)
         return self.fn(*args, **kw)
-
-
-def computed(log: Path) -> int:
-    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 # --- the operations ----------------------------------------------------------------------------
@@ -137,14 +142,25 @@ class Chunks(Op):
         return file_ids((folder / self.sub).glob("chunk_*.npz"))
 
     def check(self, folder: Path) -> list[str]:
+        """Each chunk file there read back by the store (CRC-32, run id, shape of its ids)."""
+        from influence_nb.store import ChunkStore
+        root = folder / self.sub
+        files = sorted(root.glob("chunk_*.npz"))
+        if not files:
+            return []
+        try:
+            description = json.loads((root / "manifest.json").read_text())["description"]
+            chunks = ChunkStore(root, description, self.name)
+        except (OSError, ValueError, KeyError) as e:
+            return [f"{len(files)} chunks, but the store does not open: {e}"]
         bad = []
-        for p in sorted((folder / self.sub).glob("chunk_*.npz")):
+        for p in files:
             try:
                 with np.load(p) as z:
-                    if not {"crc32", "run", "ids"} <= set(z.files):
-                        bad.append(f"{p.name} lacks its CRC-32, run or ids")
+                    ids = z["ids"]
+                chunks.read(int(p.stem.split("_")[1]), ids)
             except Exception as e:   # noqa: BLE001 - any failure to read is the finding
-                bad.append(f"{p.name} is unreadable after the kill ({type(e).__name__})")
+                bad.append(f"{p.name} does not read back after the kill: {e}")
         return bad
 
 
@@ -192,8 +208,7 @@ class Lds(Chunks):
         retrainer = self.retrainer
 
         def retrain(ids, seed):
-            with open(log, "a") as fh:
-                fh.write("1\n")
+            tally(log)
             return retrainer(ids, seed)
         retrain.fingerprint = retrainer.fingerprint
         out = lds(retrain, self.prompts, self.completions, {"ekfac": self.scores},
@@ -223,7 +238,7 @@ class Sketch(Op):
 
     def finished(self, folder: Path) -> dict[str, object]:
         """Chunk k of the committed manifest: its CRC-32s and the digest of its bytes."""
-        from influence_nb.sketch import ROW, Sketches, SketchError
+        from influence_nb.sketch import Sketches, SketchError
         try:
             s = Sketches.open(folder, verify=False)
         except (SketchError, FileNotFoundError):
@@ -233,7 +248,6 @@ class Sketch(Op):
             rows = s.rows[start:start + size].tobytes() + s.data[start:start + size].tobytes()
             out[f"chunk {k}"] = (crc_rows, crc_data, hashlib.sha256(rows).hexdigest())
             start += size
-        assert ROW.itemsize == 16
         return out
 
     def check(self, folder: Path) -> list[str]:
@@ -302,8 +316,7 @@ class Save(Op):
         shutil.copytree(self.old, folder, ignore=shutil.ignore_patterns(*LOCKS))
 
     def run(self, folder: Path, log: Path) -> None:
-        with open(log, "a") as fh:
-            fh.write("1\n")
+        tally(log)
         self.new.save(folder)
 
     def which(self, folder: Path) -> str:
@@ -360,8 +373,11 @@ def digest(path: Path) -> str:
                 h.update(f"{k} {a.dtype.str} {a.shape}".encode() + a.tobytes())
         return h.hexdigest()
     if path.name == "manifest.json":
-        m = json.loads(path.read_text())
-        if m.get("format") == CHUNKS:
+        try:
+            m = json.loads(path.read_text())
+        except ValueError:
+            m = {}
+        if isinstance(m, dict) and m.get("format") == CHUNKS:
             body = {k: v for k, v in m.items() if k not in VOLATILE["manifest.json"]}
             return hashlib.sha256(json.dumps(body).encode()).hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -442,59 +458,69 @@ def reference(op: Op, root: Path, repeats: int = 3) -> tuple[dict[str, str], flo
     return seen[0], min(seconds), computed(Path(f"{folder}.log"))
 
 
-def kill_after(pid: int, delay: float) -> bool:
-    """SIGKILL the child ``delay`` s after its start (now); -> whether it was still running."""
+def kill_after(pid: int, delay: float) -> str:
+    """SIGKILL the child ``delay`` s after its start (now); -> "killed", or "finished" /
+    "failed" when it had exited before."""
     deadline = time.perf_counter() + delay
     while time.perf_counter() < deadline:
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return False
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return "failed" if os.waitstatus_to_exitcode(status) else "finished"
         time.sleep(min(0.005, max(0.0, deadline - time.perf_counter())))
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    return os.WIFSIGNALED(status)
+    code = os.waitstatus_to_exitcode(status)
+    return "killed" if code == -signal.SIGKILL else "failed" if code else "finished"
 
 
 def trial(op: Op, root: Path, k: int, delay: float, ref: dict[str, str]) -> dict:
     """Kill a run of ``op`` after ``delay`` s, check what is left, resume, compare."""
-    folder, logs = root / op.name / f"trial-{k}", root / op.name / f"trial-{k}"
+    folder = root / op.name / f"trial-{k}"
     op.prepare(folder)
-    killed = kill_after(start(op, folder, Path(f"{logs}.killed.log")), delay)
-    out = dict(trial=k, kill_s=round(delay, 3), killed=killed, at_kill=op.at_kill(folder),
+    ended = kill_after(start(op, folder, Path(f"{folder}.killed.log")), delay)
+    out = dict(trial=k, kill_s=round(delay, 3), killed=ended == "killed",
+               at_kill=op.at_kill(folder),
                failures=[f"after the kill: {p}" for p in op.check(folder)])
+    if ended == "failed":
+        err = Path(f"{folder}.err").read_text().strip().splitlines()
+        out["failures"].append(f"the run failed before the kill: {err[-1] if err else '?'}")
     kept, runs = op.finished(folder), run_ids(folder)
     try:
-        finish(start(op, folder, Path(f"{logs}.resume.log")), folder)
+        finish(start(op, folder, Path(f"{folder}.resume.log")), folder)
     except RuntimeError as e:
         out["failures"].append(f"the resume failed: {str(e).strip().splitlines()[-1]}")
         return out
     after = op.finished(folder)
-    out["failures"] += [f"finished piece {p} lost or rewritten by the resume"
-                        for p in kept if after.get(p) != kept[p]]
+    lost = [p for p in kept if after.get(p) != kept[p]]
+    out["failures"] += [f"finished piece {p} lost or rewritten by the resume" for p in lost]
     out["failures"] += [f"the resume drew a new run id for {m}" for m, r in runs.items()
                         if run_ids(folder).get(m) != r]
-    out["recomputed"] = computed(Path(f"{logs}.resume.log"))
-    if out["recomputed"] != op.pieces - len(kept):
-        out["failures"].append(f"the resume computed {out['recomputed']} pieces; "
-                               f"{op.pieces - len(kept)} were missing")
-    out["failures"] += differences(ref, artifacts(folder))
-    out["temporary_files"] = sum(temporary(p) for p in folder.rglob("*"))
-    out["identical"] = not differences(ref, artifacts(folder))
+    out["recomputed"], missing = computed(Path(f"{folder}.resume.log")), op.pieces - len(kept)
+    if out["recomputed"] != missing:
+        out["failures"].append(f"the resume computed {out['recomputed']} pieces; {missing} "
+                               "were missing")
+    diff = differences(ref, artifacts(folder))
+    out["failures"] += diff
+    out.update(identical=not diff, kept=not lost and out["recomputed"] == missing,
+               temporary_files=sum(temporary(p) for p in folder.rglob("*")))
     return out
 
 
 def campaign(op: Op, root: Path, trials: int, rng: np.random.Generator) -> dict:
-    """The reference run, then ``trials`` kills and resumes; the trial folders are removed."""
+    """The reference runs, then ``trials`` kills and resumes (the folders of those that pass
+    are removed as they end). ``kept``: trials whose resume kept every finished piece and
+    computed only the missing ones."""
     ref, seconds, ref_computed = reference(op, root)
     runs = []
     for k in range(trials):
         runs.append(trial(op, root, k, float(rng.uniform(0, seconds)), ref))
-        shutil.rmtree(root / op.name / f"trial-{k}")
-    failed = [r for r in runs if r["failures"]]
+        if not runs[-1]["failures"]:   # a failed trial's folder stays for a look (--keep)
+            shutil.rmtree(root / op.name / f"trial-{k}")
+    count = lambda key: sum(bool(r.get(key)) for r in runs)  # noqa: E731
     return dict(reference_s=round(seconds, 3), pieces=op.pieces, reference_computed=ref_computed,
-                artifacts=len(ref), trials=trials, killed=sum(r["killed"] for r in runs),
-                identical=sum(r.get("identical", False) for r in runs),
-                failed=len(failed), temporary_files=sum(r.get("temporary_files", 0) for r in runs),
-                runs=runs)
+                artifacts=len(ref), trials=trials, killed=count("killed"),
+                identical=count("identical"), kept=count("kept"), failed=count("failures"),
+                temporary_files=sum(r.get("temporary_files", 0) for r in runs), runs=runs)
 
 
 def main(argv: list[str] | None = None) -> None:
