@@ -192,6 +192,7 @@ class Lds(Chunks):
         from influence_nb.scoring import ScoreArgs
         from influence_nb.session import Influence
         from influence_nb.training import Retrainer, TrainConfig
+        from influence_nb.validate import spearman
         tok, corpus = world["tokenizer"], world["small_corpus"]
         inf = Influence(tiny_model(len(tok)), tok, corpus, score_args=ScoreArgs(progress=False))
         inf.fit(FactorArgs(batch_size=8, progress=False))
@@ -201,6 +202,10 @@ class Lds(Chunks):
                                    TrainConfig(epochs=8, batch_size=8, warmup_steps=2))
         self.subsets, self.seeds = 10, (0, 1)
         self.pieces = self.subsets * len(self.seeds)
+        # what the children would import on first use (transformers' auto classes, scipy's
+        # Spearman), here once, so that a child's time is the run's
+        self.retrainer(np.arange(2), 0)
+        spearman(np.arange(3.0), np.arange(3.0))
 
     def run(self, folder: Path, log: Path) -> None:
         from influence_nb.store import atomic_write
@@ -351,6 +356,7 @@ def build_world(root: Path, ops: list[str]) -> None:
     from influence_nb.curvature import FactorArgs, fit_factors
     from influence_nb.data import Corpus
     from influence_nb.demo.world import ASSETS
+    import influence_nb.session  # noqa: F401 - imported once here, not by each child
     tok = AutoTokenizer.from_pretrained(ASSETS)
     w = dict(tokenizer=tok, model=tiny_model(len(tok)), corpus=Corpus.from_texts(texts(480), tok),
              small_corpus=Corpus.from_texts(texts(24), tok),
@@ -458,27 +464,28 @@ def reference(op: Op, root: Path, repeats: int = 3) -> tuple[dict[str, str], flo
     return seen[0], min(seconds), computed(Path(f"{folder}.log"))
 
 
-def kill_after(pid: int, delay: float) -> str:
-    """SIGKILL the child ``delay`` s after its start (now); -> "killed", or "finished" /
-    "failed" when it had exited before."""
-    deadline = time.perf_counter() + delay
-    while time.perf_counter() < deadline:
+def kill_after(pid: int, delay: float) -> tuple[str, float]:
+    """SIGKILL the child ``delay`` s after its start (now) -> ("killed", delay), or
+    ("finished" / "failed", seconds it ran) when it had exited before."""
+    t0 = time.perf_counter()
+    while time.perf_counter() < t0 + delay:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return "failed" if os.waitstatus_to_exitcode(status) else "finished"
-        time.sleep(min(0.005, max(0.0, deadline - time.perf_counter())))
+            ran = time.perf_counter() - t0
+            return ("failed" if os.waitstatus_to_exitcode(status) else "finished"), ran
+        time.sleep(min(0.002, max(0.0, t0 + delay - time.perf_counter())))
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    return "killed" if code == -signal.SIGKILL else "failed" if code else "finished"
+    return ("killed" if code == -signal.SIGKILL else "failed" if code else "finished"), delay
 
 
 def trial(op: Op, root: Path, k: int, delay: float, ref: dict[str, str]) -> dict:
     """Kill a run of ``op`` after ``delay`` s, check what is left, resume, compare."""
     folder = root / op.name / f"trial-{k}"
     op.prepare(folder)
-    ended = kill_after(start(op, folder, Path(f"{folder}.killed.log")), delay)
-    out = dict(trial=k, kill_s=round(delay, 3), killed=ended == "killed",
+    ended, ran = kill_after(start(op, folder, Path(f"{folder}.killed.log")), delay)
+    out = dict(trial=k, kill_s=round(delay, 3), killed=ended == "killed", ran_s=ran,
                at_kill=op.at_kill(folder),
                failures=[f"after the kill: {p}" for p in op.check(folder)])
     if ended == "failed":
@@ -507,25 +514,35 @@ def trial(op: Op, root: Path, k: int, delay: float, ref: dict[str, str]) -> dict
 
 
 def campaign(op: Op, root: Path, trials: int, rng: np.random.Generator) -> dict:
-    """The reference runs, then ``trials`` kills and resumes (the folders of those that pass
-    are removed as they end). ``kept``: trials whose resume kept every finished piece and
-    computed only the missing ones."""
+    """The reference runs, then kills and resumes until ``trials`` kills landed while the run
+    was going (at most 3 · ``trials`` tries). The kill time is drawn uniformly within the
+    shortest whole run seen so far: the references', or a trial's that finished before its
+    kill time (the machine's load varies, a save's fsync most); such a trial is compared too
+    but is not counted. The folders of trials that pass are removed as they end. ``kept``:
+    trials whose resume kept every finished piece and computed only the missing ones."""
     ref, seconds, ref_computed = reference(op, root)
-    runs = []
-    for k in range(trials):
-        runs.append(trial(op, root, k, float(rng.uniform(0, seconds)), ref))
+    runs, reference_s = [], seconds
+    while sum(r["killed"] for r in runs) < trials and len(runs) < 3 * trials:
+        runs.append(trial(op, root, len(runs), float(rng.uniform(0, seconds)), ref))
+        if not runs[-1]["killed"]:
+            seconds = min(seconds, runs[-1]["ran_s"])
+        runs[-1]["ran_s"] = round(runs[-1]["ran_s"], 3)
         if not runs[-1]["failures"]:   # a failed trial's folder stays for a look (--keep)
-            shutil.rmtree(root / op.name / f"trial-{k}")
-    count = lambda key: sum(bool(r.get(key)) for r in runs)  # noqa: E731
-    return dict(reference_s=round(seconds, 3), pieces=op.pieces, reference_computed=ref_computed,
-                artifacts=len(ref), trials=trials, killed=count("killed"),
-                identical=count("identical"), kept=count("kept"), failed=count("failures"),
+            shutil.rmtree(root / op.name / f"trial-{len(runs) - 1}")
+    killed = [r for r in runs if r["killed"]]
+    count = lambda key: sum(bool(r.get(key)) for r in killed)  # noqa: E731
+    return dict(reference_s=round(reference_s, 3), window_s=round(seconds, 3), pieces=op.pieces, reference_computed=ref_computed,
+                artifacts=len(ref), trials=len(killed), identical=count("identical"),
+                kept=count("kept"), failed=count("failures"),
+                finished_before_kill=len(runs) - len(killed),
+                failed_any=sum(bool(r["failures"]) for r in runs),
                 temporary_files=sum(r.get("temporary_files", 0) for r in runs), runs=runs)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=20, help="kills per operation")
+    p.add_argument("--trials", type=int, default=20,
+                   help="kills per operation that land while the run is going")
     p.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
     p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     p.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
