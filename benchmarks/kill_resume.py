@@ -531,8 +531,9 @@ def campaign(op: Op, root: Path, trials: int, rng: np.random.Generator) -> dict:
             shutil.rmtree(root / op.name / f"trial-{len(runs) - 1}")
     killed = [r for r in runs if r["killed"]]
     count = lambda key: sum(bool(r.get(key)) for r in killed)  # noqa: E731
-    return dict(reference_s=round(reference_s, 3), window_s=round(seconds, 3), pieces=op.pieces, reference_computed=ref_computed,
-                artifacts=len(ref), trials=len(killed), identical=count("identical"),
+    return dict(reference_s=round(reference_s, 3), window_s=round(seconds, 3),
+                pieces=op.pieces, reference_computed=ref_computed, artifacts=len(ref),
+                trials=len(killed), identical=count("identical"),
                 kept=count("kept"), failed=count("failures"),
                 finished_before_kill=len(runs) - len(killed),
                 failed_any=sum(bool(r["failures"]) for r in runs),
