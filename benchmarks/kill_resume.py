@@ -1,10 +1,11 @@
 """kill -9 at random points in a fit, a factor save, a scan, a sketch build and an LDS run:
 every resume bit-identical, nothing finished lost (issue #28's acceptance).
 
-For each operation one uninterrupted run gives the reference artifacts and its duration. Each
-trial then starts the operation in a child process on a fresh folder, sends it SIGKILL after a
-delay drawn uniformly in (0, duration), checks what the kill left, runs the operation again to
-completion in the same folder (the resume) and compares:
+For each operation three uninterrupted runs give the reference artifacts (they must agree)
+and its duration. Each trial then starts the operation in a child process on a fresh folder,
+sends it SIGKILL after a delay drawn uniformly within the shortest whole run seen, checks what
+the kill left, runs the operation again to completion in the same folder (the resume) and
+compares (``--trials`` kills that land while the run is going, per operation):
 
 - **identical**: every artifact equals the reference's, the bytes of each file, or for a scan
   or retraining chunk store the bytes of each array and every manifest field, except the fields
