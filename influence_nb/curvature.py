@@ -223,8 +223,8 @@ class Factors:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tensors to ``factors-<sha256>.safetensors``, then ``manifest.json`` naming
         that file, into directory ``path``, under a lock. The manifest is the commit: a save
-        killed at any moment leaves the previous factors loadable (an orphan tensor file at
-        worst, removed by the next save); the manifest is sealed (:func:`store.write_manifest`)
+        killed at any moment leaves the previous factors loadable (an orphan tensor file or a
+        temporary one at worst, removed by the next save); the manifest is sealed (:func:`store.write_manifest`)
         and records the tensors' SHA-256, so an edited field or flipped bytes are refused on
         load."""
         path = Path(path)
@@ -242,7 +242,9 @@ class Factors:
             store.atomic_write(path / file, blob)
             store.write_manifest(path / "manifest.json",
                                  self.manifest() | {"tensors": file, "sha256": sha})
-            for old in path.glob("factors*.safetensors"):
+            # a save killed before its rename left a temporary copy (".factors-….tmp"); under
+            # the lock no other save is writing one, so every one here is stale
+            for old in [*path.glob("factors*.safetensors"), *path.glob(".factors*.tmp")]:
                 if old.name != file:
                     old.unlink()
         return path

@@ -381,6 +381,20 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     other.save(tmp_path / "f")
     assert len(list((tmp_path / "f").glob("*.safetensors"))) == 1
     assert Factors.load(tmp_path / "f", model).n_examples == 8
+    # a save in another process killed inside the tensors' atomic write, before its rename:
+    # its temporary file stays behind (the kill -9 trials of benchmarks/kill_resume.py), the
+    # next save removes it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store.os, "getpid", lambda: 1)
+        mp.setattr(store.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            factors.save(tmp_path / "f")
+    assert len(list((tmp_path / "f").glob(".factors*.tmp"))) == 1
+    assert Factors.load(tmp_path / "f", model).n_examples == 8
+    factors.save(tmp_path / "f")
+    assert sorted(p.name for p in (tmp_path / "f").iterdir() if p.name != ".lock") == [
+        f"factors-{json.loads((tmp_path / 'f' / 'manifest.json').read_text())['sha256'][:16]}"
+        ".safetensors", "manifest.json"]
     with pytest.raises(FileNotFoundError, match="no fitted factors"):
         Factors.load(tmp_path / "nothing")
 
