@@ -215,9 +215,14 @@ class SketchIndex:
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner products: x (Q, D) -> (scores (Q, k), corpus ids (Q, k)), best first.
 
-        Fewer than k sequences indexed: the rest is padded with score -inf and id -1.
+        k beyond the number of sketches is that number (each sequence found once, never a
+        (Q, k) array larger than the store); k = 0 finds nothing. Fewer than k found (an
+        approximate index's probes missed some): the rest is padded with score -inf and id -1.
         """
         x = np.ascontiguousarray(x, np.float32)
+        k = min(k, len(self.sketches))
+        if k == 0:   # FAISS asserts k > 0
+            return np.empty((len(x), 0), np.float32), np.empty((len(x), 0), np.int64)
         exact = self.kind == "flat"
         fetch = k if exact else k * self.manifest["args"]["refine"]
         scores, rows = [], []

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .calibration import Calibration, CalibrationArgs, calibrate
+from .checks import whole
 from .index import IndexArgs, SketchIndex
 from .projection import SketchArgs
 from .queries import Queries
@@ -167,7 +168,11 @@ class Retriever:
                ) -> SearchResult:
         """Exact scores of each query's ``candidates``: one rescoring pass over their union and
         ``probe`` random sequences (these serve the search-size estimate and are left out of
-        the result)."""
+        the result). More candidates than twice the sketched sequences (each sign's half holding
+        all of them) are that many: the search never holds more than the corpus."""
+        candidates = min(whole(candidates, "candidates, per query,", low=1),
+                         2 * len(self.sketches))
+        probe = whole(probe, "probe, the random sequences of the search-size estimate,")
         t0 = time.perf_counter()
         queries = self.inf.queries(queries)
         t1 = time.perf_counter()

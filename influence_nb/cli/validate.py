@@ -47,6 +47,7 @@ def tail_patch(ns: argparse.Namespace, rank: int, world: int) -> dict:
 
 def lds_options() -> list[Group]:
     return [Group(None, (
+        Option("config", "read options from a TOML file", metavar="FILE.toml"),
         Option("world", default="validation", choices=("validation", "micro")),
         Option("subsets", "random subsets (default: 50)", type=positive(int), default=50),
         Option("seeds", "retrains per subset, averaged (default: 1)", type=positive(int),
@@ -93,7 +94,7 @@ VERB = Verb("validate", "counterfactual checks: tail-patching on any model, the 
             "built-in world (see influence_nb.validate)", checks=(
                 Verb("tail-patch", "one SGD step on each top-k candidate (by influence, BM25, "
                      "random); Δ log p of each query -> OUT/tail_patch.csv", tail_patch_options,
-                     tail_patch, required=("model", "corpus", "factors", "out")),
+                     tail_patch, required=("model", "corpus", "factors", "out"), config=True),
                 Verb("lds", "linear datamodeling score of EK-FAC, K-FAC, identity, BM25 and "
                      "random on a built-in world, retrained from scratch (resumable) -> "
-                     "OUT/lds.csv", lds_options, lds, required=("out",))))
+                     "OUT/lds.csv", lds_options, lds, required=("out",), config=True)))
