@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import store
-from .checks import check_args
+from .checks import check_args, checked
 from .sketch import Sketches
 
 KINDS = ("flat", "ivfpq", "ivfsq8", "hnsw")
@@ -212,6 +212,7 @@ class SketchIndex:
             shards.append(faiss.deserialize_index(np.frombuffer(blob, np.uint8)))
         return cls(sketches, shards, manifest)
 
+    @checked(minimum={"k": 0})
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner products: x (Q, D) -> (scores (Q, k), corpus ids (Q, k)), best first.
 

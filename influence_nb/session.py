@@ -22,6 +22,7 @@ import numpy as np
 from torch import nn
 
 from . import store
+from .checks import checked
 from .curvature import (STRATEGIES, FactorArgs, Factors, fingerprint_of, fit_factors,
                         model_fingerprint, weights_fingerprint)
 from .data import Corpus, tokenizer_fingerprint
@@ -68,6 +69,7 @@ class Influence:
         return inf
 
     @classmethod
+    @checked(minimum={"step": 0})
     def from_trainer(cls, trainer: Any, step: int | None = None, model: nn.Module | None = None,
                      **kw: Any) -> "Influence":
         """A session on a Hugging Face ``Trainer``: its model (or ``model``, e.g. the weights of
@@ -159,6 +161,7 @@ class Influence:
 
     # -- curvature ----------------------------------------------------------------------------
 
+    @checked()
     def fit(self, args: FactorArgs | None = None, path: str | os.PathLike | None = None,
             cache: bool = False) -> Factors:
         """Fit the curvature on the corpus (see :class:`FactorArgs`); save to ``path``, or with
@@ -193,6 +196,7 @@ class Influence:
             self.factors.save(path)
         return self.factors
 
+    @checked()
     def plan(self, fit: FactorArgs | None = None, score: ScoreArgs | None = None,
              queries: int | Sequence[int] = 1, measure: bool = True) -> Plan:
         """Memory and time of fitting ``fit`` and of scanning with ``score`` for each number of
@@ -207,6 +211,7 @@ class Influence:
         self.factors = Factors.load(path, self.model)
         return self.factors
 
+    @checked(within={"lexical": "[0, 1]"})
     def retriever(self, path: str | os.PathLike, sketch_args: Any = None,
                   index_args: Any = None, lexical: float | None = None) -> Any:
         """Sketch and index the corpus into ``path`` once (resumable; reused when present), for
@@ -219,6 +224,7 @@ class Influence:
 
     # -- queries and scores -------------------------------------------------------------------
 
+    @checked(choices={"strategy": STRATEGIES})
     def queries(self, pairs: QueryLike, rank: int | None | str = "default",
                 strategy: str | None = None) -> Queries:
         """Preconditioned query gradients of (prompt, completion) text pairs, factorised to
@@ -287,6 +293,7 @@ class Influence:
                      logprob=float(f))
                 for p, c, f in zip(queries.prompts, queries.completions, queries.f)]
 
+    @checked()
     def scan(self, queries: QueryLike, corpus: Corpus | dict[str, Corpus] | None = None,
              ids: Sequence[int] | None = None, out_dir: str | os.PathLike | None = None,
              args: ScoreArgs | None = None) -> InfluenceResult:
@@ -338,6 +345,7 @@ class Influence:
         corpus = Corpus.from_texts(texts, self.tokenizer, max([2, *lengths]), metadata)
         return self.scan(queries, corpus, args=replace(self.score_args, progress=False))
 
+    @checked()
     def strategy_scores(self, pairs: QueryLike, strategies: Sequence[str] = STRATEGIES,
                         baselines: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
         """{name: (Q, N) scores of every corpus sequence}: each curvature strategy at full rank
@@ -361,6 +369,7 @@ class Influence:
             out["random"] = np.random.default_rng(seed).standard_normal((Q, len(corpus)))
         return out
 
+    @checked()
     def self_influence(self, corpus: Corpus | None = None,
                        ids: Sequence[int] | None = None) -> np.ndarray:
         """(N,) ∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) per sequence of the corpus (or ``ids``)."""

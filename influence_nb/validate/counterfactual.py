@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Corpus
-from ..checks import as_ids
+from ..checks import as_ids, checked
 from ..hooks import eval_mode
 from ..store import ChunkStore
 from ..task import Task, measure, to_device
@@ -78,11 +78,9 @@ class _Retrained:
         return out
 
 
+@checked(minimum={"n": 1, "subsets": 2, "seed": 0}, within={"alpha": "(0, 1)"})
 def lds_subsets(n: int, subsets: int = 50, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
     """(subsets, n) bool: random training subsets of exactly round(alpha · n) sequences each."""
-    if not 0 < alpha < 1 or subsets < 2:
-        raise ValueError(f"need 0 < alpha < 1 and at least 2 subsets (got alpha={alpha}, "
-                         f"subsets={subsets})")
     rng = np.random.default_rng(seed)
     masks = np.zeros((subsets, n), dtype=bool)
     for m in range(subsets):
@@ -97,6 +95,8 @@ def _bootstrap(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+@checked(minimum={"subsets": 2, "seeds": 0, "subset_seed": 0, "n_boot": 1},
+         within={"alpha": "(0, 1)"}, distinct=("seeds",), nonempty=("seeds",))
 def lds(retrain: Retrain, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
         scores: Mapping[str, np.ndarray], subsets: int = 50, alpha: float = 0.5,
         seeds: Sequence[int] = (0, 1), out_dir: str | os.PathLike | None = None,
@@ -143,12 +143,15 @@ def lds(retrain: Retrain, prompts: Sequence[Sequence[int]], completions: Sequenc
     return out
 
 
+@checked(minimum={"k": 1})
 def top_ids(scores: np.ndarray, k: int, negative: bool = False) -> np.ndarray:
     """(Q, k) ids of the k largest scores per query (smallest with ``negative``)."""
     scores = -np.asarray(scores) if negative else np.asarray(scores)
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
+@checked(minimum={"n": 1, "ks": 1, "seeds": 0}, distinct=("ks", "seeds"),
+         nonempty=("ks", "seeds"))
 def leave_out(retrain: Retrain, prompts: Sequence[Sequence[int]],
               completions: Sequence[Sequence[int]], rankings: Mapping[str, np.ndarray], n: int,
               ks: Sequence[int] = (10, 50, 100), seeds: Sequence[int] = (0,),
@@ -163,8 +166,9 @@ def leave_out(retrain: Retrain, prompts: Sequence[Sequence[int]],
     (method, query, k, seed): f_full, f_removed, delta = f_removed − f_full (nats; negative
     when the removed sequences supported the completion).
     """
-    rankings = {m: np.asarray(r, np.int64) for m, r in rankings.items()}
+    rankings = {m: np.asarray(r) for m, r in rankings.items()}
     for m, r in rankings.items():
+        as_ids(r, n)    # an id out of range would remove nothing, silently
         if r.ndim != 2 or r.shape[0] != len(prompts) or r.shape[1] < max(ks):
             raise ValueError(f"ranking {m!r} has shape {r.shape}; need (Q={len(prompts)}, "
                              f"≥ {max(ks)}) ids per query")
@@ -186,6 +190,7 @@ def leave_out(retrain: Retrain, prompts: Sequence[Sequence[int]],
                          for j, (m, q, k, s) in enumerate(cases)])
 
 
+@checked(minimum={"lr": 0.0})
 def tail_patch(model: nn.Module, corpus: Corpus, prompts: Sequence[Sequence[int]],
                completions: Sequence[Sequence[int]], candidates: Mapping[str, np.ndarray],
                lr: float = 1e-4, task: Task | None = None, progress: bool = True
