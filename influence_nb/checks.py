@@ -7,12 +7,13 @@ deep inside a pass, and never as a silently wrong result.
 
 The rules come from the annotations — ``int`` (never a bool or a float), ``float`` (finite;
 an int will do), ``bool``, ``str``, a sequence of ints (``Sequence[int]``, ``tuple[int,
-...]``), each optionally ``| None`` — and small declarations: ``minimum`` {name: smallest
-allowed value} (a float's minimum of 0.0 means > 0), ``within`` {name: an interval such as
-"(0, 1]"}, ``choices`` {name: allowed strings}, ``distinct`` and ``nonempty`` (names of int
-sequences that may not repeat a value / be empty). A dataclass declares them as the class
-attributes ``MINIMUM``, ``WITHIN``, ``CHOICES``, ``DISTINCT``, ``NONEMPTY``. An annotation
-outside these (a model, a corpus, ``int | str``) is the function's own business.
+...]``) or of strings (``Sequence[str]``; ``str | Sequence[str]``), each optionally
+``| None`` — and small declarations: ``minimum`` {name: smallest allowed value} (a float's
+minimum of 0.0 means > 0), ``within`` {name: an interval such as "(0, 1]"}, ``choices``
+{name: allowed strings}, ``distinct`` and ``nonempty`` (names of sequences that may not
+repeat a value / be empty). A dataclass declares them as the class attributes ``MINIMUM``,
+``WITHIN``, ``CHOICES``, ``DISTINCT``, ``NONEMPTY``. An annotation outside these (a model, a
+corpus, ``int | str``) is the function's own business.
 
 Ids and counts whose range is known only at run time (a corpus row, a query number) go
 through :func:`as_ids` and :func:`whole`: an integer in range or a one-line error, never a
@@ -33,6 +34,7 @@ import numpy as np
 
 SCALARS = ("bool", "int", "float", "str")
 INTS = ("Sequence[int]", "tuple[int, ...]", "list[int]", "np.ndarray")
+STRS = ("Sequence[str]", "list[str]", "tuple[str, ...]")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -40,7 +42,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Rule:
     """What one argument may be.
 
-    kind:     "bool", "int", "float", "str" or "ints" (a sequence of integers)
+    kind:     "bool", "int", "float", "str", "ints" (a sequence of integers) or "strs" (of
+              strings; ``| str``: one string will do too)
     none:     None is allowed
     low/high: the interval's ends (None: unbounded); low_open / high_open: excluded
     choices:  the allowed strings (None: any)
@@ -55,6 +58,7 @@ class Rule:
     choices: tuple[str, ...] | None = None
     distinct: bool = False
     nonempty: bool = False
+    alone: bool = False
 
     def allowed(self) -> str:
         """What is allowed, in words: "an integer ≥ 1 or None"."""
@@ -62,7 +66,9 @@ class Rule:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         else:
             noun = {"int": "an integer", "float": "a finite number", "bool": "a bool",
-                    "str": "a str", "ints": "a sequence of integers"}[self.kind]
+                    "str": "a str", "ints": "a sequence of integers",
+                    "strs": "a str or a list of str" if self.alone else "a list of str"
+                    }[self.kind]
             text = noun + self._span() + (", each once" if self.distinct else "") + (
                 ", not empty" if self.nonempty else "")
         return text + (" or None" if self.none else "")
@@ -86,6 +92,8 @@ class Rule:
             return
         if self.kind == "ints":
             error = self._ints(value)
+        elif self.kind == "strs":
+            error = self._strs(value)
         elif not _is(self.kind, value):
             error = TypeError
         elif (self.kind in ("int", "float") and not self._inside(value)) or (
@@ -106,6 +114,14 @@ class Rule:
                     or (self.high is not None and (x >= self.high if self.high_open
                                                    else x > self.high)))
 
+    def _strs(self, value: Any) -> type[Exception] | None:
+        """The error a string or sequence of strings breaks the rule with (None: it keeps it)."""
+        if isinstance(value, str):
+            return None if self.alone else TypeError
+        if not isinstance(value, (Sequence, set)) or not all(isinstance(v, str) for v in value):
+            return TypeError
+        return ValueError if self.nonempty and not len(value) else None
+
     def _ints(self, value: Any) -> type[Exception] | None:
         """The error a sequence of ints breaks the rule with (None: it keeps it)."""
         if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__"):
@@ -115,7 +131,8 @@ class Rule:
                              else list(value))
         except (ValueError, TypeError):   # ragged, or not numbers
             return TypeError
-        if arr.dtype == bool or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        if arr.ndim != 1 or arr.dtype == bool or (
+                arr.size and not np.issubdtype(arr.dtype, np.integer)):
             return TypeError
         ends = [arr.min(), arr.max()] if arr.size else []
         if not all(self._inside(x) for x in ends) or (self.nonempty and not arr.size) or (
@@ -172,6 +189,8 @@ def rule(annotation: Any, minimum: float | None = None, within: str | None = Non
         kind = kinds[0]
     elif kinds and set(kinds) <= set(INTS) and kinds != ["np.ndarray"]:
         kind = "ints"
+    elif set(kinds) & set(STRS) and set(kinds) <= {"str", *STRS}:
+        kind = "strs"
     else:
         return None
     low = high = None
@@ -181,7 +200,7 @@ def rule(annotation: Any, minimum: float | None = None, within: str | None = Non
     elif minimum is not None:
         low, low_open = minimum, kind == "float" and minimum == 0
     return Rule(kind, none, low, high, low_open, high_open,
-                tuple(choices) if choices else None, distinct, nonempty)
+                tuple(choices) if choices else None, distinct, nonempty, "str" in kinds)
 
 
 def rules(annotations: Mapping[str, Any], minimum: Mapping[str, float] | None = None,
@@ -280,18 +299,22 @@ def whole(value: Any, what: str, low: int = 0, high: int | None = None) -> int:
     return n
 
 
-def as_ids(ids: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
-    """Corpus ids as int64 (default: all n), refusing booleans, fractions and ids out of range."""
+def as_ids(ids: Sequence[int] | np.ndarray | None, n: int, what: str = "ids") -> np.ndarray:
+    """Corpus ids as int64 (default: all n), refusing booleans, fractions and ids out of range;
+    ``what`` names them in the error ("rankings['ekfac']")."""
     if ids is None:
         return np.arange(n, dtype=np.int64)
     arr = np.asarray(ids)
     if arr.dtype == bool:
-        raise TypeError("ids is a boolean mask; pass the ids themselves: np.flatnonzero(mask)")
+        raise TypeError(f"{what} is a boolean mask; pass the ids themselves: "
+                        "np.flatnonzero(mask)")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
-            raise TypeError(f"ids must be integers, got {arr.dtype}; pass corpus row numbers")
+            raise TypeError(f"{what} must be integers, got {arr.dtype}; pass corpus row "
+                            "numbers")
     arr = arr.astype(np.int64).reshape(-1)
     if arr.size and (arr.min() < 0 or arr.max() >= n):
         bad = arr[(arr < 0) | (arr >= n)][0]
-        raise IndexError(f"id {bad} is out of range for a corpus of {n} sequences")
+        raise IndexError(f"id {bad} is out of range for a corpus of {n} sequences"
+                         + ("" if what == "ids" else f" (in {what})"))
     return arr

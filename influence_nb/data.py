@@ -368,7 +368,7 @@ class Corpus:
         return np.concatenate([s + np.argsort(lengths[s:s + window], kind="stable")
                                for s in range(0, len(ids), window)] or [np.zeros(0, np.int64)])
 
-    @checked()
+    @checked(nonempty=("ids",))
     def subset(self, ids: Sequence[int]) -> "Corpus":
         """A new corpus of the given rows (renumbered from 0; the old id is kept as
         ``parent_id``)."""

@@ -221,7 +221,7 @@ class SketchIndex:
         approximate index's probes missed some): the rest is padded with score -inf and id -1.
         """
         x = np.ascontiguousarray(x, np.float32)
-        k = min(k, len(self.sketches))
+        k = min(int(k), len(self.sketches))          # FAISS takes a Python int only
         if k == 0:   # FAISS asserts k > 0
             return np.empty((len(x), 0), np.float32), np.empty((len(x), 0), np.int64)
         exact = self.kind == "flat"

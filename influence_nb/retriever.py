@@ -172,7 +172,7 @@ class Retriever:
         ``probe`` random sequences (these serve the search-size estimate and are left out of
         the result). More candidates than twice the sketched sequences (each sign's half holding
         all of them) are that many: the search never holds more than the corpus."""
-        candidates = min(candidates, 2 * len(self.sketches))
+        candidates = min(int(candidates), 2 * len(self.sketches))
         t0 = time.perf_counter()
         queries = self.inf.queries(queries)
         t1 = time.perf_counter()

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -251,6 +251,9 @@ class Influence:
             return [(q["prompt"], q["completion"]) for q in pairs.queries]
         if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
             pairs = [pairs]   # one pair; checked with the others below
+        if not isinstance(pairs, Iterable):
+            raise TypeError(f"queries={pairs!r}: pass a (prompt, completion) pair of strings or "
+                            "a list of them")
         pairs = [] if isinstance(pairs, str) else list(pairs)
         if not pairs:
             raise ValueError("no queries: pass a (prompt, completion) pair of strings or a list "
@@ -329,7 +332,8 @@ class Influence:
                                layers, corpus, token_fn=token_fn,
                                n_train=self.n_train, token_query_fn=token_query_fn)
 
-    def score_texts(self, texts: Sequence[str], queries: QueryLike,
+    @checked(nonempty=("texts",))
+    def score_texts(self, texts: str | Sequence[str], queries: QueryLike,
                     metadata: Sequence[dict] | None = None) -> InfluenceResult:
         """Score synthetic training sequences (a list of strings) on the queries, no corpus
         file needed; ids are positions in ``texts``."""
@@ -345,7 +349,7 @@ class Influence:
         corpus = Corpus.from_texts(texts, self.tokenizer, max([2, *lengths]), metadata)
         return self.scan(queries, corpus, args=replace(self.score_args, progress=False))
 
-    @checked()
+    @checked(minimum={"seed": 0})
     def strategy_scores(self, pairs: QueryLike, strategies: Sequence[str] = STRATEGIES,
                         baselines: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
         """{name: (Q, N) scores of every corpus sequence}: each curvature strategy at full rank
@@ -374,6 +378,8 @@ class Influence:
                        ids: Sequence[int] | None = None) -> np.ndarray:
         """(N,) ∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) per sequence of the corpus (or ``ids``)."""
         corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
+        if ids is not None and len(ids) == 0:
+            return np.zeros(0)
         return self_influence(self.model, self.fitted()[1], corpus,
                               self.score_args.batch_size, ids, self.task,
                               self.score_args.progress, self.score_args.batch_tokens)
