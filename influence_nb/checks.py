@@ -21,12 +21,16 @@ float truncated or a negative number wrapped around.
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import functools
 import inspect
 import math
 import operator
 import reprlib
+import sys
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -42,8 +46,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Rule:
     """What one argument may be.
 
-    kind:     "bool", "int", "float", "str", "ints" (a sequence of integers) or "strs" (of
-              strings; ``| str``: one string will do too)
+    kind:     "bool", "int", "float", "str", "ints" (a sequence of integers), "strs" (of
+              strings; ``| str``: one string will do too) or "object" (an instance of
+              ``classes``, each element an instance of ``each`` if given)
     none:     None is allowed
     low/high: the interval's ends (None: unbounded); low_open / high_open: excluded
     choices:  the allowed strings (None: any)
@@ -59,11 +64,17 @@ class Rule:
     distinct: bool = False
     nonempty: bool = False
     alone: bool = False
+    classes: tuple[type, ...] = ()
+    each: type | None = None
 
     def allowed(self) -> str:
         """What is allowed, in words: "an integer ≥ 1 or None"."""
         if self.choices:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
+        elif self.kind == "object":
+            names = [c.__name__ for c in self.classes]
+            text = " or ".join(("an " if n[0] in "AEIOUaeiou" else "a ") + n for n in names)
+            text += f" of {self.each.__name__}" if self.each else ""
         else:
             noun = {"int": "an integer", "float": "a finite number", "bool": "a bool",
                     "str": "a str", "ints": "a sequence of integers",
@@ -94,6 +105,9 @@ class Rule:
             error = self._ints(value)
         elif self.kind == "strs":
             error = self._strs(value)
+        elif self.kind == "object":
+            error = None if isinstance(value, self.classes) and (self.each is None or all(
+                isinstance(v, self.each) for v in value)) else TypeError
         elif not _is(self.kind, value):
             error = TypeError
         elif (self.kind in ("int", "float") and not self._inside(value)) or (
@@ -173,16 +187,74 @@ def interval(text: str) -> tuple[float | None, float | None, bool, bool]:
             text.strip()[0] == "(", text.strip()[-1] == ")")
 
 
+def _parts(text: str) -> list[str]:
+    """The alternatives of a union annotation, "A | B[C | D]" -> ["A", "B[C | D]"]."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c == "[") - (c == "]")
+        if c == "|" and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return parts + [text[start:].strip()]
+
+
+def _resolve(name: str, namespace: Mapping[str, Any]) -> Any:
+    """The object a dotted annotation name stands for in ``namespace`` (None: unknown)."""
+    head, *rest = name.split(".")
+    obj = namespace.get(head, getattr(builtins, head, None))
+    for attr in rest:
+        obj = getattr(obj, attr, None)
+    return obj
+
+
+def _classes(obj: Any) -> list[type] | None:
+    """The classes an annotation object admits (a union's, a generic's origin); None: any
+    (``Any``, ``object``, an array, something that is no class)."""
+    if obj is None or obj is Any or obj is object or obj in (np.ndarray,) or (
+            getattr(obj, "__name__", "") == "Tensor"):
+        return None
+    if isinstance(obj, types.UnionType) or typing.get_origin(obj) is typing.Union:
+        out: list[type] = []
+        for arg in typing.get_args(obj):
+            more = [] if arg is type(None) else _classes(arg)
+            if more is None:
+                return None
+            out += more
+        return out
+    obj = typing.get_origin(obj) or obj
+    return [obj] if isinstance(obj, type) else None
+
+
+def _object_rule(parts: list[str], namespace: Mapping[str, Any]) -> tuple[tuple[type, ...],
+                                                                           type | None] | None:
+    """(classes, element class) of a union's parts resolved in ``namespace``; None: any."""
+    classes: list[type] = []
+    each = None
+    for part in parts:
+        base, _, inner = part.partition("[")
+        found = _classes(_resolve(base.strip(), namespace))
+        if found is None:
+            return None
+        classes += found
+        if len(parts) == 1 and inner and found[0] in (list, Sequence):
+            element = _classes(_resolve(inner[:-1].strip(), namespace))
+            each = element[0] if element and len(element) == 1 else None
+    if Sequence in classes:          # an array serves where a sequence is asked for
+        classes.append(np.ndarray)
+    return tuple(classes), each
+
+
 def rule(annotation: Any, minimum: float | None = None, within: str | None = None,
          choices: Sequence[str] | None = None, distinct: bool = False,
-         nonempty: bool = False) -> Rule | None:
+         nonempty: bool = False, namespace: Mapping[str, Any] | None = None) -> Rule | None:
     """The :class:`Rule` of an annotation (a string under ``from __future__ import
     annotations``, or a type) and its declarations; None when the annotation is not one the
-    rules know."""
+    rules know. With ``namespace`` (the module's globals) other names are resolved too: the
+    value must be an instance of the classes they name."""
     text = annotation if isinstance(annotation, str) else (
         annotation.__name__ if isinstance(annotation, type) else
         str(annotation).replace("collections.abc.", "").replace("typing.", ""))
-    parts = [p.strip() for p in text.split("|")]
+    parts = _parts(text.strip("'\""))
     none = "None" in parts
     kinds = [p for p in parts if p != "None"]
     if len(kinds) == 1 and kinds[0] in SCALARS:
@@ -191,6 +263,8 @@ def rule(annotation: Any, minimum: float | None = None, within: str | None = Non
         kind = "ints"
     elif set(kinds) & set(STRS) and set(kinds) <= {"str", *STRS}:
         kind = "strs"
+    elif namespace is not None and kinds and (found := _object_rule(kinds, namespace)):
+        return Rule("object", none, classes=found[0], each=found[1])
     else:
         return None
     low = high = None
@@ -206,14 +280,16 @@ def rule(annotation: Any, minimum: float | None = None, within: str | None = Non
 def rules(annotations: Mapping[str, Any], minimum: Mapping[str, float] | None = None,
           within: Mapping[str, str] | None = None,
           choices: Mapping[str, Sequence[str]] | None = None,
-          distinct: Sequence[str] = (), nonempty: Sequence[str] = ()) -> dict[str, Rule]:
-    """{name: rule} of every annotated name the rules know; a declaration naming no such
-    argument is a mistake in the declaration (a TypeError at import)."""
+          distinct: Sequence[str] = (), nonempty: Sequence[str] = (),
+          namespace: Mapping[str, Any] | None = None) -> dict[str, Rule]:
+    """{name: rule} of every annotated name the rules know (classes too, given the module's
+    ``namespace``); a declaration naming no such argument is a mistake in the declaration (a
+    TypeError at import)."""
     minimum, within, choices = minimum or {}, within or {}, choices or {}
     out = {}
     for name, annotation in annotations.items():
         r = rule(annotation, minimum.get(name), within.get(name), choices.get(name),
-                 name in distinct, name in nonempty)
+                 name in distinct, name in nonempty, namespace)
         if r is not None:
             out[name] = r
     unknown = (set(minimum) | set(within) | set(choices) | set(distinct) | set(nonempty)) \
@@ -229,7 +305,7 @@ def _dataclass_rules(cls: type) -> dict[str, Rule]:
     return rules({f.name: f.type for f in dataclasses.fields(cls)},
                  getattr(cls, "MINIMUM", None), getattr(cls, "WITHIN", None),
                  getattr(cls, "CHOICES", None), getattr(cls, "DISTINCT", ()),
-                 getattr(cls, "NONEMPTY", ()))
+                 getattr(cls, "NONEMPTY", ()), vars(sys.modules[cls.__module__]))
 
 
 def check_args(args: Any) -> None:
@@ -252,17 +328,22 @@ def checked(minimum: Mapping[str, float] | None = None, within: Mapping[str, str
     """
     def wrap(fn: F) -> F:
         params = list(inspect.signature(fn).parameters.values())
-        table = rules({p.name: p.annotation for p in params
-                       if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)},
-                      minimum, within, choices, distinct, nonempty)
+        annotations = {p.name: p.annotation for p in params
+                       if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        declared = (minimum, within, choices, distinct, nonempty)
+        table = rules(annotations, *declared)       # a mistaken declaration fails at import
         cut = next((i for i, p in enumerate(params) if p.kind in (p.VAR_POSITIONAL,
                                                                  p.KEYWORD_ONLY)), len(params))
-        positional = [(i, p.name, table[p.name]) for i, p in enumerate(params[:cut])
-                      if p.name in table]
+        order = [p.name for p in params[:cut]]
+        positional: list[tuple[int, str, Rule]] = []
         name = fn.__qualname__.replace(".<locals>", "")
 
         @functools.wraps(fn)
         def check(*args: Any, **kwargs: Any) -> Any:
+            if not check.bound:   # the first call: the classes the module defines are known
+                table.update(rules(annotations, *declared, namespace=fn.__globals__))
+                positional[:] = [(i, n, table[n]) for i, n in enumerate(order) if n in table]
+                check.bound = True
             for i, arg, r in positional:
                 if i < len(args):
                     r.check(args[i], name, arg)
@@ -270,7 +351,7 @@ def checked(minimum: Mapping[str, float] | None = None, within: Mapping[str, str
                 if arg in table:
                     table[arg].check(value, name, arg)
             return fn(*args, **kwargs)
-        check.rules = table           # what is checked, for the docs and the tests
+        check.rules, check.bound = table, False    # what is checked: the docs, the tests
         return check                  # type: ignore[return-value]
     return wrap
 

@@ -292,7 +292,7 @@ class Corpus:
         pass scores them all: rows keep their order, part after part; the part's name goes in
         ``column`` and its own id in ``source_row`` (metadata a part lacks is missing). Parts
         with labels keep them; a part without trains on every token."""
-        if not isinstance(parts, dict) or not parts:
+        if not parts:
             raise CorpusError("Corpus.concat takes a non-empty dict {name: Corpus}, e.g. "
                               "{'pretraining': pre, 'fine-tuning': ft}")
         items = list(parts.items())

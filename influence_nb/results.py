@@ -165,6 +165,7 @@ class InfluenceResult:
 
     # -- persistence --------------------------------------------------------------------------
 
+    @checked()
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``result.npz``, then ``result.json`` (last, sealed, with the arrays' SHA-256)
         into directory ``path``, each atomically: a reader never pairs a manifest with other
@@ -185,6 +186,7 @@ class InfluenceResult:
         return path
 
     @classmethod
+    @checked()
     def load(cls, path: str | os.PathLike, corpus: Corpus | None = None) -> "InfluenceResult":
         """Read a saved result; with ``corpus`` (checked by fingerprint) the tables show text."""
         path = Path(path)

@@ -47,6 +47,7 @@ class Influence:
     task:       how to run the model and what its loss is (default: HF causal LM)
     """
 
+    @checked()
     def __init__(self, model: nn.Module, tokenizer: Any, corpus: Corpus | None = None,
                  factors: Factors | None = None, score_args: ScoreArgs | None = None,
                  task: Task | None = None):

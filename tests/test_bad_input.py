@@ -601,28 +601,37 @@ def test_one_rule_for_dataclass_fields_and_function_arguments():
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda: TrainConfig(epochs=-1), ValueError, "TrainConfig(epochs=-1): must be an integer ≥ 1"),
-    (lambda: TrainConfig(lr=float("nan")), ValueError, "TrainConfig(lr=nan)"),
-    (lambda: TrainConfig(warmup_steps=0), ValueError, "TrainConfig(warmup_steps=0)"),
-    (lambda: TrainConfig(label_smoothing=1.0), ValueError, "in [0, 1)"),
-    (lambda: lds(None, [[1]], [[2]], {"a": np.zeros((1, 4))}, seeds=(0, 0)), ValueError,
+    (lambda s: TrainConfig(epochs=-1), ValueError, "TrainConfig(epochs=-1): must be an integer ≥ 1"),
+    (lambda s: TrainConfig(lr=float("nan")), ValueError, "TrainConfig(lr=nan)"),
+    (lambda s: TrainConfig(warmup_steps=0), ValueError, "TrainConfig(warmup_steps=0)"),
+    (lambda s: TrainConfig(label_smoothing=1.0), ValueError, "in [0, 1)"),
+    (lambda s: lds(_retrain, [[1]], [[2]], {"a": np.zeros((1, 4))}, seeds=(0, 0)), ValueError,
      "lds(seeds=(0, 0)): must be a sequence of integers each ≥ 0, each once"),
-    (lambda: lds(None, [[1]], [[2]], {"a": np.zeros((1, 4))}, alpha=1.0), ValueError,
+    (lambda s: lds(_retrain, [[1]], [[2]], {"a": np.zeros((1, 4))}, alpha=1.0), ValueError,
      "lds(alpha=1.0): must be a finite number in (0, 1)"),
-    (lambda: leave_out(None, [[1]], [[2]], {"a": np.zeros((1, 4), int)}, 4, ks=(-1,)),
+    (lambda s: lds(None, [[1]], [[2]], {"a": np.zeros((1, 4))}), TypeError,
+     "lds(retrain=None): must be a Callable"),
+    (lambda s: leave_out(_retrain, [[1]], [[2]], {"a": np.zeros((1, 4), int)}, 4, ks=(-1,)),
      ValueError, "leave_out(ks=(-1,)): must be a sequence of integers each ≥ 1"),
-    (lambda: leave_out(None, [[1]], [[2]], {"a": -np.ones((1, 4), int)}, 4, ks=(2,)),
-     IndexError, "id -1 is out of range for a corpus of 4"),
-    (lambda: tail_patch(None, None, [[1]], [[2]], {}, lr=float("nan")), ValueError,
+    (lambda s: leave_out(_retrain, [[1]], [[2]], {"a": -np.ones((1, 4), int)}, 4, ks=(2,)),
+     IndexError, "id -1 is out of range for a corpus of 4 sequences (in rankings['a'])"),
+    (lambda s: tail_patch(s[0], s[1], [[1]], [[2]], {"a": [[0]]}, lr=float("nan")), ValueError,
      "tail_patch(lr=nan): must be a finite number > 0"),
-    (lambda: pbrf(None, None, [[1]], [[2]], [0], eps=0), ValueError,
+    (lambda s: tail_patch(s[0], s[1], [[1]], [[2]], {}), ValueError, "no candidates"),
+    (lambda s: tail_patch(s[0], TEXTS, [[1]], [[2]], {}), TypeError,
+     "tail_patch(corpus=['alpha"),
+    (lambda s: pbrf(s[0], None, [[1]], [[2]], [0], eps=0), ValueError,
      "pbrf(eps=0): must be a finite number > 0 or None"),
-    (lambda: top_ids(np.zeros((1, 3)), k=0), ValueError, "top_ids(k=0)"),
+    (lambda s: top_ids(np.zeros((1, 3)), k=0), ValueError, "top_ids(k=0)"),
 ])
-def test_validation_and_training_doors_refuse_in_one_line(call, error, message):
+def test_validation_and_training_doors_refuse_in_one_line(small, call, error, message):
     with pytest.raises(error) as e:
-        call()
+        call(small)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def _retrain(ids, seed=0):
+    return None
 
 
 def test_a_retrainer_refuses_a_negative_id_instead_of_wrapping_it(small, tokenizer):

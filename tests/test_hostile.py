@@ -255,9 +255,10 @@ def _doors() -> list[Door]:
         lambda w, v: copy.copy(w.inf).fit(v), lambda v: False)
     add("Influence.score_texts", "metadata", [[{}, {}], [1], {"a": 1}, "x", [{"a": 1}], None],
         lambda w, v: w.inf.score_texts(["alpha number 0 is even."], PAIR, metadata=v),
-        lambda v: v is None or v == [{"a": 1}], lambda w, v, out: out.scores.shape == (1, 1))
+        lambda v: v is None or v == [{"a": 1}], lambda w, v, out: out.scores.shape == (1, 1),
+        ("metadata",))
     add("InfluenceResult.load", "path", [3, None, "/nonexistent"],
-        lambda w, v: type(w.res).load(v), lambda v: False, words=("path", "nonexistent", "3"))
+        lambda w, v: type(w.res).load(v), lambda v: False, words=("path=", "no saved result"))
     add("lds", "retrain", [None, "x", 3], lambda w, v: lds(v, w.prompts, w.completions,
                                                            w.scores, subsets=3, seeds=(0,),
                                                            progress=False), lambda v: False)
@@ -389,7 +390,7 @@ def _doors() -> list[Door]:
     for arg, values in (("eps", [NAN, INF, -1, 0, True, "1", [1]]),   # refused before any
                         ("max_iter", [NAN, -1, 0, 1.5, True, "1", [1]]),  # work: no model
                         ("lissa_depth", [NAN, -1, 1.5, True, "1", [1]])):
-        add("pbrf", arg, values, lambda w, v, a=arg: pbrf(None, None, [[1]], [[2]], [0],
+        add("pbrf", arg, values, lambda w, v, a=arg: pbrf(w.model, None, [[1]], [[2]], [0],
                                                             **{a: v}), lambda v: False)
     # the command line: flags checked as they are parsed (one line, exit 2)
     for argv, flag in [(["validate", "tail-patch", "--model", "m", "--out", "o", "--k"], "--k"),
@@ -429,7 +430,7 @@ def outcome(door: Door, value: Any) -> tuple[str, str]:
     except Exception as e:  # noqa: BLE001 — every kind is classified
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         words = door.words or (f"{door.arg}=",)
-        clear = (isinstance(e, (ValueError, TypeError, IndexError, KeyError, LookupError)) and
+        clear = (isinstance(e, (ValueError, TypeError, LookupError, OSError)) and
                  "\n" not in text.strip() and any(x in text for x in words))
         if good:
             return "traceback", f"refused a good value: {type(e).__name__}: {text}"
