@@ -34,7 +34,8 @@ def stub_of(door):
     body.__signature__ = inspect.signature(fn)
     body.__qualname__ = fn.__qualname__
     stub = checked()(body)
-    stub.rules.update(door.rules)
+    stub(None)                      # its first call resolves names (here: none); then the door's
+    stub.rules.update(door.rules)   # own rules, as its first call resolved them
     return stub, body
 
 
@@ -85,12 +86,13 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         scan()
         scan_s.append(time.perf_counter() - start)
+    res.top(0)
     # the doors a notebook crosses most: the scan itself, and the result's tables after it
-    doors = {"Influence.scan": per_call(Influence.scan, dict(queries=pair, ids=ids), a.calls),
+    given = dict(queries=pair, ids=ids)
+    doors = {"Influence.scan": per_call(Influence.scan, given, a.calls),
              "InfluenceResult.top": per_call(InfluenceResult.top,
                                              dict(q=0, k=10, sign="positive"), a.calls)}
-    scan_rules = len(Influence.scan.rules)
-    per_check = doors["Influence.scan"] / scan_rules
+    per_check = doors["Influence.scan"] / len(given)
     overhead = sum(n_checks.values()) * per_check            # every rule check the scan made, at scan's rate
     report(dict(scan_seconds=spread(scan_s), sequences=len(res.ids), rule_checks_per_scan=dict(n_checks),
                 check_us_per_call={k: round(v * 1e6, 3) for k, v in doors.items()},
