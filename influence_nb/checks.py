@@ -380,6 +380,16 @@ def whole(value: Any, what: str, low: int = 0, high: int | None = None) -> int:
     return n
 
 
+def counts(value: int | Sequence[int], what: str) -> list[int]:
+    """One count or several (``plan(queries=[1, 8])``) as a sorted list of distinct ints ≥ 1;
+    a bool, a fraction, a count below 1 or no count at all is a one-line error naming ``what``."""
+    many = not isinstance(value, (int, np.integer))
+    out = sorted({whole(v, what, low=1) for v in (value if many else [value])})
+    if not out:
+        raise ValueError(f"{what} is empty; give a number of queries, or several")
+    return out
+
+
 def as_ids(ids: Sequence[int] | np.ndarray | None, n: int, what: str = "ids") -> np.ndarray:
     """Corpus ids as int64 (default: all n), refusing booleans, fractions and ids out of range;
     ``what`` names them in the error ("rankings['ekfac']")."""

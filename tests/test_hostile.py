@@ -266,6 +266,24 @@ def _doors() -> list[Door]:
         v, w.corpus, w.prompts, w.completions, {"a": [[0]]}, progress=False), lambda v: False)
     add("train", "cfg", [None, {"epochs": 1}, "x"], lambda w, v: train(
         copy.deepcopy(w.model), w.corpus, v, [0], progress=False), lambda v: False)
+    add("Influence.queries", "rank", [0, -1, 1.5, True, "x", None, 4, "default", HUGE],
+        lambda w, v: w.inf.queries(PAIR, rank=v),
+        lambda v: v in (None, "default") or (count(1)(v) and not isinstance(v, str)),
+        lambda w, v, out: isinstance(out, Queries), ("rank",))
+    add("Influence.plan", "queries", [0, -1, 1.5, True, "x", [], [0], [1, 2], 3],
+        lambda w, v: w.inf.plan(queries=v, measure=False), lambda v: count(1)(v) or (
+            isinstance(v, list) and len(v) > 0 and all(count(1)(x) for x in v)),
+        lambda w, v, out: out is not None)
+    add("Influence.self_influence", "corpus", ["x", 3, TEXTS],
+        lambda w, v: w.inf.self_influence(corpus=v), lambda v: False)
+    add("Corpus.from_file", "path", [3, None, "/nonexistent.txt", ["a.txt"]],
+        lambda w, v: Corpus.from_file(v, w.tokenizer), lambda v: False,
+        words=("path=", "not found"))
+    add("SketchIndex.search", "x", ["ones 2x3", "ones 5", "x", "nan 1xD", "ones 1xD", "ones 2xD",
+                                    "list 1xD"],                   # D: the sketches' dimension
+        lambda w, v: w.ret.index.search(_sketch(v, w.ret.sketches.dim), 3),
+        lambda v: v in ("ones 1xD", "ones 2xD", "list 1xD"),
+        lambda w, v, out: out[1].shape == (1 + (v == "ones 2xD"), 3), ("x=", "x has"))
     add("Influence.self_influence", "ids", IDS, lambda w, v: w.inf.self_influence(ids=v),
         ids_in(N, none=True), lambda w, v, out: len(out) == (N if v is None else len(v)),
         ("ids", "id "))
@@ -403,6 +421,16 @@ def _doors() -> list[Door]:
             + (["1.5"] if flag != "--lr" else []),
             lambda w, v, a=argv: main([*a, v]), lambda v: False, words=(flag,))
     return d
+
+
+def _sketch(name: str, dim: int) -> Any:
+    """A query sketch array named in the table ("ones 1xD": one row of D ones)."""
+    fill, shape = name.split(" ") if " " in name else (name, "")
+    if fill == "x":
+        return "x"
+    rows = shape.replace("D", str(dim)).split("x")
+    arr = np.full([int(r) for r in rows], NAN if fill == "nan" else 1.0, np.float32)
+    return arr.tolist() if fill == "list" else arr
 
 
 def w_scores() -> np.ndarray:
