@@ -22,7 +22,7 @@ import numpy as np
 from torch import nn
 
 from . import store
-from .checks import checked
+from .checks import as_ids, checked
 from .curvature import (STRATEGIES, FactorArgs, Factors, fingerprint_of, fit_factors,
                         model_fingerprint, weights_fingerprint)
 from .data import Corpus, tokenizer_fingerprint
@@ -310,6 +310,7 @@ class Influence:
         if isinstance(corpus, dict):
             corpus = Corpus.concat(corpus)
         corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
+        ids = None if ids is None else as_ids(ids, len(corpus))   # before any model work
         args = args or self.score_args
         if not isinstance(queries, Queries):   # refuse a scan that cannot fit, before preparing
             plan(self.model, corpus, self.fitted()[1].args, args, len(self._pairs(queries)),

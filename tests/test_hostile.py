@@ -477,7 +477,9 @@ def _id(case: tuple[Door, Any]) -> str:
     return f"{door.name}-{door.arg}-{' '.join(repr(value).split())[:24]}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+@pytest.mark.parametrize("case", [  # a value the door accepts runs it (seconds in all): slow
+    pytest.param(c, id=_id(c), marks=[pytest.mark.slow] if c[0].good(c[1]) else [])
+    for c in CASES])
 def test_hostile_input_gives_a_clear_error_or_the_right_answer(case):
     door, value = case
     kind, detail = outcome(door, value)
