@@ -189,8 +189,10 @@ def _scan_ids_ok(w, v, out) -> bool:
 
 def _search_ok(w, v, out) -> bool:
     exact = w.res.scores[:1]
+    sizes = [s for s in out.search_size if s is not None]     # None: the probe was too small
     return (set(out.ids) <= set(range(N)) and len(out.candidates[0]) <= 2 * N and
-            np.allclose(out.scores, exact[:, out.ids], rtol=1e-6, atol=1e-9))
+            np.allclose(out.scores, exact[:, out.ids], rtol=1e-6, atol=1e-9) and
+            all(np.isfinite(s["alpha"]) and 0 < s["p_tail"] <= 1 for s in sizes))
 
 
 def _lds_ok(w, v, out) -> bool:
@@ -413,12 +415,12 @@ def _doors() -> list[Door]:
     # the command line: flags checked as they are parsed (one line, exit 2)
     for argv, flag in [(["validate", "tail-patch", "--model", "m", "--out", "o", "--k"], "--k"),
                        (["validate", "tail-patch", "--model", "m", "--out", "o", "--lr"], "--lr"),
-                       (["validate", "lds", "--out", "o", "--alpha"], "--alpha"),  # not 0, 1
+                       (["validate", "lds", "--out", "o", "--alpha"], "--alpha"),
                        (["validate", "lds", "--out", "o", "--subsets"], "--subsets"),
                        (["score", "--top"], "--top")]:
         add("influence-nb " + " ".join(argv[:2]), flag,
-            ["-1", "nan", "inf", "x", "1e400", ""] + (["0", "-0"] if flag != "--alpha" else [])
-            + (["1.5"] if flag != "--lr" else []),
+            ["-1", "nan", "inf", "x", "1e400", "", "0", "-0"] + (["1.5"] if flag != "--lr"
+                                                                  else []),
             lambda w, v, a=argv: main([*a, v]), lambda v: False, words=(flag,))
     return d
 

@@ -41,15 +41,21 @@ def positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number from 0 to 1."""
+def fraction(text: str, strict: bool = False) -> float:
+    """An argparse type: a number from 0 to 1 (``strict``: strictly between them)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a number from 0 to 1")
+    if not (0 < value < 1 if strict else 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(
+            f"{text} must be a number {'strictly between 0 and 1' if strict else 'from 0 to 1'}")
     return value
+
+
+def share(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1 (a part, neither none nor all)."""
+    return fraction(text, strict=True)
 
 
 def count_or_all(text: str) -> int | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .core import Group, Option, Verb, fraction, positive
+from .core import Group, Option, Verb, positive, share
 from .inputs import io_options, queries, query_options, session
 
 
@@ -52,7 +52,7 @@ def lds_options() -> list[Group]:
         Option("subsets", "random subsets (default: 50)", type=positive(int), default=50),
         Option("seeds", "retrains per subset, averaged (default: 1)", type=positive(int),
                default=1),
-        Option("alpha", "fraction of the corpus in each subset (default: 0.5)", type=fraction,
+        Option("alpha", "fraction of the corpus in each subset (default: 0.5)", type=share,
                default=0.5),
         Option("out", "directory for lds.csv and the retrains (required)", metavar="DIR"),
         Option("progress", default=True, switch=True)))]
