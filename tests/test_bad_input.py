@@ -480,7 +480,7 @@ def _cases():
         ("validate", lambda r, w, c: ["validate", "lds", "--world", "nowhere", "--out", "x"],
          "invalid choice"),
         ("validate", lambda r, w, c: ["validate", "lds", "--alpha", "1.5", "--out", "x"],
-         "--alpha: 1.5 must be a number from 0 to 1"),
+         "--alpha: 1.5 must be a number strictly between 0 and 1"),
         ("validate", lambda r, w, c: [*tail(r, w, c), *q, "--k", "0"], "--k: 0 must be"),
         ("validate", lambda r, w, c: [*tail(r, w, c), *q, "--lr", "inf"], "--lr: inf must be"),
         ("validate", lambda r, w, c: tail(r, w, c), "no queries"),
