@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .checks import as_ids, first_line
+from .checks import as_ids, checked, first_line
 
 _BLOCK = 1024  # documents tokenized per call when streaming a source
 RESERVED = frozenset({"text", "doc", "offset", "n_tokens", "parent_id"})  # columns of Corpus.df
@@ -144,16 +144,13 @@ class Corpus:
     # -- building ---------------------------------------------------------------------------
 
     @classmethod
+    @checked(minimum={"max_len": 2, "total": 0})
     def from_records(cls, records: Iterable[dict], tokenizer: Any, max_len: int = 128,
                      text_field: str = "text", source: str = "",
                      total: int | None = None, progress: bool = True) -> "Corpus":
         """Tokenize an iterable of dicts (one per document); ``text_field`` holds the text and
         every other field is kept as metadata. Documents longer than ``max_len`` tokens are cut
         into consecutive chunks. ``progress``: a bar, unless the source is known to be small."""
-        if not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool) \
-                or max_len < 2:
-            raise CorpusError(f"max_len must be an integer ≥ 2 (one input and one target "
-                              f"token), got {max_len!r}")
         if total is None and hasattr(records, "__len__"):
             total = len(records)
         tokens: list[np.ndarray] = []
@@ -198,6 +195,7 @@ class Corpus:
         return cls(flat, offsets, df, tokenizer, max_len, source)
 
     @classmethod
+    @checked(minimum={"max_len": 2})
     def from_texts(cls, texts: Sequence[str], tokenizer: Any, max_len: int = 128,
                    metadata: Sequence[dict] | None = None) -> "Corpus":
         """A corpus from a list of strings, with optional per-text metadata dicts."""
@@ -211,6 +209,7 @@ class Corpus:
                                 tokenizer, max_len, source="texts", total=len(texts))
 
     @classmethod
+    @checked(minimum={"max_len": 2})
     def from_file(cls, path: str | os.PathLike, tokenizer: Any, max_len: int = 128,
                   text_field: str = "text", progress: bool = True) -> "Corpus":
         """A corpus from ``.txt`` (one document per non-empty line), ``.jsonl`` (one JSON object
@@ -226,6 +225,7 @@ class Corpus:
                                 text_field=text_field, source=str(path), progress=progress)
 
     @classmethod
+    @checked(minimum={"max_len": 2})
     def from_dataset(cls, dataset: Any, tokenizer: Any, max_len: int = 128,
                      text_field: str = "text", progress: bool = True) -> "Corpus":
         """A corpus from a Hugging Face ``datasets.Dataset`` (rows streamed)."""
@@ -236,6 +236,7 @@ class Corpus:
                                 source="dataset", total=len(dataset), progress=progress)
 
     @classmethod
+    @checked(minimum={"max_len": 2})
     def from_tokenized(cls, dataset: Any, tokenizer: Any, max_len: int | None = None,
                        source: str = "tokenized dataset") -> "Corpus":
         """A corpus from rows already tokenized as a Hugging Face Trainer sees them: a
@@ -285,12 +286,13 @@ class Corpus:
                    np.concatenate(labels) if has_labels and labels else None)
 
     @classmethod
+    @checked()
     def concat(cls, parts: "dict[str, Corpus]", column: str = "source") -> "Corpus":
         """One corpus of several, e.g. ``{"pretraining": pre, "fine-tuning": ft}``, so that one
         pass scores them all: rows keep their order, part after part; the part's name goes in
         ``column`` and its own id in ``source_row`` (metadata a part lacks is missing). Parts
         with labels keep them; a part without trains on every token."""
-        if not isinstance(parts, dict) or not parts:
+        if not parts:
             raise CorpusError("Corpus.concat takes a non-empty dict {name: Corpus}, e.g. "
                               "{'pretraining': pre, 'fine-tuning': ft}")
         items = list(parts.items())
@@ -346,11 +348,10 @@ class Corpus:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return 0 if pad is None else int(pad)
 
+    @checked(minimum={"batch_size": 1})
     def batches(self, batch_size: int = 32, ids: Sequence[int] | None = None,
                 progress: bool = False) -> Iterator[Batch]:
         """Padded batches over ``ids`` (default: all, in id order)."""
-        if batch_size < 1:
-            raise CorpusError(f"batch_size must be at least 1, got {batch_size}")
         ids = np.arange(len(self)) if ids is None else np.asarray(ids, dtype=np.int64)
         starts = range(0, len(ids), batch_size)
         for s in tqdm(starts, desc="batches", disable=not progress, unit="batch"):
@@ -367,6 +368,7 @@ class Corpus:
         return np.concatenate([s + np.argsort(lengths[s:s + window], kind="stable")
                                for s in range(0, len(ids), window)] or [np.zeros(0, np.int64)])
 
+    @checked(nonempty=("ids",))
     def subset(self, ids: Sequence[int]) -> "Corpus":
         """A new corpus of the given rows (renumbered from 0; the old id is kept as
         ``parent_id``)."""

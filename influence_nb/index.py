@@ -28,14 +28,14 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import store
-from .checks import check_args
+from .checks import check_args, checked, shown
 from .sketch import Sketches
 
 KINDS = ("flat", "ivfpq", "ivfsq8", "hnsw")
@@ -212,12 +212,29 @@ class SketchIndex:
             shards.append(faiss.deserialize_index(np.frombuffer(blob, np.uint8)))
         return cls(sketches, shards, manifest)
 
+    def _queries(self, x: Any) -> np.ndarray:
+        """x as float32 (Q, D) query sketches, or a one-line error (FAISS would assert)."""
+        want = f"must be finite query sketches, shape (Q, {self.sketches.dim})"
+        try:
+            arr = np.ascontiguousarray(x, np.float32)
+        except (TypeError, ValueError):
+            raise TypeError(f"SketchIndex.search(x={shown(x)}): {want}") from None
+        if arr.ndim != 2 or arr.shape[1] != self.sketches.dim or not np.isfinite(arr).all():
+            raise ValueError(f"SketchIndex.search(x has shape {arr.shape}): {want}")
+        return arr
+
+    @checked(minimum={"k": 0})
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner products: x (Q, D) -> (scores (Q, k), corpus ids (Q, k)), best first.
 
-        Fewer than k sequences indexed: the rest is padded with score -inf and id -1.
+        k beyond the number of sketches is that number (each sequence found once, never a
+        (Q, k) array larger than the store); k = 0 finds nothing. Fewer than k found (an
+        approximate index's probes missed some): the rest is padded with score -inf and id -1.
         """
-        x = np.ascontiguousarray(x, np.float32)
+        x = self._queries(x)
+        k = min(int(k), len(self.sketches))          # FAISS takes a Python int only
+        if k == 0:   # FAISS asserts k > 0
+            return np.empty((len(x), 0), np.float32), np.empty((len(x), 0), np.int64)
         exact = self.kind == "flat"
         fetch = k if exact else k * self.manifest["args"]["refine"]
         scores, rows = [], []

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import passes, queries, scoring
+from . import checks, passes, queries, scoring
 from .batching import source, token_batches
 from .curvature import FactorArgs
 from .data import Corpus
@@ -169,7 +169,7 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     then estimated as 3 float32 vocabulary-wide buffers per token), and no times.
     """
     fit, score, task = fit or FactorArgs(progress=False), score or ScoreArgs(), task or Task()
-    counts = sorted({int(queries)} if isinstance(queries, int) else {int(q) for q in queries})
+    counts = checks.counts(queries, "plan(queries=...), each number of queries,")
     layers = find_layers(model, fit.layers)
     shapes = [t.shape for t in layers]
     device = next(model.parameters()).device

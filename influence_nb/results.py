@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 
 from . import store
-from .checks import whole
+from .checks import checked, whole
 from .data import Corpus
 
 FORMAT = "influence_nb.result/2"
+SIGNS = ("positive", "negative", "abs")
 
 
 @dataclass
@@ -88,6 +89,7 @@ class InfluenceResult:
                              "inf.scan(pairs, corpus={'pretraining': pre, 'fine-tuning': ft})")
         return self.corpus.df["source"].to_numpy()[self.ids]
 
+    @checked(minimum={"k": 1}, choices={"sign": SIGNS})
     def top(self, q: int = 0, k: int = 10, sign: str = "positive",
             source: str | None = None) -> pd.DataFrame:
         """The k most influential sequences on query ``q``: ``sign`` "positive" (largest
@@ -95,10 +97,7 @@ class InfluenceResult:
         (a scan over several). Columns: rank, id, score, text and the corpus metadata, and one
         column per layer when per-layer scores were kept."""
         s = self.scores[self._q(q)]
-        k = whole(k, "k, the number of rows", 1)
-        key = {"positive": -s, "negative": s, "abs": -np.abs(s)}.get(sign)
-        if key is None:
-            raise ValueError(f"sign must be 'positive', 'negative' or 'abs', got {sign!r}")
+        key = {"positive": -s, "negative": s, "abs": -np.abs(s)}[sign]
         order = np.argsort(key, kind="stable")
         if source is not None:
             if source not in self.sources:
@@ -116,6 +115,7 @@ class InfluenceResult:
                 df[name] = self.layer_scores[self._q(q), l, order]
         return df.set_index("rank")
 
+    @checked(minimum={"k": 1})
     def split(self, k: int = 10) -> pd.DataFrame:
         """How each query's influence splits between the sources of a scan over several
         corpora. One row per (query, source): ``sequences``; ``total``, ``positive`` and
@@ -138,16 +138,17 @@ class InfluenceResult:
                                  in_top=sum(i in top for i in np.flatnonzero(m))))
         return pd.DataFrame(rows).set_index(["query", "source"])
 
+    @checked(minimum={"k": 1})
     def layer_profile(self, q: int = 0, k: int | None = None) -> pd.Series:
         """Per-layer sum of scores on query ``q`` (over the top-k positive, or all)."""
         if self.layer_scores is None:
             raise ValueError("per-layer scores were not kept; scan with ScoreArgs(per_layer=True)")
         ls = self.layer_scores[self._q(q)]
         if k is not None:
-            k = whole(k, "k, the number of top sequences", 1)
             ls = ls[:, np.argsort(-self.scores[self._q(q)])[:k]]
         return pd.Series(ls.sum(1), index=self.layer_names, name="score")
 
+    @checked()
     def tokens(self, q: int, id: int, layers: list[str] | None = None) -> pd.DataFrame:
         """Per-token scores of sequence ``id`` on query ``q``: columns token (text), score. The
         score at token t belongs to the update at position t, which predicts token t + 1.
@@ -164,6 +165,7 @@ class InfluenceResult:
 
     # -- persistence --------------------------------------------------------------------------
 
+    @checked()
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``result.npz``, then ``result.json`` (last, sealed, with the arrays' SHA-256)
         into directory ``path``, each atomically: a reader never pairs a manifest with other
@@ -184,6 +186,7 @@ class InfluenceResult:
         return path
 
     @classmethod
+    @checked()
     def load(cls, path: str | os.PathLike, corpus: Corpus | None = None) -> "InfluenceResult":
         """Read a saved result; with ``corpus`` (checked by fingerprint) the tables show text."""
         path = Path(path)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .calibration import Calibration, CalibrationArgs, calibrate
+from .checks import checked
 from .index import IndexArgs, SketchIndex
 from .projection import SketchArgs
 from .queries import Queries
@@ -79,14 +80,12 @@ class Retriever:
                  a :class:`Calibration` to use as it is
     """
 
+    @checked(within={"lexical": "[0, 1]"})
     def __init__(self, inf: Influence, sketches: Sketches, index: SketchIndex,
                  lexical: float | None = None,
                  calibration: CalibrationArgs | Calibration | None = None):
         corpus = inf.fitted()[0]
         sketches.check_corpus(corpus)
-        if lexical is not None and not 0 <= lexical <= 1:
-            raise ValueError(f"lexical={lexical} is a share of the positive candidates; use "
-                             "a number from 0 (sketch only) to 1 (BM25 only)")
         self.inf, self.sketches, self.index, self.lexical = inf, sketches, index, lexical
         self.calibration_args = (calibration if isinstance(calibration, CalibrationArgs)
                                  else CalibrationArgs())
@@ -101,6 +100,7 @@ class Retriever:
             self._calibration = calibrate(self.inf, self.sketches, self.calibration_args)
         return self._calibration
 
+    @checked(minimum={"candidates": 1})
     def split(self, candidates: int) -> tuple[int, int, int]:
         """-> (BM25, largest-sketch, most-negative-sketch) candidates per query."""
         half = max(1, candidates // 2)
@@ -119,6 +119,7 @@ class Retriever:
         return self._bm25
 
     @classmethod
+    @checked(within={"lexical": "[0, 1]"})
     def build(cls, inf: Influence, path: str | os.PathLike,
               sketch_args: SketchArgs | None = None,
               index_args: IndexArgs | None = None, lexical: float | None = None
@@ -136,6 +137,7 @@ class Retriever:
         return cls(inf, sketches, index, lexical)
 
     @classmethod
+    @checked(within={"lexical": "[0, 1]"})
     def open(cls, inf: Influence, path: str | os.PathLike, lexical: float | None = None
              ) -> "Retriever":
         """Open what :meth:`build` wrote (checked against the session's model and factors)."""
@@ -163,11 +165,14 @@ class Retriever:
                  for t, b, w in zip(top, bottom, words)]
         return found, dict(sketch=t1 - t0, search=t2 - t1, bm25=time.perf_counter() - t2)
 
+    @checked(minimum={"candidates": 1, "probe": 0})
     def search(self, queries: QueryLike, candidates: int = 400, probe: int = 128
                ) -> SearchResult:
         """Exact scores of each query's ``candidates``: one rescoring pass over their union and
         ``probe`` random sequences (these serve the search-size estimate and are left out of
-        the result)."""
+        the result). More candidates than twice the sketched sequences (each sign's half holding
+        all of them) are that many: the search never holds more than the corpus."""
+        candidates = min(int(candidates), 2 * len(self.sketches))
         t0 = time.perf_counter()
         queries = self.inf.queries(queries)
         t1 = time.perf_counter()

@@ -63,6 +63,9 @@ class PowerLawTail:
         x = np.sort(np.asarray(scores, np.float64))[::-1]
         n = max(2, int(len(x) * tail))
         top = x[:n]
+        if len(x) < n or top[0] == top[-1]:   # alpha would be 1/0, p_tail above 1
+            raise ValueError(f"a sample of {len(x)} scores is too small to fit a tail; scan "
+                             f"more sequences (the tail needs {n} distinct scores)")
         if top[-1] <= 0:
             raise ValueError(f"the top {tail:.0%} of the sample holds non-positive scores; "
                              "scan a larger sample or fit a smaller tail fraction")

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 from torch import nn
 
 from . import store
+from .checks import as_ids, checked
 from .curvature import (STRATEGIES, FactorArgs, Factors, fingerprint_of, fit_factors,
                         model_fingerprint, weights_fingerprint)
 from .data import Corpus, tokenizer_fingerprint
@@ -46,6 +47,7 @@ class Influence:
     task:       how to run the model and what its loss is (default: HF causal LM)
     """
 
+    @checked()
     def __init__(self, model: nn.Module, tokenizer: Any, corpus: Corpus | None = None,
                  factors: Factors | None = None, score_args: ScoreArgs | None = None,
                  task: Task | None = None):
@@ -68,6 +70,7 @@ class Influence:
         return inf
 
     @classmethod
+    @checked(minimum={"step": 0})
     def from_trainer(cls, trainer: Any, step: int | None = None, model: nn.Module | None = None,
                      **kw: Any) -> "Influence":
         """A session on a Hugging Face ``Trainer``: its model (or ``model``, e.g. the weights of
@@ -159,6 +162,7 @@ class Influence:
 
     # -- curvature ----------------------------------------------------------------------------
 
+    @checked()
     def fit(self, args: FactorArgs | None = None, path: str | os.PathLike | None = None,
             cache: bool = False) -> Factors:
         """Fit the curvature on the corpus (see :class:`FactorArgs`); save to ``path``, or with
@@ -193,6 +197,7 @@ class Influence:
             self.factors.save(path)
         return self.factors
 
+    @checked()
     def plan(self, fit: FactorArgs | None = None, score: ScoreArgs | None = None,
              queries: int | Sequence[int] = 1, measure: bool = True) -> Plan:
         """Memory and time of fitting ``fit`` and of scanning with ``score`` for each number of
@@ -207,6 +212,7 @@ class Influence:
         self.factors = Factors.load(path, self.model)
         return self.factors
 
+    @checked(within={"lexical": "[0, 1]"})
     def retriever(self, path: str | os.PathLike, sketch_args: Any = None,
                   index_args: Any = None, lexical: float | None = None) -> Any:
         """Sketch and index the corpus into ``path`` once (resumable; reused when present), for
@@ -219,6 +225,7 @@ class Influence:
 
     # -- queries and scores -------------------------------------------------------------------
 
+    @checked(choices={"strategy": STRATEGIES})
     def queries(self, pairs: QueryLike, rank: int | None | str = "default",
                 strategy: str | None = None) -> Queries:
         """Preconditioned query gradients of (prompt, completion) text pairs, factorised to
@@ -245,6 +252,9 @@ class Influence:
             return [(q["prompt"], q["completion"]) for q in pairs.queries]
         if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
             pairs = [pairs]   # one pair; checked with the others below
+        if not isinstance(pairs, Iterable):
+            raise TypeError(f"queries={pairs!r}: pass a (prompt, completion) pair of strings or "
+                            "a list of them")
         pairs = [] if isinstance(pairs, str) else list(pairs)
         if not pairs:
             raise ValueError("no queries: pass a (prompt, completion) pair of strings or a list "
@@ -287,6 +297,7 @@ class Influence:
                      logprob=float(f))
                 for p, c, f in zip(queries.prompts, queries.completions, queries.f)]
 
+    @checked()
     def scan(self, queries: QueryLike, corpus: Corpus | dict[str, Corpus] | None = None,
              ids: Sequence[int] | None = None, out_dir: str | os.PathLike | None = None,
              args: ScoreArgs | None = None) -> InfluenceResult:
@@ -299,6 +310,7 @@ class Influence:
         if isinstance(corpus, dict):
             corpus = Corpus.concat(corpus)
         corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
+        ids = None if ids is None else as_ids(ids, len(corpus))   # before any model work
         args = args or self.score_args
         if not isinstance(queries, Queries):   # refuse a scan that cannot fit, before preparing
             plan(self.model, corpus, self.fitted()[1].args, args, len(self._pairs(queries)),
@@ -322,7 +334,8 @@ class Influence:
                                layers, corpus, token_fn=token_fn,
                                n_train=self.n_train, token_query_fn=token_query_fn)
 
-    def score_texts(self, texts: Sequence[str], queries: QueryLike,
+    @checked(nonempty=("texts",))
+    def score_texts(self, texts: str | Sequence[str], queries: QueryLike,
                     metadata: Sequence[dict] | None = None) -> InfluenceResult:
         """Score synthetic training sequences (a list of strings) on the queries, no corpus
         file needed; ids are positions in ``texts``."""
@@ -338,6 +351,7 @@ class Influence:
         corpus = Corpus.from_texts(texts, self.tokenizer, max([2, *lengths]), metadata)
         return self.scan(queries, corpus, args=replace(self.score_args, progress=False))
 
+    @checked(minimum={"seed": 0})
     def strategy_scores(self, pairs: QueryLike, strategies: Sequence[str] = STRATEGIES,
                         baselines: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
         """{name: (Q, N) scores of every corpus sequence}: each curvature strategy at full rank
@@ -361,10 +375,13 @@ class Influence:
             out["random"] = np.random.default_rng(seed).standard_normal((Q, len(corpus)))
         return out
 
+    @checked()
     def self_influence(self, corpus: Corpus | None = None,
                        ids: Sequence[int] | None = None) -> np.ndarray:
         """(N,) ∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) per sequence of the corpus (or ``ids``)."""
         corpus = self._check_corpus(corpus) if corpus is not None else self.fitted()[0]
+        if ids is not None and len(ids) == 0:
+            return np.zeros(0)
         return self_influence(self.model, self.fitted()[1], corpus,
                               self.score_args.batch_size, ids, self.task,
                               self.score_args.progress, self.score_args.batch_tokens)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from . import store
+from .checks import checked
 from .curvature import FactorArgs, Factors, fit_factors
 from .task import Task
 
@@ -118,6 +119,7 @@ class InfluenceCallback(TrainerCallback):
            step beyond the training's last is refused when training begins)
     """
 
+    @checked(minimum={"steps": 1}, distinct=("steps",))
     def __init__(self, args: FactorArgs | None = None, steps: Sequence[int] = (),
                  at_end: bool = True, task: Task | None = None) -> None:
         self.args, self.steps, self.at_end = args or FactorArgs(), set(steps), at_end
@@ -159,6 +161,7 @@ class InfluenceCallback(TrainerCallback):
             self._fit(Path(args.output_dir) / FACTORS_DIR, state, model, train_dataloader)
 
 
+@checked(minimum={"step": 0})
 def factors_path(trainer: Any, step: int | None = None) -> Path:
     """Where :class:`InfluenceCallback` saved the factors of ``trainer`` (end of training, or
     the checkpoint of ``step``)."""

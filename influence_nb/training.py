@@ -17,7 +17,7 @@ import math
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import as_ids, check_args, checked
 from .data import Corpus
 
 
@@ -45,12 +46,20 @@ class TrainConfig:
     label_smoothing: float = 0.2
     seed: int = 0
 
+    MINIMUM: ClassVar[dict[str, float]] = {"epochs": 1, "batch_size": 1, "lr": 0.0,
+                                           "warmup_steps": 1, "seed": 0}
+    WITHIN: ClassVar[dict[str, str]] = {"weight_decay": "[0, inf)", "label_smoothing": "[0, 1)"}
 
+    def __post_init__(self) -> None:
+        check_args(self)
+
+
+@checked()
 def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, ids: Sequence[int] | None = None,
           progress: bool = True) -> list[float]:
     """Train ``model`` in place on the corpus rows ``ids`` (default: all); returns the loss
     curve (one mean token loss per step). Leaves the model in eval mode."""
-    ids = np.arange(len(corpus)) if ids is None else np.asarray(ids, dtype=np.int64)
+    ids = as_ids(ids, len(corpus))      # a negative id would wrap around, silently
     if len(ids) == 0:
         raise ValueError("no training sequences: pass a non-empty ids")
     rng = np.random.default_rng(cfg.seed)
@@ -87,6 +96,7 @@ def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, ids: Sequence[int]
     return losses
 
 
+@checked(minimum={"seed": 0})
 def fresh_model(config: Any, seed: int) -> nn.Module:
     """A randomly initialised causal LM of a Hugging Face ``config``, seeded."""
     from transformers import AutoModelForCausalLM
@@ -102,6 +112,7 @@ class Retrainer:
     config: a Hugging Face config (``model.config``) or any ``seed -> nn.Module`` factory.
     """
 
+    @checked()
     def __init__(self, config: Any | Callable[[int], nn.Module], corpus: Corpus,
                  recipe: TrainConfig, progress: bool = False):
         self.config = config
@@ -117,6 +128,7 @@ class Retrainer:
         key = json.dumps([self.corpus.fingerprint, asdict(self.recipe), config], default=str)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
+    @checked(minimum={"seed": 0})
     def __call__(self, ids: Sequence[int], seed: int = 0) -> nn.Module:
         model = self.make(seed)
         train(model, self.corpus, replace(self.recipe, seed=seed), ids, self.progress)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -25,6 +26,8 @@ from influence_nb.retriever import Retriever
 from influence_nb.scoring import ScoreArgs, scan
 from influence_nb.session import Influence
 from influence_nb.sketch import SketchArgs, SketchError, Sketches, build_sketches
+from influence_nb.training import Retrainer, TrainConfig
+from influence_nb.validate import lds, leave_out, pbrf, tail_patch, top_ids
 from test_scoring import TEXTS, tiny_model
 
 
@@ -86,10 +89,11 @@ def test_corpus_files_fail_in_one_line_naming_file_and_line(tmp_path, tokenizer,
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("max_len", [12.5, "64", True, 1])
-def test_max_len_must_be_an_integer_of_at_least_2(tokenizer, max_len):
-    with pytest.raises(CorpusError, match=re.escape(f"max_len must be an integer ≥ 2 (one input "
-                                                    f"and one target token), got {max_len!r}")):
+@pytest.mark.parametrize("max_len, error", [(12.5, TypeError), ("64", TypeError),
+                                            (True, TypeError), (1, ValueError)])
+def test_max_len_must_be_an_integer_of_at_least_2(tokenizer, max_len, error):
+    with pytest.raises(error, match=re.escape(f"Corpus.from_texts(max_len={max_len!r}): must be "
+                                              "an integer ≥ 2")):
         Corpus.from_texts(["a b c"], tokenizer, max_len)
 
 
@@ -115,17 +119,17 @@ def test_ids_counts_and_queries_of_the_wrong_kind_are_refused(small, tokenizer):
     inf = Influence(model, tokenizer, corpus, factors, ScoreArgs(progress=False))
     res = inf.scan([("alpha number", " 0 is even."), ("theta", " number 7")], ids=[0, 1, 2])
     cases = [
-        (lambda: res.top(0, k=-3), ValueError, r"k, the number of rows must be an integer ≥ 1, got -3"),
-        (lambda: res.top(0, k=0), ValueError, "≥ 1, got 0"),
-        (lambda: res.top(0, k=2.0), TypeError, "k, the number of rows must be an integer, got 2.0"),
-        (lambda: res.top(1.0), TypeError, r"query \(this result has 2\) must be an integer"),
+        (lambda: res.top(0, k=-3), ValueError, r"InfluenceResult.top\(k=-3\): must be an integer ≥ 1"),
+        (lambda: res.top(0, k=0), ValueError, r"top\(k=0\): must be an integer ≥ 1"),
+        (lambda: res.top(0, k=2.0), TypeError, r"top\(k=2.0\): must be an integer ≥ 1"),
+        (lambda: res.top(1.0), TypeError, r"top\(q=1.0\): must be an integer"),
         (lambda: res.top(2), IndexError, "must be an integer from -2 to 1, got 2"),
-        (lambda: res.tokens(0, 1.5), TypeError, "sequence id .* must be an integer, got 1.5"),
-        (lambda: res.tokens(0, True), TypeError, "must be an integer, got True"),
+        (lambda: res.tokens(0, 1.5), TypeError, r"tokens\(id=1.5\): must be an integer"),
+        (lambda: res.tokens(0, True), TypeError, r"tokens\(id=True\): must be an integer"),
         (lambda: res.tokens(0, len(corpus)), IndexError, f"from 0 to {len(corpus) - 1}"),
-        (lambda: res.layer_profile(0, k=-1), ValueError, "≥ 1, got -1"),
+        (lambda: res.layer_profile(0, k=-1), ValueError, r"layer_profile\(k=-1\): must be an integer ≥ 1 or None"),
         (lambda: corpus.subset([-1]), IndexError, "id -1 is out of range"),
-        (lambda: corpus.subset([0.5]), TypeError, "ids must be integers"),
+        (lambda: corpus.subset([0.5]), TypeError, r"subset\(ids=\[0.5\]\): must be a sequence of integers"),
         (lambda: inf.scan(["ab"]), TypeError, "query 0 is 'ab', not a .prompt, completion. pair"),
         (lambda: inf.scan([("a", " b"), ("c",)]), TypeError, r"query 1 is \('c',\)"),
         (lambda: inf.scan([]), ValueError, "no queries: pass a .prompt, completion. pair"),
@@ -476,7 +480,7 @@ def _cases():
         ("validate", lambda r, w, c: ["validate", "lds", "--world", "nowhere", "--out", "x"],
          "invalid choice"),
         ("validate", lambda r, w, c: ["validate", "lds", "--alpha", "1.5", "--out", "x"],
-         "--alpha: 1.5 must be a number from 0 to 1"),
+         "--alpha: 1.5 must be a number strictly between 0 and 1"),
         ("validate", lambda r, w, c: [*tail(r, w, c), *q, "--k", "0"], "--k: 0 must be"),
         ("validate", lambda r, w, c: [*tail(r, w, c), *q, "--lr", "inf"], "--lr: inf must be"),
         ("validate", lambda r, w, c: tail(r, w, c), "no queries"),
@@ -552,3 +556,88 @@ def test_one_module_name_or_glob_selects_layers(small):
     assert [t.name for t in find_layers(model, "*.dense_h_to_4h")] == [
         "gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.1.mlp.dense_h_to_4h"]
     assert FactorArgs(layers="*.dense_h_to_4h").layers == "*.dense_h_to_4h"
+
+
+# -- one declared mechanism at every door (influence_nb.checks.checked) ------------------------
+
+def test_one_rule_for_dataclass_fields_and_function_arguments():
+    """check_args and @checked read the same annotations and declarations through one Rule:
+    the same value fails in the same words, whether a field or an argument."""
+    from influence_nb.checks import checked, rules
+
+    @checked(minimum={"k": 1, "lam": 0.0}, within={"share": "(0, 1]"},
+             choices={"sign": ("positive", "negative")}, distinct=("seeds",),
+             nonempty=("seeds",))
+    def door(k: int, lam: float = 1.0, share: float | None = None, sign: str = "positive",
+             seeds: Sequence[int] = (0,), on: bool = True, *rest, label: str = "x") -> int:
+        return k
+
+    assert door(3, np.float32(0.5), share=1, seeds=np.arange(3), label="y") == 3
+    cases = [((0,), {}, ValueError, "door(k=0): must be an integer ≥ 1"),
+             ((True,), {}, TypeError, "door(k=True): must be an integer ≥ 1"),
+             ((2.0,), {}, TypeError, "door(k=2.0)"),
+             ((10 ** 30,), dict(lam=10 ** 400), ValueError, "door(lam=1000"),
+             ((1, float("nan")), {}, ValueError, "door(lam=nan): must be a finite number > 0"),
+             ((1,), dict(share=0.0), ValueError, "must be a finite number in (0, 1] or None"),
+             ((1,), dict(sign="abs"), ValueError, "one of 'positive', 'negative'"),
+             ((1,), dict(seeds=(0, 0)), ValueError, "a sequence of integers, each once, not "
+                                                    "empty"),
+             ((1,), dict(seeds=()), ValueError, "door(seeds=())"),
+             ((1,), dict(seeds=[0.5]), TypeError, "door(seeds=[0.5])"),
+             ((1,), dict(seeds="01"), TypeError, "door(seeds='01')"),
+             ((1,), dict(on="yes"), TypeError, "door(on='yes'): must be a bool"),
+             ((1,), dict(label=3), TypeError, "door(label=3): must be a str")]
+    for args, kw, error, message in cases:
+        with pytest.raises(error) as e:
+            door(*args, **kw)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    long = np.arange(10 ** 5) * 0.5                  # an array's repr is cut and kept on one line
+    with pytest.raises(TypeError) as e:
+        door(1, seeds=long.reshape(-1, 2))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+    with pytest.raises(TypeError, match=r"declared rules for \['kk'\]"):
+        rules({"k": "int"}, minimum={"kk": 1})        # a typo in a declaration fails at import
+    assert set(door.rules) == {"k", "lam", "share", "sign", "seeds", "on", "label"}
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda s: TrainConfig(epochs=-1), ValueError, "TrainConfig(epochs=-1): must be an integer ≥ 1"),
+    (lambda s: TrainConfig(lr=float("nan")), ValueError, "TrainConfig(lr=nan)"),
+    (lambda s: TrainConfig(warmup_steps=0), ValueError, "TrainConfig(warmup_steps=0)"),
+    (lambda s: TrainConfig(label_smoothing=1.0), ValueError, "in [0, 1)"),
+    (lambda s: lds(_retrain, [[1]], [[2]], {"a": np.zeros((1, 4))}, seeds=(0, 0)), ValueError,
+     "lds(seeds=(0, 0)): must be a sequence of integers each ≥ 0, each once"),
+    (lambda s: lds(_retrain, [[1]], [[2]], {"a": np.zeros((1, 4))}, alpha=1.0), ValueError,
+     "lds(alpha=1.0): must be a finite number in (0, 1)"),
+    (lambda s: lds(None, [[1]], [[2]], {"a": np.zeros((1, 4))}), TypeError,
+     "lds(retrain=None): must be a Callable"),
+    (lambda s: leave_out(_retrain, [[1]], [[2]], {"a": np.zeros((1, 4), int)}, 4, ks=(-1,)),
+     ValueError, "leave_out(ks=(-1,)): must be a sequence of integers each ≥ 1"),
+    (lambda s: leave_out(_retrain, [[1]], [[2]], {"a": -np.ones((1, 4), int)}, 4, ks=(2,)),
+     IndexError, "id -1 is out of range for a corpus of 4 sequences (in rankings['a'])"),
+    (lambda s: tail_patch(s[0], s[1], [[1]], [[2]], {"a": [[0]]}, lr=float("nan")), ValueError,
+     "tail_patch(lr=nan): must be a finite number > 0"),
+    (lambda s: tail_patch(s[0], s[1], [[1]], [[2]], {}), ValueError, "no candidates"),
+    (lambda s: tail_patch(s[0], TEXTS, [[1]], [[2]], {}), TypeError,
+     "tail_patch(corpus=['alpha"),
+    (lambda s: pbrf(s[0], None, [[1]], [[2]], [0], eps=0), ValueError,
+     "pbrf(eps=0): must be a finite number > 0 or None"),
+    (lambda s: top_ids(np.zeros((1, 3)), k=0), ValueError, "top_ids(k=0)"),
+])
+def test_validation_and_training_doors_refuse_in_one_line(small, call, error, message):
+    with pytest.raises(error) as e:
+        call(small)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def _retrain(ids, seed=0):
+    return None
+
+
+def test_a_retrainer_refuses_a_negative_id_instead_of_wrapping_it(small, tokenizer):
+    model, corpus, _ = small
+    retrain = Retrainer(lambda seed: tiny_model(len(tokenizer)), corpus, TrainConfig(epochs=1))
+    with pytest.raises(IndexError, match="id -1 is out of range"):
+        retrain([0, -1])
+    with pytest.raises(ValueError, match=r"Retrainer.__call__\(seed=-1\)"):
+        retrain([0], seed=-1)

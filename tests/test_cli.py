@@ -9,8 +9,8 @@ import torch
 
 from influence_nb import demo
 from influence_nb.cli import main
-from influence_nb.cli.core import Option, field_docs
-from influence_nb.cli.main import VERBS
+from influence_nb.cli.core import Option, config_defaults, field_docs
+from influence_nb.cli.main import VERBS, parser, rounded
 from influence_nb.curvature import FactorArgs, Factors
 from influence_nb.results import InfluenceResult
 from influence_nb.index import IndexArgs
@@ -100,7 +100,7 @@ def test_cli_prints_progress_summary_as_json(runs, capsys):
     (["fit", "--model", str(demo.ASSETS), "--corpus", CORPUS], "fit needs --out"),
     (["score", *COMMON, "--factors", "/nonexistent", "--out", "x", "--query", "a", "b"],
      "no fitted factors"),
-    (["validate", "lds", "--world", "micro"], "validate needs --out"),
+    (["validate", "lds", "--world", "micro"], "validate lds needs --out"),
     (["validate", "lds", "--subsets", "0", "--out", "x"], "must be a finite number above 0"),
     (["validate", "tail-patch", "--model", "x", "--out", "y", "--k", "two"], "is not a number"),
 ])
@@ -127,9 +127,14 @@ def test_validate_tail_patch_and_lds_on_the_micro_world(tmp_path, capsys):
     fact = demo.facts(world)[0]
     args = ["--model", str(world), "--corpus", str(world / "corpus.parquet"), "--no-progress"]
     main(["fit", *args, "--out", str(tmp_path / "factors"), "--batch-size", "32"])
-    main(["validate", "tail-patch", *args, "--factors", str(tmp_path / "factors"),
-          "--query", fact.prompt(), fact.completion, "--k", "3", "--out", str(tmp_path / "tp")])
+    (tmp_path / "tp.toml").write_text(   # the options from the file, as a flag would give them
+        f'model = "{world}"\ncorpus = "{world / "corpus.parquet"}"\nprogress = false\n'
+        f'[validate.tail-patch]\nfactors = "{tmp_path / "factors"}"\nk = 3\n'
+        f'out = "{tmp_path / "tp"}"\n')
+    main(["validate", "tail-patch", "--config", str(tmp_path / "tp.toml"),
+          "--query", fact.prompt(), fact.completion])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["lr"] == 1e-4 and summary["k"] == 3      # the default lr, not rounded to 0
     table = __import__("pandas").read_csv(tmp_path / "tp" / "tail_patch.csv")
     assert sorted(table["method"].unique()) == ["bm25", "ekfac", "random"] and len(table) == 9
     mean = summary["mean_delta"]
@@ -141,6 +146,29 @@ def test_validate_tail_patch_and_lds_on_the_micro_world(tmp_path, capsys):
     assert set(summary["lds"]) == {"ekfac", "kfac", "identity", "bm25", "random"}
     assert (tmp_path / "lds" / "lds.csv").is_file()
     assert len(list((tmp_path / "lds" / "retrains").glob("chunk_*.npz"))) == 3
+
+
+def test_validate_reads_its_own_config_table_and_the_shared_keys(tmp_path, capsys):
+    """`validate tail-patch --config x.toml` takes its options from the file (it once ignored
+    it, then asked for a flag the file set); a key the check lacks is refused."""
+    (tmp_path / "x.toml").write_text('model = "m"\ncorpus = "c.txt"\nfactors = "f"\n'
+                                     '[validate.tail-patch]\nout = "o"\nk = 3\nlr = 1e-3\n'
+                                     '[validate.lds]\nsubsets = 4\n')
+    for argv, want in [(["validate", "tail-patch"], dict(model="m", corpus="c.txt", factors="f",
+                                                         out="o", k=3, lr=1e-3)),
+                       (["validate", "lds"], dict(subsets=4, world="validation"))]:
+        argv += ["--config", str(tmp_path / "x.toml")]
+        ns = parser(config_defaults(argv, VERBS)).parse_args(argv)
+        assert {k: getattr(ns, k) for k in want} == want
+    (tmp_path / "x.toml").write_text('[validate.lds]\nk = 3\n')
+    with pytest.raises(SystemExit):
+        main(["validate", "lds", "--config", str(tmp_path / "x.toml")])
+    assert "unknown option 'k' in [validate.lds]" in capsys.readouterr().err
+
+
+def test_summary_numbers_keep_four_significant_digits():
+    assert [rounded(v) for v in (1e-4, 0.123456, 12345.678, 3, "x")] == \
+        [1e-4, 0.1235, 12350.0, 3, "x"]
 
 
 def test_field_docs_reads_the_name_text_lines_of_a_docstring():

@@ -74,7 +74,7 @@ def test_hybrid_candidates_add_bm25_matches_to_the_positive_half(session, exact,
         assert set(res.candidates[q]) == expected and len(res.candidates[q]) <= K
     tol = dict(rtol=1e-5, atol=1e-6 * np.abs(exact.scores).max())
     np.testing.assert_allclose(res.scores, exact.scores[:, res.ids], **tol)
-    with pytest.raises(ValueError, match="share of the positive"):
+    with pytest.raises(ValueError, match=r"lexical=1.5\): must be a finite number in \[0, 1\]"):
         Retriever(session, ret.sketches, ret.index, lexical=1.5)
 
 
@@ -123,6 +123,27 @@ def test_bm25_joins_only_where_the_calibrated_sketch_falls_short(session, tmp_pa
         cal = Calibration("x", n, 10, 1, [[fraction]] * 4, [[0.0]] * 4, {})
         ret = Retriever(session, built.sketches, built.index, calibration=cal)
         assert ret.calibration is cal and ret.split(20) == split
+
+
+def test_candidates_at_the_extremes_are_clamped_or_refused(session, exact, tmp_path):
+    """candidates=10**9 is the whole corpus (it once grew to 20 GB); 0 is refused in one line;
+    1 and lexical=1.0 (BM25 only: no sketch search on the positive side) give a result, never
+    a bare FAISS assertion."""
+    ret = Retriever.build(session, tmp_path, SMALL, IndexArgs(progress=False), lexical=0)
+    everything = ret.search(PAIRS, candidates=10 ** 9, probe=0)
+    assert sorted(everything.ids) == list(range(len(TEXTS)))
+    for lexical, k in ((0, 1), (1.0, 1), (1.0, 2), (0.5, 1)):
+        ret.lexical = lexical
+        res = ret.search(PAIRS[:1], candidates=k, probe=0)
+        assert len(res.candidates[0]) == k and set(res.ids) == set(res.candidates[0])
+        np.testing.assert_allclose(res.scores, exact.scores[:1, res.ids], rtol=1e-5,
+                                   atol=1e-6 * np.abs(exact.scores).max())
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=r"Retriever.search\(candidates=.*\): must be an integer ≥ 1") as e:
+            ret.search(PAIRS, candidates=bad)
+        assert "\n" not in str(e.value)
+    _, ids = ret.index.search(np.ones((2, ret.sketches.dim), np.float32), 0)
+    assert ids.shape == (2, 0)
 
 
 def test_rank_fractions():

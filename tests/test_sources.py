@@ -77,7 +77,9 @@ def test_concat_refuses_other_tokenizers_and_keeps_labels(tokenizer, scanned):
     mixed = Corpus.concat({"a": labelled, "b": Corpus.from_texts(["x y"], tokenizer)})
     assert mixed.token_labels(0).tolist() == [-100, 6, 7]
     assert mixed.token_labels(1).tolist() == mixed.token_ids(1).tolist()
-    with pytest.raises(CorpusError, match="non-empty dict"):
+    with pytest.raises(TypeError, match=r"Corpus.concat\(parts=\[Corpus.*\): must be a dict"):
         Corpus.concat([labelled])
+    with pytest.raises(CorpusError, match="non-empty dict"):
+        Corpus.concat({})
     with pytest.raises(CorpusError, match="already has a column 'source'"):
         Corpus.concat({"x": both.corpus})

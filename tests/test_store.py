@@ -231,7 +231,7 @@ def test_an_lds_chunk_of_another_recipes_run_is_refused(tmp_path):
              f"{tmp_path / 'c'} holds a retraining run of other retrain")
 
 
-def test_retraining_stores_are_keyed_by_the_recipes_code_never_an_address(tmp_path):
+def test_retraining_stores_are_keyed_by_the_recipes_code_never_an_address(tmp_path, tokenizer):
     def retrain(ids, seed):
         return Linear(torch.tensor([float(np.sum(ids))]))
 
@@ -246,7 +246,8 @@ def test_retraining_stores_are_keyed_by_the_recipes_code_never_an_address(tmp_pa
              "retrain.fingerprint = 'a name for this recipe'")
     anonymous.fingerprint = "sum of ids"
     lds(anonymous, *args, out_dir=tmp_path, **kw)
-    _refused(ValueError, lambda: Retrainer(lambda seed: None, None, TrainConfig()).fingerprint,
+    corpus = Corpus.from_texts(TEXTS[:2], tokenizer, 64)
+    _refused(ValueError, lambda: Retrainer(lambda seed: None, corpus, TrainConfig()).fingerprint,
              "the Retrainer's config <function", "config.fingerprint = ")
 
 

@@ -41,15 +41,21 @@ def positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number from 0 to 1."""
+def fraction(text: str, strict: bool = False) -> float:
+    """An argparse type: a number from 0 to 1 (``strict``: strictly between them)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a number from 0 to 1")
+    if not (0 < value < 1 if strict else 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(
+            f"{text} must be a number {'strictly between 0 and 1' if strict else 'from 0 to 1'}")
     return value
+
+
+def share(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1 (a part, neither none nor all)."""
+    return fraction(text, strict=True)
 
 
 def count_or_all(text: str) -> int | None:
@@ -183,19 +189,31 @@ class Verb:
 
 
 def add_verbs(parser: argparse.ArgumentParser, verbs: Sequence[Verb], dest: str,
-              defaults: dict[str, dict[str, Any]]) -> None:
+              defaults: dict[str, dict[str, Any]], above: str = "") -> None:
     """A subparser per verb (its checks nested under it, named by ``dest="check"``), with
-    ``defaults[verb name]`` (from --config) over the declared defaults; the namespace's
-    ``verb`` says which verb runs."""
+    ``defaults[command]`` (from --config; the command is the verb's words, "validate lds")
+    over the declared defaults; the namespace's ``verb`` says which verb runs."""
     sub = parser.add_subparsers(dest=dest, required=True)
     for verb in verbs:
         child = sub.add_parser(verb.name, help=verb.help)
+        command = f"{above} {verb.name}".strip()
         if verb.checks:
-            add_verbs(child, verb.checks, "check", defaults)
+            add_verbs(child, verb.checks, "check", defaults, command)
             continue
         for group in verb.options():
             group.add_to(child)
-        child.set_defaults(verb=verb, **defaults.get(verb.name, {}))
+        child.set_defaults(verb=verb, words=command, **defaults.get(command, {}))
+
+
+def readers(verbs: Sequence[Verb], above: str = "") -> dict[str, Verb]:
+    """{command: verb} of every verb that reads --config, nested ones named by their words
+    ("validate tail-patch")."""
+    out: dict[str, Verb] = {}
+    for verb in verbs:
+        command = f"{above} {verb.name}".strip()
+        out |= readers(verb.checks, command) if verb.checks else (
+            {command: verb} if verb.config else {})
+    return out
 
 
 # -- options from argument dataclasses -------------------------------------------------------------
@@ -255,19 +273,20 @@ def make(cls: type, ns: argparse.Namespace, prefix: str = "", **fixed: Any) -> A
 # -- the config file -------------------------------------------------------------------------------
 
 def config_defaults(argv: Sequence[str], verbs: Sequence[Verb]) -> dict[str, dict[str, Any]]:
-    """{verb name: {option: value}} from the ``--config FILE.toml`` in ``argv``, for the verb
+    """{command: {option: value}} from the ``--config FILE.toml`` in ``argv``, for the verb
     ``argv`` names if it reads one: the file's top-level keys that the verb has, then its own
-    table; each value converted by its :class:`Option`. A key no verb has is a
-    :class:`CLIError`."""
+    table (``[fit]``; a nested verb's ``[validate.tail-patch]``); each value converted by its
+    :class:`Option`. A key no verb has is a :class:`CLIError`."""
     import tomllib
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("command", nargs="?")
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    readers = {verb.name: verb.declared() for verb in verbs if verb.config}
-    if not known.config or known.command not in readers:
+    declared = {command: verb.declared() for command, verb in readers(verbs).items()}
+    # the verb's words come first ("validate tail-patch --config x.toml ...")
+    command = next((c for c in declared if argv[:len(c.split())] == c.split()), None)
+    if not known.config or command is None:
         return {}
-    path, command = Path(known.config), known.command
+    path = Path(known.config)
     try:
         config = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -276,13 +295,17 @@ def config_defaults(argv: Sequence[str], verbs: Sequence[Verb]) -> dict[str, dic
         raise CLIError(f"--config {path} is not valid TOML ({e})") from None
     dashless = lambda table: {k.replace("-", "_"): v for k, v in table.items()}  # noqa: E731
     shared = dashless({k: v for k, v in config.items() if not isinstance(v, dict)})
-    own = dashless(config.get(command, {}))
-    unknown = [f"{k!r}" for k in shared if not any(k in r for r in readers.values())]
-    unknown += [f"{k!r} in [{command}]" for k in own if k not in readers[command]]
+    own = config
+    for word in command.split():
+        own = own.get(word, {}) if isinstance(own, dict) else {}
+    own = dashless(own)
+    table = command.replace(" ", ".")
+    unknown = [f"{k!r}" for k in shared if not any(k in r for r in declared.values())]
+    unknown += [f"{k!r} in [{table}]" for k in own if k not in declared[command]]
     if unknown:
         raise CLIError(f"--config {path}: unknown option {unknown[0]}; use the flag names "
                        f"of `influence-nb {command} --help`")
-    options = readers[command]
+    options = declared[command]
     values = {k: v for k, v in shared.items() if k in options} | own
     return {command: {k: options[k].convert(v, f"--config {path}: {k}")
                       for k, v in values.items()}}

@@ -13,8 +13,8 @@
 --model is any Hugging Face causal-LM directory (the demo's: influence_nb/demo/assets); --corpus
 a .txt / .jsonl / .parquet file or a saved datasets.Dataset directory. Every option can also come
 from --config FILE.toml: top-level keys apply to every subcommand that has them, a table
-[fit] / [sketch] / [score] / [search] to that one; flags override the file. Spell keys like the
-flags (max_examples or max-examples).
+[fit] / [sketch] / [score] / [search] / [validate.tail-patch] / [validate.lds] to that one;
+flags override the file. Spell keys like the flags (max_examples or max-examples).
 
 On several processes or machines, launch with torchrun (gloo on CPU, NCCL on GPU); the corpus is
 sharded over the ranks and the artifacts are the same as one process writes:
@@ -29,6 +29,7 @@ import os
 import sys
 import time
 import typing
+from typing import Any
 
 from ..checks import first_line
 from . import demo, fit, plan, score, search, sketch, validate
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = p.parse_args(argv)
     missing = [k for k in ns.verb.required if getattr(ns, k) is None]
     if missing:
-        p.error(f"{ns.command} needs --{missing[0].replace('_', '-')} (a flag or a --config key)")
+        p.error(f"{ns.words} needs --{missing[0].replace('_', '-')} (a flag or a --config key)")
 
     from .. import distributed
     created = distributed.init()  # a no-op unless launched by torchrun
@@ -70,15 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = ns.verb.run(ns, rank, world)
     except (Exception, KeyboardInterrupt) as e:  # one line, never a traceback
-        _fail(ns.command, e, f" (rank {rank})" if world > 1 else "")
+        _fail(ns.words, e, f" (rank {rank})" if world > 1 else "")
     finally:
         if created:
             distributed.finish()
     if summary is not None and rank == 0:
         print(json.dumps(dict(command=ns.command, out=str(ns.out), ranks=world,
                               total_seconds=round(time.perf_counter() - t0, 2),
-                              **{k: (round(v, 3) if isinstance(v, float) else v)
-                                 for k, v in summary.items()}), default=str))
+                              **{k: rounded(v) for k, v in summary.items()}), default=str))
+
+
+def rounded(v: Any) -> Any:
+    """A float to 4 significant digits (1e-4 stays 1e-4, never 0.0), else ``v`` itself."""
+    return float(f"{v:.4g}") if isinstance(v, float) else v
 
 
 def _fail(command: str, e: BaseException, where: str) -> typing.NoReturn:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .core import Group, Option, Verb, fraction, positive
+from .core import Group, Option, Verb, positive, share
 from .inputs import io_options, queries, query_options, session
 
 
@@ -47,11 +47,12 @@ def tail_patch(ns: argparse.Namespace, rank: int, world: int) -> dict:
 
 def lds_options() -> list[Group]:
     return [Group(None, (
+        Option("config", "read options from a TOML file", metavar="FILE.toml"),
         Option("world", default="validation", choices=("validation", "micro")),
         Option("subsets", "random subsets (default: 50)", type=positive(int), default=50),
         Option("seeds", "retrains per subset, averaged (default: 1)", type=positive(int),
                default=1),
-        Option("alpha", "fraction of the corpus in each subset (default: 0.5)", type=fraction,
+        Option("alpha", "fraction of the corpus in each subset (default: 0.5)", type=share,
                default=0.5),
         Option("out", "directory for lds.csv and the retrains (required)", metavar="DIR"),
         Option("progress", default=True, switch=True)))]
@@ -93,7 +94,7 @@ VERB = Verb("validate", "counterfactual checks: tail-patching on any model, the 
             "built-in world (see influence_nb.validate)", checks=(
                 Verb("tail-patch", "one SGD step on each top-k candidate (by influence, BM25, "
                      "random); Δ log p of each query -> OUT/tail_patch.csv", tail_patch_options,
-                     tail_patch, required=("model", "corpus", "factors", "out")),
+                     tail_patch, required=("model", "corpus", "factors", "out"), config=True),
                 Verb("lds", "linear datamodeling score of EK-FAC, K-FAC, identity, BM25 and "
                      "random on a built-in world, retrained from scratch (resumable) -> "
-                     "OUT/lds.csv", lds_options, lds, required=("out",))))
+                     "OUT/lds.csv", lds_options, lds, required=("out",), config=True)))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..batching import prepared, source
-from ..checks import as_ids
+from ..checks import as_ids, checked
 from ..curvature import FactorArgs
 from ..hooks import eval_mode
 from ..layers import TrackedLayer, find_layers
@@ -163,6 +163,7 @@ def _correlations(out: pd.DataFrame) -> pd.DataFrame:
                                                         ("spearman", spearman))})
 
 
+@checked(minimum={"eps": 0.0, "lissa_depth": 0, "max_iter": 1})
 def pbrf(model: nn.Module, data: object, prompts: Sequence[Sequence[int]],
          completions: Sequence[Sequence[int]], train_ids: Sequence[int],
          args: FactorArgs | None = None, task: Task | None = None, eps: float | None = None,

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Corpus
-from ..checks import as_ids
+from ..checks import as_ids, checked
 from ..hooks import eval_mode
 from ..store import ChunkStore
 from ..task import Task, measure, to_device
@@ -78,11 +78,13 @@ class _Retrained:
         return out
 
 
+@checked(minimum={"n": 1, "subsets": 2, "seed": 0}, within={"alpha": "(0, 1)"})
 def lds_subsets(n: int, subsets: int = 50, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
     """(subsets, n) bool: random training subsets of exactly round(alpha · n) sequences each."""
-    if not 0 < alpha < 1 or subsets < 2:
-        raise ValueError(f"need 0 < alpha < 1 and at least 2 subsets (got alpha={alpha}, "
-                         f"subsets={subsets})")
+    if not 0 < round(alpha * n) < n:        # every subset empty, or all of them the corpus
+        raise ValueError(f"lds_subsets(alpha={alpha}): alpha · n = {alpha * n:.3g} rounds to "
+                         f"{round(alpha * n)} of the n={n} sequences; pick alpha so that a "
+                         "subset holds some but not all of them")
     rng = np.random.default_rng(seed)
     masks = np.zeros((subsets, n), dtype=bool)
     for m in range(subsets):
@@ -97,6 +99,8 @@ def _bootstrap(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+@checked(minimum={"subsets": 2, "seeds": 0, "subset_seed": 0, "n_boot": 1},
+         within={"alpha": "(0, 1)"}, distinct=("seeds",), nonempty=("seeds",))
 def lds(retrain: Retrain, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
         scores: Mapping[str, np.ndarray], subsets: int = 50, alpha: float = 0.5,
         seeds: Sequence[int] = (0, 1), out_dir: str | os.PathLike | None = None,
@@ -122,6 +126,10 @@ def lds(retrain: Retrain, prompts: Sequence[Sequence[int]], completions: Sequenc
             next(iter(shapes))[0] != len(prompts):
         raise ValueError(f"scores must all be (Q, N) with Q = {len(prompts)} queries; got "
                          f"{sorted(shapes)}")
+    for k, v in scores.items():     # a NaN would drop its query from the mean, silently
+        if not np.isfinite(v).all():
+            q = int(np.flatnonzero(~np.isfinite(v).all(axis=1))[0])
+            raise ValueError(f"scores[{k!r}] holds NaN or inf (query {q}); pass finite scores")
     n = next(iter(shapes))[1]
     masks = lds_subsets(n, subsets, alpha, subset_seed)
     runs = _Retrained(retrain, prompts, completions, task, out_dir,
@@ -143,12 +151,15 @@ def lds(retrain: Retrain, prompts: Sequence[Sequence[int]], completions: Sequenc
     return out
 
 
+@checked(minimum={"k": 1})
 def top_ids(scores: np.ndarray, k: int, negative: bool = False) -> np.ndarray:
     """(Q, k) ids of the k largest scores per query (smallest with ``negative``)."""
     scores = -np.asarray(scores) if negative else np.asarray(scores)
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
+@checked(minimum={"n": 1, "ks": 1, "seeds": 0}, distinct=("ks", "seeds"),
+         nonempty=("ks", "seeds"))
 def leave_out(retrain: Retrain, prompts: Sequence[Sequence[int]],
               completions: Sequence[Sequence[int]], rankings: Mapping[str, np.ndarray], n: int,
               ks: Sequence[int] = (10, 50, 100), seeds: Sequence[int] = (0,),
@@ -163,8 +174,12 @@ def leave_out(retrain: Retrain, prompts: Sequence[Sequence[int]],
     (method, query, k, seed): f_full, f_removed, delta = f_removed − f_full (nats; negative
     when the removed sequences supported the completion).
     """
-    rankings = {m: np.asarray(r, np.int64) for m, r in rankings.items()}
+    rankings = {m: np.asarray(r) for m, r in rankings.items()}
     for m, r in rankings.items():
+        as_ids(r, n, f"rankings[{m!r}]")   # an id out of range would remove nothing, silently
+        if max(ks) >= n:
+            raise ValueError(f"leave_out(ks={tuple(ks)}): each k must be below n={n}, the "
+                             "training sequences (something must remain to train on)")
         if r.ndim != 2 or r.shape[0] != len(prompts) or r.shape[1] < max(ks):
             raise ValueError(f"ranking {m!r} has shape {r.shape}; need (Q={len(prompts)}, "
                              f"≥ {max(ks)}) ids per query")
@@ -186,6 +201,7 @@ def leave_out(retrain: Retrain, prompts: Sequence[Sequence[int]],
                          for j, (m, q, k, s) in enumerate(cases)])
 
 
+@checked(minimum={"lr": 0.0})
 def tail_patch(model: nn.Module, corpus: Corpus, prompts: Sequence[Sequence[int]],
                completions: Sequence[Sequence[int]], candidates: Mapping[str, np.ndarray],
                lr: float = 1e-4, task: Task | None = None, progress: bool = True
@@ -200,9 +216,15 @@ def tail_patch(model: nn.Module, corpus: Corpus, prompts: Sequence[Sequence[int]
     un-preconditioned gradient product: it is a local check, blind to curvature.
     """
     task = task or Task()
-    candidates = {m: np.asarray(c, np.int64) for m, c in candidates.items()}
+    candidates = {m: np.asarray(c) for m, c in candidates.items()}
+    for m, c in candidates.items():
+        as_ids(c, len(corpus), f"candidates[{m!r}]")
+        if c.ndim != 2 or c.shape[0] != len(prompts) or not c.shape[1]:
+            raise ValueError(f"candidates[{m!r}] has shape {c.shape}; need (Q={len(prompts)}, "
+                             "k ≥ 1) training ids per query")
+    if not candidates:
+        raise ValueError("no candidates: pass {method: (Q, k) training ids per query}")
     distinct = np.unique(np.concatenate([c.ravel() for c in candidates.values()]))
-    as_ids(distinct, len(corpus))
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     before = measure(model, prompts, completions, task)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batching import prepared, source
+from ..checks import checked
 from ..curvature import STRATEGIES, FactorArgs, Factors, fit_factors
 from ..hooks import eval_mode
 from ..layers import TrackedLayer, find_layers
@@ -74,6 +75,7 @@ def exact_damping(G: Tensor, layers: Sequence[TrackedLayer], args: FactorArgs) -
     return torch.cat(lam)
 
 
+@checked(minimum={"depth": 1, "batch_size": 1, "scale_factor": 0.0, "seed": 0})
 def lissa(J: Tensor, V: Tensor, lam: Tensor, depth: int = 5000, batch_size: int = 32,
           scale_factor: float = 10.0, seed: int = 0) -> Tensor:
     """LiSSA estimate of (G + diag(lam))⁻¹ V, G = JᵀJ/N, with mini-batch Fisher-vector products.
@@ -97,6 +99,7 @@ def lissa(J: Tensor, V: Tensor, lam: Tensor, depth: int = 5000, batch_size: int 
     return x / scale
 
 
+@checked(minimum={"lissa_depth": 0, "lissa_batch": 1})
 def compare(model: nn.Module, data: object, prompts: Sequence[Sequence[int]],
             completions: Sequence[Sequence[int]], args: FactorArgs | None = None,
             task: Task | None = None, lissa_depth: int = 5000, lissa_batch: int = 32) -> dict:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import checked
 
+
+@checked(minimum={"n_sequences": 16, "train_steps": 0, "seed": 0, "n_queries": 1})
 def toy_problem(n_sequences: int = 2048, train_steps: int = 0, seed: int = 0,
                 dtype: torch.dtype = torch.float64, n_queries: int = 12
                 ) -> tuple[nn.Module, list[dict], list[list[int]], list[list[int]]]:
