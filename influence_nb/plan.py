@@ -194,7 +194,7 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
                 + memory["recording"] + memory["batch"])
     results = lambda q: q * (len(layers) * score.per_layer + 1) * len(corpus) * 8  # noqa: E731
     batch = memory["batch"] * scoring.scan_tokens(model, layers, score.batch_tokens) \
-        // fit.batch_tokens   # the scan's token budget
+        // fit.batch_tokens   # the most tokens a scan's batch takes
     # the scorer holds at most every query's dense R and one group of DW, within its budget
     scorer = lambda q: min(memory["scorer"], q * sum(o * i for o, i in shapes) * size  # noqa: E731
                            + memory["scorer"] // 4)

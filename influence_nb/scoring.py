@@ -54,8 +54,8 @@ class ScoreArgs:
                 None keeps full rank
     batch_size: training sequences per forward + backward; None: as many as fit in
                 ``batch_tokens`` (length-bucketed)
-    batch_tokens: padded tokens per batch when ``batch_size`` is None; None: chosen from the
-                model (:func:`scan_tokens`, 1,024 to 4,096)
+    batch_tokens: padded tokens per batch when ``batch_size`` is None; None: 1,024, or up to
+                4,096 when the scorer must form most of R again per batch (:func:`scan_tokens`)
     query_block: score at most this many queries per pass over the corpus (None: all in one
                 pass): memory flat in the number of queries, at the cost of a pass per block
     per_layer:  keep per-layer scores (Q, L, N) as well as totals
@@ -81,17 +81,39 @@ SCORE_BYTES = 512 << 20   # dense R and per-sequence gradients the scorer holds 
 SCAN_BATCH_BYTES = 256 << 20   # a scan batch's vocabulary-wide buffers and tracked ā, δ
 
 
+def kept_dense(queries: Queries, layers: Sequence[TrackedLayer], budget: int
+               ) -> tuple[set[str], float]:
+    """The layers whose dense R a scorer of ``budget`` bytes keeps for a whole scan — exact R
+    always (it is held anyway), then the smallest first within half the budget — and the share
+    of the other R's bytes, which it forms from their factors again for every batch."""
+    room, keep, formed, total = budget // 2, set(), 0, 0
+    for t in sorted(layers, key=lambda t: t.shape[0] * t.shape[1]):
+        lr = queries.R[t.name]
+        need = len(queries) * t.shape[0] * t.shape[1] * lr.U.element_size()
+        total += need
+        if lr.full is not None or need <= room:
+            keep.add(t.name)
+            room -= 0 if lr.full is not None else need
+        else:
+            formed += need
+    return keep, formed / max(1, total)
+
+
 def scan_tokens(model: nn.Module, layers: Sequence[TrackedLayer],
-                batch_tokens: int | None = None) -> int:
-    """Padded tokens per scan batch: ``batch_tokens`` when given, else as many as take
-    :data:`SCAN_BATCH_BYTES` at 4 bytes for each of two vocabulary-wide numbers (the logits and
-    their gradient, see ``task.LOGIT_BYTES``) and each tracked layer's ā and δ per token, from
-    1,024 (the fit's budget) to 4,096. Larger batches share the scorer's work per batch —
-    forming R from its factors, at many queries — among more sequences (on the short world's
-    200-query scan of every block linear, 3,637 tokens took 0.67× the time of 1,024); a 32–50 K
-    vocabulary keeps 1,024."""
+                batch_tokens: int | None = None, formed: float = 1.0) -> int:
+    """Padded tokens per scan batch: ``batch_tokens`` when given; 1,024 (the fit's budget)
+    when the scorer keeps most of R (``formed``, the share it forms again per batch, is at most
+    a half: :func:`kept_dense`); else as many as take :data:`SCAN_BATCH_BYTES` at 4 bytes for
+    each of two vocabulary-wide numbers (the logits and their gradient, see
+    ``task.LOGIT_BYTES``) and each tracked layer's ā and δ per token, from 1,024 to 4,096.
+    Larger batches share forming R among more sequences (the short world's 200-query scan of
+    every block linear: 0.67× the time at 1,024) but gain nothing else, and slow the
+    per-sequence DW a little (longer streams through memory); a 32–50 K vocabulary keeps
+    1,024."""
     if batch_tokens is not None:
         return batch_tokens
+    if formed <= 0.5:
+        return 1024
     head = model.get_output_embeddings()
     V = head.weight.shape[0] if head is not None else 0
     per_token = 4 * (2 * V + sum(o + i for o, i in (t.shape for t in layers)))
@@ -153,14 +175,7 @@ class Scorer(Consumer):
         self.index = {t.name: l for l, t in enumerate(layers)}
         self.layer_scores = np.zeros((len(queries), len(layers), n))
         self.tokens: list[np.ndarray | None] = [None] * n if per_token else None
-        room = self.budget // 2
-        self._keep: set[str] = set()             # layers whose dense R stays for the scan
-        for t in sorted(layers, key=lambda t: t.shape[0] * t.shape[1]):
-            lr = queries.R[t.name]
-            need = len(queries) * t.shape[0] * t.shape[1] * lr.U.element_size()
-            if lr.full is not None or need <= room:
-                self._keep.add(t.name)
-                room -= 0 if lr.full is not None else need
+        self._keep = kept_dense(queries, layers, self.budget)[0]   # dense R for the scan
         self._dense: dict[str, Tensor] = {}
         self._batch: dict[int, Tensor] = {}      # layer -> (Q, B) on the model's device
         self._tok: Tensor | None = None          # (Q, B, T) summed over the layers so far
@@ -273,6 +288,8 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
                    if out_dir is not None or world > 1 else None)
     Q, L = len(queries), len(layers)
     layer_scores = np.zeros((Q, L, len(ids)))
+    tokens = scan_tokens(model, layers, args.batch_tokens,
+                         kept_dense(queries, layers, SCORE_BYTES)[1])
     mine = chunks(len(ids), args.chunk_size)
     with tqdm(total=sum(len(ids[s:s + args.chunk_size]) for s in mine), desc="scoring",
               unit="seq", disable=not args.progress) as bar:
@@ -282,7 +299,7 @@ def scan(model: nn.Module, queries: Queries, corpus: Corpus, args: ScoreArgs | N
             done = chunk_store.read(start, chunk, shape) if chunk_store else None
             if done is None:
                 src = source(corpus, args.batch_size, chunk, window=len(chunk),
-                             tokens=scan_tokens(model, layers, args.batch_tokens))
+                             tokens=tokens)
                 done = {"layer_scores": corpus_pass(model, layers, src,
                                                     [Scorer(queries, layers, len(chunk))],
                                                     task=task, progress=bar)[0][0]}

@@ -281,8 +281,9 @@ def test_fisher_probe_in_chunks_draws_like_the_whole(monkeypatch):
 
 
 def test_scan_batches_take_more_tokens_where_tokens_are_cheap():
-    """ScoreArgs(batch_tokens=None): 4 bytes for 2 vocabulary-wide numbers and each tracked
-    ā, δ per token within SCAN_BATCH_BYTES, from 1,024 to 4,096 tokens; a given budget stands."""
+    """ScoreArgs(batch_tokens=None): when the scorer forms most of R again per batch, 4 bytes
+    for 2 vocabulary-wide numbers and each tracked ā, δ per token within SCAN_BATCH_BYTES, from
+    1,024 to 4,096 tokens; 1,024 when it keeps most of R; a given budget stands."""
     from influence_nb.layers import find_layers
     from influence_nb.scoring import SCAN_BATCH_BYTES, scan_tokens
     for vocab, expected in ((50_257, 1024), (64, 4096)):
@@ -293,3 +294,4 @@ def test_scan_batches_take_more_tokens_where_tokens_are_cheap():
     per_token = 4 * (2 * 16_000 + sum(o + i for o, i in (t.shape for t in layers)))
     assert scan_tokens(model, layers) == SCAN_BATCH_BYTES // per_token == 2047
     assert scan_tokens(model, layers, 97) == 97
+    assert scan_tokens(tiny_neox(vocab=64), layers, None, formed=0.5) == 1024
