@@ -21,7 +21,7 @@ compares (``--trials`` kills that land while the run is going, per operation):
 - **nothing partial accepted**: a torn piece left by the kill is either invisible to the
   reader or refused; accepting one would show as a difference from the reference.
 
-Temporary files a killed atomic write leaves behind (``.<name>.<pid>.tmp``, never read) are
+Temporary files a killed atomic write leaves behind (``.<name>.<host>.<pid>.tmp``, never read) are
 counted apart. Children are forked from this process once the inputs are built (no import per
 trial): each is a separate process that SIGKILL ends at an arbitrary instruction, leaving what
 it had handed the kernel (a kill -9 keeps the page cache; a power cut is not tested).

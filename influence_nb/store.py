@@ -48,14 +48,36 @@ def cache_dir() -> Path:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path``: temporary name, fsync, rename (a reader never sees a part)."""
+    """Write ``data`` to ``path``: temporary name (naming this host and process), fsync, rename
+    (a reader never sees a part)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Remove what :func:`atomic_write`s killed before their rename left in ``directory``: the
+    temporaries of this host whose process is gone (another host's, or a live writer's, stay —
+    their writer may still rename them)."""
+    host = socket.gethostname()
+    for tmp in directory.glob(f".*.{host}.*.tmp"):
+        pid = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:
@@ -180,10 +202,10 @@ class ChunkStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.description = json.loads(json.dumps(description))  # as it reads back from JSON
         path = self.root / "manifest.json"
-        if not path.exists():   # ranks of one job open one store: one of them writes it
-            with lock(self.root, ValueError, wait=True, name=".manifest.lock"):
-                if not path.exists():
-                    self._create(path)
+        with lock(self.root, ValueError, wait=True, name=".manifest.lock"):
+            remove_stale_temporaries(self.root)   # a chunk write killed before its rename
+            if not path.exists():   # ranks of one job open one store: one of them writes it
+                self._create(path)
         m = read_manifest(path, self.FORMAT, ValueError,
                           f"delete {self.root} and run the {what} again", ("description", "run"))
         if m["description"] != self.description:

@@ -272,3 +272,22 @@ def test_a_scan_after_the_weights_changed_in_place_is_refused(small, tokenizer):
     _refused(ValueError, lambda: inf.scan(PAIR), *stale)
     inf.fit(FactorArgs(batch_size=6, progress=False))   # refitted: scans again
     inf.scan(PAIR)
+
+
+def test_a_chunk_write_killed_before_its_rename_leaves_nothing_behind(tmp_path):
+    """Opening a chunk store removes this host's temporaries whose writer is gone; a live
+    writer's stay (it may still rename them)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from influence_nb.store import ChunkStore
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    dead = tmp_path / f".chunk_00000000.npz.{host}.{gone}.tmp"
+    live = tmp_path / f".chunk_00000008.npz.{host}.{os.getpid()}.tmp"
+    for p in (dead, live):
+        p.write_bytes(b"part")
+    ChunkStore(tmp_path, {"what": 1})
+    assert not dead.exists() and live.exists()
