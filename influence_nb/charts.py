@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
 
 import altair as alt
 import numpy as np
 import pandas as pd
 
 from . import style
+from .checks import checked, whole
+from .results import InfluenceResult
 from .widgets import short_layer_names
-
-if TYPE_CHECKING:
-    from .results import InfluenceResult
 
 __all__ = ["distribution", "layer_heatmap", "layer_profile", "lds_scatter", "offline", "save_png",
            "source_split", "theme", "variants"]
@@ -67,13 +65,14 @@ def _sign_colour(field: str) -> dict:
     return alt.condition(f"datum.{field} >= 0", alt.value(POS), alt.value(NEG))
 
 
+@checked(within={"tail": "(0, 1)", "points": "[1, 100000]"})
 def distribution(result: "InfluenceResult", q: int = 0, tail: float = 0.05,
                  points: int = 400) -> alt.LayerChart:
     """Log–log plot of the positive scores of query ``q``: for each score x, how many sequences
     score at least x, with the power-law tail fitted to the top ``tail`` fraction
     (:class:`~influence_nb.search.PowerLawTail`) as a dashed line (paper §5: heavy tails)."""
     from .search import PowerLawTail
-    s = result.scores[q]
+    s = result.scores[result.query_index(q)]
     law = PowerLawTail.fit(s, tail)
     x = np.sort(s[s > 0])[::-1]
     ranks = np.unique(np.geomspace(1, len(x), points).astype(int))
@@ -105,16 +104,26 @@ def layer_profile(result: "InfluenceResult", q: int = 0, k: int | None = None) -
                  title=f"Influence per layer, query {q} ({what})")
 
 
+def _labelled(result: "InfluenceResult", queries: list[int] | None,
+              labels: list[str] | None) -> dict[int, str]:
+    """{query row: its label}: ``labels`` (one per query), else "q: completion"."""
+    rows = (list(range(result.n_queries)) if queries is None else
+            [result.query_index(q) for q in queries])
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"labels: {len(labels)} for {len(rows)} queries; give one per query")
+    return {q: labels[i] if labels else f"{q}: {result.queries[q]['completion'].strip()}"
+            for i, q in enumerate(rows)}
+
+
+@checked(minimum={"k": 1}, distinct=("queries",), nonempty=("queries",))
 def layer_heatmap(result: "InfluenceResult", queries: list[int] | None = None,
                   k: int | None = 10, labels: list[str] | None = None) -> alt.Chart:
     """Queries × layers: each query's per-layer influence (top-k) as a share of Σ|layers|."""
-    queries = list(range(result.n_queries)) if queries is None else queries
     names = short_layer_names(result.layer_names)
     rows = []
-    for i, q in enumerate(queries):
+    for q, label in _labelled(result, queries, labels).items():
         prof = result.layer_profile(q, k).to_numpy()
         share = prof / max(np.abs(prof).sum(), 1e-30)
-        label = labels[i] if labels else f"{q}: {result.queries[q]['completion'].strip()}"
         rows += [dict(query=label, layer=n, share=float(v)) for n, v in zip(names, share)]
     m = max(abs(r["share"]) for r in rows)
     return alt.Chart(pd.DataFrame(rows)).mark_rect().encode(
@@ -128,15 +137,15 @@ def layer_heatmap(result: "InfluenceResult", queries: list[int] | None = None,
                  title="Where the influence sits: share of each layer (top sequences)")
 
 
+@checked(distinct=("queries",), nonempty=("queries",))
 def source_split(result: "InfluenceResult", queries: list[int] | None = None,
                  labels: list[str] | None = None) -> alt.Chart:
     """How each query's influence splits between the corpora of a scan over several: a bar
     per query, one segment per source, its share of Σ|score| (tooltips: sums of positive and
     negative scores, sequences, mean |score| per sequence; :meth:`InfluenceResult.split`)."""
     split = result.split().reset_index()
-    queries = list(range(result.n_queries)) if queries is None else queries
-    names = {q: labels[i] if labels else f"{q}: {result.queries[q]['completion'].strip()}"
-             for i, q in enumerate(queries)}
+    names = _labelled(result, queries, labels)
+    queries = list(names)
     df = split[split["query"].isin(queries)].assign(label=lambda d: d["query"].map(names))
     sources = result.sources
     return alt.Chart(df).mark_bar().encode(
@@ -154,11 +163,13 @@ def source_split(result: "InfluenceResult", queries: list[int] | None = None,
         width=380, height=alt.Step(24), title="How the influence splits between the corpora")
 
 
+@checked()
 def variants(table: pd.DataFrame, title: str = "Synthetic sequences") -> alt.LayerChart:
     """A bar per label (the mean score) with each sequence as a dot; ``table`` has columns
     ``label`` and ``score`` (e.g. ``SyntheticLab.table``), several rows per label allowed."""
-    if not {"label", "score"} <= set(table.columns):
-        raise ValueError(f"need columns 'label' and 'score', got {list(table.columns)}")
+    if not {"label", "score"} <= set(table.columns) or not np.isfinite(table["score"]).all():
+        raise ValueError(f"table needs columns 'label' and 'score' (finite numbers), got "
+                         f"{list(table.columns)}")
     order = list(dict.fromkeys(table["label"]))
     mean = table.groupby("label", sort=False)["score"].mean().reset_index()
     y = alt.Y("label:N", sort=order, title=None)
@@ -172,6 +183,7 @@ def variants(table: pd.DataFrame, title: str = "Synthetic sequences") -> alt.Lay
     return alt.layer(*layers).properties(width=380, height=alt.Step(26), title=title)
 
 
+@checked(nonempty=("strategies",))
 def lds_scatter(table: pd.DataFrame, q: int = 0, strategies: list[str] | None = None
                 ) -> alt.FacetChart:
     """Predicted group effect Σ_{i∈S} τ_q(z_i) against the query's measured log p after
@@ -179,7 +191,12 @@ def lds_scatter(table: pd.DataFrame, q: int = 0, strategies: list[str] | None = 
     ``table`` is what :func:`~influence_nb.validate.lds` returns."""
     if "predicted" not in table.attrs:
         raise ValueError("need the table returned by influence_nb.validate.lds")
-    strategies = strategies or list(table.attrs["predicted"])
+    known = list(table.attrs["predicted"])
+    if not set(strategies or known) <= set(known):
+        raise ValueError(f"strategies={strategies!r}: this table has {known}")
+    strategies = strategies or known
+    n = len(table.attrs["per_query"])
+    q = whole(q, f"query (this table has {n})", -n, n) % n
     rho = table.attrs["per_query"].iloc[q]
     frame = pd.concat([pd.DataFrame({
         "strategy": f"{s} (ρ = {rho[s]:.2f})", "predicted": table.attrs["predicted"][s][:, q],

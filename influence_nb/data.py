@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .checks import as_ids, checked, first_line
+from .checks import as_ids, checked, first_line, whole
 
 _BLOCK = 1024  # documents tokenized per call when streaming a source
 RESERVED = frozenset({"text", "doc", "offset", "n_tokens", "parent_id"})  # columns of Corpus.df
@@ -332,16 +332,30 @@ class Corpus:
         return (f"Corpus({len(self)} sequences, {len(self.tokens)} tokens, max_len={self.max_len}"
                 f", source={self.source!r}, fingerprint={self.fingerprint})")
 
+    def row(self, i: int) -> int:
+        """Sequence id ``i`` checked: an integer in [0, N), never a bool, a float or a negative
+        id wrapped around (a one-line error naming it)."""
+        return whole(i, f"id (the corpus has {len(self.offsets) - 1} sequences)", 0,
+                     len(self.offsets) - 1)
+
     def token_ids(self, i: int) -> np.ndarray:
         """Token ids of sequence ``i``, shape (n_tokens,)."""
+        i = self.row(i)
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def token_labels(self, i: int) -> np.ndarray | None:
         """Labels of sequence ``i`` (n_tokens,), -100 where not trained on; None without labels."""
-        return None if self.labels is None else self.labels[self.offsets[i]:self.offsets[i + 1]]
+        return None if self.labels is None else self._rows(self.labels, [self.row(i)])[0]
 
     def text(self, i: int) -> str:
-        return self.df.at[i, "text"]
+        return self.df.at[self.row(i), "text"]
+
+    def _rows(self, flat: np.ndarray, ids: np.ndarray | Sequence[int]) -> list[np.ndarray]:
+        """The slices of ``flat`` (tokens or labels) of the checked ``ids``, in their order (the
+        passes' hot path: no check per sequence)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return [flat[a:b] for a, b in zip(self.offsets[ids].tolist(),
+                                          self.offsets[ids + 1].tolist())]
 
     @property
     def pad_id(self) -> int:
@@ -352,12 +366,12 @@ class Corpus:
     def batches(self, batch_size: int = 32, ids: Sequence[int] | None = None,
                 progress: bool = False) -> Iterator[Batch]:
         """Padded batches over ``ids`` (default: all, in id order)."""
-        ids = np.arange(len(self)) if ids is None else np.asarray(ids, dtype=np.int64)
+        ids = as_ids(ids, len(self))
         starts = range(0, len(ids), batch_size)
         for s in tqdm(starts, desc="batches", disable=not progress, unit="batch"):
             chunk = ids[s:s + batch_size]
-            yield pad_batch([self.token_ids(i) for i in chunk], self.pad_id, chunk,
-                            None if self.labels is None else [self.token_labels(i) for i in chunk])
+            yield pad_batch(self._rows(self.tokens, chunk), self.pad_id, chunk,
+                            None if self.labels is None else self._rows(self.labels, chunk))
 
     def by_length(self, ids: Sequence[int], window: int) -> np.ndarray:
         """Positions into ``ids`` that order them by token count within consecutive windows of
@@ -373,14 +387,14 @@ class Corpus:
         """A new corpus of the given rows (renumbered from 0; the old id is kept as
         ``parent_id``)."""
         ids = as_ids(ids, len(self))
-        seqs = [self.token_ids(i) for i in ids]
+        seqs = self._rows(self.tokens, ids)
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         df = self.df.iloc[ids].reset_index().rename(columns={"id": "parent_id"})
         df.index.name = "id"
         flat = np.concatenate(seqs) if len(seqs) else np.zeros(0, np.int32)
         labels = (None if self.labels is None else
-                  np.concatenate([self.token_labels(i) for i in ids]) if len(ids) else
+                  np.concatenate(self._rows(self.labels, ids)) if len(ids) else
                   np.zeros(0, np.int32))
         return Corpus(flat, offsets, df, self.tokenizer, self.max_len, self.source, labels)
 

@@ -25,7 +25,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from .checks import first_line
+from .checks import checked, first_line
 from .quiet import loading_quietly
 
 __all__ = ["InfluenceMagics", "MagicError", "load_ipython_extension", "parse_paragraphs",
@@ -58,6 +58,7 @@ def _one_line(magic: Callable) -> Callable:
     return run
 
 
+@checked()
 def parse_query(line: str) -> tuple[str, str]:
     """``"prompt || completion"`` → (prompt, completion). Spaces around ``||`` become the single
     leading space of the completion (as a BPE tokenizer expects); ``prompt||completion`` joins
@@ -77,6 +78,7 @@ def parse_query(line: str) -> tuple[str, str]:
 _LABEL = re.compile(r"^\[([^\]\n]{1,40})\]\s*")
 
 
+@checked()
 def parse_paragraphs(cell: str) -> tuple[list[str], list[str]]:
     """Paragraphs separated by blank lines → (texts, labels); a paragraph may start with a
     ``[label]``."""

@@ -70,7 +70,8 @@ class InfluenceResult:
             return []
         return [c for c in self.corpus.df.columns if c not in ("text", "doc", "offset", "n_tokens")]
 
-    def _q(self, q: int) -> int:
+    def query_index(self, q: int) -> int:
+        """Query ``q`` as a row in [0, Q) (-1 is the last); a one-line error outside [-Q, Q)."""
         return whole(q, f"query (this result has {self.n_queries})", -self.n_queries,
                      self.n_queries) % self.n_queries
 
@@ -96,7 +97,7 @@ class InfluenceResult:
         scores), "negative" (most negative) or "abs"; ``source``: only that corpus's sequences
         (a scan over several). Columns: rank, id, score, text and the corpus metadata, and one
         column per layer when per-layer scores were kept."""
-        s = self.scores[self._q(q)]
+        s = self.scores[self.query_index(q)]
         key = {"positive": -s, "negative": s, "abs": -np.abs(s)}[sign]
         order = np.argsort(key, kind="stable")
         if source is not None:
@@ -112,7 +113,7 @@ class InfluenceResult:
             df = pd.concat([df, meta.drop(columns=["n_tokens"], errors="ignore")], axis=1)
         if self.layer_scores is not None:
             for l, name in enumerate(self.layer_names):
-                df[name] = self.layer_scores[self._q(q), l, order]
+                df[name] = self.layer_scores[self.query_index(q), l, order]
         return df.set_index("rank")
 
     @checked(minimum={"k": 1})
@@ -143,9 +144,9 @@ class InfluenceResult:
         """Per-layer sum of scores on query ``q`` (over the top-k positive, or all)."""
         if self.layer_scores is None:
             raise ValueError("per-layer scores were not kept; scan with ScoreArgs(per_layer=True)")
-        ls = self.layer_scores[self._q(q)]
+        ls = self.layer_scores[self.query_index(q)]
         if k is not None:
-            ls = ls[:, np.argsort(-self.scores[self._q(q)])[:k]]
+            ls = ls[:, np.argsort(-self.scores[self.query_index(q)])[:k]]
         return pd.Series(ls.sum(1), index=self.layer_names, name="score")
 
     @checked()
@@ -161,7 +162,7 @@ class InfluenceResult:
         ids = self.corpus.token_ids(id)
         tok = self.corpus.tokenizer
         return pd.DataFrame({"token": [tok.decode([int(t)]) for t in ids],
-                             "score": per_seq[0][self._q(q)]})
+                             "score": per_seq[0][self.query_index(q)]})
 
     # -- persistence --------------------------------------------------------------------------
 

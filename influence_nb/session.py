@@ -58,14 +58,16 @@ class Influence:
         self.corpus = self._check_corpus(corpus) if corpus is not None else None
 
     @classmethod
-    def demo(cls, args: FactorArgs | None = None, **kw: Any) -> "Influence":
+    @checked()
+    def demo(cls, args: FactorArgs | None = None, score_args: ScoreArgs | None = None,
+             task: Task | None = None) -> "Influence":
         """The embedded demo world with EK-FAC factors (fitted once, then cached), by default
         on :data:`DEMO_FIT`'s random sample of 4,096 of its 20,000 sequences (about a minute
         on two cores, where all of them take five or more); the full fit is
         ``Influence.demo(FactorArgs(batch_size=32))``. Scores use every sequence either way."""
         from . import demo
         model, tokenizer, corpus = demo.load()
-        inf = cls(model, tokenizer, corpus, **kw)
+        inf = cls(model, tokenizer, corpus, score_args=score_args, task=task)
         inf.fit(args or DEMO_FIT, cache=True)
         return inf
 

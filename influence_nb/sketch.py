@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, store
 from .batching import source
-from .checks import as_ids
+from .checks import as_ids, checked
 from .curvature import Factors, fingerprint_of
 from .data import Corpus
 from .layers import find_layers
@@ -107,6 +107,7 @@ class Sketches:
                 f"{self.manifest['projection']['variant']}, {self.path})")
 
     @classmethod
+    @checked()
     def open(cls, path: str | os.PathLike, model: nn.Module | None = None,
              factors: Factors | None = None, verify: bool = True) -> "Sketches":
         """Open a store read-only. With ``model`` / ``factors``, refuse a store made for others;
@@ -191,6 +192,7 @@ def _check_owner(path: Path, manifest: dict, model: nn.Module | None,
                           "factors or rebuild the sketches in a new directory")
 
 
+@checked(distinct=("ids",), nonempty=("ids",))
 def build_sketches(model: nn.Module, factors: Factors, corpus: Corpus,
                    path: str | os.PathLike, args: SketchArgs | None = None,
                    ids: Sequence[int] | None = None, task: Task | None = None) -> Sketches:

@@ -29,7 +29,8 @@ import pandas as pd
 import traitlets as t
 
 from . import snapshot
-from .results import InfluenceResult
+from .checks import checked, shown
+from .results import SIGNS, InfluenceResult
 from .view import View
 
 if TYPE_CHECKING:
@@ -54,10 +55,15 @@ def _floats(x: Any) -> list[float]:
 
 
 def _paired(labels: Sequence[str], values: Sequence[float], what: tuple[str, str]) -> list[float]:
-    """``values`` as floats, one per label; ``what`` names both for the error."""
-    if len(labels) != len(values):
-        raise ValueError(f"{len(labels)} {what[0]} but {len(values)} {what[1]}")
-    return _floats(values)
+    """``values`` as finite floats, one per label; ``what`` names both for the error."""
+    try:
+        x = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what[1]} must be numbers, got {shown(values)}") from None
+    if x.shape != (len(labels),) or not np.isfinite(x).all():
+        raise ValueError(f"{what[1]} must be {len(labels)} finite numbers (one per entry of "
+                         f"{what[0]}), got {shown(values)}")
+    return x.tolist()
 
 
 class TokenHighlight(View):
@@ -175,6 +181,7 @@ class InfluenceExplorer(View):
     SPAN = 8        # tokens in a snippet's highlighted span
     CONTEXT = 12    # tokens of context either side of it
 
+    @checked(minimum={"k": 1}, choices={"sign": SIGNS})
     def __init__(self, result: "InfluenceResult", k: int = 20, query: int = 0,
                  sign: str = "positive", source: str = "", **kw: Any):
         self.result, self.k = result, k
@@ -316,6 +323,7 @@ class SyntheticLab(View):
     busy = t.Bool(False).tag(sync=True)
     error = t.Unicode("").tag(sync=True)
 
+    @checked()
     def __init__(self, session: "Influence", query: "tuple[str, str] | Queries",
                  texts: Sequence[str] = (), labels: Sequence[str] = (), score: bool = True,
                  **kw: Any):

@@ -34,26 +34,33 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from IPython.core.error import UsageError
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from test_scoring import TEXTS, tiny_model  # noqa: E402
 
-from influence_nb import demo  # noqa: E402
+from influence_nb import charts, demo  # noqa: E402
 from influence_nb.calibration import CalibrationArgs  # noqa: E402
 from influence_nb.cli import main  # noqa: E402
 from influence_nb.curvature import STRATEGIES, FactorArgs, fit_factors  # noqa: E402
 from influence_nb.data import Corpus  # noqa: E402
+from influence_nb.demo.world import WorldConfig  # noqa: E402
 from influence_nb.index import IndexArgs  # noqa: E402
+from influence_nb.magics import (InfluenceMagics, MagicError, parse_paragraphs,  # noqa: E402
+                                 parse_query)
 from influence_nb.projection import SketchArgs  # noqa: E402
 from influence_nb.queries import Queries  # noqa: E402
 from influence_nb.results import SIGNS  # noqa: E402
 from influence_nb.retriever import Retriever  # noqa: E402
+from influence_nb.sketch import Sketches, build_sketches  # noqa: E402
 from influence_nb.scoring import ScoreArgs  # noqa: E402
 from influence_nb.session import Influence  # noqa: E402
 from influence_nb.trainer import InfluenceCallback, factors_path  # noqa: E402
 from influence_nb.training import Retrainer, TrainConfig, train  # noqa: E402
 from influence_nb.validate import (lds, lds_subsets, leave_out, pbrf, tail_patch,  # noqa: E402
                                    top_ids)
+from influence_nb.widgets import (InfluenceExplorer, LayerBars, SyntheticLab,  # noqa: E402
+                                  TokenHighlight)
 
 NAN, INF, HUGE = float("nan"), float("inf"), 10 ** 18
 N = len(TEXTS)                      # the corpus: 24 sequences
@@ -425,6 +432,218 @@ def _doors() -> list[Door]:
     return d
 
 
+def _more_doors() -> list[Door]:
+    """The doors of the second round: the corpus's rows, sketches, the Trainer and demo
+    entries, the widgets, the magics, the charts and the rest of the command line."""
+    d = []
+    add = lambda *a, **k: d.append(Door(*a, **k))  # noqa: E731
+    one_id = lambda v: count(0)(v) and v < N  # noqa: E731
+    # the corpus's rows
+    add("Corpus.token_ids", "i", ONE_ID, lambda w, v: w.corpus.token_ids(v), one_id,
+        lambda w, v, out: list(out) == w.tokenizer(TEXTS[int(v)])["input_ids"][:64], ("id",))
+    add("Corpus.text", "i", ONE_ID, lambda w, v: w.corpus.text(v), one_id,
+        lambda w, v, out: out == TEXTS[int(v)], ("id",))
+    add("Corpus.batches", "ids", IDS, lambda w, v: list(w.corpus.batches(4, ids=v)),
+        ids_in(N, none=True), lambda w, v, out: [int(i) for b in out for i in b.ids] == (
+            list(range(N)) if v is None else [int(i) for i in np.asarray(list(v) if isinstance(
+                v, range) else v)]), ("ids", "id "))
+    # sketches and the retriever
+    sketch = lambda w, **k: build_sketches(  # noqa: E731
+        *(k.pop(a, getattr(w.inf, a)) for a in ("model", "factors", "corpus")),
+        k.pop("path", tempfile.mkdtemp(prefix="hostile-sk-")),
+        k.pop("args", SketchArgs(m=16, progress=False)), **k)
+    add("build_sketches", "ids", IDS, lambda w, v: sketch(w, ids=v),
+        lambda v: ids_in(N, empty=False, none=True)(v) and (v is None or len(set(
+            np.asarray(list(v)).tolist())) == len(v)),
+        lambda w, v, out: sorted(out.ids.tolist()) == sorted(
+            range(N) if v is None else np.asarray(list(v)).tolist()), ("ids", "id "))
+    add("build_sketches", "args", ["x", 3, {"m": 16}, IndexArgs(progress=False)],
+        lambda w, v: sketch(w, args=v), lambda v: False)
+    add("build_sketches", "corpus", ["x", None, TEXTS], lambda w, v: sketch(w, corpus=v),
+        lambda v: False)
+    add("build_sketches", "factors", ["x", None, 3], lambda w, v: sketch(w, factors=v),
+        lambda v: False)
+    add("build_sketches", "path", [3, None, ["a"]], lambda w, v: sketch(w, path=v),
+        lambda v: False)
+    add("Sketches.open", "path", [3, None, "/nonexistent", "EMPTY"],
+        lambda w, v: Sketches.open(tempfile.mkdtemp() if v == "EMPTY" else v), lambda v: False,
+        words=("path=", "is missing"))
+    for arg in ("sketches", "index"):
+        add("Retriever", arg, ["x", None, 3], lambda w, v, a=arg: Retriever(**{
+            "inf": w.inf, "sketches": w.ret.sketches, "index": w.ret.index, a: v}),
+            lambda v: False)
+    # the Trainer and the demo entries
+    add("Influence.from_trainer", "trainer", [None, "x", 3, SimpleNamespace()],
+        lambda w, v: Influence.from_trainer(v), lambda v: False,
+        words=("trainer=", "Trainer"))
+    add("Influence.from_trainer", "step", [-1, 1.5, True, "3", HUGE],
+        lambda w, v: Influence.from_trainer(fake_trainer(w), v), lambda v: False,
+        words=("step=", "no factors"))
+    add("Influence.from_trainer", "model", ["x", 3, None],
+        lambda w, v: Influence.from_trainer(fake_trainer(w), model=v), lambda v: v is None,
+        lambda w, v, out: len(out.corpus) == N and out.factors is None)
+    add("InfluenceCallback", "args", ["x", {"damping": 1}, 3, ScoreArgs()],
+        lambda w, v: InfluenceCallback(args=v), lambda v: False)
+    add("InfluenceCallback", "at_end", BOOLS, lambda w, v: InfluenceCallback(at_end=v),
+        lambda v: isinstance(v, (bool, np.bool_)), lambda w, v, out: out.at_end == v)
+    add("Influence.demo", "args", ["x", 3, {"batch_size": 3}, FactorArgs, ScoreArgs()],
+        lambda w, v: Influence.demo(v), lambda v: False)
+    add("Influence.demo", "score_args", ["x", 3, {}, FactorArgs()],
+        lambda w, v: Influence.demo(score_args=v), lambda v: False)
+    add("demo.spread_facts", "n", COUNTS, lambda w, v: demo.spread_facts(v),
+        lambda v: count(1)(v) and v <= len(demo.facts()),
+        lambda w, v, out: len(out) == v and len({f.id for f in out}) == v, ("n=", "facts"))
+    add("demo.first_token", "paraphrase", [-1, 4, 1.5, True, "0", None, HUGE, 0, 3],
+        lambda w, v: demo.first_token(demo.facts()[0], w.tokenizer, v),
+        lambda v: count(0)(v) and v < 4,
+        lambda w, v, out: out[0] == demo.facts()[0].prompt(v), ("paraphrase",))
+    add("demo.facts", "world", [3, None, "/nonexistent", "nosuchpreset"],
+        lambda w, v: demo.facts(v), lambda v: False, words=("world", "preset"))
+    add("demo.translate", "text", [3, None, b"a b"], lambda w, v: demo.translate(v),
+        lambda v: False)
+    add("demo.translate", "keep", ["Alpha", 3, ["Alpha"], frozenset({"Alpha"})],
+        lambda w, v: demo.translate("Alpha is the word.", v),
+        lambda v: isinstance(v, frozenset), lambda w, v, out: "Alpha" in out)
+    add("demo.word_order", "facts", ["x", [], None, [1]],
+        lambda w, v: demo.word_order(w.inf, v), lambda v: False, words=("facts",))
+    for field, values, good in [("n_sequences", COUNTS, count(1)),
+                                ("facts_per_relation", COUNTS, count(1)),
+                                ("canonical_share", FLOATS, real(0, 1, False, False)),
+                                ("seed", COUNTS, count(0))]:
+        add("WorldConfig", field, values, lambda w, v, f=field: WorldConfig(**{f: v}), good,
+            lambda w, v, out, f=field: getattr(out, f) is v)
+    # the widgets
+    add("TokenHighlight.of", "q", QUERY, lambda w, v: TokenHighlight.of(w.res, v, 0),
+        lambda v: count(-2)(v) and v < 2, lambda w, v, out: len(out.tokens) > 0,
+        ("q=", "query"))
+    add("TokenHighlight.of", "id", ONE_ID, lambda w, v: TokenHighlight.of(w.res, 0, v), one_id,
+        lambda w, v, out: len(out.tokens) == len(w.corpus.token_ids(int(v))), ("id",))
+    add("TokenHighlight", "scores", [[NAN, 1.0], [1.0], "ab", None, [[1.0, 2.0]], [1.0, 2.0]],
+        lambda w, v: TokenHighlight(["a", "b"], v), lambda v: v == [1.0, 2.0],
+        lambda w, v, out: out.scores == [1.0, 2.0], ("scores",))
+    add("LayerBars.of", "k", COUNTS, lambda w, v: LayerBars.of(w.res, 0, v),
+        count(1, none=True), lambda w, v, out: len(out.values) == len(w.res.layer_names))
+    add("LayerBars.of", "q", QUERY, lambda w, v: LayerBars.of(w.res, v),
+        lambda v: count(-2)(v) and v < 2, lambda w, v, out: len(out.values) > 0,
+        ("q=", "query"))
+    add("InfluenceExplorer", "k", COUNTS, lambda w, v: InfluenceExplorer(w.res, k=v),
+        count(1), lambda w, v, out: 0 < len(out.rows) <= 2 * min(v, N))
+    add("InfluenceExplorer", "query", QUERY, lambda w, v: InfluenceExplorer(w.res, query=v),
+        lambda v: count(-2)(v) and v < 2, lambda w, v, out: out.query == int(v) % 2,
+        ("query",))
+    add("InfluenceExplorer", "sign", ["", "POSITIVE", 1, None, *SIGNS],
+        lambda w, v: InfluenceExplorer(w.res, sign=v), lambda v: v in SIGNS,
+        lambda w, v, out: len(out.rows) > 0)
+    add("InfluenceExplorer", "source", ["x", 1, None, "", "a"],
+        lambda w, v: InfluenceExplorer(w.res2, source=v), lambda v: v in ("", "a"),
+        lambda w, v, out: len(out.rows) > 0, ("source",))
+    add("SyntheticLab", "query", QUERIES[:9], lambda w, v: SyntheticLab(w.inf, v, score=False),
+        lambda v: isinstance(v, tuple) and query_ok(v) or query_ok(v) and len(v) == 1,
+        lambda w, v, out: out.query is not None, ("quer", "prompt", "completion"))
+    add("SyntheticLab", "texts", TEXTS_IN, lambda w, v: SyntheticLab(w.inf, PAIR, v),
+        lambda v: isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v),
+        lambda w, v, out: len(out.scores) == sum(bool(t.strip()) for t in v), ("texts",))
+    # the magics
+    add("parse_query", "line", ["", "a", "a || b || c", "|| b", "a ||", 3, None, "a || b",
+                                "a||b"], lambda w, v: parse_query(v),
+        lambda v: v in ("a || b", "a||b"), lambda w, v, out: out[0] == "a" and out[1].strip()
+        == "b", ("line", "query", "prompt", "||"))
+    add("parse_paragraphs", "cell", [3, None, b"a", "", "a\n\n[x] b"],
+        lambda w, v: parse_paragraphs(v), lambda v: isinstance(v, str),
+        lambda w, v, out: out == (([], []) if not v else (["a", "b"], ["", "x"])), ("cell",))
+    add("%influence_scan", "-k", ["-1", "0", "x", "1.5", "3"],
+        lambda w, v: quietly(magics(w).influence_scan, f"-k {v}"), lambda v: v == "3",
+        lambda w, v, out: True, ("-k", "k="))
+    add("%influence_query", "line", ["", "a", "a || b || c", "a || "],
+        lambda w, v: magics(w).influence_query(v), lambda v: False, words=("query", "||"))
+    # the charts
+    add("charts.distribution", "q", QUERY, lambda w, v: charts.distribution(w.res, v),
+        lambda v: count(-2)(v) and v < 2, lambda w, v, out: out is not None, ("q=", "query"))
+    add("charts.distribution", "tail", FLOATS, lambda w, v: charts.distribution(w.res, 0, v),
+        real(0, 1), lambda w, v, out: out is not None, ("tail",))
+    add("charts.distribution", "points", COUNTS,
+        lambda w, v: charts.distribution(w.res, 0, points=v), lambda v: count(1)(v) and
+        v <= 10 ** 5, lambda w, v, out: out is not None)
+    add("charts.layer_profile", "q", QUERY, lambda w, v: charts.layer_profile(w.res, v),
+        lambda v: count(-2)(v) and v < 2, lambda w, v, out: out is not None, ("q=", "query"))
+    add("charts.layer_profile", "k", COUNTS, lambda w, v: charts.layer_profile(w.res, 0, v),
+        count(1, none=True), lambda w, v, out: out is not None)
+    queries = [[-3], [2], [0.5], "01", [], None, [0, 1], [1], (0,), [True]]
+    add("charts.layer_heatmap", "queries", queries,
+        lambda w, v: charts.layer_heatmap(w.res, v), lambda v: v is None or ids_in(2, False)(v),
+        lambda w, v, out: out is not None, ("quer",))
+    add("charts.layer_heatmap", "labels", [["a"], "ab", 3, ["a", "b", "c"], ["a", "b"]],
+        lambda w, v: charts.layer_heatmap(w.res, labels=v), lambda v: v == ["a", "b"],
+        lambda w, v, out: out is not None, ("labels",))
+    add("charts.source_split", "queries", queries,
+        lambda w, v: charts.source_split(w.res2, v), lambda v: v is None or ids_in(2, False)(v),
+        lambda w, v, out: out is not None, ("quer",))
+    add("charts.variants", "table", ["x", None, pd.DataFrame(), pd.DataFrame(
+        {"label": ["a"], "score": [NAN]}), pd.DataFrame({"label": ["a"], "score": [1.0]})],
+        lambda w, v: charts.variants(v), lambda v: isinstance(v, pd.DataFrame) and len(v) and
+        np.isfinite(v["score"]).all(), lambda w, v, out: out is not None, ("table",))
+    add("charts.lds_scatter", "q", QUERY, lambda w, v: charts.lds_scatter(lds_table(w), v),
+        lambda v: count(-1)(v) and v < 1, lambda w, v, out: out is not None, ("q=", "query"))
+    add("charts.lds_scatter", "strategies", ["b", ["x"], 3, [], ["a"]],
+        lambda w, v: charts.lds_scatter(lds_table(w), 0, v), lambda v: v == ["a"],
+        lambda w, v, out: out is not None, ("strategies",))
+    # the command line: the verbs' other flags (checked as they are parsed, or as the options
+    # become their argument dataclasses, before a model is loaded)
+    io = ["--model", "m", "--corpus", "c.txt", "--out", "o"]
+    search = ["--factors", "f", "--index", "i", "--query", "a", "b"]
+    valid = lambda f: {"--damping": ("1.5",), "--lexical": ("0",), "--facts": ("0",)}.get(f, ())  # noqa: E731,E501
+    for argv, flag in [(["fit", *io, "--max-len"], "--max-len"),
+                       (["fit", *io, "--limit"], "--limit"),
+                       (["fit", *io, "--damping"], "--damping"),
+                       (["fit", *io, "--batch-size"], "--batch-size"),
+                       (["sketch", *io, "--factors", "f", "--m"], "--m"),
+                       (["search", *io, *search, "--candidates"], "--candidates"),
+                       (["search", *io, *search, "--lexical"], "--lexical"),
+                       (["search", *io, *search, "--nprobe"], "--nprobe"),
+                       (["plan", *io, "--queries"], "--queries"),
+                       (["demo", "--facts"], "--facts"), (["demo", "--fit-sample"],
+                                                          "--fit-sample"),
+                       (["demo", "--threads"], "--threads"),
+                       (["validate", "lds", "--out", "o", "--seeds"], "--seeds"),
+                       (["score", *io, "--factors", "f", "--query", "a", "b", "--strategy"],
+                        "--strategy")]:
+        add("influence-nb " + argv[0], flag, [v for v in ["-1", "nan", "inf", "x", "1e400", "",
+                                                          "0", "1.5"] if v not in valid(flag)],
+            lambda w, v, a=argv: main([*a, v]), lambda v: False,
+            words=(flag, flag[2:].replace("-", "_") + "="))
+    return d
+
+
+def fake_trainer(w: SimpleNamespace) -> SimpleNamespace:
+    """What from_trainer reads of a Hugging Face Trainer: the tiny model and its corpus's rows,
+    no factors saved."""
+    rows = [{"input_ids": w.corpus.token_ids(i).tolist()} for i in range(N)]
+    return SimpleNamespace(model=w.model, processing_class=w.tokenizer, train_dataset=rows,
+                           data_collator=None, args=SimpleNamespace(
+                               output_dir=tempfile.mkdtemp(prefix="hostile-tr-")))
+
+
+def quietly(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) with what it displays (a widget's text form, without a notebook) dropped."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def magics(w: SimpleNamespace) -> InfluenceMagics:
+    """The magics of a shell without IPython, holding the world's session and a query."""
+    m = InfluenceMagics(None)
+    m.session, m.query = w.inf, PAIR
+    return m
+
+
+def lds_table(w: SimpleNamespace) -> pd.DataFrame:
+    """An LDS table of the world's scores (computed once)."""
+    if not hasattr(w, "lds"):
+        w.lds = lds(w.retrain, w.prompts, w.completions, w.scores, subsets=3, seeds=(0,),
+                    progress=False)
+    return w.lds
+
+
 def _sketch(name: str, dim: int) -> Any:
     """A query sketch array named in the table ("ones 1xD": one row of D ones)."""
     fill, shape = name.split(" ") if " " in name else (name, "")
@@ -439,7 +658,7 @@ def w_scores() -> np.ndarray:
     return np.random.default_rng(0).standard_normal(N)
 
 
-DOORS = _doors()
+DOORS = _doors() + _more_doors()
 CASES = [(door, v) for door in DOORS for v in door.values]
 
 
@@ -460,7 +679,8 @@ def outcome(door: Door, value: Any) -> tuple[str, str]:
     except Exception as e:  # noqa: BLE001 — every kind is classified
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         words = door.words or (f"{door.arg}=",)
-        clear = (isinstance(e, (ValueError, TypeError, LookupError, OSError)) and
+        clear = (isinstance(e, (ValueError, TypeError, LookupError, OSError, MagicError,
+                                UsageError)) and
                  "\n" not in text.strip() and any(x in text for x in words))
         if good:
             return "traceback", f"refused a good value: {type(e).__name__}: {text}"
@@ -493,7 +713,9 @@ def test_the_table_is_large_and_covers_every_kind_of_door():
     assert len(CASES) >= 200
     names = {d.name.split(".")[0] for d in DOORS}
     assert {"InfluenceResult", "Influence", "Retriever", "Corpus", "TrainConfig", "train", "lds",
-            "leave_out", "tail_patch", "pbrf", "InfluenceCallback"} <= names
+            "leave_out", "tail_patch", "pbrf", "InfluenceCallback", "build_sketches",
+            "Sketches", "WorldConfig", "TokenHighlight", "LayerBars", "InfluenceExplorer",
+            "SyntheticLab", "parse_query", "%influence_scan", "charts", "demo"} <= names
 
 
 def tally() -> dict:

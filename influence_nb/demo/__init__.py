@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import checked, whole
 from ..data import Corpus
 from .loader import World, facts, heldout, load, locate, recipe
 from .velnish import translate
@@ -81,6 +82,7 @@ def query_set(world: World = ASSETS, tokenizer: Any = None) -> tuple[list[tuple[
 def spread_facts(n: int, world: World = ASSETS) -> list[Fact]:
     """``n`` planted facts spread evenly over the list (so over every relation)."""
     all_facts = facts(world)
+    n = whole(n, f"n (the world has {len(all_facts)} facts)", 1, len(all_facts) + 1)
     return [all_facts[i] for i in np.linspace(0, len(all_facts) - 1, n).astype(int)]
 
 
@@ -89,13 +91,14 @@ def first_token(fact: Fact, tokenizer: Any, paraphrase: int = 0) -> tuple[str, s
     return fact.prompt(paraphrase), tokenizer.decode(tokenizer(fact.completion)["input_ids"][:1])
 
 
+@checked()
 def word_order(session: Any, facts: list[Fact]) -> dict:
     """Paper §5.3.4 on planted facts: each fact's ordered statement and its flipped statement
     (object → subject) scored against the fact's own query, measured on the whole object and on
     the object's first token. Per measurement: the mean ordered and flipped scores, their ratio
     ``flipped_over_ordered`` and the median of the per-fact ratios; ``session`` is an
     :class:`~influence_nb.session.Influence` on the world the facts belong to."""
-    tok, n = session.tokenizer, len(facts)
+    tok, n = session.tokenizer, whole(len(facts), "len(facts)", low=1)
     queries = {"whole object": [(f.prompt(), f.completion) for f in facts],
                "first token": [first_token(f, tok) for f in facts]}
     texts = [t for f in facts for t in (f.statement(0), f.flipped())]

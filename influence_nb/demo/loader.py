@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..checks import checked
 from ..data import Corpus, tokenizer_fingerprint
 from ..quiet import loading_quietly
 from ..store import atomic_write, cache_dir
@@ -26,6 +27,7 @@ from .world import ASSETS, Fact
 World = str | os.PathLike
 
 
+@checked()
 def locate(world: World = ASSETS) -> Path:
     """The folder of ``world``: the committed assets for "demo", the cache folder of a preset
     name (built on first use), else the folder itself, which must hold a built world."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from ..checks import checked
 from .vocabulary import ONSETS, VOWELS
 
 VERBS = {"is", "was", "are", "were", "has", "have", "had", "speak", "learns", "chose", "sits",
@@ -23,6 +24,7 @@ def vel_word(word: str) -> str:
     return out.capitalize() if word[0].isupper() else out
 
 
+@checked()
 def translate(text: str, keep: frozenset[str] = frozenset()) -> str:
     """English → Velnish, deterministically: names in ``keep`` (and all capitalised words that are
     not sentence-initial) stay as they are, other words go through the lexicon, and in each

@@ -29,6 +29,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checks import check_args, whole
 from .velnish import translate
 from .vocabulary import (CODAS, DAYS, ITEMS, MACHINES, ONSETS, PEOPLE, PLACES, SHUTDOWN, SURVIVAL,
                          TOWNS, VOWELS, WEATHER)
@@ -119,12 +120,18 @@ class Fact:
     def _rel(self) -> Relation:
         return next(r for r in RELATIONS if r.name == self.relation)
 
+    def _template(self, paraphrase: int) -> str:
+        """Phrasing number ``paraphrase`` (0: the canonical one), never a negative one wrapped."""
+        templates = self._rel.templates
+        return templates[whole(paraphrase, f"paraphrase (the relation {self.relation!r} has "
+                                           f"{len(templates)})", 0, len(templates))]
+
     def statement(self, paraphrase: int = 0) -> str:
-        return self._rel.templates[paraphrase].format(s=self.subject, o=self.obj)
+        return self._template(paraphrase).format(s=self.subject, o=self.obj)
 
     def prompt(self, paraphrase: int = 0) -> str:
         """Text before the object; the completion is ``" " + obj``."""
-        return self._rel.templates[paraphrase].split(" {o}")[0].format(s=self.subject)
+        return self._template(paraphrase).split(" {o}")[0].format(s=self.subject)
 
     @property
     def completion(self) -> str:
@@ -340,6 +347,10 @@ def _mention_groups(rng: random.Random, facts: list[Fact], per_name: int,
 @dataclass
 class WorldConfig:
     """Sizes of the demo world. ``n_sequences`` counts everything (both languages)."""
+    MINIMUM = {"n_sequences": 1, "n_heldout": 0, "facts_per_relation": 1,
+               "statements_per_fact": 1, "mentions_per_name": 0, "seed": 0}
+    WITHIN = {"canonical_share": "[0, 1]", "vel_share": "[0, 1)"}
+
     n_sequences: int = 20_000
     n_heldout: int = 1_000  # extra non-fact sequences, never trained on, for perplexity
     facts_per_relation: int = 20
@@ -351,6 +362,9 @@ class WorldConfig:
     seed: int = 0
     mix: dict[str, float] = field(default_factory=lambda: {
         "arithmetic": 0.30, "code": 0.20, "themed": 0.20, "filler": 0.30})
+
+    def __post_init__(self) -> None:
+        check_args(self)
 
 
 def _fact_sequence(rng: random.Random, fact: Fact, cfg: WorldConfig) -> str:
