@@ -61,8 +61,8 @@ def _paired(labels: Sequence[str], values: Sequence[float], what: tuple[str, str
     except (TypeError, ValueError):
         raise TypeError(f"{what[1]} must be numbers, got {shown(values)}") from None
     if x.shape != (len(labels),) or not np.isfinite(x).all():
-        raise ValueError(f"{what[1]} must be {len(labels)} finite numbers (one per entry of "
-                         f"{what[0]}), got {shown(values)}")
+        raise ValueError(f"{len(labels)} {what[0]} but {x.size} {what[1]} {shown(values)}: give "
+                         f"one finite number per entry of {what[0]}")
     return x.tolist()
 
 
