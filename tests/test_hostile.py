@@ -591,7 +591,7 @@ def _more_doors() -> list[Door]:
     # become their argument dataclasses, before a model is loaded)
     io = ["--model", "m", "--corpus", "c.txt", "--out", "o"]
     search = ["--factors", "f", "--index", "i", "--query", "a", "b"]
-    valid = lambda f: {"--damping": ("1.5",), "--lexical": ("0",), "--facts": ("0",)}.get(f, ())  # noqa: E731,E501
+    valid = {"--damping": ("1.5",), "--lexical": ("0",), "--facts": ("0",)}    # not hostile
     for argv, flag in [(["fit", *io, "--max-len"], "--max-len"),
                        (["fit", *io, "--limit"], "--limit"),
                        (["fit", *io, "--damping"], "--damping"),
@@ -608,7 +608,7 @@ def _more_doors() -> list[Door]:
                        (["score", *io, "--factors", "f", "--query", "a", "b", "--strategy"],
                         "--strategy")]:
         add("influence-nb " + argv[0], flag, [v for v in ["-1", "nan", "inf", "x", "1e400", "",
-                                                          "0", "1.5"] if v not in valid(flag)],
+                                                          "0", "1.5"] if v not in valid.get(flag, ())],
             lambda w, v, a=argv: main([*a, v]), lambda v: False,
             words=(flag, flag[2:].replace("-", "_") + "="))
     return d
