@@ -607,8 +607,8 @@ def _more_doors() -> list[Door]:
                        (["validate", "lds", "--out", "o", "--seeds"], "--seeds"),
                        (["score", *io, "--factors", "f", "--query", "a", "b", "--strategy"],
                         "--strategy")]:
-        add("influence-nb " + argv[0], flag, [v for v in ["-1", "nan", "inf", "x", "1e400", "",
-                                                          "0", "1.5"] if v not in valid.get(flag, ())],
+        hostile = ["-1", "nan", "inf", "x", "1e400", "", "0", "1.5"]
+        add("influence-nb " + argv[0], flag, [v for v in hostile if v not in valid.get(flag, ())],
             lambda w, v, a=argv: main([*a, v]), lambda v: False,
             words=(flag, flag[2:].replace("-", "_") + "="))
     return d
