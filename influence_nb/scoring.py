@@ -140,8 +140,10 @@ def scoring_cost(B: int, T: int, d_out: int, d_in: int, Q: int, r: int, kept: bo
     oi, cols = d_out * d_in, -(-B // groups)
     dense = B * T * oi + groups * Q * oi * max(cols, STREAM)
     if not kept:
-        dw, form = B * T * oi, REFORM * Q * oi * r
-        dense += form + min((groups - 1) * form, (blocks - 1) * dw)
+        form = REFORM * Q * oi * r   # each block once, then again per group or DW per block
+        dense += form + ((groups - 1) * form
+                         if reform_per_group(B, T, d_out, d_in, Q, r, groups, blocks)
+                         else (blocks - 1) * B * T * oi)
     tokens = math.inf if r >= min(d_out, d_in) else Q * B * T * r * (d_out + d_in)
     return tokens, dense
 
