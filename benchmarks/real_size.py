@@ -8,6 +8,10 @@ model + factors + one batch's activations + the stated budgets. Prints JSON.
 
     python benchmarks/real_size.py --shape gpt2-4 --tokens 128 --sequences 32 --queries 1 50 200
     python benchmarks/real_size.py --shape llama-0.5b --tokens 128 --sequences 4 --blocks 4
+    python benchmarks/real_size.py --shape gpt2-12 --queries 200 --precision float32 bfloat16
+
+``--precision``: the scans' ``ScoreArgs(precision=...)``, each scanned (and planned) in turn
+from the same fit.
 
 Shapes: gpt2-4 / gpt2-12 (GPT-2 small widths: d 768, MLP 3,072, vocabulary 50,257; 4 or 12
 blocks), pythia-160m (GPT-NeoX, vocabulary 50,304, untied head), llama-0.5b (d 1,536, SwiGLU MLP
@@ -20,6 +24,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -98,11 +103,12 @@ def stage(a: argparse.Namespace) -> dict:
         p.requires_grad_(True)
     fargs = FactorArgs(layers=a.layers, blocks=a.blocks, eigh_precision=a.eigh_precision,
                        draws=a.draws, progress=False)
-    sargs = ScoreArgs(progress=False, per_layer=False)
+    sargs = ScoreArgs(progress=False, per_layer=False, precision=a.precision[0])
     inf = Influence(model, tokenizer, corpus, score_args=sargs)
     out = {"model_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30}
     if a.stage == "fit":   # before anything else has run in this process, as a user would
-        out["plan"] = inf.plan(fargs, sargs, queries=a.queries).summary()
+        out["plan"] = {p: inf.plan(fargs, replace(sargs, precision=p), queries=a.queries
+                                   ).summary() for p in a.precision}
     reset_peak()
     base = plain_seconds(model, corpus, sargs.batch_tokens)
     out |= {"plain_s_per_seq": base / a.sequences, "plain_peak_gb": peak_gb()}
@@ -135,9 +141,9 @@ def run(args: list[str]) -> dict:
         return {"error": str(e).splitlines()[-1]}
 
 
-def compare(fit: dict, scans: dict) -> dict:
+def compare(fit: dict, scans: dict, precision: str) -> dict:
     """What the plan predicted ÷ what was measured (1.0: exact; the goal is within ±30 %)."""
-    plan = fit.get("plan")
+    plan = (fit.get("plan") or {}).get(precision)
     if not plan:
         return {}
     p, t, held = plan["seconds"], fit.get("timings_s") or {}, plan["resident_gb"]
@@ -163,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", default="mlp")
     p.add_argument("--blocks", type=int, default=1)
     p.add_argument("--eigh-precision", default="float64", choices=["float64", "float32"])
+    p.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="ScoreArgs(precision=...) of the scans, each in turn")
     p.add_argument("--draws", type=int, default=None,
                    help="FactorArgs(draws=...); default None: the fit chooses (a few sequences "
                         "of wide layers choose many, see docs/design.md)")
@@ -178,9 +186,9 @@ def main(argv: list[str] | None = None) -> None:
               f"--eigh-precision={a.eigh_precision}",
               *([f"--draws={a.draws}"] if a.draws else []), "--queries", *map(str, a.queries)]
     with tempfile.TemporaryDirectory() as d:
-        fit = run([*common, "--stage=fit", f"--dir={d}"])
-        scans = {q: run([*common, "--stage=scan", f"--dir={d}", f"--q={q}"])
-                 for q in a.queries} if "error" not in fit else {}
+        fit = run([*common, "--precision", *a.precision, "--stage=fit", f"--dir={d}"])
+        scans = {p: {q: run([*common, "--precision", p, "--stage=scan", f"--dir={d}", f"--q={q}"])
+                     for q in a.queries} for p in a.precision} if "error" not in fit else {}
     out = {"shape": a.shape, "tokens": a.tokens, "sequences": a.sequences, "layers": a.layers,
            "blocks": a.blocks, "eigh_precision": a.eigh_precision, "fit": fit, "scans": scans, "machine": os.uname().nodename,
            "load": os.getloadavg()[0]}
@@ -189,9 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         per_seq = sum(v for k, v in t.items() if k != "eigendecomposition") / a.sequences
         out["fit_per_seq_over_plain"] = per_seq / fit["plain_s_per_seq"] if t else None
         out["fit_fixed_eigendecomposition_s"] = t.get("eigendecomposition")
-        out["scan_over_plain"] = {q: s["scan_s"] / a.sequences / s["plain_s_per_seq"]
-                                  for q, s in scans.items() if "error" not in s}
-        out["plan_vs_measured"] = compare(fit, scans)
+        out["scan_over_plain"] = {p: {q: s["scan_s"] / a.sequences / s["plain_s_per_seq"]
+                                      for q, s in by_q.items() if "error" not in s}
+                                  for p, by_q in scans.items()}
+        out["plan_vs_measured"] = {p: compare(fit, by_q, p) for p, by_q in scans.items()}
     report(out)
 
 

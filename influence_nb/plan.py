@@ -196,7 +196,8 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     batch = memory["batch"] * scoring.scan_tokens(model, layers, score.batch_tokens) \
         // fit.batch_tokens   # the most tokens a scan's batch takes
     # the scorer holds at most every query's dense R and one group of DW, within its budget
-    scorer = lambda q: min(memory["scorer"], q * sum(o * i for o, i in shapes) * size  # noqa: E731
+    qsize = scoring.score_dtype(model, score.precision).itemsize
+    scorer = lambda q: min(memory["scorer"], q * sum(o * i for o, i in shapes) * qsize  # noqa: E731
                            + memory["scorer"] // 4)
     scan_peak = {q: memory["factors"] + max(memory["prepare"], scorer(min(q, score.query_block
                                                                           or q)) + batch)
@@ -228,8 +229,9 @@ def _memory(model: nn.Module, shapes: Sequence[tuple[int, int]], fit: FactorArgs
         "batch": 3 * fit.batch_tokens * V * 4,
         "scorer": scoring.SCORE_BYTES,
         "prepare": queries.QUERY_BYTES,
-        "query": sum(o + i for o, i in shapes) * (score.rank or 0) * size
-        + (sum(o * i for o, i in shapes) * size if score.rank is None else 0),
+        "query": (sum(o + i for o, i in shapes) * (score.rank or 0)
+                  + (sum(o * i for o, i in shapes) if score.rank is None else 0))
+        * scoring.score_dtype(model, score.precision).itemsize,
     }
 
 
@@ -292,8 +294,9 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
     gen = torch.Generator().manual_seed(0)
     for q in counts:   # q random queries of the scan's rank (a block of them per pass)
         q = min(q, score.query_block or q)
-        R = {n: LowRank(*(torch.randn(q, d, min(score.rank or o, o, i), generator=gen).to(dtype)
-                          for d in (o, i))) for n, (o, i) in shapes.items()}
+        R = {n: LowRank(*(torch.randn(q, d, min(score.rank or o, o, i), generator=gen)
+                          .to(scoring.score_dtype(model, score.precision)) for d in (o, i)))
+             for n, (o, i) in shapes.items()}
         fake = Queries([[0]] * q, [[0]] * q, torch.zeros(q), R, score.rank, "ekfac", "plan")
         consumers[f"scan {q}"] = _Timed(Scorer(fake, layers, len(ids)))
     recording.replay(list(consumers.values()))

@@ -74,6 +74,14 @@ class LowRank:
         """(Q, out, in+1)"""
         return self.full if self.full is not None else self.U @ self.V.mT
 
+    def to(self, dtype: torch.dtype) -> "LowRank":
+        """The same factors stored in ``dtype`` (itself when they already are)."""
+        if self.U.dtype == dtype:
+            return self
+        if self.full is not None:   # exact: R beside an identity, the identity made again
+            return LowRank.of(self.full.to(dtype), None)
+        return LowRank(self.U.to(dtype), self.V.to(dtype))
+
     @classmethod
     def cat(cls, parts: Sequence["LowRank"]) -> "LowRank":
         """The queries of ``parts`` in one: exact ones stay exact (no identity is stacked);
@@ -149,6 +157,11 @@ class Queries:
                              f"({', '.join(self.layer_names[:4])}, ...)")
         return replace(self, R={n: self.R[n] for n in names})
 
+    def to(self, dtype: torch.dtype) -> "Queries":
+        """The same queries with their factors stored in ``dtype`` (e.g. bfloat16: half the
+        memory, and the scorer's products in bfloat16; see ``ScoreArgs.precision``)."""
+        return replace(self, R={n: lr.to(dtype) for n, lr in self.R.items()})
+
     @property
     def fingerprint(self) -> str:
         """A hash of the token ids, layers, rank, strategy and factors."""
@@ -165,11 +178,13 @@ class QueryFactors(Consumer):
     Q_Sᵀ ∇f Q_A from the tokens, ⊘ (Λ + λ), truncated to rank r in the eigenbasis, then its
     columns rotated back, (Q_S U, Q_A V); for each of ``strategies`` from the same gradients.
     Only one layer's dense (B, out, in+1) matrices of one block of queries exist at any time.
+    Factors are stored in ``dtype`` (default: the statistics') as each block is made.
     ``finish`` -> ({strategy: {layer: LowRank} in module order}, f (Q,) the measurements)."""
 
     def __init__(self, layers: Sequence[TrackedLayer], factors: Factors,
-                 strategies: Sequence[str | None], rank: int | None) -> None:
-        self.factors, self.rank = factors, rank
+                 strategies: Sequence[str | None], rank: int | None,
+                 dtype: torch.dtype | None = None) -> None:
+        self.factors, self.rank, self.dtype = factors, rank, dtype
         self.strategies = list(dict.fromkeys(factors.resolve_strategy(s) for s in strategies))
         self.parts = {s: {t.name: [] for t in layers} for s in self.strategies}
         self.f: list[Tensor] = []
@@ -177,8 +192,9 @@ class QueryFactors(Consumer):
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
         for strategy in self.strategies:
-            self.parts[strategy][layer.name].append(self._factor(layer.name, a, delta, batch,
-                                                                 strategy))
+            lr = self._factor(layer.name, a, delta, batch, strategy)
+            self.parts[strategy][layer.name].append(lr if self.dtype is None else
+                                                    lr.to(self.dtype))
 
     def _factor(self, name: str, a: Tensor, delta: Tensor, batch: PassBatch,
                 strategy: str) -> LowRank:
@@ -209,20 +225,23 @@ def query_block(shapes: Sequence[tuple[int, int]], element_size: int = 4,
 
 def make_queries(model: nn.Module, factors: Factors, prompts: Sequence[Sequence[int]],
                  completions: Sequence[Sequence[int]], rank: int | None = 32,
-                 strategy: str | None = None, task: Task | None = None) -> Queries:
+                 strategy: str | None = None, task: Task | None = None,
+                 dtype: torch.dtype | None = None) -> Queries:
     """Gradients of log p(completion | prompt) for each query, preconditioned with ``factors``
-    (``strategy`` overrides the fitted one: "kfac" or "identity") and factorised to ``rank``.
+    (``strategy`` overrides the fitted one: "kfac" or "identity") and factorised to ``rank``,
+    stored in ``dtype`` (default: the statistics', float32 or float64).
 
     Memory: queries are prepared in blocks (:func:`query_block`), one layer at a time, and
     only their rank-r factors are kept, (out + in+1)·r numbers per layer and query; full rank
     (``rank=None``) keeps out·(in+1)."""
-    return strategy_queries(model, factors, prompts, completions, [strategy], rank, task
+    return strategy_queries(model, factors, prompts, completions, [strategy], rank, task, dtype
                             )[factors.resolve_strategy(strategy)]
 
 
 def strategy_queries(model: nn.Module, factors: Factors, prompts: Sequence[Sequence[int]],
                      completions: Sequence[Sequence[int]], strategies: Sequence[str | None],
-                     rank: int | None = 32, task: Task | None = None) -> dict[str, Queries]:
+                     rank: int | None = 32, task: Task | None = None,
+                     dtype: torch.dtype | None = None) -> dict[str, Queries]:
     """:func:`make_queries` for each of ``strategies`` (None: the fitted one) from one pass
     over the queries: {strategy: Queries}. The gradients are taken once; each strategy
     preconditions and truncates them."""
@@ -231,7 +250,7 @@ def strategy_queries(model: nn.Module, factors: Factors, prompts: Sequence[Seque
     prompts, completions = token_rows(prompts), token_rows(completions)
     tracked = find_layers(model, factors.layer_names)
     batch = query_batch(prompts, completions, context_length(model))
-    consumer = QueryFactors(tracked, factors, strategies, rank)
+    consumer = QueryFactors(tracked, factors, strategies, rank, dtype)
     size = query_block([(o * len(consumer.strategies), i) for o, i in factors.shapes.values()],
                        stat_dtype(model).itemsize)
     R, f = corpus_pass(model, tracked, source(list(batch.blocks(size)), size), [consumer],

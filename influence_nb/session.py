@@ -30,7 +30,7 @@ from .layers import context_length, find_layers
 from .plan import Plan, plan
 from .queries import Queries, make_queries, strategy_queries
 from .results import InfluenceResult
-from .scoring import ScoreArgs, scan, self_influence, token_scores
+from .scoring import ScoreArgs, scan, score_dtype, self_influence, token_scores
 from .task import Task
 
 # the demo world's default fit: a tiny model (larger batches), on a random sample (the corpus is
@@ -227,17 +227,19 @@ class Influence:
 
     # -- queries and scores -------------------------------------------------------------------
 
-    @checked(choices={"strategy": STRATEGIES})
+    @checked(choices={"strategy": STRATEGIES, "precision": ("default", "float32", "bfloat16")})
     def queries(self, pairs: QueryLike, rank: int | None | str = "default",
-                strategy: str | None = None) -> Queries:
+                strategy: str | None = None, precision: str = "default") -> Queries:
         """Preconditioned query gradients of (prompt, completion) text pairs, factorised to
-        ``rank`` (default: ``score_args.rank``; None = full rank)."""
+        ``rank`` (default: ``score_args.rank``; None = full rank) and stored at ``precision``
+        (default: ``score_args.precision``; see :class:`ScoreArgs`)."""
         if isinstance(pairs, Queries):
             return pairs
         _, factors = self.fitted()
         rank = self.score_args.rank if rank == "default" else rank
+        precision = self.score_args.precision if precision == "default" else precision
         queries = make_queries(self.model, factors, *self._tokens(pairs), rank, strategy,
-                               self.task)
+                               self.task, score_dtype(self.model, precision))
         self._warn_if_certain(queries)
         return queries
 
@@ -317,7 +319,8 @@ class Influence:
         if not isinstance(queries, Queries):   # refuse a scan that cannot fit, before preparing
             plan(self.model, corpus, self.fitted()[1].args, args, len(self._pairs(queries)),
                  measure=False).check("scan")
-        queries = self.queries(queries, rank=args.rank)
+        queries = self.queries(queries, rank=args.rank, precision=args.precision
+                               ).to(score_dtype(self.model, args.precision))
         scores, layers, ids = scan(self.model, queries, corpus, args, out_dir, ids, self.task)
 
         def token_fn(seq_ids: Sequence[int], layers: Sequence[str] | None = None):
@@ -329,7 +332,7 @@ class Influence:
             # completion token t of query q alone: log p(c_t | prompt + c_<t), on seq_ids
             p, c = list(queries.prompts[q]), list(queries.completions[q])
             part = make_queries(self.model, self.factors, [p + c[:t]], [c[t:t + 1]], args.rank,
-                                None, self.task)
+                                None, self.task, score_dtype(self.model, args.precision))
             return self.scan(part, corpus, ids=seq_ids, args=replace(args, progress=False))
 
         return InfluenceResult(self._describe(queries), scores, ids, queries.layer_names,

@@ -235,6 +235,34 @@ def test_float32_eigendecompositions_rank_sequences_like_float64(small):
     assert not np.array_equal(scores["float32"], scores["float64"])   # it did change something
 
 
+@pytest.mark.parametrize("path", [(np.inf, 0), (0, np.inf)], ids=["dense", "tokens"])
+def test_bfloat16_scans_rank_sequences_like_float64(small, tokenizer, monkeypatch, path):
+    """``ScoreArgs(precision="bfloat16")``: the queries' factors stored in bfloat16 (half the
+    bytes, in the plan too) and both scoring paths in bfloat16 give the float64 scores within
+    2 % of the largest and in the same order (Spearman ≥ 0.999 per query)."""
+    from scipy.stats import spearmanr
+    model, corpus, factors, prompts, completions = small
+    inf = Influence(model, tokenizer, corpus, factors)
+    q64 = make_queries(model, factors, prompts, completions, rank=3)
+    q16 = inf.queries(list(zip(*[map(tokenizer.decode, x) for x in (prompts, completions)])),
+                      rank=3, precision="bfloat16")
+    lr64, lr16 = q64.R[q64.layer_names[0]], q16.R[q64.layer_names[0]]
+    assert lr16.U.dtype == torch.bfloat16 and lr16.U.nbytes * 4 == lr64.U.nbytes
+    monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: path)
+    args = ScoreArgs(batch_size=8, chunk_size=40, progress=False)
+    exact = scan(model, q64, corpus, args)[0]
+    low = scan(model, q64, corpus, ScoreArgs(batch_size=8, chunk_size=40, progress=False,
+                                             precision="bfloat16"))[0]
+    for a, b in zip(low, exact):
+        assert spearmanr(a, b).statistic >= 0.999
+        assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
+    assert not np.array_equal(low, exact)   # it did change something
+    memory = {p: plan_module.plan(model, corpus, FactorArgs(batch_size=8),
+                                  ScoreArgs(precision=p), 4, measure=False).memory["query"]
+              for p in ("float32", "bfloat16")}
+    assert memory["bfloat16"] * 4 == memory["float32"]   # a float64 model: 8 bytes, then 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_chunked_log_probabilities_equal_cross_entropy(dtype, monkeypatch):
     """The vocabulary-wide path (chunks of a few rows) gives the log-probabilities and the
