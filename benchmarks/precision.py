@@ -2,7 +2,9 @@
 
 For each world, one EK-FAC fit and scan with everything in float64 (the model cast to float64:
 statistics, eigendecompositions, queries and products) is the reference. Against it, at the
-defaults otherwise (rank 32, per-layer scores):
+defaults otherwise (rank 32, per-layer scores), with the empirical Fisher on every side (the
+true Fisher's sampled labels or probes differ between a float64 and a float32 model, which
+would measure the Fisher's sampling noise, not the precision):
 
 - ``float32``: the package's default (float32 statistics, float64 eigendecompositions);
 - ``float32, eigh float32``: ``FactorArgs(eigh_precision="float32")``;
@@ -29,6 +31,7 @@ from common import load_world, report, set_threads, top_overlap
 from influence_nb.curvature import FactorArgs
 from influence_nb.scoring import ScoreArgs
 from influence_nb.session import Influence
+from influence_nb.task import Task
 
 VARIANTS = {"float32": ({}, {}),
             "float32, eigh float32": ({"eigh_precision": "float32"}, {}),
@@ -52,7 +55,8 @@ def agreement(x: np.ndarray, ref: np.ndarray) -> dict:
 def scores(model: torch.nn.Module, tokenizer, corpus, pairs, fit: dict, score: dict
            ) -> tuple[np.ndarray, float]:
     """(Q, N) total scores of one fit and scan, and the scan's seconds."""
-    inf = Influence(model, tokenizer, corpus, score_args=ScoreArgs(progress=False, **score))
+    inf = Influence(model, tokenizer, corpus, score_args=ScoreArgs(progress=False, **score),
+                    task=Task(empirical_fisher=True))
     inf.fit(FactorArgs(progress=False, **fit))
     start = time.perf_counter()
     S = inf.scan(pairs).scores

@@ -70,6 +70,15 @@ class SearchResult(InfluenceResult):
     search_size: list[dict | None] = field(default_factory=list)
 
 
+def session(inf: object) -> "Influence":
+    """``inf`` itself when it is an influence session (duck-typed: the session module imports
+    this one), else a one-line TypeError."""
+    if not all(callable(getattr(inf, name, None)) for name in ("fitted", "scan", "queries")):
+        raise TypeError(f"inf={type(inf).__name__} object, not an influence session: pass "
+                        "an Influence(model, tokenizer, corpus) after its fit")
+    return inf
+
+
 class Retriever:
     """Sketch + index (+ BM25) search over an :class:`Influence` session's corpus.
 
@@ -84,7 +93,7 @@ class Retriever:
     def __init__(self, inf: Influence, sketches: Sketches, index: SketchIndex,
                  lexical: float | None = None,
                  calibration: CalibrationArgs | Calibration | None = None):
-        corpus = inf.fitted()[0]
+        corpus = session(inf).fitted()[0]
         sketches.check_corpus(corpus)
         self.inf, self.sketches, self.index, self.lexical = inf, sketches, index, lexical
         self.calibration_args = (calibration if isinstance(calibration, CalibrationArgs)
@@ -126,7 +135,7 @@ class Retriever:
               ) -> "Retriever":
         """Sketch the session's corpus into ``path/sketches`` (resuming or appending) and index
         it into ``path/index`` (rebuilt when the sketches changed)."""
-        corpus, factors = inf.fitted()
+        corpus, factors = session(inf).fitted()
         path = Path(path)
         sketches = build_sketches(inf.model, factors, corpus, path / "sketches", sketch_args,
                                   task=inf.task)
@@ -141,7 +150,8 @@ class Retriever:
     def open(cls, inf: Influence, path: str | os.PathLike, lexical: float | None = None
              ) -> "Retriever":
         """Open what :meth:`build` wrote (checked against the session's model and factors)."""
-        sketches = Sketches.open(Path(path) / "sketches", inf.model, inf.fitted()[1])
+        factors = session(inf).fitted()[1]
+        sketches = Sketches.open(Path(path) / "sketches", inf.model, factors)
         return cls(inf, sketches, SketchIndex.load(Path(path) / "index", sketches), lexical)
 
     def candidates(self, queries: Queries, candidates: int) -> tuple[list[np.ndarray], dict]:

@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import uuid
 import zipfile
@@ -47,11 +48,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("INFLUENCE_NB_CACHE", Path.home() / ".cache" / "influence_nb"))
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path``: temporary name (naming this host and process), fsync, rename
-    (a reader never sees a part)."""
+def temporary(path: str | os.PathLike) -> Path:
+    """Where a file or folder is written before its rename to ``path``: beside it, hidden,
+    naming this host and process (see :func:`remove_stale_temporaries`)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path``: temporary name (:func:`temporary`), fsync, rename (a reader
+    never sees a part)."""
+    path = Path(path)
+    tmp = temporary(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -67,7 +75,7 @@ def remove_stale_temporaries(directory: Path) -> None:
     for tmp in directory.glob(f".*.{host}.*.tmp"):
         pid = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

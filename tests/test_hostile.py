@@ -468,10 +468,13 @@ def _more_doors() -> list[Door]:
     add("Sketches.open", "path", [3, None, "/nonexistent", "EMPTY"],
         lambda w, v: Sketches.open(tempfile.mkdtemp() if v == "EMPTY" else v), lambda v: False,
         words=("path=", "is missing"))
-    for arg in ("sketches", "index"):
+    for arg in ("inf", "sketches", "index"):
         add("Retriever", arg, ["x", None, 3], lambda w, v, a=arg: Retriever(**{
             "inf": w.inf, "sketches": w.ret.sketches, "index": w.ret.index, a: v}),
             lambda v: False)
+    add("Retriever.open", "inf", ["x", None, SimpleNamespace(model=None)],
+        lambda w, v: Retriever.open(v, tempfile.mkdtemp()), lambda v: False,
+        words=("inf=", "session"))
     # the Trainer and the demo entries
     add("Influence.from_trainer", "trainer", [None, "x", 3, SimpleNamespace()],
         lambda w, v: Influence.from_trainer(v), lambda v: False,

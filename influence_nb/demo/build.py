@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from ..data import Corpus
-from ..store import cache_dir
+from ..store import cache_dir, temporary
 from ..training import TrainConfig, train
 from .world import ASSETS, WorldConfig, generate
 
@@ -167,7 +167,7 @@ def world_path(name: str) -> Path:
     key = json.dumps([asdict(c) for c in PRESETS[name]], sort_keys=True)
     path = cache_dir() / f"world-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if not (path / "build.json").is_file():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temporary(path)
         shutil.rmtree(tmp, ignore_errors=True)
         build(tmp, *PRESETS[name])
         try:
