@@ -36,6 +36,8 @@ from common import (ChildFailed, World, one_thread_env, plain, report, reset_pea
                     set_threads, status_mib)
 from influence_nb import Corpus, FactorArgs, Influence, ScoreArgs
 from influence_nb.batching import source
+from influence_nb.layers import find_layers
+from influence_nb.scoring import scan_tokens
 from influence_nb.task import Task
 
 SHAPES = {
@@ -110,7 +112,8 @@ def stage(a: argparse.Namespace) -> dict:
         out["plan"] = {p: inf.plan(fargs, replace(sargs, precision=p), queries=a.queries
                                    ).summary() for p in a.precision}
     reset_peak()
-    base = plain_seconds(model, corpus, sargs.batch_tokens)
+    base = plain_seconds(model, corpus, scan_tokens(model, find_layers(model, a.layers),
+                                                    sargs.batch_tokens))
     out |= {"plain_s_per_seq": base / a.sequences, "plain_peak_gb": peak_gb()}
     if a.stage == "fit":
         reset_peak()

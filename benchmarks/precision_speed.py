@@ -1,0 +1,61 @@
+"""bfloat16 scans against float32, side by side at real widths: the scan alone (no fit: the
+scorer's work does not depend on the factors' values, so rank-r queries are drawn at random, as
+``plan`` does) ÷ a plain forward + backward over the same batches, the three alternating in one
+process, one torch thread.
+
+    python benchmarks/precision_speed.py --shape gpt2-12 --sequences 8 --queries 200 --repeats 2
+
+Shapes as in ``real_size.py``; prints JSON: per repeat the seconds of plain, the float32 and the
+bfloat16 scan, each scan ÷ plain, and bfloat16 ÷ float32.
+"""
+import argparse
+
+import torch
+
+from common import interleaved, plain, report, seconds as timed, set_threads, spread
+from influence_nb import Queries, ScoreArgs, scan
+from influence_nb.batching import source
+from influence_nb.layers import find_layers
+from influence_nb.queries import LowRank
+from influence_nb.scoring import scan_tokens
+from real_size import SHAPES, StockLoss, world
+
+
+def random_queries(model: torch.nn.Module, layers: str, q: int, rank: int) -> Queries:
+    """``q`` queries of rank ``rank`` with random factors on the tracked ``layers``."""
+    gen = torch.Generator().manual_seed(0)
+    R = {t.name: LowRank(*(torch.randn(q, d, rank, generator=gen) / d ** 0.5 for d in t.shape))
+         for t in find_layers(model, layers)}
+    return Queries([[1]] * q, [[1]] * q, torch.zeros(q), R, rank, "ekfac", "random")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="gpt2-4")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--sequences", type=int, default=8)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--layers", default="mlp")
+    p.add_argument("--repeats", type=int, default=2)
+    a = p.parse_args()
+    set_threads(1)
+    model, _, corpus, _ = world(a.shape, a.tokens, a.sequences, 1)
+    queries = random_queries(model, a.layers, a.queries, ScoreArgs.rank)
+    tokens = scan_tokens(model, find_layers(model, a.layers))
+    runs = {"plain": lambda: plain(model, (b for _, b in source(corpus, None, tokens=tokens)
+                                           .batches()), StockLoss(), zero_each_batch=True)}
+    for precision in ("float32", "bfloat16"):
+        args = ScoreArgs(precision=precision, per_layer=False, progress=False)
+        runs[precision] = lambda args=args: scan(model, queries, corpus, args)
+    seconds = interleaved({k: (lambda fn=fn: timed(fn)) for k, fn in runs.items()}, a.repeats,
+                          warmup=False)
+    ratio = lambda x, y: spread([u / v for u, v in zip(seconds[x], seconds[y])])  # noqa: E731
+    report({"shape": a.shape, "tokens": a.tokens, "sequences": a.sequences, "queries": a.queries,
+            "layers": a.layers, "seconds": {k: spread(v) for k, v in seconds.items()},
+            "float32_over_plain": ratio("float32", "plain"),
+            "bfloat16_over_plain": ratio("bfloat16", "plain"),
+            "bfloat16_over_float32": ratio("bfloat16", "float32")})
+
+
+if __name__ == "__main__":
+    main()
