@@ -193,19 +193,34 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     fit_peak = (memory["factors"] + memory["accumulators"] + memory["eigh"]
                 + memory["recording"] + memory["batch"])
     results = lambda q: q * (len(layers) * score.per_layer + 1) * len(corpus) * 8  # noqa: E731
-    batch = memory["batch"] * scoring.scan_tokens(model, layers, score.batch_tokens) \
-        // fit.batch_tokens   # the most tokens a scan's batch takes
-    # the scorer holds at most every query's dense R and one group of DW, within its budget
-    qsize = scoring.score_dtype(model, score.precision).itemsize
-    scorer = lambda q: min(memory["scorer"], q * sum(o * i for o, i in shapes) * qsize  # noqa: E731
-                           + memory["scorer"] // 4)
-    scan_peak = {q: memory["factors"] + max(memory["prepare"], scorer(min(q, score.query_block
-                                                                          or q)) + batch)
-                 + min(q, score.query_block or q) * memory["query"] + results(q) for q in counts}
+    scan_peak = {}
+    for q in counts:   # per pass: a block of queries, the scorer's bytes at the longest batch
+        q_pass = min(q, score.query_block or q)
+        fake = _meta_queries(model, layers, score, q_pass)
+        tokens = scoring.scan_tokens(model, layers, score.batch_tokens,
+                                     scoring.kept_dense(fake, layers, scoring.SCORE_BYTES)[1])
+        T = max(1, int(lengths.max()))
+        scorer = Scorer(fake, layers, 0).held_bytes(layers, max(1, tokens // T), T)
+        scan_peak[q] = (memory["factors"] + q_pass * memory["query"] + results(q)
+                        + max(memory["prepare"], scorer + memory["batch"] * tokens
+                              // fit.batch_tokens))
     if memory["recording"] >= passes.RECORD_BYTES:
         notes.append("ā and δ exceed RECORD_BYTES: EK-FAC's eigenvalue pass runs the model again")
     return Plan(memory, _resident(device, "VmRSS"), fit_peak, scan_peak,
                 available_memory(device), seconds, len(ids), padded, notes)
+
+
+def _meta_queries(model: nn.Module, layers: Sequence[TrackedLayer], score: ScoreArgs,
+                  q: int) -> Queries:
+    """``q`` queries of the scan's rank and precision with no storage (the meta device): what
+    a :class:`Scorer` needs to say what it would hold."""
+    dtype = scoring.score_dtype(model, score.precision)
+    empty = lambda *shape: torch.empty(q, *shape, dtype=dtype, device="meta")  # noqa: E731
+    R = {}
+    for t in layers:
+        (o, i), r = t.shape, min(score.rank or min(t.shape), *t.shape)
+        R[t.name] = LowRank(empty(o, r), empty(i, r), empty(o, i) if r == min(o, i) else None)
+    return Queries([[0]] * q, [[0]] * q, torch.zeros(q), R, score.rank, "ekfac", "plan")
 
 
 def _memory(model: nn.Module, shapes: Sequence[tuple[int, int]], fit: FactorArgs,

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -174,6 +174,18 @@ def reform_per_group(B: int, T: int, d_out: int, d_in: int, Q: int, r: int, grou
     return (groups - 1) * REFORM * Q * r <= (blocks - 1) * B * T
 
 
+class Layout(NamedTuple):
+    """How a :class:`Scorer` scores one layer for a batch: the token path (``tokens``) in
+    blocks of ``step`` queries, or DW in ``groups`` against R kept (``kept``) or formed in
+    ``blocks``; ``acc`` the dtype of its sums."""
+    tokens: bool
+    kept: bool
+    groups: int
+    blocks: int
+    step: int
+    acc: torch.dtype
+
+
 class Scorer(Consumer):
     """Scores the sequences of a pass against fixed :class:`Queries`, layer by layer.
 
@@ -224,20 +236,43 @@ class Scorer(Consumer):
             U, V = lr.U[s:s + step].to(dtype), lr.V[s:s + step].to(dtype)
             yield (V @ U.mT if wide else U @ V.mT).flatten(1)
 
-    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
-                     batch: PassBatch) -> None:
-        (B, T, _), Q, (o, i) = a.shape, len(self.queries), layer.shape
-        lr = self.queries.R[layer.name]
-        # products in the factors' dtype (bfloat16: ScoreArgs.precision), sums in float32+
+    def _layout(self, layer: TrackedLayer, B: int, T: int) -> Layout:
+        """How a batch of B sequences of T tokens is scored on ``layer`` (see :class:`Layout`)."""
+        Q, (o, i), lr = len(self.queries), layer.shape, self.queries.R[layer.name]
         acc = torch.promote_types(lr.U.dtype, torch.float32)
-        a, delta = a.to(lr.U.dtype), delta.to(lr.U.dtype)
-        r, dw, kept = lr.U.shape[-1], o * i * a.element_size(), layer.name in self._keep
+        r, dw, kept = lr.U.shape[-1], o * i * lr.U.element_size(), layer.name in self._keep
         groups = -(-B // max(1, self.budget // 4 // dw))
         blocks = 1 if kept else -(-Q // self._block(layer))
         tokens, dense = scoring_cost(B, T, o, i, Q, r, kept, groups, blocks)
-        if self.per_token or tokens < dense:
+        step = max(1, self.budget // 4 // (2 * B * T * r * acc.itemsize))
+        return Layout(self.per_token or tokens < dense, kept, groups, blocks, step, acc)
+
+    def held_bytes(self, layers: Sequence[TrackedLayer], B: int, T: int) -> int:
+        """The most bytes this scorer holds while scoring batches of B sequences of T tokens:
+        the dense R it keeps for the layers that take the dense path, and the largest of each
+        layer's transient ones — the token path's products for a block of queries, or a group
+        of DW and (R not kept) a block of R formed from its factors."""
+        Q, held, transient = len(self.queries), 0, 0
+        for t in layers:
+            (o, i), lr, way = t.shape, self.queries.R[t.name], self._layout(t, B, T)
+            size, r = lr.U.element_size(), lr.U.shape[-1]
+            if way.tokens:
+                transient = max(transient, 2 * min(way.step, Q) * B * T * r * way.acc.itemsize)
+                continue
+            group = -(-B // way.groups) * o * i * size
+            held += Q * o * i * size if way.kept else 0
+            transient = max(transient, group + (0 if way.kept else self._block(t) * o * i * size))
+        return held + transient
+
+    def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
+        (B, T, _), Q, (o, i) = a.shape, len(self.queries), layer.shape
+        lr, way = self.queries.R[layer.name], self._layout(layer, B, T)
+        # products in the factors' dtype (bfloat16: ScoreArgs.precision), sums in float32+
+        a, delta, acc, step = a.to(lr.U.dtype), delta.to(lr.U.dtype), way.acc, way.step
+        r, dw, kept, blocks = lr.U.shape[-1], o * i * a.element_size(), way.kept, way.blocks
+        if way.tokens:
             # (Uᵀ δ_t) · (Vᵀ ā_t) per token, 'q b t r', in blocks of queries
-            step = max(1, self.budget // 4 // (2 * B * T * r * acc.itemsize))
             tok = torch.cat([(einsum(delta, lr.U[s:s + step], "b t o, q o r -> q b t r").to(acc)
                               * einsum(a, lr.V[s:s + step], "b t i, q i r -> q b t r").to(acc)
                               ).sum(-1) for s in range(0, Q, step)])
