@@ -111,6 +111,58 @@ def test_explorer_ranks_selects_and_details(result):
     assert sum(ex.detail["token_scores"]) == pytest.approx(-0.4)
 
 
+def test_explorer_searches_ranks_and_groups_the_whole_scan(tokenizer):
+    """k, search and sort act on the whole scan, not the rows shown: a search finds a sequence
+    ranked far below k; identical texts are one row with their count; a whole number stored
+    as a float (a metadata column with gaps) shows without ".0"; the snapshot says what the
+    view shows."""
+    texts = ["A copy of one line."] * 3 + [f"Line {i} about Velmora." for i in range(30)] + [
+        "Rain fell on the market."]
+    meta = [dict(thread_id=17294 + i if i % 2 else None, kind="x" if i % 3 else "y")
+            for i in range(len(texts))]
+    corpus = Corpus.from_texts(texts, tokenizer, max_len=32, metadata=meta)
+    assert corpus.df["thread_id"].dtype == np.float64            # the gaps make it float
+    scores = np.linspace(10.0, -10.0, len(texts))[None]
+    res = InfluenceResult([dict(prompt="a", completion=" b", logprob=-1.0)], scores,
+                          np.arange(len(texts)), LAYERS, None, corpus)
+    ex = InfluenceExplorer(res, k=5)
+    assert [r["id"] for r in ex.rows] == [0, 3, 4, 5, 6]           # the copies of 0 are one row
+    assert [r["copies"] for r in ex.rows] == [3, 1, 1, 1, 1]
+    assert ex.counts == dict(scanned=34, ranked=34, matches=34)
+    assert ex.rows[1]["meta"]["thread_id"] == "17297" and "17297" in ex.to_html()
+    assert "17297.0" not in ex.to_html()
+    ex.search = "RAIN"                                             # rank 34 of 34
+    assert [r["id"] for r in ex.rows] == [33] and ex.counts["matches"] == 1
+    assert ex.selected == 33 and "matching “RAIN”" in ex.to_html()
+    ex.search, ex.k = "", 12
+    assert len(ex.rows) == 12 and ex.rows[-1]["rank"] == 12
+    ex.k = 0
+    assert ex.k == 1 and len(ex.rows) == 1
+    ex.k, ex.sort, ex.descending = 4, "thread_id", True
+    assert [r["meta"].get("thread_id") for r in ex.rows] == ["17299", "17297", None, None]
+    assert sorted(r["rank"] for r in ex.rows) == [1, 2, 3, 4]     # ranks stay the ranking's
+    page = ex.to_html()
+    assert "sorted by thread_id ▼" in page and "4 most positive of 34 sequences" in page
+    assert page.index("17299") < page.index("17297")
+    ex.sign = "negative"
+    assert ex.rows[0]["id"] != 33 or ex.rows[0]["score"] == min(scores[0])
+    assert "most negative" in ex.to_html()
+
+
+def test_a_reopened_view_hides_the_model_not_found_line():
+    """Reopened without widget state, JupyterLab prints "Error displaying widget: model not
+    found" in the view's output: the snapshot's own style hides that output (the one after
+    it) until a view renders there; and a view without its kernel shows the snapshot."""
+    from influence_nb.snapshot import STYLE
+    assert (".jp-OutputArea-child:has(.inb-static) + .jp-OutputArea-child:not(:has(.inb-root))"
+            " { display: none; }") in STYLE
+    css = asset("influence.css").read_text()
+    assert ":has(+ .jp-OutputArea-child .inb-root:not(.inb-offline)) { display: none; }" in css
+    assert "anywhere" not in css.replace('"anywhere"', "") and "anywhere" not in STYLE
+    js = asset("influence.js").read_text()
+    assert '"dead", "restarting", "autorestarting"' in js and "comm_live_update" in js
+
+
 def test_explorer_without_model_shows_error(result):
     bare = InfluenceResult(result.queries, result.scores, result.ids, LAYERS,
                            result.layer_scores, result.corpus)
@@ -207,9 +259,9 @@ def test_lab_results_stay_with_their_texts(session, capfd):
 
 
 def test_completion_token_reranks_and_layers_recolour(session, capfd):
-    """Click a completion token: the rows are rescored on log p(c_t | prompt, c_<t) alone
-    (equal to a scan of that query); click a layer: the tokens through that layer alone sum to
-    its bar."""
+    """Click a completion token: the whole scan, not the rows shown, is rescored on
+    log p(c_t | prompt, c_<t) alone (equal to a scan of that query) and ranked again; click a
+    layer: the tokens through that layer alone sum to its bar."""
     from influence_nb import demo
     fact = demo.facts()[0]
     ids = np.union1d(np.flatnonzero(session.corpus.df["kind"] == "fact")[:40], np.arange(40))
@@ -220,16 +272,16 @@ def test_completion_token_reranks_and_layers_recolour(session, capfd):
     assert len(ex.queries[0]["completion_tokens"]) >= 2
     ex.query_token = 1
     assert "%|" not in capfd.readouterr().err       # clicks show no progress bars
-    assert not ex.error and sorted(r["id"] for r in ex.rows) == sorted(i for i, _ in whole)
+    assert not ex.error and ex.counts["ranked"] == ex.counts["scanned"] == len(ids)
     prompt, completion = session.encode([(fact.prompt(), fact.completion)])
     alone = session.scan(session.queries(list(zip(
         [session.tokenizer.decode(prompt[0] + completion[0][:1])],
-        [session.tokenizer.decode(completion[0][1:2])]))), ids=[i for i, _ in whole])
-    expect = dict(zip(alone.ids.tolist(), alone.scores[0]))
-    for r in ex.rows:
-        assert r["score"] == pytest.approx(expect[r["id"]], rel=1e-3, abs=1e-6)
-    assert [r["score"] for r in ex.rows] == sorted((r["score"] for r in ex.rows), reverse=True)
-    assert [r["id"] for r in ex.rows] != [i for i, _ in whole]    # another ranking
+        [session.tokenizer.decode(completion[0][1:2])]))), ids=ids)
+    expect = alone.top(0, 8, distinct=True)
+    assert [r["id"] for r in ex.rows] == expect["id"].tolist()     # the top 8 of all 80
+    assert [r["score"] for r in ex.rows] == pytest.approx(expect["score"].tolist(), rel=1e-3,
+                                                          abs=1e-6)
+    assert {r["id"] for r in ex.rows} != {i for i, _ in whole}     # not the old rows reordered
     ex.query_token = -1
     assert [(r["id"], r["score"]) for r in ex.rows] == whole
     ex.layer = 0
