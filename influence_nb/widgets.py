@@ -205,6 +205,7 @@ class InfluenceExplorer(View):
     columns = t.List(t.Unicode()).tag(sync=True)   # metadata keys that vary between the rows
     # scanned: sequences in the scan; ranked: those the ranking covers (fewer when a completion
     # token alone ranks a scan over RERANK); matches: those ranked that pass source and search
+    # (the search they were counted for)
     counts = t.Dict().tag(sync=True)
     selected = t.Int(-1).tag(sync=True)
     detail = t.Dict().tag(sync=True)
@@ -264,7 +265,8 @@ class InfluenceExplorer(View):
                 for rank, r in df.iterrows()]
         with self.hold_sync():
             self.counts = dict(scanned=len(self.result.ids), ranked=len(self._active.ids),
-                               matches=int(self._active.matching(source, self.search).sum()))
+                               matches=int(self._active.matching(source, self.search).sum()),
+                               search=self.search)
             self.rows = _ordered(rows, self.sort, self.descending)
             self.columns = _varying(self.rows)
             first = min(self.rows, key=lambda r: r["rank"])["id"] if self.rows else -1

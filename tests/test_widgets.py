@@ -128,7 +128,7 @@ def test_explorer_searches_ranks_and_groups_the_whole_scan(tokenizer):
     ex = InfluenceExplorer(res, k=5)
     assert [r["id"] for r in ex.rows] == [0, 3, 4, 5, 6]           # the copies of 0 are one row
     assert [r["copies"] for r in ex.rows] == [3, 1, 1, 1, 1]
-    assert ex.counts == dict(scanned=34, ranked=34, matches=34)
+    assert ex.counts == dict(scanned=34, ranked=34, matches=34, search="")
     assert ex.rows[1]["meta"]["thread_id"] == "17297" and "17297" in ex.to_html()
     assert "17297.0" not in ex.to_html()
     ex.search = "RAIN"                                             # rank 34 of 34

@@ -277,7 +277,12 @@ function tableBar(ctx, columns, counts) {
   k.type = "number"; k.min = "1"; k.max = "500"; k.value = String(model.get("k"));
   k.dataset.id = "k";
   k.setAttribute("aria-label", "rows shown (k)");
-  k.addEventListener("change", () => { const v = Math.max(1, Math.round(Number(k.value) || 1)); ctx.set("k", v); });
+  const setK = () => {
+    const v = Math.max(1, Math.round(Number(k.value) || 1));
+    if (v !== model.get("k")) ctx.set("k", v);
+  };
+  k.addEventListener("change", setK);
+  k.addEventListener("keydown", (e) => { if (e.key === "Enter") setK(); });
   const kLabel = h("label", "inb-check", "k ");
   kLabel.append(k);
   kLabel.title = "rows shown: the k best-ranked distinct texts of the whole scan";
@@ -296,7 +301,7 @@ function tableBar(ctx, columns, counts) {
   dir.addEventListener("click", () => ctx.set("descending", !model.get("descending")));
   const rows = model.get("rows").length;
   const count = h("span", "inb-count", `${rows} of ${(counts.matches ?? rows).toLocaleString("en")} `
-    + (model.get("search") ? `matching “${model.get("search")}”` : "ranked")
+    + (counts.search ? `matching “${counts.search}”` : "ranked")
     + (counts.scanned && counts.matches !== counts.scanned ? ` · ${counts.scanned.toLocaleString("en")} scanned` : ""));
   bar.append(search, kLabel, sort, dir, count);
   return bar;
