@@ -20,12 +20,26 @@ from .data import Corpus
 
 FORMAT = "influence_nb.result/2"
 SIGNS = ("positive", "negative", "abs")
+# what a score means, said once: the README, the docstrings, the widgets, the charts and the
+# command line all print this
+UNIT = ("score = d log p(completion | prompt) / dε in nats, ε the weight of the sequence added "
+        "to the mean training loss (first order); one added copy among N training sequences is "
+        "ε = 1/N, so Δ log p per copy = score / N")
+
+
+def unit_note(n_train: int | None) -> str:
+    """:data:`UNIT`, with N where it is known."""
+    return UNIT + (f" (N = {n_train:,} training sequences, those the curvature was fitted on)"
+                   if n_train else "")
 
 
 @dataclass
 class InfluenceResult:
     """Scores of N training sequences on Q queries. Positive: adding the sequence to training
-    raises log p(completion | prompt); 1 means the log-probability rises by 1 (first order).
+    raises log p(completion | prompt). The unit (:data:`UNIT`): score = d log p(completion |
+    prompt) / dε in nats, ε the weight of the sequence added to the mean training loss (first
+    order); one added copy among N training sequences is ε = 1/N, so Δ log p per copy =
+    score / N.
 
     queries:      Q dicts with ``prompt``, ``completion`` (text) and ``logprob`` (f, nats)
     scores:       (Q, N) total scores

@@ -6,14 +6,15 @@ inline SVG bars, no script, no network — and every text that comes from the mo
 the user (tokens, training text, labels, metadata) is escaped. The functions take the widgets'
 synced traits (plain dicts and lists), so a snapshot shows exactly what the live view shows.
 
-Numbers and colours follow :mod:`influence_nb.style`, the rules the live views follow too; a
-score also reads as Δ log p for one added copy of the sequence, score / N (:func:`per_copy`).
+Numbers and colours follow :mod:`influence_nb.style`, the rules the live views follow too; the
+unit is :data:`influence_nb.results.UNIT` (Δ log p per copy = score / N, :func:`per_copy`).
 """
 from __future__ import annotations
 
 import html
 from collections.abc import Sequence
 
+from .results import unit_note
 from .style import RULES, colour, domain, fmt, per_copy, strong
 
 NOTE = "A token's score belongs to the update at its position, which predicts the next token."
@@ -51,15 +52,6 @@ STYLE = """
 .inb-static .inb-s-error { color: var(--jp-error-color1, #b3261e); }
 .inb-static svg text { fill: currentColor; font-size: 11px; }
 """
-
-
-def unit_note(n_train: int) -> str:
-    """What a score means, for a header or a tooltip."""
-    base = "score: influence on log p(completion | prompt)"
-    if n_train <= 0:
-        return base + " per unit up-weighting of the sequence in the mean training loss"
-    return (f"{base}; Δ log p per copy = score / N, the first-order change in log p (nats) for "
-            f"one added copy, N = {n_train:,} training sequences the curvature was fitted on")
 
 
 def _text_colour(v: float, d: float) -> str:

@@ -8,9 +8,10 @@ the synthetic-sequence lab. The JavaScript and CSS live in ``widgets/`` (plain D
 
 Colours (:mod:`influence_nb.style`): orange raises log p(completion | prompt), blue lowers it,
 on a scale symmetric about 0 (0 is transparent). A token's score belongs to the update at its
-position, which predicts the next token. Where N (``n_train``, the training sequences the
-curvature was fitted on) is known, a score also reads as Δ log p per copy = score / N: the
-first-order change in log p(completion | prompt), in nats, for one added copy of the sequence.
+position, which predicts the next token. The unit (:data:`~influence_nb.results.UNIT`, shown
+by every view): score = d log p(completion | prompt) / dε in nats, ε the weight of the
+sequence added to the mean training loss (first order); one added copy among N training
+sequences is ε = 1/N, so Δ log p per copy = score / N, shown where N (``n_train``) is known.
 
 Displayed, every widget (a :class:`~influence_nb.view.View`) is two outputs: a static HTML
 snapshot of itself (``text/html``, :mod:`influence_nb.snapshot`, kept up to date while the

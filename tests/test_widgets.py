@@ -3,6 +3,7 @@ the magics on the demo world (cached factors)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -176,7 +177,7 @@ def test_charts_render_offline(result, tmp_path):
     big = InfluenceResult(result.queries, np.random.default_rng(1).standard_t(2, (2, 3000)),
                           np.arange(3000), LAYERS, np.zeros((2, 2, 3000)))
     spec = charts.distribution(big, 0, tail=0.05).to_dict()
-    assert "P(score > x) ∝ x^−" in spec["title"]["subtitle"]
+    assert "P(score > x) ∝ x^−" in spec["title"]["subtitle"][0]
     dots, line = (spec["datasets"][layer["data"]["name"]] for layer in spec["layer"])
     assert len(dots) > 100 and dots[0]["count"] == 1  # the largest score first
     assert line[0]["count"] == pytest.approx(0.05 * 3000, rel=1e-6)  # the tail starts at x_min
@@ -200,6 +201,90 @@ def test_charts_render_offline(result, tmp_path):
     assert len(spec["layer"]) == 2  # mean bars and one dot per sequence
     with pytest.raises(ValueError, match="label"):
         charts.variants(pd.DataFrame(dict(score=[1.0])))
+
+
+def _axis_labels(svg: str) -> list[list[tuple[float, float, str]]]:
+    """Each axis's unrotated tick labels in an SVG drawn by vl-convert: (x, y, text)."""
+    groups = re.findall(r'role-axis-label"[^>]*>(.*?)</g>', svg)
+    return [[(float(x), float(y), t) for x, y, t in re.findall(
+        r'transform="translate\(([-\d.e]+),([-\d.e]+)\)"[^>]*>([^<]*)</text>', g)] for g in groups]
+
+
+def _svg(chart) -> str:
+    bundle = chart._repr_mimebundle_()
+    return (bundle[0] if isinstance(bundle, tuple) else bundle)["image/svg+xml"]
+
+
+def test_charts_read_at_a_glance(result):
+    """Tick labels never run together (nor does "1,0002,000"), no text under 11 px, the fit
+    line in the theme's grey (not near-black, lost on the dark theme), a heatmap's legend
+    over the data's own range, the LDS scatter names its query."""
+    import altair as alt
+    rng = np.random.default_rng(1)
+    heavy = np.abs(rng.standard_t(2, (1, 3000))) * 3000
+    big = InfluenceResult(result.queries[:1], heavy, np.arange(3000), LAYERS,
+                          np.abs(rng.normal(size=(1, 2, 3000))))
+    table = pd.DataFrame(dict(strategy=["ekfac", "bm25"]))
+    table.attrs.update(per_query=pd.DataFrame(dict(ekfac=[0.5], bm25=[0.6])),
+                       measured=rng.normal(size=(20, 1)) - 100,
+                       predicted=dict(ekfac=rng.normal(size=(20, 1)) * 3e4,
+                                      bm25=rng.normal(size=(20, 1)) * 2e3))
+    before = alt.renderers.active
+    try:
+        charts.offline()
+        lds = charts.lds_scatter(table, 0, query="The first President of Zarglous was → Pleigei")
+        for chart in (charts.distribution(big, 0), charts.layer_profile(big, 0),
+                      charts.layer_heatmap(big), lds,
+                      charts.variants(pd.DataFrame(dict(label=["a", "a", "b"],
+                                                        score=[2.5e4, 3e4, -1e3])))):
+            svg = _svg(chart)
+            for axis in _axis_labels(svg):
+                if len({y for _, y, _ in axis}) == 1:            # a horizontal axis
+                    xs = sorted(axis)
+                    for (x0, _, a), (x1, _, b) in zip(xs, xs[1:]):
+                        assert x1 - x0 > 3.5 * (len(a) + len(b)), (a, b, x1 - x0)
+            sizes = [float(v) for v in re.findall(r'font-size="([\d.]+)px"', svg)]
+            assert sizes and min(sizes) >= 11, sorted(set(sizes))
+            assert "#1f2430" not in svg
+        assert "Zarglous" in _svg(lds)
+    finally:
+        alt.renderers.enable(before)
+    spec = charts.distribution(big, 0).to_dict()
+    assert spec["layer"][1]["mark"]["color"] == charts.GREY
+    heat = charts.layer_heatmap(big).to_dict()
+    assert heat["encoding"]["color"]["scale"]["domain"][0] == 0          # all positive
+    flipped = result.layer_scores * np.array([1.0, -1.0])[:, None, None]   # query 1 lowers
+    mixed = charts.layer_heatmap(InfluenceResult(result.queries, result.scores, result.ids,
+                                                 LAYERS, flipped)).to_dict()
+    domain = mixed["encoding"]["color"]["scale"]["domain"]
+    assert domain[0] == -domain[2] < 0 and domain[1] == 0
+
+
+def test_one_statement_of_the_unit(result, capsys):
+    """The score's unit is said once (results.UNIT) and the same way in the README, the
+    docstrings, the widgets and their snapshots, the charts and the command line."""
+    import influence_nb.widgets
+    from influence_nb.cli.inputs import print_top
+    from influence_nb.results import UNIT
+    root = asset("influence.js").parent.parent
+
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+    assert norm(UNIT) in norm((root / "README.md").read_text())
+    assert norm(UNIT) in norm(InfluenceResult.__doc__) and norm(UNIT) in norm(
+        influence_nb.widgets.__doc__)
+    ex = InfluenceExplorer(result, k=2)
+    assert ex.unit.startswith(UNIT) and "N = 20,000" in ex.unit and UNIT in ex.to_html()
+    assert "unitNote" not in asset("influence.js").read_text()
+    subtitle = charts.distribution(result, 0).to_dict()["title"]["subtitle"]
+    assert norm(UNIT) in norm(" ".join(subtitle))
+    print_top(result, 2)
+    out = capsys.readouterr().out
+    assert UNIT in out and "+1.5e-4 per copy" in out.replace("+1.50e-4", "+1.5e-4")
+    for old in ("rises by 1", "raises it by one nat"):
+        assert old not in (root / "README.md").read_text()
+        for nb in (root / "notebooks").glob("*.ipynb"):
+            assert old not in nb.read_text(), nb.name
 
 
 # -- on the demo world ------------------------------------------------------------------------

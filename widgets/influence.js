@@ -1,8 +1,8 @@
 // influence_nb widgets: token highlighting, layer bars, the explorer and the synthetic lab.
 // Plain DOM, no dependencies. Every piece of text from Python is set with textContent.
 // Colour convention: orange = positive (the training sequence raises log p(completion | prompt)),
-// blue = negative, transparent = 0, on a symmetric scale ±domain; a score also reads as Δ log p
-// per added copy = score / N. The static snapshot of each view (influence_nb.snapshot) mirrors
+// blue = negative, transparent = 0, on a symmetric scale ±domain. The unit, influence_nb.results
+// .UNIT, comes from Python as the trait "unit" (Δ log p per copy = score / N). The static snapshot of each view (influence_nb.snapshot) mirrors
 // what is drawn here.
 // RULES, the number format and the colours, is influence_nb.style.RULES: influence_nb.widgets
 // writes it as a constant above this file (fmt, colour and domainOf below follow the same steps
@@ -53,12 +53,6 @@ const perCopy = (v, n) => (n > 0 ? (v > 0 ? "+" : "") + fmt(v / n) : "");
 /** A score with its unit, for tooltips and titles. */
 const scoreText = (v, n) => `score ${fmt(v)}` + (n > 0 ? ` · Δ log p per copy ${perCopy(v, n)}` : "");
 
-function unitNote(n) {
-  const base = "score: influence on log p(completion | prompt)";
-  if (!(n > 0)) return base + " per unit up-weighting of the sequence in the mean training loss";
-  return `${base}; Δ log p per copy = score / N, the first-order change in log p (nats) for one `
-    + `added copy, N = ${n.toLocaleString("en")} training sequences the curvature was fitted on`;
-}
 
 /** A token as displayed: a newline shows as ↵ and still breaks the line, so indentation after
  * it is kept (the token view is white-space: pre-wrap). */
@@ -317,7 +311,7 @@ function explorerTable(ctx, rows, columns) {
   const sortKey = model.get("sort"), desc = model.get("descending");
   for (const [key, label] of [["rank", "#"], ["id", "id"], ["score", "score"], ["text", "text"]]) {
     const th = h("th", "inb-col-" + key, label);
-    if (key === "score") th.title = unitNote(n);
+    if (key === "score") th.title = model.get("unit");
     if (key !== "text") {
       th.classList.add("inb-sortable");
       th.tabIndex = 0;
@@ -479,7 +473,7 @@ function explorerWidget(ctx, root) {
   shared.append(box, " one colour scale for all rows");
   shared.title = "colour every sequence's tokens on one scale (the largest |token score| of the rows), so colours compare across sequences";
   tabs.append(shared);
-  left.append(tabs, h("div", "inb-unit", unitNote(n)),
+  left.append(tabs, h("div", "inb-unit", model.get("unit")),
     explorerTable(ctx, model.get("rows"), model.get("columns") || []));
 
   const right = h("div", "inb-detail");
@@ -505,7 +499,7 @@ function explorerWidget(ctx, root) {
   root.append(body);
   return ["queries", "query", "query_token", "sign", "sources", "source", "rows", "columns", "selected",
     "detail", "token", "layer", "shared_scale", "error", "busy", "n_train", "k", "search", "sort",
-    "descending", "counts"];
+    "descending", "counts", "unit"];
 }
 
 function labWidget(ctx, root) {
@@ -558,7 +552,7 @@ function labWidget(ctx, root) {
     const names = scoredLabels.map((l, i) => l || `#${i + 1}`);
     const out = h("div", "inb-lab-out" + (stale ? " inb-stale" : ""));
     out.append(barView({ labels: names, values: scores, tip, n, title: "influence of each sequence on the query" }),
-      h("div", "inb-unit", unitNote(n)));
+      h("div", "inb-unit", model.get("unit")));
     const toks = model.get("tokens"), ts = model.get("token_scores");
     const d = domainOf(ts.flat(), 0);
     ts.forEach((s, i) => {
@@ -569,7 +563,7 @@ function labWidget(ctx, root) {
     out.append(legend(d, "per token, one scale for all sequences"));
     root.append(out);
   }
-  return ["query", "texts", "labels", "scored_texts", "scored_labels", "scores", "tokens", "token_scores", "busy", "error", "n_train"];
+  return ["query", "texts", "labels", "scored_texts", "scored_labels", "scores", "tokens", "token_scores", "busy", "error", "n_train", "unit"];
 }
 
 const VIEWS = { tokens: tokensWidget, layers: layersWidget, explorer: explorerWidget, lab: labWidget };
