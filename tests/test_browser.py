@@ -386,23 +386,43 @@ print(next(w for t in res.top(0, k=len(res.ids))['text'] for w in re.findall(r'[
         .querySelectorAll('.inb-row').length === 10""", timeout=30_000)
 
 
-def test_no_sideways_scroll_at_800px(page):
-    """The explorer sizes from its own width (container queries): at an 800 px window, file
-    browser open, it fits its output area."""
-    page.set_viewport_size({"width": 800, "height": 900})
+@pytest.mark.parametrize("width", [800, 1280])
+def test_no_overlap_with_the_file_browser_open(page, width):
+    """The explorer sizes from its own width (container queries): with the file browser open,
+    at 800 px it is one column and fits its output area; at 1,280 px the table, the divider
+    and the detail sit side by side without overlap, the text column readable (≥ 150 px, so
+    that no word breaks); dragging the divider left stops at the table's minimum width."""
+    page.set_viewport_size({"width": width, "height": 900})
     page.evaluate("window.jupyterapp.shell.expandLeft()")
     page.wait_for_timeout(800)
-    explorer = page.locator(".inb-root[data-view='explorer']").first
+    explorer = _explorer(page)
     explorer.scroll_into_view_if_needed()
-    sizes = explorer.evaluate("""el => {
+    measure = """el => {
         const out = el.closest('.jp-OutputArea-output');
+        const box = (s) => { const e = el.querySelector(s); if (!e) return null;
+                             const r = e.getBoundingClientRect(); return [r.left, r.right]; };
         return { root: [el.scrollWidth, el.clientWidth], out: [out.scrollWidth, out.clientWidth],
-                 cols: getComputedStyle(el.querySelector('.inb-explorer')).gridTemplateColumns };
-    }""")
-    print(f"\n800 px: {sizes}")
+                 cols: getComputedStyle(el.querySelector('.inb-explorer')).gridTemplateColumns,
+                 table: box('.inb-table'), detail: box('.inb-detail'), text: box('td.inb-text') };
+    }"""
+    sizes = explorer.evaluate(measure)
+    print(f"\n{width} px: {sizes}")
     assert sizes["root"][0] <= sizes["root"][1] + 1 and sizes["out"][0] <= sizes["out"][1] + 1, sizes
-    assert len(sizes["cols"].split()) == 1   # one column in a narrow output
-    explorer.screenshot(path=str(ARTIFACTS / "explorer_800px.png"))
+    assert sizes["text"][1] - sizes["text"][0] >= 150, sizes
+    if width == 800:
+        assert len(sizes["cols"].split()) == 1   # one column in a narrow output
+    else:
+        assert len(sizes["cols"].split()) == 3 and sizes["table"][1] <= sizes["detail"][0], sizes
+        split = explorer.locator(".inb-split")
+        box = split.bounding_box()
+        page.mouse.move(box["x"] + 4, box["y"] + 20)
+        page.mouse.down()
+        page.mouse.move(box["x"] - 600, box["y"] + 20, steps=5)
+        page.mouse.up()
+        dragged = explorer.evaluate(measure)
+        assert 355 <= dragged["table"][1] - dragged["table"][0] < sizes["table"][1] - sizes["table"][0]
+        assert dragged["table"][1] <= dragged["detail"][0], dragged
+    explorer.screenshot(path=str(ARTIFACTS / f"explorer_{width}px.png"))
     page.evaluate("window.jupyterapp.shell.collapseLeft()")
     page.set_viewport_size({"width": 1400, "height": 1000})
 
