@@ -391,7 +391,8 @@ def test_no_overlap_with_the_file_browser_open(page, width):
     """The explorer sizes from its own width (container queries): with the file browser open,
     at 800 px it is one column and fits its output area; at 1,280 px the table, the divider
     and the detail sit side by side without overlap, the text column readable (≥ 150 px, so
-    that no word breaks); dragging the divider left stops at the table's minimum width."""
+    that no word breaks); the divider drags, and stops at the table's minimum width (400 px,
+    where the table still fits its pane)."""
     page.set_viewport_size({"width": width, "height": 900})
     page.evaluate("window.jupyterapp.shell.expandLeft()")
     page.wait_for_timeout(800)
@@ -401,27 +402,39 @@ def test_no_overlap_with_the_file_browser_open(page, width):
         const out = el.closest('.jp-OutputArea-output');
         const box = (s) => { const e = el.querySelector(s); if (!e) return null;
                              const r = e.getBoundingClientRect(); return [r.left, r.right]; };
+        const wrap = el.querySelector('.inb-table-wrap');
         return { root: [el.scrollWidth, el.clientWidth], out: [out.scrollWidth, out.clientWidth],
                  cols: getComputedStyle(el.querySelector('.inb-explorer')).gridTemplateColumns,
-                 table: box('.inb-table'), detail: box('.inb-detail'), text: box('td.inb-text') };
+                 table: box('.inb-ranked'), detail: box('.inb-detail'), text: box('td.inb-text'),
+                 scroll: [wrap.scrollWidth, wrap.clientWidth] };
     }"""
     sizes = explorer.evaluate(measure)
     print(f"\n{width} px: {sizes}")
     assert sizes["root"][0] <= sizes["root"][1] + 1 and sizes["out"][0] <= sizes["out"][1] + 1, sizes
     assert sizes["text"][1] - sizes["text"][0] >= 150, sizes
+    assert sizes["scroll"][0] <= sizes["scroll"][1] + 1, sizes     # the table fits its pane
     if width == 800:
         assert len(sizes["cols"].split()) == 1   # one column in a narrow output
     else:
         assert len(sizes["cols"].split()) == 3 and sizes["table"][1] <= sizes["detail"][0], sizes
         split = explorer.locator(".inb-split")
-        box = split.bounding_box()
-        page.mouse.move(box["x"] + 4, box["y"] + 20)
-        page.mouse.down()
-        page.mouse.move(box["x"] - 600, box["y"] + 20, steps=5)
-        page.mouse.up()
-        dragged = explorer.evaluate(measure)
-        assert 355 <= dragged["table"][1] - dragged["table"][0] < sizes["table"][1] - sizes["table"][0]
-        assert dragged["table"][1] <= dragged["detail"][0], dragged
+
+        def drag(dx: float) -> dict:
+            split.hover(position={"x": 4, "y": 20})   # scrolled into view, stable
+            box = split.bounding_box()
+            page.mouse.down()
+            page.mouse.move(box["x"] + 4 + dx, box["y"] + 20, steps=5)
+            page.wait_for_timeout(150)                 # a hand's pace: the moves land first
+            page.mouse.up()
+            page.wait_for_timeout(150)
+            return explorer.evaluate(measure)
+        wider = drag(80)
+        width0 = sizes["table"][1] - sizes["table"][0]
+        assert wider["table"][1] - wider["table"][0] > width0 + 40, (sizes, wider)
+        narrow = drag(-800)                                       # stops at the minimum
+        assert abs(narrow["table"][1] - narrow["table"][0] - 400) <= 2, narrow
+        for s in (wider, narrow):
+            assert s["table"][1] <= s["detail"][0] and s["scroll"][0] <= s["scroll"][1] + 1, s
     explorer.screenshot(path=str(ARTIFACTS / f"explorer_{width}px.png"))
     page.evaluate("window.jupyterapp.shell.collapseLeft()")
     page.set_viewport_size({"width": 1400, "height": 1000})

@@ -378,7 +378,7 @@ function explorerTable(ctx, rows, columns) {
 
 /** A draggable divider between the table and the detail: the table keeps at least MIN_LEFT px
  * (its text column readable), the detail MIN_RIGHT px; arrows move it by 24 px. */
-const MIN_LEFT = 360, MIN_RIGHT = 260;
+const MIN_LEFT = 400, MIN_RIGHT = 260;
 function splitter(ctx, body) {
   const bar = h("div", "inb-split");
   bar.tabIndex = 0;
@@ -393,12 +393,18 @@ function splitter(ctx, body) {
   };
   bar.addEventListener("pointerdown", (e) => {
     e.preventDefault();
-    bar.setPointerCapture(e.pointerId);
+    e.stopPropagation();   // not a drag of the notebook cell
     const x0 = e.clientX, w0 = body.firstChild.getBoundingClientRect().width;
-    const move = (m) => apply(w0 + m.clientX - x0);
-    const up = () => { bar.removeEventListener("pointermove", move); bar.removeEventListener("pointerup", up); };
-    bar.addEventListener("pointermove", move);
-    bar.addEventListener("pointerup", up);
+    // on the window, in the capture phase: the pointer leaves the 8 px bar, and JupyterLab's
+    // own handlers never see these first
+    const move = (m) => { m.preventDefault(); apply(w0 + m.clientX - x0); };
+    const up = (u) => {   // the last position too: Chromium coalesces pointermoves into frames
+      apply(w0 + u.clientX - x0);
+      window.removeEventListener("pointermove", move, true);
+      window.removeEventListener("pointerup", up, true);
+    };
+    window.addEventListener("pointermove", move, true);
+    window.addEventListener("pointerup", up, true);
   });
   bar.addEventListener("keydown", (e) => {
     const step = { ArrowLeft: -24, ArrowRight: 24 }[e.key];
