@@ -32,6 +32,7 @@ import traitlets as t
 from . import snapshot
 from .checks import checked, shown
 from .results import SIGNS, InfluenceResult
+from .rows import meta_chips, ordered, varying
 from .view import View
 
 if TYPE_CHECKING:
@@ -132,53 +133,6 @@ def _query_view(query: dict, tokenizer: Any) -> dict:
                 completion_tokens=toks(query["completion"], False))
 
 
-def _varying(rows: Sequence[dict]) -> list[str]:
-    """The metadata keys whose values differ between the rows (the explorer's columns); every
-    key when there is a single row."""
-    keys = list(dict.fromkeys(k for r in rows for k in r["meta"]))
-    if len(rows) < 2:
-        return keys
-    return [k for k in keys if len({repr(r["meta"].get(k)) for r in rows}) > 1]
-
-
-def _chip(v: Any) -> str:
-    """A metadata value as text: a whole number stored as a float (a pandas column with gaps)
-    shows without its ".0"."""
-    if isinstance(v, (float, np.floating)) and float(v).is_integer():
-        return str(int(v))
-    return str(v)
-
-
-def _meta(row: Any, columns: Sequence[str]) -> dict:
-    """The row's metadata (the corpus's own columns, whatever they are) as chips: text, or a
-    list of texts; missing values are left out."""
-    out = {}
-    for key in columns:
-        v = row.get(key)
-        if isinstance(v, (list, tuple, np.ndarray)):
-            out[key] = [_chip(x) for x in v]
-        elif v is not None and not (isinstance(v, float) and np.isnan(v)):
-            out[key] = _chip(v)
-    return out
-
-
-def _ordered(rows: list[dict], key: str, descending: bool) -> list[dict]:
-    """The rows in the ``sort`` trait's order: by rank, id, score or a metadata key (numbers as
-    numbers); rows without that key last either way."""
-    def value(row: dict) -> tuple | None:
-        v = row[key] if key in ("rank", "id", "score") else row["meta"].get(key)
-        if v is None:
-            return None
-        v = ", ".join(v) if isinstance(v, list) else v
-        try:
-            return (0, float(v), "")
-        except ValueError:
-            return (1, 0.0, str(v))
-    present = [r for r in rows if value(r) is not None]
-    return (sorted(present, key=value, reverse=descending)
-            + [r for r in rows if value(r) is None])
-
-
 class InfluenceExplorer(View):
     """The ranked training sequences of a result as a table (rank, score, a snippet centred on
     the sequence's most influential span, the metadata that varies as chips): pick the query,
@@ -262,14 +216,15 @@ class InfluenceExplorer(View):
         rows = [dict(rank=int(rank), id=int(r["id"]), score=float(r["score"]),
                      copies=int(r.get("copies", 1)), text=str(r.get("text", "")),
                      source=str(r.get("source", "")),
-                     meta=_meta(r, self.result.metadata_columns), **self._snippet(int(r["id"])))
+                     meta=meta_chips(r, self.result.metadata_columns),
+                     **self._snippet(int(r["id"])))
                 for rank, r in df.iterrows()]
         with self.hold_sync():
             self.counts = dict(scanned=len(self.result.ids), ranked=len(self._active.ids),
                                matches=int(self._active.matching(source, self.search).sum()),
                                search=self.search)
-            self.rows = _ordered(rows, self.sort, self.descending)
-            self.columns = _varying(self.rows)
+            self.rows = ordered(rows, self.sort, self.descending)
+            self.columns = varying(self.rows)
             first = min(self.rows, key=lambda r: r["rank"])["id"] if self.rows else -1
             if first == self.selected:
                 self._detail()
@@ -279,7 +234,7 @@ class InfluenceExplorer(View):
 
     @t.observe("sort", "descending")
     def _order(self, _: Any = None) -> None:
-        self.rows = _ordered(self.rows, self.sort, self.descending)
+        self.rows = ordered(self.rows, self.sort, self.descending)
 
     def _by_token(self) -> "InfluenceResult":
         """The scan rescored on the chosen completion token alone (its RERANK sequences of
