@@ -199,8 +199,9 @@ function chips(meta) {
 
 // ---------------------------------------------------------------------------------------------
 // views: each builds its DOM from the model and rebuilds on change. ctx: model, tip, set(key,
-// value) and send(message), which do nothing in a view without a kernel (ctx.live === false),
-// and ui, the view's own state (search, sort, page) that survives a rebuild.
+// value) and send(message), which do nothing in a view without a kernel (conn.live === false),
+// and ui, the view's own state that survives a rebuild: the search box's text while it is
+// typed, the page, the divider's position.
 
 function tokensWidget(ctx, root) {
   const { model, tip } = ctx;
@@ -255,7 +256,8 @@ function tableBar(ctx, columns, counts) {
   const search = h("input", "inb-search");
   search.type = "search";
   search.dataset.id = "search";
-  search.placeholder = "search the whole scan: text, id, metadata";
+  search.placeholder = "search the whole scan";
+  search.title = "search the text, id and metadata of every scanned sequence (not only the rows shown)";
   search.setAttribute("aria-label", "search the scan");
   search.value = ui.search;
   let timer = null;
@@ -637,7 +639,6 @@ function render({ model, el }) {
     model, tip, ui: { search: model.get("search") || "", page: 0, size: 10, split: 0 },
     set(key, value) { if (conn.live === false) return; model.set(key, value); model.save_changes(); },
     send(msg) { if (conn.live !== false) model.send(msg); },
-    redraw: () => draw(),
   };
   // A rebuild under a pressed button would swallow its click (a text box's change on blur sets
   // the model while the button is down): rebuilds wait until the click is over.
