@@ -29,6 +29,7 @@ from influence_nb.snapshot import fmt
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts" / "browser"
+NB09 = "09_pretraining_vs_finetuning.ipynb"
 IMAGES = ROOT / "docs" / "images"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
@@ -54,6 +55,7 @@ def lab(tmp_path_factory):
     """JupyterLab on 127.0.0.1 with a token, serving a scratch copy of notebook 01."""
     work = tmp_path_factory.mktemp("lab")
     shutil.copy(ROOT / "notebooks" / "01_tour.ipynb", work)
+    shutil.copy(ROOT / "notebooks" / NB09, work)
     settings = work / ".settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(
@@ -99,27 +101,43 @@ def page(lab):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(lab["url"])
-        page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
-                               "&& window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
-        page.evaluate("""async () => {
-            const nb = window.jupyterapp.shell.currentWidget;
-            await nb.sessionContext.ready;
-            await window.jupyterapp.commands.execute('notebook:run-all-cells');
-        }""")
-        page.wait_for_function("""() => {
-            const nb = window.jupyterapp.shell.currentWidget;
-            const k = nb.sessionContext.session && nb.sessionContext.session.kernel;
-            return k && k.status === 'idle' && nb.content.widgets.every(
-                c => c.model.type !== 'code' || (c.model.executionCount !== null
-                     && !c.node.querySelector('.jp-InputPrompt').textContent.includes('*')));
-        }""", timeout=400_000, polling=1000)
-        errors = page.evaluate("""() => window.jupyterapp.shell.currentWidget.content.widgets
-            .flatMap(c => c.model.type === 'code' ? c.model.outputs.toJSON() : [])
-            .filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)""")
-        assert not errors, f"notebook 01 raised in the browser: {errors}"
+        _run_all(page, lab["url"], "01")
         yield page
         browser.close()
+
+
+def _run_all(page, url: str, name: str) -> None:
+    """Open ``url`` (a notebook) and run every cell; no cell may raise."""
+    page.goto(url)
+    page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
+                           "&& window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
+    page.evaluate("""async () => {
+        const nb = window.jupyterapp.shell.currentWidget;
+        await nb.sessionContext.ready;
+        await window.jupyterapp.commands.execute('notebook:run-all-cells');
+    }""")
+    page.wait_for_function("""() => {
+        const nb = window.jupyterapp.shell.currentWidget;
+        const k = nb.sessionContext.session && nb.sessionContext.session.kernel;
+        return k && k.status === 'idle' && nb.content.widgets.every(
+            c => c.model.type !== 'code' || (c.model.executionCount !== null
+                 && !c.node.querySelector('.jp-InputPrompt').textContent.includes('*')));
+    }""", timeout=400_000, polling=1000)
+    errors = page.evaluate("""() => window.jupyterapp.shell.currentWidget.content.widgets
+        .flatMap(c => c.model.type === 'code' ? c.model.outputs.toJSON() : [])
+        .filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)""")
+    assert not errors, f"notebook {name} raised in the browser: {errors}"
+
+
+@pytest.fixture(scope="module")
+def page09(page, lab):
+    """Notebook 09 (a scan over two corpora, ten metadata columns) in a second tab of the same
+    browser, in a workspace of its own, every cell run; its kernel shut down after."""
+    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    _run_all(other, f"{lab['root']}/lab/workspaces/nb09/tree/{NB09}?token={lab['token']}", "09")
+    yield other
+    other.evaluate("window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+    other.close()
 
 
 def _kernel(page, code: str) -> str:
@@ -386,13 +404,16 @@ print(next(w for t in res.top(0, k=len(res.ids))['text'] for w in re.findall(r'[
         .querySelectorAll('.inb-row').length === 10""", timeout=30_000)
 
 
+@pytest.mark.parametrize("notebook", ["01", "09"])
 @pytest.mark.parametrize("width", [800, 1280])
-def test_no_overlap_with_the_file_browser_open(page, width):
+def test_no_overlap_with_the_file_browser_open(request, notebook, width):
     """The explorer sizes from its own width (container queries): with the file browser open,
     at 800 px it is one column and fits its output area; at 1,280 px the table, the divider
     and the detail sit side by side without overlap, the text column readable (≥ 150 px, so
     that no word breaks); the divider drags, and stops at the table's minimum width (400 px,
-    where the table still fits its pane)."""
+    where the table still fits its pane). Notebook 09's explorer has two sources and many
+    metadata columns (chips, not columns)."""
+    page = request.getfixturevalue("page" if notebook == "01" else "page09")
     page.set_viewport_size({"width": width, "height": 900})
     page.evaluate("window.jupyterapp.shell.expandLeft()")
     page.wait_for_timeout(800)
@@ -409,12 +430,14 @@ def test_no_overlap_with_the_file_browser_open(page, width):
                  scroll: [wrap.scrollWidth, wrap.clientWidth] };
     }"""
     sizes = explorer.evaluate(measure)
-    print(f"\n{width} px: {sizes}")
+    print(f"\nnotebook {notebook}, {width} px: {sizes}")
     assert sizes["root"][0] <= sizes["root"][1] + 1 and sizes["out"][0] <= sizes["out"][1] + 1, sizes
     assert sizes["text"][1] - sizes["text"][0] >= 150, sizes
     assert sizes["scroll"][0] <= sizes["scroll"][1] + 1, sizes     # the table fits its pane
     if width == 800:
         assert len(sizes["cols"].split()) == 1   # one column in a narrow output
+    elif notebook == "09":
+        assert len(sizes["cols"].split()) == 3 and sizes["table"][1] <= sizes["detail"][0], sizes
     else:
         assert len(sizes["cols"].split()) == 3 and sizes["table"][1] <= sizes["detail"][0], sizes
         split = explorer.locator(".inb-split")
@@ -435,7 +458,7 @@ def test_no_overlap_with_the_file_browser_open(page, width):
         assert abs(narrow["table"][1] - narrow["table"][0] - 400) <= 2, narrow
         for s in (wider, narrow):
             assert s["table"][1] <= s["detail"][0] and s["scroll"][0] <= s["scroll"][1] + 1, s
-    explorer.screenshot(path=str(ARTIFACTS / f"explorer_{width}px.png"))
+    explorer.screenshot(path=str(ARTIFACTS / f"explorer_{notebook}_{width}px.png"))
     page.evaluate("window.jupyterapp.shell.collapseLeft()")
     page.set_viewport_size({"width": 1400, "height": 1000})
 

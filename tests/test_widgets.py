@@ -2,6 +2,7 @@
 the magics on the demo world (cached factors)."""
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -367,10 +368,16 @@ def test_completion_token_reranks_and_layers_recolour(session, capfd):
     assert [r["score"] for r in ex.rows] == pytest.approx(expect["score"].tolist(), rel=1e-3,
                                                           abs=1e-6)
     assert {r["id"] for r in ex.rows} != {i for i, _ in whole}     # not the old rows reordered
+    page = ex.to_html()                                            # the snapshot says so
+    token = html.escape(repr(ex.queries[0]["completion_tokens"][1]))
+    assert f"ranked by the completion token {token} alone over {len(ids)} of {len(ids)} scanned" \
+        in page and page.count(' inb-s-picked"') == 1
     ex.query_token = -1
     assert [(r["id"], r["score"]) for r in ex.rows] == whole
     ex.layer = 0
     assert sum(ex.detail["token_scores"]) == pytest.approx(ex.detail["layer_values"][0], rel=1e-4)
+    assert f"detail tokens by layer {ex.detail['layer_names'][0]} alone" in ex.to_html()
+    assert "ranked by the whole completion" in ex.to_html() and ' inb-s-picked"' not in ex.to_html()
 
 
 def test_magics_session_query_lab(session):
