@@ -229,6 +229,8 @@ class InfluenceExplorer(View):
             if first == self.selected:
                 self._detail()
             self.selected = first
+            if first < 0:
+                self.detail = {}          # nothing matches: no sequence to detail
             if failed:
                 self.error = failed
 

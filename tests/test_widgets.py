@@ -136,6 +136,8 @@ def test_explorer_searches_ranks_and_groups_the_whole_scan(tokenizer):
     ex.search = "RAIN"                                             # rank 34 of 34
     assert [r["id"] for r in ex.rows] == [33] and ex.counts["matches"] == 1
     assert ex.selected == 33 and "matching “RAIN”" in ex.to_html()
+    ex.search = "no such words"
+    assert ex.rows == [] and ex.detail == {} and ex.counts["matches"] == 0
     ex.search, ex.k = "", 12
     assert len(ex.rows) == 12 and ex.rows[-1]["rank"] == 12
     ex.k = 0
