@@ -572,7 +572,7 @@ def test_reopened_without_widget_state_shows_no_error_line(page, lab, saved):
     snapshot's style hides that output, and the snapshots show."""
     nb = dict(saved, metadata={k: v for k, v in saved["metadata"].items() if k != "widgets"})
     other = _reopen(page, lab, "no_state.ipynb", nb)
-    other.wait_for_function("""() => { const nb = window.jupyterapp.shell.currentWidget;
+    other.wait_for_function("""() => { const nb = window.jupyterapp && window.jupyterapp.shell.currentWidget;
         const k = nb && nb.sessionContext.session && nb.sessionContext.session.kernel;
         return k && k.status === 'idle'; }""", timeout=90_000)
     other.wait_for_function("""() => [...document.querySelectorAll('.jp-OutputArea-output')]
