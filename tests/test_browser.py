@@ -444,10 +444,12 @@ def test_no_overlap_with_the_file_browser_open(request, notebook, width):
 
         def drag(dx: float) -> dict:
             split.hover(position={"x": 4, "y": 20})   # scrolled into view, stable
+            page.wait_for_timeout(300)                 # a hand's pace throughout
             box = split.bounding_box()
             page.mouse.down()
-            page.mouse.move(box["x"] + 4 + dx, box["y"] + 20, steps=5)
-            page.wait_for_timeout(150)                 # a hand's pace: the moves land first
+            page.wait_for_timeout(100)
+            page.mouse.move(box["x"] + 4 + dx, box["y"] + 20, steps=8)
+            page.wait_for_timeout(150)
             page.mouse.up()
             page.wait_for_timeout(150)
             return explorer.evaluate(measure)
@@ -458,6 +460,8 @@ def test_no_overlap_with_the_file_browser_open(request, notebook, width):
         assert abs(narrow["table"][1] - narrow["table"][0] - 400) <= 2, narrow
         for s in (wider, narrow):
             assert s["table"][1] <= s["detail"][0] and s["scroll"][0] <= s["scroll"][1] + 1, s
+        split.dblclick()                                          # the default split again
+        assert explorer.evaluate(measure)["cols"] == sizes["cols"]
     explorer.screenshot(path=str(ARTIFACTS / f"explorer_{notebook}_{width}px.png"))
     page.evaluate("window.jupyterapp.shell.collapseLeft()")
     page.set_viewport_size({"width": 1400, "height": 1000})

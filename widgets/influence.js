@@ -379,7 +379,8 @@ function explorerTable(ctx, rows, columns) {
 }
 
 /** A draggable divider between the table and the detail: the table keeps at least MIN_LEFT px
- * (its text column readable), the detail MIN_RIGHT px; arrows move it by 24 px. */
+ * (its text column readable), the detail MIN_RIGHT px; arrows move it by 24 px, a double click
+ * restores the default split. */
 const MIN_LEFT = 400, MIN_RIGHT = 260;
 function splitter(ctx, body) {
   const bar = h("div", "inb-split");
@@ -407,6 +408,10 @@ function splitter(ctx, body) {
     };
     window.addEventListener("pointermove", move, true);
     window.addEventListener("pointerup", up, true);
+  });
+  bar.addEventListener("dblclick", () => {   // back to the default split
+    ctx.ui.split = 0;
+    body.style.removeProperty("--inb-left");
   });
   bar.addEventListener("keydown", (e) => {
     const step = { ArrowLeft: -24, ArrowRight: 24 }[e.key];
