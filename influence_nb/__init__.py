@@ -2,7 +2,7 @@
 inline in JupyterLab.
 
 Scores are reported so that **positive means adding the training sequence raises
-log p(completion | prompt)**; 1 means the log-probability rises by 1 (to first order).
+log p(completion | prompt)**; the unit is ``results.UNIT`` (Δ log p per copy = score / N).
 
 The data path, bottom layer first (a module imports only its own group or those before it;
 tests/test_layers.py checks):

@@ -23,7 +23,7 @@ import pandas as pd
 
 from . import style
 from .checks import checked, whole
-from .results import InfluenceResult
+from .results import UNIT, InfluenceResult
 from .widgets import short_layer_names
 
 __all__ = ["distribution", "layer_heatmap", "layer_profile", "lds_scatter", "offline", "save_png",
@@ -35,18 +35,23 @@ SOURCE_COLOURS = style.SOURCE_COLOURS
 
 
 GREY = "#7a808a"   # chart text and lines: readable on the light and the dark JupyterLab theme
+# the unit (results.UNIT) as a chart's last subtitle lines
+UNIT_LINES = [UNIT[:UNIT.index(" (first order)") + 14] + ";", UNIT[UNIT.index("one added"):]]
 
 
 @alt.theme.register("influence_nb", enable=False)
 def theme() -> alt.theme.ThemeConfig:
     """Transparent background, grey text and lines: an SVG drawn in the kernel cannot read the
     notebook's theme, so it is made to sit on either."""
-    text = {"labelColor": GREY, "titleColor": GREY}
-    lines = {"domainColor": GREY, "tickColor": GREY, "gridColor": GREY, "gridOpacity": 0.25}
+    text = {"labelColor": GREY, "titleColor": GREY, "labelFontSize": 12, "titleFontSize": 13}
+    lines = {"domainColor": GREY, "tickColor": GREY, "gridColor": GREY, "gridOpacity": 0.25,
+             "labelOverlap": "greedy", "labelSeparation": 8, "labelFlush": True}
     return {"config": {"background": "transparent", "view": {"stroke": GREY, "strokeOpacity": 0.4},
-                       "axis": {**text, **lines}, "legend": text, "header": text,
-                       "title": {"color": GREY, "subtitleColor": GREY},
-                       "text": {"color": GREY}}}
+                       "axis": {**text, **lines}, "legend": text,
+                       "header": {**text, "labelFontSize": 13},
+                       "title": {"color": GREY, "subtitleColor": GREY, "fontSize": 15,
+                                 "subtitleFontSize": 12, "anchor": "start"},
+                       "text": {"color": GREY, "fontSize": 12}}}
 
 
 def offline() -> None:
@@ -79,16 +84,29 @@ def distribution(result: "InfluenceResult", q: int = 0, tail: float = 0.05,
     emp = pd.DataFrame(dict(score=x[ranks - 1], count=ranks))
     grid = np.geomspace(law.x_min * (1 + 1e-9), x[0], 50)
     line = pd.DataFrame(dict(score=grid, count=[len(s) * law.survival(g) for g in grid]))
-    xs = alt.X("score:Q", scale=alt.Scale(type="log"), title="influence score (positive)")
-    ys = alt.Y("count:Q", scale=alt.Scale(type="log"), title="sequences scoring ≥ x")
-    dots = alt.Chart(emp).mark_circle(size=18, color=POS, opacity=0.7).encode(
-        xs, ys, tooltip=["score:Q", "count:Q"])
-    fitted = alt.Chart(line).mark_line(color="#1f2430", strokeDash=[5, 3]).encode(xs, ys)
+    # log axes: one label per decade, in plain digits, so labels never run together
+    log = dict(type="log")
+    xs = alt.X("score:Q", scale=alt.Scale(**log), title="influence score x (positive)",
+               axis=alt.Axis(format="~g", values=_decades(x)))
+    ys = alt.Y("count:Q", scale=alt.Scale(**log), title="sequences scoring ≥ x",
+               axis=alt.Axis(format="~g", values=_decades(np.array([1, len(x)]))))
+    dots = alt.Chart(emp).mark_circle(size=22, color=POS, opacity=0.75).encode(
+        xs, ys, tooltip=[alt.Tooltip("score:Q", format=".3g"), "count:Q"])
+    fitted = alt.Chart(line).mark_line(color=GREY, strokeWidth=2, strokeDash=[6, 3]).encode(xs, ys)
     title = alt.TitleParams(
         f"Influence distribution, query {q}",
-        subtitle=f"power-law tail P(score > x) ∝ x^−{law.alpha:.2f}, fitted to the top "
-                 f"{law.p_tail:.0%} of {len(s)} sequences (x ≥ {law.x_min:.3g})")
-    return (dots + fitted).properties(width=420, height=280, title=title)
+        subtitle=[f"dashed: power-law tail P(score > x) ∝ x^−{law.alpha:.2f}, fitted to the top "
+                  f"{law.p_tail:.0%} of {len(s):,} sequences (x ≥ {style.fmt(law.x_min)})",
+                  *UNIT_LINES])
+    return (dots + fitted).properties(width=460, height=280, title=title)
+
+
+def _decades(x: np.ndarray) -> list[float]:
+    """The powers of ten (and 2×, 5× when there are few decades) within [min x, max x]."""
+    lo, hi = float(np.min(x)), float(np.max(x))
+    decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+    steps = (1, 2, 5) if len(decades) <= 3 else (1,)
+    return [m * 10.0 ** e for e in decades for m in steps if lo <= m * 10.0 ** e <= hi] or [lo, hi]
 
 
 def layer_profile(result: "InfluenceResult", q: int = 0, k: int | None = None) -> alt.Chart:
@@ -98,10 +116,10 @@ def layer_profile(result: "InfluenceResult", q: int = 0, k: int | None = None) -
     what = f"top {k}" if k else "all sequences"
     return alt.Chart(df).mark_bar().encode(
         alt.Y("layer:N", sort=None, title=None),
-        alt.X("score:Q", title="influence"),
+        alt.X("score:Q", title="influence (score)", axis=alt.Axis(tickCount=5)),
         color=_sign_colour("score"), tooltip=["layer:N", alt.Tooltip("score:Q", format=".4g")],
-    ).properties(width=380, height=alt.Step(18),
-                 title=f"Influence per layer, query {q} ({what})")
+    ).properties(width=380, height=alt.Step(18), title=alt.TitleParams(
+        f"Influence per layer, query {q} ({what})", subtitle=UNIT_LINES))
 
 
 def _labelled(result: "InfluenceResult", queries: list[int] | None,
@@ -125,16 +143,26 @@ def layer_heatmap(result: "InfluenceResult", queries: list[int] | None = None,
         prof = result.layer_profile(q, k).to_numpy()
         share = prof / max(np.abs(prof).sum(), 1e-30)
         rows += [dict(query=label, layer=n, share=float(v)) for n, v in zip(names, share)]
-    m = max(abs(r["share"]) for r in rows)
     return alt.Chart(pd.DataFrame(rows)).mark_rect().encode(
         alt.X("layer:N", sort=None, title=None, axis=alt.Axis(labelAngle=-40)),
         alt.Y("query:N", sort=None, title=None),
-        alt.Color("share:Q", scale=alt.Scale(domain=[-m, 0, m], range=[NEG, "#ffffff", POS],
-                                             interpolate="rgb"),
-                  title="share"),
+        alt.Color("share:Q", scale=_share_scale([r["share"] for r in rows]), title="share",
+                  legend=alt.Legend(format=".0%")),
         tooltip=["query:N", "layer:N", alt.Tooltip("share:Q", format=".3f")],
     ).properties(width=alt.Step(34), height=alt.Step(22),
                  title="Where the influence sits: share of each layer (top sequences)")
+
+
+def _share_scale(values: list[float]) -> alt.Scale:
+    """The heatmap's colours over the data's own range: white to orange when every share is
+    positive, blue to white when every one is negative, blue–white–orange about 0 otherwise."""
+    lo, hi = min(values), max(values)
+    if lo >= 0:
+        return alt.Scale(domain=[0, hi or 1], range=["#ffffff", POS], interpolate="rgb")
+    if hi <= 0:
+        return alt.Scale(domain=[lo, 0], range=[NEG, "#ffffff"], interpolate="rgb")
+    m = max(-lo, hi)
+    return alt.Scale(domain=[-m, 0, m], range=[NEG, "#ffffff", POS], interpolate="rgb")
 
 
 @checked(distinct=("queries",), nonempty=("queries",))
@@ -174,21 +202,24 @@ def variants(table: pd.DataFrame, title: str = "Synthetic sequences") -> alt.Lay
     mean = table.groupby("label", sort=False)["score"].mean().reset_index()
     y = alt.Y("label:N", sort=order, title=None)
     bars = alt.Chart(mean).mark_bar(opacity=0.85).encode(
-        y, alt.X("score:Q", title="influence on the query (mean)"), color=_sign_colour("score"),
+        y, alt.X("score:Q", title="influence on the query (mean score)",
+                 axis=alt.Axis(tickCount=5)), color=_sign_colour("score"),
         tooltip=["label:N", alt.Tooltip("score:Q", format=".4g", title="mean")])
     layers = [bars]
     if len(table) > len(mean):
         layers.append(alt.Chart(table[["label", "score"]]).mark_circle(
-            size=22, color="#1f2430", opacity=0.45).encode(y, x="score:Q"))
-    return alt.layer(*layers).properties(width=380, height=alt.Step(26), title=title)
+            size=26, color=GREY, opacity=0.8).encode(y, x="score:Q"))
+    return alt.layer(*layers).properties(width=380, height=alt.Step(26), title=alt.TitleParams(
+        title, subtitle=UNIT_LINES))
 
 
 @checked(nonempty=("strategies",))
-def lds_scatter(table: pd.DataFrame, q: int = 0, strategies: list[str] | None = None
-                ) -> alt.FacetChart:
+def lds_scatter(table: pd.DataFrame, q: int = 0, strategies: list[str] | None = None,
+                query: str = "") -> alt.FacetChart:
     """Predicted group effect Σ_{i∈S} τ_q(z_i) against the query's measured log p after
     retraining on each subset S, one panel per strategy (the data of one query's LDS);
-    ``table`` is what :func:`~influence_nb.validate.lds` returns."""
+    ``table`` is what :func:`~influence_nb.validate.lds` returns; ``query``: its text, for the
+    title."""
     if "predicted" not in table.attrs:
         raise ValueError("need the table returned by influence_nb.validate.lds")
     known = list(table.attrs["predicted"])
@@ -202,11 +233,16 @@ def lds_scatter(table: pd.DataFrame, q: int = 0, strategies: list[str] | None = 
         "strategy": f"{s} (ρ = {rho[s]:.2f})", "predicted": table.attrs["predicted"][s][:, q],
         "measured": table.attrs["measured"][:, q]}) for s in strategies])
     return alt.Chart(frame).mark_circle(size=40, opacity=0.7, color=POS).encode(
-        alt.X("predicted:Q", title="predicted group effect Σ score", scale=alt.Scale(zero=False)),
-        alt.Y("measured:Q", title="log p after retraining (nats)", scale=alt.Scale(zero=False)),
+        alt.X("predicted:Q", title="predicted Σ score", scale=alt.Scale(zero=False),
+              axis=alt.Axis(tickCount=4)),
+        alt.Y("measured:Q", title="log p after retraining (nats)", scale=alt.Scale(zero=False),
+              axis=alt.Axis(tickCount=5)),
         tooltip=[alt.Tooltip("predicted:Q", format=".4g"), alt.Tooltip("measured:Q",
                                                                        format=".4g")],
-    ).properties(width=170, height=150).facet(
+    ).properties(width=200, height=170).facet(
         facet=alt.Facet("strategy:N", title=None, sort=[f"{s} (ρ = {rho[s]:.2f})"
                                                         for s in strategies]),
-        columns=len(strategies)).resolve_scale(x="independent")
+        columns=min(len(strategies), 3)).resolve_scale(x="independent").properties(
+        title=alt.TitleParams(f"LDS of query {q}" + (f": {query}" if query else ""),
+                              subtitle="each dot a retrained subset S: its predicted group "
+                                       "effect Σ_{i∈S} score against the query's log p"))

@@ -20,12 +20,26 @@ from .data import Corpus
 
 FORMAT = "influence_nb.result/2"
 SIGNS = ("positive", "negative", "abs")
+# what a score means, said once: the README, the docstrings, the widgets, the charts and the
+# command line all print this
+UNIT = ("score = d log p(completion | prompt) / dε in nats, ε the weight of the sequence added "
+        "to the mean training loss (first order); one added copy among N training sequences is "
+        "ε = 1/N, so Δ log p per copy = score / N")
+
+
+def unit_note(n_train: int | None) -> str:
+    """:data:`UNIT`, with N where it is known."""
+    return UNIT + (f" (N = {n_train:,} training sequences, those the curvature was fitted on)"
+                   if n_train else "")
 
 
 @dataclass
 class InfluenceResult:
     """Scores of N training sequences on Q queries. Positive: adding the sequence to training
-    raises log p(completion | prompt); 1 means the log-probability rises by 1 (first order).
+    raises log p(completion | prompt). The unit (:data:`UNIT`): score = d log p(completion |
+    prompt) / dε in nats, ε the weight of the sequence added to the mean training loss (first
+    order); one added copy among N training sequences is ε = 1/N, so Δ log p per copy =
+    score / N.
 
     queries:      Q dicts with ``prompt``, ``completion`` (text) and ``logprob`` (f, nats)
     scores:       (Q, N) total scores
@@ -53,6 +67,7 @@ class InfluenceResult:
     # how a result shows itself in a notebook: influence_nb.widgets registers its explorer here
     # on import (results sit below the widgets and never import them)
     view: ClassVar[Callable[["InfluenceResult"], Any] | None] = None
+    _hay: pd.Series | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.corpus is not None:
@@ -91,23 +106,30 @@ class InfluenceResult:
         return self.corpus.df["source"].to_numpy()[self.ids]
 
     @checked(minimum={"k": 1}, choices={"sign": SIGNS})
-    def top(self, q: int = 0, k: int = 10, sign: str = "positive",
-            source: str | None = None) -> pd.DataFrame:
+    def top(self, q: int = 0, k: int = 10, sign: str = "positive", source: str | None = None,
+            search: str = "", distinct: bool = False) -> pd.DataFrame:
         """The k most influential sequences on query ``q``: ``sign`` "positive" (largest
         scores), "negative" (most negative) or "abs"; ``source``: only that corpus's sequences
-        (a scan over several). Columns: rank, id, score, text and the corpus metadata, and one
-        column per layer when per-layer scores were kept."""
+        (a scan over several); ``search``: only those whose text, id or metadata contains it
+        (any case); ``distinct``: one row per text, the best-ranked copy, with a ``copies``
+        column counting the scanned sequences of that text. The whole scan is ranked before
+        the k are taken. Columns: rank, id, score, text and the corpus metadata, and one column
+        per layer when per-layer scores were kept."""
         s = self.scores[self.query_index(q)]
         key = {"positive": -s, "negative": s, "abs": -np.abs(s)}[sign]
         order = np.argsort(key, kind="stable")
-        if source is not None:
-            if source not in self.sources:
-                raise ValueError(f"unknown source {source!r}; this result has "
-                                 f"{self.sources or 'one corpus and no sources'}")
-            order = order[self._source_of_ids()[order] == source]
+        order = order[self.matching(source, search)[order]]
+        copies = None
+        if distinct and self.corpus is not None:
+            texts = self.corpus.df["text"].to_numpy()[self.ids[order]]
+            first = ~pd.Series(texts).duplicated().to_numpy()
+            copies = pd.Series(texts).value_counts().loc[texts[first]].to_numpy()[:k]
+            order = order[first]
         order = order[:k]
         df = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "id": self.ids[order],
                            "score": s[order]})
+        if copies is not None:
+            df["copies"] = copies
         if self.corpus is not None:
             meta = self.corpus.df.loc[self.ids[order]].reset_index(drop=True)
             df = pd.concat([df, meta.drop(columns=["n_tokens"], errors="ignore")], axis=1)
@@ -115,6 +137,31 @@ class InfluenceResult:
             for l, name in enumerate(self.layer_names):
                 df[name] = self.layer_scores[self.query_index(q), l, order]
         return df.set_index("rank")
+
+    def matching(self, source: str | None = None, search: str = "") -> np.ndarray:
+        """(N,) bool: the scanned sequences from ``source`` (a scan over several corpora) whose
+        id, text or metadata contains ``search`` (any case; "" matches all)."""
+        keep = np.ones(len(self.ids), dtype=bool)
+        if source is not None:
+            if source not in self.sources:
+                raise ValueError(f"unknown source {source!r}; this result has "
+                                 f"{self.sources or 'one corpus and no sources'}")
+            keep &= self._source_of_ids() == source
+        if search.strip():
+            keep &= self._haystack().str.contains(search.strip().lower(), regex=False).to_numpy()
+        return keep
+
+    def _haystack(self) -> pd.Series:
+        """(N,) where ``search`` looks, lower case: each scanned sequence's id, text and
+        metadata values (built once)."""
+        if self._hay is None:
+            hay = pd.Series(self.ids.astype(str))
+            if self.corpus is not None:
+                df = self.corpus.df.loc[self.ids]
+                for c in ["text", *self.metadata_columns]:
+                    hay = hay + "\x1f" + df[c].astype(str).to_numpy()
+            self._hay = hay.str.lower()
+        return self._hay
 
     @checked(minimum={"k": 1})
     def split(self, k: int = 10) -> pd.DataFrame:

@@ -6,19 +6,21 @@ inline SVG bars, no script, no network — and every text that comes from the mo
 the user (tokens, training text, labels, metadata) is escaped. The functions take the widgets'
 synced traits (plain dicts and lists), so a snapshot shows exactly what the live view shows.
 
-Numbers and colours follow :mod:`influence_nb.style`, the rules the live views follow too; a
-score also reads as Δ log p for one added copy of the sequence, score / N (:func:`per_copy`).
+Numbers and colours follow :mod:`influence_nb.style`, the rules the live views follow too; the
+unit is :data:`influence_nb.results.UNIT` (Δ log p per copy = score / N, :func:`per_copy`).
 """
 from __future__ import annotations
 
 import html
 from collections.abc import Sequence
 
+from .results import unit_note
 from .style import RULES, colour, domain, fmt, per_copy, strong
 
 NOTE = "A token's score belongs to the update at its position, which predicts the next token."
 
 STYLE = """
+.jp-OutputArea-child:has(.inb-static) + .jp-OutputArea-child:not(:has(.inb-root)) { display: none; }
 .inb-static { font-family: var(--jp-ui-font-family, system-ui, sans-serif); font-size: 13px;
   color: var(--jp-content-font-color1, #1a1a1a); max-width: 1100px; padding: 4px 0; }
 .inb-static .inb-s-note { font-size: 11px; color: var(--jp-content-font-color2, #666);
@@ -26,9 +28,10 @@ STYLE = """
 .inb-static .inb-s-title { font-weight: 600; margin: 6px 0 4px; }
 .inb-static .inb-s-unit { font-size: 11.5px; color: var(--jp-content-font-color2, #555); margin: 2px 0 6px; }
 .inb-static .inb-s-tokens { font-family: var(--jp-code-font-family, ui-monospace, monospace);
-  line-height: 1.9; white-space: pre-wrap; overflow-wrap: anywhere; }
+  line-height: 1.9; white-space: pre-wrap; overflow-wrap: break-word; }
 .inb-static .inb-s-tok { border-radius: 3px; padding: 1px 0; margin-right: 1px; }
 .inb-static .inb-s-marked { font-weight: 700; text-decoration: underline 2px #e66101; }
+.inb-static .inb-s-picked { box-shadow: inset 0 0 0 2px currentColor; }
 .inb-static table.inb-s-table { border-collapse: collapse; width: 100%; font-size: 12px; margin: 4px 0;
   table-layout: auto; }
 .inb-static table.inb-s-table th { text-align: left; font-weight: 600; border: 0; border-bottom: 1px solid var(--jp-border-color1, #ccc);
@@ -39,22 +42,16 @@ STYLE = """
 .inb-static table.inb-s-table tr:hover { background: transparent; }
 .inb-static table.inb-s-table td.inb-s-num { font-variant-numeric: tabular-nums; white-space: nowrap; width: 1%; }
 .inb-static mark { background: transparent; color: inherit; font-weight: 600;
-  text-decoration: underline 2px var(--jp-brand-color1, #1976d2); }
-.inb-static table.inb-s-table td.inb-s-text { white-space: pre-wrap; overflow-wrap: anywhere; }
+  text-decoration: underline 2px currentColor; }
+.inb-static table.inb-s-table td.inb-s-text { white-space: pre-wrap; overflow-wrap: break-word; min-width: 14em; }
+.inb-static .inb-s-chip { display: inline-block; font-size: 10.5px; white-space: nowrap; margin: 2px 4px 0 0;
+  background: var(--jp-layout-color2, #eef0f3); color: var(--jp-content-font-color2, #444);
+  border-radius: 9px; padding: 0 7px; }
 .inb-static table.inb-s-table tr.inb-s-selected td { background: var(--jp-layout-color2, #f1f3f5); }
 .inb-static .inb-s-stale { opacity: 0.45; }
 .inb-static .inb-s-error { color: var(--jp-error-color1, #b3261e); }
 .inb-static svg text { fill: currentColor; font-size: 11px; }
 """
-
-
-def unit_note(n_train: int) -> str:
-    """What a score means, for a header or a tooltip."""
-    base = "score: influence on log p(completion | prompt)"
-    if n_train <= 0:
-        return base + " per unit up-weighting of the sequence in the mean training loss"
-    return (f"{base}; Δ log p per copy = score / N, the first-order change in log p (nats) for "
-            f"one added copy, N = {n_train:,} training sequences the curvature was fitted on")
 
 
 def _text_colour(v: float, d: float) -> str:
@@ -68,13 +65,14 @@ def shown(token: str) -> str:
 
 
 def tokens(toks: Sequence[str], scores: Sequence[float] | None = None, d: float = 0.0,
-           marked: Sequence[int] = ()) -> str:
+           marked: Sequence[int] = (), selected: int = -1) -> str:
     """Tokens as escaped spans, coloured by score on ±d (d = 0: max |score|); ``marked``
-    indices are underlined (the measured completion of a query)."""
+    indices are underlined (the measured completion of a query), ``selected`` is boxed."""
     d = domain(scores or [], d)
     out = []
     for i, tok in enumerate(toks):
-        cls = "inb-s-tok" + (" inb-s-marked" if i in marked else "")
+        cls = ("inb-s-tok" + (" inb-s-marked" if i in marked else "")
+               + (" inb-s-picked" if i == selected else ""))
         style = title = ""
         if scores is not None:
             v = scores[i]
@@ -118,13 +116,14 @@ def bars(labels: Sequence[str], values: Sequence[float], title: str = "") -> str
             f'{axis}{"".join(parts)}</svg>')
 
 
-def query(q: dict) -> str:
-    """The query header: prompt and (underlined) completion tokens, log p."""
+def query(q: dict, token: int = -1) -> str:
+    """The query header: prompt and (underlined) completion tokens, log p; completion token
+    ``token`` (the one the explorer ranks by alone) boxed."""
     toks = list(q["prompt_tokens"]) + list(q["completion_tokens"])
     n = len(q["prompt_tokens"])
     return (f'<div class="inb-s-title">query <span class="inb-s-unit">log p = '
             f'{fmt(q["logprob"])}</span></div>'
-            + tokens(toks, marked=range(n, len(toks))))
+            + tokens(toks, marked=range(n, len(toks)), selected=n + token if token >= 0 else -1))
 
 
 def wrap(body: str, note: str) -> str:
@@ -159,37 +158,75 @@ def snippet(row: dict) -> str:
     return f"{lead}{before}<mark>{span}</mark>{after}{trail}"
 
 
+def chips(meta: dict) -> str:
+    """Metadata as escaped chips, ``key: value``."""
+    return "".join(f'<span class="inb-s-chip">{html.escape(k)}: '
+                   f'{html.escape(", ".join(v) if isinstance(v, list) else str(v))}</span>'
+                   for k, v in meta.items() if v not in ("", [], None))
+
+
+def view_state(state: dict) -> str:
+    """What the explorer was showing, in words: the sign, k, the source, the search, the
+    ranking (the whole completion or one completion token alone, over how many sequences),
+    the rows' order and the layer the detail tokens are coloured by."""
+    q = state["queries"][state["query"]]
+    counts = state.get("counts") or {}
+    sign = "most negative" if state["sign"] == "negative" else "most positive"
+    parts = [f'{len(state["rows"])} {sign} of {counts.get("matches", len(state["rows"])):,} '
+             f'sequences' + (f' from {state["source"]}' if state.get("source") else "")
+             + (f' matching “{state["search"]}”' if state.get("search") else "")]
+    t = state.get("query_token", -1)
+    if 0 <= t < len(q["completion_tokens"]):
+        over = counts.get("ranked", 0)
+        parts.append(f"ranked by the completion token {q['completion_tokens'][t]!r} alone"
+                     + (f" over {over:,} of {counts.get('scanned', over):,} scanned" if over
+                        else ""))
+    else:
+        parts.append("ranked by the whole completion")
+    if state.get("sort", "rank") != "rank" or state.get("descending"):
+        parts.append(f"sorted by {state['sort']} {'▼' if state.get('descending') else '▲'}")
+    det = state.get("detail") or {}
+    layer = state.get("layer", -1)
+    if det.get("layer_names") and 0 <= layer < len(det["layer_names"]):
+        parts.append(f"detail tokens by layer {det['layer_names'][layer]} alone")
+    return " · ".join(parts)
+
+
 def explorer(state: dict) -> str:
-    """The explorer: query, ranked rows (rank, id, score, Δ log p per copy, the metadata
-    columns that vary, text) and the selected sequence's tokens and layer bars."""
+    """The explorer: query, the view state in words, ranked rows (rank, id, score, Δ log p per
+    copy, text with the metadata that varies as chips) and the selected sequence's tokens and
+    layer bars."""
     q = state["queries"][state["query"]]
     n = state.get("n_train", 0)
     cols = state.get("columns", [])
-    head = ["rank", "id", "score"] + (["Δ log p per copy"] if n > 0 else []) + cols + ["text"]
+    head = ["rank", "id", "score"] + (["Δ log p per copy"] if n > 0 else []) + ["text"]
     rows = []
     for r in state["rows"]:
         sel = ' class="inb-s-selected"' if r["id"] == state["selected"] else ""
-        meta = [r["meta"].get(c, "") for c in cols]
-        cells = [str(r["rank"]), str(r["id"]), fmt(r["score"])] + (
+        cells = [str(r["rank"]), str(r["id"]), fmt(r["score"])
+                 + (f" ×{r['copies']}" if r.get("copies", 1) > 1 else "")] + (
             [per_copy(r["score"], n)] if n > 0 else [])
+        meta = {c: r["meta"][c] for c in cols if c in r["meta"]}
         rows.append(f"<tr{sel}>" + "".join(f'<td class="inb-s-num">{c}</td>' for c in cells)
-                    + "".join(f"<td>{html.escape(', '.join(m) if isinstance(m, list) else m)}</td>"
-                              for m in meta)
-                    + f'<td class="inb-s-text">{snippet(r)}</td></tr>')
+                    + f'<td class="inb-s-text">{snippet(r)}'
+                    + (f"<div>{chips(meta)}</div>" if meta else "") + "</td></tr>")
     table = ('<table class="inb-s-table"><thead><tr>'
              + "".join(f"<th>{html.escape(h)}</th>" for h in head)
              + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
-    sign = "most negative" if state["sign"] == "negative" else "most positive"
-    source = f", source {state['source']}" if state.get("source") else ""
-    body = [query(q), f'<div class="inb-s-title">{len(state["rows"])} {sign} training '
-            f'sequences{html.escape(source)}</div>', f'<div class="inb-s-unit">'
-            f'{html.escape(unit_note(n))}</div>', table]
+    body = [query(q, state.get("query_token", -1)),
+            f'<div class="inb-s-title">{html.escape(view_state(state))}</div>',
+            f'<div class="inb-s-unit">{html.escape(unit_note(n))}</div>', table]
     det = state.get("detail") or {}
     if state.get("error"):
         body.append(f'<div class="inb-s-error">{html.escape(state["error"])}</div>')
     if det.get("tokens"):
         d = det.get("domain", 0.0)
-        body += [f'<div class="inb-s-title">sequence {det["id"]} · score {fmt(det["score"])}</div>',
+        layer = state.get("layer", -1)
+        by = (f" · tokens by layer {det['layer_names'][layer]} alone"
+              if det.get("layer_names") and 0 <= layer < len(det["layer_names"]) else "")
+        body += [f'<div class="inb-s-title">sequence {det["id"]} · score '
+                 f'{fmt(det["score"])}{html.escape(by)}</div>',
+                 f'<div>{chips(det.get("meta") or {})}</div>',
                  tokens(det["tokens"], det["token_scores"], d),
                  legend(domain(det["token_scores"], d), "per token · " + NOTE)]
     if det.get("layer_names"):

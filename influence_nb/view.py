@@ -14,6 +14,7 @@ import anywidget
 import traitlets as t
 
 from . import snapshot, style
+from .results import unit_note
 
 
 def asset(name: str) -> Path:
@@ -32,9 +33,15 @@ class View(anywidget.AnyWidget):
     # N, the training sequences the curvature was fitted on (0: unknown): score / N is the
     # first-order change in log p for one added copy of a sequence
     n_train = t.Int(0).tag(sync=True)
+    unit = t.Unicode("").tag(sync=True)   # results.UNIT with N: what a score means
+
+    @t.observe("n_train")
+    def _unit(self, _: Any = None) -> None:
+        self.unit = unit_note(self.n_train)
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
+        self._unit()
         self._snapshots: list[Any] = []   # display handles of the snapshots shown so far
         self.on_msg(self._on_msg)
         self.observe(self._refresh, names=[n for n in self.trait_names(sync=True)

@@ -8,9 +8,10 @@ the synthetic-sequence lab. The JavaScript and CSS live in ``widgets/`` (plain D
 
 Colours (:mod:`influence_nb.style`): orange raises log p(completion | prompt), blue lowers it,
 on a scale symmetric about 0 (0 is transparent). A token's score belongs to the update at its
-position, which predicts the next token. Where N (``n_train``, the training sequences the
-curvature was fitted on) is known, a score also reads as Δ log p per copy = score / N: the
-first-order change in log p(completion | prompt), in nats, for one added copy of the sequence.
+position, which predicts the next token. The unit (:data:`~influence_nb.results.UNIT`, shown
+by every view): score = d log p(completion | prompt) / dε in nats, ε the weight of the
+sequence added to the mean training loss (first order); one added copy among N training
+sequences is ε = 1/N, so Δ log p per copy = score / N, shown where N (``n_train``) is known.
 
 Displayed, every widget (a :class:`~influence_nb.view.View`) is two outputs: a static HTML
 snapshot of itself (``text/html``, :mod:`influence_nb.snapshot`, kept up to date while the
@@ -31,6 +32,7 @@ import traitlets as t
 from . import snapshot
 from .checks import checked, shown
 from .results import SIGNS, InfluenceResult
+from .rows import meta_chips, ordered, varying
 from .view import View
 
 if TYPE_CHECKING:
@@ -131,46 +133,35 @@ def _query_view(query: dict, tokenizer: Any) -> dict:
                 completion_tokens=toks(query["completion"], False))
 
 
-def _varying(rows: Sequence[dict]) -> list[str]:
-    """The metadata keys whose values differ between the rows (the explorer's columns); every
-    key when there is a single row."""
-    keys = list(dict.fromkeys(k for r in rows for k in r["meta"]))
-    if len(rows) < 2:
-        return keys
-    return [k for k in keys if len({repr(r["meta"].get(k)) for r in rows}) > 1]
-
-
-def _meta(row: Any, columns: Sequence[str]) -> dict:
-    """The row's metadata (the corpus's own columns, whatever they are) as chips: text, or a
-    list of texts; missing values are left out."""
-    out = {}
-    for key in columns:
-        v = row.get(key)
-        if isinstance(v, (list, tuple, np.ndarray)):
-            out[key] = [str(x) for x in v]
-        elif v is not None and not (isinstance(v, float) and np.isnan(v)):
-            out[key] = str(v)
-    return out
-
-
 class InfluenceExplorer(View):
-    """The ranked training sequences of a result as a table (id, score, the metadata columns
-    that vary, a snippet centred on the sequence's most influential span): pick the query and
-    the sign, click a sequence to see its per-token highlighting and per-layer bars. Linked
-    views: a click on a layer bar recolours the tokens by that layer alone (``layer``); a click
-    on a completion token re-ranks the rows by their influence on that token alone
-    (``query_token``: its log p given the prompt and the completion before it, scored by the
-    kernel); ``shared_scale`` colours every row's tokens on one scale. A scan over several
-    corpora colours each row by its source and can show one source only (``source``)."""
+    """The ranked training sequences of a result as a table (rank, score, a snippet centred on
+    the sequence's most influential span, the metadata that varies as chips): pick the query,
+    the sign and k, search, sort; click a sequence to see its per-token highlighting and
+    per-layer bars. The ranking and the search cover the whole scan, not the rows shown;
+    sequences of identical text are one row with a count (``copies``). Linked views: a click
+    on a layer bar recolours the tokens by that layer alone (``layer``); a click on a
+    completion token re-ranks the scan by its influence on that token alone (``query_token``:
+    its log p given the prompt and the completion before it, rescored by the kernel over the
+    scan's RERANK sequences of largest |score|); ``shared_scale`` colours every row's tokens
+    on one scale. A scan over several corpora colours each row by its source and can show one
+    source only (``source``)."""
     _view = t.Unicode("explorer").tag(sync=True)
     queries = t.List(t.Dict()).tag(sync=True)
     query = t.Int(0).tag(sync=True)
     query_token = t.Int(-1).tag(sync=True)   # completion token ranked alone; -1: the whole one
     sign = t.Unicode("positive").tag(sync=True)
+    k = t.Int(20).tag(sync=True)              # rows shown: the k best-ranked distinct texts
+    search = t.Unicode("").tag(sync=True)     # only sequences whose text, id or metadata has it
+    sort = t.Unicode("rank").tag(sync=True)   # the rows' order: rank, id, score or a metadata key
+    descending = t.Bool(False).tag(sync=True)
     sources = t.List(t.Unicode()).tag(sync=True)
     source = t.Unicode("").tag(sync=True)
     rows = t.List(t.Dict()).tag(sync=True)
     columns = t.List(t.Unicode()).tag(sync=True)   # metadata keys that vary between the rows
+    # scanned: sequences in the scan; ranked: those the ranking covers (fewer when a completion
+    # token alone ranks a scan over RERANK); matches: those ranked that pass source and search
+    # (the search they were counted for)
+    counts = t.Dict().tag(sync=True)
     selected = t.Int(-1).tag(sync=True)
     detail = t.Dict().tag(sync=True)
     token = t.Int(-1).tag(sync=True)
@@ -180,64 +171,76 @@ class InfluenceExplorer(View):
 
     SPAN = 8        # tokens in a snippet's highlighted span
     CONTEXT = 12    # tokens of context either side of it
+    RERANK = 2000   # most sequences rescored on one completion token (those of largest |score|)
 
     @checked(minimum={"k": 1}, choices={"sign": SIGNS})
     def __init__(self, result: "InfluenceResult", k: int = 20, query: int = 0,
                  sign: str = "positive", source: str = "", **kw: Any):
-        self.result, self.k = result, k
+        self.result = result
         self._active, self._q = result, 0   # the result the rows come from, and its query
         self._tokens: dict[int, np.ndarray] = {}   # per-token scores of the rows, by id
-        tok = result.corpus.tokenizer if result.corpus is not None else None
-        kw.setdefault("n_train", result.n_train or 0)
-        super().__init__(queries=[_query_view(q, tok) for q in result.queries],
-                         sources=result.sources, **kw)
+        self._alone: dict[tuple[int, int], InfluenceResult] = {}   # (query, token) rescored
         if source and source not in result.sources:
             raise ValueError(f"unknown source {source!r}; this result has "
                              f"{result.sources or 'no sources'}")
         if not -result.n_queries <= query < result.n_queries:
             raise IndexError(f"query {query} out of range: this result has "
                              f"{result.n_queries} queries")
+        tok = result.corpus.tokenizer if result.corpus is not None else None
+        kw.setdefault("n_train", result.n_train or 0)
         # observers rank on a change; the view indexes queries from 0 (-1 is the last)
-        self.query, self.sign, self.source = query % result.n_queries, sign, source
+        super().__init__(queries=[_query_view(q, tok) for q in result.queries],
+                         sources=result.sources, k=k, query=query % result.n_queries, sign=sign,
+                         source=source, **kw)
         if not self.rows:
             self._rank()
 
-    @t.observe("query", "sign", "source", "query_token")
+    @t.validate("k")
+    def _k_at_least_one(self, proposal: Any) -> int:
+        return max(1, int(proposal["value"]))
+
+    @t.observe("query", "sign", "source", "query_token", "k", "search")
     def _rank(self, change: Any = None) -> None:
         if change is not None and change["name"] == "query" and self.query_token >= 0:
             self.query_token = -1          # its observer ranks again
             return
-        res = self.result
-        df = res.top(self.query, self.k, self.sign, self.source or None)
-        self._active, self._q, failed = res, self.query, ""
-        if self.query_token >= 0 and len(df):
+        self._active, self._q, failed = self.result, self.query, ""
+        if self.query_token >= 0 and len(self.result.ids):
             try:
-                self._active = self._by_token(df["id"].to_numpy())
+                self._active, self._q = self._by_token(), 0
             except ValueError as e:
                 failed = str(e)
-            else:
-                self._q = 0
-                s = pd.Series(self._active.scores[0], index=self._active.ids)
-                df = df.assign(score=s.loc[df["id"]].to_numpy())
-                df = df.sort_values("score", ascending=self.sign == "negative", kind="stable")
-                df.index = pd.RangeIndex(1, len(df) + 1, name="rank")
+        source = self.source or None
+        df = self._active.top(self._q, self.k, self.sign, source, self.search, distinct=True)
         self._tokens = self._row_tokens(df["id"].tolist())
+        rows = [dict(rank=int(rank), id=int(r["id"]), score=float(r["score"]),
+                     copies=int(r.get("copies", 1)), text=str(r.get("text", "")),
+                     source=str(r.get("source", "")),
+                     meta=meta_chips(r, self.result.metadata_columns),
+                     **self._snippet(int(r["id"])))
+                for rank, r in df.iterrows()]
         with self.hold_sync():
-            self.rows = [dict(rank=int(rank), id=int(r["id"]), score=float(r["score"]),
-                              text=str(r.get("text", "")), source=str(r.get("source", "")),
-                              meta=_meta(r, self.result.metadata_columns),
-                              **self._snippet(int(r["id"])))
-                         for rank, r in df.iterrows()]
-            self.columns = _varying(self.rows)
-            first = self.rows[0]["id"] if self.rows else -1
+            self.counts = dict(scanned=len(self.result.ids), ranked=len(self._active.ids),
+                               matches=int(self._active.matching(source, self.search).sum()),
+                               search=self.search)
+            self.rows = ordered(rows, self.sort, self.descending)
+            self.columns = varying(self.rows)
+            first = min(self.rows, key=lambda r: r["rank"])["id"] if self.rows else -1
             if first == self.selected:
                 self._detail()
             self.selected = first
+            if first < 0:
+                self.detail = {}          # nothing matches: no sequence to detail
             if failed:
                 self.error = failed
 
-    def _by_token(self, ids: np.ndarray) -> "InfluenceResult":
-        """The rows rescored on the chosen completion token alone."""
+    @t.observe("sort", "descending")
+    def _order(self, _: Any = None) -> None:
+        self.rows = ordered(self.rows, self.sort, self.descending)
+
+    def _by_token(self) -> "InfluenceResult":
+        """The scan rescored on the chosen completion token alone (its RERANK sequences of
+        largest |score| on the whole completion), computed once per (query, token)."""
         fn = self.result.token_query_fn
         n = len(self.queries[self.query]["completion_tokens"])
         if fn is None:
@@ -246,7 +249,13 @@ class InfluenceExplorer(View):
         if not 0 <= self.query_token < n:
             raise ValueError(f"completion token {self.query_token} out of range: the "
                              f"completion has {n} tokens")
-        return fn(self.query, self.query_token, [int(i) for i in ids])
+        key = (self.query, self.query_token)
+        if key not in self._alone:
+            s = np.abs(self.result.scores[self.query])
+            cols = np.sort(np.argsort(-s, kind="stable")[:self.RERANK])
+            self._alone[key] = fn(self.query, self.query_token,
+                                  [int(i) for i in self.result.ids[cols]])
+        return self._alone[key]
 
     def _row_tokens(self, ids: list[int]) -> dict[int, np.ndarray]:
         """Per-token scores of every row on the active query, in one pass ({} without the

@@ -1,10 +1,12 @@
 """Notebook 01 in a real JupyterLab, driven in headless Chromium (Debian's package) by Playwright:
 the widgets render token colours whose sign matches the scores, hovering shows the value,
 clicking a token changes ``selected`` in the kernel, clicking a completion token re-ranks the
-explorer, the lab keeps its results with their texts; at 800 px the explorer does not scroll
-sideways, in the dark theme zero is transparent; saved with its widget state and reopened
-without a kernel the notebook still shows the explorer (and says it has no kernel), and its
-nbconvert HTML holds the static snapshots. Screenshots go to ``artifacts/browser/``, the light
+whole scan, search and k cover the whole scan, typing then one click scores, the lab keeps its
+results with their texts; at 800 px the explorer does not scroll sideways, in the dark theme
+zero is transparent; saved with its widget state and reopened without a kernel the notebook
+still shows the explorer (and says it has no kernel), reopened without widget state it shows no
+"model not found" line, and its nbconvert HTML holds the static snapshots; a dead kernel shows
+(last). Screenshots go to ``artifacts/browser/``, the light
 and dark explorer to ``docs/images/``."""
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from influence_nb.snapshot import fmt
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts" / "browser"
+NB09 = "09_pretraining_vs_finetuning.ipynb"
 IMAGES = ROOT / "docs" / "images"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
@@ -52,6 +55,7 @@ def lab(tmp_path_factory):
     """JupyterLab on 127.0.0.1 with a token, serving a scratch copy of notebook 01."""
     work = tmp_path_factory.mktemp("lab")
     shutil.copy(ROOT / "notebooks" / "01_tour.ipynb", work)
+    shutil.copy(ROOT / "notebooks" / NB09, work)
     settings = work / ".settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(
@@ -97,27 +101,43 @@ def page(lab):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(lab["url"])
-        page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
-                               "&& window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
-        page.evaluate("""async () => {
-            const nb = window.jupyterapp.shell.currentWidget;
-            await nb.sessionContext.ready;
-            await window.jupyterapp.commands.execute('notebook:run-all-cells');
-        }""")
-        page.wait_for_function("""() => {
-            const nb = window.jupyterapp.shell.currentWidget;
-            const k = nb.sessionContext.session && nb.sessionContext.session.kernel;
-            return k && k.status === 'idle' && nb.content.widgets.every(
-                c => c.model.type !== 'code' || (c.model.executionCount !== null
-                     && !c.node.querySelector('.jp-InputPrompt').textContent.includes('*')));
-        }""", timeout=400_000, polling=1000)
-        errors = page.evaluate("""() => window.jupyterapp.shell.currentWidget.content.widgets
-            .flatMap(c => c.model.type === 'code' ? c.model.outputs.toJSON() : [])
-            .filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)""")
-        assert not errors, f"notebook 01 raised in the browser: {errors}"
+        _run_all(page, lab["url"], "01")
         yield page
         browser.close()
+
+
+def _run_all(page, url: str, name: str) -> None:
+    """Open ``url`` (a notebook) and run every cell; no cell may raise."""
+    page.goto(url)
+    page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget "
+                           "&& window.jupyterapp.shell.currentWidget.sessionContext", timeout=60_000)
+    page.evaluate("""async () => {
+        const nb = window.jupyterapp.shell.currentWidget;
+        await nb.sessionContext.ready;
+        await window.jupyterapp.commands.execute('notebook:run-all-cells');
+    }""")
+    page.wait_for_function("""() => {
+        const nb = window.jupyterapp.shell.currentWidget;
+        const k = nb.sessionContext.session && nb.sessionContext.session.kernel;
+        return k && k.status === 'idle' && nb.content.widgets.every(
+            c => c.model.type !== 'code' || (c.model.executionCount !== null
+                 && !c.node.querySelector('.jp-InputPrompt').textContent.includes('*')));
+    }""", timeout=400_000, polling=1000)
+    errors = page.evaluate("""() => window.jupyterapp.shell.currentWidget.content.widgets
+        .flatMap(c => c.model.type === 'code' ? c.model.outputs.toJSON() : [])
+        .filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)""")
+    assert not errors, f"notebook {name} raised in the browser: {errors}"
+
+
+@pytest.fixture(scope="module")
+def page09(page, lab):
+    """Notebook 09 (a scan over two corpora, ten metadata columns) in a second tab of the same
+    browser, in a workspace of its own, every cell run; its kernel shut down after."""
+    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    _run_all(other, f"{lab['root']}/lab/workspaces/nb09/tree/{NB09}?token={lab['token']}", "09")
+    yield other
+    other.evaluate("window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+    other.close()
 
 
 def _kernel(page, code: str) -> str:
@@ -274,6 +294,17 @@ def test_clicking_a_completion_token_reranks(page):
     print(f"\ncompletion-token re-rank: {time.time() - t0:.2f} s")
     after = _explorer_ids(page)
     assert len(after) == len(before) == 10 and after != before   # page 1 of 15 rows
+    scanned = _kernel(page, "print(len(res.ids))").strip()
+    note = explorer.locator(".inb-token-query").inner_text()
+    assert f"over all {scanned} scanned sequences" in note, note
+    explorer.get_by_role("button", name="next page").click()
+    shown = after + _explorer_ids(page)                       # both pages: all 15 rows
+    explorer.get_by_role("button", name="previous page").click()
+    expect = _kernel(page, "print(res.token_query_fn(0, 1, res.ids.tolist())"
+                           ".top(0, 15, distinct=True)['id'].tolist())")
+    assert [int(i) for i in shown] == eval(expect)            # the whole scan, ranked again
+    top15 = _kernel(page, "print(sorted(res.top(0, k=15)['id'].tolist()))")
+    assert any(int(i) not in eval(top15) for i in shown)      # rows from beyond the 15 shown
     assert explorer.locator(".inb-query .inb-tok.inb-selected").count() == 1
     explorer.screenshot(path=str(ARTIFACTS / "explorer_token_query.png"))
     explorer.locator(".inb-query .inb-tok.inb-marked").nth(1).click()
@@ -312,23 +343,126 @@ def test_lab_keeps_results_with_their_texts(page):
     assert _kernel(page, "print(len(lab3.table), lab3.error)").startswith("0 no sequences")
 
 
-def test_no_sideways_scroll_at_800px(page):
-    """The explorer sizes from its own width (container queries): at an 800 px window, file
-    browser open, it fits its output area."""
-    page.set_viewport_size({"width": 800, "height": 900})
+def test_typing_then_one_click_scores(page):
+    """In a text box, type, then click Score once (no blur first): the kernel scores the typed
+    text; type again and click × once: that one click removes the sequence (a rebuild on the
+    text box's change used to swallow the first click)."""
+    _add_cell(page, "lab4 = SyntheticLab(inf, query, [fact.statement(0), 'Rain fell.'], "
+                    "labels=['ordered', 'rain'])\nlab4")
+    lab = page.locator(".inb-root[data-view='lab']").last
+    lab.locator(".inb-lab-out .inb-bar-row").nth(1).wait_for(timeout=60_000)
+    box = lab.locator("textarea").nth(1)
+    box.click()
+    page.keyboard.press("End")
+    page.keyboard.type(" Then the sun came out.")
+    lab.get_by_role("button", name="Score").click()          # one click, the box still focused
+    assert _wait_kernel(page, "lab4.scored_texts[1]", "Rain fell. Then the sun came out.") \
+        == "Rain fell. Then the sun came out."
+    page.wait_for_function("""() => { const labs = document.querySelectorAll(
+        ".inb-root[data-view='lab']"); const l = labs[labs.length - 1];
+        return !l.querySelector('.inb-stale-note') && l.querySelectorAll('.inb-lab-row').length === 2; }""")
+    box = lab.locator("textarea").first
+    box.click()
+    page.keyboard.type("Edited: ")
+    lab.locator(".inb-lab-row").first.locator("button").click()   # × on the row being edited
+    assert _wait_kernel(page, "lab4.texts", "['Rain fell. Then the sun came out.']") \
+        == "['Rain fell. Then the sun came out.']"
+
+
+def _explorer(page):
+    return page.locator(".inb-root[data-view='explorer']").first
+
+
+def test_search_and_k_cover_the_whole_scan(page):
+    """The search box finds a sequence ranked far below the 15 rows shown (the kernel searches
+    the whole scan); the k box changes how many rows are ranked and shown."""
+    word = _kernel(page, """
+import re
+_shown = ' '.join(res.top(0, k=15, distinct=True)['text']).lower()
+print(next(w for t in res.top(0, k=len(res.ids))['text'] for w in re.findall(r'[a-z]{6,}', t.lower())
+           if w not in _shown))""").strip()
+    expect = _kernel(page, f"print(res.matching(search={word!r}).sum())").strip()
+    explorer = _explorer(page)
+    explorer.scroll_into_view_if_needed()
+    explorer.locator("input.inb-search").fill(word)
+    page.wait_for_function("""(word) => document.querySelector(".inb-root[data-view='explorer'] "
+        + ".inb-count").textContent.includes(word)""", arg=word, timeout=30_000)
+    ids = [int(i) for i in _explorer_ids(page)]
+    texts = _kernel(page, f"print(res.corpus.df.loc[{ids}, 'text'].str.lower().tolist())")
+    assert ids and all(word in t for t in eval(texts)), (word, ids)   # none of them was shown
+    assert f" of {expect} matching" in explorer.locator(".inb-count").inner_text()
+    explorer.locator("input.inb-search").fill("")
+    page.wait_for_function("""() => !document.querySelector(".inb-root[data-view='explorer'] "
+        + ".inb-count").textContent.includes('matching')""", timeout=30_000)
+    explorer.locator("input.inb-k").fill("4")
+    explorer.locator("input.inb-k").press("Enter")
+    page.wait_for_function("""() => document.querySelector(".inb-root[data-view='explorer']")
+        .querySelectorAll('.inb-row').length === 4""", timeout=30_000)
+    explorer.locator("input.inb-k").fill("15")
+    explorer.locator("input.inb-k").press("Enter")
+    page.wait_for_function("""() => document.querySelector(".inb-root[data-view='explorer']")
+        .querySelectorAll('.inb-row').length === 10""", timeout=30_000)
+
+
+@pytest.mark.parametrize("notebook", ["01", "09"])
+@pytest.mark.parametrize("width", [800, 1280])
+def test_no_overlap_with_the_file_browser_open(request, notebook, width):
+    """The explorer sizes from its own width (container queries): with the file browser open,
+    at 800 px it is one column and fits its output area; at 1,280 px the table, the divider
+    and the detail sit side by side without overlap, the text column readable (≥ 150 px, so
+    that no word breaks); the divider drags, and stops at the table's minimum width (400 px,
+    where the table still fits its pane). Notebook 09's explorer has two sources and many
+    metadata columns (chips, not columns)."""
+    page = request.getfixturevalue("page" if notebook == "01" else "page09")
+    page.set_viewport_size({"width": width, "height": 900})
     page.evaluate("window.jupyterapp.shell.expandLeft()")
     page.wait_for_timeout(800)
-    explorer = page.locator(".inb-root[data-view='explorer']").first
+    explorer = _explorer(page)
     explorer.scroll_into_view_if_needed()
-    sizes = explorer.evaluate("""el => {
+    measure = """el => {
         const out = el.closest('.jp-OutputArea-output');
+        const box = (s) => { const e = el.querySelector(s); if (!e) return null;
+                             const r = e.getBoundingClientRect(); return [r.left, r.right]; };
+        const wrap = el.querySelector('.inb-table-wrap');
         return { root: [el.scrollWidth, el.clientWidth], out: [out.scrollWidth, out.clientWidth],
-                 cols: getComputedStyle(el.querySelector('.inb-explorer')).gridTemplateColumns };
-    }""")
-    print(f"\n800 px: {sizes}")
+                 cols: getComputedStyle(el.querySelector('.inb-explorer')).gridTemplateColumns,
+                 table: box('.inb-ranked'), detail: box('.inb-detail'), text: box('td.inb-text'),
+                 scroll: [wrap.scrollWidth, wrap.clientWidth] };
+    }"""
+    sizes = explorer.evaluate(measure)
+    print(f"\nnotebook {notebook}, {width} px: {sizes}")
     assert sizes["root"][0] <= sizes["root"][1] + 1 and sizes["out"][0] <= sizes["out"][1] + 1, sizes
-    assert len(sizes["cols"].split()) == 1   # one column in a narrow output
-    explorer.screenshot(path=str(ARTIFACTS / "explorer_800px.png"))
+    assert sizes["text"][1] - sizes["text"][0] >= 150, sizes
+    assert sizes["scroll"][0] <= sizes["scroll"][1] + 1, sizes     # the table fits its pane
+    if width == 800:
+        assert len(sizes["cols"].split()) == 1   # one column in a narrow output
+    elif notebook == "09":
+        assert len(sizes["cols"].split()) == 3 and sizes["table"][1] <= sizes["detail"][0], sizes
+    else:
+        assert len(sizes["cols"].split()) == 3 and sizes["table"][1] <= sizes["detail"][0], sizes
+        split = explorer.locator(".inb-split")
+
+        def drag(dx: float) -> dict:
+            split.hover(position={"x": 4, "y": 20})   # scrolled into view, stable
+            page.wait_for_timeout(300)                 # a hand's pace throughout
+            box = split.bounding_box()
+            page.mouse.down()
+            page.wait_for_timeout(100)
+            page.mouse.move(box["x"] + 4 + dx, box["y"] + 20, steps=8)
+            page.wait_for_timeout(150)
+            page.mouse.up()
+            page.wait_for_timeout(150)
+            return explorer.evaluate(measure)
+        wider = drag(80)
+        width0 = sizes["table"][1] - sizes["table"][0]
+        assert wider["table"][1] - wider["table"][0] > width0 + 40, (sizes, wider)
+        narrow = drag(-800)                                       # stops at the minimum
+        assert abs(narrow["table"][1] - narrow["table"][0] - 400) <= 2, narrow
+        for s in (wider, narrow):
+            assert s["table"][1] <= s["detail"][0] and s["scroll"][0] <= s["scroll"][1] + 1, s
+        split.dblclick()                                          # the default split again
+        assert explorer.evaluate(measure)["cols"] == sizes["cols"]
+    explorer.screenshot(path=str(ARTIFACTS / f"explorer_{notebook}_{width}px.png"))
     page.evaluate("window.jupyterapp.shell.collapseLeft()")
     page.set_viewport_size({"width": 1400, "height": 1000})
 
@@ -424,16 +558,36 @@ def test_saved_notebook_with_a_new_kernel_says_the_views_are_offline(page, lab, 
     explorer = other.locator(".inb-root[data-view='explorer']").first
     explorer.locator(".inb-offline-note").wait_for(timeout=90_000)
     print(f"\nsaved notebook, new kernel: offline view in {time.time() - t0:.1f} s")
-    assert explorer.locator(".inb-row").count() == 10
     assert "No kernel" in explorer.locator(".inb-offline-note").inner_text()
-    kernel_controls = "button:enabled:not(.inb-local), select:enabled, input:enabled:not(.inb-local)"
+    kernel_controls = "button:enabled:not(.inb-local), select:enabled, input:enabled"
     assert explorer.locator(kernel_controls).count() == 0
-    explorer.locator("input.inb-search").fill("vel")         # search needs no kernel
-    assert re.fullmatch(r"[1-9]\d* of 15 rows", explorer.locator(".inb-count").inner_text())
+    assert explorer.locator(".inb-row").count() == 10 and not explorer.locator(".inb-row").first.is_visible()
+    snap = other.locator(".inb-static").filter(has=other.locator("tr.inb-s-selected")).first
+    assert snap.is_visible() and snap.locator("tbody tr").count() == 15   # in the view's place
     lab_view = other.locator(".inb-root[data-view='lab']").first
     lab_view.locator(".inb-offline-note").wait_for(timeout=30_000)
-    assert lab_view.get_by_role("button", name="Score").is_disabled()
-    assert other.locator(".inb-static").first.is_hidden()      # the view replaces its snapshot
+    assert lab_view.locator("button.inb-primary").is_disabled()   # hidden, and disabled
+    other.close()
+
+
+def test_reopened_without_widget_state_shows_no_error_line(page, lab, saved):
+    """JupyterLab's default save keeps no widget state: reopened with a kernel, each view's
+    output would say "Error displaying widget: model not found" under its snapshot; the
+    snapshot's style hides that output, and the snapshots show."""
+    nb = dict(saved, metadata={k: v for k, v in saved["metadata"].items() if k != "widgets"})
+    other = _reopen(page, lab, "no_state.ipynb", nb)
+    other.wait_for_function("""() => { const nb = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+        const k = nb && nb.sessionContext.session && nb.sessionContext.session.kernel;
+        return k && k.status === 'idle'; }""", timeout=90_000)
+    other.wait_for_function("""() => [...document.querySelectorAll('.jp-OutputArea-output')]
+        .some(e => e.textContent.includes('Error displaying widget'))""", timeout=60_000)
+    other.wait_for_timeout(1000)
+    ours = other.locator(".jp-OutputArea-child:has(.inb-static) + .jp-OutputArea-child")
+    assert ours.evaluate_all("els => els.filter(e => e.textContent.includes("
+                             "'Error displaying widget')).length") >= 5   # JupyterLab wrote them ...
+    assert not any(ours.nth(i).is_visible() for i in range(ours.count()))   # ... unseen
+    snap = other.locator(".inb-static").filter(has=other.locator("tr.inb-s-selected")).first
+    assert snap.is_visible() and other.locator(".inb-root").count() == 0
     other.close()
 
 
@@ -459,3 +613,24 @@ def test_nbconvert_html_holds_the_static_snapshots(lab, saved, tmp_path):
         assert explorer.count("<tr") == 16 and "Δ log p per copy" in explorer   # head + 15
         assert "rgba(230, 97, 1," in explorer and '<svg class="inb-s-bars"' in explorer
         assert ("application/vnd.jupyter.widget-view+json" in page) == (name == "with_state")
+
+
+def test_a_dead_kernel_is_shown(page):
+    """Last (it shuts the notebook's kernel down): every view says so in one line, disables
+    its controls and shows its snapshot in its place; a click on "most negative" changes
+    nothing."""
+    page.evaluate("window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.shutdown()")
+    explorer = _explorer(page)
+    explorer.locator(".inb-offline-note").wait_for(timeout=30_000)
+    assert explorer.locator(".inb-offline-note").inner_text().startswith("No kernel")
+    assert explorer.locator("button:enabled:not(.inb-local), select:enabled, input:enabled").count() == 0
+    snap = page.locator(".jp-OutputArea-child:has(+ .jp-OutputArea-child .inb-root[data-view='explorer'])"
+                        " .inb-static").first
+    assert snap.is_visible() and not explorer.locator(".inb-row").first.is_visible()
+    tab = explorer.locator(".inb-tab").nth(1)
+    tab.dispatch_event("click")                       # a click that reaches the disabled tab
+    page.wait_for_timeout(500)
+    assert "inb-active" not in tab.get_attribute("class")
+    assert page.locator(".inb-root[data-view='lab'] .inb-offline-note").count() >= 1
+    explorer.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "dead_kernel.png"))

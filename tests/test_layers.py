@@ -24,7 +24,7 @@ LAYERS = [
      "validate.exact", "validate.bregman", "validate.counterfactual"},
     {"index", "search", "calibration", "plan"},
     {"results", "session", "retriever"},
-    {"widgets", "view", "snapshot", "style", "charts", "magics", "__main__", "cli",
+    {"widgets", "view", "snapshot", "style", "charts", "magics", "rows", "__main__", "cli",
      "cli.__main__", "cli.main", "cli.core", "cli.inputs", "cli.fit", "cli.plan", "cli.sketch",
      "cli.score", "cli.search", "cli.validate", "cli.demo"},
 ]

@@ -4,6 +4,7 @@ supports the paper's word-ordering claim. Run times are printed (``pytest -s``).
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -103,3 +104,40 @@ def test_pretraining_vs_finetuning_claim(executed):
     assert claim["base"]["top10_pretraining_survival"] >= 0.8
     assert claim["adapter"]["top10_from_pretraining"] <= 0.2
     assert 0.2 < claim["spearman_adapter_vs_base"] < 0.99     # related, not the same ranking
+
+
+PROSE = ("01_", "08_", "09_")   # notebooks whose prose quotes only what their cells assert
+
+
+def _decimals(text: str) -> list[str]:
+    """The decimal numbers a text quotes (−29.1, 0.62), minus signs as "-"; section numbers
+    (§5.2) and version numbers (1.0.1) left out."""
+    text = text.replace("−", "-")
+    return [m.group(0).lstrip("+") for m in re.finditer(r"(?<![§\w.])[-+]?\d+\.\d+(?![.\d])", text)]
+
+
+@pytest.mark.parametrize("prefix", PROSE)
+def test_prose_quotes_only_numbers_its_cells_assert(prefix):
+    """Every decimal number a notebook's markdown quotes is a literal in one of its code cells
+    (where an assert holds the computed value to it), so the text cannot drift from the cells
+    unseen; notebook 08's validation-world figures are checked against docs/results.md there."""
+    path = next(p for p in NOTEBOOKS if p.name.startswith(prefix))
+    nb = nbformat.read(path, as_version=4)
+    code = " ".join(c.source.replace("−", "-") for c in nb.cells if c.cell_type == "code")
+    asserted = " ".join(c.source for c in nb.cells if c.cell_type == "code" and "assert" in c.source)
+    quoted = [n for c in nb.cells if c.cell_type == "markdown" for n in _decimals(c.source)]
+    missing = [n for n in quoted if n.lstrip("-") not in code]
+    assert not missing, f"{path.name} quotes {missing} in its text, computed by no cell"
+    assert not quoted or "assert" in asserted
+
+
+@pytest.mark.parametrize("prefix", PROSE)
+def test_no_warnings_in_red(prefix, executed):
+    """No cell of these notebooks prints a warning (a red box in JupyterLab): notebook 09 once
+    showed transformers' FutureWarning from peft's adapter loading."""
+    path = next(p for p in NOTEBOOKS if p.name.startswith(prefix))
+    nb = executed(path)
+    red = [(i, o.text[:200]) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+           for o in c.outputs if o.output_type == "stream" and o.name == "stderr"
+           and "Warning" in o.text]
+    assert not red, f"{path.name}: {red}"

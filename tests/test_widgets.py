@@ -2,7 +2,9 @@
 the magics on the demo world (cached factors)."""
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 import subprocess
 
@@ -111,6 +113,60 @@ def test_explorer_ranks_selects_and_details(result):
     assert sum(ex.detail["token_scores"]) == pytest.approx(-0.4)
 
 
+def test_explorer_searches_ranks_and_groups_the_whole_scan(tokenizer):
+    """k, search and sort act on the whole scan, not the rows shown: a search finds a sequence
+    ranked far below k; identical texts are one row with their count; a whole number stored
+    as a float (a metadata column with gaps) shows without ".0"; the snapshot says what the
+    view shows."""
+    texts = ["A copy of one line."] * 3 + [f"Line {i} about Velmora." for i in range(30)] + [
+        "Rain fell on the market."]
+    meta = [dict(thread_id=17294 + i if i % 2 else None, kind="x" if i % 3 else "y")
+            for i in range(len(texts))]
+    corpus = Corpus.from_texts(texts, tokenizer, max_len=32, metadata=meta)
+    assert corpus.df["thread_id"].dtype == np.float64            # the gaps make it float
+    scores = np.linspace(10.0, -10.0, len(texts))[None]
+    res = InfluenceResult([dict(prompt="a", completion=" b", logprob=-1.0)], scores,
+                          np.arange(len(texts)), LAYERS, None, corpus)
+    ex = InfluenceExplorer(res, k=5)
+    assert [r["id"] for r in ex.rows] == [0, 3, 4, 5, 6]           # the copies of 0 are one row
+    assert [r["copies"] for r in ex.rows] == [3, 1, 1, 1, 1]
+    assert ex.counts == dict(scanned=34, ranked=34, matches=34, search="")
+    assert ex.rows[1]["meta"]["thread_id"] == "17297" and "17297" in ex.to_html()
+    assert "17297.0" not in ex.to_html()
+    ex.search = "RAIN"                                             # rank 34 of 34
+    assert [r["id"] for r in ex.rows] == [33] and ex.counts["matches"] == 1
+    assert ex.selected == 33 and "matching “RAIN”" in ex.to_html()
+    ex.search = "no such words"
+    assert ex.rows == [] and ex.detail == {} and ex.counts["matches"] == 0
+    ex.search, ex.k = "", 12
+    assert len(ex.rows) == 12 and ex.rows[-1]["rank"] == 12
+    ex.k = 0
+    assert ex.k == 1 and len(ex.rows) == 1
+    ex.k, ex.sort, ex.descending = 4, "thread_id", True
+    assert [r["meta"].get("thread_id") for r in ex.rows] == ["17299", "17297", None, None]
+    assert sorted(r["rank"] for r in ex.rows) == [1, 2, 3, 4]     # ranks stay the ranking's
+    page = ex.to_html()
+    assert "sorted by thread_id ▼" in page and "4 most positive of 34 sequences" in page
+    assert page.index("17299") < page.index("17297")
+    ex.sign = "negative"
+    assert ex.rows[0]["id"] != 33 or ex.rows[0]["score"] == min(scores[0])
+    assert "most negative" in ex.to_html()
+
+
+def test_a_reopened_view_hides_the_model_not_found_line():
+    """Reopened without widget state, JupyterLab prints "Error displaying widget: model not
+    found" in the view's output: the snapshot's own style hides that output (the one after
+    it) until a view renders there; and a view without its kernel shows the snapshot."""
+    from influence_nb.snapshot import STYLE
+    assert (".jp-OutputArea-child:has(.inb-static) + .jp-OutputArea-child:not(:has(.inb-root))"
+            " { display: none; }") in STYLE
+    css = asset("influence.css").read_text()
+    assert ":has(+ .jp-OutputArea-child .inb-root:not(.inb-offline)) { display: none; }" in css
+    assert "anywhere" not in css.replace('"anywhere"', "") and "anywhere" not in STYLE
+    js = asset("influence.js").read_text()
+    assert '"dead", "restarting", "autorestarting"' in js and "comm_live_update" in js
+
+
 def test_explorer_without_model_shows_error(result):
     bare = InfluenceResult(result.queries, result.scores, result.ids, LAYERS,
                            result.layer_scores, result.corpus)
@@ -124,7 +180,7 @@ def test_charts_render_offline(result, tmp_path):
     big = InfluenceResult(result.queries, np.random.default_rng(1).standard_t(2, (2, 3000)),
                           np.arange(3000), LAYERS, np.zeros((2, 2, 3000)))
     spec = charts.distribution(big, 0, tail=0.05).to_dict()
-    assert "P(score > x) ∝ x^−" in spec["title"]["subtitle"]
+    assert "P(score > x) ∝ x^−" in spec["title"]["subtitle"][0]
     dots, line = (spec["datasets"][layer["data"]["name"]] for layer in spec["layer"])
     assert len(dots) > 100 and dots[0]["count"] == 1  # the largest score first
     assert line[0]["count"] == pytest.approx(0.05 * 3000, rel=1e-6)  # the tail starts at x_min
@@ -148,6 +204,90 @@ def test_charts_render_offline(result, tmp_path):
     assert len(spec["layer"]) == 2  # mean bars and one dot per sequence
     with pytest.raises(ValueError, match="label"):
         charts.variants(pd.DataFrame(dict(score=[1.0])))
+
+
+def _axis_labels(svg: str) -> list[list[tuple[float, float, str]]]:
+    """Each axis's unrotated tick labels in an SVG drawn by vl-convert: (x, y, text)."""
+    groups = re.findall(r'role-axis-label"[^>]*>(.*?)</g>', svg)
+    return [[(float(x), float(y), t) for x, y, t in re.findall(
+        r'transform="translate\(([-\d.e]+),([-\d.e]+)\)"[^>]*>([^<]*)</text>', g)] for g in groups]
+
+
+def _svg(chart) -> str:
+    bundle = chart._repr_mimebundle_()
+    return (bundle[0] if isinstance(bundle, tuple) else bundle)["image/svg+xml"]
+
+
+def test_charts_read_at_a_glance(result):
+    """Tick labels never run together (nor does "1,0002,000"), no text under 11 px, the fit
+    line in the theme's grey (not near-black, lost on the dark theme), a heatmap's legend
+    over the data's own range, the LDS scatter names its query."""
+    import altair as alt
+    rng = np.random.default_rng(1)
+    heavy = np.abs(rng.standard_t(2, (1, 3000))) * 3000
+    big = InfluenceResult(result.queries[:1], heavy, np.arange(3000), LAYERS,
+                          np.abs(rng.normal(size=(1, 2, 3000))))
+    table = pd.DataFrame(dict(strategy=["ekfac", "bm25"]))
+    table.attrs.update(per_query=pd.DataFrame(dict(ekfac=[0.5], bm25=[0.6])),
+                       measured=rng.normal(size=(20, 1)) - 100,
+                       predicted=dict(ekfac=rng.normal(size=(20, 1)) * 3e4,
+                                      bm25=rng.normal(size=(20, 1)) * 2e3))
+    before = alt.renderers.active
+    try:
+        charts.offline()
+        lds = charts.lds_scatter(table, 0, query="The first President of Zarglous was → Pleigei")
+        for chart in (charts.distribution(big, 0), charts.layer_profile(big, 0),
+                      charts.layer_heatmap(big), lds,
+                      charts.variants(pd.DataFrame(dict(label=["a", "a", "b"],
+                                                        score=[2.5e4, 3e4, -1e3])))):
+            svg = _svg(chart)
+            for axis in _axis_labels(svg):
+                if len({y for _, y, _ in axis}) == 1:            # a horizontal axis
+                    xs = sorted(axis)
+                    for (x0, _, a), (x1, _, b) in zip(xs, xs[1:]):
+                        assert x1 - x0 > 3.5 * (len(a) + len(b)), (a, b, x1 - x0)
+            sizes = [float(v) for v in re.findall(r'font-size="([\d.]+)px"', svg)]
+            assert sizes and min(sizes) >= 11, sorted(set(sizes))
+            assert "#1f2430" not in svg
+        assert "Zarglous" in _svg(lds)
+    finally:
+        alt.renderers.enable(before)
+    spec = charts.distribution(big, 0).to_dict()
+    assert spec["layer"][1]["mark"]["color"] == charts.GREY
+    heat = charts.layer_heatmap(big).to_dict()
+    assert heat["encoding"]["color"]["scale"]["domain"][0] == 0          # all positive
+    flipped = result.layer_scores * np.array([1.0, -1.0])[:, None, None]   # query 1 lowers
+    mixed = charts.layer_heatmap(InfluenceResult(result.queries, result.scores, result.ids,
+                                                 LAYERS, flipped)).to_dict()
+    domain = mixed["encoding"]["color"]["scale"]["domain"]
+    assert domain[0] == -domain[2] < 0 and domain[1] == 0
+
+
+def test_one_statement_of_the_unit(result, capsys):
+    """The score's unit is said once (results.UNIT) and the same way in the README, the
+    docstrings, the widgets and their snapshots, the charts and the command line."""
+    import influence_nb.widgets
+    from influence_nb.cli.inputs import print_top
+    from influence_nb.results import UNIT
+    root = asset("influence.js").parent.parent
+
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+    assert norm(UNIT) in norm((root / "README.md").read_text())
+    assert norm(UNIT) in norm(InfluenceResult.__doc__) and norm(UNIT) in norm(
+        influence_nb.widgets.__doc__)
+    ex = InfluenceExplorer(result, k=2)
+    assert ex.unit.startswith(UNIT) and "N = 20,000" in ex.unit and UNIT in ex.to_html()
+    assert "unitNote" not in asset("influence.js").read_text()
+    subtitle = charts.distribution(result, 0).to_dict()["title"]["subtitle"]
+    assert norm(UNIT) in norm(" ".join(subtitle))
+    print_top(result, 2)
+    out = capsys.readouterr().out
+    assert UNIT in out and "+1.5e-4 per copy" in out.replace("+1.50e-4", "+1.5e-4")
+    for old in ("rises by 1", "raises it by one nat"):
+        assert old not in (root / "README.md").read_text()
+        for nb in (root / "notebooks").glob("*.ipynb"):
+            assert old not in nb.read_text(), nb.name
 
 
 # -- on the demo world ------------------------------------------------------------------------
@@ -207,9 +347,9 @@ def test_lab_results_stay_with_their_texts(session, capfd):
 
 
 def test_completion_token_reranks_and_layers_recolour(session, capfd):
-    """Click a completion token: the rows are rescored on log p(c_t | prompt, c_<t) alone
-    (equal to a scan of that query); click a layer: the tokens through that layer alone sum to
-    its bar."""
+    """Click a completion token: the whole scan, not the rows shown, is rescored on
+    log p(c_t | prompt, c_<t) alone (equal to a scan of that query) and ranked again; click a
+    layer: the tokens through that layer alone sum to its bar."""
     from influence_nb import demo
     fact = demo.facts()[0]
     ids = np.union1d(np.flatnonzero(session.corpus.df["kind"] == "fact")[:40], np.arange(40))
@@ -220,20 +360,26 @@ def test_completion_token_reranks_and_layers_recolour(session, capfd):
     assert len(ex.queries[0]["completion_tokens"]) >= 2
     ex.query_token = 1
     assert "%|" not in capfd.readouterr().err       # clicks show no progress bars
-    assert not ex.error and sorted(r["id"] for r in ex.rows) == sorted(i for i, _ in whole)
+    assert not ex.error and ex.counts["ranked"] == ex.counts["scanned"] == len(ids)
     prompt, completion = session.encode([(fact.prompt(), fact.completion)])
     alone = session.scan(session.queries(list(zip(
         [session.tokenizer.decode(prompt[0] + completion[0][:1])],
-        [session.tokenizer.decode(completion[0][1:2])]))), ids=[i for i, _ in whole])
-    expect = dict(zip(alone.ids.tolist(), alone.scores[0]))
-    for r in ex.rows:
-        assert r["score"] == pytest.approx(expect[r["id"]], rel=1e-3, abs=1e-6)
-    assert [r["score"] for r in ex.rows] == sorted((r["score"] for r in ex.rows), reverse=True)
-    assert [r["id"] for r in ex.rows] != [i for i, _ in whole]    # another ranking
+        [session.tokenizer.decode(completion[0][1:2])]))), ids=ids)
+    expect = alone.top(0, 8, distinct=True)
+    assert [r["id"] for r in ex.rows] == expect["id"].tolist()     # the top 8 of all 80
+    assert [r["score"] for r in ex.rows] == pytest.approx(expect["score"].tolist(), rel=1e-3,
+                                                          abs=1e-6)
+    assert {r["id"] for r in ex.rows} != {i for i, _ in whole}     # not the old rows reordered
+    page = ex.to_html()                                            # the snapshot says so
+    token = html.escape(repr(ex.queries[0]["completion_tokens"][1]))
+    assert f"ranked by the completion token {token} alone over {len(ids)} of {len(ids)} scanned" \
+        in page and page.count(' inb-s-picked"') == 1
     ex.query_token = -1
     assert [(r["id"], r["score"]) for r in ex.rows] == whole
     ex.layer = 0
     assert sum(ex.detail["token_scores"]) == pytest.approx(ex.detail["layer_values"][0], rel=1e-4)
+    assert f"detail tokens by layer {ex.detail['layer_names'][0]} alone" in ex.to_html()
+    assert "ranked by the whole completion" in ex.to_html() and ' inb-s-picked"' not in ex.to_html()
 
 
 def test_magics_session_query_lab(session):

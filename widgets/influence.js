@@ -1,8 +1,8 @@
 // influence_nb widgets: token highlighting, layer bars, the explorer and the synthetic lab.
 // Plain DOM, no dependencies. Every piece of text from Python is set with textContent.
 // Colour convention: orange = positive (the training sequence raises log p(completion | prompt)),
-// blue = negative, transparent = 0, on a symmetric scale ±domain; a score also reads as Δ log p
-// per added copy = score / N. The static snapshot of each view (influence_nb.snapshot) mirrors
+// blue = negative, transparent = 0, on a symmetric scale ±domain. The unit, influence_nb.results
+// .UNIT, comes from Python as the trait "unit" (Δ log p per copy = score / N). The static snapshot of each view (influence_nb.snapshot) mirrors
 // what is drawn here.
 // RULES, the number format and the colours, is influence_nb.style.RULES: influence_nb.widgets
 // writes it as a constant above this file (fmt, colour and domainOf below follow the same steps
@@ -53,12 +53,6 @@ const perCopy = (v, n) => (n > 0 ? (v > 0 ? "+" : "") + fmt(v / n) : "");
 /** A score with its unit, for tooltips and titles. */
 const scoreText = (v, n) => `score ${fmt(v)}` + (n > 0 ? ` · Δ log p per copy ${perCopy(v, n)}` : "");
 
-function unitNote(n) {
-  const base = "score: influence on log p(completion | prompt)";
-  if (!(n > 0)) return base + " per unit up-weighting of the sequence in the mean training loss";
-  return `${base}; Δ log p per copy = score / N, the first-order change in log p (nats) for one `
-    + `added copy, N = ${n.toLocaleString("en")} training sequences the curvature was fitted on`;
-}
 
 /** A token as displayed: a newline shows as ↵ and still breaks the line, so indentation after
  * it is kept (the token view is white-space: pre-wrap). */
@@ -205,8 +199,9 @@ function chips(meta) {
 
 // ---------------------------------------------------------------------------------------------
 // views: each builds its DOM from the model and rebuilds on change. ctx: model, tip, set(key,
-// value) and send(message), which do nothing in a view without a kernel (ctx.live === false),
-// and ui, the view's own state (search, sort, page) that survives a rebuild.
+// value) and send(message), which do nothing in a view without a kernel (conn.live === false),
+// and ui, the view's own state that survives a rebuild: the search box's text while it is
+// typed, the page, the divider's position.
 
 function tokensWidget(ctx, root) {
   const { model, tip } = ctx;
@@ -243,21 +238,7 @@ function queryHeader(q, tip, onToken, selected) {
   return box;
 }
 
-const SORTS = { rank: (r) => r.rank, id: (r) => r.id, score: (r) => r.score };
-
-/** The explorer's rows after search and sort (view state in ui). */
-function visibleRows(rows, ui) {
-  const needle = ui.search.trim().toLowerCase();
-  let out = rows.filter((r) => !needle || [r.text, String(r.id), ...Object.values(r.meta).flat()]
-    .some((x) => String(x).toLowerCase().includes(needle)));
-  const key = SORTS[ui.sort] || ((r) => { const v = r.meta[ui.sort]; return Array.isArray(v) ? v.join(", ") : (v ?? ""); });
-  out = out.slice().sort((a, b) => {
-    const x = key(a), y = key(b);
-    return (x < y ? -1 : x > y ? 1 : 0) * ui.dir;
-  });
-  return out;
-}
-
+/** The ranked sequence's text around its most influential span (underlined), else all of it. */
 function snippet(r) {
   const box = h("span", "inb-snippet");
   if (!r.snippet) { box.textContent = r.text; return box; }
@@ -268,30 +249,76 @@ function snippet(r) {
   return box;
 }
 
+/** The table's bar: search (the kernel searches the whole scan), k, sort, the count, pages. */
+function tableBar(ctx, columns, counts) {
+  const { model, ui } = ctx;
+  const bar = h("div", "inb-table-bar");
+  const search = h("input", "inb-search");
+  search.type = "search";
+  search.dataset.id = "search";
+  search.placeholder = "search the whole scan";
+  search.title = "search the text, id and metadata of every scanned sequence (not only the rows shown)";
+  search.setAttribute("aria-label", "search the scan");
+  search.value = ui.search;
+  let timer = null;
+  search.addEventListener("input", () => {
+    ui.search = search.value;
+    clearTimeout(timer);
+    timer = setTimeout(() => ctx.set("search", ui.search), 300);
+  });
+  search.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { clearTimeout(timer); ctx.set("search", ui.search); }
+  });
+  const k = h("input", "inb-k");
+  k.type = "number"; k.min = "1"; k.max = "500"; k.value = String(model.get("k"));
+  k.dataset.id = "k";
+  k.setAttribute("aria-label", "rows shown (k)");
+  const setK = () => {
+    const v = Math.max(1, Math.round(Number(k.value) || 1));
+    if (v !== model.get("k")) ctx.set("k", v);
+  };
+  k.addEventListener("change", setK);
+  k.addEventListener("keydown", (e) => { if (e.key === "Enter") setK(); });
+  const kLabel = h("label", "inb-check", "k ");
+  kLabel.append(k);
+  kLabel.title = "rows shown: the k best-ranked distinct texts of the whole scan";
+  const sort = h("select", "inb-select inb-sort");
+  sort.dataset.id = "sort";
+  sort.setAttribute("aria-label", "sort the rows");
+  for (const key of ["rank", "score", "id", ...columns]) {
+    const o = h("option", null, `sort: ${key}`);
+    o.value = key;
+    sort.append(o);
+  }
+  sort.value = model.get("sort");
+  sort.addEventListener("change", () => ctx.set("sort", sort.value));
+  const dir = h("button", "inb-icon inb-sort-dir", model.get("descending") ? "▼" : "▲");
+  dir.setAttribute("aria-label", model.get("descending") ? "descending: click for ascending" : "ascending: click for descending");
+  dir.addEventListener("click", () => ctx.set("descending", !model.get("descending")));
+  const rows = model.get("rows").length;
+  const count = h("span", "inb-count", `${rows} of ${(counts.matches ?? rows).toLocaleString("en")} `
+    + (counts.search ? `matching “${counts.search}”` : "ranked")
+    + (counts.scanned && counts.matches !== counts.scanned ? ` · ${counts.scanned.toLocaleString("en")} scanned` : ""));
+  bar.append(search, kLabel, sort, dir, count);
+  return bar;
+}
+
 function explorerTable(ctx, rows, columns) {
   const { model, ui } = ctx;
   const n = model.get("n_train");
   const wrap = h("div", "inb-table-wrap");
-  const bar = h("div", "inb-table-bar");
-  const search = h("input", "inb-search inb-local");   // inb-local: works without a kernel
-  search.type = "search";
-  search.placeholder = "search text, id, metadata";
-  search.setAttribute("aria-label", "search the rows");
-  search.value = ui.search;
-  const count = h("span", "inb-count");
-  const pager = h("span", "inb-pager");
-  bar.append(search, count, pager);
+  const pager = h("div", "inb-pager");
   const table = h("table", "inb-table");
   const head = h("tr");
-  const cols = [["rank", "#"], ["id", "id"], ["score", "score"], ...columns.map((c) => [c, c]), ["text", "text"]];
-  for (const [key, label] of cols) {
-    const th = h("th", "inb-col-" + (SORTS[key] ? key : key === "text" ? "text" : "meta"), label);
-    if (key === "score") th.title = unitNote(n);
+  const sortKey = model.get("sort"), desc = model.get("descending");
+  for (const [key, label] of [["rank", "#"], ["id", "id"], ["score", "score"], ["text", "text"]]) {
+    const th = h("th", "inb-col-" + key, label);
+    if (key === "score") th.title = model.get("unit");
     if (key !== "text") {
       th.classList.add("inb-sortable");
       th.tabIndex = 0;
-      if (ui.sort === key) th.dataset.dir = ui.dir > 0 ? "▲" : "▼";
-      const sortBy = () => { ui.dir = ui.sort === key ? -ui.dir : 1; ui.sort = key; ui.page = 0; ctx.redraw(); };
+      if (sortKey === key) th.dataset.dir = desc ? "▼" : "▲";
+      const sortBy = () => ctx.set(sortKey === key ? "descending" : "sort", sortKey === key ? !desc : key);
       th.addEventListener("click", sortBy);
       th.addEventListener("keydown", (e) => { if (e.key === "Enter") sortBy(); });
     }
@@ -304,11 +331,9 @@ function explorerTable(ctx, rows, columns) {
   const d = domainOf(rows.map((r) => r.score), 0);
   const sources = model.get("sources") || [];
   const fill = () => {
-    const shown = visibleRows(rows, ui);
-    const pages = Math.max(1, Math.ceil(shown.length / ui.size));
+    const pages = Math.max(1, Math.ceil(rows.length / ui.size));
     ui.page = Math.min(ui.page, pages - 1);
-    const page = shown.slice(ui.page * ui.size, (ui.page + 1) * ui.size);
-    count.textContent = shown.length === rows.length ? `${rows.length} rows` : `${shown.length} of ${rows.length} rows`;
+    const page = rows.slice(ui.page * ui.size, (ui.page + 1) * ui.size);
     pager.replaceChildren();
     if (pages > 1) {
       const prev = h("button", "inb-icon inb-local", "‹"), next = h("button", "inb-icon inb-local", "›");
@@ -332,12 +357,14 @@ function explorerTable(ctx, rows, columns) {
       score.title = scoreText(r.score, n);
       const cells = [h("td", "inb-rank", String(r.rank)), h("td", "inb-id", String(r.id)), h("td", "inb-col-score")];
       cells[2].append(score);
-      for (const c of columns) {
-        const v = r.meta[c];
-        cells.push(h("td", "inb-meta", Array.isArray(v) ? v.join(", ") : (v ?? "")));
+      if (r.copies > 1) {
+        const c = h("span", "inb-copies", `×${r.copies}`);
+        c.title = `${r.copies} scanned sequences have this exact text (one row; the score is this copy's)`;
+        cells[2].append(c);
       }
       const text = h("td", "inb-text");
-      text.append(snippet(r));
+      const meta = Object.fromEntries(columns.filter((c) => c in r.meta).map((c) => [c, r.meta[c]]));
+      text.append(snippet(r), chips(meta));
       cells.push(text);
       tr.append(...cells);
       const pick = () => ctx.set("selected", r.id);
@@ -346,10 +373,52 @@ function explorerTable(ctx, rows, columns) {
       return tr;
     }));
   };
-  search.addEventListener("input", () => { ui.search = search.value; ui.page = 0; fill(); });
   fill();
-  wrap.append(bar, table);
+  wrap.append(tableBar(ctx, columns, model.get("counts") || {}), table, pager);
   return wrap;
+}
+
+/** A draggable divider between the table and the detail: the table keeps at least MIN_LEFT px
+ * (its text column readable), the detail MIN_RIGHT px; arrows move it by 24 px, a double click
+ * restores the default split. */
+const MIN_LEFT = 400, MIN_RIGHT = 260;
+function splitter(ctx, body) {
+  const bar = h("div", "inb-split");
+  bar.tabIndex = 0;
+  bar.dataset.id = "split";
+  bar.setAttribute("role", "separator");
+  bar.setAttribute("aria-label", "resize the table and the detail");
+  const apply = (left) => {
+    const total = body.clientWidth;
+    if (!total) return;
+    ctx.ui.split = Math.max(MIN_LEFT, Math.min(total - MIN_RIGHT - 8, left));
+    body.style.setProperty("--inb-left", `${ctx.ui.split}px`);
+  };
+  bar.addEventListener("pointerdown", (e) => {
+    e.preventDefault();
+    e.stopPropagation();   // not a drag of the notebook cell
+    const x0 = e.clientX, w0 = body.firstChild.getBoundingClientRect().width;
+    // on the window, in the capture phase: the pointer leaves the 8 px bar, and JupyterLab's
+    // own handlers never see these first
+    const move = (m) => { m.preventDefault(); apply(w0 + m.clientX - x0); };
+    const up = (u) => {   // the last position too: Chromium coalesces pointermoves into frames
+      apply(w0 + u.clientX - x0);
+      window.removeEventListener("pointermove", move, true);
+      window.removeEventListener("pointerup", up, true);
+    };
+    window.addEventListener("pointermove", move, true);
+    window.addEventListener("pointerup", up, true);
+  });
+  bar.addEventListener("dblclick", () => {   // back to the default split
+    ctx.ui.split = 0;
+    body.style.removeProperty("--inb-left");
+  });
+  bar.addEventListener("keydown", (e) => {
+    const step = { ArrowLeft: -24, ArrowRight: 24 }[e.key];
+    if (step) { apply(body.firstChild.getBoundingClientRect().width + step); e.preventDefault(); }
+  });
+  if (ctx.ui.split) body.style.setProperty("--inb-left", `${ctx.ui.split}px`);
+  return bar;
 }
 
 function explorerWidget(ctx, root) {
@@ -373,9 +442,11 @@ function explorerWidget(ctx, root) {
   const qt = model.get("query_token");
   head.append(queryHeader(queries[qi], tip, (j) => ctx.set("query_token", j === qt ? -1 : j), qt));
   if (qt >= 0) {
-    const q = queries[qi];
+    const q = queries[qi], c = model.get("counts") || {};
+    const over = c.ranked === c.scanned ? `all ${(c.scanned || 0).toLocaleString("en")} scanned sequences`
+      : `the ${(c.ranked || 0).toLocaleString("en")} of ${(c.scanned || 0).toLocaleString("en")} scanned sequences with the largest |score| on the whole completion`;
     head.append(h("div", "inb-note inb-token-query",
-      `ranked by the completion token ${JSON.stringify(q.completion_tokens[qt])} alone: `
+      `ranked by the completion token ${JSON.stringify(q.completion_tokens[qt])} alone, over ${over}: `
       + `log p(${JSON.stringify(q.completion_tokens[qt])} | prompt + ${JSON.stringify(q.completion_tokens.slice(0, qt).join(""))})`));
   }
   root.append(head);
@@ -415,7 +486,7 @@ function explorerWidget(ctx, root) {
   shared.append(box, " one colour scale for all rows");
   shared.title = "colour every sequence's tokens on one scale (the largest |token score| of the rows), so colours compare across sequences";
   tabs.append(shared);
-  left.append(tabs, h("div", "inb-unit", unitNote(n)),
+  left.append(tabs, h("div", "inb-unit", model.get("unit")),
     explorerTable(ctx, model.get("rows"), model.get("columns") || []));
 
   const right = h("div", "inb-detail");
@@ -437,10 +508,11 @@ function explorerWidget(ctx, root) {
   if (!det || (!det.tokens && !model.get("error"))) {
     right.append(h("div", "inb-hint", "Select a sequence to see its tokens and layers."));
   }
-  body.append(left, right);
+  body.append(left, splitter(ctx, body), right);
   root.append(body);
   return ["queries", "query", "query_token", "sign", "sources", "source", "rows", "columns", "selected",
-    "detail", "token", "layer", "shared_scale", "error", "busy", "n_train"];
+    "detail", "token", "layer", "shared_scale", "error", "busy", "n_train", "k", "search", "sort",
+    "descending", "counts", "unit"];
 }
 
 function labWidget(ctx, root) {
@@ -466,6 +538,7 @@ function labWidget(ctx, root) {
     ta.value = t;
     ta.rows = Math.min(4, 1 + Math.floor(t.length / 90));
     ta.setAttribute("aria-label", `synthetic sequence ${i + 1}`);
+    ta.dataset.id = `lab-text-${i}`;
     ta.addEventListener("change", () => { texts[i] = ta.value; push(); });
     const del = h("button", "inb-icon", "×");
     del.title = "remove this sequence";
@@ -492,7 +565,7 @@ function labWidget(ctx, root) {
     const names = scoredLabels.map((l, i) => l || `#${i + 1}`);
     const out = h("div", "inb-lab-out" + (stale ? " inb-stale" : ""));
     out.append(barView({ labels: names, values: scores, tip, n, title: "influence of each sequence on the query" }),
-      h("div", "inb-unit", unitNote(n)));
+      h("div", "inb-unit", model.get("unit")));
     const toks = model.get("tokens"), ts = model.get("token_scores");
     const d = domainOf(ts.flat(), 0);
     ts.forEach((s, i) => {
@@ -503,7 +576,7 @@ function labWidget(ctx, root) {
     out.append(legend(d, "per token, one scale for all sequences"));
     root.append(out);
   }
-  return ["query", "texts", "labels", "scored_texts", "scored_labels", "scores", "tokens", "token_scores", "busy", "error", "n_train"];
+  return ["query", "texts", "labels", "scored_texts", "scored_labels", "scores", "tokens", "token_scores", "busy", "error", "n_train", "unit"];
 }
 
 const VIEWS = { tokens: tokensWidget, layers: layersWidget, explorer: explorerWidget, lab: labWidget };
@@ -511,27 +584,53 @@ const VIEWS = { tokens: tokensWidget, layers: layersWidget, explorer: explorerWi
 /**
  * Whether this view's model reaches a kernel: a ping on render, a pong from Python. A view
  * restored from saved widget state (no kernel, or a new kernel that never made this widget)
- * gets no pong: after the kernel has been idle twice in a row without one, it is offline.
- * onChange() runs when that is known (a late pong still turns it live).
+ * gets no pong: after the kernel has been idle twice in a row without one, it is offline. A
+ * live view goes offline when its kernel goes (shut down, dead, restarting: the manager then
+ * marks the model's comm dead). onChange() runs when that is known (a late pong still turns a
+ * view that never was live live).
  */
 function connection(model, onChange) {
   const state = { live: null };
   const manager = model.widget_manager || {};
-  const kernel = manager.kernel;   // null: none; undefined: a manager that does not say
+  // null: none; undefined: a manager that does not say (then only the pong decides)
+  const kernel = () => manager.kernel;
+  const gone = () => {
+    const k = kernel();
+    return k === null || (!!k && (k.isDisposed || ["dead", "restarting", "autorestarting"].includes(k.status)));
+  };
+  const offline = () => { if (state.live !== false) { state.live = false; onChange(); } };
   const pong = (msg) => {
-    if (msg && msg.type === "pong" && state.live !== true) { state.live = true; onChange(); }
+    if (msg && msg.type === "pong" && state.live !== true && !gone()) { state.live = true; onChange(); }
   };
+  const comm = offline;   // the manager marks a model's comm dead (never live again) on a restart
   model.on("msg:custom", pong);
-  let timer = null, idle = 0;
+  model.on("comm_live_update", comm);
+  let idle = 0;
   const check = () => {
+    if (gone()) { offline(); return; }
     if (state.live !== null) return;
-    idle = kernel && kernel.status !== "idle" ? 0 : idle + 1;
-    if (idle >= (kernel ? 2 : 8)) { state.live = false; onChange(); return; }
-    timer = setTimeout(check, 1500);
+    const k = kernel();
+    idle = k && k.status !== "idle" ? 0 : idle + 1;
+    if (idle >= (k ? 2 : 8)) offline();
   };
-  if (kernel === null) { state.live = false; } else { model.send({ type: "ping" }); timer = setTimeout(check, 1500); }
-  state.dispose = () => { clearTimeout(timer); model.off("msg:custom", pong); };
+  const timer = setInterval(check, 1500);   // cheap: reads the kernel's status, sends nothing
+  if (kernel() === null) state.live = false; else model.send({ type: "ping" });
+  state.dispose = () => { clearInterval(timer); model.off("msg:custom", pong); model.off("comm_live_update", comm); };
   return state;
+}
+
+/** Focus (and the caret of a text box) kept across a rebuild, by data-id. */
+function keepFocus(root) {
+  const e = root.contains(document.activeElement) ? document.activeElement : null;
+  const id = e && e.dataset ? e.dataset.id : null;
+  if (!id) return () => {};
+  const caret = "selectionStart" in e ? [e.selectionStart, e.selectionEnd] : null;
+  return () => {
+    const again = root.querySelector(`[data-id="${CSS.escape(id)}"]`);
+    if (!again) return;
+    again.focus();
+    if (caret && caret[0] !== null) try { again.setSelectionRange(...caret); } catch { /* number inputs */ }
+  };
 }
 
 function render({ model, el }) {
@@ -542,33 +641,44 @@ function render({ model, el }) {
   let keys = [];
   const conn = connection(model, () => draw());
   const ctx = {
-    model, tip, ui: { search: "", sort: "rank", dir: 1, page: 0, size: 10 },
+    model, tip, ui: { search: model.get("search") || "", page: 0, size: 10, split: 0 },
     set(key, value) { if (conn.live === false) return; model.set(key, value); model.save_changes(); },
     send(msg) { if (conn.live !== false) model.send(msg); },
-    redraw: () => draw(),
   };
+  // A rebuild under a pressed button would swallow its click (a text box's change on blur sets
+  // the model while the button is down): rebuilds wait until the click is over.
+  let pressed = false, waiting = false, late = null;
+  const flush = () => { pressed = false; clearTimeout(late); if (waiting) { waiting = false; draw(); } };
+  root.addEventListener("pointerdown", () => { pressed = true; }, true);
+  const clicked = () => { if (pressed) setTimeout(flush, 0); };
+  const released = () => { if (pressed) late = setTimeout(flush, 300); };   // a press without a click
+  window.addEventListener("click", clicked);
+  window.addEventListener("pointerup", released, true);
   const draw = () => {
-    const focused = root.contains(document.activeElement) ? document.activeElement : null;
-    const path = focused && focused.dataset ? focused.dataset.id : null;
+    if (pressed) { waiting = true; return; }
+    const refocus = keepFocus(root);
     tip.hide();
     root.replaceChildren();
     root.classList.toggle("inb-offline", conn.live === false);
     keys = VIEWS[model.get("_view")](ctx, root);
     if (conn.live === false) {
-      root.prepend(h("div", "inb-offline-note", "No kernel: this is the view as it was saved. Run the cell again to interact."));
+      root.prepend(h("div", "inb-offline-note", "No kernel behind this view (shut down, restarted or never started): "
+        + "what shows is its last state. Run the cell again to interact."));
       for (const e of root.querySelectorAll("button, select, textarea, input")) {
-        if (!e.classList.contains("inb-local")) e.disabled = true;   // search, sort, pages stay
+        if (!e.classList.contains("inb-local")) e.disabled = true;   // only the pages stay
       }
     }
-    if (path) {
-      const again = root.querySelector(`[data-id="${CSS.escape(path)}"]`);
-      if (again) again.focus();
-    }
+    refocus();
   };
   draw();
   const events = keys.map((k) => `change:${k}`).join(" ");
+  const searched = () => { ctx.ui.search = model.get("search") || ""; };
+  if (keys.includes("search")) model.on("change:search", searched);
   model.on(events, draw);
-  return () => { model.off(events, draw); conn.dispose(); tip.remove(); };
+  return () => {
+    model.off(events, draw); model.off("change:search", searched); conn.dispose(); tip.remove();
+    window.removeEventListener("click", clicked); window.removeEventListener("pointerup", released, true);
+  };
 }
 
 export default { render };

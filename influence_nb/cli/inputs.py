@@ -163,9 +163,16 @@ def ids(ns: argparse.Namespace, corpus):
 
 
 def print_top(result, k: int) -> None:
-    """Each query's ``k`` most influential sequences, one line each."""
+    """Each query's ``k`` most influential sequences, one line each: the score and, where N is
+    known, Δ log p per copy (nats); the unit stated once above them."""
+    from ..results import unit_note
+    from ..style import per_copy
+    n = result.n_train or 0
+    print(unit_note(n))
     for q, query in enumerate(result.queries):
         print(f"\nquery {q}: {query['prompt']!r} → {query['completion']!r} "
-              f"(log p = {query['logprob']:.3f})")
+              f"(log p = {query['logprob']:.3f} nats)")
         for rank, row in result.top(q, k).iterrows():
-            print(f"  {rank:3d}. id {row['id']:>8d}  {row['score']:+11.4g}  {row['text'][:80]!r}")
+            copy = f"  {per_copy(row['score'], n):>9} per copy" if n else ""
+            print(f"  {rank:3d}. id {row['id']:>8d}  score {row['score']:+11.4g}{copy}  "
+                  f"{row['text'][:80]!r}")
