@@ -1,0 +1,88 @@
+"""Exact influence by replay (influence_nb.validate.replay) on a tiny GPT-NeoX (≈ 7k parameters)
+trained for a few steps in float64: recording leaves training as it was, and the replayed
+d f / d w_i equal central finite differences of retraining with sequence i reweighted."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from influence_nb import demo
+from influence_nb.demo.build import ModelConfig, make_model
+from influence_nb.task import measure
+from influence_nb.training import Recording, TrainConfig, train
+from influence_nb.validate.replay import replay_influence
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CFG = TrainConfig(epochs=2, batch_size=6, lr=2e-2, warmup_steps=2)   # 4 batches, 8 steps
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(fresh float64 model, corpus of 24 short sequences, prompts, completions)."""
+    _, tokenizer, corpus = demo.load("micro")
+    short = np.argsort(corpus.df["n_tokens"].to_numpy(), kind="stable")[:24]
+    corpus = corpus.subset(short)
+    model = make_model(ModelConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=16, vocab_size=len(tokenizer),
+                                   max_position_embeddings=64)).double()
+    rows = [corpus.token_ids(i).tolist() for i in (3, 17)]
+    return model, corpus, [r[:4] for r in rows], [r[4:7] for r in rows]
+
+
+def trained(tiny, optimizer="adamw", weights=None, record=None):
+    model, corpus, prompts, completions = tiny
+    model = copy.deepcopy(model)
+    losses = train(model, corpus, CFG, progress=False, weights=weights, record=record,
+                   optimizer=optimizer)
+    return model, losses
+
+
+def test_recording_and_unit_weights_leave_training_bit_identical(tiny):
+    model, losses = trained(tiny)
+    run = Recording(every=3)
+    recorded, recorded_losses = trained(tiny, weights=np.ones(24), record=run)
+    assert recorded_losses == losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), recorded.parameters()))
+    assert sorted(run.checkpoints) == [0, 3, 6, 8] and len(run.batches) == len(run.lrs) == 8
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), run.checkpoints[8].theta))
+
+
+def finite_differences(tiny, optimizer, ids, eps=1e-6):
+    """(Q, len(ids)) (f(w_i = 1 + ε) − f(w_i = 1 − ε)) / 2ε by retraining."""
+    _, _, prompts, completions = tiny
+    out = []
+    for i in ids:
+        f = []
+        for sign in (1, -1):
+            w = np.ones(24)
+            w[i] += sign * eps
+            f.append(measure(trained(tiny, optimizer, w)[0], prompts, completions))
+        out.append((f[0] - f[1]) / (2 * eps))
+    return np.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("optimizer, tolerance", [("sgd", 1e-3), ("adamw", 1e-2)])
+def test_replay_equals_finite_differences(tiny, optimizer, tolerance):
+    _, corpus, prompts, completions = tiny
+    run = Recording(every=3)
+    model, _ = trained(tiny, optimizer, record=run)
+    scores = replay_influence(model, corpus, run, prompts, completions, progress=False)
+    ids = [0, 3, 11, 17, 23]
+    fd = finite_differences(tiny, optimizer, ids)
+    error = np.linalg.norm(scores[:, ids] - fd) / np.linalg.norm(fd)
+    assert error <= tolerance, (error, scores[:, ids], fd)
+
+
+def test_the_checkpoint_interval_does_not_change_the_result(tiny):
+    _, corpus, prompts, completions = tiny
+    results = []
+    for every in (1, 3, 8):
+        run = Recording(every=every)
+        model, _ = trained(tiny, record=run)
+        results.append(replay_influence(model, corpus, run, prompts, completions,
+                                        progress=False))
+    assert np.abs(results[0]).max() > 0
+    for r in results[1:]:
+        np.testing.assert_allclose(r, results[0], rtol=1e-10, atol=1e-14)
