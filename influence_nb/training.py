@@ -143,19 +143,16 @@ def batch_loss(logits: torch.Tensor, batch: Any, label_smoothing: float,
                w: torch.Tensor | None = None) -> torch.Tensor:
     """Mean label-smoothed next-token loss over the batch's trained tokens (logits (B, T, V)).
 
-    w: (B,) sequence weights; sequence b's token losses count w_b times. Added as
-    Σ_b (w_b − 1) · s_b / n (s_b: b's summed token loss, n: the batch's trained tokens), a term
-    that is exactly 0 at w = 1, so a weighted step at w = 1 is the unweighted one, bit for bit.
-    """
+    w: (B,) sequence weights: Σ_b w_b · s_b / n, with s_b sequence b's summed token loss and n
+    the batch's trained tokens (at w = 1 the mean, up to rounding)."""
     targets = batch.input_ids if batch.labels is None else batch.labels   # -100: skip
     labels = targets.masked_fill(batch.attention_mask == 0, -100)[:, 1:].flatten()
     logits = rearrange(logits[:, :-1], "b t v -> (b t) v")
-    loss = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=label_smoothing)
     if w is None:
-        return loss
+        return F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=label_smoothing)
     s = rearrange(F.cross_entropy(logits, labels, ignore_index=-100, reduction="none",
                                   label_smoothing=label_smoothing), "(b t) -> b t", b=len(w))
-    return loss + ((w.to(s.dtype) - 1) * s.sum(dim=1)).sum() / (labels != -100).sum()
+    return (w.to(s.dtype) * s.sum(dim=1)).sum() / (labels != -100).sum()
 
 
 def adamw(theta: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, lr: float,
