@@ -89,12 +89,12 @@ class OptState:
 
 
 @dataclass
-class Recording:
+class TrainRecord:
     """A run of :func:`train` as :func:`~influence_nb.validate.replay.replay_influence` replays
     it: per step the batch's corpus ids and its learning rate, and the optimizer's state before
     every ``every``-th step and after the last, on the CPU (each 3 × the parameters).
 
-        run = Recording(every=20)
+        run = TrainRecord(every=20)
         train(model, corpus, cfg, record=run)
     """
     every: int = 20
@@ -207,12 +207,12 @@ def update(model: nn.Module, state: OptState, batch: Any, lr: float, cfg: TrainC
 @checked(choices={"optimizer": OPTIMIZERS})
 def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, ids: Sequence[int] | None = None,
           progress: bool = True, weights: np.ndarray | None = None,
-          record: Recording | None = None, optimizer: str = "adamw") -> list[float]:
+          record: TrainRecord | None = None, optimizer: str = "adamw") -> list[float]:
     """Train ``model`` in place on the corpus rows ``ids`` (default: all); returns the loss
     curve (one mean token loss per step). Leaves the model in eval mode.
 
     weights: (len(corpus),) per-sequence loss weights (default: all 1; :func:`batch_loss`).
-    record: a :class:`Recording` to fill (batches, learning rates, checkpoints) for replay;
+    record: a :class:`TrainRecord` to fill (batches, learning rates, checkpoints) for replay;
         recording does not change the run.
     optimizer: "adamw" (the recipe) or "sgd" (plain SGD, for checks of the replay).
     """

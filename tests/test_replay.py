@@ -10,7 +10,7 @@ import torch
 from influence_nb import demo
 from influence_nb.demo.build import ModelConfig, make_model
 from influence_nb.task import measure
-from influence_nb.training import Recording, TrainConfig, train
+from influence_nb.training import TrainRecord, TrainConfig, train
 from influence_nb.validate.replay import replay_influence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,7 +41,7 @@ def trained(tiny, optimizer="adamw", weights=None, record=None):
 
 def test_recording_leaves_training_bit_identical(tiny):
     model, losses = trained(tiny)
-    run = Recording(every=3)
+    run = TrainRecord(every=3)
     recorded, recorded_losses = trained(tiny, record=run)
     assert recorded_losses == losses
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), recorded.parameters()))
@@ -68,7 +68,7 @@ def finite_differences(tiny, optimizer, ids, eps=1e-6):
 @pytest.mark.parametrize("optimizer, tolerance", [("sgd", 1e-3), ("adamw", 1e-2)])
 def test_replay_equals_finite_differences(tiny, optimizer, tolerance):
     _, corpus, prompts, completions = tiny
-    run = Recording(every=3)
+    run = TrainRecord(every=3)
     model, _ = trained(tiny, optimizer, record=run)
     scores = replay_influence(model, corpus, run, prompts, completions, progress=False)
     ids = [0, 3, 11, 17, 23]
@@ -81,7 +81,7 @@ def test_the_checkpoint_interval_does_not_change_the_result(tiny):
     _, corpus, prompts, completions = tiny
     results = []
     for every in (1, 3, 8):
-        run = Recording(every=every)
+        run = TrainRecord(every=every)
         model, _ = trained(tiny, record=run)
         results.append(replay_influence(model, corpus, run, prompts, completions,
                                         progress=False))

@@ -2,9 +2,9 @@
 *actual* training run with respect to each training sequence's weight in it.
 
 A run of :func:`~influence_nb.training.train` recorded in a
-:class:`~influence_nb.training.Recording` is a chain of steps s_{t+1} = U_t(s_t, w) over the
-optimizer's state s = (θ, m, v), where w_i scales sequence i's loss term in every batch that
-holds it (w = 1: the recorded run). For a query measurement f(θ_T), reverse-mode
+:class:`~influence_nb.training.TrainRecord` is a chain of steps s_{t+1} = U_t(s_t, w) over
+the optimizer's state s = (θ, m, v), where w_i scales sequence i's loss term in every batch
+that holds it (w = 1: the recorded run). For a query measurement f(θ_T), reverse-mode
 differentiation through the chain gives
 
     d f / d w_i = Σ_{t: i ∈ B_t} s̄_{t+1}ᵀ ∂U_t/∂w_i          s̄_T = (∇f(θ_T), 0, 0)
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..data import Corpus
 from ..hooks import eval_mode
 from ..task import Task, query_batch
-from ..training import OptState, Recording, update
+from ..training import OptState, TrainRecord, update
 
 
 def query_adjoints(model: nn.Module, state: OptState, prompts: Sequence[Sequence[int]],
@@ -54,7 +54,7 @@ def query_adjoints(model: nn.Module, state: OptState, prompts: Sequence[Sequence
                 for q in range(len(f))]
 
 
-def reverse_segment(model: nn.Module, corpus: Corpus, run: Recording, t0: int, t1: int,
+def reverse_segment(model: nn.Module, corpus: Corpus, run: TrainRecord, t0: int, t1: int,
                     adjoints: list[list[Tensor]], scores: np.ndarray) -> list[list[Tensor]]:
     """Replay steps t0 … t1 − 1 from the checkpoint at t0 with a graph, then pull each query's
     adjoint of the state at t1 back to t0; each step's d f / d w of its batch's sequences is
@@ -84,7 +84,7 @@ def reverse_segment(model: nn.Module, corpus: Corpus, run: Recording, t0: int, t
     return pulled
 
 
-def replay_influence(model: nn.Module, corpus: Corpus, run: Recording,
+def replay_influence(model: nn.Module, corpus: Corpus, run: TrainRecord,
                      prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                      task: Task | None = None, progress: bool = True) -> np.ndarray:
     """(Q, N) exact d f_q / d w_i of the recorded run: how query q's measurement (default:
@@ -98,8 +98,8 @@ def replay_influence(model: nn.Module, corpus: Corpus, run: Recording,
     """
     steps = len(run.batches)
     if steps == 0 or steps not in run.checkpoints:
-        raise ValueError("the recording holds no finished run; pass the Recording that "
-                         "train(..., record=recording) filled")
+        raise ValueError("the record holds no finished run; pass the TrainRecord that "
+                         "train(..., record=run) filled")
     config = getattr(model, "config", None)    # attention dropout is functional, not a module
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) or any(
             getattr(config, k, 0) for k in ("attention_dropout", "attn_pdrop")):
