@@ -8,6 +8,10 @@ retrains is its :func:`code_fingerprint`.
 
     retrain = Retrainer(model.config, corpus, TrainConfig(epochs=14))
     model_without = retrain(np.setdiff1d(np.arange(len(corpus)), removed), seed=0)
+
+A training step is one function, :func:`update` (loss, gradient clip, AdamW), written out of
+place so that :mod:`influence_nb.validate.replay` can differentiate through it; a
+:class:`TrainRecord` keeps what a replay of the run needs.
 """
 from __future__ import annotations
 
@@ -73,7 +77,7 @@ class OptState:
     @classmethod
     def start(cls, theta: Sequence[torch.Tensor]) -> "OptState":
         """Before the first step: moments zero."""
-        zeros = [torch.zeros_like(t, memory_format=torch.preserve_format) for t in theta]
+        zeros = [torch.zeros_like(t) for t in theta]
         return cls(list(theta), zeros, [z.clone() for z in zeros], [0] * len(theta))
 
     def to(self, device: torch.device | str, requires_grad: bool = False) -> "OptState":
