@@ -2,6 +2,7 @@
 trained for a few steps in float64: recording leaves training as it was, and the replayed
 d f / d w_i equal central finite differences of retraining with sequence i reweighted."""
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from influence_nb import demo
 from influence_nb.demo.build import ModelConfig, make_model
 from influence_nb.task import measure
-from influence_nb.training import TrainRecord, TrainConfig, train
+from influence_nb.training import TrainConfig, TrainRecord, batch_plan, train
 from influence_nb.validate.replay import replay_influence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,6 +50,40 @@ def test_recording_leaves_training_bit_identical(tiny):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), run.checkpoints[8].theta))
     weighted, weighted_losses = trained(tiny, weights=np.ones(24))     # the same, up to rounding
     np.testing.assert_allclose(weighted_losses, losses, rtol=1e-12)
+
+
+def torch_optim_loop(model, corpus, cfg):
+    """The loop ``train`` replaced: torch.optim.AdamW, clip_grad_norm_ and LambdaLR."""
+    plan = batch_plan(corpus, cfg, np.arange(len(corpus)))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.98))
+    steps = len(plan)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / cfg.warmup_steps)
+                                              * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+    model.train()
+    losses = []
+    for ids in plan:
+        batch = next(corpus.batches(len(ids), ids=ids))
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
+            label_smoothing=cfg.label_smoothing)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_train_is_the_torch_optim_loop_bit_for_bit(tiny):
+    """float32, as the worlds train: the out-of-place step repeats torch.optim's arithmetic."""
+    model, corpus, _, _ = tiny
+    ours, theirs = copy.deepcopy(model).float(), copy.deepcopy(model).float()
+    assert train(ours, corpus, CFG, progress=False) == torch_optim_loop(theirs, corpus, CFG)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
 def finite_differences(tiny, optimizer, ids, eps=1e-6):
