@@ -9,8 +9,8 @@ removals are retrained with the same seed (same initialisation and batch order) 
 (Spearman, :func:`influence_nb.validate.lds`) compares each strategy's predicted group effect
 with the measured f. ``--protocol``:
 
-- ``weights``: a removed sequence gets loss weight 0 in the recorded batches (what the replay's
-  derivative linearises: MAGIC's leave-out);
+- ``weights``: a left-out sequence keeps loss weight ``--weight`` (0: removed) in the recorded
+  batches (what the replay's derivative linearises: MAGIC's leave-out);
 - ``removal``: the sequences are dropped and the batches re-formed (the package's
   :class:`~influence_nb.training.Retrainer`).
 
@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=20, help="checkpoint interval k (steps)")
     p.add_argument("--subsets", type=int, default=16)
     p.add_argument("--removed", type=float, default=0.01, help="fraction left out per subset")
+    p.add_argument("--weight", type=float, default=0.0,
+                   help="the weights protocol's weight on a left-out sequence (0: removed)")
     p.add_argument("--protocol", choices=("weights", "removal"), nargs="+",
                    default=["weights"])
     p.add_argument("--threads", type=int, default=1)
@@ -52,16 +54,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def zero_weight_retrain(config, corpus, recipe):
-    """``(ids, seed) -> model``: trained on every sequence with weight 1 on ``ids``, 0 on the
-    rest — the recorded run's batches, with the removed sequences' loss terms gone."""
+def weighted_retrain(config, corpus, recipe, weight: float):
+    """``(ids, seed) -> model``: trained on every sequence with weight 1 on ``ids``, ``weight``
+    on the rest — the recorded run's batches, the left-out sequences' loss terms scaled."""
     def retrain(ids: np.ndarray, seed: int) -> torch.nn.Module:
-        weights = np.zeros(len(corpus))
+        weights = np.full(len(corpus), weight)
         weights[ids] = 1.0
         model = fresh_model(config, seed)
         train(model, corpus, replace(recipe, seed=seed), weights=weights, progress=False)
         return model
-    retrain.fingerprint = "zero-weight " + Retrainer(config, corpus, recipe).fingerprint
+    retrain.fingerprint = f"weight {weight} " + Retrainer(config, corpus, recipe).fingerprint
     return retrain
 
 
@@ -89,10 +91,11 @@ def recorded_replay(config, corpus, recipe, prompts, completions, every, path: P
     return out
 
 
-def agreement(table, f_full: np.ndarray, masks: np.ndarray, scores: np.ndarray) -> dict:
-    """How the replay's predicted change −Σ_removed τ matches the measured one (nats):
-    Pearson over subsets, mean over queries, and the relative error of all of them pooled."""
-    predicted = -(~masks).astype(np.float64) @ scores.T            # (M, Q)
+def agreement(table, f_full: np.ndarray, masks: np.ndarray, scores: np.ndarray,
+              weight: float) -> dict:
+    """How the replay's predicted change −(1 − weight) Σ_left-out τ matches the measured one
+    (nats): Pearson over subsets, mean over queries, and the relative error of all pooled."""
+    predicted = -(1 - weight) * (~masks).astype(np.float64) @ scores.T     # (M, Q)
     measured = table.attrs["measured"] - f_full                      # (M, Q)
     return dict(pearson=round(float(np.mean([pearson(predicted[:, q], measured[:, q])
                                              for q in range(len(f_full))])), 4),
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts, completions = inf.encode(pairs)
     f_full = measure(run["model"], prompts, completions)
     out = dict(world=a.world, n_sequences=len(corpus), queries=a.queries, query_kinds=kinds,
+               weight=a.weight,
                steps=run["steps"], every=a.every, threads=a.threads,
                seconds=dict(train=round(run["train_s"], 1), ekfac_fit_and_scores=round(t_ekfac, 1)),
                memory_mib=dict(train_peak=round(run["train_peak_mib"]),
@@ -129,16 +133,17 @@ def main(argv: list[str] | None = None) -> None:
         out["seconds"]["replay"] = round(run["replay_s"], 1)
         out["replay_cost_per_training_run"] = round(run["replay_s"] / run["train_s"], 2)
         out["memory_mib"]["replay_peak"] = round(run["replay_peak_mib"])
-    retrains = {"weights": zero_weight_retrain(model.config, corpus, recipe),
+    retrains = {"weights": weighted_retrain(model.config, corpus, recipe, a.weight),
                 "removal": Retrainer(model.config, corpus, recipe)}
     for protocol in a.protocol:
         t0 = time.time()
         table = lds(retrains[protocol], prompts, completions, scores, a.subsets, 1 - a.removed,
-                    (0,), a.work / f"{protocol}-{a.world}", progress=False)
+                    (0,), a.work / f"{protocol}-{a.world}-{a.weight}", progress=False)
         out[f"lds_{protocol}"] = {k: {c: round(float(v), 4) for c, v in row.items()} for k, row
                                   in table[["lds", "ci_low", "ci_high", "queries"]].iterrows()}
         out[f"replay_vs_{protocol}"] = agreement(table, f_full, table.attrs["masks"],
-                                                 scores["replay"])
+                                                 scores["replay"],
+                                                 a.weight if protocol == "weights" else 0.0)
         out["seconds"][f"retrains_{protocol}"] = round(time.time() - t0, 1)
     report(out)
 

@@ -123,3 +123,14 @@ def test_the_checkpoint_interval_does_not_change_the_result(tiny):
     assert np.abs(results[0]).max() > 0
     for r in results[1:]:
         np.testing.assert_allclose(r, results[0], rtol=1e-10, atol=1e-14)
+
+
+def test_replay_refuses_another_model_and_an_unfinished_record(tiny):
+    _, corpus, prompts, completions = tiny
+    run = TrainRecord(every=4)
+    model, _ = trained(tiny, record=run)
+    with pytest.raises(ValueError, match="not at the record's final state"):
+        replay_influence(copy.deepcopy(tiny[0]), corpus, run, prompts, completions,
+                         progress=False)
+    with pytest.raises(ValueError, match="no finished run"):
+        replay_influence(model, corpus, TrainRecord(), prompts, completions, progress=False)

@@ -43,8 +43,8 @@ def query_adjoints(model: nn.Module, state: OptState, prompts: Sequence[Sequence
     ``state.tensors``, f_q measured (eval mode) as :func:`~influence_nb.task.measure` does."""
     theta = [p for p in model.parameters() if p.requires_grad]
     if not all(torch.equal(p.detach().cpu(), t) for p, t in zip(theta, state.theta)):
-        raise ValueError("the model is not at the recording's final state; pass the model that "
-                         "train(..., record=recording) trained")
+        raise ValueError("the model is not at the record's final state; pass the model that "
+                         "train(..., record=run) trained")
     batch = query_batch(prompts, completions).to(theta[0].device)
     zeros = [torch.zeros_like(p) for p in theta]
     with eval_mode(model):
