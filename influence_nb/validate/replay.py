@@ -80,7 +80,7 @@ def reverse_segment(model: nn.Module, corpus: Corpus, run: TrainRecord, t0: int,
         pulled.append(list(grads[:len(start.tensors)]))
         for t, g in zip(range(t0, t1), grads[len(start.tensors):]):
             if g is not None:
-                np.add.at(scores[q], run.batches[t], g.double().cpu().numpy())
+                scores[q, run.batches[t]] += g.double().cpu().numpy()   # ids unique in a batch
     return pulled
 
 
