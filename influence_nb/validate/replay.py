@@ -16,10 +16,11 @@ between two checkpoints is replayed forward with the differentiable update
 (:func:`~influence_nb.training.update` with ``create_graph``: the same loss, clip, schedule and
 AdamW as training), then its adjoint is propagated back in one reverse pass per query.
 
-Cost: one forward replay of the run with a graph (≈ 1 training run plus the graph) and one
-reverse pass per query (≈ 2 training runs: a Hessian-vector product per step). Memory: the
-checkpoints (3 × parameters each) and one segment's graph (``every`` steps of activations and
-their backward).
+Cost: one forward replay of the run with a graph (≈ 2 training runs: each step's backward is
+kept differentiable) and one reverse pass per query (≈ 2 training runs: twice a backward's
+matrix products); 9.6 training runs for 4 queries on the validation world
+(``benchmarks/replay.py``). Memory: the checkpoints (3 × parameters each) and one segment's
+graph (``every`` steps of activations and their backward).
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def replay_influence(model: nn.Module, corpus: Corpus, run: TrainRecord,
     sequence i's loss term, through every step that saw it (0 for sequences never trained on).
 
     model: the model ``train(model, corpus, cfg, record=run)`` trained (at the run's end).
-    Cost ≈ 1 + 2 · Q training runs; memory: ``run``'s checkpoints and ``run.every`` steps'
+    Cost ≈ 2 + 2 · Q training runs; memory: ``run``'s checkpoints and ``run.every`` steps'
     graph. Sequence weights: ``w`` in :func:`~influence_nb.training.batch_loss` (per batch
     mean over tokens, so a sequence's term is its summed token loss ÷ the batch's tokens).
     """
