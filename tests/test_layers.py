@@ -21,7 +21,7 @@ LAYERS = [
     {"curvature"},
     {"queries"},
     {"scoring", "projection", "sketch", "trainer", "validate", "validate.agreement", "validate.toy",
-     "validate.exact", "validate.bregman", "validate.counterfactual"},
+     "validate.exact", "validate.bregman", "validate.counterfactual", "validate.replay"},
     {"index", "search", "calibration", "plan"},
     {"results", "session", "retriever"},
     {"widgets", "view", "snapshot", "style", "charts", "magics", "rows", "__main__", "cli",

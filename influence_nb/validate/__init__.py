@@ -8,14 +8,17 @@
 - :mod:`.counterfactual`: on any model, against counterfactual truth — the linear datamodeling
   score over retrained random subsets (:func:`lds`), retraining without each query's top-k
   (:func:`leave_out`), and one-step tail-patching of the final weights (:func:`tail_patch`).
+- :mod:`.replay`: exact influence of the actual training run, by reverse-mode differentiation
+  through a recorded run of :func:`~influence_nb.training.train` (:func:`replay_influence`).
 - :mod:`.agreement`: the correlations they report (:func:`spearman`, :func:`pearson`).
 """
 from .agreement import pearson, spearman
 from .bregman import pbrf
 from .counterfactual import Retrain, lds, lds_subsets, leave_out, tail_patch, top_ids
 from .exact import compare, exact_damping, flatten, lissa, per_example_gradients
+from .replay import replay_influence
 from .toy import toy_problem
 
 __all__ = ["Retrain", "compare", "exact_damping", "flatten", "lds", "lds_subsets",
-           "leave_out", "lissa", "pbrf", "pearson", "per_example_gradients", "spearman",
-           "tail_patch", "top_ids", "toy_problem"]
+           "leave_out", "lissa", "pbrf", "pearson", "per_example_gradients", "replay_influence",
+           "spearman", "tail_patch", "top_ids", "toy_problem"]
