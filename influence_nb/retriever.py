@@ -207,7 +207,8 @@ class Retriever:
                       layer_scores=None if res.layer_scores is None
                       else res.layer_scores[..., keep])
         _, n_top, n_bottom = self.split(candidates)
-        return SearchResult(**{f.name: getattr(res, f.name) for f in fields(InfluenceResult)},
+        return SearchResult(**{f.name: getattr(res, f.name) for f in fields(InfluenceResult)
+                               if f.init},
                             candidates=found, timings=timings,
                             estimated_recall=self.calibration.recall(n_top, n_bottom),
                             search_size=sizes)

@@ -104,7 +104,9 @@ class Option:
 
     def argument(self) -> tuple[str, dict[str, Any]]:
         """(flag, keywords) for ``add_argument``."""
-        kw: dict[str, Any] = dict(dest=self.name, default=self.default, help=self.help)
+        # argparse %-formats help (for %(default)s): a docstring's "0.4 %" must stay text
+        kw: dict[str, Any] = dict(dest=self.name, default=self.default,
+                                  help=self.help and self.help.replace("%", "%%"))
         if self.switch:
             kw["action"] = argparse.BooleanOptionalAction
         else:
