@@ -10,23 +10,13 @@ bfloat16 scan, each scan ÷ plain, and bfloat16 ÷ float32.
 """
 import argparse
 
-import torch
 
 from common import interleaved, plain, report, seconds as timed, set_threads, spread
 from influence_nb import Queries, ScoreArgs, scan
 from influence_nb.batching import source
 from influence_nb.layers import find_layers
-from influence_nb.queries import LowRank
 from influence_nb.scoring import scan_tokens
 from real_size import SHAPES, StockLoss, world
-
-
-def random_queries(model: torch.nn.Module, layers: str, q: int, rank: int) -> Queries:
-    """``q`` queries of rank ``rank`` with random factors on the tracked ``layers``."""
-    gen = torch.Generator().manual_seed(0)
-    R = {t.name: LowRank(*(torch.randn(q, d, rank, generator=gen) / d ** 0.5 for d in t.shape))
-         for t in find_layers(model, layers)}
-    return Queries([[1]] * q, [[1]] * q, torch.zeros(q), R, rank, "ekfac", "random")
 
 
 def main() -> None:
@@ -40,7 +30,7 @@ def main() -> None:
     a = p.parse_args()
     set_threads(1)
     model, _, corpus, _ = world(a.shape, a.tokens, a.sequences, 1)
-    queries = random_queries(model, a.layers, a.queries, ScoreArgs.rank)
+    queries = Queries.random(find_layers(model, a.layers), a.queries, ScoreArgs.rank)
     tokens = scan_tokens(model, find_layers(model, a.layers))
     runs = {"plain": lambda: plain(model, (b for _, b in source(corpus, None, tokens=tokens)
                                            .batches()), StockLoss(), zero_each_batch=True)}

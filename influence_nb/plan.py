@@ -32,7 +32,7 @@ from .curvature import FactorArgs
 from .data import Corpus
 from .layers import TrackedLayer, find_layers, stat_dtype
 from .passes import Consumer, PassBatch, Recording, available_memory, corpus_pass
-from .queries import LowRank, Queries
+from .queries import Queries
 from .scoring import Scorer, ScoreArgs
 from .statistics import Covariance, EigenvalueCorrection, LayerFactors, block_sizes
 from .task import Task
@@ -193,13 +193,13 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     fit_peak = (memory["factors"] + memory["accumulators"] + memory["eigh"]
                 + memory["recording"] + memory["batch"])
     results = lambda q: q * (len(layers) * score.per_layer + 1) * len(corpus) * 8  # noqa: E731
-    scan_peak = {}
+    scan_peak, T = {}, max(1, int(lengths.max()))
     for q in counts:   # per pass: a block of queries, the scorer's bytes at the longest batch
         q_pass = min(q, score.query_block or q)
-        fake = _meta_queries(model, layers, score, q_pass)
+        fake = Queries.random(layers, q_pass, score.rank,
+                              scoring.score_dtype(model, score.precision), "meta")
         tokens = scoring.scan_tokens(model, layers, score.batch_tokens,
                                      scoring.kept_dense(fake, layers, scoring.SCORE_BYTES)[1])
-        T = max(1, int(lengths.max()))
         scorer = Scorer(fake, layers, 0).held_bytes(layers, max(1, tokens // T), T)
         scan_peak[q] = (memory["factors"] + q_pass * memory["query"] + results(q)
                         + max(memory["prepare"], scorer + memory["batch"] * tokens
@@ -208,19 +208,6 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
         notes.append("ā and δ exceed RECORD_BYTES: EK-FAC's eigenvalue pass runs the model again")
     return Plan(memory, _resident(device, "VmRSS"), fit_peak, scan_peak,
                 available_memory(device), seconds, len(ids), padded, notes)
-
-
-def _meta_queries(model: nn.Module, layers: Sequence[TrackedLayer], score: ScoreArgs,
-                  q: int) -> Queries:
-    """``q`` queries of the scan's rank and precision with no storage (the meta device): what
-    a :class:`Scorer` needs to say what it would hold."""
-    dtype = scoring.score_dtype(model, score.precision)
-    empty = lambda *shape: torch.empty(q, *shape, dtype=dtype, device="meta")  # noqa: E731
-    R = {}
-    for t in layers:
-        (o, i), r = t.shape, min(score.rank or min(t.shape), *t.shape)
-        R[t.name] = LowRank(empty(o, r), empty(i, r), empty(o, i) if r == min(o, i) else None)
-    return Queries([[0]] * q, [[0]] * q, torch.zeros(q), R, score.rank, "ekfac", "plan")
 
 
 def _memory(model: nn.Module, shapes: Sequence[tuple[int, int]], fit: FactorArgs,
@@ -306,13 +293,9 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
         bases = {n: LayerFactors(eye(i), torch.ones(i), eye(o), torch.ones(o), None)
                  for n, (o, i) in shapes.items()}
         consumers["eigenvalues"] = _Timed(EigenvalueCorrection(bases, shapes, dtype))
-    gen = torch.Generator().manual_seed(0)
     for q in counts:   # q random queries of the scan's rank (a block of them per pass)
         q = min(q, score.query_block or q)
-        R = {n: LowRank(*(torch.randn(q, d, min(score.rank or o, o, i), generator=gen)
-                          .to(scoring.score_dtype(model, score.precision)) for d in (o, i)))
-             for n, (o, i) in shapes.items()}
-        fake = Queries([[0]] * q, [[0]] * q, torch.zeros(q), R, score.rank, "ekfac", "plan")
+        fake = Queries.random(layers, q, score.rank, scoring.score_dtype(model, score.precision))
         consumers[f"scan {q}"] = _Timed(Scorer(fake, layers, len(ids)))
     recording.replay(list(consumers.values()))
     if "eigenvalues" in consumers:   # a replay when every ā and δ fit RECORD_BYTES, else a pass

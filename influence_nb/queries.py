@@ -157,6 +157,23 @@ class Queries:
                              f"({', '.join(self.layer_names[:4])}, ...)")
         return replace(self, R={n: self.R[n] for n in names})
 
+    @classmethod
+    def random(cls, layers: Sequence[TrackedLayer], q: int, rank: int | None,
+               dtype: torch.dtype = torch.float32, device: str = "cpu") -> "Queries":
+        """``q`` stand-in queries of ``rank`` (None: full) on ``layers``, their factors seeded
+        normals scaled by 1/√d: a scorer's cost does not depend on the values, so the plan and
+        the benchmarks time scans with these; on the "meta" device they take no memory."""
+        gen = torch.Generator().manual_seed(0)
+        draw = (lambda *shape: torch.empty(q, *shape, dtype=dtype, device="meta")  # noqa: E731
+                ) if device == "meta" else (
+            lambda *shape: (torch.randn(q, *shape, generator=gen) / shape[0] ** 0.5).to(dtype))
+        R = {}
+        for t in layers:
+            (o, i), r = t.shape, min(rank or min(t.shape), *t.shape)
+            R[t.name] = (LowRank.of(draw(o, i), None) if r == min(o, i)
+                         else LowRank(draw(o, r), draw(i, r)))
+        return cls([[0]] * q, [[0]] * q, torch.zeros(q), R, rank, "ekfac", "random")
+
     def to(self, dtype: torch.dtype) -> "Queries":
         """The same queries with their factors stored in ``dtype`` (e.g. bfloat16: half the
         memory, and the scorer's products in bfloat16; see ``ScoreArgs.precision``)."""

@@ -232,14 +232,16 @@ class Influence:
                 strategy: str | None = None, precision: str = "default") -> Queries:
         """Preconditioned query gradients of (prompt, completion) text pairs, factorised to
         ``rank`` (default: ``score_args.rank``; None = full rank) and stored at ``precision``
-        (default: ``score_args.precision``; see :class:`ScoreArgs`)."""
+        (default: ``score_args.precision``; see :class:`ScoreArgs`). Queries already made are
+        only stored at ``precision``."""
+        precision = self.score_args.precision if precision == "default" else precision
+        dtype = score_dtype(self.model, precision)
         if isinstance(pairs, Queries):
-            return pairs
+            return pairs.to(dtype)
         _, factors = self.fitted()
         rank = self.score_args.rank if rank == "default" else rank
-        precision = self.score_args.precision if precision == "default" else precision
         queries = make_queries(self.model, factors, *self._tokens(pairs), rank, strategy,
-                               self.task, score_dtype(self.model, precision))
+                               self.task, dtype)
         self._warn_if_certain(queries)
         return queries
 
@@ -319,8 +321,7 @@ class Influence:
         if not isinstance(queries, Queries):   # refuse a scan that cannot fit, before preparing
             plan(self.model, corpus, self.fitted()[1].args, args, len(self._pairs(queries)),
                  measure=False).check("scan")
-        queries = self.queries(queries, rank=args.rank, precision=args.precision
-                               ).to(score_dtype(self.model, args.precision))
+        queries = self.queries(queries, rank=args.rank, precision=args.precision)
         scores, layers, ids = scan(self.model, queries, corpus, args, out_dir, ids, self.task)
 
         def token_fn(seq_ids: Sequence[int], layers: Sequence[str] | None = None):
