@@ -75,7 +75,10 @@ def remove_stale_temporaries(directory: Path) -> None:
     for tmp in directory.glob(f".*.{host}.*.tmp"):
         pid = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            if tmp.is_dir():   # a folder written aside (the demo world's build)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
