@@ -13,7 +13,7 @@ PIP     := $(BIN)/pip install -q --no-compile
 CORE    := $(VENV)/.installed-core
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test check lab clean browser
+.PHONY: demo test check lab clean browser demo-factors
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,14 @@ browser:
 # pytest-xdist: one worker per core; a notebook and the claims read from it share a worker
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup tests
+
+# maintainers, after rebuilding the demo world (python -m influence_nb.demo.build): the factors
+# that Influence.demo() loads, DEMO_FIT's, fitted by the package's own fit into the assets
+demo-factors: $(CORE)
+	$(BIN)/python -c "from influence_nb.session import DEMO_FACTORS, DEMO_FIT, Influence; \
+	from influence_nb import demo; \
+	Influence(*demo.load()).fit(DEMO_FIT, path=demo.ASSETS / DEMO_FACTORS)"
+	rm -f influence_nb/demo/assets/factors/.lock
 
 check: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto -m "not slow" tests

@@ -36,6 +36,8 @@ from .task import Task
 # the demo world's default fit: a tiny model (larger batches), on a random sample (the corpus is
 # in no particular order, so its first 4,096 sequences are one)
 DEMO_FIT = FactorArgs(batch_size=32, max_examples=4096)
+# DEMO_FIT's factors, in the demo assets' folder of this name (``make demo-factors`` writes them)
+DEMO_FACTORS = "factors"
 
 QueryLike = tuple[str, str] | Sequence[tuple[str, str]] | Queries | InfluenceResult
 
@@ -61,13 +63,23 @@ class Influence:
     @checked()
     def demo(cls, args: FactorArgs | None = None, score_args: ScoreArgs | None = None,
              task: Task | None = None) -> "Influence":
-        """The embedded demo world with EK-FAC factors (fitted once, then cached), by default
-        on :data:`DEMO_FIT`'s random sample of 4,096 of its 20,000 sequences (about a minute
-        on two cores, where all of them take five or more); the full fit is
-        ``Influence.demo(FactorArgs(batch_size=32))``. Scores use every sequence either way."""
+        """The embedded demo world with EK-FAC factors. By default :data:`DEMO_FIT`'s, on a
+        random sample of 4,096 of its 20,000 sequences, shipped with the world (fitted when it
+        was built: ``make demo-factors``), so a first notebook starts at once; other ``args``
+        (the full fit: ``Influence.demo(FactorArgs(batch_size=32))``, five or more minutes on
+        two cores) or a ``task`` are fitted once, then cached. Scores use every sequence."""
         from . import demo
         model, tokenizer, corpus = demo.load()
         inf = cls(model, tokenizer, corpus, score_args=score_args, task=task)
+        shipped = demo.ASSETS / DEMO_FACTORS
+        if args is None and task is None and (shipped / "manifest.json").is_file():
+            factors = inf.load_factors(shipped)
+            if (replace(factors.args, progress=DEMO_FIT.progress, draws=DEMO_FIT.draws) == DEMO_FIT
+                    and factors.corpus_fingerprint == corpus.fingerprint):
+                return inf
+            warnings.warn(f"the demo factors shipped in {shipped} are not DEMO_FIT's on this "
+                          "corpus (rebuild them with `make demo-factors`); fitting instead",
+                          stacklevel=2)
         inf.fit(args or DEMO_FIT, cache=True)
         return inf
 

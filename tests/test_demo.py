@@ -2,11 +2,16 @@
 import json
 import subprocess
 import sys
+import warnings
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from influence_nb import demo
+from influence_nb.curvature import fit_factors
 from influence_nb.demo.build import fact_accuracy, perplexity
+from influence_nb.session import DEMO_FACTORS, DEMO_FIT, Influence
 
 
 def test_load_is_consistent():
@@ -20,6 +25,36 @@ def test_artifacts_are_small():
     sizes = {p.name: p.stat().st_size for p in demo.ASSETS.iterdir()}
     assert sizes["model.safetensors"] <= 20 * 2**20
     assert sum(sizes.values()) <= 24 * 2**20
+
+
+def test_demo_session_starts_from_the_shipped_factors():
+    """Influence.demo() loads DEMO_FIT's factors shipped with the world (no fit, no warning):
+    fitted on this model and corpus, on its 4,096-sequence sample, and small."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inf = Influence.demo()
+    f = inf.factors
+    # draws=None is resolved by the fit (one draw on this world)
+    assert replace(f.args, progress=DEMO_FIT.progress, draws=None) == DEMO_FIT and f.args.draws == 1
+    assert f.corpus_fingerprint == inf.corpus.fingerprint and f.n_examples == 4096
+    assert inf.n_train == len(inf.corpus) == 20_000
+    files = list((demo.ASSETS / DEMO_FACTORS).iterdir())
+    assert sorted(p.suffix for p in files) == [".json", ".safetensors"]   # no lock, no temporary
+    assert sum(p.stat().st_size for p in files) <= 26 * 2**20
+
+
+@pytest.mark.slow
+def test_shipped_factors_score_as_a_fresh_fit():
+    """The shipped factors are what the package's fit makes of DEMO_FIT today: scores of two
+    facts over 300 sequences agree with a fresh fit's to 1e-4 of their scale."""
+    model, tok, corpus = demo.load()
+    fresh = Influence(model, tok, corpus,
+                      factors=fit_factors(model, corpus, replace(DEMO_FIT, progress=False)))
+    facts = demo.facts()[:2]
+    pairs, ids = [(f.prompt(), f.completion) for f in facts], np.arange(0, 20_000, 67)
+    a = Influence.demo().scan(pairs, ids=ids).scores
+    b = fresh.scan(pairs, ids=ids).scores
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
 
 
 def test_model_knows_the_planted_facts(world):
