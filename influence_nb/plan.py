@@ -6,8 +6,9 @@ Memory (bytes; each run's peak is the sum of its column):
     fit:   model + A, S accumulators and the factors (float32) + eigh's float64 copies of the
            widest block + the recording of ā, δ for EK-FAC's second pass (≤ RECORD_BYTES)
            + Λ accumulators + one batch's activations (measured)
-    scan:  model + factors + Q·Σ_ℓ (out + in+1)·r·4 (the queries' rank-r factors)
-           + SCORE_BYTES (dense R and DW blocks) + one batch's activations (measured)
+    scan:  model + factors + Q·Σ_ℓ (out + in+1)·r·4 (the queries' rank-r factors; beyond
+           SPILL_BYTES on a CPU they live in a file, and one layer's, Q·max_ℓ (out + in+1)·r·4,
+           are in memory at a time) + SCORE_BYTES (dense R and DW blocks) + one batch's activations (measured)
            + the scores, Q·(L + 1)·N·8, and while queries are prepared, QUERY_BYTES
 
 Time (seconds): one batch at the token budget runs the fit's pass (forward + backward with
@@ -33,6 +34,7 @@ from .data import Corpus
 from .layers import TrackedLayer, find_layers, stat_dtype
 from .passes import Consumer, PassBatch, Recording, available_memory, corpus_pass
 from .queries import Queries
+from .spill import SPILL_BYTES
 from .scoring import Scorer, ScoreArgs
 from .statistics import Covariance, EigenvalueCorrection, LayerFactors, block_sizes
 from .task import Task
@@ -201,7 +203,10 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
         tokens = scoring.scan_tokens(model, layers, score.batch_tokens,
                                      scoring.kept_dense(fake, layers, scoring.SCORE_BYTES)[1])
         scorer = Scorer(fake, layers, 0).held_bytes(layers, max(1, tokens // T), T)
-        scan_peak[q] = (memory["factors"] + q_pass * memory["query"] + results(q)
+        held = q_pass * memory["query"]
+        if held > SPILL_BYTES and score.rank is not None and device.type == "cpu":
+            held = q_pass * memory["query_layer"]   # spilled: one layer's at a time
+        scan_peak[q] = (memory["factors"] + held + results(q)
                         + max(memory["prepare"], scorer + memory["batch"] * tokens
                               // fit.batch_tokens))
     if memory["recording"] >= passes.RECORD_BYTES:
@@ -233,6 +238,8 @@ def _memory(model: nn.Module, shapes: Sequence[tuple[int, int]], fit: FactorArgs
         "prepare": queries.QUERY_BYTES,
         "query": (sum(o + i for o, i in shapes) * (score.rank or 0)
                   + (sum(o * i for o, i in shapes) if score.rank is None else 0))
+        * scoring.score_dtype(model, score.precision).itemsize,
+        "query_layer": max(o + i for o, i in shapes) * (score.rank or 0)
         * scoring.score_dtype(model, score.precision).itemsize,
     }
 

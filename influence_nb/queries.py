@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -24,6 +25,8 @@ from .batching import source
 from .curvature import Factors
 from .layers import TrackedLayer, context_length, find_layers, stat_dtype
 from .passes import Consumer, Gradients, PassBatch, corpus_pass
+from .spill import SPILL_BYTES, Spill
+from .store import cache_dir
 from .task import Task, get, query_batch, token_rows
 
 OVERSAMPLE = 8  # extra directions of the randomized range finder (see LowRank.of)
@@ -32,10 +35,12 @@ OVERSAMPLE = 8  # extra directions of the randomized range finder (see LowRank.o
 @dataclass
 class LowRank:
     """R ≈ U Vᵀ for Q queries: U (Q, out, r), V (Q, in+1, r), the best rank-r approximation;
-    ``full``: R itself when the factorisation is exact (then :meth:`dense` costs nothing)."""
+    ``full``: R itself when the factorisation is exact (then :meth:`dense` costs nothing);
+    ``spill``: the file U and V are views of, when they are (see :meth:`release`)."""
     U: Tensor
     V: Tensor
     full: Tensor | None = field(default=None, repr=False)
+    spill: Spill | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, R: Tensor, rank: int | None) -> "LowRank":
@@ -73,6 +78,13 @@ class LowRank:
     def dense(self) -> Tensor:
         """(Q, out, in+1)"""
         return self.full if self.full is not None else self.U @ self.V.mT
+
+    def release(self) -> None:
+        """Drop U's and V's pages from the process when they live in a :class:`Spill` (they
+        are read back from the file on next use); nothing otherwise."""
+        if self.spill is not None:
+            self.spill.release(self.U)
+            self.spill.release(self.V)
 
     def to(self, dtype: torch.dtype) -> "LowRank":
         """The same factors stored in ``dtype`` (itself when they already are)."""
@@ -142,7 +154,7 @@ class Queries:
         return replace(self, prompts=self.prompts[start:stop],
                        completions=self.completions[start:stop], f=self.f[start:stop],
                        R={n: LowRank(lr.U[start:stop], lr.V[start:stop],
-                                     None if lr.full is None else lr.full[start:stop])
+                                     None if lr.full is None else lr.full[start:stop], lr.spill)
                           for n, lr in self.R.items()})
 
     def select(self, layers: Sequence[str]) -> "Queries":
@@ -195,23 +207,36 @@ class QueryFactors(Consumer):
     Q_Sᵀ ∇f Q_A from the tokens, ⊘ (Λ + λ), truncated to rank r in the eigenbasis, then its
     columns rotated back, (Q_S U, Q_A V); for each of ``strategies`` from the same gradients.
     Only one layer's dense (B, out, in+1) matrices of one block of queries exist at any time.
-    Factors are stored in ``dtype`` (default: the statistics') as each block is made.
+    Factors are stored in ``dtype`` (default: the statistics') as each block is made; with
+    ``spilled`` ({strategy: {layer: LowRank}} views of a :class:`Spill`, see
+    :func:`spilled_factors`), written into those and released instead of kept in memory.
     ``finish`` -> ({strategy: {layer: LowRank} in module order}, f (Q,) the measurements)."""
 
     def __init__(self, layers: Sequence[TrackedLayer], factors: Factors,
                  strategies: Sequence[str | None], rank: int | None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None,
+                 spilled: dict[str, dict[str, LowRank]] | None = None) -> None:
         self.factors, self.rank, self.dtype = factors, rank, dtype
         self.strategies = list(dict.fromkeys(factors.resolve_strategy(s) for s in strategies))
         self.parts = {s: {t.name: [] for t in layers} for s in self.strategies}
+        self.spilled = spilled or {}
+        self.filled = {s: {t.name: 0 for t in layers} for s in self.strategies}
         self.f: list[Tensor] = []
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
         for strategy in self.strategies:
             lr = self._factor(layer.name, a, delta, batch, strategy)
-            self.parts[strategy][layer.name].append(lr if self.dtype is None else
-                                                    lr.to(self.dtype))
+            lr = lr if self.dtype is None else lr.to(self.dtype)
+            into = self.spilled.get(strategy, {}).get(layer.name)
+            if into is None:
+                self.parts[strategy][layer.name].append(lr)
+                continue
+            k, n = self.filled[strategy][layer.name], len(lr.U)
+            into.U[k:k + n].copy_(lr.U)
+            into.V[k:k + n].copy_(lr.V)
+            into.release()
+            self.filled[strategy][layer.name] = k + n
 
     def _factor(self, name: str, a: Tensor, delta: Tensor, batch: PassBatch,
                 strategy: str) -> LowRank:
@@ -227,8 +252,28 @@ class QueryFactors(Consumer):
         self.f.append(batch.losses)
 
     def finish(self) -> tuple[dict[str, dict[str, LowRank]], Tensor]:
-        return ({s: {n: LowRank.cat(p) for n, p in parts.items()}
+        return ({s: {n: self.spilled.get(s, {}).get(n) or LowRank.cat(p)
+                     for n, p in parts.items()}
                  for s, parts in self.parts.items()}, torch.cat(self.f))
+
+
+def spilled_factors(shapes: dict[str, tuple[int, int]], strategies: Sequence[str], q: int,
+                    rank: int | None, dtype: torch.dtype) -> dict[str, dict[str, LowRank]]:
+    """Zeroed rank-r factors of ``q`` queries for each strategy and each layer of (out, in+1)
+    ``shapes`` that truncation factorises, as views of one :class:`Spill` in the cache folder —
+    when all of them take more than :data:`~influence_nb.spill.SPILL_BYTES`; else {} (they
+    stay in memory). Exact layers (rank ≥ min(out, in+1), e.g. a LoRA matrix) stay in memory."""
+    keys = [(s, n, o, i) for s in strategies for n, (o, i) in shapes.items()
+            if rank is not None and rank < min(o, i)]
+    specs = [spec for _, _, o, i in keys for spec in (((q, o, rank), dtype), ((q, i, rank), dtype))]
+    if sum(math.prod(shape) for shape, _ in specs) * dtype.itemsize <= SPILL_BYTES:
+        return {}
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    spill = Spill(specs, cache_dir())   # a disk folder: /tmp may be memory (tmpfs)
+    out: dict[str, dict[str, LowRank]] = {}
+    for k, (s, n, _, _) in enumerate(keys):
+        out.setdefault(s, {})[n] = LowRank(*spill.tensors[2 * k:2 * k + 2], spill=spill)
+    return out
 
 
 def query_block(shapes: Sequence[tuple[int, int]], element_size: int = 4,
@@ -267,7 +312,11 @@ def strategy_queries(model: nn.Module, factors: Factors, prompts: Sequence[Seque
     prompts, completions = token_rows(prompts), token_rows(completions)
     tracked = find_layers(model, factors.layer_names)
     batch = query_batch(prompts, completions, context_length(model))
-    consumer = QueryFactors(tracked, factors, strategies, rank, dtype)
+    names = list(dict.fromkeys(factors.resolve_strategy(s) for s in strategies))
+    device = next(model.parameters()).device
+    spilled = spilled_factors(factors.shapes, names, len(prompts), rank,
+                              dtype or stat_dtype(model)) if device.type == "cpu" else {}
+    consumer = QueryFactors(tracked, factors, strategies, rank, dtype, spilled)
     size = query_block([(o * len(consumer.strategies), i) for o, i in factors.shapes.values()],
                        stat_dtype(model).itemsize)
     R, f = corpus_pass(model, tracked, source(list(batch.blocks(size)), size), [consumer],

@@ -266,6 +266,12 @@ class Scorer(Consumer):
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
+        self._score_layer(layer, a, delta, batch)
+        # spilled queries (queries.spilled_factors): one layer's factors in memory at a time
+        self.queries.R[layer.name].release()
+
+    def _score_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
+                     batch: PassBatch) -> None:
         (B, T, _), Q, (o, i) = a.shape, len(self.queries), layer.shape
         lr, way = self.queries.R[layer.name], self._layout(layer, B, T)
         # products in the factors' dtype (bfloat16: ScoreArgs.precision), sums in float32+

@@ -111,17 +111,21 @@ SCAN_PEAK = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from test_real_size import tiny_neox
+    import influence_nb.queries as queries_module
     import influence_nb.scoring as scoring
     from influence_nb import FactorArgs, ScoreArgs, fit_factors, make_queries, scan
     from influence_nb.data import Batch
+    q, layers, rank, spill, whole = map(int, sys.argv[1:])
     scoring.SCORE_BYTES = 32 << 20
-    model = tiny_neox(hidden=256, inner=1024, vocab=128, layers=2, dtype=torch.float32)
+    queries_module.QUERY_BYTES = 8 << 20
+    queries_module.SPILL_BYTES = spill
+    model = tiny_neox(hidden=256, inner=1024, vocab=128, layers=layers, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     batches = [dict(input_ids=torch.randint(1, 128, (8, 64), generator=g),
                     attention_mask=torch.ones(8, 64, dtype=torch.long))]
     factors = fit_factors(model, batches, FactorArgs(progress=False))
-    ids = torch.randint(1, 128, (int(sys.argv[1]), 12), generator=g)
-    queries = make_queries(model, factors, ids[:, :10], ids[:, 10:], rank=8)
+    ids = torch.randint(1, 128, (q, 12), generator=g)
+    prepare = lambda: make_queries(model, factors, ids[:, :10], ids[:, 10:], rank=rank)
 
     class Rows:   # a corpus of 32 sequences of 64 tokens
         offsets = np.arange(0, 33 * 64, 64)
@@ -137,12 +141,26 @@ SCAN_PEAK = textwrap.dedent("""
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
     args = ScoreArgs(batch_tokens=1024, progress=False, per_layer=False)
-    scan(model, queries, Rows(), args)          # warm
+    queries = None if whole else prepare()
+    scan(model, queries or prepare(), Rows(), args)          # warm
     base = vm("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
+    queries = queries or prepare()
+    assert (queries.R[queries.layer_names[0]].spill is not None) == (spill == 0)
     scan(model, queries, Rows(), args)
     print(json.dumps(vm("VmHWM") - base))
 """)
+
+
+def scan_peak(tmp_path, *argv: int) -> int:
+    """Peak resident bytes of SCAN_PEAK's run (q, layers, rank, spill bytes, whole: with the
+    queries' preparation) above what the process held before it."""
+    script = tmp_path / "peak.py"
+    script.write_text(SCAN_PEAK.format(tests=os.path.dirname(__file__)))
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    return json.loads(subprocess.run([sys.executable, str(script), *map(str, argv)], env=env,
+                                     capture_output=True, text=True, check=True
+                                     ).stdout.splitlines()[-1])
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM")
@@ -151,14 +169,21 @@ def test_a_scans_memory_does_not_grow_with_the_queries(tmp_path):
     """Peak resident memory of a scan over and above its prepared queries, with 4 and with
     64 queries: dense R for 64 queries would be 64 × 4 layers × 1 MB = 256 MB; bounded by
     the scorer's budget (32 MB here) it stays within it."""
-    script = tmp_path / "peak.py"
-    script.write_text(SCAN_PEAK.format(tests=os.path.dirname(__file__)))
-    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    peak = {q: json.loads(subprocess.run([sys.executable, str(script), str(q)], env=env,
-                                         capture_output=True, text=True, check=True
-                                         ).stdout.splitlines()[-1]) for q in (4, 64)}
+    peak = {q: scan_peak(tmp_path, q, 2, 8, 1 << 40, 0) for q in (4, 64)}
     assert peak[64] - peak[4] < 48 << 20, peak     # the budget, and not 256 MB
     assert peak[4] < 256 << 20, peak
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM")
+@pytest.mark.slow
+def test_spilled_queries_keep_preparation_and_scan_flat_in_the_queries(tmp_path):
+    """Peak resident memory of preparing and scanning 8 and 128 rank-32 queries on 8 linears
+    of 1,024 × 257: their factors take 1.3 MB a query, 168 MB for 128 — held in memory they
+    add that; spilled to a file (queries.spilled_factors), one linear's at a time (21 MB)."""
+    peak = {(q, spill): scan_peak(tmp_path, q, 4, 32, spill, 1)
+            for q, spill in ((8, 0), (128, 0), (128, 1 << 40))}
+    assert peak[128, 1 << 40] - peak[8, 0] > 120 << 20, peak    # in memory: it grows
+    assert peak[128, 0] - peak[8, 0] < 32 << 20, peak           # spilled: flat
 
 
 def test_plan_predicts_and_refuses_in_one_line(small, tokenizer, monkeypatch):

@@ -144,6 +144,29 @@ def test_strategies_prepared_in_one_pass_equal_each_prepared_alone(setup, tokeni
     assert not np.allclose(got["ekfac"], got["identity"], rtol=1e-2)
 
 
+def test_spilled_queries_score_exactly_as_queries_in_memory(setup, monkeypatch, tmp_path):
+    """Queries over spill.SPILL_BYTES live in an unlinked file in the cache folder, one layer's
+    pages resident at a time: same factors, same scores (bit for bit), for every strategy
+    prepared in one pass, and no file left behind."""
+    model, corpus, factors, prompts, completions = setup
+    kept = strategy_queries(model, factors, prompts, completions, ["ekfac", "identity"], 4)
+    monkeypatch.setattr("influence_nb.queries.SPILL_BYTES", 0)
+    monkeypatch.setenv("INFLUENCE_NB_CACHE", str(tmp_path))
+    spilled = strategy_queries(model, factors, prompts, completions, ["ekfac", "identity"], 4)
+    args = ScoreArgs(batch_size=8, progress=False)
+    for s in ("ekfac", "identity"):
+        for name, lr in spilled[s].R.items():
+            assert lr.spill is not None and kept[s].R[name].spill is None
+            torch.testing.assert_close(lr.U, kept[s].R[name].U, rtol=0, atol=0)
+        for a, b in zip(scan(model, spilled[s], corpus, args), scan(model, kept[s], corpus, args)):
+            np.testing.assert_array_equal(a, b)
+        one = spilled[s].take(1, 3)   # views of the file, released like the whole
+        assert all(lr.spill is not None for lr in one.R.values())
+        np.testing.assert_array_equal(scan(model, one, corpus, args)[0],
+                                      scan(model, kept[s].take(1, 3), corpus, args)[0])
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("shape", [(2, 7, 5), (2, 5, 7)])  # Gram of the in side, of the out side
 def test_low_rank_is_the_best_rank_r_approximation(shape):
     torch.manual_seed(0)
