@@ -35,6 +35,8 @@ SOURCE_COLOURS = style.SOURCE_COLOURS
 
 
 GREY = "#7a808a"   # chart text and lines: readable on the light and the dark JupyterLab theme
+# a share of 0 in the heatmap: faint grey, not white — white glares on the dark theme
+ZERO = "rgba(122, 128, 138, 0.12)"
 # the unit (results.UNIT) as a chart's last subtitle lines
 UNIT_LINES = [UNIT[:UNIT.index(" (first order)") + 14] + ";", UNIT[UNIT.index("one added"):]]
 
@@ -154,15 +156,16 @@ def layer_heatmap(result: "InfluenceResult", queries: list[int] | None = None,
 
 
 def _share_scale(values: list[float]) -> alt.Scale:
-    """The heatmap's colours over the data's own range: white to orange when every share is
-    positive, blue to white when every one is negative, blue–white–orange about 0 otherwise."""
+    """The heatmap's colours over the data's own range: faint grey (:data:`ZERO`, on either
+    theme) to orange when every share is positive, blue to grey when every one is negative,
+    blue–grey–orange about 0 otherwise."""
     lo, hi = min(values), max(values)
     if lo >= 0:
-        return alt.Scale(domain=[0, hi or 1], range=["#ffffff", POS], interpolate="rgb")
+        return alt.Scale(domain=[0, hi or 1], range=[ZERO, POS], interpolate="rgb")
     if hi <= 0:
-        return alt.Scale(domain=[lo, 0], range=[NEG, "#ffffff"], interpolate="rgb")
+        return alt.Scale(domain=[lo, 0], range=[NEG, ZERO], interpolate="rgb")
     m = max(-lo, hi)
-    return alt.Scale(domain=[-m, 0, m], range=[NEG, "#ffffff", POS], interpolate="rgb")
+    return alt.Scale(domain=[-m, 0, m], range=[NEG, ZERO, POS], interpolate="rgb")
 
 
 @checked(distinct=("queries",), nonempty=("queries",))

@@ -256,6 +256,7 @@ def test_charts_read_at_a_glance(result):
     assert spec["layer"][1]["mark"]["color"] == charts.GREY
     heat = charts.layer_heatmap(big).to_dict()
     assert heat["encoding"]["color"]["scale"]["domain"][0] == 0          # all positive
+    assert heat["encoding"]["color"]["scale"]["range"][0] == charts.ZERO  # no white on dark
     flipped = result.layer_scores * np.array([1.0, -1.0])[:, None, None]   # query 1 lowers
     mixed = charts.layer_heatmap(InfluenceResult(result.queries, result.scores, result.ids,
                                                  LAYERS, flipped)).to_dict()
