@@ -1,6 +1,6 @@
 """The estimators the LDS benchmarks (lds.py, lds_markov.py) compare, each with its cost ÷ one
-training run of the world's recipe (the wall time of everything it needs beyond the trained
-model, on the same thread count):
+training run of the world's recipe (the CPU seconds of everything it needs beyond the trained
+model ÷ the recorded run's, on one thread: on a shared machine wall times drift with the load):
 
 - ``ekfac``, ``kfac``, ``identity``: one fit of the world's model and one scan (one cost);
 - ``bm25``, ``random``: no model;
@@ -53,9 +53,9 @@ def recorded_run(model, retrain: Retrainer, every: int) -> tuple[TrainRecord, fl
     """(record, seconds) of the world's training run, retrained with seed 0 on every sequence
     and recorded; a run that does not reproduce ``model`` is refused."""
     run, copy = TrainRecord(every=every), retrain.make(0)
-    t0 = time.time()
+    t0 = time.process_time()
     train(copy, retrain.corpus, replace(retrain.recipe, seed=0), record=run, progress=False)
-    seconds = time.time() - t0
+    seconds = time.process_time() - t0
     if not all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters())):
         raise RuntimeError("the recorded run does not reproduce the world's model")
     return run, seconds
@@ -67,16 +67,16 @@ def seed_ensembles(model, retrain: Retrainer, score, seeds: int) -> tuple[dict, 
     ensemble's seconds are its members' trainings and fits."""
     members, seconds, scored = [model], [0.0], {}
     for s in range(1, seeds):
-        t0 = time.time()
+        t0 = time.process_time()
         members.append(retrain(np.arange(len(retrain.corpus)), s))
-        seconds.append(time.time() - t0)
+        seconds.append(time.process_time() - t0)
 
     def once(member: torch.nn.Module) -> dict[str, np.ndarray]:
         k = next(i for i, m in enumerate(members) if m is member)
         if k not in scored:
-            t0 = time.time()
+            t0 = time.process_time()
             scored[k] = score(member)
-            seconds[k] += time.time() - t0
+            seconds[k] += time.process_time() - t0
         return scored[k]
     out = {f"ekfac_seeds{S}": ensemble_scores(members[:S], once)["ekfac"]
            for S in range(2, seeds + 1)}
@@ -90,12 +90,12 @@ def estimators(model, tokenizer, retrain: Retrainer, pairs, a, work: Path
     corpus = retrain.corpus
     score = scorer(tokenizer, corpus, pairs)
     run, t_train = recorded_run(model, retrain, a.every)
-    t0 = time.time()
+    t0 = time.process_time()
     scores = score(model)
-    cost = dict.fromkeys(scores, (time.time() - t0) / t_train)
-    t0 = time.time()
+    cost = dict.fromkeys(scores, (time.process_time() - t0) / t_train)
+    t0 = time.process_time()
     scores["bm25"] = BM25(corpus.df["text"].tolist()).scores([p + c for p, c in pairs])
-    cost["bm25"] = (time.time() - t0) / t_train
+    cost["bm25"] = (time.process_time() - t0) / t_train
     scores["random"] = np.random.default_rng(0).standard_normal((len(pairs), len(corpus)))
     cost["random"] = 0.0
 
@@ -103,21 +103,21 @@ def estimators(model, tokenizer, retrain: Retrainer, pairs, a, work: Path
     for name, v in seeds.items():
         scores[name], cost[name] = v, seconds[name] / t_train
 
-    t0 = time.time()
+    t0 = time.process_time()
     members = checkpoint_models(model, run, a.trajectory)
     name = f"ekfac_trajectory{len(members)}"
     scores[name] = ensemble_scores(members, score)["ekfac"]
-    cost[name] = (time.time() - t0) / t_train
+    cost[name] = (time.process_time() - t0) / t_train
 
     q_ids = np.linspace(0, len(pairs) - 1, a.replay_queries).astype(int).tolist()
     if q_ids:
         path = work / f"replay-q{len(q_ids)}-k{a.every}.npz"
         if not path.exists():
             prompts, completions = Influence(model, tokenizer).encode([pairs[q] for q in q_ids])
-            t0 = time.time()
+            t0 = time.process_time()
             replayed = replay_influence(model, corpus, run, prompts, completions, progress=False)
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, scores=replayed, seconds=time.time() - t0, t_train=t_train)
+            np.savez(path, scores=replayed, seconds=time.process_time() - t0, t_train=t_train)
         with np.load(path) as z:
             scores["replay"] = np.zeros((len(pairs), len(corpus)))
             scores["replay"][q_ids] = z["scores"]

@@ -92,19 +92,20 @@ def leave_out_summary(removed: pd.DataFrame) -> dict:
             for (m, k), g in removed.groupby(["method", "k"])}
 
 
-def protocols(retrain, prompts, completions, scores: dict, q_ids: list[int], a, work: Path
-              ) -> tuple[pd.DataFrame, dict]:
+def protocols(retrain, prompts, completions, scores: dict, q_ids: list[int], a, work: Path,
+              suffix: str = "") -> tuple[pd.DataFrame, dict]:
     """(the random halves' LDS table, its summary and leave-1 %-out's): every strategy on the
-    same retrains (seed 0 … ``a.seeds`` − 1), and each protocol over the replayed queries."""
+    same retrains (seed 0 … ``a.seeds`` − 1, kept in ``work / "lds{suffix}"`` and
+    ``"leave-1{suffix}"``), and each protocol over the replayed queries."""
     scored = {k: v for k, v in scores.items() if k != "replay"}   # replay: some queries only
     table = lds(retrain, prompts, completions, scored, a.subsets, a.alpha, range(a.seeds),
-                work / "lds")
+                work / f"lds{suffix}")
     out = dict(lds=lds_summary(table))
     if q_ids:
         out["lds_replayed"] = lds_over(table, scores, q_ids)
     if a.leave_1_subsets:
         leave_1 = lds(retrain, prompts, completions, scored, a.leave_1_subsets, 0.99, (0,),
-                      work / "leave-1")
+                      work / f"leave-1{suffix}")
         out["leave_1"] = lds_summary(leave_1)
         if q_ids:
             out["leave_1_replayed"] = lds_over(leave_1, scores, q_ids)
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer, corpus = demo.load(a.world)
     pairs, kinds = demo.query_set(a.world, tokenizer)
     retrain = Retrainer(model.config, corpus, demo.recipe(a.world))
-    work = a.work / a.world
-    scores, cost, replayed = estimators(model, tokenizer, retrain, pairs, a, work)
+    scores, cost, replayed = estimators(model, tokenizer, retrain, pairs, a,
+                                        a.work / f"replay-{a.world}")
     kron_missing = "not asked (--no-kronfluence)"
     if a.kronfluence:
         kron_missing = with_kronfluence(scores, model, tokenizer, corpus, pairs)
@@ -128,16 +129,18 @@ def main(argv: list[str] | None = None) -> None:
     t_scores = time.time() - t0
 
     t1 = time.time()
-    table, protocol = protocols(retrain, prompts, completions, scores, replayed, a, work)
+    table, protocol = protocols(retrain, prompts, completions, scores, replayed, a, a.work,
+                                 f"-{a.world}")
     t_lds = time.time() - t1
     per_query = table.attrs["per_query"].assign(kind=kinds)
 
     t1 = time.time()
     q_ids = np.linspace(0, Q - 1, min(a.leave_out_queries, Q)).astype(int)
-    removed = leave_out(retrain, [prompts[q] for q in q_ids], [completions[q] for q in q_ids],
-                        rankings(scores, q_ids, max(a.k), N), N, a.k,
-                        out_dir=work / "leave-out") if len(q_ids) else pd.DataFrame(
-        columns=["method", "k", "delta"])
+    removed = pd.DataFrame(columns=["method", "k", "delta"])
+    if len(q_ids):
+        removed = leave_out(retrain, [prompts[q] for q in q_ids],
+                            [completions[q] for q in q_ids], rankings(scores, q_ids, max(a.k), N),
+                            N, a.k, out_dir=a.work / f"leave-out-{a.world}")
     t_leave = time.time() - t1
     report(dict(
         world=a.world, n_sequences=N, n_params=sum(p.numel() for p in model.parameters()),

@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     t3 = time.time()
     N, Q = len(corpus), len(pairs)
     q_ids = np.arange(min(a.leave_out_queries, Q))
-    removed = leave_out(retrain, [prompts[q] for q in q_ids], [completions[q] for q in q_ids],
-                        rankings(scores, q_ids, 10, N), N, (10,), out_dir=a.work / "leave-out"
-                        ) if len(q_ids) else pd.DataFrame(columns=["method", "k", "delta"])
+    removed = pd.DataFrame(columns=["method", "k", "delta"])
+    if len(q_ids):
+        removed = leave_out(retrain, [prompts[q] for q in q_ids],
+                            [completions[q] for q in q_ids], rankings(scores, q_ids, 10, N), N,
+                            (10,), out_dir=a.work / "leave-out")
     t_leave = time.time() - t3
     report(dict(
         world="markov (independent of the demo generator)", n_sequences=N,
