@@ -29,7 +29,7 @@ from influence_nb import demo
 from influence_nb.session import Influence
 from influence_nb.store import cache_dir
 from influence_nb.training import Retrainer
-from influence_nb.validate import leave_out, lds, top_ids
+from influence_nb.validate import bootstrap_interval, leave_out, lds, top_ids
 
 
 def retraining_options(p: argparse.ArgumentParser, leave_out_queries: int, work: str) -> None:
@@ -81,6 +81,19 @@ def lds_summary(table: pd.DataFrame) -> dict:
             for k, row in table[["lds", "ci_low", "ci_high", "queries"]].iterrows()}
 
 
+def against_ekfac(table: pd.DataFrame) -> dict:
+    """{strategy: {diff, ci_low, ci_high}}: its LDS minus EK-FAC's, query by query on the same
+    retrains, mean and bootstrap 95 % interval (paired, so tighter than the two intervals)."""
+    per_query = table.attrs["per_query"].dropna()
+    out = {}
+    for k in per_query.columns.drop("ekfac"):
+        d = (per_query[k] - per_query["ekfac"]).to_numpy()
+        low, high = bootstrap_interval(d, 2000, 0)
+        out[k] = dict(diff=round(float(d.mean()), 4), ci_low=round(low, 4),
+                      ci_high=round(high, 4))
+    return out
+
+
 def ekfac_above_identity(table: pd.DataFrame) -> bool:
     """EK-FAC's LDS interval lies above the gradient dot product's."""
     return bool(table.loc["ekfac", "ci_low"] > table.loc["identity", "ci_high"])
@@ -100,13 +113,14 @@ def protocols(retrain, prompts, completions, scores: dict, q_ids: list[int], a, 
     scored = {k: v for k, v in scores.items() if k != "replay"}   # replay: some queries only
     table = lds(retrain, prompts, completions, scored, a.subsets, a.alpha, range(a.seeds),
                 work / f"lds{suffix}")
-    out = dict(lds=lds_summary(table))
+    out = dict(lds=lds_summary(table), lds_against_ekfac=against_ekfac(table))
     if q_ids:
         out["lds_replayed"] = lds_over(table, scores, q_ids)
     if a.leave_1_subsets:
         leave_1 = lds(retrain, prompts, completions, scored, a.leave_1_subsets, 0.99, (0,),
                       work / f"leave-1{suffix}")
         out["leave_1"] = lds_summary(leave_1)
+        out["leave_1_against_ekfac"] = against_ekfac(leave_1)
         if q_ids:
             out["leave_1_replayed"] = lds_over(leave_1, scores, q_ids)
     return table, out
