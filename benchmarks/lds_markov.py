@@ -1,10 +1,11 @@
-"""LDS and leave-top-k-out on a world built independently of the demo generator
-(``benchmarks/markov_world.py``). Same strategies (``estimators.py``: EK-FAC, K-FAC, identity,
-BM25, random, EK-FAC over seeds and over the run's checkpoints) and same protocols as
-``benchmarks/lds.py``; no exact replay: the world's GPT-2 trains with dropout, which a replay
-cannot repeat.
+"""LDS and leave-top-k-out on a world built independently of the demo generator: the Markov
+world (``benchmarks/markov_world.py``) or, with ``--world text``, real English text
+(``benchmarks/text_world.py``: Python's standard-library docstrings). Same strategies
+(``estimators.py``: EK-FAC, K-FAC, identity, BM25, random, EK-FAC over seeds and over the run's
+checkpoints, exact replay) and same protocols as ``benchmarks/lds.py``; no replay on the Markov
+world: its GPT-2 trains with dropout, which a replay cannot repeat.
 
-    python benchmarks/lds_markov.py [--subsets 50] [--seeds 2] [--leave-out-queries 12]
+    python benchmarks/lds_markov.py [--world text] [--subsets 50] [--seeds 2]
 """
 import argparse
 import time
@@ -18,20 +19,24 @@ from influence_nb.session import Influence
 from influence_nb.validate import leave_out
 from lds import (ekfac_above_identity, leave_out_summary, protocols, rankings,
                  retraining_options)
+import text_world
 from markov_world import build
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sequences", type=int, default=1000)
-    p.add_argument("--queries", type=int, default=20)
+    p.add_argument("--world", choices=("markov", "text"), default="markov")
+    p.add_argument("--sequences", type=int, default=1000, help="markov world only")
+    p.add_argument("--queries", type=int, default=20, help="markov world only")
     retraining_options(p, leave_out_queries=12, work="bench-lds-markov")
     estimator_options(p)
     a = p.parse_args(argv)
     a.alpha = 0.5
+    if a.world == "text" and a.work == p.get_default("work"):
+        a.work = a.work.with_name("bench-lds-text")
     set_threads(a.threads)
     t0 = time.time()
-    world = build(a.sequences, a.queries)
+    world = build(a.sequences, a.queries) if a.world == "markov" else text_world.build()
     corpus, retrain, model, pairs = world.corpus, world.retrain, world.model, world.pairs
     t1 = time.time()
     scores, cost, replayed = estimators(model, world.tokenizer, retrain, pairs, a, a.work)
@@ -51,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
                             (10,), out_dir=a.work / "leave-out")
     t_leave = time.time() - t3
     report(dict(
-        world="markov (independent of the demo generator)", n_sequences=N,
+        world=getattr(world, "source", "markov (independent of the demo generator)"),
+        query_kinds=getattr(world, "kinds", None), n_sequences=N,
         n_tokens=int(len(corpus.tokens)), n_params=sum(p.numel() for p in model.parameters()),
         train_seconds=round(world.train_seconds, 1), queries=Q, subsets=a.subsets,
         seeds=a.seeds, leave_1_subsets=a.leave_1_subsets, cost_per_training_run=cost,
