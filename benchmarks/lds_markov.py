@@ -1,56 +1,67 @@
-"""LDS and leave-top-k-out on a world built independently of the demo generator
-(``benchmarks/markov_world.py``). Same strategies and same machinery as ``benchmarks/lds.py``.
+"""LDS and leave-top-k-out on a world built independently of the demo generator: the Markov
+world (``benchmarks/markov_world.py``) or, with ``--world text``, real English text
+(``benchmarks/text_world.py``: Python's standard-library docstrings). Same strategies
+(``estimators.py``: EK-FAC, K-FAC, identity, BM25, random, EK-FAC over seeds and over the run's
+checkpoints, exact replay) and same protocols as ``benchmarks/lds.py``; no replay on the Markov
+world: its GPT-2 trains with dropout, which a replay cannot repeat.
 
-    python benchmarks/lds_markov.py [--subsets 50] [--seeds 2] [--leave-out-queries 12]
+    python benchmarks/lds_markov.py [--world text] [--subsets 50] [--seeds 2]
 """
 import argparse
 import time
 
 import numpy as np
+import pandas as pd
 
 from common import report, set_threads
-from influence_nb.curvature import FactorArgs
-from influence_nb.scoring import ScoreArgs
+from estimators import estimator_options, estimators
 from influence_nb.session import Influence
-from influence_nb.validate import leave_out, lds
-from lds import (ekfac_above_identity, lds_summary, leave_out_summary, rankings,
+from influence_nb.validate import leave_out
+from lds import (ekfac_above_identity, leave_out_summary, protocols, rankings,
                  retraining_options)
+import text_world
 from markov_world import build
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sequences", type=int, default=1000)
-    p.add_argument("--queries", type=int, default=20)
+    p.add_argument("--world", choices=("markov", "text"), default="markov")
+    p.add_argument("--sequences", type=int, default=1000, help="markov world only")
+    p.add_argument("--queries", type=int, default=20, help="markov world only")
     retraining_options(p, leave_out_queries=12, work="bench-lds-markov")
+    estimator_options(p)
     a = p.parse_args(argv)
+    a.alpha = 0.5
+    if a.world == "text" and a.work == p.get_default("work"):
+        a.work = a.work.with_name("bench-lds-text")
     set_threads(a.threads)
     t0 = time.time()
-    world = build(a.sequences, a.queries)
+    world = build(a.sequences, a.queries) if a.world == "markov" else text_world.build()
     corpus, retrain, model, pairs = world.corpus, world.retrain, world.model, world.pairs
     t1 = time.time()
-    inf = Influence(model, world.tokenizer, corpus,
-                    score_args=ScoreArgs(progress=False, batch_size=32))
-    inf.fit(FactorArgs(batch_size=32, progress=False))
-    scores = inf.strategy_scores(pairs)
-    prompts, completions = inf.encode(pairs)
+    scores, cost, replayed = estimators(model, world.tokenizer, retrain, pairs, a, a.work)
+    prompts, completions = Influence(model, world.tokenizer).encode(pairs)
     t_scores = time.time() - t1
 
     t2 = time.time()
-    table = lds(retrain, prompts, completions, scores, a.subsets, 0.5, range(a.seeds),
-                a.work / "lds")
+    table, protocol = protocols(retrain, prompts, completions, scores, replayed, a, a.work)
     t_lds = time.time() - t2
     t3 = time.time()
     N, Q = len(corpus), len(pairs)
     q_ids = np.arange(min(a.leave_out_queries, Q))
-    removed = leave_out(retrain, [prompts[q] for q in q_ids], [completions[q] for q in q_ids],
-                        rankings(scores, q_ids, 10, N), N, (10,), out_dir=a.work / "leave-out")
+    removed = pd.DataFrame(columns=["method", "k", "delta"])
+    if len(q_ids):
+        removed = leave_out(retrain, [prompts[q] for q in q_ids],
+                            [completions[q] for q in q_ids], rankings(scores, q_ids, 10, N), N,
+                            (10,), out_dir=a.work / "leave-out")
     t_leave = time.time() - t3
     report(dict(
-        world="markov (independent of the demo generator)", n_sequences=N,
+        world=getattr(world, "source", "markov (independent of the demo generator)"),
+        query_kinds=getattr(world, "kinds", None), n_sequences=N,
         n_tokens=int(len(corpus.tokens)), n_params=sum(p.numel() for p in model.parameters()),
         train_seconds=round(world.train_seconds, 1), queries=Q, subsets=a.subsets,
-        seeds=a.seeds, lds=lds_summary(table), ekfac_above_identity=ekfac_above_identity(table),
+        seeds=a.seeds, leave_1_subsets=a.leave_1_subsets, cost_per_training_run=cost,
+        **protocol, ekfac_above_identity=ekfac_above_identity(table),
         leave_out=leave_out_summary(removed), leave_out_queries=len(q_ids),
         seconds=dict(scores=round(t_scores, 1), lds=round(t_lds, 1), leave_out=round(t_leave, 1),
                      total=round(time.time() - t0, 1))))

@@ -10,15 +10,20 @@
   (:func:`leave_out`), and one-step tail-patching of the final weights (:func:`tail_patch`).
 - :mod:`.replay`: exact influence of the actual training run, by reverse-mode differentiation
   through a recorded run of :func:`~influence_nb.training.train` (:func:`replay_influence`).
+- :mod:`.ensemble`: scores averaged over several models, each with its own factors —
+  checkpoints of one run (:func:`checkpoint_models`) or retrained seeds (:func:`ensemble_scores`).
 - :mod:`.agreement`: the correlations they report (:func:`spearman`, :func:`pearson`).
 """
 from .agreement import pearson, spearman
 from .bregman import pbrf
-from .counterfactual import Retrain, lds, lds_subsets, leave_out, tail_patch, top_ids
+from .counterfactual import (Retrain, bootstrap_interval, lds, lds_subsets, leave_out, tail_patch,
+                             top_ids)
+from .ensemble import checkpoint_models, ensemble_scores
 from .exact import compare, exact_damping, flatten, lissa, per_example_gradients
 from .replay import replay_influence
 from .toy import toy_problem
 
-__all__ = ["Retrain", "compare", "exact_damping", "flatten", "lds", "lds_subsets",
-           "leave_out", "lissa", "pbrf", "pearson", "per_example_gradients", "replay_influence",
-           "spearman", "tail_patch", "top_ids", "toy_problem"]
+__all__ = ["Retrain", "bootstrap_interval", "checkpoint_models", "compare", "ensemble_scores",
+           "exact_damping", "flatten", "lds", "lds_subsets", "leave_out", "lissa", "pbrf",
+           "pearson", "per_example_gradients", "replay_influence", "spearman", "tail_patch",
+           "top_ids", "toy_problem"]

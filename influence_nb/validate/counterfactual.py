@@ -92,8 +92,9 @@ def lds_subsets(n: int, subsets: int = 50, alpha: float = 0.5, seed: int = 0) ->
     return masks
 
 
-def _bootstrap(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
-    """95 % percentile interval of the mean of ``values`` (resampled with replacement)."""
+def bootstrap_interval(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """(low, high): the 95 % percentile bootstrap interval of the mean of ``values`` (resampled
+    ``n_boot`` times with replacement, seeded)."""
     rng = np.random.default_rng(seed)
     means = values[rng.integers(len(values), size=(n_boot, len(values)))].mean(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
@@ -143,7 +144,7 @@ def lds(retrain: Retrain, prompts: Sequence[Sequence[int]], completions: Sequenc
     rows = []
     for k in scores:
         v = per_query[k].dropna().to_numpy()
-        low, high = _bootstrap(v, n_boot, subset_seed)
+        low, high = bootstrap_interval(v, n_boot, subset_seed)
         rows.append(dict(strategy=k, lds=float(v.mean()), ci_low=low, ci_high=high,
                          queries=len(v), subsets=subsets, seeds=len(seeds)))
     out = pd.DataFrame(rows).set_index("strategy")
