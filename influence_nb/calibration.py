@@ -146,7 +146,7 @@ def calibrate(inf: Influence, sketches: Sketches, args: CalibrationArgs | None =
     pos, neg = rank_fractions(exact, approx, t)
     z = []
     if sketches.manifest["format"] != FORMAT_1:
-        H = sketches.noise_scale(sketches.query_rest(inf.factors, queries), rows)
+        H = sketches.noise_scale(sketches.query_rest(inf.factors, queries, x), rows)
         z = np.sort(((exact - approx) / np.maximum(H, 1e-30)).ravel())
     cal = Calibration(sketches.fingerprint, n, len(rows), t, pos.tolist(), neg.tolist(),
                       asdict(args), [float(f"{v:.4g}") for v in z])

@@ -107,8 +107,7 @@ class LayerProjection:
 
     Coordinates: ``iu`` None, every pair (u row i, v row j) — the Kronecker sketch, rows² of
     them; else coordinate j pairs u row ``iu[j]`` with v row ``iv[j]`` and is multiplied by
-    ``w[j]`` (query side: ``w_q[j]``; None: 1); ``kept`` the flat indices into (out, in+1) of
-    the eigenbasis coordinates the eigen variant holds exactly.
+    ``w[j]`` (query side: ``w_q[j]``; None: 1).
     """
     u: Tensor
     v: Tensor
@@ -118,7 +117,6 @@ class LayerProjection:
     iv: Tensor | None = None
     w: Tensor | None = None
     w_q: Tensor | None = None
-    kept: Tensor | None = None
 
 
 def rank_one_scales(Lambda: Tensor, damping: float) -> tuple[Tensor, Tensor]:
@@ -195,7 +193,7 @@ def _eigen_layers(factors: Factors, args: SketchArgs) -> dict[str, LayerProjecti
         j, iv = torch.unique(flat % d_in, return_inverse=True)
         u = torch.block_diag(*[x.double().cpu() for x in f.Q_S])[:, i].T.contiguous()
         v = torch.block_diag(*[x.double().cpu() for x in f.Q_A])[:, j].T.contiguous()
-        layers[name] = LayerProjection(u, v, u, v, iu, iv, scale, 1 / scale, flat)
+        layers[name] = LayerProjection(u, v, u, v, iu, iv, scale, 1 / scale)
     return layers
 
 
@@ -245,11 +243,9 @@ class Whitening:
             return einsum(delta, a, "b t o, b t i -> b o i").square().sum((1, 2))
         return (rotated_gradients(a, delta, tokens, cast[1]).square() * cast[0]).sum((1, 2))
 
-    def query_sq(self, queries: Queries, names: list[str],
-                 weights: dict[str, Tensor] | None = None) -> Tensor:
-        """(Q, L) ‖R̃ ⊙ √(Λ+λ)‖² of each query and layer (L in the order of ``names``), each
-        coordinate's square times ``weights[name]`` (out, in+1) when given; one query's dense R̃
-        at a time, float64 on the CPU."""
+    def query_sq(self, queries: Queries, names: list[str]) -> Tensor:
+        """(Q, L) ‖R̃ ⊙ √(Λ+λ)‖² of each query and layer (L in the order of ``names``), one
+        query's dense R̃ at a time, float64 on the CPU."""
         out = torch.zeros(len(queries), len(names), dtype=torch.float64)
         for l, name in enumerate(names):
             U, V = queries.R[name].U.double().cpu(), queries.R[name].V.double().cpu()
@@ -257,7 +253,7 @@ class Whitening:
             if cast is not None:
                 U = rotate(U.mT, cast[1].Q_S).mT                     # Q_Sᵀ U (Q, out, r)
                 V = rotate(V.mT, cast[1].Q_A).mT                     # Q_Aᵀ V (Q, in+1, r)
-            w = (1 if cast is None else 1 / cast[0]) * (1 if weights is None else weights[name])
+            w = 1 if cast is None else 1 / cast[0]
             for q in range(len(queries)):
                 out[q, l] = ((U[q] @ V[q].T).square() * w).sum()      # (out, in+1) summed
         return out
@@ -266,7 +262,7 @@ class Whitening:
 class Projection:
     """The per-layer measurement rows (:class:`LayerProjection`) and the measurements with them:
     :meth:`sketch_layer` (training side, token by token), :meth:`sketch_queries` (query side);
-    with ``whitening`` also what the sketch leaves out (:meth:`residual_sq`)."""
+    with ``whitening`` also what the sketch leaves out (:meth:`rest_sq`)."""
 
     def __init__(self, layers: dict[str, LayerProjection], variant: str,
                  whitening: Whitening | None = None):
@@ -282,29 +278,28 @@ class Projection:
         build = _eigen_layers if variant == "eigen" else _whitened_layers
         return cls(build(factors, args), variant, Whitening(factors))
 
-    def query_rest(self, queries: Queries) -> Tensor:
-        """(Q, L) whitened norm of what each layer's sketch does not hold exactly of each query:
-        the eigen variant's dropped coordinates, a random sketch's whole norm. With the stored
-        norms of the sequences, Σ_ℓ query_rest_ℓ · norms_ℓ bounds the eigen sketch's error
-        (Cauchy–Schwarz per layer) and sets the scale of a random sketch's (JL: over √m)."""
-        weights = None
-        if self.variant == "eigen":
-            weights = {}
-            for name, p in self.layers.items():
-                keep = torch.ones(self.whitening.factors.shapes[name], dtype=torch.float64)
-                keep.view(-1)[p.kept] = 0                          # held exactly
-                weights[name] = keep
-        return self.whitening.query_sq(queries, list(self.layers), weights).sqrt()
+    def query_rest(self, queries: Queries, sketch: Tensor) -> Tensor:
+        """(Q, L) what each layer's sketch does not hold exactly of each query, from the
+        queries and their ``sketch`` (Q, D) (:meth:`sketch_queries`): as :meth:`rest_sq`, for
+        the eigen variant from the whole whitened norm ‖R̃ ⊙ √(Λ+λ)‖. With the stored norms of
+        the sequences, Σ_ℓ query_rest_ℓ · norms_ℓ bounds the eigen sketch's error
+        (Cauchy–Schwarz per layer) and sets the scale of a random sketch's."""
+        full = (self.whitening.query_sq(queries, list(self.layers)) if self.variant == "eigen"
+                else None)
+        return self.rest_sq(sketch.double(), full).sqrt()
 
-    def residual_sq(self, full_sq: Tensor, sketch: Tensor) -> Tensor:
-        """(n, L) squared whitened norm of what the sketch does not hold exactly, from the
-        whole one ``full_sq`` (n, L) and the sketches (n, D): the eigen sketch holds its
-        coordinates exactly (the rest is the others'), a random sketch none (the whole norm)."""
+    def rest_sq(self, sketch: Tensor, full_sq: Tensor | None = None) -> Tensor:
+        """(n, L) squared norm, per layer, of what the sketches (n, D) do not hold exactly. The
+        eigen sketch holds its coordinates exactly: the rest is the others', the whole squared
+        whitened norm ``full_sq`` (n, L) less the sketch's. A random sketch holds none: its
+        error is JL's, ∝ the product of the two sides' norms in its own (rank-one) whitening,
+        which the sketch itself measures — ‖sketch_ℓ‖² (unbiased, relative noise √(2/m)), at
+        no cost (the whole whitened norm would need each sequence's DW rotated)."""
+        layer_sq = torch.stack([part.double().square().sum(1) for part in
+                                sketch.split([self.width(n) for n in self.layers], 1)], 1)
         if self.variant != "eigen":
-            return full_sq
-        kept = torch.stack([part.double().square().sum(1) for part in
-                            sketch.split([self.width(n) for n in self.layers], 1)], 1)
-        return (full_sq.double() - kept).clamp_min(0)
+            return layer_sq
+        return (full_sq.double() - layer_sq).clamp_min(0)
 
     def width(self, name: str) -> int:
         """Sketch coordinates of one layer."""
@@ -354,8 +349,8 @@ class Projection:
 
 class Sketcher(Consumer):
     """Training sketches of the sequences of a pass: ``finish`` -> ((n, D) float16 sketches,
-    (n, L) float32 whitened norms of what each layer's sketch does not hold exactly,
-    :meth:`Projection.residual_sq`) in the pass's row order (layers in the projection's order)."""
+    (n, L) float32 norms of what each layer's sketch does not hold exactly,
+    :meth:`Projection.rest_sq`) in the pass's row order (layers in the projection's order)."""
 
     def __init__(self, proj: Projection, n: int):
         self.proj, self.out = proj, np.zeros((n, proj.dim), np.float16)
@@ -366,21 +361,23 @@ class Sketcher(Consumer):
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
         self._parts[layer.name] = self.proj.sketch_layer(layer.name, a, delta)
-        o, i = layer.shape
-        self._sq[layer.name] = torch.cat([     # DW per sequence, a group of them at a time
-            self.proj.whitening.train_sq(layer.name, a[group], delta[group], tokens)
-            for group, tokens in batch.groups(o * i * a.element_size())])
+        if self.proj.variant == "eigen":        # the whole whitened norm: DW of each sequence,
+            o, i = layer.shape                  # a group of them at a time
+            self._sq[layer.name] = torch.cat([
+                self.proj.whitening.train_sq(layer.name, a[group], delta[group], tokens)
+                for group, tokens in batch.groups(o * i * a.element_size())])
 
     def update(self, batch: PassBatch) -> None:
         sketch = torch.cat([self._parts[n] for n in self.proj.layers], 1)
-        full_sq = torch.stack([self._sq[n] for n in self.proj.layers], 1)
+        full_sq = (torch.stack([self._sq[n] for n in self.proj.layers], 1) if self._sq
+                   else None)
         self._parts, self._sq = {}, {}
         data = sketch.cpu().numpy().astype(np.float16)
         if not np.isfinite(data).all():
             raise FloatingPointError("a sketch overflowed float16; the gradients are huge "
                                      "(check the model)")
         self.out[batch.rows] = data
-        self.norms[batch.rows] = self.proj.residual_sq(full_sq, sketch).sqrt().cpu().numpy()
+        self.norms[batch.rows] = self.proj.rest_sq(sketch, full_sq).sqrt().cpu().numpy()
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         return self.out, self.norms

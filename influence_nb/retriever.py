@@ -6,7 +6,7 @@
 
 **A recall target** (the default, ``recall=0.95``, ``k=10``): each query is searched in rounds
 (:class:`Hunt`). The first rescores the 1 % largest and 1 % most negative sketch estimates ŝ
-(at least 2k each) and the ``probe``; then, per sign, with τ the k-th best exact score found,
+(at least 2k each) and any ``probe``; then, per sign, with τ the k-th best exact score found,
 every unrescored sequence i has a chance p_i that its exact score beats τ, from ŝ_i and the
 scale of the sketch's error on it, H_i = Σ_ℓ ‖query rest_ℓ‖ · ‖sequence rest_ℓ‖ (whitened norms
 of what the sketch does not hold exactly: stored per sequence and layer beside the sketch,
@@ -67,7 +67,8 @@ from .sketch import Sketches, build_sketches
 TRUST = 0.99  # lexical=None: BM25 joins when the sketch's calibrated recall is below this
 RECALL = 0.95  # search()'s default target: the expected share of the exhaustive top-k found
 START = 0.01   # a targeted search's first round: this share of N per sign, in sketch order
-FALLBACK = 0.8  # a round that needs this share of what is left rescores all that is left
+FALLBACK = 0.95  # a round that needs this share of what is left rescores all that is left
+# (a round's own cost is that of ~2 % of a small corpus: measured, docs/results.md #29)
 BLOCK = 1 << 16  # store rows per block of sketch inner products
 
 if TYPE_CHECKING:  # annotations only: the session opens retrievers, not the other way round
@@ -208,8 +209,9 @@ class Retriever:
 
     @checked(minimum={"candidates": 1, "probe": 0, "k": 1},
              within={"recall": "(0, 1)", "budget": "(0, 1]"})
-    def search(self, queries: QueryLike, candidates: int | None = None, probe: int = 128,
-               recall: float | None = None, k: int = 10, budget: float = 1.0) -> SearchResult:
+    def search(self, queries: QueryLike, candidates: int | None = None,
+               probe: int | None = None, recall: float | None = None, k: int = 10,
+               budget: float = 1.0) -> SearchResult:
         """Exact scores of each query's candidates, found one of two ways:
 
         - ``recall`` (default 0.95 when ``candidates`` is None): rounds of rescoring until, per
@@ -218,13 +220,15 @@ class Retriever:
           (:meth:`targeted`);
         - ``candidates``: a fixed budget, half per sign (:meth:`fixed`).
 
-        ``probe`` random sequences are rescored too (the search-size estimate)."""
+        ``probe`` random sequences are rescored too, for the power-law search-size estimate
+        (None: 128 for a fixed budget, none for a recall target, whose bound says more)."""
         if candidates is not None and recall is not None:
             raise ValueError(f"search(candidates={candidates}, recall={recall}): give one, a "
                              "fixed budget or a recall target")
         if candidates is not None:
-            return self.fixed(queries, candidates, probe)
-        return self.targeted(queries, RECALL if recall is None else recall, k, probe, budget)
+            return self.fixed(queries, candidates, 128 if probe is None else probe)
+        return self.targeted(queries, RECALL if recall is None else recall, k, probe or 0,
+                             budget)
 
     def fixed(self, queries: QueryLike, candidates: int, probe: int = 128) -> SearchResult:
         """Exact scores of each query's ``candidates``: one rescoring pass over their union and
@@ -281,7 +285,7 @@ class Retriever:
             else np.zeros((len(x), 0), np.float32)
 
     def targeted(self, queries: QueryLike, recall: float = RECALL, k: int = 10,
-                 probe: int = 128, budget: float = 1.0) -> SearchResult:
+                 probe: int = 0, budget: float = 1.0) -> SearchResult:
         """Rescore in rounds until each query's own bound is met (:class:`Hunt`): per sign,
         the expected number of its exhaustive top-``k`` among the unrescored sequences is at
         most k · (1 − ``recall``). A query that would pass ``budget`` (a share of the sketched
@@ -290,10 +294,10 @@ class Retriever:
         t0 = time.perf_counter()
         queries = self.inf.queries(queries)
         t1 = time.perf_counter()
-        noise = self.calibration.noise
         x = self.sketches.query_sketches(self.inf.model, self.inf.factors, queries)
+        H = self.sketches.noise_scale(self.sketches.query_rest(self.inf.factors, queries, x))
         A = self.estimates(x)
-        H = self.sketches.noise_scale(self.sketches.query_rest(self.inf.factors, queries))
+        noise = self.calibration.noise
         t2 = time.perf_counter()
         sample = self.probe_rows(probe)
         hunts = [Hunt(a, h, noise, k, recall, budget) for a, h in zip(A, H)]
@@ -349,9 +353,9 @@ class Hunt:
         self.met = True
 
     def first(self, sample: np.ndarray) -> np.ndarray:
-        """The first round: the max(2k, START · N) largest and most negative estimates and the
-        probe ``sample`` (rows)."""
-        n = min(len(self.own), max(2 * self.k, int(np.ceil(START * len(self.own)))))
+        """The first round: the max(2k, START · N) largest and most negative estimates (half the
+        budget at most) and the probe ``sample`` (rows)."""
+        n = min(self.allowed_rows // 2, max(2 * self.k, int(np.ceil(START * len(self.own)))))
         order = np.argsort(-self.s_hat, kind="stable")
         return np.unique(np.concatenate([order[:n], order[::-1][:n], sample]))
 

@@ -112,7 +112,7 @@ def recall_at_k(found: InfluenceResult, exact: InfluenceResult, k: int = 10,
 @dataclass
 class NoiseModel:
     """How far a sketch estimate ŝ is from the exact score s, in units of its Cauchy–Schwarz
-    scale H = Σ_ℓ ‖query rest_ℓ‖ · ‖sequence rest_ℓ‖ (:meth:`Sketches.query_norms`, the stored
+    scale H = Σ_ℓ ‖query rest_ℓ‖ · ‖sequence rest_ℓ‖ (:meth:`Sketches.query_rest`, the stored
     norms): z = (s − ŝ) / H, measured on a calibration sample scanned exactly.
 
     z: sorted measured values (the calibration's, every query and sequence pooled)

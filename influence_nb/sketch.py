@@ -2,9 +2,9 @@
 written once and searched by every later query.
 
 On disk (a directory): ``sketches.f16`` (N, D) float16 rows, ``norms.f32`` (N, L) float32
-per sequence and layer the whitened norm of what the sketch does not hold exactly
-(:meth:`~influence_nb.projection.Projection.residual_sq`: the bound a recall-targeted search
-needs), ``rows.bin`` (N,) records of (corpus id, hash of the sequence's tokens) and
+per sequence and layer the norm of what the sketch does not hold exactly
+(:meth:`~influence_nb.projection.Projection.rest_sq`: the scale of the sketch's error that a
+recall-targeted search bounds), ``rows.bin`` (N,) records of (corpus id, hash of the sequence's tokens) and
 ``sketches.json``, the manifest, written last (and sealed) after each chunk: it lists the
 committed chunks with their CRC-32s, the model and factor fingerprints and the projection's
 settings (the projection itself is drawn again from them). Stores of format 1, before the norms,
@@ -69,6 +69,7 @@ class Sketches:
                  norms: np.ndarray | None = None):
         self.path, self.manifest, self.rows, self.data = path, manifest, rows, data
         self._norms = norms
+        self._projections: dict[str, Projection] = {}
 
     @property
     def ids(self) -> np.ndarray:
@@ -80,7 +81,7 @@ class Sketches:
 
     @property
     def norms(self) -> np.ndarray:
-        """(N, L) float32 whitened norms of what each layer's sketch leaves out (layers in the
+        """(N, L) float32 norms of what each layer's sketch leaves out (layers in the
         manifest's order); SketchError for a store of format 1, made before them."""
         if self.manifest["format"] == FORMAT_1:
             raise SketchError(f"{self.path} predates the per-sequence norms a search with a "
@@ -103,11 +104,15 @@ class Sketches:
     def projection(self, factors: Factors) -> Projection:
         """The store's projection, drawn again from its settings (SketchError: one the package
         no longer draws — random Khatri-Rao pairs, benchmarks/sketch_variants.py)."""
+        key = factors.factors_id()
+        if key in self._projections:       # drawn once per factors: a search asks twice
+            return self._projections[key]
         proj = Projection.draw(factors, self.args)
         if self.manifest["projection"]["structure"] != "kronecker" and proj.variant != "eigen":
             raise SketchError(f"{self.path} holds {proj.variant} sketches of the Khatri-Rao "
                               "structure, no longer in the package (benchmarks/"
                               "sketch_variants.py); rebuild it with SketchArgs()")
+        self._projections[key] = proj
         return proj
 
     @property
@@ -184,11 +189,11 @@ class Sketches:
                               f"sketches in {self.path}; make them with the same factors")
         return self.projection(factors).sketch_queries(queries).numpy()
 
-    def query_rest(self, factors: Factors, queries: Queries) -> np.ndarray:
-        """(Q, L) float64 :meth:`Projection.query_rest`: the sketch's error on sequence i is at
-        most (eigen) or of the order of (random, times ~1/√m) :meth:`noise_scale`,
-        Σ_ℓ query_rest_ℓ · norms[i, ℓ]."""
-        return self.projection(factors).query_rest(queries).numpy()
+    def query_rest(self, factors: Factors, queries: Queries, x: np.ndarray) -> np.ndarray:
+        """(Q, L) float64 :meth:`Projection.query_rest` of queries sketched as ``x`` (Q, D)
+        (:meth:`query_sketches`): the sketch's error on sequence i is at most (eigen) or of
+        the order of (random, times ~1/√m) :meth:`noise_scale`, Σ_ℓ rest_ℓ · norms[i, ℓ]."""
+        return self.projection(factors).query_rest(queries, torch.from_numpy(x)).numpy()
 
     def noise_scale(self, rest: np.ndarray, rows: np.ndarray | slice = slice(None)
                     ) -> np.ndarray:
@@ -265,9 +270,6 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
     with store.lock(path, SketchError):
         if (path / "sketches.json").exists():
             old = Sketches.open(path, model, factors)   # verified: appending to a corrupt store
-            if old.manifest["format"] == FORMAT_1:
-                raise SketchError(f"{path} is a sketch store of format 1, before per-sequence "
-                                  "norms; build the sketches in a new directory")
             if old.manifest["projection"] != args.projection:  # would bury the damage
                 raise SketchError(f"{path} holds sketches with projection "
                                   f"{old.manifest['projection']}, not {args.projection}; pass "
@@ -281,6 +283,9 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
             done = set()
         ids = as_ids(ids, len(corpus))
         todo = np.array([i for i in ids.tolist() if i not in done], dtype=np.int64)
+        if len(todo) and manifest["format"] == FORMAT_1:
+            raise SketchError(f"{path} is a sketch store of format 1, before per-sequence "
+                              "norms: it cannot grow; build the sketches in a new directory")
         n = sum(c[0] for c in manifest["chunks"])
         for name, width, _ in _files(manifest):
             store.truncate(path / name, n * width)  # drop the rows of an interrupted chunk
