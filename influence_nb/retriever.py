@@ -354,10 +354,26 @@ class Hunt:
 
     def first(self, sample: np.ndarray) -> np.ndarray:
         """The first round: the max(2k, START · N) largest and most negative estimates (half the
-        budget at most) and the probe ``sample`` (rows)."""
+        budget at most) and the probe ``sample`` (rows) — or every row when even an optimistic
+        τ (per sign the k-th best of ŝ moved by the largest calibrated error) leaves
+        ``FALLBACK`` of them to rescore: a hopeless sketch costs one exhaustive pass, not a
+        first round more."""
+        rows, need = np.arange(len(self.own)), []
+        for sign in (1, -1):
+            z_max = self.noise.z[-1] if sign > 0 else -self.noise.z[0]
+            upper = np.sort(sign * self.s_hat + self.H * z_max)[::-1]   # sign · s at most
+            need.append(self.plan(rows, sign * upper[min(self.k, len(rows)) - 1], sign)[0])
+        if len(np.union1d(*need)) >= FALLBACK * len(rows) and len(rows) <= self.allowed_rows:
+            return rows
         n = min(self.allowed_rows // 2, max(2 * self.k, int(np.ceil(START * len(self.own)))))
         order = np.argsort(-self.s_hat, kind="stable")
         return np.unique(np.concatenate([order[:n], order[::-1][:n], sample]))
+
+    def plan(self, left: np.ndarray, tau: float, sign: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``left`` unrescored, τ the k-th best score of ``sign`` -> (positions in
+        ``left`` to rescore, P(each beats τ))."""
+        p = misses(self.s_hat[left], self.H[left], tau, sign, self.noise)
+        return to_rescore(p, self.allowed_misses), p
 
     def next(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Take the exact ``scores`` of ``rows``; -> the rows of the next round (empty: done)."""
@@ -367,9 +383,9 @@ class Hunt:
         for sign in (1, -1):
             found = np.sort(sign * self.exact[self.own])[::-1]
             tau = sign * found[self.k - 1] if len(found) >= self.k else -sign * np.inf
-            p[sign] = misses(self.s_hat[left], self.H[left], tau, sign, self.noise)
+            rescore, p[sign] = self.plan(left, tau, sign)
             self.estimate[sign] = float(max(0.0, 1 - p[sign].sum() / self.k))
-            need.append(to_rescore(p[sign], self.allowed_misses))
+            need.append(rescore)
         need = np.union1d(*need)
         if len(need) >= FALLBACK * len(left):
             need = np.arange(len(left))
