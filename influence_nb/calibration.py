@@ -14,7 +14,7 @@ share of kept fractions below k / N (:meth:`Calibration.recall`).
 What it cannot say: calibration queries are in-distribution text, and BM25 candidates are not
 counted (the estimate is the sketch's share alone, a lower bound of a hybrid search's).
 
-The same scan measures the sketch's error in units of its Cauchy–Schwarz scale (``z``, the
+The same scan measures the sketch's error in units of its scale H (``z``, the
 :class:`~influence_nb.search.NoiseModel` a search with a recall target bounds its misses with;
 stores of format 1, without norms, have none).
 """
@@ -66,7 +66,7 @@ class Calibration:
 
     fingerprint: the sketch store's (a store that changes is recalibrated)
     n_corpus, n_sample, top_t: sizes; positive, negative: (queries, t) rank fractions
-    z:           sorted (score − sketch estimate) / Cauchy–Schwarz scale over the sample and
+    z:           sorted (score − sketch estimate) / H (:meth:`Sketches.noise_scale`) over the sample and
                  the calibration queries (4 significant digits; empty for a store of format 1)
     """
     fingerprint: str
@@ -118,7 +118,7 @@ def calibrate(inf: Influence, sketches: Sketches, args: CalibrationArgs | None =
     saved there."""
     args = args or CalibrationArgs()
     path = sketches.path / FILE
-    if path.exists() and not path.read_text().count(FORMAT_1_CALIBRATION):  # format 1: anew
+    if path.exists() and FORMAT_1_CALIBRATION not in path.read_text():  # format 1: anew
         names = tuple(f.name for f in fields(Calibration))
         saved = store.read_manifest(path, FORMAT, SketchError, f"delete {path} to calibrate "
                                     "the store again", names)

@@ -4,8 +4,8 @@ written once and searched by every later query.
 On disk (a directory): ``sketches.f16`` (N, D) float16 rows, ``norms.f32`` (N, L) float32
 per sequence and layer the norm of what the sketch does not hold exactly
 (:meth:`~influence_nb.projection.Projection.rest_sq`: the scale of the sketch's error that a
-recall-targeted search bounds), ``rows.bin`` (N,) records of (corpus id, hash of the sequence's tokens) and
-``sketches.json``, the manifest, written last (and sealed) after each chunk: it lists the
+recall-targeted search bounds), ``rows.bin`` (N,) records of (corpus id, hash of the
+sequence's tokens) and ``sketches.json``, the manifest, written last (and sealed) after each chunk: it lists the
 committed chunks with their CRC-32s, the model and factor fingerprints and the projection's
 settings (the projection itself is drawn again from them). Stores of format 1, before the norms,
 still open and serve fixed-size searches; a search with a recall target asks to rebuild them.
