@@ -1,9 +1,17 @@
-"""Candidate retrieval on two worlds: sketches + Flat index (+ BM25) + exact rescoring, against
-an exhaustive scan, one query per search call.
+"""Candidate retrieval on three worlds: sketches + Flat index (+ BM25) + exact rescoring,
+against an exhaustive scan, one query per search call.
 
-Worlds (benchmarks/retrieval_worlds.py): ``demo`` (a random subset of the demo corpus) and
-``markov`` (built independently of the demo: Markov chain, word tokenizer, GPT-2), each with
-queries of several kinds. Per world and per query kind:
+Worlds (benchmarks/retrieval_worlds.py): ``demo`` (a random subset of the demo corpus),
+``markov`` (built independently of the demo: Markov chain, word tokenizer, GPT-2) and
+``memorized`` (short invented facts learned to near-certainty, GPT-NeoX), each with queries of
+several kinds. Per world and per query kind:
+
+- the search with a recall target (``Retriever.search(pair, recall=r)``, each query alone,
+  at the defaults, r in ``--recall``): measured recall of the exhaustive top-10, positive and
+  negative, its own estimate, mean rescored fraction, rounds, and wall time ÷ an exhaustive
+  one-query scan (measured in the same run);
+
+and with ``--fixed`` (the study behind the fixed-K defaults):
 
 - recall@10 of the exhaustive top-10, positive and negative, at K = 1 %, 2 %, 5 % of N, for
   every sketch variant studied (the package's, and benchmarks/sketch_variants.py's that it no
@@ -17,7 +25,8 @@ queries of several kinds. Per world and per query kind:
   same without BM25 (lexical=0), and the power-law search-size estimate;
 - sketch build ÷ plain fwd+bwd (same sequences), search + rescoring ÷ exhaustive scan time.
 
-    python benchmarks/retrieval.py [--worlds demo markov] [--demo-n 4000] [--markov-n 3000]
+    python benchmarks/retrieval.py [--worlds demo markov memorized] [--demo-n 4000]
+        [--markov-n 3000] [--memorized-n 24] [--queries 18] [--recall 0.9 0.95] [--fixed]
 
 Exhaustive scans and sketch stores are cached (resumable) under ~/.cache/influence_nb/.
 """
@@ -39,7 +48,7 @@ from influence_nb.results import InfluenceResult
 from influence_nb.retriever import Retriever
 from influence_nb.queries import Queries
 from influence_nb.search import recall_at_k
-from influence_nb.sketch import ROW, Sketches, build_sketches
+from influence_nb.sketch import FORMAT, ROW, Sketches, build_sketches
 
 SHARES = (0.01, 0.02, 0.05)
 VARIANTS = [SketchArgs(variant="eigen", m=m) for m in (256, 961)] + [KhatriRao(m=256)] + [
@@ -48,9 +57,15 @@ VARIANTS = [SketchArgs(variant="eigen", m=m) for m in (256, 961)] + [KhatriRao(m
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--worlds", nargs="+", default=["demo", "markov"], choices=list(WORLDS))
+    p.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
     p.add_argument("--demo-n", type=int, default=4000)
     p.add_argument("--markov-n", type=int, default=3000)
+    p.add_argument("--memorized-n", type=int, default=24, help="memorized world's queries")
+    p.add_argument("--queries", type=int, default=18,
+                   help="queries searched per world with a recall target (evenly spaced)")
+    p.add_argument("--recall", type=float, nargs="+", default=[0.9, 0.95])
+    p.add_argument("--fixed", action="store_true",
+                   help="also the fixed-K study: every variant, the Retriever at K = 1, 2, 5 %%")
     p.add_argument("--timing-n", type=int, default=512, help="sequences for the speed ratios")
     p.add_argument("--timed-queries", type=int, default=3)
     p.add_argument("--variants", nargs="*", default=None,
@@ -87,9 +102,12 @@ def sketch_store(world: World, args: SketchArgs) -> tuple[Sketches, float | None
     path = world.work / f"sketches-{key(world, args)}"
     if (path / "sketches.json").exists():
         try:
-            return Sketches.open(path, world.inf.model, world.inf.factors), None
+            sk = Sketches.open(path, world.inf.model, world.inf.factors)
+            if sk.manifest["format"] == FORMAT:     # else: before the norms, built again
+                return sk, None
         except ValueError:
-            shutil.rmtree(path)
+            pass
+        shutil.rmtree(path)
     t0 = time.perf_counter()
     inf = world.inf
     sk = build_sketches(inf.model, inf.factors, inf.corpus, path, replace(args, progress=False))
@@ -219,11 +237,62 @@ def retriever(world: World, S: np.ndarray, exact: InfluenceResult,
     return out
 
 
+def targeted(world: World, S: np.ndarray, a: argparse.Namespace) -> dict:
+    """The search with a recall target at its defaults, each of ``a.queries`` queries alone:
+    measured recall of the exhaustive top-10 per sign and kind, estimates, rescored fraction,
+    wall time ÷ an exhaustive one-query scan (the mean of ``a.timed_queries`` timed here)."""
+    inf, N = world.inf, S.shape[1]
+    sk, _ = sketch_store(world, SketchArgs())
+    ret = Retriever(inf, sk, SketchIndex.build(sk, world.work / "retriever" / "index",
+                                               IndexArgs(progress=False)))
+    t0 = time.perf_counter()
+    ret.calibration                                     # once per store, not per search
+    out = dict(calibration_seconds=round(time.perf_counter() - t0, 1), variant=key(
+        world, SketchArgs()), n_calibration_z=len(ret.calibration.z))
+    picked = np.unique(np.linspace(0, len(world.pairs) - 1, a.queries).round().astype(int))
+    exhaustive = []                      # one-query scans of the whole corpus (any query costs
+    for q in picked[:a.timed_queries]:   # the same): the mean is the unit of a search's time
+        t = time.perf_counter()
+        inf.scan([world.pairs[q]])
+        exhaustive.append(time.perf_counter() - t)
+    unit = float(np.mean(exhaustive))
+    for target in a.recall:
+        rows = []
+        for q in picked:
+            pair = world.pairs[q]
+            t = time.perf_counter()
+            res = ret.search([pair], recall=target)
+            seconds = time.perf_counter() - t
+            have = sk.rows_of(res.candidates[0])
+            got = [np.isin(np.argsort(-sign * S[q, sk.ids])[:10], have).mean()
+                   for sign in (1, -1)]
+            rows.append(got + [res.estimated_recall["positive"][0],
+                               res.estimated_recall["negative"][0], res.rescored_fraction[0],
+                               res.rounds, seconds / unit, seconds])
+        rows = np.array(rows)
+        kinds = world.kinds[picked]
+        r = lambda x: round(float(x), 3)  # noqa: E731
+        out[f"recall={target}"] = dict(
+            positive=r(rows[:, 0].mean()), negative=r(rows[:, 1].mean()),
+            positive_min=r(rows[:, 0].min()), negative_min=r(rows[:, 1].min()),
+            estimated=[r(rows[:, 2].mean()), r(rows[:, 3].mean())],
+            rescored_fraction=r(rows[:, 4].mean()), rescored_fraction_max=r(rows[:, 4].max()),
+            rounds=r(rows[:, 5].mean()), time_over_exhaustive=r(rows[:, 6].mean()),
+            time_over_exhaustive_max=r(rows[:, 6].max()), search_seconds=r(rows[:, 7].mean()),
+            by_kind={k: dict(recall=[r(rows[kinds == k, 0].mean()), r(rows[kinds == k, 1].mean())],
+                             rescored_fraction=r(rows[kinds == k, 4].mean()))
+                     for k in dict.fromkeys(kinds)})
+        print(world.name, target, json.dumps(out[f"recall={target}"]), flush=True)
+    out["exhaustive_one_query_seconds"] = [round(x, 2) for x in exhaustive]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     results = {}
     for name in a.worlds:
-        world = WORLDS[name]({"demo": a.demo_n, "markov": a.markov_n}[name])
+        world = WORLDS[name]({"demo": a.demo_n, "markov": a.markov_n,
+                              "memorized": a.memorized_n}[name])
         qs = world.inf.queries(world.pairs)
         t0 = time.perf_counter()
         exact = world.inf.scan(qs, out_dir=world.work / "exhaustive")
@@ -233,9 +302,11 @@ def main(argv: list[str] | None = None) -> None:
             queries_by_kind={k: int((world.kinds == k).sum()) for k in dict.fromkeys(world.kinds)},
             n_params_tracked=sum(o * i for o, i in world.inf.factors.shapes.values()),
             exhaustive_scan_seconds=round(time.perf_counter() - t0, 1),
-            default=key(world, SketchArgs()), variants=study(world, S, qs, a.variants),
-            retriever=retriever(world, S, exact, a))
-        print(json.dumps({name: results[name]["retriever"]}), flush=True)
+            default=key(world, SketchArgs()), targeted=targeted(world, S, a))
+        if a.fixed:
+            results[name] |= dict(variants=study(world, S, qs, a.variants),
+                                  retriever=retriever(world, S, exact, a))
+            print(json.dumps({name: results[name]["retriever"]}), flush=True)
     print(json.dumps(dict(results, threads=torch.get_num_threads()), default=str))
 
 

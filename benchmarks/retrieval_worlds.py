@@ -1,4 +1,4 @@
-"""The two evaluation worlds of the retrieval benchmarks, each with queries of several kinds.
+"""The three evaluation worlds of the retrieval benchmarks, each with queries of several kinds.
 
 - ``demo``: the embedded demo world (GPT-NeoX, BPE, planted facts, Velnish, arithmetic, code,
   themed prose) on a random subset of ``n`` of its 20,000 sequences; its factors are the demo's
@@ -6,8 +6,13 @@
 - ``markov``: benchmarks/markov_world.py, built independently of the demo generator (second-order
   Markov chain over 96 invented words, word tokenizer, 2-layer GPT-2 trained from scratch on
   the ``n`` sequences); queries: fresh, seen, long, unlikely (:func:`markov_world.query_kinds`).
+- ``memorized``: benchmarks/memorized_world.py, unlike both (3,150 short sentences of invented
+  facts, byte-level BPE, 2-layer GPT-NeoX trained to near-certainty without label smoothing);
+  the first ``n`` of its queries (a fact's first template up to its object), by how many
+  sentences state the fact: stated-once, stated-more.
 
-The trained Markov model and both worlds' factors are cached under ``cache_dir()``.
+The trained Markov and memorized models and every world's factors are cached under
+``cache_dir()``.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 
 import markov_world   # benchmarks/markov_world.py
+import memorized_world   # benchmarks/memorized_world.py
 
 from influence_nb import demo
 from influence_nb.curvature import FactorArgs
@@ -98,4 +104,13 @@ def markov(n: int = 3000, per_kind: int = 8) -> World:
                  np.array([k for k, _, _ in queries]))
 
 
-WORLDS = {"demo": demo_world, "markov": markov}
+def memorized(n: int = 24) -> World:
+    """The memorised-facts world (all 3,150 sentences) with its first n queries."""
+    w = memorized_world.build()
+    inf = Influence(w.model, w.tokenizer, w.corpus, score_args=SCORE_ARGS)
+    inf.fit(FactorArgs(batch_size=32, progress=False), cache=True)
+    kinds = np.array(["stated-once" if s.sum() == 1 else "stated-more" for s in w.states[:n]])
+    return World("memorized", inf, w.pairs[:n], kinds)
+
+
+WORLDS = {"demo": demo_world, "markov": markov, "memorized": memorized}

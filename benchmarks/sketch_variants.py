@@ -29,7 +29,7 @@ from influence_nb.curvature import Factors
 from influence_nb.layers import find_layers
 from influence_nb.batching import source
 from influence_nb.passes import corpus_pass
-from influence_nb.projection import Projection, Sketcher, whitened_rows
+from influence_nb.projection import Projection, Sketcher, Whitening, whitened_rows
 from influence_nb.queries import Queries
 from influence_nb.session import Influence
 
@@ -54,7 +54,7 @@ class KhatriRao:
             p = torch.randn(self.m, d_out, generator=g, dtype=torch.float64) / self.m ** .25
             q = torch.randn(self.m, d_in, generator=g, dtype=torch.float64) / self.m ** .25
             layers[name] = replace(whitened_rows(factors, name, p, q), iu=pairs, iv=pairs)
-        return Projection(layers, "whitened")
+        return Projection(layers, "whitened", Whitening(factors))
 
     def sketch(self, inf: Influence, path: Path, batch_size: int = 32
                ) -> tuple[np.ndarray, float | None]:
@@ -66,7 +66,7 @@ class KhatriRao:
         proj = self.projection(inf.factors)
         data = corpus_pass(inf.model, find_layers(inf.model, inf.factors.layer_names),
                            source(inf.corpus, batch_size), [Sketcher(proj, len(inf.corpus))],
-                           task=inf.task, progress=False)[0]
+                           task=inf.task, progress=False)[0][0]
         np.save(path, data)
         return data, time.perf_counter() - t0
 

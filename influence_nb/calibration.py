@@ -13,23 +13,29 @@ share of kept fractions below k / N (:meth:`Calibration.recall`).
 
 What it cannot say: calibration queries are in-distribution text, and BM25 candidates are not
 counted (the estimate is the sketch's share alone, a lower bound of a hybrid search's).
+
+The same scan measures the sketch's error in units of its scale H (``z``, the
+:class:`~influence_nb.search.NoiseModel` a search with a recall target bounds its misses with;
+stores of format 1, without norms, have none).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from . import store
 from .checks import check_args
-from .sketch import SketchError, Sketches
+from .search import NoiseModel
+from .sketch import FORMAT_1, SketchError, Sketches
 
 if TYPE_CHECKING:  # annotations only
     from .session import Influence
 
 FILE = "calibration.json"
-FORMAT = "influence_nb.calibration/1"
+FORMAT = "influence_nb.calibration/2"
+FORMAT_1_CALIBRATION = '"influence_nb.calibration/1"'   # before z: calibrated again
 
 
 @dataclass
@@ -60,6 +66,8 @@ class Calibration:
 
     fingerprint: the sketch store's (a store that changes is recalibrated)
     n_corpus, n_sample, top_t: sizes; positive, negative: (queries, t) rank fractions
+    z:           sorted (score − sketch estimate) / H (:meth:`Sketches.noise_scale`) over the sample and
+                 the calibration queries (4 significant digits; empty for a store of format 1)
     """
     fingerprint: str
     n_corpus: int
@@ -68,6 +76,16 @@ class Calibration:
     positive: list[list[float]]
     negative: list[list[float]]
     args: dict
+    z: list[float] = field(default_factory=list)
+
+    @property
+    def noise(self) -> NoiseModel:
+        """The sketch's error model (SketchError: a store without norms)."""
+        if not self.z:
+            raise SketchError("this sketch store's calibration has no error model (a store of "
+                              "format 1, without norms); rebuild the store with "
+                              "build_sketches(...) in a new directory")
+        return NoiseModel(np.asarray(self.z, np.float64))
 
     def recall(self, k_positive: int, k_negative: int, n: int | None = None) -> dict:
         """Estimated recall@10 when the k_positive largest and k_negative most negative
@@ -100,7 +118,7 @@ def calibrate(inf: Influence, sketches: Sketches, args: CalibrationArgs | None =
     saved there."""
     args = args or CalibrationArgs()
     path = sketches.path / FILE
-    if path.exists():
+    if path.exists() and FORMAT_1_CALIBRATION not in path.read_text():  # format 1: anew
         names = tuple(f.name for f in fields(Calibration))
         saved = store.read_manifest(path, FORMAT, SketchError, f"delete {path} to calibrate "
                                     "the store again", names)
@@ -122,11 +140,15 @@ def calibrate(inf: Influence, sketches: Sketches, args: CalibrationArgs | None =
                       inf.tokenizer.decode(tokens[half:end])))
     queries = inf.queries(pairs)
     exact = inf.scan(queries, ids=sketches.ids[rows]).scores
-    approx = sketches.query_sketches(inf.model, inf.factors, queries) \
-        @ np.asarray(sketches.data[rows], np.float32).T
+    x = sketches.query_sketches(inf.model, inf.factors, queries)
+    approx = x @ np.asarray(sketches.data[rows], np.float32).T
     t = max(1, round(10 * len(rows) / n))
     pos, neg = rank_fractions(exact, approx, t)
+    z = []
+    if sketches.manifest["format"] != FORMAT_1:
+        H = sketches.noise_scale(sketches.query_rest(inf.factors, queries, x), rows)
+        z = np.sort(((exact - approx) / np.maximum(H, 1e-30)).ravel())
     cal = Calibration(sketches.fingerprint, n, len(rows), t, pos.tolist(), neg.tolist(),
-                      asdict(args))
+                      asdict(args), [float(f"{v:.4g}") for v in z])
     store.write_manifest(path, dict(format=FORMAT) | asdict(cal))
     return cal

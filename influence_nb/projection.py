@@ -40,7 +40,7 @@ The sketches of all layers are concatenated, so ⟨sketch_q, sketch_m⟩ ≈ the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -49,16 +49,19 @@ from einops import einsum, rearrange
 from torch import Tensor
 
 from .checks import check_args
-from .statistics import rotate
+from .statistics import rotate, rotated_gradients
 from .passes import Consumer, PassBatch
 
 if TYPE_CHECKING:  # annotations only
     from .curvature import Factors
+    from .statistics import LayerFactors
     from .layers import TrackedLayer
     from .queries import Queries
 
 VARIANTS = ("auto", "eigen", "whitened")
-AUTO_COVERAGE = 0.05  # "auto" takes the eigen sketch when its coordinates hold this share
+AUTO_COVERAGE = 0.02  # "auto" takes the eigen sketch when its coordinates hold this share
+# (memorised facts, coverage 0.033: eigen finds the top-10 in 0.23 of N in sketch order, the
+# random sketch in 0.40; the demo, 0.010, and Markov, 0.87, unchanged: docs/results.md #29)
 DENSE_GATHER = 32  # eigen: form the n_u × n_v block and gather, if ≤ this × the coordinates
 
 
@@ -206,12 +209,64 @@ def resolve_variant(factors: Factors, args: SketchArgs) -> str:
     return "eigen" if eigen_coverage(factors, total) >= AUTO_COVERAGE else "whitened"
 
 
+class Whitening:
+    """Whitened norms per layer, the two halves of a score's Cauchy–Schwarz bound.
+
+    A layer's score is ⟨R, DW⟩ = Σ_ij R̃_ij DW̃_ij in the eigenbasis (R̃ = Q_Sᵀ R Q_A), split as
+    ⟨R̃ ⊙ √(Λ+λ), DW̃ ⊘ √(Λ+λ)⟩ — the split both sketch variants measure. So the error of a
+    sketch estimate over any set of coordinates it does not hold exactly is at most
+    ‖query part‖ · ‖training part‖ there. Identity factors: plain Frobenius norms."""
+
+    def __init__(self, factors: Factors):
+        self.factors = factors
+        self._weight: dict[tuple, Tensor] = {}
+
+    def weight(self, name: str, like: Tensor) -> tuple[Tensor, LayerFactors] | None:
+        """(1 / (Λ + λ) (out, in+1), the layer's factors) on ``like``'s device and dtype (None:
+        identity factors)."""
+        if not self.factors.layers:
+            return None
+        key = (name, like.dtype, like.device)
+        if key not in self._weight:
+            f = self.factors.layers[name]
+            inv = 1 / (f.eigenvalues(self.factors.args.strategy).double()
+                       + self.factors.damping(name))
+            self._weight[key] = (inv.to(like), replace(f, Q_A=[q.to(like) for q in f.Q_A],
+                                                      Q_S=[q.to(like) for q in f.Q_S]))
+        return self._weight[key]
+
+    def train_sq(self, name: str, a: Tensor, delta: Tensor, tokens: Tensor) -> Tensor:
+        """(B,) ‖DW̃ ⊘ √(Λ+λ)‖² of each sequence from ā (B, T, in+1), δ (B, T, out) and the
+        counted positions' flat indices ``tokens``."""
+        cast = self.weight(name, a)
+        if cast is None:
+            return einsum(delta, a, "b t o, b t i -> b o i").square().sum((1, 2))
+        return (rotated_gradients(a, delta, tokens, cast[1]).square() * cast[0]).sum((1, 2))
+
+    def query_sq(self, queries: Queries, names: list[str]) -> Tensor:
+        """(Q, L) ‖R̃ ⊙ √(Λ+λ)‖² of each query and layer (L in the order of ``names``), one
+        query's dense R̃ at a time, float64 on the CPU."""
+        out = torch.zeros(len(queries), len(names), dtype=torch.float64)
+        for l, name in enumerate(names):
+            U, V = queries.R[name].U.double().cpu(), queries.R[name].V.double().cpu()
+            cast = self.weight(name, U)
+            if cast is not None:
+                U = rotate(U.mT, cast[1].Q_S).mT                     # Q_Sᵀ U (Q, out, r)
+                V = rotate(V.mT, cast[1].Q_A).mT                     # Q_Aᵀ V (Q, in+1, r)
+            w = 1 if cast is None else 1 / cast[0]
+            for q in range(len(queries)):
+                out[q, l] = ((U[q] @ V[q].T).square() * w).sum()      # (out, in+1) summed
+        return out
+
+
 class Projection:
     """The per-layer measurement rows (:class:`LayerProjection`) and the measurements with them:
-    :meth:`sketch_layer` (training side, token by token), :meth:`sketch_queries` (query side)."""
+    :meth:`sketch_layer` (training side, token by token), :meth:`sketch_queries` (query side);
+    with ``whitening`` also what the sketch leaves out (:meth:`rest_sq`)."""
 
-    def __init__(self, layers: dict[str, LayerProjection], variant: str):
-        self.layers, self.variant = layers, variant
+    def __init__(self, layers: dict[str, LayerProjection], variant: str,
+                 whitening: Whitening | None = None):
+        self.layers, self.variant, self.whitening = layers, variant, whitening
         self._cast: dict[tuple, tuple] = {}
         self.dim = sum(self.width(name) for name in self.layers)
 
@@ -221,7 +276,30 @@ class Projection:
         (reproducible: the queries of a store are sketched alike)."""
         variant = resolve_variant(factors, args)
         build = _eigen_layers if variant == "eigen" else _whitened_layers
-        return cls(build(factors, args), variant)
+        return cls(build(factors, args), variant, Whitening(factors))
+
+    def query_rest(self, queries: Queries, sketch: Tensor) -> Tensor:
+        """(Q, L) what each layer's sketch does not hold exactly of each query, from the
+        queries and their ``sketch`` (Q, D) (:meth:`sketch_queries`): as :meth:`rest_sq`, for
+        the eigen variant from the whole whitened norm ‖R̃ ⊙ √(Λ+λ)‖. With the stored norms of
+        the sequences, Σ_ℓ query_rest_ℓ · norms_ℓ bounds the eigen sketch's error
+        (Cauchy–Schwarz per layer) and sets the scale of a random sketch's."""
+        full = (self.whitening.query_sq(queries, list(self.layers)) if self.variant == "eigen"
+                else None)
+        return self.rest_sq(sketch.double(), full).sqrt()
+
+    def rest_sq(self, sketch: Tensor, full_sq: Tensor | None = None) -> Tensor:
+        """(n, L) squared norm, per layer, of what the sketches (n, D) do not hold exactly. The
+        eigen sketch holds its coordinates exactly: the rest is the others', the whole squared
+        whitened norm ``full_sq`` (n, L) less the sketch's. A random sketch holds none: its
+        error is JL's, ∝ the product of the two sides' norms in its own (rank-one) whitening,
+        which the sketch itself measures — ‖sketch_ℓ‖² (unbiased, relative noise √(2/m)), at
+        no cost (the whole whitened norm would need each sequence's DW rotated)."""
+        layer_sq = torch.stack([part.double().square().sum(1) for part in
+                                sketch.split([self.width(n) for n in self.layers], 1)], 1)
+        if self.variant != "eigen":
+            return layer_sq
+        return (full_sq.double() - layer_sq).clamp_min(0)
 
     def width(self, name: str) -> int:
         """Sketch coordinates of one layer."""
@@ -270,25 +348,36 @@ class Projection:
 
 
 class Sketcher(Consumer):
-    """Training sketches of the sequences of a pass: ``finish`` -> (n, D) float16 in the
-    pass's row order (layers concatenated in the projection's order)."""
+    """Training sketches of the sequences of a pass: ``finish`` -> ((n, D) float16 sketches,
+    (n, L) float32 norms of what each layer's sketch does not hold exactly,
+    :meth:`Projection.rest_sq`) in the pass's row order (layers in the projection's order)."""
 
     def __init__(self, proj: Projection, n: int):
         self.proj, self.out = proj, np.zeros((n, proj.dim), np.float16)
+        self.norms = np.zeros((n, len(proj.layers)), np.float32)
         self._parts: dict[str, Tensor] = {}
+        self._sq: dict[str, Tensor] = {}
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
         self._parts[layer.name] = self.proj.sketch_layer(layer.name, a, delta)
+        if self.proj.variant == "eigen":        # the whole whitened norm: DW of each sequence,
+            o, i = layer.shape                  # a group of them at a time
+            self._sq[layer.name] = torch.cat([
+                self.proj.whitening.train_sq(layer.name, a[group], delta[group], tokens)
+                for group, tokens in batch.groups(o * i * a.element_size())])
 
     def update(self, batch: PassBatch) -> None:
-        data = torch.cat([self._parts[n] for n in self.proj.layers], 1).cpu().numpy()
-        self._parts = {}
-        data = data.astype(np.float16)
+        sketch = torch.cat([self._parts[n] for n in self.proj.layers], 1)
+        full_sq = (torch.stack([self._sq[n] for n in self.proj.layers], 1) if self._sq
+                   else None)
+        self._parts, self._sq = {}, {}
+        data = sketch.cpu().numpy().astype(np.float16)
         if not np.isfinite(data).all():
             raise FloatingPointError("a sketch overflowed float16; the gradients are huge "
                                      "(check the model)")
         self.out[batch.rows] = data
+        self.norms[batch.rows] = self.proj.rest_sq(sketch, full_sq).sqrt().cpu().numpy()
 
-    def finish(self) -> np.ndarray:
-        return self.out
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.out, self.norms

@@ -1,16 +1,34 @@
-"""Search at scale: sketch candidates (or BM25 candidates), then exact rescoring.
+"""Search at scale: sketch candidates, then exact rescoring — to a recall target or a budget.
 
     ret = inf.retriever("runs/demo-search")             # sketches + index, once per corpus
-    res = ret.search([("The capital city of Astrobia is", " Velmora")], candidates=400)
-    res.top(0, k=10); res.timings                        # exact scores of the candidates
+    res = ret.search([("The capital city of Astrobia is", " Velmora")], recall=0.95)
+    res.top(0, k=10); res.rescored_fraction; res.estimated_recall
 
-Each query gets ``candidates`` training sequences: half for positive influence — the largest
-sketch inner products, and (``lexical`` share of that half) the best BM25 matches of the
-query's text — and half for negative influence, the most negative sketch inner products.
-By default BM25 joins only where the store's calibration says the sketch alone falls short. The
-union over the queries is rescored exactly with the streaming scorer (:meth:`Influence.scan`
-with ``ids``), in one pass for all queries, so the result is an
+**A recall target** (the default, ``recall=0.95``, ``k=10``): each query is searched in rounds
+(:class:`Hunt`). The first rescores the 1 % largest and 1 % most negative sketch estimates ŝ
+(at least 2k each) and any ``probe``; then, per sign, with τ the k-th best exact score found,
+every unrescored sequence i has a chance p_i that its exact score beats τ, from ŝ_i and the
+scale of the sketch's error on it, H_i = Σ_ℓ ‖query rest_ℓ‖ · ‖sequence rest_ℓ‖ (whitened norms
+of what the sketch does not hold exactly: stored per sequence and layer beside the sketch,
+computed per query; for the eigen sketch a Cauchy–Schwarz bound, for a random one its scale
+times ~1/√m) and the distribution of z = (s − ŝ) / H measured by the store's calibration
+(:class:`~influence_nb.search.NoiseModel`). Any of the exhaustive top-k left out beats τ, so
+Σ p_i over the unrescored bounds the expected number missed: the next round rescores the
+fewest, largest p_i that bring it to k · (1 − recall) (τ only rises, so one more round usually
+ends it), or all that is left when that is most of it. Each query stops on its own bound;
+``budget=`` caps the share of the corpus a query may rescore (then ``met`` is False and a
+warning says so). The result says what it did: ``rescored_fraction``, ``estimated_recall``
+(per query and sign, from the same bound) and ``rounds``.
+
+**A fixed budget** (``candidates=K``): each query gets K training sequences: half for positive
+influence — the largest sketch inner products, and (``lexical`` share of that half) the best
+BM25 matches of the query's text — and half for negative influence, the most negative sketch
+inner products. By default BM25 joins only where the store's calibration says the sketch alone
+falls short. Either way the union over the queries is rescored exactly with the streaming
+scorer (:meth:`Influence.scan` with ``ids``), so the result is an
 :class:`~influence_nb.results.InfluenceResult` like an exhaustive scan's, over fewer sequences.
+BM25 has no place in the bound (it cannot say what it leaves out); a targeted search uses the
+sketch alone.
 
 Why both filters: the sketch finds what the gradients share (arithmetic, themes, paraphrases
 in another language), BM25 what the words share (a binary-search query and the code that
@@ -18,8 +36,8 @@ spells the same identifiers); on the demo corpus each misses what the other find
 together they recover the exhaustive top-10 (benchmarks/retrieval.py). BM25 cannot see the
 sign of an influence, so the negative half is the sketch's alone.
 
-What a search cannot promise it says: each result carries ``estimated_recall``, the sketch's
-recall@10 at this K estimated from the store's calibration (:mod:`influence_nb.calibration`,
+What a fixed search cannot promise it says: each result carries ``estimated_recall``, the
+sketch's recall@10 at this K estimated from the store's calibration (:mod:`influence_nb.calibration`,
 one exact scan of a sample per store), and ``search_size``, the paper's power-law estimate of
 how many sequences must be scanned to find as many at least as influential as the top-10
 found, from ``probe`` random sequences rescored with the candidates.
@@ -30,6 +48,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,10 +61,15 @@ from .index import IndexArgs, SketchIndex
 from .projection import SketchArgs
 from .queries import Queries
 from .results import InfluenceResult
-from .search import BM25, search_size
+from .search import BM25, NoiseModel, misses, search_size, to_rescore
 from .sketch import Sketches, build_sketches
 
 TRUST = 0.99  # lexical=None: BM25 joins when the sketch's calibrated recall is below this
+RECALL = 0.95  # search()'s default target: the expected share of the exhaustive top-k found
+START = 0.01   # a targeted search's first round: this share of N per sign, in sketch order
+FALLBACK = 0.95  # a round that needs this share of what is left rescores all that is left
+# (a round's own cost is that of ~2 % of a small corpus: measured, docs/results.md #29)
+BLOCK = 1 << 16  # store rows per block of sketch inner products
 
 if TYPE_CHECKING:  # annotations only: the session opens retrievers, not the other way round
     from .session import Influence, QueryLike
@@ -63,11 +87,19 @@ class SearchResult(InfluenceResult):
                       store's calibration (BM25 candidates not counted: a lower bound)
     search_size:      per query, the power-law estimate of the sequences to scan to find 10 at
                       least as influential as the top-10 found (None: the probe was too small)
+    rescored_fraction: per query, the share of the sketched sequences it had rescored (a
+                      search with a recall target; None for a fixed one)
+    met:              per query, whether the recall target was met within ``budget`` (a
+                      search with a recall target; else empty)
+    rounds:           rescoring passes (a search with a recall target; else 1)
     """
     candidates: list[np.ndarray] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     estimated_recall: dict = field(default_factory=dict)
     search_size: list[dict | None] = field(default_factory=list)
+    rescored_fraction: list[float] | None = None
+    met: list[bool] = field(default_factory=list)
+    rounds: int = 1
 
 
 def session(inf: object) -> "Influence":
@@ -175,9 +207,30 @@ class Retriever:
                  for t, b, w in zip(top, bottom, words)]
         return found, dict(sketch=t1 - t0, search=t2 - t1, bm25=time.perf_counter() - t2)
 
-    @checked(minimum={"candidates": 1, "probe": 0})
-    def search(self, queries: QueryLike, candidates: int = 400, probe: int = 128
-               ) -> SearchResult:
+    @checked(minimum={"candidates": 1, "probe": 0, "k": 1},
+             within={"recall": "(0, 1)", "budget": "(0, 1]"})
+    def search(self, queries: QueryLike, candidates: int | None = None,
+               probe: int | None = None, recall: float | None = None, k: int = 10,
+               budget: float = 1.0) -> SearchResult:
+        """Exact scores of each query's candidates, found one of two ways:
+
+        - ``recall`` (default 0.95 when ``candidates`` is None): rounds of rescoring until, per
+          query and sign, the expected share of the exhaustive top-``k`` left unrescored is
+          at most 1 − ``recall``, or ``budget`` of the sketched sequences are rescored
+          (:meth:`targeted`);
+        - ``candidates``: a fixed budget, half per sign (:meth:`fixed`).
+
+        ``probe`` random sequences are rescored too, for the power-law search-size estimate
+        (None: 128 for a fixed budget, none for a recall target, whose bound says more)."""
+        if candidates is not None and recall is not None:
+            raise ValueError(f"search(candidates={candidates}, recall={recall}): give one, a "
+                             "fixed budget or a recall target")
+        if candidates is not None:
+            return self.fixed(queries, candidates, 128 if probe is None else probe)
+        return self.targeted(queries, RECALL if recall is None else recall, k, probe or 0,
+                             budget)
+
+    def fixed(self, queries: QueryLike, candidates: int, probe: int = 128) -> SearchResult:
         """Exact scores of each query's ``candidates``: one rescoring pass over their union and
         ``probe`` random sequences (these serve the search-size estimate and are left out of
         the result). More candidates than twice the sketched sequences (each sign's half holding
@@ -188,27 +241,156 @@ class Retriever:
         t1 = time.perf_counter()
         found, timings = self.candidates(queries, candidates)
         t2 = time.perf_counter()
-        rng = np.random.default_rng(0)
-        sample = self.sketches.ids[rng.choice(len(self.sketches), min(probe, len(self.sketches)),
-                                              replace=False)]
-        union = np.unique(np.concatenate(found))
-        res = self.inf.scan(queries, ids=np.union1d(union, sample))
+        sample = self.probe_rows(probe)
+        res = self.inf.scan(queries, ids=np.union1d(np.unique(np.concatenate(found)),
+                                                    self.sketches.ids[sample]))
         timings |= dict(queries=t1 - t0, rescore=time.perf_counter() - t2)
+        _, n_top, n_bottom = self.split(candidates)
+        return self.result(res, found, self.sketches.ids[sample], timings,
+                           self.calibration.recall(n_top, n_bottom))
+
+    def probe_rows(self, probe: int) -> np.ndarray:
+        """``probe`` random rows of the store (seed 0, sorted)."""
+        n = len(self.sketches)
+        return np.sort(np.random.default_rng(0).choice(n, min(probe, n), replace=False))
+
+    def result(self, res: InfluenceResult, found: list[np.ndarray], sample: np.ndarray,
+               timings: dict, estimated: dict, **extra) -> SearchResult:
+        """The :class:`SearchResult` of a rescoring ``res`` of the candidates ``found`` and the
+        probe ``sample`` (corpus ids): the search-size estimates from the probe, which is then
+        left out unless a query's candidates hold it."""
         at = {int(i): c for c, i in enumerate(res.ids)}
-        sizes: list[dict | None] = [None] * len(queries)
-        for q in range(len(queries) if probe else 0):
+        sizes: list[dict | None] = [None] * len(found)
+        for q in range(len(found) if len(sample) else 0):
             top = np.sort(res.scores[q, [at[int(i)] for i in found[q]]])[::-1][:10]
             try:
                 sizes[q] = search_size(res.scores[q, [at[int(i)] for i in sample]], top)
             except ValueError:    # the probe's tail holds no positive score
                 pass
-        keep = np.isin(res.ids, union)               # the probe only served the estimate
+        keep = np.isin(res.ids, np.unique(np.concatenate(found)))
         res = replace(res, scores=res.scores[:, keep], ids=res.ids[keep],
                       layer_scores=None if res.layer_scores is None
                       else res.layer_scores[..., keep])
-        _, n_top, n_bottom = self.split(candidates)
         return SearchResult(**{f.name: getattr(res, f.name) for f in fields(InfluenceResult)
                                if f.init},
-                            candidates=found, timings=timings,
-                            estimated_recall=self.calibration.recall(n_top, n_bottom),
-                            search_size=sizes)
+                            candidates=found, timings=timings, estimated_recall=estimated,
+                            search_size=sizes, **extra)
+
+    def estimates(self, x: np.ndarray) -> np.ndarray:
+        """(Q, N) float32 sketch inner products of query sketches ``x`` (Q, D) with every
+        stored row, a block of rows at a time (the store stays a memory map)."""
+        data = self.sketches.data
+        return np.concatenate([x @ np.asarray(data[i:i + BLOCK], np.float32).T
+                               for i in range(0, len(data), BLOCK)], 1) if len(data) \
+            else np.zeros((len(x), 0), np.float32)
+
+    def targeted(self, queries: QueryLike, recall: float = RECALL, k: int = 10,
+                 probe: int = 0, budget: float = 1.0) -> SearchResult:
+        """Rescore in rounds until each query's own bound is met (:class:`Hunt`): per sign,
+        the expected number of its exhaustive top-``k`` among the unrescored sequences is at
+        most k · (1 − ``recall``). A query that would pass ``budget`` (a share of the sketched
+        sequences) stops there, unmet: ``met`` says so, and a warning names the queries. Each
+        round scans every query on the rows asked for that no earlier round scanned."""
+        t0 = time.perf_counter()
+        queries = self.inf.queries(queries)
+        t1 = time.perf_counter()
+        x = self.sketches.query_sketches(self.inf.model, self.inf.factors, queries)
+        H = self.sketches.noise_scale(self.sketches.query_rest(self.inf.factors, queries, x))
+        A = self.estimates(x)
+        noise = self.calibration.noise
+        t2 = time.perf_counter()
+        sample = self.probe_rows(probe)
+        hunts = [Hunt(a, h, noise, k, recall, budget) for a, h in zip(A, H)]
+        exact, parts = np.zeros(A.shape), []
+        scanned = np.zeros(A.shape[1], bool)
+        todo = [h.first(sample) for h in hunts]
+        while any(len(t) for t in todo):
+            rows = np.setdiff1d(np.concatenate(todo), np.flatnonzero(scanned))
+            if len(rows):
+                parts.append(self.inf.scan(queries, ids=self.sketches.ids[rows]))
+                exact[:, self.sketches.rows_of(parts[-1].ids)] = parts[-1].scores
+                scanned[rows] = True
+            todo = [h.next(t, exact[q, t]) for q, (h, t) in enumerate(zip(hunts, todo))]
+        t3 = time.perf_counter()
+        res = replace(parts[0], **{name: np.concatenate([getattr(p, name) for p in parts], -1)
+                                   for name in ("scores", "ids", "layer_scores")
+                                   if getattr(parts[0], name) is not None})
+        met = [h.met for h in hunts]
+        if not all(met):
+            warnings.warn(f"search: {met.count(False)} of {len(met)} queries stopped at "
+                          f"budget={budget} below recall={recall} (estimated "
+                          f"{min(min(h.estimate.values()) for h in hunts):.3f} at worst); "
+                          "raise budget= or lower recall=", stacklevel=2)
+        timings = dict(queries=t1 - t0, sketch=t2 - t1, rescore=t3 - t2)
+        estimated = dict(positive=[h.estimate[1] for h in hunts],
+                         negative=[h.estimate[-1] for h in hunts], target=recall, k=k)
+        return self.result(res, [self.sketches.ids[np.flatnonzero(h.own)] for h in hunts],
+                           self.sketches.ids[sample], timings, estimated,
+                           rescored_fraction=[float(h.own.mean()) for h in hunts], met=met,
+                           rounds=len(parts))
+
+
+class Hunt:
+    """One query's search for its exhaustive top-k of both signs, round by round.
+
+    s_hat (N,): the sketch estimates ŝ; H (N,): their error scale (the stored norms times the
+    query's, :meth:`Sketches.noise_scale`); noise: z = (s − ŝ) / H as calibrated. After each
+    round, per sign, τ is the k-th best exact score found and p_i = P(s_i beats τ) for every
+    unrescored i (:func:`~influence_nb.search.misses`); Σ p bounds the expected number of the
+    top-k missed (each of them beats τ). The next round rescores the fewest largest p that
+    bring Σ p to k · (1 − recall) (:func:`~influence_nb.search.to_rescore`) — τ only rises,
+    so one round usually settles it — or, when that is ``FALLBACK`` of what is left, all of it
+    (an exhaustive scan of the rest).
+    """
+
+    def __init__(self, s_hat: np.ndarray, H: np.ndarray, noise: NoiseModel, k: int,
+                 recall: float, budget: float):
+        self.s_hat, self.H, self.noise, self.k = s_hat, H, noise, k
+        self.allowed_misses, self.allowed_rows = k * (1 - recall), int(budget * len(s_hat))
+        self.own = np.zeros(len(s_hat), bool)         # rows rescored for this query
+        self.exact = np.zeros(len(s_hat))
+        self.estimate = {1: 0.0, -1: 0.0}              # estimated recall per sign
+        self.met = True
+
+    def first(self, sample: np.ndarray) -> np.ndarray:
+        """The first round: the max(2k, START · N) largest and most negative estimates (half the
+        budget at most) and the probe ``sample`` (rows) — or every row when even an optimistic
+        τ (per sign the k-th best of ŝ moved by the largest calibrated error) leaves
+        ``FALLBACK`` of them to rescore: a hopeless sketch costs one exhaustive pass, not a
+        first round more."""
+        rows, need = np.arange(len(self.own)), []
+        for sign in (1, -1):
+            z_max = self.noise.z[-1] if sign > 0 else -self.noise.z[0]
+            upper = np.sort(sign * self.s_hat + self.H * z_max)[::-1]   # sign · s at most
+            need.append(self.plan(rows, sign * upper[min(self.k, len(rows)) - 1], sign)[0])
+        if len(np.union1d(*need)) >= FALLBACK * len(rows) and len(rows) <= self.allowed_rows:
+            return rows
+        n = min(self.allowed_rows // 2, max(2 * self.k, int(np.ceil(START * len(self.own)))))
+        order = np.argsort(-self.s_hat, kind="stable")
+        return np.unique(np.concatenate([order[:n], order[::-1][:n], sample]))
+
+    def plan(self, left: np.ndarray, tau: float, sign: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``left`` unrescored, τ the k-th best score of ``sign`` -> (positions in
+        ``left`` to rescore, P(each beats τ))."""
+        p = misses(self.s_hat[left], self.H[left], tau, sign, self.noise)
+        return to_rescore(p, self.allowed_misses), p
+
+    def next(self, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Take the exact ``scores`` of ``rows``; -> the rows of the next round (empty: done)."""
+        self.own[rows], self.exact[rows] = True, scores
+        left = np.flatnonzero(~self.own)
+        p, need = {}, []
+        for sign in (1, -1):
+            found = np.sort(sign * self.exact[self.own])[::-1]
+            tau = sign * found[self.k - 1] if len(found) >= self.k else -sign * np.inf
+            rescore, p[sign] = self.plan(left, tau, sign)
+            self.estimate[sign] = float(max(0.0, 1 - p[sign].sum() / self.k))
+            need.append(rescore)
+        need = np.union1d(*need)
+        if len(need) >= FALLBACK * len(left):
+            need = np.arange(len(left))
+        room = self.allowed_rows - int(self.own.sum())
+        if len(need) > room:                    # the budget ends the hunt, unmet
+            self.met = False
+            need = np.argsort(-np.maximum(p[1], p[-1]), kind="stable")[:max(room, 0)]
+        return np.sort(left[need])

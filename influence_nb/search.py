@@ -4,7 +4,9 @@ sequences must be scanned, and recall of a search against an exhaustive scan.
 - :class:`BM25`, the paper's TF-IDF candidate filter (§3.2.1);
 - :class:`PowerLawTail` and :func:`search_size`, the paper's estimate of how many sequences
   must be scanned to find the influential ones (§5.2.2);
-- :func:`recall_at_k`, the share of an exhaustive scan's top-k that a search found.
+- :func:`recall_at_k`, the share of an exhaustive scan's top-k that a search found;
+- :class:`NoiseModel` and :func:`misses`, what a recall-targeted search bounds: the chance that
+  a sequence it did not rescore beats the k-th best exact score it found.
 
 The search that combines sketches, the index and BM25 with exact rescoring of the candidates
 is :class:`~influence_nb.retriever.Retriever`.
@@ -105,3 +107,55 @@ def recall_at_k(found: InfluenceResult, exact: InfluenceResult, k: int = 10,
             top = top[np.isin(top, own[q])]
         out.append(len(set(top[:k]) & set(exact.top(q, k, sign)["id"])) / k)
     return np.array(out)
+
+
+@dataclass
+class NoiseModel:
+    """How far a sketch estimate ŝ is from the exact score s, in units of its Cauchy–Schwarz
+    scale H = Σ_ℓ ‖query rest_ℓ‖ · ‖sequence rest_ℓ‖ (:meth:`Sketches.query_rest`, the stored
+    norms): z = (s − ŝ) / H, measured on a calibration sample scanned exactly.
+
+    z: sorted measured values (the calibration's, every query and sequence pooled)
+
+    Within the largest ``TAIL`` share of either side the tail is an exponential fitted to that
+    share (the mean excess over its threshold), not cut off at the largest value seen. (The
+    eigen sketch's |z| is at most 1 by Cauchy–Schwarz, up to its float16 rounding, which
+    dominates where the sketch holds nearly everything; no such cap is used.)
+    """
+    z: np.ndarray
+
+    TAIL = 0.01
+
+    def survival(self, t: np.ndarray, sign: int = 1) -> np.ndarray:
+        """P(sign · z > t), elementwise."""
+        z = self.z if sign > 0 else -self.z[::-1]            # ascending either way
+        n = len(z)
+        m = max(10, int(self.TAIL * n))
+        u = z[n - m - 1]                                     # the tail's threshold
+        beta = max(float(np.mean(z[n - m:] - u)), 1e-12)
+        t = np.asarray(t, np.float64)
+        body = (n - np.searchsorted(z, t, side="right")) / n
+        tail = m / n * np.exp(-(t - u) / beta)
+        return np.where(t < u, body, tail)
+
+
+def misses(estimate: np.ndarray, scale: np.ndarray, tau: float, sign: int,
+           noise: NoiseModel) -> np.ndarray:
+    """Per sequence, P(its exact score beats ``tau``): sign · s > sign · tau, with s = ŝ + H z
+    (``estimate`` ŝ, ``scale`` H, both (n,)). Summed over the sequences a search did not
+    rescore, with tau the k-th best exact score it found, this bounds the expected number of
+    the exhaustive top-k it missed (each of them beats tau, since the true k-th best is at
+    least as good)."""
+    gap = sign * (tau - estimate)                              # how far ŝ must move
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = noise.survival(gap / scale, sign)
+    return np.where(scale > 0, p, (gap < 0).astype(np.float64))
+
+
+def to_rescore(p: np.ndarray, budget: float) -> np.ndarray:
+    """The fewest positions of ``p`` (chances of a miss) to rescore so that the rest sum to at
+    most ``budget``: the largest first -> their indices."""
+    order = np.argsort(-p, kind="stable")
+    rest = p.sum() - np.cumsum(p[order])                       # left after the first i + 1
+    n = int(np.searchsorted(-rest, -budget, side="left")) + 1 if p.sum() > budget else 0
+    return order[:n]

@@ -230,8 +230,9 @@ class Influence:
     def retriever(self, path: str | os.PathLike, sketch_args: Any = None,
                   index_args: Any = None, lexical: float | None = None) -> Any:
         """Sketch and index the corpus into ``path`` once (resumable; reused when present), for
-        fast candidate search: ``inf.retriever(path).search(pairs, candidates=K)`` returns the
-        exactly rescored candidates as a result; ``lexical`` is the share of the positive
+        fast candidate search: ``inf.retriever(path).search(pairs, recall=0.95)`` (or
+        ``candidates=K``) returns the exactly rescored candidates as a result; ``lexical`` is
+        the share of the positive
         candidates that BM25 proposes (None: only where the sketch's calibrated recall falls
         short). See :mod:`influence_nb.retriever`."""
         from .retriever import Retriever

@@ -1,11 +1,14 @@
 """The sketch store: a gradient sketch (:mod:`influence_nb.projection`) per training sequence,
 written once and searched by every later query.
 
-On disk (a directory): ``sketches.f16`` (N, D) float16 rows, ``rows.bin`` (N,) records of
-(corpus id, hash of the sequence's tokens) and ``sketches.json``, the manifest, written last
-(and sealed) after each chunk: it lists the committed chunks with their CRC-32, the model and
-factor fingerprints and the projection's settings (the projection itself is drawn again from
-them).
+On disk (a directory): ``sketches.f16`` (N, D) float16 rows, ``norms.f32`` (N, L) float32
+per sequence and layer the norm of what the sketch does not hold exactly
+(:meth:`~influence_nb.projection.Projection.rest_sq`: the scale of the sketch's error that a
+recall-targeted search bounds), ``rows.bin`` (N,) records of (corpus id, hash of the
+sequence's tokens) and ``sketches.json``, the manifest, written last (and sealed) after each chunk: it lists the
+committed chunks with their CRC-32s, the model and factor fingerprints and the projection's
+settings (the projection itself is drawn again from them). Stores of format 1, before the norms,
+still open and serve fixed-size searches; a search with a recall target asks to rebuild them.
 A build killed at any moment resumes after the last committed chunk; sketching more ids later
 appends rows and keeps the old ones. Under torch.distributed the chunks are shared out over the
 ranks and the parts merged, byte for byte the store one process writes.
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -38,7 +42,8 @@ from .task import Task
 if TYPE_CHECKING:  # annotations only
     from .queries import Queries
 
-FORMAT = "influence_nb.sketches/1"
+FORMAT = "influence_nb.sketches/2"
+FORMAT_1 = "influence_nb.sketches/1"   # before norms.f32: opened read-only, never extended
 ROW = np.dtype([("id", "<i8"), ("hash", "<u8")])
 
 
@@ -60,8 +65,11 @@ class Sketches:
     sketches corpus sequence ``ids[r]``; rows never move, so appended sequences keep their ids.
     """
 
-    def __init__(self, path: Path, manifest: dict, rows: np.ndarray, data: np.ndarray):
+    def __init__(self, path: Path, manifest: dict, rows: np.ndarray, data: np.ndarray,
+                 norms: np.ndarray | None = None):
         self.path, self.manifest, self.rows, self.data = path, manifest, rows, data
+        self._norms = norms
+        self._projections: dict[str, Projection] = {}
 
     @property
     def ids(self) -> np.ndarray:
@@ -70,6 +78,17 @@ class Sketches:
     @property
     def dim(self) -> int:
         return self.manifest["dim"]
+
+    @property
+    def norms(self) -> np.ndarray:
+        """(N, L) float32 norms of what each layer's sketch leaves out (layers in the
+        manifest's order); SketchError for a store of format 1, made before them."""
+        if self.manifest["format"] == FORMAT_1:
+            raise SketchError(f"{self.path} predates the per-sequence norms a search with a "
+                              "recall target needs (sketch store format 1); rebuild it with "
+                              "build_sketches(...) in a new directory, or search with "
+                              "candidates=K")
+        return self._norms
 
     @property
     def args(self) -> SketchArgs:
@@ -85,11 +104,15 @@ class Sketches:
     def projection(self, factors: Factors) -> Projection:
         """The store's projection, drawn again from its settings (SketchError: one the package
         no longer draws — random Khatri-Rao pairs, benchmarks/sketch_variants.py)."""
+        key = factors.factors_id()
+        if key in self._projections:       # drawn once per factors: a search asks twice
+            return self._projections[key]
         proj = Projection.draw(factors, self.args)
         if self.manifest["projection"]["structure"] != "kronecker" and proj.variant != "eigen":
             raise SketchError(f"{self.path} holds {proj.variant} sketches of the Khatri-Rao "
                               "structure, no longer in the package (benchmarks/"
                               "sketch_variants.py); rebuild it with SketchArgs()")
+        self._projections[key] = proj
         return proj
 
     @property
@@ -116,26 +139,27 @@ class Sketches:
         manifest = _read_manifest(path)
         if model is not None or factors is not None:
             _check_owner(path, manifest, model, factors)
-        n, dim = sum(c[0] for c in manifest["chunks"]), manifest["dim"]
-        for name, size in (("rows.bin", n * ROW.itemsize), ("sketches.f16", n * dim * 2)):
+        n = sum(c[0] for c in manifest["chunks"])
+        for name, width, _ in _files(manifest):
             have = (path / name).stat().st_size if (path / name).exists() else -1
-            if have < size:  # longer is an interrupted chunk, ignored until the next build
-                raise SketchError(f"{path / name} is truncated ({max(have, 0)} of {size} bytes); "
-                                  "delete the directory and rebuild with build_sketches(...)")
-        rows = np.fromfile(path / "rows.bin", dtype=ROW, count=n)
-        data = (np.memmap(path / "sketches.f16", np.float16, "r", shape=(n, dim)) if n
-                else np.zeros((0, dim), np.float16))
+            if have < n * width:  # longer is an interrupted chunk, ignored until the next build
+                raise SketchError(f"{path / name} is truncated ({max(have, 0)} of {n * width} "
+                                  "bytes); delete the directory and rebuild with "
+                                  "build_sketches(...)")
+        arrays = [np.fromfile(path / name, dtype=dtype, count=n) if name == "rows.bin" else
+                  np.memmap(path / name, dtype, "r", shape=(n, width // dtype.itemsize)) if n
+                  else np.zeros((0, width // dtype.itemsize), dtype)
+                  for name, width, dtype in _files(manifest)]
         if verify:
             start = 0
-            for k, (size, crc_rows, crc_data) in enumerate(manifest["chunks"]):
+            for k, (size, *crcs) in enumerate(manifest["chunks"]):
                 stop = start + size
-                if (store.crc32(rows[start:stop]) != crc_rows
-                        or store.crc32(data[start:stop]) != crc_data):
+                if [store.crc32(x[start:stop]) for x in arrays] != crcs:
                     raise SketchError(f"{path} is corrupt (chunk {k}, rows {start}–{stop}, fails "
                                       "its CRC-32); delete the directory and rebuild with "
                                       "build_sketches(...)")
                 start = stop
-        return cls(path, manifest, rows, data)
+        return cls(path, manifest, *arrays)
 
     def rows_of(self, ids: Sequence[int]) -> np.ndarray:
         """Row numbers of corpus ``ids`` in this store (KeyError naming a missing id)."""
@@ -165,9 +189,34 @@ class Sketches:
                               f"sketches in {self.path}; make them with the same factors")
         return self.projection(factors).sketch_queries(queries).numpy()
 
+    def query_rest(self, factors: Factors, queries: Queries, x: np.ndarray) -> np.ndarray:
+        """(Q, L) float64 :meth:`Projection.query_rest` of queries sketched as ``x`` (Q, D)
+        (:meth:`query_sketches`): the sketch's error on sequence i is at most (eigen) or of
+        the order of (random, times ~1/√m) :meth:`noise_scale`, Σ_ℓ rest_ℓ · norms[i, ℓ]."""
+        return self.projection(factors).query_rest(queries, torch.from_numpy(x)).numpy()
+
+    def noise_scale(self, rest: np.ndarray, rows: np.ndarray | slice = slice(None)
+                    ) -> np.ndarray:
+        """(Q, n) the sketch error's scale for queries of :meth:`query_rest` ``rest`` (Q, L) on
+        the store's ``rows``."""
+        return rest @ self.norms[rows].astype(np.float64).T
+
+
+def _files(manifest: dict) -> list[tuple[str, int, np.dtype]]:
+    """(file, bytes per sequence, dtype) of a store's data files, in the chunks' CRC order."""
+    files = [("rows.bin", ROW.itemsize, ROW),
+             ("sketches.f16", 2 * manifest["dim"], np.dtype(np.float16))]
+    if manifest["format"] != FORMAT_1:
+        files.append(("norms.f32", 4 * len(manifest["layers"]), np.dtype(np.float32)))
+    return files
+
 
 def _read_manifest(path: Path) -> dict:
-    return store.read_manifest(path / "sketches.json", FORMAT, SketchError,
+    try:   # a store of format 1 opens as it is (no norms)
+        old = json.loads((path / "sketches.json").read_text()).get("format") == FORMAT_1
+    except (OSError, ValueError, AttributeError):
+        old = False
+    return store.read_manifest(path / "sketches.json", FORMAT_1 if old else FORMAT, SketchError,
                                f"delete {path} and rebuild with build_sketches(model, factors, "
                                "corpus, path)", keys=("dim", "projection", "layers", "chunks",
                                                       "model_fingerprint", "factors_id"))
@@ -234,21 +283,26 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
             done = set()
         ids = as_ids(ids, len(corpus))
         todo = np.array([i for i in ids.tolist() if i not in done], dtype=np.int64)
+        if len(todo) and manifest["format"] == FORMAT_1:
+            raise SketchError(f"{path} is a sketch store of format 1, before per-sequence "
+                              "norms: it cannot grow; build the sketches in a new directory")
         n = sum(c[0] for c in manifest["chunks"])
-        for name, width in (("rows.bin", ROW.itemsize), ("sketches.f16", 2 * proj.dim)):
+        for name, width, _ in _files(manifest):
             store.truncate(path / name, n * width)  # drop the rows of an interrupted chunk
         layers = find_layers(model, factors.layer_names)
         with tqdm(total=len(todo), desc="sketching", unit="seq",
                   disable=not args.progress) as bar:
             for start in range(0, len(todo), args.chunk_size):
                 chunk = todo[start:start + args.chunk_size]
-                data = corpus_pass(model, layers, source(corpus, args.batch_size, chunk),
-                                   [Sketcher(proj, len(chunk))], task=task, progress=bar)[0]
+                data, norms = corpus_pass(model, layers, source(corpus, args.batch_size, chunk),
+                                          [Sketcher(proj, len(chunk))], task=task,
+                                          progress=bar)[0]
                 rows = np.empty(len(chunk), ROW)
                 rows["id"], rows["hash"] = chunk, sequence_hashes(corpus, chunk)
-                store.append(path / "rows.bin", rows.tobytes())
-                store.append(path / "sketches.f16", data.tobytes())
-                manifest["chunks"].append([len(chunk), store.crc32(rows), store.crc32(data)])
+                arrays = [rows, data, norms]
+                for (name, _, _), x in zip(_files(manifest), arrays):
+                    store.append(path / name, x.tobytes())
+                manifest["chunks"].append([len(chunk), *map(store.crc32, arrays)])
                 store.write_manifest(path / "sketches.json", manifest)
     return Sketches.open(path, verify=False)
 
@@ -325,7 +379,7 @@ def _merge(path: Path, parts: Sequence[Sketches]) -> None:
                               "already holds; merge disjoint parts only")
         have = np.concatenate([have, part.ids])
     n = sum(c[0] for c in manifest["chunks"])
-    for name, width in (("rows.bin", ROW.itemsize), ("sketches.f16", 2 * manifest["dim"])):
+    for name, width, _ in _files(manifest):
         store.truncate(path / name, n * width)  # drop the rows of an interrupted merge or build
         with open(path / name, "ab") as out:
             for part in parts:

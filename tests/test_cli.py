@@ -72,6 +72,18 @@ def test_notebook_api_opens_what_the_cli_wrote(runs, world, capsys):
     assert found.top(0, 1)["text"].iloc[0] == corpus.text(int(found.top(0, 1)["id"].iloc[0]))
     search = json.loads((root / "found" / "search.json").read_text())
     assert set(search["timings"]) == {"queries", "sketch", "search", "bm25", "rescore"}
+    assert search["rescored_fraction"] is None and search["rounds"] == 1     # a fixed budget
+
+    # a recall target: rounds of exact rescoring until each query's bound is met
+    main(["search", *COMMON, "--factors", str(root / "factors"), "--queries",
+          str(root / "queries.jsonl"), "--index", str(root / "search"), "--recall", "0.9",
+          "--out", str(root / "found-recall")])
+    targeted = json.loads((root / "found-recall" / "search.json").read_text())
+    assert targeted["met"] == [True, True] and targeted["rounds"] >= 1
+    assert all(0 < f <= 1 for f in targeted["rescored_fraction"])
+    assert min(targeted["estimated_recall"]["positive"]) >= 0.9
+    again = InfluenceResult.load(root / "found-recall", corpus)
+    np.testing.assert_allclose(again.scores, scan.scores[:, again.ids], rtol=0, atol=1e-6 * scale)
 
     # the notebook's own search over the CLI's sketches and index returns the same result
     inf = Influence(model, tokenizer, corpus, factors)

@@ -315,10 +315,12 @@ def _doors() -> list[Door]:
     add("Retriever", "lexical", [NAN, INF, -0.1, 1.5, True, "0.5", 0, 1, 0.5, None, 1.0],
         lambda w, v: Retriever(w.inf, w.ret.sketches, w.ret.index, lexical=v),
         real(0, 1, False, False, none=True), lambda w, v, out: out.lexical == v)
-    add("Retriever.search", "candidates", COUNTS,
-        lambda w, v: w.ret.search(PAIR, candidates=v, probe=0), count(1), _search_ok)
+    add("Retriever.search", "candidates", COUNTS,   # None: a recall target instead
+        lambda w, v: w.ret.search(PAIR, candidates=v, probe=0), count(1, none=True), _search_ok)
     add("Retriever.search", "probe", COUNTS,
-        lambda w, v: w.ret.search(PAIR, candidates=4, probe=v), count(0), _search_ok)
+        lambda w, v: w.ret.search(PAIR, candidates=4, probe=v), count(0, none=True), _search_ok)
+    add("Retriever.search", "recall", FLOATS,
+        lambda w, v: w.ret.search(PAIR, recall=v), real(0, 1, none=True), _search_ok)
     add("Retriever.search", "queries", QUERIES[:9], lambda w, v: w.ret.search(v, candidates=4),
         query_ok, _search_ok, ("quer", "prompt", "completion"))
     add("SketchIndex.search", "k", COUNTS,

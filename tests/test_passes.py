@@ -43,7 +43,7 @@ def test_one_sweep_feeds_several_consumers_with_the_numbers_of_separate_passes(s
     proj = Projection.draw(factors, SketchArgs(m=16))
     consumers = [Scorer(queries, layers, len(ids)), SelfInfluence(factors, len(ids)),
                  Sketcher(proj, len(ids)), Gradients(layers)]
-    (layer_scores, _), selfinf, sketches, (DW, losses) = corpus_pass(
+    (layer_scores, _), selfinf, (sketches, _), (DW, losses) = corpus_pass(
         model, layers, source(corpus, 4, ids), consumers, progress=False)
     alone = scan(model, queries, corpus, ScoreArgs(rank=None, batch_size=8, chunk_size=8,
                                                   progress=False), ids=ids)

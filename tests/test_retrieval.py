@@ -168,6 +168,111 @@ def test_eigen_sketch_with_every_coordinate_is_exact(session, exact, tmp_path):
     assert resolve_variant(session.factors, SketchArgs(m=n_params)) == "eigen"   # coverage 1
 
 
+@pytest.mark.parametrize("variant", ["eigen", "whitened"])
+def test_stored_norms_bound_the_sketch_error(session, exact, tmp_path, variant):
+    """Eigen: per layer, |score − sketch estimate| ≤ ‖query rest‖ · ‖sequence rest‖ (Cauchy–
+    Schwarz in the whitened eigenbasis over the dropped coordinates), so the error lies within
+    their sum over the layers. Random: the norms are the sketch's own per layer (its JL
+    scale), and the error is a fraction of their products' sum."""
+    m = 16 if variant == "eigen" else 64
+    sk = build_sketches(session.model, session.factors, session.corpus, tmp_path,
+                        SketchArgs(m=m, variant=variant, batch_size=8, progress=False))
+    queries = session.queries(PAIRS)
+    x = sk.query_sketches(session.model, session.factors, queries)
+    bound = sk.noise_scale(sk.query_rest(session.factors, queries, x))
+    S = exact.scores[:, sk.ids]
+    err = np.abs(S - x @ sk.data.astype(np.float32).T)
+    if variant == "eigen":
+        assert (err <= bound + 1e-2 * np.abs(S).max()).all()      # float16 sketches
+    else:
+        layers = np.split(sk.data.astype(np.float64), len(sk.manifest["layers"]), 1)
+        own = np.stack([np.linalg.norm(part, axis=1) for part in layers], 1)
+        np.testing.assert_allclose(sk.norms, own, rtol=2e-3)
+        assert np.median(err / bound) < 0.5
+    assert (bound > 0).all()
+    print(f"{variant}: |error| / bound median {np.median(err / bound):.3f}")
+
+
+def many_pairs(n: int) -> list[tuple[str, str]]:
+    """n queries from the corpus's texts (the words before "is" and the rest), and others."""
+    texts = [f"{WORDS[(3 * i) % 10]} number {i % 13} is {'odd' if i % 3 else 'even'}"
+             for i in range(n)]
+    return [(t[:t.index(" is")], t[t.index(" is"):]) for t in texts]
+
+
+@pytest.mark.parametrize("variant", ["eigen", "whitened"])
+def test_recall_target_is_kept_over_many_queries(session, tmp_path, variant):
+    """The bound's coverage: over many queries, each searched alone at recall=0.8 (k = 3), the
+    exhaustive top-3 of both signs lands among the rescored sequences at least at the promised
+    rate (up to the sampling error of 16 queries)."""
+    sk = build_sketches(session.model, session.factors, session.corpus, tmp_path / "s",
+                        SketchArgs(m=16 if variant == "eigen" else 64, variant=variant,
+                                   batch_size=8, progress=False))
+    ret = Retriever(session, sk, SketchIndex.build(sk, tmp_path / "i", IndexArgs(progress=False)),
+                    calibration=CalibrationArgs(sample=60, queries=8))
+    pairs = many_pairs(16)
+    S = session.scan(pairs).scores[:, sk.ids]
+    found, fractions = [], []
+    for q, pair in enumerate(pairs):
+        res = ret.search([pair], recall=0.8, k=3, probe=0)
+        rows = sk.rows_of(res.candidates[0])
+        for sign in (1, -1):
+            found.append(np.isin(np.argsort(-sign * S[q])[:3], rows).mean())
+        fractions.append(res.rescored_fraction[0])
+        assert res.met == [True] and 0 <= min(res.estimated_recall["positive"]) <= 1
+        np.testing.assert_allclose(res.scores[0], S[q, sk.rows_of(res.ids)], rtol=1e-4,
+                                   atol=1e-5 * np.abs(S[q]).max())
+    print(f"{variant}: recall {np.mean(found):.3f}, rescored {np.mean(fractions):.3f}")
+    assert np.mean(found) >= 0.8 - 0.05
+
+
+def test_recall_target_beyond_the_budget_says_so(session, tmp_path):
+    """A target the budget cannot reach stops at the budget, flags the query unmet and warns in
+    one line; a budget and a target together with candidates= are refused."""
+    ret = Retriever.build(session, tmp_path, SMALL, IndexArgs(progress=False), lexical=0)
+    ret.calibration_args = CalibrationArgs(sample=40, queries=4)
+    with pytest.warns(UserWarning, match=r"1 of 1 queries stopped at budget=0.3 below "
+                      r"recall=0.999 .*; raise budget= or lower recall="):
+        res = ret.search(PAIRS[:1], recall=0.999, budget=0.3)
+    assert res.met == [False] and res.rescored_fraction[0] <= 0.3
+    assert min(res.estimated_recall["positive"] + res.estimated_recall["negative"]) < 0.999
+    full = ret.search(PAIRS[:1], recall=0.999)                 # no budget: met, maybe all
+    assert full.met == [True] and full.rounds >= 1
+    with pytest.raises(ValueError, match=r"search\(candidates=10, recall=0.9\): give one"):
+        ret.search(PAIRS, candidates=10, recall=0.9)
+    with pytest.raises(ValueError, match=r"recall=1.0\): must be"):
+        ret.search(PAIRS, recall=1.0)
+
+
+def test_store_of_format_1_serves_fixed_searches_and_refuses_a_recall_target(session, tmp_path):
+    """A store written before the norms (format 1) still opens and serves candidates=K; a
+    recall target asks, in one line, for a rebuild; growing it is refused."""
+    from influence_nb import store
+    from influence_nb.sketch import FORMAT_1
+    path = tmp_path / "sketches"
+    built = build_sketches(session.model, session.factors, session.corpus, path, SMALL,
+                           ids=range(50))
+    manifest = store.read_manifest(path / "sketches.json", built.manifest["format"],
+                                   SketchError, "")
+    manifest |= dict(format=FORMAT_1, chunks=[c[:3] for c in manifest["chunks"]])
+    store.write_manifest(path / "sketches.json", manifest)
+    (path / "norms.f32").unlink()
+    old = Sketches.open(path, session.model, session.factors)
+    ret = Retriever(session, old, SketchIndex.build(old, tmp_path / "index",
+                                                    IndexArgs(progress=False)), lexical=0)
+    assert old.manifest["format"] == FORMAT_1
+    assert len(ret.search(PAIRS, candidates=12, probe=0).ids) > 0
+    with pytest.raises(SketchError, match=r"predates the per-sequence norms .* rebuild it "
+                       r"with build_sketches\(\.\.\.\) in a new directory, or search with "
+                       r"candidates=K$"):
+        ret.search(PAIRS, recall=0.9)
+    assert len(build_sketches(session.model, session.factors, session.corpus, path, SMALL,
+                              ids=range(50))) == 50          # nothing to add: opens as it is
+    with pytest.raises(SketchError, match="format 1, before per-sequence norms: it cannot "
+                       "grow; build the sketches in a new directory"):
+        build_sketches(session.model, session.factors, session.corpus, path, SMALL)
+
+
 @pytest.mark.parametrize("dense", [0, 10 ** 9])
 def test_eigen_sketch_block_and_coordinate_paths_agree(session, tmp_path, monkeypatch, dense):
     args = SketchArgs(m=48, variant="eigen", batch_size=8, progress=False)
