@@ -131,7 +131,8 @@ def test_prose_quotes_only_numbers_its_cells_assert(prefix):
     assert not quoted or "assert" in asserted
 
 
-@pytest.mark.parametrize("prefix", PROSE)
+@pytest.mark.parametrize("prefix", [pytest.param(p, marks=_group(p[:2])) for p in PROSE],
+                         ids=list(PROSE))
 def test_no_warnings_in_red(prefix, executed):
     """No cell of these notebooks prints a warning (a red box in JupyterLab): notebook 09 once
     showed transformers' FutureWarning from peft's adapter loading."""
