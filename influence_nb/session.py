@@ -74,8 +74,8 @@ class Influence:
         shipped = demo.ASSETS / DEMO_FACTORS
         if args is None and task is None and (shipped / "manifest.json").is_file():
             factors = inf.load_factors(shipped)
-            if (replace(factors.args, progress=DEMO_FIT.progress, draws=DEMO_FIT.draws) == DEMO_FIT
-                    and factors.corpus_fingerprint == corpus.fingerprint):
+            fitted = replace(factors.args, progress=DEMO_FIT.progress, draws=DEMO_FIT.draws)
+            if fitted == DEMO_FIT and factors.corpus_fingerprint == corpus.fingerprint:
                 return inf
             warnings.warn(f"the demo factors shipped in {shipped} are not DEMO_FIT's on this "
                           "corpus (rebuild them with `make demo-factors`); fitting instead",
@@ -232,9 +232,8 @@ class Influence:
         """Sketch and index the corpus into ``path`` once (resumable; reused when present), for
         fast candidate search: ``inf.retriever(path).search(pairs, recall=0.95)`` (or
         ``candidates=K``) returns the exactly rescored candidates as a result; ``lexical`` is
-        the share of the positive
-        candidates that BM25 proposes (None: only where the sketch's calibrated recall falls
-        short). See :mod:`influence_nb.retriever`."""
+        the share of the positive candidates that BM25 proposes (None: only where the
+        sketch's calibrated recall falls short). See :mod:`influence_nb.retriever`."""
         from .retriever import Retriever
         return Retriever.build(self, path, sketch_args, index_args, lexical)
 
