@@ -220,18 +220,22 @@ class Factors:
                 "fisher": "empirical" if self.empirical_fisher else "true",
                 "fisher_probe": self.fisher_probe}
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, eigenvectors: torch.dtype | None = None) -> Path:
         """Write the tensors to ``factors-<sha256>.safetensors``, then ``manifest.json`` naming
         that file, into directory ``path``, under a lock. The manifest is the commit: a save
         killed at any moment leaves the previous factors loadable (an orphan tensor file or a
         temporary one at worst, removed by the next save); the manifest is sealed (:func:`store.write_manifest`)
         and records the tensors' SHA-256, so an edited field or flipped bytes are refused on
-        load."""
+        load. ``eigenvectors``: store Q_A and Q_S in this dtype (e.g. float16: half the bytes,
+        each entry to 2⁻¹¹ relative; the demo's shipped factors), read back in the eigenvalues'
+        dtype."""
         path = Path(path)
         tensors = {}
+        cast = (lambda q: q.contiguous()) if eigenvectors is None else (  # noqa: E731
+            lambda q: q.to(eigenvectors).contiguous())
         for name, f in self.layers.items():
-            tensors |= {f"{name}/Q_A/{k}": q.contiguous() for k, q in enumerate(f.Q_A)}
-            tensors |= {f"{name}/Q_S/{k}": q.contiguous() for k, q in enumerate(f.Q_S)}
+            tensors |= {f"{name}/Q_A/{k}": cast(q) for k, q in enumerate(f.Q_A)}
+            tensors |= {f"{name}/Q_S/{k}": cast(q) for k, q in enumerate(f.Q_S)}
             tensors |= {f"{name}/lambda_A": f.lambda_A, f"{name}/lambda_S": f.lambda_S}
             if f.Lambda is not None:
                 tensors[f"{name}/Lambda"] = f.Lambda
@@ -284,7 +288,8 @@ class Factors:
                 if missing:
                     raise ValueError(f"factors in {path} lack tensor {missing[0]!r} of a "
                                      f"strategy={args.strategy!r} fit; {fix}")
-                blocks = {key: [t[f"{name}/{key}/{k}"] for k in range(
+                dtype = t[f"{name}/lambda_A"].dtype   # Q may be stored narrower (save)
+                blocks = {key: [t[f"{name}/{key}/{k}"].to(dtype) for k in range(
                     sum(x.startswith(f"{name}/{key}/") for x in t))] for key in ("Q_A", "Q_S")}
                 f = LayerFactors(blocks["Q_A"], t[f"{name}/lambda_A"], blocks["Q_S"],
                                  t[f"{name}/lambda_S"], t.get(f"{name}/Lambda"))
