@@ -125,7 +125,7 @@ SCAN_PEAK = textwrap.dedent("""
                     attention_mask=torch.ones(8, 64, dtype=torch.long))]
     factors = fit_factors(model, batches, FactorArgs(progress=False))
     ids = torch.randint(1, 128, (q, 12), generator=g)
-    prepare = lambda: make_queries(model, factors, ids[:, :10], ids[:, 10:], rank=rank)
+    prepare = lambda n=q: make_queries(model, factors, ids[:n, :10], ids[:n, 10:], rank=rank)
 
     class Rows:   # a corpus of 32 sequences of 64 tokens
         offsets = np.arange(0, 33 * 64, 64)
@@ -142,7 +142,7 @@ SCAN_PEAK = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
     args = ScoreArgs(batch_tokens=1024, progress=False, per_layer=False)
     queries = None if whole else prepare()
-    scan(model, queries or prepare(), Rows(), args)          # warm
+    scan(model, queries or prepare(2), Rows(), args)          # warm (2 queries: the same paths)
     base = vm("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     queries = queries or prepare()
