@@ -100,6 +100,10 @@ def plain_seconds(model, corpus, batch_tokens: int) -> float:
 def stage(a: argparse.Namespace) -> dict:
     """One stage in this process: "fit" (saves factors to a.dir) or "scan" with a.q queries."""
     set_threads(1)
+    if a.spill_bytes is not None:   # where many queries' factors go to a file (spill.py)
+        import influence_nb.plan
+        import influence_nb.queries
+        influence_nb.queries.SPILL_BYTES = influence_nb.plan.SPILL_BYTES = a.spill_bytes
     model, tokenizer, corpus, pairs = world(a.shape, a.tokens, a.sequences, a.q or 1)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -152,6 +156,7 @@ def compare(fit: dict, scans: dict, precision: str) -> dict:
     p, t, held = plan["seconds"], fit.get("timings_s") or {}, plan["resident_gb"]
     out = {"fit_passes_s": [p["covariance"] + p.get("eigenvalues", 0),
                             t.get("covariance", 0) + t.get("eigenvalues", 0)],
+           "draws_s": [p.get("draws", 0), t.get("draws")],
            "eigendecomposition_s": [p["eigendecomposition"], t.get("eigendecomposition")],
            "fit_peak_gb": [held + plan["fit_peak_gb"], fit["fit_peak_gb"]]}
     for q, s in scans.items():
@@ -177,6 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draws", type=int, default=None,
                    help="FactorArgs(draws=...); default None: the fit chooses (a few sequences "
                         "of wide layers choose many, see docs/design.md)")
+    p.add_argument("--spill-bytes", type=int, default=None,
+                   help="queries' factors beyond this many bytes spill to a file (default: "
+                        "spill.SPILL_BYTES); a large value keeps them in memory, for an A/B")
+    p.add_argument("--keep", default=None,
+                   help="a folder for the fit (factors and its figures): a later run with the "
+                        "same shape, tokens, sequences and fit flags reuses it instead of fitting")
     p.add_argument("--stage", choices=["fit", "scan"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--q", type=int, help=argparse.SUPPRESS)
@@ -187,19 +198,34 @@ def main(argv: list[str] | None = None) -> None:
     common = [f"--shape={a.shape}", f"--tokens={a.tokens}", f"--sequences={a.sequences}",
               f"--layers={a.layers}", f"--blocks={a.blocks}",
               f"--eigh-precision={a.eigh_precision}",
-              *([f"--draws={a.draws}"] if a.draws else []), "--queries", *map(str, a.queries)]
-    with tempfile.TemporaryDirectory() as d:
-        fit = run([*common, "--precision", *a.precision, "--stage=fit", f"--dir={d}"])
+              *([f"--draws={a.draws}"] if a.draws else []),
+              *([f"--spill-bytes={a.spill_bytes}"] if a.spill_bytes is not None else []),
+              "--queries", *map(str, a.queries)]
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(a.keep or tmp)
+        d.mkdir(parents=True, exist_ok=True)
+        key = json.dumps([a.shape, a.tokens, a.sequences, a.layers, a.blocks, a.eigh_precision,
+                          a.draws, a.precision])
+        kept = d / "fit.json"
+        if kept.exists() and json.loads(kept.read_text())["key"] == key:
+            fit = json.loads(kept.read_text())["fit"] | {"reused": str(d)}
+        else:
+            fit = run([*common, "--precision", *a.precision, "--stage=fit", f"--dir={d}"])
+            kept.write_text(json.dumps({"key": key, "fit": fit}))
         scans = {p: {q: run([*common, "--precision", p, "--stage=scan", f"--dir={d}", f"--q={q}"])
                      for q in a.queries} for p in a.precision} if "error" not in fit else {}
     out = {"shape": a.shape, "tokens": a.tokens, "sequences": a.sequences, "layers": a.layers,
-           "blocks": a.blocks, "eigh_precision": a.eigh_precision, "fit": fit, "scans": scans, "machine": os.uname().nodename,
+           "blocks": a.blocks, "eigh_precision": a.eigh_precision, "spill_bytes": a.spill_bytes,
+           "fit": fit, "scans": scans, "machine": os.uname().nodename,
            "load": os.getloadavg()[0]}
     if "error" not in fit:
         t = fit.get("timings_s") or {}
-        per_seq = sum(v for k, v in t.items() if k != "eigendecomposition") / a.sequences
+        # fixed costs, apart: the eigendecompositions (cubic in the widths) and a small corpus's
+        # extra Fisher draws (they top S up to a sample size set by the widths, not the corpus)
+        fixed = ("eigendecomposition", "draws")
+        per_seq = sum(v for k, v in t.items() if k not in fixed) / a.sequences
         out["fit_per_seq_over_plain"] = per_seq / fit["plain_s_per_seq"] if t else None
-        out["fit_fixed_eigendecomposition_s"] = t.get("eigendecomposition")
+        out["fit_fixed_s"] = {k: t.get(k, 0.0) for k in fixed}
         out["scan_over_plain"] = {p: {q: s["scan_s"] / a.sequences / s["plain_s_per_seq"]
                                       for q, s in by_q.items() if "error" not in s}
                                   for p, by_q in scans.items()}

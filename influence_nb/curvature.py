@@ -107,8 +107,9 @@ class Factors:
     empirical_fisher: bool = False
     fisher_probe: str | None = None      # the true Fisher's draw (Task.fisher_probe); None: the
     #                                      empirical Fisher, no Fisher (identity), or unrecorded
-    # seconds of each stage of the fit that made them ("covariance", "eigendecomposition",
-    # "eigenvalues"); empty for loaded factors (they describe a run, not the curvature)
+    # seconds of each stage of the fit that made them ("covariance", "draws": the extra Fisher
+    # draws of a small corpus, "eigendecomposition", "eigenvalues"); empty for loaded factors
+    # (they describe a run, not the curvature)
     timings: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
     # λ_ℓ per (layer, strategy, settings), read from the device once, not per batch
     _damping: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -400,11 +401,13 @@ def fit_factors(model: nn.Module, data: object, args: FactorArgs | None = None,
     start = time.perf_counter()
     draws = args.draws or 1
     run([covariance] + ([recording] if recording is not None else []), "covariance", draws)
+    timings = {"covariance": time.perf_counter() - start}
     if args.draws is None and src.repeatable and not task.empirical_fisher:
         draws = covariance.draws_needed()
-        if draws > 1:
+        if draws > 1:   # a small corpus's S topped up: bounded, whatever the corpus's size
+            start = time.perf_counter()
             run([covariance], f"covariance, draws 2-{draws}", draws - 1, first=1)
-    timings = {"covariance": time.perf_counter() - start}
+            timings["draws"] = time.perf_counter() - start
     layers, n_seq, n_tok = covariance.factors()
     n_seq, n_tok = n_seq // draws, n_tok // draws
     timings["eigendecomposition"] = covariance.eigh_seconds

@@ -288,11 +288,11 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
     draws = fit.draws or 1
     if fit.draws is None and not task.empirical_fisher:   # as the fit chooses them, from the
         draws = covariance.inner.draws_needed(per_token)   # corpus's worth of this batch
+    seconds = {"covariance": total * per_token}
     if draws > 1:   # the fit's second covariance pass: a forward, draws - 1 backwards
         start = time.perf_counter()
         run([covariance], draws - 1, 1)
-        total += time.perf_counter() - start
-    seconds = {"covariance": total * per_token}
+        seconds["draws"] = (time.perf_counter() - start) * per_token
     consumers: dict[str, _Timed] = {}
     if fit.strategy == "ekfac":   # eigenbases of the right sizes: the cost is the matmuls'
         eye = lambda n: [torch.eye(k, dtype=dtype, device=device)  # noqa: E731

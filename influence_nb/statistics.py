@@ -131,21 +131,25 @@ class Covariance(Consumer):
         self.S = {n: [zeros(k) for k in s[1]] for n, s in self.split.items()}
         # Σ_t w_t and Σ_t w_t² of the first draw, w_t = |δ_t|²: how evenly positions fill S
         self.w = {n: torch.zeros(2, dtype=torch.float64, device=device) for n in self.split}
-        self.n_seq = self.n_tok = 0
+        self.n_seq = self.n_tok = self.n_tok_A = 0   # n_tok_A: the first draw's tokens
 
     def update_layer(self, layer: TrackedLayer, a: Tensor, delta: Tensor,
                      batch: PassBatch) -> None:
         n, idx = layer.name, batch.tokens
-        a = a.flatten(0, 1).index_select(0, idx).split(self.split[n][0], dim=1)  # (tokens, in+1)
         d = delta.flatten(0, 1).index_select(0, idx).split(self.split[n][1], dim=1)  # (tokens, out)
-        for acc, x in zip(self.A[n] + self.S[n], a + d):
-            acc.addmm_(x.T, x)                  # Σ ā āᵀ, Σ δ δᵀ per diagonal block
-        if batch.draw == 0:
+        for acc, x in zip(self.S[n], d):
+            acc.addmm_(x.T, x)                  # Σ δ δᵀ per diagonal block
+        if batch.draw == 0:   # ā does not depend on the labels: every draw's Σ ā āᵀ is the first's
+            a = a.flatten(0, 1).index_select(0, idx).split(self.split[n][0], dim=1)  # (tokens, in+1)
+            for acc, x in zip(self.A[n], a):
+                acc.addmm_(x.T, x)
             w = sum((x * x).sum(1) for x in d).double()                    # (tokens,) |δ_t|²
             self.w[n] += torch.stack([w.sum(), (w * w).sum()])
 
     def update(self, batch: PassBatch) -> None:
         self.n_seq, self.n_tok = self.n_seq + len(batch), self.n_tok + batch.n_tokens
+        if batch.draw == 0:
+            self.n_tok_A += batch.n_tokens
 
     def finish(self) -> "Covariance":
         """The sums so far (another pass may add to them); :meth:`factors` ends the fit."""
@@ -169,7 +173,7 @@ class Covariance(Consumer):
         """All-reduce the sums and eigendecompose them: ({name: LayerFactors without Λ},
         n_sequences, n_tokens), counted once per draw."""
         distributed.all_reduce_([blk for n in self.A for blk in self.A[n] + self.S[n]])
-        n_seq, n_tok = distributed.sum_counts(self.n_seq, self.n_tok)
+        n_seq, n_tok, n_tok_A = distributed.sum_counts(self.n_seq, self.n_tok, self.n_tok_A)
         if n_tok == 0:
             raise ValueError(f"none of the {n_seq} sequences has a token to score (each needs "
                              "at least 2 tokens, and the task's loss mask must keep one); "
@@ -178,7 +182,7 @@ class Covariance(Consumer):
         # a fixed cost, cubic in the widths (float64 eigh of a 3,072² matrix: ≈ 9 s on one core)
         for n in tqdm(list(self.A), desc="eigendecomposition", unit="layer",
                       disable=not self.progress):
-            Q_A, lambda_A = _eigh([blk / n_tok for blk in self.A[n]], self.dtype, self.precision)
+            Q_A, lambda_A = _eigh([blk / n_tok_A for blk in self.A[n]], self.dtype, self.precision)
             Q_S, lambda_S = _eigh([blk / n_seq for blk in self.S[n]], self.dtype, self.precision)
             layers[n] = LayerFactors(Q_A, lambda_A, Q_S, lambda_S, None)
         self.A = self.S = {}

@@ -481,3 +481,10 @@ def test_a_default_fit_records_the_draws_it_chose_and_a_pinned_one_keeps_them():
     assert pinned.args.draws == 2
     once = fit_factors(model, iter(batches(2)), FactorArgs(strategy="kfac", progress=False))
     assert once.args.draws == 1
+    # the extra draws are timed apart, and change S only: A is the first draw's, as one draw's
+    assert set(auto.timings) == {"covariance", "draws", "eigendecomposition", "eigenvalues"}
+    assert "draws" not in pinned.timings and "draws" not in once.timings
+    single = fit_factors(model, batches(2), FactorArgs(draws=1, progress=False))
+    for n, f in auto.layers.items():
+        torch.testing.assert_close(f.lambda_A, single.layers[n].lambda_A, rtol=0, atol=0)
+        assert not torch.equal(f.lambda_S, single.layers[n].lambda_S)
