@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import faiss
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import store
 from .checks import check_args, checked, shown

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from einops import einsum
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import distributed
 from .batching import Source, prepared

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from einops import einsum
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import distributed, store
 from .batching import source

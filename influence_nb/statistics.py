@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 from torch import Tensor
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import distributed
 from .layers import TrackedLayer

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 from transformers import TrainerCallback
 
 from . import store

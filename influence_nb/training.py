@@ -28,7 +28,7 @@ import torch
 from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .checks import as_ids, check_args, checked
 from .data import Corpus

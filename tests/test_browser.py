@@ -573,7 +573,8 @@ def test_saved_notebook_with_a_new_kernel_says_the_views_are_offline(page, lab, 
 def test_reopened_without_widget_state_shows_no_error_line(page, lab, saved):
     """JupyterLab's default save keeps no widget state: reopened with a kernel, each view's
     output would say "Error displaying widget: model not found" under its snapshot; the
-    snapshot's style hides that output, and the snapshots show."""
+    snapshot's style hides that output, no other output says it (no progress bar was saved as
+    a widget), and the snapshots show."""
     nb = dict(saved, metadata={k: v for k, v in saved["metadata"].items() if k != "widgets"})
     other = _reopen(page, lab, "no_state.ipynb", nb)
     other.wait_for_function("""() => { const nb = window.jupyterapp && window.jupyterapp.shell.currentWidget;
@@ -586,6 +587,9 @@ def test_reopened_without_widget_state_shows_no_error_line(page, lab, saved):
     assert ours.evaluate_all("els => els.filter(e => e.textContent.includes("
                              "'Error displaying widget')).length") >= 5   # JupyterLab wrote them ...
     assert not any(ours.nth(i).is_visible() for i in range(ours.count()))   # ... unseen
+    # and nowhere else: the progress bars left their last line as text (influence_nb.progress)
+    errors = other.locator(".jp-OutputArea-output").filter(has_text="Error displaying widget")
+    assert not any(errors.nth(i).is_visible() for i in range(errors.count()))
     snap = other.locator(".inb-static").filter(has=other.locator("tr.inb-s-selected")).first
     assert snap.is_visible() and other.locator(".inb-root").count() == 0
     other.close()

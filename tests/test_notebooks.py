@@ -69,6 +69,14 @@ def test_notebook_runs(path, executed):
     charts = sum("image/svg+xml" in o.get("data", {})
                  for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert widgets + charts >= 1, f"{path.name} displayed no widget and no chart"
+    # every live view follows its static snapshot; a bare widget (a progress bar) would read
+    # "Error displaying widget: model not found" in a notebook saved without widget state
+    bare = [(i, o.get("data", {}).get("text/plain", "")[:80])
+            for i, c in enumerate(nb.cells) if c.cell_type == "code"
+            for before, o in zip([{}] + c.outputs, c.outputs)
+            if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+            and "inb-static" not in before.get("data", {}).get("text/html", "")]
+    assert not bare, f"{path.name}: widgets with no snapshot before them: {bare}"
 
 
 @_group("02")

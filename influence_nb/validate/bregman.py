@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..batching import prepared, source
 from ..checks import as_ids, checked

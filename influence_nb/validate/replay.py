@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..data import Corpus
 from ..hooks import eval_mode
