@@ -316,13 +316,13 @@ def strategy_queries(model: nn.Module, factors: Factors, prompts: Sequence[Seque
     device = next(model.parameters()).device
     spilled = spilled_factors(factors.shapes, names, len(prompts), rank,
                               dtype or stat_dtype(model)) if device.type == "cpu" else {}
-    consumer = QueryFactors(tracked, factors, strategies, rank, dtype, spilled)
-    size = query_block([(o * len(consumer.strategies), i) for o, i in factors.shapes.values()],
+    consumer = QueryFactors(tracked, factors, names, rank, dtype, spilled)
+    size = query_block([(o * len(names), i) for o, i in factors.shapes.values()],
                        stat_dtype(model).itemsize)
     R, f = corpus_pass(model, tracked, source(list(batch.blocks(size)), size), [consumer],
                        "measurement", task, progress=False)[0]
     return {s: Queries(prompts, completions, f, R[s], rank, s, factors.factors_id())
-            for s in consumer.strategies}
+            for s in names}
 
 
 # -- dense query gradients: every (Q, out, in+1) matrix kept, for a few queries --------------------
