@@ -175,6 +175,9 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     layers = find_layers(model, fit.layers)
     shapes = [t.shape for t in layers]
     device = next(model.parameters()).device
+    # what the process holds and the machine can give before the measured batch: memory that
+    # batch frees stays with the allocator, and would be counted twice (held, then predicted)
+    resident, available = _resident(device, "VmRSS"), available_memory(device)
     size = torch.finfo(stat_dtype(model)).bits // 8
     ids = np.arange(len(corpus))[:fit.max_examples]
     lengths = np.diff(corpus.offsets)[ids]
@@ -211,8 +214,7 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
                               // fit.batch_tokens))
     if memory["recording"] >= passes.RECORD_BYTES:
         notes.append("ā and δ exceed RECORD_BYTES: EK-FAC's eigenvalue pass runs the model again")
-    return Plan(memory, _resident(device, "VmRSS"), fit_peak, scan_peak,
-                available_memory(device), seconds, len(ids), padded, notes)
+    return Plan(memory, resident, fit_peak, scan_peak, available, seconds, len(ids), padded, notes)
 
 
 def _memory(model: nn.Module, shapes: Sequence[tuple[int, int]], fit: FactorArgs,

@@ -251,6 +251,8 @@ def test_explorer_filters_and_stripes_rows_by_source(page):
     explorer = page.locator(".inb-root[data-view='explorer']").filter(
         has=page.locator(".inb-source-select"))
     rows = explorer.locator(".inb-row")
+    # the menu can draw before the rows do: wait for them rather than count at once
+    explorer.locator(".inb-row >> nth=7").wait_for(timeout=30_000)
     assert rows.count() == 8
     stripes = rows.evaluate_all(
         "els => els.map(e => [e.dataset.source, getComputedStyle(e).borderLeftColor])")
