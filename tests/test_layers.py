@@ -14,7 +14,7 @@ ROOT = Path(influence_nb.__file__).parent
 # bottom to top; a module may import its own layer (without a cycle) or any layer below
 LAYERS = [
     {"data", "task", "batching", "layers", "hooks", "store", "spill", "distributed", "checks", "quiet",
-     "training", "demo", "demo.vocabulary", "demo.velnish", "demo.world", "demo.build",
+     "progress", "training", "demo", "demo.vocabulary", "demo.velnish", "demo.world", "demo.build",
      "demo.loader", "demo.finetune"},
     {"passes"},
     {"statistics"},
