@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from .progress import tqdm
 
 from .checks import as_ids, checked, first_line, whole
+from .progress import tqdm
 
 _BLOCK = 1024  # documents tokenized per call when streaming a source
 RESERVED = frozenset({"text", "doc", "offset", "n_tokens", "parent_id"})  # columns of Corpus.df

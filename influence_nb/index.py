@@ -32,10 +32,10 @@ from typing import Any, ClassVar
 
 import faiss
 import numpy as np
-from .progress import tqdm
 
 from . import store
 from .checks import check_args, checked, shown
+from .progress import tqdm
 from .sketch import Sketches
 
 KINDS = ("flat", "ivfpq", "ivfsq8", "hnsw")

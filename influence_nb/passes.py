@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from einops import einsum
 from torch import Tensor, nn
-from .progress import tqdm
 
 from . import distributed
 from .batching import Source, prepared
 from .hooks import Capture, eval_mode
 from .layers import TrackedLayer, stat_dtype
+from .progress import tqdm
 from .task import Task
 
 LOSSES = ("loglik", "fisher", "measurement")

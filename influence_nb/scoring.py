@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from einops import einsum
 from torch import Tensor, nn
-from .progress import tqdm
 
 from . import distributed, store
 from .batching import source
@@ -42,6 +41,7 @@ from .curvature import Factors, fingerprint_of
 from .data import Corpus
 from .layers import TrackedLayer, find_layers, stat_dtype
 from .passes import Consumer, PassBatch, chunks, corpus_pass
+from .progress import tqdm
 from .queries import Queries
 from .task import Task, get
 

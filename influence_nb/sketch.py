@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
-from .progress import tqdm
 
 from . import distributed, store
 from .batching import source
@@ -36,6 +35,7 @@ from .curvature import Factors, fingerprint_of
 from .data import Corpus
 from .layers import find_layers
 from .passes import corpus_pass
+from .progress import tqdm
 from .projection import VARIANTS, Projection, SketchArgs, Sketcher
 from .task import Task
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 from torch import Tensor
-from .progress import tqdm
 
 from . import distributed
 from .layers import TrackedLayer
 from .passes import Consumer, PassBatch
+from .progress import tqdm
 
 
 @dataclass
@@ -139,8 +139,8 @@ class Covariance(Consumer):
         d = delta.flatten(0, 1).index_select(0, idx).split(self.split[n][1], dim=1)  # (tokens, out)
         for acc, x in zip(self.S[n], d):
             acc.addmm_(x.T, x)                  # Σ δ δᵀ per diagonal block
-        if batch.draw == 0:   # ā does not depend on the labels: every draw's Σ ā āᵀ is the first's
-            a = a.flatten(0, 1).index_select(0, idx).split(self.split[n][0], dim=1)  # (tokens, in+1)
+        if batch.draw == 0:   # ā does not depend on the labels: each draw's Σ ā āᵀ is the first's
+            a = a.flatten(0, 1).index_select(0, idx).split(self.split[n][0], dim=1)  # (tok, in+1)
             for acc, x in zip(self.A[n], a):
                 acc.addmm_(x.T, x)
             w = sum((x * x).sum(1) for x in d).double()                    # (tokens,) |δ_t|²

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from .progress import tqdm
 from transformers import TrainerCallback
 
 from . import store
 from .checks import checked
 from .curvature import FactorArgs, Factors, fit_factors
+from .progress import tqdm
 from .task import Task
 
 FACTORS_DIR = "influence_factors"  # beside a checkpoint's weights, or in output_dir

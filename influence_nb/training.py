@@ -28,10 +28,10 @@ import torch
 from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
-from .progress import tqdm
 
 from .checks import as_ids, check_args, checked
 from .data import Corpus
+from .progress import tqdm
 
 
 @dataclass

@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from ..progress import tqdm
 
 from ..batching import prepared, source
 from ..checks import as_ids, checked
 from ..curvature import FactorArgs
 from ..hooks import eval_mode
 from ..layers import TrackedLayer, find_layers
+from ..progress import tqdm
 from ..task import Task, get, query_batch
 from .agreement import pearson, spearman
 from .exact import compare

@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from ..progress import tqdm
 
 from ..data import Corpus
 from ..checks import as_ids, checked
 from ..hooks import eval_mode
+from ..progress import tqdm
 from ..store import ChunkStore
 from ..task import Task, measure, to_device
 from ..training import code_fingerprint

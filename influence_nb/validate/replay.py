@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from ..progress import tqdm
 
 from ..data import Corpus
 from ..hooks import eval_mode
+from ..progress import tqdm
 from ..task import Task, query_batch
 from ..training import OptState, TrainRecord, update
 
