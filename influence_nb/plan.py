@@ -18,6 +18,7 @@ the corpus's padded tokens. The eigendecompositions are timed on one matrix and 
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,17 @@ def _peak_reset(device: torch.device) -> None:
         try:
             Path("/proc/self/clear_refs").write_text("5")   # VmHWM back to VmRSS (Linux)
         except OSError:
+            pass
+
+
+def _give_back_freed(device: torch.device) -> None:
+    """Return the heap that the measurement freed to the OS (glibc's ``malloc_trim``): its
+    full-size consumers take as much as the fit's statistics, and glibc keeps freed heap pages,
+    which would raise the peak of the run being planned. Elsewhere (not glibc) a no-op."""
+    if device.type == "cpu":
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
             pass
 
 
@@ -195,6 +207,7 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
         seconds["eigendecomposition"] = _eigh_seconds(
             shapes, fit.blocks, getattr(torch, fit.eigh_precision)) if fit.strategy != "identity" \
             else 0.0
+        _give_back_freed(device)
     fit_peak = (memory["factors"] + memory["accumulators"] + memory["eigh"]
                 + memory["recording"] + memory["batch"])
     results = lambda q: q * (len(layers) * score.per_layer + 1) * len(corpus) * 8  # noqa: E731
