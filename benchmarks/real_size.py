@@ -209,11 +209,13 @@ def main(argv: list[str] | None = None) -> None:
         key = json.dumps([a.shape, a.tokens, a.sequences, a.layers, a.blocks, a.eigh_precision,
                           a.draws, a.precision])
         kept = d / "fit.json"
-        if kept.exists() and json.loads(kept.read_text())["key"] == key:
-            fit = json.loads(kept.read_text())["fit"] | {"reused": str(d)}
+        earlier = json.loads(kept.read_text()) if kept.exists() else {}
+        if earlier.get("key") == key:
+            fit = earlier["fit"] | {"reused": str(d)}
         else:
             fit = run([*common, "--precision", *a.precision, "--stage=fit", f"--dir={d}"])
-            kept.write_text(json.dumps({"key": key, "fit": fit}))
+            if "error" not in fit:   # a failed fit is not kept for the next run to reuse
+                kept.write_text(json.dumps({"key": key, "fit": fit}))
         scans = {p: {q: run([*common, "--precision", p, "--stage=scan", f"--dir={d}", f"--q={q}"])
                      for q in a.queries} for p in a.precision} if "error" not in fit else {}
     out = {"shape": a.shape, "tokens": a.tokens, "sequences": a.sequences, "layers": a.layers,
