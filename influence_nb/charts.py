@@ -1,8 +1,9 @@
 """Altair charts of influence results that render offline in JupyterLab 4.
 
-Altair's default renderer loads Vega from a CDN; :func:`offline` switches Altair to its ``svg``
+Altair's default renderer loads Vega from a CDN; :func:`offline` switches Altair to our
 renderer, which draws the chart in the kernel with vl-convert (no network, plain SVG output
-that passes notebook validation). :func:`save_png` writes a PNG for docs.
+that passes notebook validation, and a PNG for untrusted notebooks). :func:`save_png` writes a
+PNG for docs.
 
     charts.offline()
     charts.distribution(result, q=0)     # log–log tail of the influence scores, power-law fit
@@ -27,7 +28,7 @@ from .results import UNIT, InfluenceResult
 from .widgets import short_layer_names
 
 __all__ = ["distribution", "layer_heatmap", "layer_profile", "lds_scatter", "offline", "save_png",
-           "source_split", "theme", "variants"]
+           "source_split", "svg_and_png", "theme", "variants"]
 
 # the widgets' colours (orange raises, blue lowers log p), the sources' in a scan over several
 POS, NEG = style.hex_colour(style.POS), style.hex_colour(style.NEG)
@@ -56,10 +57,24 @@ def theme() -> alt.theme.ThemeConfig:
                        "text": {"color": GREY, "fontSize": 12}}}
 
 
+def svg_and_png(spec: dict, **metadata: object) -> tuple[dict, dict]:
+    """A chart's output: SVG, and a PNG beside it. JupyterLab draws the SVG, except in an
+    untrusted notebook (one from someone else), where it draws no SVG and shows the PNG."""
+    from altair.utils.mimebundle import spec_to_mimebundle
+    versions = dict(mode="vega-lite", vega_version=alt.VEGA_VERSION,
+                    vegaembed_version=alt.VEGAEMBED_VERSION, vegalite_version=alt.VEGALITE_VERSION)
+    png, meta = spec_to_mimebundle(spec, format="png", **versions, **metadata)
+    return spec_to_mimebundle(spec, format="svg", **versions, **metadata) | png, meta
+
+
+alt.renderers.register("influence_nb", svg_and_png)
+
+
 def offline() -> None:
-    """Render Altair charts as SVG in the kernel (vl-convert): no CDN, valid notebooks; in the
-    package's theme (transparent, grey text), which suits light and dark notebooks."""
-    alt.renderers.enable("svg")
+    """Render Altair charts in the kernel (vl-convert) as SVG with a PNG beside it
+    (:func:`svg_and_png`): no CDN, valid notebooks; in the package's theme (transparent, grey
+    text), which suits light and dark notebooks."""
+    alt.renderers.enable("influence_nb")
     alt.theme.enable("influence_nb")
 
 

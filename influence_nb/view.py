@@ -59,8 +59,8 @@ class View(anywidget.AnyWidget):
         """A view's request (the lab's "score")."""
 
     def to_html(self) -> str:
-        """A self-contained static HTML snapshot of the view (inline CSS and SVG, no script,
-        no network, every text escaped)."""
+        """A self-contained static HTML snapshot of the view (plain HTML with inline styles,
+        no script, no network, every text escaped)."""
         raise NotImplementedError
 
     def save(self, path: str | os.PathLike) -> Path:

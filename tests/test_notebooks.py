@@ -69,6 +69,9 @@ def test_notebook_runs(path, executed):
     charts = sum("image/svg+xml" in o.get("data", {})
                  for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert widgets + charts >= 1, f"{path.name} displayed no widget and no chart"
+    # each chart with a PNG beside its SVG: an untrusted notebook shows no SVG
+    assert all("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+               for o in c.outputs if "image/svg+xml" in o.get("data", {}))
     # every live view follows its static snapshot; a bare widget (a progress bar) would read
     # "Error displaying widget: model not found" in a notebook saved without widget state
     bare = [(i, o.get("data", {}).get("text/plain", "")[:80])

@@ -16,7 +16,7 @@ from influence_nb import charts, style
 from influence_nb.data import Corpus
 from influence_nb.magics import parse_paragraphs, parse_query
 from influence_nb.results import InfluenceResult
-from influence_nb.snapshot import fmt
+from influence_nb.snapshot import attrs, fmt
 from influence_nb.view import asset
 from influence_nb.widgets import (InfluenceExplorer, LayerBars, SyntheticLab, TokenHighlight,
                                   short_layer_names)
@@ -193,6 +193,8 @@ def test_charts_render_offline(result, tmp_path):
         svg = bundle["image/svg+xml"]
         assert svg.lstrip().startswith("<svg") and charts.GREY in svg   # the theme for both
         assert 'fill="white"' not in svg and "fill: white" not in svg   # no white rectangle
+        # and a PNG beside it, which an untrusted notebook shows in the SVG's place
+        assert bundle["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         alt.renderers.enable(before)
     charts.save_png(charts.layer_profile(result, 0), tmp_path / "layers.png")
@@ -374,13 +376,13 @@ def test_completion_token_reranks_and_layers_recolour(session, capfd):
     page = ex.to_html()                                            # the snapshot says so
     token = html.escape(repr(ex.queries[0]["completion_tokens"][1]))
     assert f"ranked by the completion token {token} alone over {len(ids)} of {len(ids)} scanned" \
-        in page and page.count(' inb-s-picked"') == 1
+        in page and page.count(' inb-s-picked" style="') == 1
     ex.query_token = -1
     assert [(r["id"], r["score"]) for r in ex.rows] == whole
     ex.layer = 0
     assert sum(ex.detail["token_scores"]) == pytest.approx(ex.detail["layer_values"][0], rel=1e-4)
     assert f"detail tokens by layer {ex.detail['layer_names'][0]} alone" in ex.to_html()
-    assert "ranked by the whole completion" in ex.to_html() and ' inb-s-picked"' not in ex.to_html()
+    assert "ranked by the whole completion" in ex.to_html() and ' inb-s-picked" style' not in ex.to_html()
 
 
 def test_magics_session_query_lab(session):
@@ -434,36 +436,82 @@ def _displayed(obj) -> list[dict]:
 
 def test_every_widget_displays_a_static_snapshot_beside_its_view(result, tmp_path):
     """Displayed, a widget is a self-contained HTML snapshot (no script, no network, training
-    text escaped, tokens coloured inline, bars as inline SVG), then the view; the snapshot
-    follows the widget's state."""
+    text escaped, tokens coloured inline, bars in HTML), then the view; the snapshot follows
+    the widget's state."""
     ex = InfluenceExplorer(result, k=4)
     views = [ex, TokenHighlight.of(result, 0, 2), LayerBars.of(result, 0)]
     for view in views:
         snap, live = _displayed(view)
         assert "application/vnd.jupyter.widget-view+json" in live and "text/html" not in live
         page = snap["text/html"]
-        assert page == view.to_html() and page.startswith('<div class="inb-static">')
+        assert page == view.to_html() and page.startswith('<div class="inb-static" style="')
         assert "<script" not in page and "http" not in page and "object at 0x" not in page
         assert "object at 0x" not in live["text/plain"]
     from IPython.utils.capture import capture_output
     with capture_output() as cap:
         ex.selected = 3
     assert cap.outputs and cap.outputs[-1].data["text/html"] == ex.to_html()
-    assert '<tr class="inb-s-selected"><td class="inb-s-num">4</td><td class="inb-s-num">3</td>' \
-        in ex.to_html()
+    num = attrs("inb-s-num")
+    assert f'<tr {attrs("inb-s-selected")}><td {num}>4</td><td {num}>3</td>' in ex.to_html()
     ex.selected = 0
     page = ex.to_html()
     assert "&lt;b&gt;" in page and "<b>" not in page     # training text stays text
     for r in ex.rows:                                    # every row, its id and its score
-        assert f"<td class=\"inb-s-num\">{r['id']}</td>" in page and fmt(r["score"]) in page
+        assert f"<td {num}>{r['id']}</td>" in page and fmt(r["score"]) in page
     assert page.count('class="inb-s-tok"') >= len(ex.detail["tokens"])
     assert "rgba(230, 97, 1," in page and "rgba(33, 102, 172," in page   # both signs coloured
-    assert "<svg" in page and page.count("<rect") == 2                  # one bar per layer
+    assert "<svg" not in page and page.count('class="inb-s-bar-row"') == 2   # a bar per layer
     assert "N = 20,000 training sequences" in page and "Δ log p per copy" in page
-    assert "<svg" in LayerBars.of(result, 0).to_html()
+    assert 'class="inb-s-bars"' in LayerBars.of(result, 0).to_html()
     path = ex.save(tmp_path / "explorer.html")
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and page in text
+
+
+# What JupyterLab's sanitizer keeps in an untrusted notebook, of what a snapshot could use
+# (jupyterlab/packages/apputils/src/sanitizer.ts: allowedTags, allowedStyles): no <svg>, no
+# <style>, no style value it cannot parse, such as var() or a gradient
+KEPT_TAGS = {"div", "span", "table", "thead", "tbody", "tr", "th", "td", "mark", "b", "i", "code"}
+KEPT_STYLES = {"background", "border", "border-bottom", "border-collapse", "border-radius",
+               "box-sizing", "color", "display", "font-family", "font-size", "font-style",
+               "font-weight", "height", "line-height", "margin", "margin-right", "max-width",
+               "min-width",
+               "opacity", "outline", "overflow", "overflow-wrap", "padding", "padding-left",
+               "padding-right", "table-layout", "text-align", "text-decoration",
+               "vertical-align", "white-space", "width"}
+
+
+def test_snapshots_keep_their_look_in_an_untrusted_notebook(result):
+    """A notebook opened from someone else is untrusted: JupyterLab drops <style> and <svg>
+    from its HTML and every style value it cannot parse. Every element a snapshot draws is
+    one the sanitizer keeps and carries its look inline, in properties and values it keeps."""
+    from html.parser import HTMLParser
+
+    class Check(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.depth, self.unstyled, self.tags = 0, [], set()
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "style":
+                return
+            self.tags.add(tag)
+            if "class" in a and "style" not in a:
+                self.unstyled.append(a["class"])
+            for rule in filter(None, (r.strip() for r in a.get("style", "").split(";"))):
+                prop, value = (x.strip() for x in rule.split(":", 1))
+                assert prop in KEPT_STYLES, rule
+                assert "var(" not in value and "gradient" not in value, rule
+
+    ex = InfluenceExplorer(result, k=4)
+    ex.query_token = 0
+    for view in [ex, TokenHighlight.of(result, 0, 2), LayerBars.of(result, 0)]:
+        check = Check()
+        check.feed(view.to_html().split("</style>", 1)[1])
+        assert check.tags <= KEPT_TAGS, check.tags - KEPT_TAGS
+        assert not check.unstyled, check.unstyled   # a class's look is inline, not in <style>
+    assert ' inb-s-picked" style="' in ex.to_html()   # the ranked-by token, boxed
 
 
 VALUES = [97681.314453, 15.688255280256271, -0.5, 0.0, -0.000123, 999.6, 1234.5, 0.0123, 0.001,
