@@ -291,6 +291,9 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
         model, layers, source(corpus, len(ids), ids), consumers, "fisher", task, fit.seed,
         progress=False, draws=draws, first_draw=first)
     run([])                                   # a first batch pays for allocations and hooks
+    # what that batch freed, back to the OS: else the measured batch reuses it unseen, in
+    # neither ``resident`` (read before) nor its own peak above ``base``
+    _give_back_freed(device)
     base = _resident(device, "VmRSS")
     _peak_reset(device)
     start = time.perf_counter()
