@@ -4,8 +4,8 @@
 A snapshot is self-contained — plain HTML with inline styles (bars too), no script, no network,
 nothing that JupyterLab's sanitizer drops from an untrusted notebook (:data:`CSS`) — and every
 text that comes from the model, the corpus or the user (tokens, training text, labels,
-metadata) is escaped. The functions take the widgets'
-synced traits (plain dicts and lists), so a snapshot shows exactly what the live view shows.
+metadata) is escaped. The functions take the widgets' synced traits (plain dicts and lists), so
+a snapshot shows exactly what the live view shows.
 
 Numbers and colours follow :mod:`influence_nb.style`, the rules the live views follow too; the
 unit is :data:`influence_nb.results.UNIT` (Δ log p per copy = score / N, :func:`per_copy`).
