@@ -240,11 +240,14 @@ class Factors:
             tensors |= {f"{name}/lambda_A": f.lambda_A, f"{name}/lambda_S": f.lambda_S}
             if f.Lambda is not None:
                 tensors[f"{name}/Lambda"] = f.Lambda
-        blob = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()})
-        sha = hashlib.sha256(blob).hexdigest()
-        file = f"factors-{sha[:16]}.safetensors"
         with store.lock(path, ValueError, wait=True):
-            store.atomic_write(path / file, blob)
+            # written from the tensors straight to the file, then hashed from it: the file's
+            # bytes are never held in memory too (Llama-0.5b's factors: 2 GB, held twice)
+            tmp = store.temporary(path / "factors.safetensors")
+            safetensors.torch.save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
+            sha = store.sha256_file(tmp)
+            file = f"factors-{sha[:16]}.safetensors"
+            store.publish(tmp, path / file)
             store.write_manifest(path / "manifest.json",
                                  self.manifest() | {"tensors": file, "sha256": sha})
             # a save killed before its rename left a temporary copy (".factors-….tmp"); under

@@ -62,9 +62,26 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     tmp = temporary(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    publish(tmp, path)
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fsync the written file ``tmp``, then rename it to ``path`` (a reader never sees a part)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB pieces (no copy of a large file in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while piece := fh.read(16 << 20):
+            h.update(piece)
+    return h.hexdigest()
 
 
 def remove_stale_temporaries(directory: Path) -> None:
