@@ -76,11 +76,12 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB pieces (no copy of a large file in memory)."""
-    h = hashlib.sha256()
+    """Hex SHA-256 of a file, read in 16 MiB pieces into one buffer (no copy of a large file
+    in memory)."""
+    h, buf = hashlib.sha256(), bytearray(16 << 20)
     with open(path, "rb") as fh:
-        while piece := fh.read(16 << 20):
-            h.update(piece)
+        while n := fh.readinto(buf):
+            h.update(memoryview(buf)[:n])
     return h.hexdigest()
 
 

@@ -344,6 +344,27 @@ def test_bfloat16_model_scores_match_float32():
 
 # -- persistence --------------------------------------------------------------------------------
 
+def test_save_holds_no_copy_of_the_file(tmp_path):
+    """Saving writes the tensors straight to the file and hashes it from there: a Python copy
+    of the file's bytes (what ``safetensors.torch.save`` returns) would be 2 × factors more at
+    the end of a fit; tracemalloc sees Python's allocations, so a copy would show."""
+    import tracemalloc
+    model = tiny("gpt2")
+    factors = fit_factors(model, batches(1), FactorArgs(progress=False))
+    name = next(iter(factors.layers))
+    factors.layers[name].Lambda = torch.ones(4096, 4096)   # 64 MiB: most of the file
+    tracemalloc.start()
+    try:
+        factors.save(tmp_path / "f")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = next((tmp_path / "f").glob("*.safetensors")).stat().st_size
+    assert size > 64 << 20 and peak < 24 << 20, (size, peak)   # one 16 MiB buffer
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["sha256"] == store.sha256_file(tmp_path / "f" / manifest["tensors"])
+
+
 def test_save_load_round_trip_and_refusals(tmp_path):
     model = tiny("gpt2")
     factors = fit_factors(model, batches(3), FactorArgs(blocks=2, progress=False))
