@@ -32,6 +32,14 @@ WORKER = textwrap.dedent("""
                 os._exit(1)                      # a rank that dies mid-scan
             return update(self, *a, **kw)
         scoring.Scorer.update = dying
+    if os.environ["RANK"] == "0" and os.environ.get("SLOW_SAVE"):
+        import time
+        from influence_nb.curvature import Factors
+        save = Factors.save
+        def slow(self, *a, **kw):                # rank 0 writes the factors late
+            time.sleep(float(os.environ["SLOW_SAVE"]))
+            return save(self, *a, **kw)
+        Factors.save = slow
     swap = json.loads(os.environ.get("RANK1_SWAP", "{}"))  # rank 1 given other inputs
     distributed.init()
     for argv in json.loads(sys.argv[1]):
@@ -77,9 +85,12 @@ def steps(root, out):
 
 
 def torchrun(root, argvs, **env):
-    return subprocess.run([*TORCHRUN, str(root / "worker.py"), json.dumps(argvs)],
+    """Run ``argvs`` on two ranks; the result's ``why`` holds each rank's error lines."""
+    run = subprocess.run([*TORCHRUN, str(root / "worker.py"), json.dumps(argvs)],
                           capture_output=True, text=True, timeout=300,
                           env=os.environ | {"OMP_NUM_THREADS": "1"} | env)
+    run.why = "\n".join(line for line in run.stderr.splitlines() if "error" in line.lower())
+    return run
 
 
 def test_two_ranks_equal_one_process(job, capsys):
@@ -89,13 +100,14 @@ def test_two_ranks_equal_one_process(job, capsys):
         main(argv)
     capsys.readouterr()
 
-    # two ranks; rank 1 dies after 4 scan batches (its chunks 8 and 24), in the last step
-    run = torchrun(job, steps(job, two), DIE_AFTER_BATCHES="4")
+    # two ranks; rank 1 dies after 4 scan batches (its chunks 8 and 24), in the last step;
+    # rank 0 saves the factors late, which rank 1 must wait for before it sketches
+    run = torchrun(job, steps(job, two), DIE_AFTER_BATCHES="4", SLOW_SAVE="3")
     assert run.returncode != 0, run.stderr[-2000:]
     chunks = two / "scan" / "scan"
     before = {p.name: p.stat().st_mtime_ns for p in chunks.glob("chunk_*.npz")}
     assert {"chunk_0000000008.npz", "chunk_0000000024.npz"} <= set(before) and len(before) < 9, \
-        (sorted(before), run.stderr[-2000:])   # once seen with no chunk at all: say why
+        (sorted(before), run.why)
     run = torchrun(job, steps(job, two)[-1:])  # restart the scan
     assert run.returncode == 0, run.stderr[-2000:]
     after = {p.name: p.stat().st_mtime_ns for p in chunks.glob("chunk_*.npz")}

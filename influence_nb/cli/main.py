@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     try:
         summary = ns.verb.run(ns, rank, world)
+        distributed.barrier()  # rank 0 writes the outputs: no rank goes on before they exist
     except (Exception, KeyboardInterrupt) as e:  # one line, never a traceback
         _fail(ns.words, e, f" (rank {rank})" if world > 1 else "")
     finally:

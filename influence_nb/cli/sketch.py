@@ -18,7 +18,6 @@ def options() -> list[Group]:
 
 
 def run(ns: argparse.Namespace, rank: int, world: int) -> dict:
-    from ..distributed import barrier
     from ..index import IndexArgs, SketchIndex
     from ..sketch import SketchArgs, build_sketches
     sketch_args = make(SketchArgs, ns, progress=ns.progress)
@@ -33,7 +32,6 @@ def run(ns: argparse.Namespace, rank: int, world: int) -> dict:
         index = SketchIndex.build(sketches, out / "index", index_args)
         print(f"{len(sketches)} sketches of {sketches.dim} dims in {seconds:.1f} s on {world} "
               f"rank(s); {index!r} -> {out}")
-    barrier()
     return dict(sequences=len(sketches), dim=sketches.dim, seconds=seconds)
 
 
