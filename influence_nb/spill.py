@@ -20,7 +20,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-SPILL_BYTES = 256 << 20   # query factors beyond this many bytes go to a Spill (queries.py)
+# query factors beyond this many bytes go to a Spill (queries.py). Small, so that a scan's
+# memory stays flat in the number of queries: at 256 MiB, 50 queries of GPT-2-small-width MLPs
+# at 1,024 tokens stayed in memory and peaked 10 % above 8 and 200 (2.30 against 2.12 and
+# 2.08 GB); at 64 MiB 8 / 50 / 200 queries peak within 5 % (2.13 / 2.04 / 2.11 GB), at the
+# same speed (docs/results.md)
+SPILL_BYTES = 64 << 20
 
 
 class Spill:
