@@ -15,6 +15,8 @@ Time (seconds): one batch at the token budget runs the fit's pass (forward + bac
 the Fisher pseudo-loss) with every consumer timed apart; the recorded ā and δ are replayed to
 the eigenvalue correction and to a scorer of Q random rank-r queries; per padded token, times
 the corpus's padded tokens. The eigendecompositions are timed on one matrix and scaled by n³.
+One query is prepared against identity bases of the fitted sizes; each further one is its
+pass and its products at the rate of a large product.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 
 from . import checks, passes, queries, scoring
 from .batching import source, token_batches
-from .curvature import FactorArgs
+from .curvature import FactorArgs, Factors
 from .data import Corpus
 from .layers import TrackedLayer, find_layers, stat_dtype
 from .passes import Consumer, PassBatch, Recording, available_memory, corpus_pass
@@ -312,11 +314,13 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
         run([covariance], draws - 1, 1)
         seconds["draws"] = (time.perf_counter() - start) * per_token
     consumers: dict[str, _Timed] = {}
-    if fit.strategy == "ekfac":   # eigenbases of the right sizes: the cost is the matmuls'
-        eye = lambda n: [torch.eye(k, dtype=dtype, device=device)  # noqa: E731
-                         for k in block_sizes(n, fit.blocks)]
-        bases = {n: LayerFactors(eye(i), torch.ones(i), eye(o), torch.ones(o), None)
-                 for n, (o, i) in shapes.items()}
+    # eigenbases of the right sizes: the cost of the products with them is the same
+    eye = lambda n: [torch.eye(k, dtype=dtype, device=device)  # noqa: E731
+                     for k in block_sizes(n, fit.blocks)]
+    ones = lambda n: torch.ones(n, dtype=dtype, device=device)  # noqa: E731
+    bases = {n: LayerFactors(eye(i), ones(i), eye(o), ones(o), None)
+             for n, (o, i) in shapes.items()} if fit.strategy != "identity" else {}
+    if fit.strategy == "ekfac":
         consumers["eigenvalues"] = _Timed(EigenvalueCorrection(bases, shapes, dtype))
     for q in counts:   # q random queries of the scan's rank (a block of them per pass)
         q = min(q, score.query_block or q)
@@ -329,14 +333,35 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
         seconds["eigenvalues"] = (consumers["eigenvalues"].seconds
                                   + (0 if replay else fwd_bwd)) * per_token
     rate = _product_rate(dtype)
+    first = _one_query_seconds(model, corpus, fit, score, task, shapes, bases)
     for q in counts:   # (the scan's log-likelihood costs about the Fisher pseudo-loss)
         b = min(q, score.query_block or q)
         seconds[f"scan {q}"] = -(-q // b) * (fwd_bwd + consumers[f"scan {b}"].seconds) * per_token
-        # a query: the forward + backward of ≈ 24 tokens, then per layer its rotation from the
-        # tokens, the truncation and the rotation of its columns back
-        seconds[f"prepare {q}"] = q * (fwd_bwd / tokens * 24
-                                       + _prepare_products(shapes, score.rank) / rate)
+        # the first query as measured; each further one, in blocks: the forward + backward of
+        # ≈ 24 tokens, then per layer its rotation from the tokens, the truncation and the
+        # rotation of its columns back
+        seconds[f"prepare {q}"] = first + (q - 1) * (
+            fwd_bwd / tokens * 24 + _prepare_products(shapes, score.rank) / rate)
     return batch_bytes, seconds
+
+
+def _one_query_seconds(model: nn.Module, corpus: Corpus, fit: FactorArgs, score: ScoreArgs,
+                       task: Task, shapes: dict[str, tuple[int, int]],
+                       bases: dict[str, LayerFactors]) -> float:
+    """Seconds of preparing one query of ≈ 24 tokens (the corpus's first) against ``bases``
+    of the fitted sizes. A query alone runs its pass and every layer's small products well
+    below a large product's rate (GPT-2 small's widths: 1.4× the products' estimate), a fixed
+    cost that blocks of queries share."""
+    row = [int(t) for t in corpus.tokens[corpus.offsets[0]:corpus.offsets[1]][:24]]
+    cut = max(1, len(row) - 4)
+    strategy = "identity" if fit.strategy == "identity" else "kfac"   # kfac: no Λ to hold
+    fake = Factors(FactorArgs(strategy=strategy, layers=fit.layers, blocks=fit.blocks,
+                              progress=False), shapes, bases, 1, 1, "plan")
+    dtype = scoring.score_dtype(model, score.precision)
+    start = time.perf_counter()
+    queries.make_queries(model, fake, [row[:cut]], [row[cut:] or row[:1]], score.rank,
+                         task=task, dtype=dtype)
+    return time.perf_counter() - start
 
 
 def _product_rate(dtype: torch.dtype) -> float:

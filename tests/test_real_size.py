@@ -191,6 +191,7 @@ def test_plan_predicts_and_refuses_in_one_line(small, tokenizer, monkeypatch):
     inf = Influence(model, tokenizer, corpus)
     p = inf.plan(FactorArgs(progress=False), ScoreArgs(progress=False), queries=[1, 30])
     assert p.seconds["covariance"] > 0 and p.seconds["scan 30"] > 0
+    assert 0 < p.seconds["prepare 1"] < p.seconds["prepare 30"]   # one query run, 29 modelled
     assert p.scan_peak[30] > p.scan_peak[1] and p.memory["factors"] > 0
     assert p.n_sequences == len(corpus) and "scan of 30 queries" in str(p)
     json.dumps(p.summary())
