@@ -270,8 +270,8 @@ class Factors:
                                       "sha256", "model_fingerprint", "corpus_fingerprint",
                                       "fisher"))
         file = store.member(path, m["tensors"], ValueError, fix)
-        blob = file.read_bytes() if file.exists() else b""
-        if hashlib.sha256(blob).hexdigest() != m["sha256"]:
+        t = store.read_safetensors(file, m["sha256"])
+        if t is None:
             raise ValueError(f"factors in {path} are corrupt or incomplete ({file.name} fails the "
                              f"manifest's SHA-256); {fix}")
         shapes = {n: tuple(s) for n, s in m["layers"].items()}
@@ -281,7 +281,7 @@ class Factors:
                 raise ValueError(f"factors in {path} were fitted for a different model "
                                  f"(fingerprint {m['model_fingerprint']} ≠ {fp}); load them with the "
                                  "model they were fitted on, or refit with fit_factors(model, ...)")
-        t = {k: v.to(device) for k, v in safetensors.torch.load(blob).items()}
+        t = {k: v.to(device) for k, v in t.items()}
         args = FactorArgs(**m["args"])
         layers = {}
         if args.strategy != "identity":

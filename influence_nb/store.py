@@ -85,6 +85,53 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32"}
+
+
+def read_safetensors(path: str | os.PathLike, sha256: str) -> dict | None:
+    """The tensors of the safetensors file ``path`` ({name: CPU tensor}), each read from the
+    file straight into its own tensor while the whole file is hashed: the file's bytes are
+    never in memory beside the tensors (``safetensors.torch.load(path.read_bytes())`` holds
+    both: 2 × the file at its peak). None when the file's SHA-256 is not ``sha256``, or the
+    file is missing, short or not safetensors."""
+    import torch   # here: the other artifacts need no torch
+    h = hashlib.sha256()
+
+    def read(fh, n: int) -> bytes:
+        data = fh.read(n)
+        h.update(data)
+        if len(data) != n:
+            raise EOFError
+        return data
+
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(read(fh, 8), "little")
+            if n > os.fstat(fh.fileno()).st_size - 8:      # not a header this file can hold
+                return None
+            header = json.loads(read(fh, n))
+            header.pop("__metadata__", None)
+            out, at = {}, 0
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                begin, end = info["data_offsets"]
+                if begin < at:                               # overlapping tensors
+                    return None
+                read(fh, begin - at)                         # a gap, if any: hashed too
+                t = torch.empty(info["shape"], dtype=getattr(torch,
+                                                             SAFETENSORS_DTYPES[info["dtype"]]))
+                buf = t.reshape(-1).view(torch.uint8).numpy()
+                if buf.nbytes != end - begin or fh.readinto(buf) != buf.nbytes:
+                    return None
+                h.update(buf)
+                out[name], at = t, end
+            while chunk := fh.read(1 << 20):                 # nothing should follow
+                h.update(chunk)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
+        return None
+    return out if h.hexdigest() == sha256 else None
+
+
 def remove_stale_temporaries(directory: Path) -> None:
     """Remove what :func:`atomic_write`s killed before their rename left in ``directory``: the
     temporaries of this host whose process is gone (another host's, or a live writer's, stay —

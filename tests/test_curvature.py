@@ -344,23 +344,30 @@ def test_bfloat16_model_scores_match_float32():
 
 # -- persistence --------------------------------------------------------------------------------
 
-def test_save_holds_no_copy_of_the_file(tmp_path):
-    """Saving writes the tensors straight to the file and hashes it from there: a Python copy
-    of the file's bytes (what ``safetensors.torch.save`` returns) would be 2 × factors more at
-    the end of a fit; tracemalloc sees Python's allocations, so a copy would show."""
+def test_save_and_load_hold_no_copy_of_the_file(tmp_path):
+    """Saving writes the tensors straight to the file and hashes it from there; loading reads
+    each tensor from the file into its own memory while hashing it. A Python copy of the
+    file's bytes (what ``safetensors.torch.save`` returns, or ``read_bytes``) would be 2 ×
+    factors at the end of a fit and at the start of a scan; tracemalloc sees Python's
+    allocations (not torch's), so a copy would show."""
     import tracemalloc
     model = tiny("gpt2")
     factors = fit_factors(model, batches(1), FactorArgs(progress=False))
     name = next(iter(factors.layers))
-    factors.layers[name].Lambda = torch.ones(4096, 4096)   # 64 MiB: most of the file
+    factors.layers[name].Q_A = [torch.rand(4096, 4096)]   # 64 MiB: most of the file
     tracemalloc.start()
     try:
         factors.save(tmp_path / "f")
-        peak = tracemalloc.get_traced_memory()[1]
+        saving = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        loaded = Factors.load(tmp_path / "f")
+        loading = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     size = next((tmp_path / "f").glob("*.safetensors")).stat().st_size
-    assert size > 64 << 20 and peak < 24 << 20, (size, peak)   # one 16 MiB buffer
+    assert size > 64 << 20 and saving < 24 << 20, (size, saving)   # one 16 MiB buffer
+    assert loading < 4 << 20, (size, loading)
+    assert torch.equal(loaded.layers[name].Q_A[0], factors.layers[name].Q_A[0])
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
     assert manifest["sha256"] == store.sha256_file(tmp_path / "f" / manifest["tensors"])
 
