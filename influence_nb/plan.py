@@ -12,7 +12,8 @@ Memory (bytes; each run's peak is the sum of its column):
            + the scores, Q·(L + 1)·N·8, and while queries are prepared, QUERY_BYTES
 
 Time (seconds): one batch at the token budget runs the fit's pass (forward + backward with
-the Fisher pseudo-loss) with every consumer timed apart; the recorded ā and δ are replayed to
+the Fisher pseudo-loss) with every consumer timed apart, and the scan's (the log-likelihood's,
+no labels drawn) alone; the recorded ā and δ are replayed to
 the eigenvalue correction and to a scorer of Q random rank-r queries; per padded token, times
 the corpus's padded tokens. The eigendecompositions are timed on one matrix and scaled by n³.
 One query is prepared against identity bases of the fitted sizes; each further one is its
@@ -289,8 +290,8 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
     dtype = stat_dtype(model)
     covariance = _Timed(Covariance(layers, fit.blocks, dtype, device))
     recording = Recording(budget=1 << 62)
-    run = lambda consumers, draws=1, first=0: corpus_pass(  # noqa: E731
-        model, layers, source(corpus, len(ids), ids), consumers, "fisher", task, fit.seed,
+    run = lambda consumers, draws=1, first=0, loss="fisher": corpus_pass(  # noqa: E731
+        model, layers, source(corpus, len(ids), ids), consumers, loss, task, fit.seed,
         progress=False, draws=draws, first_draw=first)
     run([])                                   # a first batch pays for allocations and hooks
     # what that batch freed, back to the OS: else the measured batch reuses it unseen, in
@@ -305,6 +306,11 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
                       - sum(a.nbytes + d.nbytes for _, layer in recording.batches
                             for _, a, d in layer))
     fwd_bwd = total - covariance.seconds
+    # a scan's pass differentiates the log-likelihood: no Fisher labels drawn over the
+    # vocabulary (Pythia-160m at 128 tokens: the fit's pass made a 1-query scan 1.39× too long)
+    start = time.perf_counter()
+    run([], loss="loglik")
+    scan_pass = time.perf_counter() - start
     draws = fit.draws or 1
     if fit.draws is None and not task.empirical_fisher:   # as the fit chooses them, from the
         draws = covariance.inner.draws_needed(per_token)   # corpus's worth of this batch
@@ -336,12 +342,13 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
     first = _one_query_seconds(model, corpus, fit, score, task, shapes, bases)
     for q in counts:   # (the scan's log-likelihood costs about the Fisher pseudo-loss)
         b = min(q, score.query_block or q)
-        seconds[f"scan {q}"] = -(-q // b) * (fwd_bwd + consumers[f"scan {b}"].seconds) * per_token
+        seconds[f"scan {q}"] = -(-q // b) * (scan_pass + consumers[f"scan {b}"].seconds) \
+            * per_token
         # the first query as measured; each further one, in blocks: the forward + backward of
         # ≈ 24 tokens, then per layer its rotation from the tokens, the truncation and the
         # rotation of its columns back
         seconds[f"prepare {q}"] = first + (q - 1) * (
-            fwd_bwd / tokens * 24 + _prepare_products(shapes, score.rank) / rate)
+            scan_pass / tokens * 24 + _prepare_products(shapes, score.rank) / rate)
     return batch_bytes, seconds
 
 
