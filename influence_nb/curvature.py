@@ -113,6 +113,7 @@ class Factors:
     timings: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
     # λ_ℓ per (layer, strategy, settings), read from the device once, not per batch
     _damping: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _id: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def layer_names(self) -> list[str]:
@@ -120,14 +121,20 @@ class Factors:
 
     def factors_id(self) -> str:
         """A hash of the fitted eigenvalues (rounded to bfloat16) and damping settings: equal
-        for the same fit, saved and reloaded or not; what queries and sketches are tied to."""
-        h = hashlib.sha256(json.dumps([self.model_fingerprint, self.n_examples,
-                                       asdict(self.args)], default=str).encode())
-        for f in self.layers.values():
-            for t in (f.lambda_A, f.lambda_S, f.Lambda):
-                if t is not None:
-                    h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        for the same fit, saved and reloaded or not; what queries and sketches are tied to.
+        Kept while the settings and eigenvalue tensors stay the same objects: hashing every Λ
+        took 0.29 s of each query preparation on Pythia-160m's MLPs."""
+        meta = json.dumps([self.model_fingerprint, self.n_examples, asdict(self.args)],
+                          default=str)
+        tensors = [t for f in self.layers.values() for t in (f.lambda_A, f.lambda_S, f.Lambda)
+                   if t is not None]
+        key = (meta, tuple(map(id, tensors)))
+        if self._id[:1] != [key]:
+            h = hashlib.sha256(meta.encode())
+            for t in tensors:
+                h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
+            self._id[:] = [key, h.hexdigest()[:16], tensors]   # the tensors: ids stay unique
+        return self._id[1]
 
     def damping(self, name: str, strategy: str | None = None) -> float:
         """λ_ℓ: the absolute override, or damping_factor · mean(Λ_ℓ)."""

@@ -344,6 +344,22 @@ def test_bfloat16_model_scores_match_float32():
 
 # -- persistence --------------------------------------------------------------------------------
 
+def test_factors_id_is_kept_until_the_eigenvalues_or_settings_change():
+    model = tiny("gpt2")
+    factors = fit_factors(model, batches(1), FactorArgs(progress=False))
+    first = factors.factors_id()
+    name = next(iter(factors.layers))
+    Lambda = factors.layers[name].Lambda
+    assert factors.factors_id() == first       # kept
+    factors.layers[name].Lambda = Lambda * 2   # another tensor: hashed again
+    changed = factors.factors_id()
+    assert changed != first
+    factors.args.damping_factor = 0.2          # a setting
+    assert factors.factors_id() not in (first, changed)
+    factors.args.damping_factor, factors.layers[name].Lambda = 0.1, Lambda.clone()
+    assert factors.factors_id() == first
+
+
 def test_save_and_load_hold_no_copy_of_the_file(tmp_path):
     """Saving writes the tensors straight to the file and hashes it from there; loading reads
     each tensor from the file into its own memory while hashing it. A Python copy of the
