@@ -340,7 +340,7 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
                                   + (0 if replay else fwd_bwd)) * per_token
     rate = _product_rate(dtype)
     first = _one_query_seconds(model, corpus, fit, score, task, shapes, bases)
-    for q in counts:   # (the scan's log-likelihood costs about the Fisher pseudo-loss)
+    for q in counts:
         b = min(q, score.query_block or q)
         seconds[f"scan {q}"] = -(-q // b) * (scan_pass + consumers[f"scan {b}"].seconds) \
             * per_token

@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -112,16 +113,18 @@ def read_safetensors(path: str | os.PathLike, sha256: str) -> dict | None:
                 return None
             header = json.loads(read(fh, n))
             header.pop("__metadata__", None)
-            out, at = {}, 0
+            out, at, size = {}, 0, os.fstat(fh.fileno()).st_size - 8 - n
             for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 begin, end = info["data_offsets"]
-                if begin < at:                               # overlapping tensors
+                dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]])
+                # checked before allocating: a forged header names no tensor the file lacks
+                if not at <= begin <= end <= size or \
+                        math.prod(info["shape"]) * dtype.itemsize != end - begin:
                     return None
                 read(fh, begin - at)                         # a gap, if any: hashed too
-                t = torch.empty(info["shape"], dtype=getattr(torch,
-                                                             SAFETENSORS_DTYPES[info["dtype"]]))
+                t = torch.empty(info["shape"], dtype=dtype)
                 buf = t.reshape(-1).view(torch.uint8).numpy()
-                if buf.nbytes != end - begin or fh.readinto(buf) != buf.nbytes:
+                if fh.readinto(buf) != buf.nbytes:
                     return None
                 h.update(buf)
                 out[name], at = t, end

@@ -291,3 +291,31 @@ def test_a_chunk_write_killed_before_its_rename_leaves_nothing_behind(tmp_path):
         p.write_bytes(b"part")
     ChunkStore(tmp_path, {"what": 1})
     assert not dead.exists() and live.exists()
+
+
+def test_read_safetensors_reads_what_safetensors_wrote_and_refuses_forged_headers(tmp_path):
+    """Each tensor read straight from the file, bit for bit, under the file's SHA-256; a
+    wrong digest, a cut file, or a header naming a tensor the file does not hold (larger than
+    the file: it would be allocated first) is None, not an exception or a huge allocation."""
+    import struct
+
+    import safetensors.torch
+    tensors = {"a": torch.randn(3, 5, dtype=torch.float64), "b": torch.arange(7.0).half(),
+               "c": torch.randn(2, 2).bfloat16()}
+    path = tmp_path / "t.safetensors"
+    safetensors.torch.save_file(tensors, path)
+    sha = store.sha256_file(path)
+    got = store.read_safetensors(path, sha)
+    assert got.keys() == tensors.keys()
+    assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in tensors.items())
+    assert store.read_safetensors(path, "0" * 64) is None
+    blob = path.read_bytes()
+    (tmp_path / "cut").write_bytes(blob[:-3])
+    assert store.read_safetensors(tmp_path / "cut", store.sha256_file(tmp_path / "cut")) is None
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    header["a"]["shape"] = [1 << 40, 1 << 20]              # 2^63 bytes: never allocated
+    forged = json.dumps(header).encode()
+    (tmp_path / "forged").write_bytes(struct.pack("<Q", len(forged)) + forged + blob[8 + n:])
+    assert store.read_safetensors(tmp_path / "forged",
+                                  store.sha256_file(tmp_path / "forged")) is None
