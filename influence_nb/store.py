@@ -95,7 +95,11 @@ def read_safetensors(path: str | os.PathLike, sha256: str) -> dict | None:
     file straight into its own tensor while the whole file is hashed: the file's bytes are
     never in memory beside the tensors (``safetensors.torch.load(path.read_bytes())`` holds
     both: 2 × the file at its peak). None when the file's SHA-256 is not ``sha256``, or the
-    file is missing, short or not safetensors."""
+    file is missing, short or not safetensors.
+
+    Not ``safetensors.safe_open``: it maps the file, so the pages it reads count in the process
+    beside the tensors until it closes, and a tensor read at the file's alignment rounded float64
+    products differently (1e-16) from the same values freshly allocated."""
     import torch   # here: the other artifacts need no torch
     h = hashlib.sha256()
 
