@@ -94,6 +94,13 @@ class FactorArgs:
         check_args(self)
 
 
+def hash_eigenvalues(h: "hashlib._Hash", t: Tensor) -> None:
+    """Feed eigenvalues ``t`` into the hash ``h``, rounded to bfloat16 as
+    :meth:`Factors.factors_id` defines it. That hashes every Λ once per :class:`Factors`: a cost
+    of its first query, which :func:`influence_nb.plan.plan` times with this function."""
+    h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
+
+
 @dataclass
 class Factors:
     """Fitted curvature of the tracked layers; :meth:`precondition` applies (G + λI)⁻¹."""
@@ -132,7 +139,7 @@ class Factors:
         if self._id[:1] != [key]:
             h = hashlib.sha256(meta.encode())
             for t in tensors:
-                h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
+                hash_eigenvalues(h, t)
             self._id[:] = [key, h.hexdigest()[:16], tensors]   # the tensors: ids stay unique
         return self._id[1]
 
