@@ -15,7 +15,7 @@ from influence_nb.checks import as_ids
 from influence_nb.layers import find_layers
 from influence_nb.passes import Consumer, Gradients, Recording, corpus_pass
 from influence_nb.queries import Queries, make_queries
-from influence_nb.scoring import ScoreArgs, Scorer, SelfInfluence, scan, self_influence
+from influence_nb.scoring import Costs, ScoreArgs, Scorer, SelfInfluence, scan, self_influence
 from influence_nb.session import Influence
 from influence_nb.sketch import Projection, SketchArgs, Sketcher, build_sketches
 from influence_nb.task import Task
@@ -180,7 +180,7 @@ def test_grouping_sequences_changes_no_number(setup, monkeypatch):
     scorer by its SCORE_BYTES): one sequence at a time gives the same Λ, dense-path scores
     and self-influence."""
     model, corpus, factors, queries = setup
-    monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: (np.inf, 0))
+    monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: Costs(np.inf, 0, np.inf))
     args = ScoreArgs(rank=None, batch_size=8, chunk_size=8, progress=False)
 
     def run():

@@ -13,6 +13,7 @@ import torch
 from influence_nb import Corpus, FactorArgs, Influence, ScoreArgs, fit_factors, make_queries, scan
 import influence_nb.plan as plan_module
 from influence_nb.batching import source, token_batches
+from influence_nb.scoring import Costs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,23 +86,24 @@ def test_queries_prepared_in_blocks_equal_queries_prepared_at_once(small, monkey
 
 def test_scores_do_not_depend_on_the_scorer_budget(small, monkeypatch):
     """Dense R kept, formed in blocks of one query against groups of one sequence (each block
-    formed again for every group, or each group's DW for every block), or the token path in
-    blocks: the same numbers."""
+    formed again for every group, or each group's DW for every block), the token path in
+    blocks, or each sequence's DW projected on blocks of one query's factors: the same
+    numbers."""
     model, corpus, factors, prompts, completions = small
     queries = make_queries(model, factors, prompts, completions, rank=3)
     args = ScoreArgs(batch_size=8, chunk_size=40, progress=False)
-    monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: (np.inf, 0))
+    monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: Costs(np.inf, 0, np.inf))
     kept = scan(model, queries, corpus, args)[1]
     monkeypatch.setattr("influence_nb.scoring.SCORE_BYTES", 1)
-    blocked = []
+    others = []
     for per_group in (True, False):
         monkeypatch.setattr("influence_nb.scoring.reform_per_group", lambda *a, g=per_group: g)
-        blocked.append(scan(model, queries, corpus, args)[1])
-    monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a: (0, np.inf))
-    tokens = scan(model, queries, corpus, args)[1]
-    for b in blocked:
+        others.append(scan(model, queries, corpus, args)[1])
+    for path in (Costs(0, np.inf, np.inf), Costs(np.inf, np.inf, 0)):
+        monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a, c=path: c)
+        others.append(scan(model, queries, corpus, args)[1])
+    for b in others:
         np.testing.assert_allclose(b, kept, rtol=1e-9, atol=1e-13)
-    np.testing.assert_allclose(tokens, kept, rtol=1e-9, atol=1e-13)
 
 
 SCAN_PEAK = textwrap.dedent("""
@@ -282,7 +284,8 @@ def test_float32_eigendecompositions_rank_sequences_like_float64(small):
     assert not np.array_equal(scores["float32"], scores["float64"])   # it did change something
 
 
-@pytest.mark.parametrize("path", [(np.inf, 0), (0, np.inf)], ids=["dense", "tokens"])
+@pytest.mark.parametrize("path", [Costs(np.inf, 0, np.inf), Costs(0, np.inf, np.inf),
+                                  Costs(np.inf, np.inf, 0)], ids=["dense", "tokens", "project"])
 def test_bfloat16_scans_rank_sequences_like_float64(small, tokenizer, monkeypatch, path):
     """``ScoreArgs(precision="bfloat16")``: the queries' factors stored in bfloat16 (half the
     bytes, in the plan too) and both scoring paths in bfloat16 give the float64 scores within

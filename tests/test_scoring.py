@@ -17,7 +17,7 @@ from influence_nb.batching import source
 from influence_nb.layers import find_layers
 from influence_nb.passes import corpus_pass
 from influence_nb.queries import LowRank, make_queries, query_gradients, strategy_queries
-from influence_nb.scoring import ScoreArgs, Scorer, scan, self_influence, token_scores
+from influence_nb.scoring import Costs, ScoreArgs, Scorer, scan, self_influence, token_scores
 from influence_nb.session import Influence
 
 TEXTS = [f"{w} number {i} is {'odd' if i % 2 else 'even'}." for i, w in
@@ -92,16 +92,29 @@ def test_token_sum_equals_layer_sum_equals_total(setup):
     np.testing.assert_allclose(per_seq[short], alone, rtol=1e-6, atol=1e-12)
 
 
-def test_dense_and_factorised_paths_agree(setup, monkeypatch):
+def test_dense_factorised_and_projected_paths_agree(setup, monkeypatch):
     model, corpus, factors, prompts, completions = setup
     queries = make_queries(model, factors, prompts, completions, rank=3)
     args = ScoreArgs(batch_size=8, chunk_size=8, progress=False)
     results = []
-    for dense in (True, False):
-        monkeypatch.setattr("influence_nb.scoring.scoring_cost",
-                            lambda *a, d=dense: (1, 0) if d else (0, 1))
+    for path in (Costs(1, 0, 1), Costs(0, 1, 1), Costs(1, 1, 0)):
+        monkeypatch.setattr("influence_nb.scoring.scoring_cost", lambda *a, c=path: c)
         results.append(scan(model, queries, corpus, args)[0])
-    np.testing.assert_allclose(results[0], results[1], rtol=1e-8)
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], rtol=1e-8)
+
+
+def test_cost_model_projects_long_sequences_and_keeps_tokens_for_short_ones():
+    """GPT-2 small's MLP widths, 200 rank-32 queries, R formed from its factors: a batch of one
+    1,024-token sequence is cheapest projected (measured 0.68× the token path's time on one
+    core), eight of 128 tokens per token (projected: 4.3× the token path's time), and an exact
+    R (rank ≥ min(out, in)) only dense."""
+    from influence_nb.scoring import scoring_cost
+    cheapest = lambda c: min(("dense", "tokens", "project"), key=c._asdict().get)  # noqa: E731
+    assert cheapest(scoring_cost(1, 1024, 3072, 769, 200, 32, False, 1, 3)) == "project"
+    assert cheapest(scoring_cost(8, 128, 3072, 769, 200, 32, False, 1, 3)) == "tokens"
+    full = scoring_cost(1, 1024, 64, 33, 200, 33, False, 1, 3)
+    assert full.tokens == full.project == np.inf and np.isfinite(full.dense)
 
 
 def test_full_rank_equals_unfactored_and_batched_equals_single(setup):
