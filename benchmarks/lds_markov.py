@@ -5,7 +5,7 @@ world (``benchmarks/markov_world.py``) or, with ``--world text``, real English t
 checkpoints, exact replay) and same protocols as ``benchmarks/lds.py``; no replay on the Markov
 world: its GPT-2 trains with dropout, which a replay cannot repeat.
 
-    python benchmarks/lds_markov.py [--world text] [--subsets 50] [--seeds 2]
+    python benchmarks/lds_markov.py [--world text] [--subsets 50] [--seeds 2] [--queries 20]
 """
 import argparse
 import time
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--world", choices=("markov", "text"), default="markov")
     p.add_argument("--sequences", type=int, default=1000, help="markov world only")
     p.add_argument("--queries", type=int, default=20, help="markov world only")
+    p.add_argument("--per-kind", type=int, default=6, help="text world only: queries of each "
+                   "of its three kinds")
     retraining_options(p, leave_out_queries=12, work="bench-lds-markov")
     estimator_options(p)
     a = p.parse_args(argv)
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         a.work = a.work.with_name("bench-lds-text")
     set_threads(a.threads)
     t0 = time.time()
-    world = build(a.sequences, a.queries) if a.world == "markov" else text_world.build()
+    world = (build(a.sequences, a.queries) if a.world == "markov"
+             else text_world.build(per_kind=a.per_kind))
     corpus, retrain, model, pairs = world.corpus, world.retrain, world.model, world.pairs
     t1 = time.time()
     scores, cost, replayed = estimators(model, world.tokenizer, retrain, pairs, a, a.work)

@@ -1,0 +1,70 @@
+"""The scorer's paths side by side at real widths: the scan as the cost model lays it out
+("auto") against each path forced for every layer ("tokens": R's factors per token;
+"project": each sequence's DW times the factors), ÷ a plain forward + backward over the same
+batches, alternating in one process, one torch thread. The scan alone: rank-r queries are
+drawn at random (the scorer's work does not depend on the factors' values, as in ``plan``).
+
+    python benchmarks/scoring_paths.py --shape gpt2-4 --tokens 1024 --sequences 2 --repeats 3
+
+Shapes as in ``real_size.py``; prints JSON: the path each layer took under "auto", per repeat
+the seconds of each run, each scan ÷ plain, and each forced path ÷ auto. The dense path (R
+formed from its factors per batch) is left out: at these widths it is never the cheapest.
+"""
+import argparse
+
+from common import interleaved, plain, report, seconds as timed, set_threads, spread
+from influence_nb import Queries, ScoreArgs, scan
+from influence_nb import scoring
+from influence_nb.batching import source
+from influence_nb.layers import find_layers
+from influence_nb.scoring import Costs, scan_tokens
+from real_size import SHAPES, StockLoss, world
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="gpt2-4")
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--sequences", type=int, default=2)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--layers", default="mlp")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    set_threads(1)
+    model, _, corpus, _ = world(a.shape, a.tokens, a.sequences, 1)
+    layers = find_layers(model, a.layers)
+    queries = Queries.random(layers, a.queries, ScoreArgs.rank)
+    tokens = scan_tokens(model, layers)
+    args = ScoreArgs(per_layer=False, progress=False)
+    model_cost, picked = scoring.scoring_cost, set()
+
+    def auto(*x: int) -> Costs:
+        cost = model_cost(*x)
+        picked.add(min(("dense", "tokens", "project"), key=cost._asdict().get))
+        return cost
+
+    forced = {"auto": auto, "tokens": lambda *x: Costs(0, 1, 1),
+              "project": lambda *x: Costs(1, 1, 0)}
+
+    def scan_with(path: str) -> None:
+        scoring.scoring_cost = forced[path]
+        try:
+            scan(model, queries, corpus, args)
+        finally:
+            scoring.scoring_cost = model_cost
+
+    runs = {"plain": lambda: plain(model, (b for _, b in source(corpus, None, tokens=tokens)
+                                           .batches()), StockLoss(), zero_each_batch=True)}
+    runs |= {path: (lambda path=path: scan_with(path)) for path in forced}
+    seconds = interleaved({k: (lambda fn=fn: timed(fn)) for k, fn in runs.items()}, a.repeats,
+                          warmup=False)
+    ratio = lambda x, y: spread([u / v for u, v in zip(seconds[x], seconds[y])])  # noqa: E731
+    report({"shape": a.shape, "tokens": a.tokens, "sequences": a.sequences, "queries": a.queries,
+            "layers": a.layers, "auto_took": sorted(picked),
+            "seconds": {k: spread(v) for k, v in seconds.items()},
+            "over_plain": {k: ratio(k, "plain") for k in forced},
+            "over_auto": {k: ratio(k, "auto") for k in forced if k != "auto"}})
+
+
+if __name__ == "__main__":
+    main()
