@@ -1,7 +1,8 @@
 """LDS and leave-top-k-out on a world built independently of the demo generator: the Markov
-world (``benchmarks/markov_world.py``) or, with ``--world text``, real English text
-(``benchmarks/text_world.py``: Python's standard-library docstrings). Same strategies
-(``estimators.py``: EK-FAC, K-FAC, identity, BM25, random, EK-FAC over seeds and over the run's
+world (``benchmarks/markov_world.py``), with ``--world text`` real English text
+(``benchmarks/text_world.py``: Python's standard-library docstrings), or with ``--world
+memorized`` short facts learned to near-certainty (``benchmarks/memorized_world.py``). Same
+strategies (``estimators.py``: EK-FAC, K-FAC, identity, BM25, random, EK-FAC over seeds and over the run's
 checkpoints, exact replay) and same protocols as ``benchmarks/lds.py``; no replay on the Markov
 world: its GPT-2 trains with dropout, which a replay cannot repeat.
 
@@ -19,27 +20,29 @@ from influence_nb.session import Influence
 from influence_nb.validate import leave_out
 from lds import (ekfac_above_identity, leave_out_summary, protocols, rankings,
                  retraining_options)
+import memorized_world
 import text_world
 from markov_world import build
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--world", choices=("markov", "text"), default="markov")
+    p.add_argument("--world", choices=("markov", "text", "memorized"), default="markov")
     p.add_argument("--sequences", type=int, default=1000, help="markov world only")
-    p.add_argument("--queries", type=int, default=20, help="markov world only")
+    p.add_argument("--queries", type=int, default=20, help="markov and memorized worlds")
     p.add_argument("--per-kind", type=int, default=6, help="text world only: queries of each "
                    "of its three kinds")
     retraining_options(p, leave_out_queries=12, work="bench-lds-markov")
     estimator_options(p)
     a = p.parse_args(argv)
     a.alpha = 0.5
-    if a.world == "text" and a.work == p.get_default("work"):
-        a.work = a.work.with_name("bench-lds-text")
+    if a.world != "markov" and a.work == p.get_default("work"):
+        a.work = a.work.with_name(f"bench-lds-{a.world}")
     set_threads(a.threads)
     t0 = time.time()
-    world = (build(a.sequences, a.queries) if a.world == "markov"
-             else text_world.build(per_kind=a.per_kind))
+    world = {"markov": lambda: build(a.sequences, a.queries),
+             "text": lambda: text_world.build(per_kind=a.per_kind),
+             "memorized": lambda: memorized_world.build(queries=a.queries)}[a.world]()
     corpus, retrain, model, pairs = world.corpus, world.retrain, world.model, world.pairs
     t1 = time.time()
     scores, cost, replayed = estimators(model, world.tokenizer, retrain, pairs, a, a.work)
