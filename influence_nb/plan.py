@@ -4,8 +4,9 @@ before they run, from one batch of the corpus.
 Memory (bytes; each run's peak is the sum of its column):
 
     fit:   model + A, S accumulators and the factors (float32) + eigh's float64 copies of the
-           widest block + the recording of ā, δ for EK-FAC's second pass (≤ RECORD_BYTES)
-           + Λ accumulators + one batch's activations (measured)
+           widest block + the recording of ā, δ for EK-FAC's second pass (when it fits in
+           RECORD_BYTES; one that outgrows it is dropped during the first pass, beside A's and
+           S's sums) + Λ accumulators + one batch's activations (measured)
     scan:  model + factors + Q·Σ_ℓ (out + in+1)·r·4 (the queries' rank-r factors; beyond
            SPILL_BYTES on a CPU they live in a file, and one layer's, Q·max_ℓ (out + in+1)·r·4,
            are in memory at a time) + SCORE_BYTES (dense R and DW blocks) + one batch's activations (measured)
@@ -213,8 +214,11 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
             shapes, fit.blocks, getattr(torch, fit.eigh_precision)) if fit.strategy != "identity" \
             else 0.0
         _give_back_freed(device)
-    fit_peak = (memory["factors"] + memory["accumulators"] + memory["eigh"]
-                + memory["recording"] + memory["batch"])
+    fit_peak = memory["factors"] + memory["accumulators"] + memory["eigh"] + memory["batch"]
+    if memory["recording"] < passes.RECORD_BYTES:   # kept until the eigenvalue pass replays it
+        fit_peak += memory["recording"]
+    else:   # outgrown during the covariance pass and dropped there, beside A's and S's sums
+        fit_peak = max(fit_peak, memory["accumulators"] + memory["recording"] + memory["batch"])
     results = lambda q: q * (len(layers) * score.per_layer + 1) * len(corpus) * 8  # noqa: E731
     scan_peak, T = {}, max(1, int(lengths.max()))
     for q in counts:   # per pass: a block of queries, the scorer's bytes at the longest batch
