@@ -10,6 +10,10 @@ tables), deduplicated, shuffled with a seed. Queries, three kinds (``kinds``):
 - seen:     a training paragraph's first 8 words, completion its next 4 (memorised source);
 - heldout:  the same from a paragraph kept out of training;
 - rephrased: a held-out paragraph's words 2 … 9 as prompt (a shifted start), next 4 words.
+
+Held-out and rephrased queries come from disjoint halves of the 100 held-out paragraphs (at most
+50 of each kind), so that no two queries read the same paragraph: the LDS intervals bootstrap
+over queries as if they were independent.
 """
 import inspect
 import sys
@@ -91,8 +95,9 @@ def queries(train: list[str], held: list[str], per_kind: int, rng: np.random.Gen
             ) -> tuple[list[tuple[str, str]], list[str]]:
     """(pairs, kinds): ``per_kind`` queries of each kind (see the module's docstring)."""
     pairs, kinds = [], []
-    for kind, texts, start in (("seen", train, 0), ("heldout", held, 0),
-                               ("rephrased", held[::-1], 1)):
+    half = len(held) // 2
+    for kind, texts, start in (("seen", train, 0), ("heldout", held[:half], 0),
+                               ("rephrased", held[half:], 1)):
         for k in rng.choice(len(texts), per_kind, replace=False):
             w = texts[k].split()
             pairs.append((" ".join(w[start:start + 8]), " " + " ".join(w[start + 8:start + 12])))
