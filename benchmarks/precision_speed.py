@@ -8,26 +8,16 @@ process, one torch thread.
 Shapes as in ``real_size.py``; prints JSON: per repeat the seconds of plain, the float32 and the
 bfloat16 scan, each scan ÷ plain, and bfloat16 ÷ float32.
 """
-import argparse
-
-
 from common import interleaved, plain, report, seconds as timed, set_threads, spread
 from influence_nb import Queries, ScoreArgs, scan
 from influence_nb.batching import source
 from influence_nb.layers import find_layers
 from influence_nb.scoring import scan_tokens
-from real_size import SHAPES, StockLoss, world
+from real_size import StockLoss, scan_alone_args, world
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=SHAPES, default="gpt2-4")
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--sequences", type=int, default=8)
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--layers", default="mlp")
-    p.add_argument("--repeats", type=int, default=2)
-    a = p.parse_args()
+    a = scan_alone_args(__doc__, tokens=128, sequences=8, repeats=2)
     set_threads(1)
     model, _, corpus, _ = world(a.shape, a.tokens, a.sequences, 1)
     queries = Queries.random(find_layers(model, a.layers), a.queries, ScoreArgs.rank)

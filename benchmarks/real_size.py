@@ -92,6 +92,19 @@ def world(shape: str, tokens: int, sequences: int, queries: int) -> World:
     return World(model, tokenizer, corpus, pairs)
 
 
+def scan_alone_args(doc: str, tokens: int, sequences: int, repeats: int) -> argparse.Namespace:
+    """The command line of a benchmark that times scans alone on one of :data:`SHAPES` (random
+    queries, no fit: ``precision_speed.py``, ``scoring_paths.py``), with its defaults."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="gpt2-4")
+    p.add_argument("--tokens", type=int, default=tokens)
+    p.add_argument("--sequences", type=int, default=sequences)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--layers", default="mlp")
+    p.add_argument("--repeats", type=int, default=repeats)
+    return p.parse_args()
+
+
 def plain_seconds(model, corpus, batch_tokens: int) -> float:
     """A plain training step's forward + backward (parameter gradients formed, then dropped) over
     the corpus in the batches a scan uses, seconds."""

@@ -10,26 +10,17 @@ Shapes as in ``real_size.py``; prints JSON: the path each layer took under "auto
 the seconds of each run, each scan ÷ plain, and each forced path ÷ auto. The dense path (R
 formed from its factors per batch) is left out: at these widths it is never the cheapest.
 """
-import argparse
-
 from common import interleaved, plain, report, seconds as timed, set_threads, spread
 from influence_nb import Queries, ScoreArgs, scan
 from influence_nb import scoring
 from influence_nb.batching import source
 from influence_nb.layers import find_layers
 from influence_nb.scoring import Costs, scan_tokens
-from real_size import SHAPES, StockLoss, world
+from real_size import StockLoss, scan_alone_args, world
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=SHAPES, default="gpt2-4")
-    p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--sequences", type=int, default=2)
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--layers", default="mlp")
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
+    a = scan_alone_args(__doc__, tokens=1024, sequences=2, repeats=3)
     set_threads(1)
     model, _, corpus, _ = world(a.shape, a.tokens, a.sequences, 1)
     layers = find_layers(model, a.layers)
