@@ -31,7 +31,7 @@ def main() -> None:
 
     def auto(*x: int) -> Costs:
         cost = model_cost(*x)
-        picked.add(min(("dense", "tokens", "project"), key=cost._asdict().get))
+        picked.add(cost.cheapest())
         return cost
 
     forced = {"auto": auto, "tokens": lambda *x: Costs(0, 1, 1),

@@ -153,6 +153,10 @@ class Costs(NamedTuple):
     dense: float
     project: float
 
+    def cheapest(self) -> str:
+        """The cheapest path's name; a tie goes to "dense", then "tokens"."""
+        return min(("dense", "tokens", "project"), key=self._asdict().get)
+
 
 def scoring_cost(B: int, T: int, d_out: int, d_in: int, Q: int, r: int, kept: bool,
                  groups: int, blocks: int = 1) -> Costs:
@@ -257,8 +261,7 @@ class Scorer(Consumer):
         groups = -(-B // max(1, self.budget // 4 // dw))
         blocks = 1 if kept else -(-Q // self._block(layer))
         cost = scoring_cost(B, T, o, i, Q, r, kept, groups, blocks)
-        path = "tokens" if self.per_token else min(("dense", "tokens", "project"),
-                                                   key=cost._asdict().get)
+        path = "tokens" if self.per_token else cost.cheapest()
         # the products of a block of queries within a quarter of the budget: two (B, T, r)
         # per query on the token path, two (group, min(out, in), r) on the project path
         rows = 2 * (B * T if path == "tokens" else -(-B // groups) * min(o, i))

@@ -110,9 +110,8 @@ def test_cost_model_projects_long_sequences_and_keeps_tokens_for_short_ones():
     core), eight of 128 tokens per token (projected: 4.3× the token path's time), and an exact
     R (rank ≥ min(out, in)) only dense."""
     from influence_nb.scoring import scoring_cost
-    cheapest = lambda c: min(("dense", "tokens", "project"), key=c._asdict().get)  # noqa: E731
-    assert cheapest(scoring_cost(1, 1024, 3072, 769, 200, 32, False, 1, 3)) == "project"
-    assert cheapest(scoring_cost(8, 128, 3072, 769, 200, 32, False, 1, 3)) == "tokens"
+    assert scoring_cost(1, 1024, 3072, 769, 200, 32, False, 1, 3).cheapest() == "project"
+    assert scoring_cost(8, 128, 3072, 769, 200, 32, False, 1, 3).cheapest() == "tokens"
     full = scoring_cost(1, 1024, 64, 33, 200, 33, False, 1, 3)
     assert full.tokens == full.project == np.inf and np.isfinite(full.dense)
 
