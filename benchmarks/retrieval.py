@@ -27,6 +27,7 @@ and with ``--fixed`` (the study behind the fixed-K defaults):
 
     python benchmarks/retrieval.py [--worlds demo markov memorized] [--demo-n 4000]
         [--markov-n 3000] [--memorized-n 24] [--queries 18] [--recall 0.9 0.95] [--fixed]
+        [--exact-bytes B]
 
 Exhaustive scans and sketch stores are cached (resumable) under ~/.cache/influence_nb/.
 """
@@ -48,7 +49,7 @@ from influence_nb.results import InfluenceResult
 from influence_nb.retriever import Retriever
 from influence_nb.queries import Queries
 from influence_nb.search import recall_at_k
-from influence_nb.sketch import FORMAT, ROW, Sketches, build_sketches
+from influence_nb.sketch import FORMAT, ROW, Sketches, build_sketches, keeps_tokens
 
 SHARES = (0.01, 0.02, 0.05)
 VARIANTS = [SketchArgs(variant="eigen", m=m) for m in (256, 961)] + [KhatriRao(m=256)] + [
@@ -66,6 +67,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recall", type=float, nargs="+", default=[0.9, 0.95])
     p.add_argument("--fixed", action="store_true",
                    help="also the fixed-K study: every variant, the Retriever at K = 1, 2, 5 %%")
+    p.add_argument("--exact-bytes", type=int, default=SketchArgs().exact_bytes,
+                   help="SketchArgs.exact_bytes of the targeted search's store (0: sketch only)")
     p.add_argument("--timing-n", type=int, default=512, help="sequences for the speed ratios")
     p.add_argument("--timed-queries", type=int, default=3)
     p.add_argument("--variants", nargs="*", default=None,
@@ -74,11 +77,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def key(world: World, variant: SketchArgs | KhatriRao) -> str:
-    """The variant's name, "auto" resolved for the world's factors."""
+    """The variant's name, "auto" resolved for the world's factors; "+exact" when its store
+    keeps exact token factors."""
     if isinstance(variant, KhatriRao):
         return variant.name
     resolved = resolve_variant(world.inf.factors, variant)
-    return f"eigen-m{variant.m}" if resolved == "eigen" else f"{resolved}-kronecker-m{variant.m}"
+    name = f"eigen-m{variant.m}" if resolved == "eigen" else f"{resolved}-kronecker-m{variant.m}"
+    return name + ("+exact" if keeps_tokens(world.inf.factors, world.inf.corpus, variant)
+                   else "")
 
 
 def split(order: np.ndarray, k: int) -> np.ndarray:
@@ -103,7 +109,7 @@ def sketch_store(world: World, args: SketchArgs) -> tuple[Sketches, float | None
     if (path / "sketches.json").exists():
         try:
             sk = Sketches.open(path, world.inf.model, world.inf.factors)
-            if sk.manifest["format"] == FORMAT:     # else: before the norms, built again
+            if sk.manifest["format"] == FORMAT and "tokens" in sk.manifest:  # else: older
                 return sk, None
         except ValueError:
             pass
@@ -242,13 +248,16 @@ def targeted(world: World, S: np.ndarray, a: argparse.Namespace) -> dict:
     measured recall of the exhaustive top-10 per sign and kind, estimates, rescored fraction,
     wall time ÷ an exhaustive one-query scan (the mean of ``a.timed_queries`` timed here)."""
     inf, N = world.inf, S.shape[1]
-    sk, _ = sketch_store(world, SketchArgs())
+    args = SketchArgs(exact_bytes=a.exact_bytes)
+    sk, build = sketch_store(world, args)
     ret = Retriever(inf, sk, SketchIndex.build(sk, world.work / "retriever" / "index",
                                                IndexArgs(progress=False)))
     t0 = time.perf_counter()
     ret.calibration                                     # once per store, not per search
-    out = dict(calibration_seconds=round(time.perf_counter() - t0, 1), variant=key(
-        world, SketchArgs()), n_calibration_z=len(ret.calibration.z))
+    files = [f for f in sk.path.iterdir() if f.suffix in (".f16", ".f32", ".i32", ".bin")]
+    out = dict(calibration_seconds=round(time.perf_counter() - t0, 1), variant=key(world, args),
+               n_calibration_z=len(ret.calibration.z), build_seconds=build and round(build, 1),
+               store_bytes_per_sequence=round(sum(f.stat().st_size for f in files) / N))
     picked = np.unique(np.linspace(0, len(world.pairs) - 1, a.queries).round().astype(int))
     exhaustive = []                      # one-query scans of the whole corpus (any query costs
     for q in picked[:a.timed_queries]:   # the same): the mean is the unit of a search's time

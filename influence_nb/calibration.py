@@ -16,7 +16,8 @@ counted (the estimate is the sketch's share alone, a lower bound of a hybrid sea
 
 The same scan measures the sketch's error in units of its scale H (``z``, the
 :class:`~influence_nb.search.NoiseModel` a search with a recall target bounds its misses with;
-stores of format 1, without norms, have none).
+stores of format 1, without norms, have none). Where the store keeps exact token factors,
+ranks and z are those of their estimates (:meth:`Sketches.estimates`): the rounding of float16.
 """
 from __future__ import annotations
 
@@ -140,14 +141,14 @@ def calibrate(inf: Influence, sketches: Sketches, args: CalibrationArgs | None =
                       inf.tokenizer.decode(tokens[half:end])))
     queries = inf.queries(pairs)
     exact = inf.scan(queries, ids=sketches.ids[rows]).scores
-    x = sketches.query_sketches(inf.model, inf.factors, queries)
-    approx = x @ np.asarray(sketches.data[rows], np.float32).T
+    if sketches.manifest["format"] == FORMAT_1:
+        x = sketches.query_sketches(inf.model, inf.factors, queries)
+        approx, z = x @ np.asarray(sketches.data[rows], np.float32).T, []
+    else:
+        approx, H = sketches.estimates(inf.model, inf.factors, queries, rows)
+        z = np.sort(((exact - approx) / np.maximum(H, 1e-30)).ravel())
     t = max(1, round(10 * len(rows) / n))
     pos, neg = rank_fractions(exact, approx, t)
-    z = []
-    if sketches.manifest["format"] != FORMAT_1:
-        H = sketches.noise_scale(sketches.query_rest(inf.factors, queries, x), rows)
-        z = np.sort(((exact - approx) / np.maximum(H, 1e-30)).ravel())
     cal = Calibration(sketches.fingerprint, n, len(rows), t, pos.tolist(), neg.tolist(),
                       asdict(args), [float(f"{v:.4g}") for v in z])
     store.write_manifest(path, dict(format=FORMAT) | asdict(cal))

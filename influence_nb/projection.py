@@ -62,6 +62,8 @@ VARIANTS = ("auto", "eigen", "whitened")
 AUTO_COVERAGE = 0.02  # "auto" takes the eigen sketch when its coordinates hold this share
 # (memorised facts, coverage 0.033: eigen finds the top-10 in 0.23 of N in sketch order, the
 # random sketch in 0.40; the demo, 0.010, and Markov, 0.87, unchanged: docs/results.md #29)
+EXACT_BYTES = 1 << 32  # SketchArgs.exact_bytes: token factors kept up to 4 GiB a corpus
+# (read once per search: from the page cache on a 16 GB machine; docs/design.md)
 DENSE_GATHER = 32  # eigen: form the n_u × n_v block and gather, if ≤ this × the coordinates
 
 
@@ -76,6 +78,10 @@ class SketchArgs:
                 top EK-FAC eigenbasis coordinates, exact) or "whitened" (random Kronecker
                 measurements in the eigenbasis scaled by ≈ (Λ+λ)^-1/2)
     seed:       seed of the Gaussian projections (stored: queries are sketched alike)
+    exact_bytes: the store also keeps every sequence's exact token factors
+                (:mod:`influence_nb.tokens`: each score to float16 rounding, no sketch error)
+                when they take at most this many bytes for the whole corpus, each sequence
+                padded to the longest (0: never); decided when the store is created
     batch_size: training sequences per forward + backward
     chunk_size: sequences per committed chunk (the unit of resumption)
     progress:   show a progress bar
@@ -83,11 +89,13 @@ class SketchArgs:
     m: int = 961
     variant: str = "auto"
     seed: int = 0
+    exact_bytes: int = EXACT_BYTES
     batch_size: int = 32
     chunk_size: int = 2048
     progress: bool = True
 
-    MINIMUM: ClassVar[dict[str, float]] = {"m": 1, "batch_size": 1, "chunk_size": 1}
+    MINIMUM: ClassVar[dict[str, float]] = {"m": 1, "batch_size": 1, "chunk_size": 1,
+                                           "exact_bytes": 0}
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"variant": VARIANTS}
 
     def __post_init__(self) -> None:

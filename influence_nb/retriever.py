@@ -18,7 +18,9 @@ fewest, largest p_i that bring it to k · (1 − recall) (τ only rises, so one 
 ends it), or all that is left when that is most of it. Each query stops on its own bound;
 ``budget=`` caps the share of the corpus a query may rescore (then ``met`` is False and a
 warning says so). The result says what it did: ``rescored_fraction``, ``estimated_recall``
-(per query and sign, from the same bound) and ``rounds``.
+(per query and sign, from the same bound) and ``rounds``. A store that keeps exact token
+factors (:mod:`influence_nb.tokens`, a corpus within ``SketchArgs.exact_bytes``) gives ŝ as
+the score itself and H as its float16 rounding: the first round then settles every query.
 
 **A fixed budget** (``candidates=K``): each query gets K training sequences: half for positive
 influence — the largest sketch inner products, and (``lexical`` share of that half) the best
@@ -28,7 +30,8 @@ falls short. Either way the union over the queries is rescored exactly with the 
 scorer (:meth:`Influence.scan` with ``ids``), so the result is an
 :class:`~influence_nb.results.InfluenceResult` like an exhaustive scan's, over fewer sequences.
 BM25 has no place in the bound (it cannot say what it leaves out); a targeted search uses the
-sketch alone.
+sketch alone. With exact token factors the fixed budget's candidates are the best estimates of
+each sign, not the index's.
 
 Why both filters: the sketch finds what the gradients share (arithmetic, themes, paraphrases
 in another language), BM25 what the words share (a binary-search query and the code that
@@ -69,7 +72,6 @@ RECALL = 0.95  # search()'s default target: the expected share of the exhaustive
 START = 0.01   # a targeted search's first round: this share of N per sign, in sketch order
 FALLBACK = 0.95  # a round that needs this share of what is left rescores all that is left
 # (a round's own cost is that of ~2 % of a small corpus: measured, docs/results.md #29)
-BLOCK = 1 << 16  # store rows per block of sketch inner products
 
 if TYPE_CHECKING:  # annotations only: the session opens retrievers, not the other way round
     from .session import Influence, QueryLike
@@ -191,11 +193,19 @@ class Retriever:
         best BM25 matches (``lexical`` share) for the positive half, the most negative sketch
         inner products for the other half -> (list of id arrays, seconds per stage)."""
         t0 = time.perf_counter()
-        x = self.sketches.query_sketches(self.inf.model, self.inf.factors, queries)
+        model, factors, ids = self.inf.model, self.inf.factors, self.sketches.ids
+        if self.sketches.exact is None:
+            x = self.sketches.query_sketches(model, factors, queries)
+        else:   # the scores themselves: the best of each sign, no index
+            order = np.argsort(-self.sketches.estimates(model, factors, queries)[0], 1,
+                               kind="stable")
         t1 = time.perf_counter()
         n_lexical, n_top, n_bottom = self.split(candidates)
-        _, top = self.index.search(x, n_top)
-        _, bottom = self.index.search(-x, n_bottom)
+        if self.sketches.exact is None:
+            _, top = self.index.search(x, n_top)
+            _, bottom = self.index.search(-x, n_bottom)
+        else:
+            top, bottom = ids[order[:, :n_top]], ids[order[:, ::-1][:, :n_bottom]]
         t2 = time.perf_counter()
         words = [np.empty(0, np.int64)] * len(queries)
         if n_lexical:
@@ -276,14 +286,6 @@ class Retriever:
                             candidates=found, timings=timings, estimated_recall=estimated,
                             search_size=sizes, **extra)
 
-    def estimates(self, x: np.ndarray) -> np.ndarray:
-        """(Q, N) float32 sketch inner products of query sketches ``x`` (Q, D) with every
-        stored row, a block of rows at a time (the store stays a memory map)."""
-        data = self.sketches.data
-        return np.concatenate([x @ np.asarray(data[i:i + BLOCK], np.float32).T
-                               for i in range(0, len(data), BLOCK)], 1) if len(data) \
-            else np.zeros((len(x), 0), np.float32)
-
     def targeted(self, queries: QueryLike, recall: float = RECALL, k: int = 10,
                  probe: int = 0, budget: float = 1.0) -> SearchResult:
         """Rescore in rounds until each query's own bound is met (:class:`Hunt`): per sign,
@@ -294,9 +296,7 @@ class Retriever:
         t0 = time.perf_counter()
         queries = self.inf.queries(queries)
         t1 = time.perf_counter()
-        x = self.sketches.query_sketches(self.inf.model, self.inf.factors, queries)
-        H = self.sketches.noise_scale(self.sketches.query_rest(self.inf.factors, queries, x))
-        A = self.estimates(x)
+        A, H = self.sketches.estimates(self.inf.model, self.inf.factors, queries)
         noise = self.calibration.noise
         t2 = time.perf_counter()
         sample = self.probe_rows(probe)

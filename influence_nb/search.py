@@ -135,7 +135,7 @@ class NoiseModel:
         beta = max(float(np.mean(z[n - m:] - u)), 1e-12)
         t = np.asarray(t, np.float64)
         body = (n - np.searchsorted(z, t, side="right")) / n
-        tail = m / n * np.exp(-(t - u) / beta)
+        tail = m / n * np.exp(-np.maximum(t - u, 0) / beta)      # used where t ≥ u only
         return np.where(t < u, body, tail)
 
 

@@ -7,7 +7,12 @@ per sequence and layer the norm of what the sketch does not hold exactly
 recall-targeted search bounds), ``rows.bin`` (N,) records of (corpus id, hash of the
 sequence's tokens) and ``sketches.json``, the manifest, written last (and sealed) after each chunk: it lists the
 committed chunks with their CRC-32s, the model and factor fingerprints and the projection's
-settings (the projection itself is drawn again from them). Stores of format 1, before the norms,
+settings (the projection itself is drawn again from them). A store whose corpus is short
+enough (``SketchArgs.exact_bytes``) also keeps each sequence's exact token factors
+(:mod:`influence_nb.tokens`: ``token_counts.i32`` and ``token_norms.f32`` a row per sequence,
+``tokens.f16`` and ``token_scales.f32`` a row per token; manifest ``tokens`` true); then
+:meth:`Sketches.estimates` are the scores themselves, to float16 rounding, and the sketch
+serves only the index. Stores of format 1, before the norms,
 still open and serve fixed-size searches; a search with a recall target asks to rebuild them.
 A build killed at any moment resumes after the last committed chunk; sketching more ids later
 appends rows and keeps the old ones. Under torch.distributed the chunks are shared out over the
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed, store
+from . import distributed, store, tokens
 from .batching import source
 from .checks import as_ids, checked
 from .curvature import Factors, fingerprint_of
@@ -37,6 +42,7 @@ from .layers import find_layers
 from .passes import corpus_pass
 from .progress import tqdm
 from .projection import VARIANTS, Projection, SketchArgs, Sketcher
+from .tokens import TokenFactors
 from .task import Task
 
 if TYPE_CHECKING:  # annotations only
@@ -45,6 +51,7 @@ if TYPE_CHECKING:  # annotations only
 FORMAT = "influence_nb.sketches/2"
 FORMAT_1 = "influence_nb.sketches/1"   # before norms.f32: opened read-only, never extended
 ROW = np.dtype([("id", "<i8"), ("hash", "<u8")])
+BLOCK = 1 << 16  # store rows per block of sketch inner products
 
 
 class SketchError(ValueError):
@@ -66,9 +73,13 @@ class Sketches:
     """
 
     def __init__(self, path: Path, manifest: dict, rows: np.ndarray, data: np.ndarray,
-                 norms: np.ndarray | None = None):
+                 norms: np.ndarray | None = None, *exact: np.ndarray):
         self.path, self.manifest, self.rows, self.data = path, manifest, rows, data
         self._norms = norms
+        # (N,) token counts, (N, L) norms, (Σ counts, W) float16 factors, (Σ counts, L·2)
+        # scales; None: not kept
+        self.exact: tuple[np.ndarray, ...] | None = (exact[0].reshape(-1), *exact[1:]) \
+            if exact else None
         self._projections: dict[str, Projection] = {}
 
     @property
@@ -140,21 +151,24 @@ class Sketches:
         if model is not None or factors is not None:
             _check_owner(path, manifest, model, factors)
         n = sum(c[0] for c in manifest["chunks"])
-        for name, width, _ in _files(manifest):
+        units, arrays = _extent(path, manifest, n), []
+        for name, width, dtype, ragged in _files(manifest):
             have = (path / name).stat().st_size if (path / name).exists() else -1
-            if have < n * width:  # longer is an interrupted chunk, ignored until the next build
-                raise SketchError(f"{path / name} is truncated ({max(have, 0)} of {n * width} "
-                                  "bytes); delete the directory and rebuild with "
-                                  "build_sketches(...)")
-        arrays = [np.fromfile(path / name, dtype=dtype, count=n) if name == "rows.bin" else
-                  np.memmap(path / name, dtype, "r", shape=(n, width // dtype.itemsize)) if n
-                  else np.zeros((0, width // dtype.itemsize), dtype)
-                  for name, width, dtype in _files(manifest)]
+            if have < units[ragged] * width:  # longer: an interrupted chunk, dropped next build
+                raise SketchError(f"{path / name} is truncated ({max(have, 0)} of "
+                                  f"{units[ragged] * width} bytes); delete the directory and "
+                                  "rebuild with build_sketches(...)")
+            shape = (units[ragged], width // dtype.itemsize)
+            arrays.append(np.fromfile(path / name, dtype=dtype, count=n) if name == "rows.bin"
+                          else np.memmap(path / name, dtype, "r", shape=shape) if shape[0]
+                          else np.zeros(shape, dtype))
         if verify:
-            start = 0
+            start, ragged = 0, [f[3] for f in _files(manifest)]
+            first = units["first"]                   # each row's first token (ragged files)
             for k, (size, *crcs) in enumerate(manifest["chunks"]):
                 stop = start + size
-                if [store.crc32(x[start:stop]) for x in arrays] != crcs:
+                if [store.crc32(x[first[start]:first[stop]] if r else x[start:stop])
+                        for x, r in zip(arrays, ragged)] != crcs:
                     raise SketchError(f"{path} is corrupt (chunk {k}, rows {start}–{stop}, fails "
                                       "its CRC-32); delete the directory and rebuild with "
                                       "build_sketches(...)")
@@ -183,11 +197,45 @@ class Sketches:
 
     def query_sketches(self, model: nn.Module, factors: Factors, queries: Queries) -> np.ndarray:
         """(Q, D) float32 sketches of preconditioned query gradients, drawn like the stored ones."""
+        self._check_queries(model, factors, queries)
+        return self.projection(factors).sketch_queries(queries).numpy()
+
+    def _check_queries(self, model: nn.Module, factors: Factors, queries: Queries) -> None:
         _check_owner(self.path, self.manifest, model, factors)
         if queries.factors_id != self.manifest["factors_id"]:
             raise SketchError("the queries were preconditioned with other factors than the "
                               f"sketches in {self.path}; make them with the same factors")
-        return self.projection(factors).sketch_queries(queries).numpy()
+
+    def estimates(self, model: nn.Module, factors: Factors, queries: Queries,
+                  rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, n) estimates ŝ of the queries' scores on the store's ``rows`` and (Q, n) the
+        scale H of their error, |s − ŝ| ≤ H (eigen sketch, exact factors) or of the order of H
+        (a random sketch): from the exact token factors when the store keeps them
+        (:mod:`influence_nb.tokens`, H their float16 rounding), else the sketch inner
+        products (H :meth:`noise_scale`). Blocks of rows at a time: the store stays a memory
+        map."""
+        if self.exact is None:
+            x = self.query_sketches(model, factors, queries)
+            data = self.data[rows]
+            s_hat = np.concatenate([x @ np.asarray(data[i:i + BLOCK], np.float32).T
+                                    for i in range(0, len(data), BLOCK)], 1) if len(data) \
+                else np.zeros((len(x), 0), np.float32)
+            return s_hat, self.noise_scale(self.query_rest(factors, queries, x), rows)
+        self._check_queries(model, factors, queries)
+        counts, norms, data, scales = self.exact
+        picked = np.arange(len(counts))[rows]
+        c = counts[picked]
+        if len(picked) and (np.diff(picked) == 1).all():   # a run: views of the memory map
+            start = int(counts[:picked[0]].sum())
+            data, scales = data[start:start + c.sum()], scales[start:start + c.sum()]
+        else:                                              # their tokens, gathered
+            first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])[picked]
+            seq = tokens.row_of(c)
+            take = first[seq] + np.arange(len(seq)) - (np.cumsum(c) - c)[seq]
+            data, scales = data[take], scales[take]
+        shapes = {name: tuple(s) for name, s in self.manifest["layers"].items()}
+        return (tokens.estimates(queries, shapes, c, data, scales),
+                tokens.query_rest(queries, list(shapes)) @ norms[picked].astype(np.float64).T)
 
     def query_rest(self, factors: Factors, queries: Queries, x: np.ndarray) -> np.ndarray:
         """(Q, L) float64 :meth:`Projection.query_rest` of queries sketched as ``x`` (Q, D)
@@ -202,13 +250,36 @@ class Sketches:
         return rest @ self.norms[rows].astype(np.float64).T
 
 
-def _files(manifest: dict) -> list[tuple[str, int, np.dtype]]:
-    """(file, bytes per sequence, dtype) of a store's data files, in the chunks' CRC order."""
-    files = [("rows.bin", ROW.itemsize, ROW),
-             ("sketches.f16", 2 * manifest["dim"], np.dtype(np.float16))]
+def _files(manifest: dict) -> list[tuple[str, int, np.dtype, bool]]:
+    """(file, bytes per sequence — per token where ragged —, dtype, ragged) of a store's data
+    files, in the chunks' CRC order."""
+    f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
+    files = [("rows.bin", ROW.itemsize, ROW, False),
+             ("sketches.f16", 2 * manifest["dim"], f16, False)]
     if manifest["format"] != FORMAT_1:
-        files.append(("norms.f32", 4 * len(manifest["layers"]), np.dtype(np.float32)))
+        files.append(("norms.f32", 4 * len(manifest["layers"]), f32, False))
+    if manifest.get("tokens"):
+        L = len(manifest["layers"])
+        shapes = {name: tuple(s) for name, s in manifest["layers"].items()}
+        files += [("token_counts.i32", 4, np.dtype(np.int32), False),
+                  ("token_norms.f32", 4 * L, f32, False),
+                  ("tokens.f16", 2 * tokens.width(shapes), f16, True),
+                  ("token_scales.f32", 8 * L, f32, True)]
     return files
+
+
+def _extent(path: Path, manifest: dict, n: int) -> dict:
+    """What the first n rows of a store span: {False: n rows, True: their tokens (the ragged
+    files' rows), "first": (n + 1,) each row's first token and the end}."""
+    counts = np.zeros(0, np.int64)
+    if manifest.get("tokens") and n:
+        counts = np.fromfile(path / "token_counts.i32", np.int32,
+                             count=n) if (path / "token_counts.i32").exists() else counts
+        if len(counts) < n:
+            raise SketchError(f"{path / 'token_counts.i32'} is truncated; delete the directory "
+                              "and rebuild with build_sketches(...)")
+    first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    return {False: n, True: int(first[-1]), "first": first if len(counts) else np.arange(n + 1)}
 
 
 def _read_manifest(path: Path) -> dict:
@@ -239,6 +310,14 @@ def _check_owner(path: Path, manifest: dict, model: nn.Module | None,
         raise SketchError(f"the sketches in {path} were made with other factors "
                           f"({manifest['factors_id']} ≠ {factors.factors_id()}); load those "
                           "factors or rebuild the sketches in a new directory")
+
+
+def keeps_tokens(factors: Factors, corpus: Corpus, args: SketchArgs) -> bool:
+    """Whether a new store of ``corpus`` keeps exact token factors: all of the corpus's
+    tokens (a bound on the scored ones) within ``args.exact_bytes``."""
+    need = (int(corpus.offsets[-1]) * tokens.token_bytes(factors.shapes)
+            + len(corpus) * 4 * (1 + len(factors.shapes)))
+    return bool(need <= args.exact_bytes)
 
 
 @checked(distinct=("ids",), nonempty=("ids",))
@@ -279,7 +358,7 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
         else:
             manifest = dict(format=FORMAT, dim=proj.dim, projection=args.projection,
                             layers={n: list(s) for n, s in factors.shapes.items()}, chunks=[],
-                            **owner)
+                            tokens=keeps_tokens(factors, corpus, args), **owner)
             done = set()
         ids = as_ids(ids, len(corpus))
         todo = np.array([i for i in ids.tolist() if i not in done], dtype=np.int64)
@@ -287,20 +366,23 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
             raise SketchError(f"{path} is a sketch store of format 1, before per-sequence "
                               "norms: it cannot grow; build the sketches in a new directory")
         n = sum(c[0] for c in manifest["chunks"])
-        for name, width, _ in _files(manifest):
-            store.truncate(path / name, n * width)  # drop the rows of an interrupted chunk
+        units = _extent(path, manifest, n)
+        for name, width, _, ragged in _files(manifest):  # drop an interrupted chunk's rows
+            store.truncate(path / name, units[ragged] * width)
         layers = find_layers(model, factors.layer_names)
         with tqdm(total=len(todo), desc="sketching", unit="seq",
                   disable=not args.progress) as bar:
             for start in range(0, len(todo), args.chunk_size):
                 chunk = todo[start:start + args.chunk_size]
-                data, norms = corpus_pass(model, layers, source(corpus, args.batch_size, chunk),
-                                          [Sketcher(proj, len(chunk))], task=task,
-                                          progress=bar)[0]
+                consumers = [Sketcher(proj, len(chunk))]
+                if manifest.get("tokens"):
+                    consumers.append(TokenFactors(factors.shapes, len(chunk)))
+                done_pass = corpus_pass(model, layers, source(corpus, args.batch_size, chunk),
+                                        consumers, task=task, progress=bar)
                 rows = np.empty(len(chunk), ROW)
                 rows["id"], rows["hash"] = chunk, sequence_hashes(corpus, chunk)
-                arrays = [rows, data, norms]
-                for (name, _, _), x in zip(_files(manifest), arrays):
+                arrays = [rows, *[x for out in done_pass for x in out]]
+                for (name, *_), x in zip(_files(manifest), arrays):
                     store.append(path / name, x.tobytes())
                 manifest["chunks"].append([len(chunk), *map(store.crc32, arrays)])
                 store.write_manifest(path / "sketches.json", manifest)
@@ -379,12 +461,14 @@ def _merge(path: Path, parts: Sequence[Sketches]) -> None:
                               "already holds; merge disjoint parts only")
         have = np.concatenate([have, part.ids])
     n = sum(c[0] for c in manifest["chunks"])
-    for name, width, _ in _files(manifest):
-        store.truncate(path / name, n * width)  # drop the rows of an interrupted merge or build
+    units = _extent(path, manifest, n)
+    extents = [_extent(part.path, part.manifest, len(part)) for part in parts]
+    for name, width, _, ragged in _files(manifest):
+        store.truncate(path / name, units[ragged] * width)  # an interrupted merge or build
         with open(path / name, "ab") as out:
-            for part in parts:
+            for part, extent in zip(parts, extents):
                 with open(part.path / name, "rb") as src:
-                    left = len(part) * width
+                    left = extent[ragged] * width
                     while left:
                         block = src.read(min(left, _COPY_BLOCK))
                         if not block:

@@ -23,7 +23,7 @@ TEXTS = [f"{w} number {i} is {'odd' if i % 2 else 'even'} and {WORDS[(i * 7) % 1
          for i, w in enumerate(WORDS * 6)]
 PAIRS = [("alpha number", " 0 is even"), ("gamma number 2 is", " even"),
          ("theta number", " 7 is odd and")]
-SMALL = SketchArgs(m=64, batch_size=8, chunk_size=16, progress=False)
+SMALL = SketchArgs(exact_bytes=0, m=64, batch_size=8, chunk_size=16, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def exact(session):
 
 
 def test_flat_retrieval_and_rescoring_equal_exhaustive_top_k(session, exact, tmp_path):
-    ret = Retriever.build(session, tmp_path, SketchArgs(m=1024, progress=False),
+    ret = Retriever.build(session, tmp_path, SketchArgs(exact_bytes=0, m=1024, progress=False),
                           IndexArgs(progress=False), lexical=0)
     assert ret.index.kind == "flat"
     everything = ret.search(PAIRS, candidates=2 * len(TEXTS), probe=0)
@@ -62,7 +62,7 @@ def test_flat_retrieval_and_rescoring_equal_exhaustive_top_k(session, exact, tmp
 
 
 def test_hybrid_candidates_add_bm25_matches_to_the_positive_half(session, exact, tmp_path):
-    ret = Retriever.build(session, tmp_path, SketchArgs(m=256, progress=False),
+    ret = Retriever.build(session, tmp_path, SketchArgs(exact_bytes=0, m=256, progress=False),
                           IndexArgs(progress=False), lexical=0.5)
     K = 24
     res = ret.search(PAIRS, candidates=K, probe=0)
@@ -81,7 +81,7 @@ def test_hybrid_candidates_add_bm25_matches_to_the_positive_half(session, exact,
 def test_multi_query_recall_is_each_querys_own_not_the_unions(session, exact, tmp_path):
     """A search of several queries rescores the union of their candidates; recall_at_k must
     credit query q with its own candidates only — what a search of q alone finds."""
-    ret = Retriever.build(session, tmp_path, SketchArgs(m=64, variant="whitened",
+    ret = Retriever.build(session, tmp_path, SketchArgs(exact_bytes=0, m=64, variant="whitened",
                                                         progress=False),
                           IndexArgs(progress=False), lexical=0)
     K, k = 6, 5
@@ -159,7 +159,8 @@ def test_eigen_sketch_with_every_coordinate_is_exact(session, exact, tmp_path):
     (exact whitening per coordinate, no random measurement); fewer keep the largest Λ/λ."""
     n_params = sum(o * i for o, i in session.factors.shapes.values())
     sk = build_sketches(session.model, session.factors, session.corpus, tmp_path,
-                        SketchArgs(m=n_params, variant="eigen", batch_size=8, progress=False))
+                        SketchArgs(exact_bytes=0, m=n_params, variant="eigen", batch_size=8,
+                                   progress=False))
     assert sk.dim == n_params
     approx = sk.query_sketches(session.model, session.factors, session.queries(PAIRS)) \
         @ sk.data.astype(np.float32).T
@@ -176,7 +177,8 @@ def test_stored_norms_bound_the_sketch_error(session, exact, tmp_path, variant):
     scale), and the error is a fraction of their products' sum."""
     m = 16 if variant == "eigen" else 64
     sk = build_sketches(session.model, session.factors, session.corpus, tmp_path,
-                        SketchArgs(m=m, variant=variant, batch_size=8, progress=False))
+                        SketchArgs(exact_bytes=0, m=m, variant=variant, batch_size=8,
+                                   progress=False))
     queries = session.queries(PAIRS)
     x = sk.query_sketches(session.model, session.factors, queries)
     bound = sk.noise_scale(sk.query_rest(session.factors, queries, x))
@@ -206,8 +208,8 @@ def test_recall_target_is_kept_over_many_queries(session, tmp_path, variant):
     exhaustive top-3 of both signs lands among the rescored sequences at least at the promised
     rate (up to the sampling error of 16 queries)."""
     sk = build_sketches(session.model, session.factors, session.corpus, tmp_path / "s",
-                        SketchArgs(m=16 if variant == "eigen" else 64, variant=variant,
-                                   batch_size=8, progress=False))
+                        SketchArgs(exact_bytes=0, m=16 if variant == "eigen" else 64,
+                                   variant=variant, batch_size=8, progress=False))
     ret = Retriever(session, sk, SketchIndex.build(sk, tmp_path / "i", IndexArgs(progress=False)),
                     calibration=CalibrationArgs(sample=60, queries=8))
     pairs = many_pairs(16)
@@ -255,6 +257,7 @@ def test_store_of_format_1_serves_fixed_searches_and_refuses_a_recall_target(ses
     manifest = store.read_manifest(path / "sketches.json", built.manifest["format"],
                                    SketchError, "")
     manifest |= dict(format=FORMAT_1, chunks=[c[:3] for c in manifest["chunks"]])
+    manifest.pop("tokens")
     store.write_manifest(path / "sketches.json", manifest)
     (path / "norms.f32").unlink()
     old = Sketches.open(path, session.model, session.factors)
@@ -275,7 +278,7 @@ def test_store_of_format_1_serves_fixed_searches_and_refuses_a_recall_target(ses
 
 @pytest.mark.parametrize("dense", [0, 10 ** 9])
 def test_eigen_sketch_block_and_coordinate_paths_agree(session, tmp_path, monkeypatch, dense):
-    args = SketchArgs(m=48, variant="eigen", batch_size=8, progress=False)
+    args = SketchArgs(exact_bytes=0, m=48, variant="eigen", batch_size=8, progress=False)
     want = build_sketches(session.model, session.factors, session.corpus, tmp_path / "a", args)
     monkeypatch.setattr(projection, "DENSE_GATHER", dense)  # 0: coordinate by coordinate
     got = build_sketches(session.model, session.factors, session.corpus, tmp_path / "b", args)
@@ -285,7 +288,7 @@ def test_eigen_sketch_block_and_coordinate_paths_agree(session, tmp_path, monkey
 
 @pytest.mark.parametrize("variant", ["eigen", "whitened"])
 def test_sketch_inner_products_correlate_with_exact_scores(session, exact, tmp_path, variant):
-    args = SketchArgs(m=256, variant=variant, batch_size=8, progress=False)
+    args = SketchArgs(exact_bytes=0, m=256, variant=variant, batch_size=8, progress=False)
     sk = build_sketches(session.model, session.factors, session.corpus, tmp_path, args)
     approx = sk.query_sketches(session.model, session.factors, session.queries(PAIRS)) \
         @ sk.data.astype(np.float32).T
@@ -303,14 +306,14 @@ def test_identity_factors_get_the_random_sketch_without_a_basis(session, tmp_pat
                     session.score_args)
     assert resolve_variant(identity, SketchArgs()) == "whitened"
     sk = build_sketches(inf.model, identity, inf.corpus, tmp_path,
-                        SketchArgs(m=256, batch_size=8, progress=False))
+                        SketchArgs(exact_bytes=0, m=256, batch_size=8, progress=False))
     approx = sk.query_sketches(inf.model, identity, inf.queries(PAIRS)) \
         @ sk.data.astype(np.float32).T
     exact = inf.scan(PAIRS).scores
     assert min(np.corrcoef(a, s)[0, 1] for a, s in zip(approx, exact[:, sk.ids])) > 0.8
     with pytest.raises(ValueError, match="eigen sketch needs K-FAC or EK-FAC"):
         build_sketches(inf.model, identity, inf.corpus, tmp_path / "e",
-                       SketchArgs(variant="eigen", progress=False))
+                       SketchArgs(exact_bytes=0, variant="eigen", progress=False))
 
 
 def test_sketch_inner_products_are_unbiased(session, exact, tmp_path):
@@ -320,8 +323,8 @@ def test_sketch_inner_products_are_unbiased(session, exact, tmp_path):
     ids, queries = range(12), session.queries(PAIRS)
     draws = []
     for seed in range(24):
-        args = SketchArgs(m=64, variant="whitened", seed=seed, batch_size=12, chunk_size=12,
-                          progress=False)
+        args = SketchArgs(exact_bytes=0, m=64, variant="whitened", seed=seed, batch_size=12,
+                          chunk_size=12, progress=False)
         sk = build_sketches(session.model, session.factors, session.corpus, tmp_path / str(seed),
                             args, ids=ids)
         draws.append(sk.query_sketches(session.model, session.factors, queries)
@@ -437,3 +440,76 @@ def test_bm25_and_search_size():
     assert abs(law.alpha - 2.0) < 0.1
     est = search_size(sample, np.full(10, 100.0))    # P(x > 100) = 1e-4 -> 1e5 sequences
     assert 0.7e5 < est["n_sequences"] < 1.4e5
+
+
+EXACT = SketchArgs(m=64, batch_size=8, chunk_size=16, progress=False)   # tokens kept: small
+
+
+def test_exact_token_factors_give_every_score_within_their_rounding_bound(session, exact,
+                                                                          tmp_path):
+    """A short corpus keeps each sequence's token factors (manifest ``tokens``); estimates
+    from them are the exhaustive scores to float16 rounding, inside the stated bound H; the
+    factors' files are checksummed like the sketches."""
+    from influence_nb import tokens
+    sk = build_sketches(session.model, session.factors, session.corpus, tmp_path / "s", EXACT)
+    counts, norms, data, scales = sk.exact
+    assert sk.manifest["tokens"] and counts.tolist() == (np.diff(session.corpus.offsets) - 1
+                                                         ).tolist()   # the scored positions
+    assert data.shape == (counts.sum(), tokens.width(session.factors.shapes))
+    queries = session.queries(PAIRS)
+    s_hat, H = sk.estimates(session.model, session.factors, queries)
+    S = exact.scores[:, sk.ids]
+    assert (np.abs(S - s_hat) <= H).all()
+    np.testing.assert_allclose(s_hat, S, rtol=0, atol=3e-3 * np.abs(S).max())
+    assert H.max() < 0.05 * np.abs(S).max()   # a rounding's bound (the m = 64 sketch's: 1.4)
+    for q in range(len(PAIRS)):                         # hence the same top-5 either sign
+        for sign in (1, -1):
+            assert set(np.argsort(-sign * s_hat[q])[:5]) == set(np.argsort(-sign * S[q])[:5])
+    rows = np.array([3, 17, 40])                        # any rows, as calibration asks
+    np.testing.assert_allclose(sk.estimates(session.model, session.factors, queries, rows)[0],
+                               s_hat[:, rows], rtol=1e-6)
+    blob = (tmp_path / "s" / "tokens.f16").read_bytes()
+    (tmp_path / "s" / "tokens.f16").write_bytes(blob[:64] + bytes(16) + blob[80:])
+    with pytest.raises(SketchError, match="corrupt"):
+        Sketches.open(tmp_path / "s")
+
+
+def test_exact_factors_are_kept_only_within_their_byte_budget(session, tmp_path):
+    from influence_nb import tokens
+    shapes, corpus = session.factors.shapes, session.corpus
+    need = corpus.offsets[-1] * tokens.token_bytes(shapes) + len(TEXTS) * 4 * (1 + len(shapes))
+    for budget, kept in ((need, True), (need - 1, False), (0, False)):
+        sk = build_sketches(session.model, session.factors, corpus, tmp_path / str(budget),
+                            SketchArgs(exact_bytes=budget, m=64, progress=False), ids=range(20))
+        assert sk.manifest["tokens"] == kept and (sk.exact is None) == (not kept)
+    grown = build_sketches(session.model, session.factors, corpus, tmp_path / str(need),
+                           SketchArgs(exact_bytes=0, m=64, progress=False))   # the store decides
+    assert len(grown) == len(TEXTS) and grown.manifest["tokens"]
+    whole = build_sketches(session.model, session.factors, corpus, tmp_path / "whole",
+                           SketchArgs(m=64, progress=False, chunk_size=64, batch_size=8))
+    order = np.argsort(grown.ids)                        # appended rows: the same per sequence
+    np.testing.assert_array_equal(grown.exact[0][order], whole.exact[0])
+    np.testing.assert_allclose(grown.exact[1][order], whole.exact[1], rtol=1e-6)
+    s = session.queries(PAIRS)
+    want = whole.estimates(session.model, session.factors, s)[0]   # to float16's rounding
+    np.testing.assert_allclose(grown.estimates(session.model, session.factors, s)[0][:, order],
+                               want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_recall_target_with_exact_factors_rescores_only_the_first_round(session, tmp_path):
+    """With exact factors every query's exhaustive top-k of both signs is found, in one round
+    of the largest and most negative estimates (2k each here), at a fraction no sketch gets."""
+    ret = Retriever.build(session, tmp_path, EXACT, IndexArgs(progress=False))
+    ret.calibration_args = CalibrationArgs(sample=40, queries=4)
+    pairs = many_pairs(12)
+    S = session.scan(pairs).scores[:, ret.sketches.ids]
+    for q, pair in enumerate(pairs):
+        res = ret.search([pair], recall=0.95, k=3)
+        rows = ret.sketches.rows_of(res.candidates[0])
+        for sign in (1, -1):
+            assert np.isin(np.argsort(-sign * S[q])[:3], rows).all()
+        assert res.rounds == 1 and res.rescored_fraction[0] <= 12 / len(TEXTS)
+        fixed = ret.search([pair], candidates=24, probe=0)  # the best 12 of each sign
+        for sign, part in ((1, "positive"), (-1, "negative")):
+            assert recall_at_k(fixed, session.scan([pair]), k=3, sign=part)[0] == 1.0
+
