@@ -137,8 +137,10 @@ class Sketches:
         return len(self.rows)
 
     def __repr__(self) -> str:
+        exact = "" if self.exact is None else \
+            f" + exact token factors ({self.exact[2].nbytes + self.exact[3].nbytes:,} bytes)"
         return (f"Sketches({len(self)} sequences × {self.dim} dims, "
-                f"{self.manifest['projection']['variant']}, {self.path})")
+                f"{self.manifest['projection']['variant']}{exact}, {self.path})")
 
     @classmethod
     @checked()

@@ -76,7 +76,8 @@ class TokenFactors(Consumer):
         if self._data is None:                      # the batch's first layer
             self._data = np.zeros((batch.n_tokens, self.offsets[-1]), np.float16)
             self._scales = np.zeros((batch.n_tokens, len(self.names), 2), np.float32)
-        l, start = self.names.index(layer.name), self.offsets[self.names.index(layer.name)]
+        l = self.names.index(layer.name)
+        start = self.offsets[l]
         norm = torch.ones(batch.n_tokens, device=a.device)
         for side, x in enumerate((delta, a)):                      # δ first, then ā
             x = x.flatten(0, 1)[batch.tokens].float()              # (n, out) or (n, in+1)

@@ -23,26 +23,27 @@ def _stdout(nb: nbformat.NotebookNode) -> str:
                    for o in c.outputs if o.output_type == "stream" and o.name == "stdout")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def executed():
-    """Execute a notebook once (in its own folder, on one thread); the executed copy."""
+    """Execute a notebook once (in its own folder, on one thread); the executed copy. Session
+    scope: a worker that runs other modules' tests between a notebook and the claims read from
+    it keeps its execution (module scope ran notebook 08 twice, 146 s more)."""
     cache: dict[str, nbformat.NotebookNode] = {}
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMP_NUM_THREADS", "1")  # inherited by the kernels
 
     def run(path: Path) -> nbformat.NotebookNode:
         if path.name not in cache:
             nb = nbformat.read(path, as_version=4)
             t0 = time.time()
-            NotebookClient(nb, timeout=600, kernel_name="python3",
-                           resources={"metadata": {"path": str(path.parent)}}).execute()
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("OMP_NUM_THREADS", "1")  # inherited by the kernel
+                NotebookClient(nb, timeout=600, kernel_name="python3",
+                               resources={"metadata": {"path": str(path.parent)}}).execute()
             TIMES[path.name] = round(time.time() - t0, 1)
             print(f"\n{path.name}: {TIMES[path.name]} s")
             nbformat.validate(nb)
             cache[path.name] = nb
         return cache[path.name]
-    yield run
-    mp.undo()
+    return run
 
 
 def test_notebooks_are_committed_clean():

@@ -30,9 +30,12 @@ def run(ns: argparse.Namespace, rank: int, world: int) -> dict:
     seconds = time.perf_counter() - t0
     if rank == 0:  # the index is derived from the sketches: rebuilt on every run
         index = SketchIndex.build(sketches, out / "index", index_args)
-        print(f"{len(sketches)} sketches of {sketches.dim} dims in {seconds:.1f} s on {world} "
-              f"rank(s); {index!r} -> {out}")
-    return dict(sequences=len(sketches), dim=sketches.dim, seconds=seconds)
+        exact = ("with exact token factors" if sketches.exact is not None else
+                 "sketch alone (the corpus's token factors exceed --exact-bytes)")
+        print(f"{len(sketches)} sketches of {sketches.dim} dims, {exact}, in {seconds:.1f} s on "
+              f"{world} rank(s); {index!r} -> {out}")
+    return dict(sequences=len(sketches), dim=sketches.dim, seconds=seconds,
+                exact=sketches.exact is not None)
 
 
 VERB = Verb("sketch", "sketch the corpus and build the FAISS index -> dir with sketches/ and "
