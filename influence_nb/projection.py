@@ -80,8 +80,8 @@ class SketchArgs:
     seed:       seed of the Gaussian projections (stored: queries are sketched alike)
     exact_bytes: the store also keeps every sequence's exact token factors
                 (:mod:`influence_nb.tokens`: each score to float16 rounding, no sketch error)
-                when they take at most this many bytes for the whole corpus, each sequence
-                padded to the longest (0: never); decided when the store is created
+                when the corpus's tokens take at most this many bytes, 2 · Σ_ℓ (out + in+1)
+                + 8 · layers a token (0: never); decided when the store is created
     batch_size: training sequences per forward + backward
     chunk_size: sequences per committed chunk (the unit of resumption)
     progress:   show a progress bar
