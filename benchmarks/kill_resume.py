@@ -243,16 +243,17 @@ class Sketch(Op):
                                            self.args)
 
     def finished(self, folder: Path) -> dict[str, object]:
-        """Chunk k of the committed manifest: its CRC-32s and the digest of its bytes."""
+        """Chunk k of the committed manifest: its CRC-32s (one per file: rows, sketches, norms
+        and, where kept, the exact token factors) and the digest of its rows and sketches."""
         from influence_nb.sketch import Sketches, SketchError
         try:
             s = Sketches.open(folder, verify=False)
         except (SketchError, FileNotFoundError):
             return {}
         out, start = {}, 0
-        for k, (size, crc_rows, crc_data) in enumerate(s.manifest["chunks"]):
+        for k, (size, *crcs) in enumerate(s.manifest["chunks"]):
             rows = s.rows[start:start + size].tobytes() + s.data[start:start + size].tobytes()
-            out[f"chunk {k}"] = (crc_rows, crc_data, hashlib.sha256(rows).hexdigest())
+            out[f"chunk {k}"] = (*crcs, hashlib.sha256(rows).hexdigest())
             start += size
         return out
 

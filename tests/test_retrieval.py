@@ -24,6 +24,7 @@ TEXTS = [f"{w} number {i} is {'odd' if i % 2 else 'even'} and {WORDS[(i * 7) % 1
 PAIRS = [("alpha number", " 0 is even"), ("gamma number 2 is", " even"),
          ("theta number", " 7 is odd and")]
 SMALL = SketchArgs(exact_bytes=0, m=64, batch_size=8, chunk_size=16, progress=False)
+EXACT = SketchArgs(m=64, batch_size=8, chunk_size=16, progress=False)   # tokens kept: small
 
 
 @pytest.fixture(scope="module")
@@ -389,29 +390,38 @@ def test_appended_sequences_keep_old_ids(session, tmp_path):
                                whole.data.astype(np.float32), rtol=1e-2, atol=1e-3)
 
 
-def test_interrupted_sketch_build_resumes(session, tmp_path, monkeypatch):
+@pytest.mark.parametrize("exact", [False, True])
+def test_interrupted_sketch_build_resumes(session, tmp_path, monkeypatch, exact):
+    """Killed in its third chunk after partial writes (the ragged token files too), a build
+    resumes after the two committed chunks, byte for byte the store of one uninterrupted run."""
+    args = EXACT if exact else SMALL
     calls = []
     batches = Corpus.batches
 
     def flaky(self, batch_size, ids=None, progress=False):
         calls.append(len(ids))
         if len(calls) == 3:  # dies in the third chunk, after a partial write
-            with open(tmp_path / "sketches.f16", "ab") as fh:
-                fh.write(b"\x01" * 77)
+            for name in ("sketches.f16", "token_counts.i32", "tokens.f16"):
+                if (tmp_path / name).exists():
+                    with open(tmp_path / name, "ab") as fh:
+                        fh.write(b"\x01" * 77)
             raise KeyboardInterrupt
         return batches(self, batch_size, ids, progress)
 
     monkeypatch.setattr(Corpus, "batches", flaky)
     with pytest.raises(KeyboardInterrupt):
-        build_sketches(session.model, session.factors, session.corpus, tmp_path, SMALL)
-    assert len(Sketches.open(tmp_path)) == 2 * SMALL.chunk_size   # two committed chunks
+        build_sketches(session.model, session.factors, session.corpus, tmp_path, args)
+    assert len(Sketches.open(tmp_path)) == 2 * args.chunk_size   # two committed chunks
     calls.clear()
-    resumed = build_sketches(session.model, session.factors, session.corpus, tmp_path, SMALL)
-    assert sum(calls) == len(TEXTS) - 2 * SMALL.chunk_size        # done chunks not redone
+    resumed = build_sketches(session.model, session.factors, session.corpus, tmp_path, args)
+    assert sum(calls) == len(TEXTS) - 2 * args.chunk_size        # done chunks not redone
     monkeypatch.undo()
-    whole = build_sketches(session.model, session.factors, session.corpus, tmp_path / "w", SMALL)
+    whole = build_sketches(session.model, session.factors, session.corpus, tmp_path / "w", args)
     assert resumed.ids.tolist() == whole.ids.tolist()
     np.testing.assert_array_equal(resumed.data, whole.data)
+    assert (resumed.exact is None) == (not exact)
+    for got, want in zip(resumed.exact or (), whole.exact or ()):
+        np.testing.assert_array_equal(got, want)
     Sketches.open(tmp_path)  # CRCs verify
 
 
@@ -441,8 +451,6 @@ def test_bm25_and_search_size():
     est = search_size(sample, np.full(10, 100.0))    # P(x > 100) = 1e-4 -> 1e5 sequences
     assert 0.7e5 < est["n_sequences"] < 1.4e5
 
-
-EXACT = SketchArgs(m=64, batch_size=8, chunk_size=16, progress=False)   # tokens kept: small
 
 
 def test_exact_token_factors_give_every_score_within_their_rounding_bound(session, exact,
