@@ -277,7 +277,8 @@ def targeted(world: World, S: np.ndarray, a: argparse.Namespace) -> dict:
                    for sign in (1, -1)]
             rows.append(got + [res.estimated_recall["positive"][0],
                                res.estimated_recall["negative"][0], res.rescored_fraction[0],
-                               res.rounds, seconds / unit, seconds])
+                               res.rounds, seconds / unit, seconds,
+                               np.nan if res.read_fraction is None else res.read_fraction[0]])
         rows = np.array(rows)
         kinds = world.kinds[picked]
         r = lambda x: round(float(x), 3)  # noqa: E731
@@ -286,6 +287,7 @@ def targeted(world: World, S: np.ndarray, a: argparse.Namespace) -> dict:
             positive_min=r(rows[:, 0].min()), negative_min=r(rows[:, 1].min()),
             estimated=[r(rows[:, 2].mean()), r(rows[:, 3].mean())],
             rescored_fraction=r(rows[:, 4].mean()), rescored_fraction_max=r(rows[:, 4].max()),
+            read_fraction=r(rows[:, 8].mean()), read_fraction_max=r(rows[:, 8].max()),
             rounds=r(rows[:, 5].mean()), time_over_exhaustive=r(rows[:, 6].mean()),
             time_over_exhaustive_max=r(rows[:, 6].max()), search_seconds=r(rows[:, 7].mean()),
             by_kind={k: dict(recall=[r(rows[kinds == k, 0].mean()), r(rows[kinds == k, 1].mean())],

@@ -17,7 +17,8 @@ counted (the estimate is the sketch's share alone, a lower bound of a hybrid sea
 The same scan measures the sketch's error in units of its scale H (``z``, the
 :class:`~influence_nb.search.NoiseModel` a search with a recall target bounds its misses with;
 stores of format 1, without norms, have none). Where the store keeps exact token factors,
-ranks and z are those of their estimates (:meth:`Sketches.estimates`): the rounding of float16.
+the ranks are those of their scores (:meth:`Sketches.exact_scores`, which a fixed budget's
+candidates come from), z still the sketch's (a search with a recall target hunts with it).
 """
 from __future__ import annotations
 
@@ -147,6 +148,8 @@ def calibrate(inf: Influence, sketches: Sketches, args: CalibrationArgs | None =
     else:
         approx, H = sketches.estimates(inf.model, inf.factors, queries, rows)
         z = np.sort(((exact - approx) / np.maximum(H, 1e-30)).ravel())
+    if sketches.exact is not None:        # a fixed budget's candidates come from these
+        approx = sketches.exact_scores(inf.model, inf.factors, queries, rows)[0]
     t = max(1, round(10 * len(rows) / n))
     pos, neg = rank_fractions(exact, approx, t)
     cal = Calibration(sketches.fingerprint, n, len(rows), t, pos.tolist(), neg.tolist(),

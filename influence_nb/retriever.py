@@ -19,8 +19,11 @@ ends it), or all that is left when that is most of it. Each query stops on its o
 ``budget=`` caps the share of the corpus a query may rescore (then ``met`` is False and a
 warning says so). The result says what it did: ``rescored_fraction``, ``estimated_recall``
 (per query and sign, from the same bound) and ``rounds``. A store that keeps exact token
-factors (:mod:`influence_nb.tokens`, a corpus within ``SketchArgs.exact_bytes``) gives ŝ as
-the score itself and H as its float16 rounding: the first round then settles every query.
+factors (:mod:`influence_nb.tokens`, a corpus within ``SketchArgs.exact_bytes``) hunts the
+same way with the sketch's bound, but its rounds read the rows' exact scores from the factors
+instead of rescoring them through the model (``read_fraction``); the model then rescores only
+the best max(2k, 1 % of N) of each sign among them — a sketch that settles a query early saves
+the reading, one that cannot pays it at a fraction of a scan's cost.
 
 **A fixed budget** (``candidates=K``): each query gets K training sequences: half for positive
 influence — the largest sketch inner products, and (``lexical`` share of that half) the best
@@ -91,15 +94,19 @@ class SearchResult(InfluenceResult):
                       least as influential as the top-10 found (None: the probe was too small)
     rescored_fraction: per query, the share of the sketched sequences it had rescored (a
                       search with a recall target; None for a fixed one)
+    read_fraction:    per query, the share whose exact token factors its hunt read (a search
+                      with a recall target on a store that keeps them; else None)
     met:              per query, whether the recall target was met within ``budget`` (a
                       search with a recall target; else empty)
-    rounds:           rescoring passes (a search with a recall target; else 1)
+    rounds:           the hunt's rounds: rescoring passes, or reads of the exact factors (a
+                      search with a recall target; else 1)
     """
     candidates: list[np.ndarray] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     estimated_recall: dict = field(default_factory=dict)
     search_size: list[dict | None] = field(default_factory=list)
     rescored_fraction: list[float] | None = None
+    read_fraction: list[float] | None = None
     met: list[bool] = field(default_factory=list)
     rounds: int = 1
 
@@ -197,7 +204,7 @@ class Retriever:
         if self.sketches.exact is None:
             x = self.sketches.query_sketches(model, factors, queries)
         else:   # the scores themselves: the best of each sign, no index
-            order = np.argsort(-self.sketches.estimates(model, factors, queries)[0], 1,
+            order = np.argsort(-self.sketches.exact_scores(model, factors, queries)[0], 1,
                                kind="stable")
         t1 = time.perf_counter()
         n_lexical, n_top, n_bottom = self.split(candidates)
@@ -296,21 +303,34 @@ class Retriever:
         t0 = time.perf_counter()
         queries = self.inf.queries(queries)
         t1 = time.perf_counter()
-        A, H = self.sketches.estimates(self.inf.model, self.inf.factors, queries)
+        model, factors, sk = self.inf.model, self.inf.factors, self.sketches
+        A, H = sk.estimates(model, factors, queries)
         noise = self.calibration.noise
         t2 = time.perf_counter()
         sample = self.probe_rows(probe)
         hunts = [Hunt(a, h, noise, k, recall, budget) for a, h in zip(A, H)]
-        exact, parts = np.zeros(A.shape), []
+        exact, parts, rounds = np.zeros(A.shape), [], 0
         scanned = np.zeros(A.shape[1], bool)
         todo = [h.first(sample) for h in hunts]
         while any(len(t) for t in todo):
             rows = np.setdiff1d(np.concatenate(todo), np.flatnonzero(scanned))
             if len(rows):
-                parts.append(self.inf.scan(queries, ids=self.sketches.ids[rows]))
-                exact[:, self.sketches.rows_of(parts[-1].ids)] = parts[-1].scores
+                rounds += 1
+                if sk.exact is not None:        # the exact factors answer, not the model
+                    exact[:, rows] = sk.exact_scores(model, factors, queries, rows)[0]
+                else:
+                    parts.append(self.inf.scan(queries, ids=sk.ids[rows]))
+                    exact[:, sk.rows_of(parts[-1].ids)] = parts[-1].scores
                 scanned[rows] = True
             todo = [h.next(t, exact[q, t]) for q, (h, t) in enumerate(zip(hunts, todo))]
+        own, read = [h.own for h in hunts], None
+        if sk.exact is not None:
+            # the rows read hold each top-k as the bound says, and their exact scores rank
+            # them: the model rescores each sign's best max(2k, START · N) of them (and the probe)
+            read, own = [float(o.mean()) for o in own], [self._best(exact[q], o, k)
+                                                        for q, o in enumerate(own)]
+            rows = np.union1d(np.flatnonzero(np.logical_or.reduce(own)), sample)
+            parts = [self.inf.scan(queries, ids=sk.ids[rows])]
         t3 = time.perf_counter()
         res = replace(parts[0], **{name: np.concatenate([getattr(p, name) for p in parts], -1)
                                    for name in ("scores", "ids", "layer_scores")
@@ -324,10 +344,20 @@ class Retriever:
         timings = dict(queries=t1 - t0, sketch=t2 - t1, rescore=t3 - t2)
         estimated = dict(positive=[h.estimate[1] for h in hunts],
                          negative=[h.estimate[-1] for h in hunts], target=recall, k=k)
-        return self.result(res, [self.sketches.ids[np.flatnonzero(h.own)] for h in hunts],
-                           self.sketches.ids[sample], timings, estimated,
-                           rescored_fraction=[float(h.own.mean()) for h in hunts], met=met,
-                           rounds=len(parts))
+        return self.result(res, [sk.ids[np.flatnonzero(o)] for o in own], sk.ids[sample],
+                           timings, estimated, rescored_fraction=[float(o.mean()) for o in own],
+                           read_fraction=read, met=met, rounds=rounds)
+
+    @staticmethod
+    def _best(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+        """(N,) bool: of the ``rows`` (N,) bool, the max(2k, START · N) best ``scores`` of each
+        sign."""
+        at = np.flatnonzero(rows)
+        order = at[np.argsort(-scores[at], kind="stable")]
+        n = max(2 * k, int(np.ceil(START * len(rows))))
+        best = np.zeros(len(rows), bool)
+        best[order[:n]] = best[order[::-1][:n]] = True
+        return best
 
 
 class Hunt:

@@ -10,9 +10,8 @@ committed chunks with their CRC-32s, the model and factor fingerprints and the p
 settings (the projection itself is drawn again from them). A store whose corpus is short
 enough (``SketchArgs.exact_bytes``) also keeps each sequence's exact token factors
 (:mod:`influence_nb.tokens`: ``token_counts.i32`` and ``token_norms.f32`` a row per sequence,
-``tokens.f16`` and ``token_scales.f32`` a row per token; manifest ``tokens`` true); then
-:meth:`Sketches.estimates` are the scores themselves, to float16 rounding, and the sketch
-serves only the index. Stores of format 1, before the norms,
+``tokens.f16`` and ``token_scales.f32`` a row per token; manifest ``tokens`` true): :meth:`Sketches.exact_scores` reads them, the scores themselves to
+float16 rounding, for any rows. Stores of format 1, before the norms,
 still open and serve fixed-size searches; a search with a recall target asks to rebuild them.
 A build killed at any moment resumes after the last committed chunk; sketching more ids later
 appends rows and keeps the old ones. Under torch.distributed the chunks are shared out over the
@@ -210,19 +209,26 @@ class Sketches:
 
     def estimates(self, model: nn.Module, factors: Factors, queries: Queries,
                   rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, n) estimates ŝ of the queries' scores on the store's ``rows`` and (Q, n) the
-        scale H of their error, |s − ŝ| ≤ H (eigen sketch, exact factors) or of the order of H
-        (a random sketch): from the exact token factors when the store keeps them
-        (:mod:`influence_nb.tokens`, H their float16 rounding), else the sketch inner
-        products (H :meth:`noise_scale`). Blocks of rows at a time: the store stays a memory
+        """(Q, n) sketch estimates ŝ of the queries' scores on the store's ``rows`` and (Q, n)
+        the scale H of their error (:meth:`noise_scale`): |s − ŝ| ≤ H for the eigen sketch, of
+        the order of H for a random one. Blocks of rows at a time: the store stays a memory
         map."""
+        x = self.query_sketches(model, factors, queries)
+        data = self.data[rows]
+        s_hat = np.concatenate([x @ np.asarray(data[i:i + BLOCK], np.float32).T
+                                for i in range(0, len(data), BLOCK)], 1) if len(data) \
+            else np.zeros((len(x), 0), np.float32)
+        return s_hat, self.noise_scale(self.query_rest(factors, queries, x), rows)
+
+    def exact_scores(self, model: nn.Module, factors: Factors, queries: Queries,
+                     rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, n) the queries' scores on the store's ``rows`` from their exact token factors
+        (:mod:`influence_nb.tokens`; SketchError for a store without them) and (Q, n) the
+        bound on their float16 rounding. Only those rows' factors are read."""
         if self.exact is None:
-            x = self.query_sketches(model, factors, queries)
-            data = self.data[rows]
-            s_hat = np.concatenate([x @ np.asarray(data[i:i + BLOCK], np.float32).T
-                                    for i in range(0, len(data), BLOCK)], 1) if len(data) \
-                else np.zeros((len(x), 0), np.float32)
-            return s_hat, self.noise_scale(self.query_rest(factors, queries, x), rows)
+            raise SketchError(f"{self.path} keeps no exact token factors (the corpus's took more "
+                              "than SketchArgs.exact_bytes); use estimates(), or rebuild the "
+                              "store in a new directory with a larger exact_bytes")
         self._check_queries(model, factors, queries)
         counts, norms, data, scales = self.exact
         picked = np.arange(len(counts))[rows]

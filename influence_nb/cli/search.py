@@ -44,7 +44,8 @@ def run(ns: argparse.Namespace, rank: int, world: int) -> dict:
         result.save(ns.out)
         info = dict(candidates=[len(c) for c in result.candidates], timings=result.timings,
                     estimated_recall=result.estimated_recall, search_size=result.search_size,
-                    rescored_fraction=result.rescored_fraction, met=result.met,
+                    rescored_fraction=result.rescored_fraction,
+                    read_fraction=result.read_fraction, met=result.met,
                     rounds=result.rounds)
         write_json(Path(ns.out) / "search.json", info)
         print_top(result, ns.top)
