@@ -9,9 +9,10 @@ sequence's tokens) and ``sketches.json``, the manifest, written last (and sealed
 committed chunks with their CRC-32s, the model and factor fingerprints and the projection's
 settings (the projection itself is drawn again from them). A store whose corpus is short
 enough (``SketchArgs.exact_bytes``) also keeps each sequence's exact token factors
-(:mod:`influence_nb.tokens`: ``token_counts.i32`` and ``token_norms.f32`` a row per sequence,
-``tokens.f16`` and ``token_scales.f32`` a row per token; manifest ``tokens`` true): :meth:`Sketches.exact_scores` reads them, the scores themselves to
-float16 rounding, for any rows. Stores of format 1, before the norms,
+(:mod:`influence_nb.tokens`: ``token_counts.i32`` and ``token_norms.f32`` a row per
+sequence, ``tokens.f16`` and ``token_scales.f32`` a row per token; manifest ``tokens`` true):
+:meth:`Sketches.exact_scores` reads them, the scores themselves to float16 rounding, for any
+rows. Stores of format 1, before the norms,
 still open and serve fixed-size searches; a search with a recall target asks to rebuild them.
 A build killed at any moment resumes after the last committed chunk; sketching more ids later
 appends rows and keeps the old ones. Under torch.distributed the chunks are shared out over the
@@ -287,7 +288,7 @@ def _extent(path: Path, manifest: dict, n: int) -> dict:
             raise SketchError(f"{path / 'token_counts.i32'} is truncated; delete the directory "
                               "and rebuild with build_sketches(...)")
     first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-    return {False: n, True: int(first[-1]), "first": first if len(counts) else np.arange(n + 1)}
+    return {False: n, True: int(first[-1]), "first": first}
 
 
 def _read_manifest(path: Path) -> dict:
