@@ -327,9 +327,11 @@ class Retriever:
         if sk.exact is not None:
             # the rows read hold each top-k as the bound says, and their exact scores rank
             # them: the model rescores each sign's best max(2k, START · N) of them (and the probe)
-            read, own = [float(o.mean()) for o in own], [self._best(exact[q], o, k)
-                                                        for q, o in enumerate(own)]
-            rows = np.union1d(np.flatnonzero(np.logical_or.reduce(own)), sample)
+            read = [float(o.mean()) for o in own]
+            best = [extremes(exact[q], np.flatnonzero(o), first_round(k, len(o)))
+                    for q, o in enumerate(own)]
+            own = [np.isin(np.arange(A.shape[1]), b) for b in best]
+            rows = np.union1d(np.concatenate(best), sample)
             parts = [self.inf.scan(queries, ids=sk.ids[rows])]
         t3 = time.perf_counter()
         res = replace(parts[0], **{name: np.concatenate([getattr(p, name) for p in parts], -1)
@@ -348,16 +350,17 @@ class Retriever:
                            timings, estimated, rescored_fraction=[float(o.mean()) for o in own],
                            read_fraction=read, met=met, rounds=rounds)
 
-    @staticmethod
-    def _best(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-        """(N,) bool: of the ``rows`` (N,) bool, the max(2k, START · N) best ``scores`` of each
-        sign."""
-        at = np.flatnonzero(rows)
-        order = at[np.argsort(-scores[at], kind="stable")]
-        n = max(2 * k, int(np.ceil(START * len(rows))))
-        best = np.zeros(len(rows), bool)
-        best[order[:n]] = best[order[::-1][:n]] = True
-        return best
+
+def first_round(k: int, n: int) -> int:
+    """Rows of each sign a targeted search's first round takes of n: max(2k, START · n)."""
+    return max(2 * k, int(np.ceil(START * n)))
+
+
+def extremes(scores: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Of ``rows``, the n with the largest and the n with the most negative ``scores`` (a
+    stable order among ties) -> sorted rows."""
+    order = rows[np.argsort(-scores[rows], kind="stable")]
+    return np.union1d(order[:n], order[::-1][:n])
 
 
 class Hunt:
@@ -395,9 +398,8 @@ class Hunt:
             need.append(self.plan(rows, sign * upper[min(self.k, len(rows)) - 1], sign)[0])
         if len(np.union1d(*need)) >= FALLBACK * len(rows) and len(rows) <= self.allowed_rows:
             return rows
-        n = min(self.allowed_rows // 2, max(2 * self.k, int(np.ceil(START * len(self.own)))))
-        order = np.argsort(-self.s_hat, kind="stable")
-        return np.unique(np.concatenate([order[:n], order[::-1][:n], sample]))
+        n = min(self.allowed_rows // 2, first_round(self.k, len(self.own)))
+        return np.union1d(extremes(self.s_hat, rows, n), sample)
 
     def plan(self, left: np.ndarray, tau: float, sign: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``left`` unrescored, τ the k-th best score of ``sign`` -> (positions in
