@@ -238,9 +238,7 @@ class Sketches:
             start = int(counts[:picked[0]].sum())
             data, scales = data[start:start + c.sum()], scales[start:start + c.sum()]
         else:                                              # their tokens, gathered
-            first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])[picked]
-            seq = tokens.row_of(c)
-            take = first[seq] + np.arange(len(seq)) - (np.cumsum(c) - c)[seq]
+            take = tokens.positions(tokens.starts(counts)[picked], c)
             data, scales = data[take], scales[take]
         shapes = {name: tuple(s) for name, s in self.manifest["layers"].items()}
         return (tokens.estimates(queries, shapes, c, data, scales),
@@ -287,7 +285,7 @@ def _extent(path: Path, manifest: dict, n: int) -> dict:
         if len(counts) < n:
             raise SketchError(f"{path / 'token_counts.i32'} is truncated; delete the directory "
                               "and rebuild with build_sketches(...)")
-    first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    first = tokens.starts(counts)
     return {False: n, True: int(first[-1]), "first": first}
 
 

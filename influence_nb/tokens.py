@@ -42,9 +42,14 @@ EPS = 2 ** -10 * 1.04  # a stored score's rounding, relative to ‖R‖₂ Σ_t 
 BLOCK_VALUES = 1 << 24  # float32 values (tokens · (W + Q·r)) formed at a time
 
 
+def offsets(shapes: dict[str, tuple[int, int]]) -> np.ndarray:
+    """(L + 1,) where each layer's δ_t, ā_t begin in a stored token's row, and its width W."""
+    return np.cumsum([0, *[o + i for o, i in shapes.values()]])
+
+
 def width(shapes: dict[str, tuple[int, int]]) -> int:
     """W = Σ_ℓ (out + in+1): float16 values per stored token."""
-    return sum(o + i for o, i in shapes.values())
+    return int(offsets(shapes)[-1])
 
 
 def token_bytes(shapes: dict[str, tuple[int, int]]) -> int:
@@ -57,6 +62,18 @@ def row_of(counts: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(counts)), counts)
 
 
+def starts(counts: np.ndarray) -> np.ndarray:
+    """(n + 1,) where each of n rows holding ``counts`` tokens begins in the ragged rows, and
+    the end."""
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+
+def positions(start: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(Σ counts,) the ragged positions of the tokens of rows beginning at ``start`` (n,) and
+    holding ``counts`` (n,), row after row: where to gather them from, or scatter them to."""
+    return np.repeat(start - starts(counts)[:-1], counts) + np.arange(counts.sum())
+
+
 class TokenFactors(Consumer):
     """The scored tokens' ā and δ of every sequence of a pass, scaled to float16:
     ``finish`` -> ((n,) int32 tokens per sequence, (n, L) float32 Σ_t ‖δ_t‖ ‖ā_t‖, (Σ tokens,
@@ -65,7 +82,7 @@ class TokenFactors(Consumer):
 
     def __init__(self, shapes: dict[str, tuple[int, int]], n: int):
         self.names = list(shapes)
-        self.offsets = np.cumsum([0, *[o + i for o, i in shapes.values()]])
+        self.offsets = offsets(shapes)
         self.counts = np.zeros(n, np.int32)
         self.norms = np.zeros((n, len(shapes)), np.float32)
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # rows, data, scales
@@ -96,13 +113,12 @@ class TokenFactors(Consumer):
         self._data = self._scales = None
 
     def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        start = np.cumsum(self.counts, dtype=np.int64) - self.counts   # each row's first token
-        data = np.zeros((int(self.counts.sum()), self.offsets[-1]), np.float16)
+        start = starts(self.counts)
+        data = np.zeros((int(start[-1]), self.offsets[-1]), np.float16)
         scales = np.zeros((len(data), 2 * len(self.names)), np.float32)
         while self.parts:                   # each batch's tokens into place, then let go
             rows, x, sc = self.parts.pop()
-            c = self.counts[rows]
-            at = np.repeat(start[rows] - (np.cumsum(c) - c), c) + np.arange(c.sum())
+            at = positions(start[rows], self.counts[rows])
             data[at], scales[at] = x, sc
         return self.counts, self.norms, data, scales
 
@@ -127,18 +143,18 @@ def estimates(queries: Queries, shapes: dict[str, tuple[int, int]], counts: np.n
     (Σ counts, L·2) in order; blocks of tokens at a time (float32 products, float64 sums)."""
     n, L, Q = len(counts), len(shapes), len(queries)
     out = torch.zeros(n, Q, dtype=torch.float64)
-    offsets = np.cumsum([0, *[o + i for o, i in shapes.values()]])
+    at = offsets(shapes)
     # each layer's U (out, Q·r) and V (in+1, Q·r): one product per block of tokens
     U = {name: rearrange(queries.R[name].U.float().cpu(), "q o r -> o (q r)") for name in shapes}
     V = {name: rearrange(queries.R[name].V.float().cpu(), "q i r -> i (q r)") for name in shapes}
-    step = max(1, BLOCK_VALUES // max(u.shape[1] + offsets[-1] for u in U.values()))
+    step = max(1, BLOCK_VALUES // max(u.shape[1] + at[-1] for u in U.values()))
     row = torch.from_numpy(row_of(counts))
     for s in range(0, len(data), step):
         x = torch.from_numpy(np.array(data[s:s + step])).float()              # (b, W)
         sc = torch.from_numpy(np.array(scales[s:s + step])).view(len(x), L, 2)
         for l, (name, (o, i)) in enumerate(shapes.items()):
-            d = x[:, offsets[l]:offsets[l] + o] * sc[:, l, :1]
-            a = x[:, offsets[l] + o:offsets[l + 1]] * sc[:, l, 1:]
+            d = x[:, at[l]:at[l] + o] * sc[:, l, :1]
+            a = x[:, at[l] + o:at[l + 1]] * sc[:, l, 1:]
             tok = ((d @ U[name]) * (a @ V[name])).view(len(x), Q, -1).sum(-1)  # (b, Q)
             out.index_add_(0, row[s:s + len(x)], tok.double())
     return out.T.numpy()
