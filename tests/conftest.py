@@ -9,6 +9,16 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``--dist loadgroup`` keeps a notebook and the claims read from it on one worker by the
+    group pytest-xdist appends to their ids; pytest 9.2 keeps ids where pytest-xdist 3.8 cannot
+    append it, so each notebook would run twice, silently: refused instead."""
+    if getattr(config.option, "dist", None) == "loadgroup" and \
+            tuple(int(x) for x in pytest.__version__.split(".")[:2]) >= (9, 2):
+        raise pytest.UsageError(f"pytest-xdist's groups have no effect with pytest "
+                                f"{pytest.__version__}; pip install 'pytest<9.2' (make test does)")
+
+
 @pytest.fixture(scope="session")
 def world():
     """The committed demo world: (model, tokenizer, corpus)."""
