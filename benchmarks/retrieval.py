@@ -83,7 +83,7 @@ def key(world: World, variant: SketchArgs | KhatriRao) -> str:
         return variant.name
     resolved = resolve_variant(world.inf.factors, variant)
     name = f"eigen-m{variant.m}" if resolved == "eigen" else f"{resolved}-kronecker-m{variant.m}"
-    return name + ("+exact" if keeps_tokens(world.inf.factors, world.inf.corpus, variant)
+    return name + ("+exact" if keeps_tokens(world.inf.factors.shapes, world.inf.corpus, variant)
                    else "")
 
 

@@ -82,20 +82,25 @@ class SketchArgs:
                 (:mod:`influence_nb.tokens`: each score to float16 rounding, no sketch error)
                 when the corpus's tokens take at most this many bytes, 2 · Σ_ℓ (out + in+1)
                 + 8 · layers a token (0: never); decided when the store is created
-    batch_size: training sequences per forward + backward
-    chunk_size: sequences per committed chunk (the unit of resumption)
+    batch_size: training sequences per forward + backward; None: as many as fit in
+                ``batch_tokens`` (length-bucketed): 32 sequences of 1,024 tokens would hold
+                13 GB of logits and their gradient at a 50 K vocabulary
+    batch_tokens: padded tokens per batch when ``batch_size`` is None (the fit's 1,024)
+    chunk_size: sequences per committed chunk (the unit of resumption; fewer when their
+                token factors would pass ``sketch.CHUNK_BYTES``)
     progress:   show a progress bar
     """
     m: int = 961
     variant: str = "auto"
     seed: int = 0
     exact_bytes: int = EXACT_BYTES
-    batch_size: int = 32
+    batch_size: int | None = None
+    batch_tokens: int = 1024
     chunk_size: int = 2048
     progress: bool = True
 
-    MINIMUM: ClassVar[dict[str, float]] = {"m": 1, "batch_size": 1, "chunk_size": 1,
-                                           "exact_bytes": 0}
+    MINIMUM: ClassVar[dict[str, float]] = {"m": 1, "batch_size": 1, "batch_tokens": 1,
+                                           "chunk_size": 1, "exact_bytes": 0}
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"variant": VARIANTS}
 
     def __post_init__(self) -> None:

@@ -450,7 +450,7 @@ def _gather(layer_scores: np.ndarray, ids: np.ndarray, chunk_size: int, mine: Se
 
 
 def token_scores(model: nn.Module, queries: Queries, corpus: Corpus, ids: Sequence[int],
-                 batch_size: int | None = 16, task: Task | None = None,
+                 batch_size: int | None = None, task: Task | None = None,
                  batch_tokens: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Per-token scores of a few sequences (e.g. a top-k), recomputed with the factorised path.
 
@@ -492,7 +492,7 @@ class SelfInfluence(Consumer):
 
 
 def self_influence(model: nn.Module, factors: Factors, corpus: Corpus,
-                   batch_size: int | None = 16, ids: Sequence[int] | None = None,
+                   batch_size: int | None = None, ids: Sequence[int] | None = None,
                    task: Task | None = None, progress: bool = True,
                    batch_tokens: int | None = None) -> np.ndarray:
     """∇L(z)ᵀ (G + λI)⁻¹ ∇L(z) for each sequence z, (N,) float64: how much a sequence's own

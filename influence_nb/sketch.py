@@ -52,6 +52,10 @@ FORMAT = "influence_nb.sketches/2"
 FORMAT_1 = "influence_nb.sketches/1"   # before norms.f32: opened read-only, never extended
 ROW = np.dtype([("id", "<i8"), ("hash", "<u8")])
 BLOCK = 1 << 16  # store rows per block of sketch inner products
+# a chunk's exact token factors at most (one longer sequence alone): a build holds its chunk
+# in memory until it is written (GPT-2 small's MLPs take 184 KB a token: 2,048 sequences of
+# 16 tokens would be 6 GB)
+CHUNK_BYTES = 256 << 20
 
 
 class SketchError(ValueError):
@@ -275,6 +279,12 @@ def _files(manifest: dict) -> list[tuple[str, int, np.dtype, bool]]:
     return files
 
 
+def _token_bytes(manifest: dict) -> int:
+    """Bytes of token factors a token of a store keeps (0: none)."""
+    shapes = {name: tuple(s) for name, s in manifest["layers"].items()}
+    return tokens.token_bytes(shapes) if manifest.get("tokens") else 0
+
+
 def _extent(path: Path, manifest: dict, n: int) -> dict:
     """What the first n rows of a store span: {False: n rows, True: their tokens (the ragged
     files' rows), "first": (n + 1,) each row's first token and the end}."""
@@ -319,12 +329,35 @@ def _check_owner(path: Path, manifest: dict, model: nn.Module | None,
                           "factors or rebuild the sketches in a new directory")
 
 
-def keeps_tokens(factors: Factors, corpus: Corpus, args: SketchArgs) -> bool:
-    """Whether a new store of ``corpus`` keeps exact token factors: all of the corpus's
-    tokens (a bound on the scored ones) within ``args.exact_bytes``."""
-    need = (int(corpus.offsets[-1]) * tokens.token_bytes(factors.shapes)
-            + len(corpus) * 4 * (1 + len(factors.shapes)))
-    return bool(need <= args.exact_bytes)
+def exact_need(shapes: dict[str, tuple[int, int]], corpus: Corpus) -> int:
+    """Bytes of the exact token factors of all of ``corpus`` for layers of (out, in+1)
+    ``shapes``: every token (a bound on the scored ones) and a count and norms a sequence."""
+    return (int(corpus.offsets[-1]) * tokens.token_bytes(shapes)
+            + len(corpus) * 4 * (1 + len(shapes)))
+
+
+def keeps_tokens(shapes: dict[str, tuple[int, int]], corpus: Corpus, args: SketchArgs) -> bool:
+    """Whether a new store of ``corpus`` keeps exact token factors: :func:`exact_need` within
+    ``args.exact_bytes``."""
+    return bool(exact_need(shapes, corpus) <= args.exact_bytes)
+
+
+def chunk_bounds(corpus: Corpus, ids: np.ndarray, args: SketchArgs, per_token: int
+                 ) -> np.ndarray:
+    """Where a build's chunks of ``ids`` begin, and the end, (k + 1,): ``args.chunk_size``
+    sequences each and, for a store keeping ``per_token`` bytes of token factors a token (0:
+    none), no more than :data:`CHUNK_BYTES` of them (a longer sequence alone). Cut from the
+    first id on: a resumed or sharded build cuts the chunks one process would."""
+    n = len(ids)
+    if not per_token:
+        return np.r_[np.arange(0, n, args.chunk_size), n]
+    need = np.r_[0, np.cumsum(np.diff(corpus.offsets)[ids] * per_token)]
+    bounds = [0]
+    while bounds[-1] < n:
+        s = bounds[-1]
+        fits = int(np.searchsorted(need, need[s] + CHUNK_BYTES, "right")) - 1
+        bounds.append(min(s + args.chunk_size, max(s + 1, fits)))
+    return np.array(bounds)
 
 
 @checked(distinct=("ids",), nonempty=("ids",))
@@ -347,7 +380,7 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
                  ) -> Sketches:
     """:func:`build_sketches` in this process alone (also one rank's part of a sharded build)."""
     args = args or SketchArgs()
-    if args.chunk_size % args.batch_size:
+    if args.batch_size and args.chunk_size % args.batch_size:
         raise ValueError(f"chunk_size ({args.chunk_size}) must be a multiple of batch_size "
                          f"({args.batch_size})")
     path = Path(path)
@@ -365,7 +398,7 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
         else:
             manifest = dict(format=FORMAT, dim=proj.dim, projection=args.projection,
                             layers={n: list(s) for n, s in factors.shapes.items()}, chunks=[],
-                            tokens=keeps_tokens(factors, corpus, args), **owner)
+                            tokens=keeps_tokens(factors.shapes, corpus, args), **owner)
             done = set()
         ids = as_ids(ids, len(corpus))
         todo = np.array([i for i in ids.tolist() if i not in done], dtype=np.int64)
@@ -377,20 +410,23 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
         for name, width, _, ragged in _files(manifest):  # drop an interrupted chunk's rows
             store.truncate(path / name, units[ragged] * width)
         layers = find_layers(model, factors.layer_names)
+        bounds = chunk_bounds(corpus, todo, args, _token_bytes(manifest))
         with tqdm(total=len(todo), desc="sketching", unit="seq",
                   disable=not args.progress) as bar:
-            for start in range(0, len(todo), args.chunk_size):
-                chunk = todo[start:start + args.chunk_size]
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                chunk = todo[start:end]
                 consumers = [Sketcher(proj, len(chunk))]
                 if manifest.get("tokens"):
                     consumers.append(TokenFactors(factors.shapes, len(chunk)))
-                done_pass = corpus_pass(model, layers, source(corpus, args.batch_size, chunk),
+                done_pass = corpus_pass(model, layers,
+                                        source(corpus, args.batch_size, chunk,
+                                               tokens=args.batch_tokens),
                                         consumers, task=task, progress=bar)
                 rows = np.empty(len(chunk), ROW)
                 rows["id"], rows["hash"] = chunk, sequence_hashes(corpus, chunk)
                 arrays = [rows, *[x for out in done_pass for x in out]]
                 for (name, *_), x in zip(_files(manifest), arrays):
-                    store.append(path / name, x.tobytes())
+                    store.append(path / name, np.ascontiguousarray(x))   # no copy
                 manifest["chunks"].append([len(chunk), *map(store.crc32, arrays)])
                 store.write_manifest(path / "sketches.json", manifest)
     return Sketches.open(path, verify=False)
@@ -418,13 +454,14 @@ def _build_sharded(model: nn.Module, factors: Factors, corpus: Corpus,
         _build_local(model, factors, corpus, path, replace(args, progress=False),
                      np.zeros(0, np.int64), task)
     distributed.barrier()
+    manifest = dict(layers=factors.shapes, tokens=keeps_tokens(factors.shapes, corpus, args))
     if exists:
-        ids = ids[~np.isin(ids, Sketches.open(path, verify=False).ids)]
-    n_chunks = -(-len(ids) // args.chunk_size)
+        old = Sketches.open(path, verify=False)
+        ids, manifest = ids[~np.isin(ids, old.ids)], old.manifest
+    bounds = chunk_bounds(corpus, ids, args, _token_bytes(manifest))
     parts = []
-    for r, run in enumerate(np.array_split(np.arange(n_chunks), world)):
-        part = ids[run[0] * args.chunk_size:(run[-1] + 1) * args.chunk_size] \
-            if len(run) else ids[:0]
+    for r, run in enumerate(np.array_split(np.arange(len(bounds) - 1), world)):
+        part = ids[bounds[run[0]]:bounds[run[-1] + 1]] if len(run) else ids[:0]
         key = hashlib.sha256(part.tobytes()).hexdigest()[:12]
         parts.append((path.with_name(path.name + ".parts") / f"{r:05d}-{key}", part))
     part_path, part = parts[rank]

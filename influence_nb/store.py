@@ -207,8 +207,9 @@ def member(directory: str | os.PathLike, name: object, error: type[Exception], f
     return Path(directory) / name
 
 
-def append(path: str | os.PathLike, data: bytes) -> None:
-    """Append ``data`` to ``path`` and fsync (rows a manifest will commit to afterwards)."""
+def append(path: str | os.PathLike, data: bytes | np.ndarray) -> None:
+    """Append ``data`` (bytes, or a C-contiguous array's memory, uncopied) to ``path`` and
+    fsync (rows a manifest will commit to afterwards)."""
     with open(path, "ab") as fh:
         fh.write(data)
         fh.flush()

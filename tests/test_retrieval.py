@@ -506,6 +506,33 @@ def test_exact_factors_are_kept_only_within_their_byte_budget(session, tmp_path)
                                want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("seqs", [3, 0])
+def test_a_chunk_holds_at_most_its_bytes_of_token_factors(session, tmp_path, monkeypatch, seqs):
+    """A build holds a chunk's token factors in memory until it writes them: chunks are cut at
+    sketch.CHUNK_BYTES (here about 3 sequences' worth, or less than one: a sequence a chunk),
+    and the store holds what whole chunks give, in the same order."""
+    from influence_nb import sketch, tokens
+    whole = build_sketches(session.model, session.factors, session.corpus, tmp_path / "w", EXACT)
+    per, lengths = tokens.token_bytes(session.factors.shapes), np.diff(session.corpus.offsets)
+    budget = seqs * per * int(lengths.max())
+    monkeypatch.setattr(sketch, "CHUNK_BYTES", budget)
+    cut = build_sketches(session.model, session.factors, session.corpus, tmp_path / "c", EXACT)
+    sizes = np.array([c[0] for c in cut.manifest["chunks"]])
+    starts = np.r_[0, np.cumsum(sizes)]
+    held = [lengths[cut.ids[s:e]].sum() * per for s, e in zip(starts[:-1], starts[1:])]
+    assert (sizes == 1).all() if not seqs else ((sizes[:-1] >= 3).all()
+                                                and (sizes <= EXACT.chunk_size).all())
+    assert len(sizes) > -(-len(TEXTS) // EXACT.chunk_size)     # the bytes cut, not the count
+    assert all(h <= budget for h, n in zip(held, sizes) if n > 1)
+    assert cut.ids.tolist() == whole.ids.tolist()
+    np.testing.assert_allclose(cut.data.astype(np.float32), whole.data.astype(np.float32),
+                               rtol=2e-3, atol=1e-4)
+    for got, want in zip(cut.exact, whole.exact):
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64),
+                                   rtol=2e-3, atol=1e-4)
+    Sketches.open(tmp_path / "c")   # CRCs verify
+
+
 @pytest.mark.parametrize("m", [16, 64])
 def test_recall_target_with_exact_factors_rescores_the_best_of_what_it_read(session, tmp_path,
                                                                             m):
