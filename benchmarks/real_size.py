@@ -13,7 +13,8 @@ reported apart: the eigendecompositions and a small corpus's extra Fisher draws.
     python benchmarks/real_size.py --shape gpt2-12 --queries 200 --precision float32 bfloat16
 
 ``--precision``: the scans' ``ScoreArgs(precision=...)``, each scanned (and planned) in turn
-from the same fit.
+from the same fit. ``--sketch``: also a stage that builds the corpus's sketch store at the
+default ``SketchArgs`` (its time, peak and size on disk, against the plan's).
 
 Shapes: gpt2-4 / gpt2-12 (GPT-2 small widths: d 768, MLP 3,072, vocabulary 50,257; 4 or 12
 blocks), pythia-160m (GPT-NeoX, vocabulary 50,304, untied head), llama-0.5b (d 1,536, SwiGLU MLP
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -37,6 +39,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from common import (ChildFailed, World, one_thread_env, plain, report, reset_peak, run_child,
                     set_threads, status_mib)
 from influence_nb import Corpus, FactorArgs, Influence, ScoreArgs
+from influence_nb.projection import SketchArgs
+from influence_nb.sketch import build_sketches
 from influence_nb.batching import source
 from influence_nb.layers import find_layers
 from influence_nb.scoring import scan_tokens
@@ -113,7 +117,8 @@ def plain_seconds(model, corpus, batch_tokens: int) -> float:
 
 
 def stage(a: argparse.Namespace) -> dict:
-    """One stage in this process: "fit" (saves factors to a.dir) or "scan" with a.q queries."""
+    """One stage in this process: "fit" (saves factors to a.dir), "scan" with a.q queries or
+    "sketch" (the store in a.dir/sketches)."""
     set_threads(1)
     if a.spill_bytes is not None:   # where many queries' factors go to a file (spill.py)
         import influence_nb.plan
@@ -130,8 +135,9 @@ def stage(a: argparse.Namespace) -> dict:
     # the stage first, then the plain baseline: the allocator keeps what a pass frees, so a
     # stage measured after the baseline would carry the baseline's memory in its peak
     if a.stage == "fit":   # planned before anything else has run in this process, as a user would
-        out["plan"] = {p: inf.plan(fargs, replace(sargs, precision=p), queries=a.queries
-                                   ).summary() for p in a.precision}
+        sketch = SketchArgs(progress=False) if a.sketch else None
+        out["plan"] = {p: inf.plan(fargs, replace(sargs, precision=p), queries=a.queries,
+                                   sketch=sketch).summary() for p in a.precision}
         reset_peak()
         start = time.perf_counter()
         factors = inf.fit(fargs, path=a.dir)
@@ -140,6 +146,16 @@ def stage(a: argparse.Namespace) -> dict:
                 "draws": getattr(factors.args, "draws", None),
                 "factors_gb": sum(f.stat().st_size for f in Path(a.dir).glob("*.safetensors"))
                 / 2 ** 30}
+    elif a.stage == "sketch":
+        factors = inf.load_factors(a.dir)
+        shutil.rmtree(Path(a.dir) / "sketches", ignore_errors=True)   # built anew, not resumed
+        reset_peak()
+        start = time.perf_counter()
+        store = build_sketches(model, factors, corpus, Path(a.dir) / "sketches",
+                               SketchArgs(progress=False))
+        out |= {"sketch_s": time.perf_counter() - start, "sketch_peak_gb": peak_gb(),
+                "store_gb": sum(f.stat().st_size for f in store.path.iterdir()) / 2 ** 30,
+                "exact": store.exact is not None, "variant": store.manifest["projection"]}
     else:
         inf.load_factors(a.dir)
         reset_peak()
@@ -163,7 +179,7 @@ def run(args: list[str]) -> dict:
         return {"error": str(e).splitlines()[-1]}
 
 
-def compare(fit: dict, scans: dict, precision: str) -> dict:
+def compare(fit: dict, scans: dict, precision: str, sketch: dict | None = None) -> dict:
     """What the plan predicted ÷ what was measured (1.0: exact; the goal is within ±30 %)."""
     plan = (fit.get("plan") or {}).get(precision)
     if not plan:
@@ -179,6 +195,10 @@ def compare(fit: dict, scans: dict, precision: str) -> dict:
             out[f"scan {q}_s"] = [p[f"scan {q}"], s["scan_s"]]
             out[f"prepare {q}_s"] = [p[f"prepare {q}"], s["prepare_s"]]
             out[f"scan {q}_peak_gb"] = [held + plan["scan_peak_gb"][str(q)], s["scan_peak_gb"]]
+    if sketch and "sketch_peak_gb" in plan and "error" not in sketch:
+        out |= {"sketch_s": [p["sketch"], sketch["sketch_s"]],
+                "sketch_peak_gb": [held + plan["sketch_peak_gb"], sketch["sketch_peak_gb"]],
+                "store_gb": [plan["store_gb"], sketch["store_gb"]]}
     return {k: [round(v[0], 2), round(v[1], 2), round(v[0] / v[1], 3)] for k, v in out.items()
             if v[1]}
 
@@ -203,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", default=None,
                    help="a folder for the fit (factors and its figures): a later run with the "
                         "same shape, tokens, sequences and fit flags reuses it instead of fitting")
-    p.add_argument("--stage", choices=["fit", "scan"], help=argparse.SUPPRESS)
+    p.add_argument("--sketch", action="store_true",
+                   help="also build the corpus's sketch store (default SketchArgs) in a stage")
+    p.add_argument("--stage", choices=["fit", "scan", "sketch"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--q", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -215,12 +237,13 @@ def main(argv: list[str] | None = None) -> None:
               f"--eigh-precision={a.eigh_precision}",
               *([f"--draws={a.draws}"] if a.draws else []),
               *([f"--spill-bytes={a.spill_bytes}"] if a.spill_bytes is not None else []),
+              *(["--sketch"] if a.sketch else []),
               "--queries", *map(str, a.queries)]
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(a.keep or tmp)
         d.mkdir(parents=True, exist_ok=True)
         key = json.dumps([a.shape, a.tokens, a.sequences, a.layers, a.blocks, a.eigh_precision,
-                          a.draws, a.precision])
+                          a.draws, a.precision, a.sketch])
         kept = d / "fit.json"
         earlier = json.loads(kept.read_text()) if kept.exists() else {}
         if earlier.get("key") == key:
@@ -231,9 +254,11 @@ def main(argv: list[str] | None = None) -> None:
                 kept.write_text(json.dumps({"key": key, "fit": fit}))
         scans = {p: {q: run([*common, "--precision", p, "--stage=scan", f"--dir={d}", f"--q={q}"])
                      for q in a.queries} for p in a.precision} if "error" not in fit else {}
+        sketch = run([*common, "--precision", a.precision[0], "--stage=sketch", f"--dir={d}"]) \
+            if a.sketch and "error" not in fit else None
     out = {"shape": a.shape, "tokens": a.tokens, "sequences": a.sequences, "layers": a.layers,
            "blocks": a.blocks, "eigh_precision": a.eigh_precision, "spill_bytes": a.spill_bytes,
-           "fit": fit, "scans": scans, "machine": os.uname().nodename,
+           "fit": fit, "scans": scans, "sketch": sketch, "machine": os.uname().nodename,
            "load": os.getloadavg()[0]}
     if "error" not in fit:
         t = fit.get("timings_s") or {}
@@ -246,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         out["scan_over_plain"] = {p: {q: s["scan_s"] / a.sequences / s["plain_s_per_seq"]
                                       for q, s in by_q.items() if "error" not in s}
                                   for p, by_q in scans.items()}
-        out["plan_vs_measured"] = {p: compare(fit, by_q, p) for p, by_q in scans.items()}
+        out["plan_vs_measured"] = {p: compare(fit, by_q, p, sketch if p == a.precision[0]
+                                              else None) for p, by_q in scans.items()}
     report(out)
 
 

@@ -11,6 +11,11 @@ Memory (bytes; each run's peak is the sum of its column):
            SPILL_BYTES on a CPU they live in a file, and one layer's, Q·max_ℓ (out + in+1)·r·4,
            are in memory at a time) + SCORE_BYTES (dense R and DW blocks) + one batch's activations (measured)
            + the scores, Q·(L + 1)·N·8, and while queries are prepared, QUERY_BYTES
+    sketch build (with ``sketch``): model + factors + the projection's rows (measured on
+           stand-in factors) + 1/(Λ+λ) per layer (eigen) + one chunk's token factors (up to
+           sketch.CHUNK_BYTES, when the store keeps them) + one batch at its token budget;
+           on disk: the store, N·(16 + 2·D + 4·L) + the exact token factors when within
+           ``exact_bytes`` (:func:`influence_nb.sketch.exact_need`)
 
 Time (seconds): one batch at the token budget runs the fit's pass (forward + backward with
 the Fisher pseudo-loss) with every consumer timed apart, and the scan's (the log-likelihood's,
@@ -19,7 +24,10 @@ the eigenvalue correction and to a scorer of Q random rank-r queries; per padded
 the corpus's padded tokens. The eigendecompositions are timed on one matrix and scaled by n³.
 One query is prepared against identity bases of the fitted sizes, plus the one-time hash of
 the fitted eigenvalues that ties queries to their factors (timed on a sample); each further
-one is its pass and its products at the rate of a large product.
+one is its pass and its products at the rate of a large product. A sketch build is the scan's
+pass with the sketcher and token factors replayed on the recording, the sketcher's rows drawn
+from stand-in factors of the fitted sizes with power-law eigenvalues ("auto" timed as the
+eigen variant, the costlier: it also rotates each sequence's gradient for its whitened norm).
 """
 from __future__ import annotations
 
@@ -34,17 +42,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checks, passes, queries, scoring
+from . import checks, passes, queries, scoring, sketch as sketches
 from .batching import source, token_batches
 from .curvature import FactorArgs, Factors, hash_eigenvalues
 from .data import Corpus
 from .layers import TrackedLayer, find_layers, stat_dtype
 from .passes import Consumer, PassBatch, Recording, available_memory, corpus_pass
+from .projection import Projection, SketchArgs, Sketcher
 from .queries import Queries
 from .spill import SPILL_BYTES
 from .scoring import Scorer, ScoreArgs
 from .statistics import Covariance, EigenvalueCorrection, LayerFactors, block_sizes
 from .task import Task
+from .tokens import TokenFactors
 
 GB = 2 ** 30
 
@@ -126,6 +136,9 @@ class Plan:
     n_sequences: int
     padded_tokens: int
     notes: list[str] = field(default_factory=list)
+    sketch_peak: int | None = None      # bytes above what the process holds now (with ``sketch``)
+    store_bytes: int | None = None      # the sketch store on disk
+    keeps_exact: bool | None = None     # whether the store keeps exact token factors
 
     def summary(self) -> dict:
         """JSON-ready: GB and seconds, rounded."""
@@ -135,7 +148,11 @@ class Plan:
                 "scan_peak_gb": {q: round(v / GB, 3) for q, v in self.scan_peak.items()},
                 "available_gb": round(self.available / GB, 3),
                 "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
-                "sequences": self.n_sequences, "padded_tokens": self.padded_tokens}
+                "sequences": self.n_sequences, "padded_tokens": self.padded_tokens,
+                **({} if self.sketch_peak is None else
+                   {"sketch_peak_gb": round(self.sketch_peak / GB, 3),
+                    "store_gb": round(self.store_bytes / GB, 3),
+                    "exact_token_factors": self.keeps_exact})}
 
     def __repr__(self) -> str:
         return str(self)
@@ -146,16 +163,23 @@ class Plan:
                  f" {s['resident_gb']} GB held now, {s['available_gb']} GB more available",
                  f"  fit:  +{s['fit_peak_gb']} GB, "
                  + ", ".join(f"{k} {v:,.1f} s" for k, v in s["seconds"].items()
-                             if not k.startswith(("scan", "prepare")))]
+                             if not k.startswith(("scan", "prepare", "sketch")))]
         for q, peak in s["scan_peak_gb"].items():
             lines.append(f"  scan of {q} queries: +{peak} GB, "
                          f"prepare {s['seconds'][f'prepare {q}']:,.1f} s,"
                          f" scan {s['seconds'][f'scan {q}']:,.1f} s")
+        if self.sketch_peak is not None:
+            build = s["seconds"].get("sketch")
+            lines.append(f"  sketch store: {s['store_gb']} GB on disk "
+                         + ("with" if self.keeps_exact else "without")
+                         + f" exact token factors, build +{s['sketch_peak_gb']} GB"
+                         + ("" if build is None else f", {build:,.1f} s"))
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
     def check(self, stage: str = "all") -> "Plan":
-        """Raise MemoryError (one line, naming what to change) when the fit or a scan would need
-        more memory than is available; ``stage``: "fit", "scan" or "all"."""
+        """Raise MemoryError (one line, naming what to change) when the fit, a scan or the
+        sketch build would need more memory than is available; ``stage``: "fit", "scan",
+        "sketch" or "all"."""
         if stage in ("fit", "all") and self.fit_peak > self.available:
             big = max(("factors", "eigh", "recording", "batch"), key=lambda k: self.memory[k])
             fix = {"factors": "track fewer layers (layers=...) or split wide layers with "
@@ -175,14 +199,26 @@ class Plan:
                         "pass (ScoreArgs(query_block=...)), keep no per-layer scores "
                         "(per_layer=False), a lower rank, fewer layers, or a smaller "
                         "ScoreArgs(batch_tokens=...)")
+        if stage in ("sketch", "all") and (self.sketch_peak or 0) > self.available:
+            big = max(("projection", "whitening", "sketch_chunk", "sketch_batch"),
+                      key=lambda k: self.memory[k])
+            fix = {"projection": "fewer sketch coordinates (SketchArgs(m=...)) or "
+                                 "variant='whitened'",
+                   "whitening": "variant='whitened' (no whitened norms) or fewer layers",
+                   "sketch_chunk": "lower sketch.CHUNK_BYTES or SketchArgs(exact_bytes=0)",
+                   "sketch_batch": "a smaller SketchArgs(batch_tokens=...)"}[big]
+            raise MemoryError(f"the sketch build needs ≈ {self.sketch_peak / GB:.1f} GB more but "
+                              f"{self.available / GB:.1f} GB are available (mostly {big}); {fix}")
         return self
 
 
 def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
          score: ScoreArgs | None = None, queries: int | Sequence[int] = 1,
-         task: Task | None = None, measure: bool = True) -> Plan:
+         task: Task | None = None, measure: bool = True, sketch: SketchArgs | None = None
+         ) -> Plan:
     """Predict the memory and time of fitting ``fit`` on ``corpus`` and of scanning it with
-    ``score`` for each number of ``queries``, on this machine.
+    ``score`` for each number of ``queries``, on this machine; with ``sketch`` also of building
+    its sketch store (memory, time, and its size on disk with or without exact token factors).
 
     ``measure``: run one batch (the corpus's longest at the token budget) to time the passes
     and measure its activations; False gives the memory terms that need no run (activations
@@ -207,9 +243,15 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     memory = _memory(model, shapes, fit, score, padded, size)
     seconds: dict[str, float] = {}
     notes = []
+    named = {t.name: t.shape for t in layers}
+    proj = keeps = None
+    if sketch is not None:
+        proj = _stand_in_projection(named, fit, sketch)
+        keeps = sketches.keeps_tokens(named, corpus, sketch)
+        memory.update(_sketch_memory(corpus, named, sketch, proj, size))
     if measure:
         memory["batch"], seconds = _measure(model, corpus, layers, fit, score, task, counts,
-                                            padded, device)
+                                            padded, device, proj, keeps)
         seconds["eigendecomposition"] = _eigh_seconds(
             shapes, fit.blocks, getattr(torch, fit.eigh_precision)) if fit.strategy != "identity" \
             else 0.0
@@ -236,7 +278,55 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
                               // fit.batch_tokens))
     if memory["recording"] >= passes.RECORD_BYTES:
         notes.append("ā and δ exceed RECORD_BYTES: EK-FAC's eigenvalue pass runs the model again")
-    return Plan(memory, resident, fit_peak, scan_peak, available, seconds, len(ids), padded, notes)
+    peak = store = None
+    if sketch is not None:
+        memory["sketch_batch"] = memory["batch"] * sketch.batch_tokens // fit.batch_tokens \
+            if sketch.batch_size is None else memory["batch"] * sketch.batch_size \
+            * int(lengths.max()) // fit.batch_tokens
+        memory["sketch_chunk"] *= keeps
+        store = memory["sketch_store"] + keeps * memory["exact"]
+        peak = (memory["factors"] + memory["projection"] + memory["whitening"]
+                + memory["sketch_chunk"] + memory["sketch_batch"])
+        if not keeps and sketch.exact_bytes:
+            notes.append(f"the exact token factors would take {memory['exact'] / GB:.2f} GB, "
+                         "beyond SketchArgs.exact_bytes: the store keeps the sketch alone")
+    return Plan(memory, resident, fit_peak, scan_peak, available, seconds, len(ids), padded, notes,
+                peak, store, keeps)
+
+
+def _stand_in_projection(shapes: dict[str, tuple[int, int]], fit: FactorArgs,
+                         args: SketchArgs) -> Projection:
+    """The sketcher's rows for layers of these (out, in+1) ``shapes``, drawn from stand-in
+    K-FAC factors: identity bases, eigenvalues 1/k a side (a power law, as fitted spectra
+    fall), so the eigen variant's coordinates spread over rows as they do after a fit."""
+    eye = lambda n: [torch.eye(k) for k in block_sizes(n, fit.blocks)]  # noqa: E731
+    power = lambda n: 1 / torch.arange(1, n + 1, dtype=torch.float32)  # noqa: E731
+    fake = Factors(FactorArgs(strategy="kfac", layers=fit.layers, blocks=fit.blocks,
+                              progress=False), shapes,
+                   {n: LayerFactors(eye(i), power(i), eye(o), power(o), None)
+                    for n, (o, i) in shapes.items()}, 1, 1, "plan")
+    variant = "eigen" if args.variant == "auto" else args.variant
+    return Projection.draw(fake, SketchArgs(m=args.m, variant=variant, seed=args.seed))
+
+
+def _sketch_memory(corpus: Corpus, shapes: dict[str, tuple[int, int]], args: SketchArgs,
+                   proj: Projection, size: int) -> dict[str, int]:
+    """The sketch build's memory terms (bytes, see the module docstring) and the store's size
+    on disk, "sketch_store" without and "exact" for the exact token factors."""
+    L, N = len(shapes), len(corpus)
+    per_row = sketches.ROW.itemsize + 2 * proj.dim + 4 * L
+    exact = sketches.exact_need(shapes, corpus)
+    return {
+        # float64 rows and their copies in the statistics' dtype
+        "projection": sum((p.u.numel() + p.v.numel()) * (8 + size)
+                          for p in proj.layers.values()),
+        "whitening": sum(o * i for o, i in shapes.values()) * size
+        if proj.variant == "eigen" else 0,
+        "sketch_chunk": min(sketches.CHUNK_BYTES, exact)
+        + min(args.chunk_size, N) * per_row,
+        "sketch_store": N * per_row,
+        "exact": exact,
+    }
 
 
 def _memory(model: nn.Module, shapes: Sequence[tuple[int, int]], fit: FactorArgs,
@@ -283,9 +373,11 @@ def _eigh_seconds(shapes: Sequence[tuple[int, int]], blocks: int, precision: tor
 
 def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: FactorArgs,
              score: ScoreArgs, task: Task, counts: list[int], padded: int,
-             device: torch.device) -> tuple[int, dict[str, float]]:
+             device: torch.device, proj: Projection | None = None,
+             keeps: bool | None = None) -> tuple[int, dict[str, float]]:
     """One batch (the longest at the token budget): (its activations' peak bytes, seconds of
-    each stage for the whole corpus)."""
+    each stage for the whole corpus); with ``proj`` the sketch build's too, with its token
+    factors when the store ``keeps`` them."""
     lengths = np.diff(corpus.offsets)
     order = np.argsort(lengths, kind="stable")[::-1]
     bounds = token_batches(lengths[order], fit.batch_tokens, fit.batch_size)
@@ -338,12 +430,19 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
         q = min(q, score.query_block or q)
         fake = Queries.random(layers, q, score.rank, scoring.score_dtype(model, score.precision))
         consumers[f"scan {q}"] = _Timed(Scorer(fake, layers, len(ids)))
+    if proj is not None:
+        consumers["sketch"] = _Timed(Sketcher(proj, len(ids)))
+        if keeps:
+            consumers["token factors"] = _Timed(TokenFactors(shapes, len(ids)))
     recording.replay(list(consumers.values()))
     if "eigenvalues" in consumers:   # a replay when every ā and δ fit RECORD_BYTES, else a pass
         replay = padded * sum(o + i for o, i in shapes.values()) * dtype.itemsize \
             <= passes.RECORD_BYTES
         seconds["eigenvalues"] = (consumers["eigenvalues"].seconds
                                   + (0 if replay else fwd_bwd)) * per_token
+    if proj is not None:   # the scan's pass, the sketcher, the token factors
+        seconds["sketch"] = (scan_pass + consumers["sketch"].seconds + (
+            consumers["token factors"].seconds if keeps else 0)) * per_token
     rate = _product_rate(dtype)
     first = _one_query_seconds(model, corpus, fit, score, task, shapes, bases) \
         + _hash_seconds(shapes, fit.strategy)

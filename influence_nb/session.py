@@ -28,6 +28,7 @@ from .curvature import (STRATEGIES, FactorArgs, Factors, fingerprint_of, fit_fac
 from .data import Corpus, tokenizer_fingerprint
 from .layers import context_length, find_layers
 from .plan import Plan, plan
+from .projection import SketchArgs
 from .queries import Queries, make_queries, strategy_queries
 from .results import InfluenceResult
 from .scoring import ScoreArgs, scan, score_dtype, self_influence, token_scores
@@ -213,13 +214,15 @@ class Influence:
 
     @checked()
     def plan(self, fit: FactorArgs | None = None, score: ScoreArgs | None = None,
-             queries: int | Sequence[int] = 1, measure: bool = True) -> Plan:
+             queries: int | Sequence[int] = 1, measure: bool = True,
+             sketch: SketchArgs | None = None) -> Plan:
         """Memory and time of fitting ``fit`` and of scanning with ``score`` for each number of
         ``queries`` on this model, corpus and machine, from one batch (see
-        :mod:`influence_nb.plan`); ``.check()`` refuses what would not fit in memory."""
+        :mod:`influence_nb.plan`); with ``sketch`` also of building that sketch store, and its
+        size on disk; ``.check()`` refuses what would not fit in memory."""
         corpus = self.corpus if self.corpus is not None else self.fitted()[0]
         return plan(self.model, corpus, fit or (self.factors.args if self.factors else None),
-                    score or self.score_args, queries, self.task, measure)
+                    score or self.score_args, queries, self.task, measure, sketch)
 
     def load_factors(self, path: str | os.PathLike) -> Factors:
         """Load factors saved by ``fit(path=...)`` (refused if fitted on another model)."""

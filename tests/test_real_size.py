@@ -207,6 +207,35 @@ def test_plan_predicts_and_refuses_in_one_line(small, tokenizer, monkeypatch):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("args", [dict(m=16), dict(m=16, exact_bytes=0),
+                                  dict(m=16, variant="whitened")], ids=["exact", "sketch", "white"])
+def test_plan_predicts_the_sketch_store_it_builds(small, tokenizer, tmp_path, monkeypatch, args):
+    """With SketchArgs the plan says whether the store will keep exact token factors, as the
+    build decides, and its size on disk: to the byte, but for the factors of each sequence's
+    last token, which nothing scores (the plan counts every token, as ``exact_bytes`` does);
+    it times the build and refuses, in one line, one that cannot fit."""
+    from influence_nb.projection import SketchArgs
+    from influence_nb.sketch import build_sketches
+    from influence_nb.tokens import token_bytes
+    model, corpus, factors = small[:3]
+    args = SketchArgs(progress=False, **args)
+    p = Influence(model, tokenizer, corpus).plan(FactorArgs(progress=False),
+                                                 ScoreArgs(progress=False), sketch=args)
+    store = build_sketches(model, factors, corpus, tmp_path, args)
+    on_disk = sum(f.stat().st_size for f in tmp_path.iterdir()
+                  if f.suffix in (".bin", ".f16", ".f32", ".i32"))
+    assert p.keeps_exact == (store.exact is not None) == (args.exact_bytes > 0)
+    unscored = len(corpus) * token_bytes(factors.shapes) if p.keeps_exact else 0
+    assert p.store_bytes - unscored == on_disk
+    assert p.seconds["sketch"] > 0 and p.sketch_peak > p.memory["factors"]
+    assert ("with" if p.keeps_exact else "without") + " exact token factors" in str(p)
+    json.dumps(p.summary())
+    p.available = p.sketch_peak - 1
+    with pytest.raises(MemoryError, match=r"^the sketch build needs ≈ .* GB more .*; ") as e:
+        p.check("sketch")
+    assert "\n" not in str(e.value)
+
+
 def test_plan_counts_the_eigenvalue_hash_of_the_first_query(small, monkeypatch):
     """The first query of a process hashes every fitted eigenvalue (Factors.factors_id: 0.29 s
     on Pythia-160m's MLPs, a query against the plan's identity bases pays none): the plan
@@ -274,7 +303,7 @@ def test_cli_plan_prints_the_plan_and_refuses_in_one_line(tmp_path, capsys, monk
               "--no-progress", "--max-examples", "64", "--queries", "1", "8"]
     main([*common, "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "scan of 8 queries" in out and "eigendecomposition" in out
+    assert "scan of 8 queries" in out and "eigendecomposition" in out and "sketch store" in out
     summary = json.loads((tmp_path / "plan.json").read_text())
     assert summary["sequences"] == 64 and set(summary["scan_peak_gb"]) == {"1", "8"}
     monkeypatch.setattr(plan_module, "available_memory", lambda device: 1 << 10)
