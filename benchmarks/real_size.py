@@ -39,7 +39,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from common import (ChildFailed, World, one_thread_env, plain, report, reset_peak, run_child,
                     set_threads, status_mib)
 from influence_nb import Corpus, FactorArgs, Influence, ScoreArgs
-from influence_nb.projection import SketchArgs
+from influence_nb.projection import SketchArgs, resolve_variant
 from influence_nb.sketch import build_sketches
 from influence_nb.batching import source
 from influence_nb.layers import find_layers
@@ -155,7 +155,8 @@ def stage(a: argparse.Namespace) -> dict:
                                SketchArgs(progress=False))
         out |= {"sketch_s": time.perf_counter() - start, "sketch_peak_gb": peak_gb(),
                 "store_gb": sum(f.stat().st_size for f in store.path.iterdir()) / 2 ** 30,
-                "exact": store.exact is not None, "variant": store.manifest["projection"]}
+                "exact": store.exact is not None,
+                "variant": resolve_variant(factors, SketchArgs())}
     else:
         inf.load_factors(a.dir)
         reset_peak()
@@ -196,7 +197,7 @@ def compare(fit: dict, scans: dict, precision: str, sketch: dict | None = None) 
             out[f"prepare {q}_s"] = [p[f"prepare {q}"], s["prepare_s"]]
             out[f"scan {q}_peak_gb"] = [held + plan["scan_peak_gb"][str(q)], s["scan_peak_gb"]]
     if sketch and "sketch_peak_gb" in plan and "error" not in sketch:
-        out |= {"sketch_s": [p["sketch"], sketch["sketch_s"]],
+        out |= {"sketch_s": [p[f"sketch {sketch['variant']}"], sketch["sketch_s"]],
                 "sketch_peak_gb": [held + plan["sketch_peak_gb"], sketch["sketch_peak_gb"]],
                 "store_gb": [plan["store_gb"], sketch["store_gb"]]}
     return {k: [round(v[0], 2), round(v[1], 2), round(v[0] / v[1], 3)] for k, v in out.items()

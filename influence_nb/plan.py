@@ -26,8 +26,9 @@ One query is prepared against identity bases of the fitted sizes, plus the one-t
 the fitted eigenvalues that ties queries to their factors (timed on a sample); each further
 one is its pass and its products at the rate of a large product. A sketch build is the scan's
 pass with the sketcher and token factors replayed on the recording, the sketcher's rows drawn
-from stand-in factors of the fitted sizes with power-law eigenvalues ("auto" timed as the
-eigen variant, the costlier: it also rotates each sequence's gradient for its whitened norm).
+from stand-in factors of the fitted sizes with power-law eigenvalues; "auto", which chooses
+after the fit, is timed both ways (eigen also rotates each sequence's gradient for its
+whitened norm) and its memory counted as eigen's, the larger.
 """
 from __future__ import annotations
 
@@ -169,11 +170,12 @@ class Plan:
                          f"prepare {s['seconds'][f'prepare {q}']:,.1f} s,"
                          f" scan {s['seconds'][f'scan {q}']:,.1f} s")
         if self.sketch_peak is not None:
-            build = s["seconds"].get("sketch")
+            build = ", ".join(f"{k.split()[1]} {v:,.1f} s" for k, v in s["seconds"].items()
+                              if k.startswith("sketch "))
             lines.append(f"  sketch store: {s['store_gb']} GB on disk "
                          + ("with" if self.keeps_exact else "without")
                          + f" exact token factors, build +{s['sketch_peak_gb']} GB"
-                         + ("" if build is None else f", {build:,.1f} s"))
+                         + (f", {build}" if build else ""))
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
     def check(self, stage: str = "all") -> "Plan":
@@ -244,14 +246,15 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
     seconds: dict[str, float] = {}
     notes = []
     named = {t.name: t.shape for t in layers}
-    proj = keeps = None
-    if sketch is not None:
-        proj = _stand_in_projection(named, fit, sketch)
+    projs, keeps = [], None
+    if sketch is not None:   # "auto" chooses after the fit: both variants, eigen first
+        projs = [_stand_in_projection(named, fit, sketch, v) for v in
+                 (("eigen", "whitened") if sketch.variant == "auto" else (sketch.variant,))]
         keeps = sketches.keeps_tokens(named, corpus, sketch)
-        memory.update(_sketch_memory(corpus, named, sketch, proj, size))
+        memory.update(_sketch_memory(corpus, named, sketch, projs[0], size))
     if measure:
         memory["batch"], seconds = _measure(model, corpus, layers, fit, score, task, counts,
-                                            padded, device, proj, keeps)
+                                            padded, device, projs, keeps)
         seconds["eigendecomposition"] = _eigh_seconds(
             shapes, fit.blocks, getattr(torch, fit.eigh_precision)) if fit.strategy != "identity" \
             else 0.0
@@ -295,24 +298,25 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
 
 
 def _stand_in_projection(shapes: dict[str, tuple[int, int]], fit: FactorArgs,
-                         args: SketchArgs) -> Projection:
+                         args: SketchArgs, variant: str) -> Projection:
     """The sketcher's rows for layers of these (out, in+1) ``shapes``, drawn from stand-in
     K-FAC factors: identity bases, eigenvalues 1/k a side (a power law, as fitted spectra
-    fall), so the eigen variant's coordinates spread over rows as they do after a fit."""
+    fall), so the eigen variant's coordinates spread over rows as they do after a fit; damping
+    1, so no weight passes 1 and no stand-in sketch of a long batch overflows float16."""
     eye = lambda n: [torch.eye(k) for k in block_sizes(n, fit.blocks)]  # noqa: E731
     power = lambda n: 1 / torch.arange(1, n + 1, dtype=torch.float32)  # noqa: E731
     fake = Factors(FactorArgs(strategy="kfac", layers=fit.layers, blocks=fit.blocks,
-                              progress=False), shapes,
+                              damping=1.0, progress=False), shapes,
                    {n: LayerFactors(eye(i), power(i), eye(o), power(o), None)
                     for n, (o, i) in shapes.items()}, 1, 1, "plan")
-    variant = "eigen" if args.variant == "auto" else args.variant
     return Projection.draw(fake, SketchArgs(m=args.m, variant=variant, seed=args.seed))
 
 
 def _sketch_memory(corpus: Corpus, shapes: dict[str, tuple[int, int]], args: SketchArgs,
                    proj: Projection, size: int) -> dict[str, int]:
-    """The sketch build's memory terms (bytes, see the module docstring) and the store's size
-    on disk, "sketch_store" without and "exact" for the exact token factors."""
+    """The sketch build's memory terms (bytes, see the module docstring) with the sketcher
+    ``proj`` (for "auto", the eigen variant's: the larger) and the store's size on disk,
+    "sketch_store" without and "exact" for the exact token factors."""
     L, N = len(shapes), len(corpus)
     per_row = sketches.ROW.itemsize + 2 * proj.dim + 4 * L
     exact = sketches.exact_need(shapes, corpus)
@@ -373,11 +377,12 @@ def _eigh_seconds(shapes: Sequence[tuple[int, int]], blocks: int, precision: tor
 
 def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: FactorArgs,
              score: ScoreArgs, task: Task, counts: list[int], padded: int,
-             device: torch.device, proj: Projection | None = None,
+             device: torch.device, projs: Sequence[Projection] = (),
              keeps: bool | None = None) -> tuple[int, dict[str, float]]:
     """One batch (the longest at the token budget): (its activations' peak bytes, seconds of
-    each stage for the whole corpus); with ``proj`` the sketch build's too, with its token
-    factors when the store ``keeps`` them."""
+    each stage for the whole corpus); the sketch build's with each sketcher of ``projs``
+    ("sketch eigen", "sketch whitened"), with its token factors when the store ``keeps``
+    them."""
     lengths = np.diff(corpus.offsets)
     order = np.argsort(lengths, kind="stable")[::-1]
     bounds = token_batches(lengths[order], fit.batch_tokens, fit.batch_size)
@@ -430,19 +435,20 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
         q = min(q, score.query_block or q)
         fake = Queries.random(layers, q, score.rank, scoring.score_dtype(model, score.precision))
         consumers[f"scan {q}"] = _Timed(Scorer(fake, layers, len(ids)))
-    if proj is not None:
-        consumers["sketch"] = _Timed(Sketcher(proj, len(ids)))
-        if keeps:
-            consumers["token factors"] = _Timed(TokenFactors(shapes, len(ids)))
+    for proj in projs:
+        consumers[f"sketch {proj.variant}"] = _Timed(Sketcher(proj, len(ids)))
+    if projs and keeps:
+        consumers["token factors"] = _Timed(TokenFactors(shapes, len(ids)))
     recording.replay(list(consumers.values()))
     if "eigenvalues" in consumers:   # a replay when every ā and δ fit RECORD_BYTES, else a pass
         replay = padded * sum(o + i for o, i in shapes.values()) * dtype.itemsize \
             <= passes.RECORD_BYTES
         seconds["eigenvalues"] = (consumers["eigenvalues"].seconds
                                   + (0 if replay else fwd_bwd)) * per_token
-    if proj is not None:   # the scan's pass, the sketcher, the token factors
-        seconds["sketch"] = (scan_pass + consumers["sketch"].seconds + (
-            consumers["token factors"].seconds if keeps else 0)) * per_token
+    for proj in projs:   # the scan's pass, the sketcher, the token factors
+        seconds[f"sketch {proj.variant}"] = (
+            scan_pass + consumers[f"sketch {proj.variant}"].seconds
+            + (consumers["token factors"].seconds if keeps else 0)) * per_token
     rate = _product_rate(dtype)
     first = _one_query_seconds(model, corpus, fit, score, task, shapes, bases) \
         + _hash_seconds(shapes, fit.strategy)

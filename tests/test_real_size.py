@@ -227,7 +227,10 @@ def test_plan_predicts_the_sketch_store_it_builds(small, tokenizer, tmp_path, mo
     assert p.keeps_exact == (store.exact is not None) == (args.exact_bytes > 0)
     unscored = len(corpus) * token_bytes(factors.shapes) if p.keeps_exact else 0
     assert p.store_bytes - unscored == on_disk
-    assert p.seconds["sketch"] > 0 and p.sketch_peak > p.memory["factors"]
+    timed = {k.split()[1] for k in p.seconds if k.startswith("sketch ")}
+    assert timed == ({"eigen", "whitened"} if args.variant == "auto" else {args.variant})
+    assert min(p.seconds[f"sketch {v}"] for v in timed) > 0
+    assert p.sketch_peak > p.memory["factors"]
     assert ("with" if p.keeps_exact else "without") + " exact token factors" in str(p)
     json.dumps(p.summary())
     p.available = p.sketch_peak - 1

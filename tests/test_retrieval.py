@@ -506,6 +506,30 @@ def test_exact_factors_are_kept_only_within_their_byte_budget(session, tmp_path)
                                want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_a_sketch_build_batches_by_tokens(session, tmp_path, monkeypatch):
+    """By default a build's batches hold SketchArgs.batch_tokens padded tokens (a longer
+    sequence alone), not a count of sequences — 32 of 1,024 tokens are 13 GB of logits at a
+    50 K vocabulary — and give the sketches of one sequence a batch."""
+    sizes, batches = [], Corpus.batches
+
+    def counted(self, batch_size, ids=None, progress=False):
+        for b in batches(self, batch_size, ids, progress):
+            sizes.append(b.input_ids.numel())
+            yield b
+
+    monkeypatch.setattr(Corpus, "batches", counted)
+    longest = int(np.diff(session.corpus.offsets).max())
+    args = replace(EXACT, batch_size=None, batch_tokens=2 * longest)
+    by_tokens = build_sketches(session.model, session.factors, session.corpus, tmp_path / "t",
+                               args)
+    assert max(sizes) <= 2 * longest and len(sizes) < len(TEXTS)
+    alone = build_sketches(session.model, session.factors, session.corpus, tmp_path / "1",
+                           replace(EXACT, batch_size=1))
+    assert by_tokens.ids.tolist() == alone.ids.tolist()
+    np.testing.assert_allclose(by_tokens.data.astype(np.float32), alone.data.astype(np.float32),
+                               rtol=2e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("seqs", [3, 0])
 def test_a_chunk_holds_at_most_its_bytes_of_token_factors(session, tmp_path, monkeypatch, seqs):
     """A build holds a chunk's token factors in memory until it writes them: chunks are cut at
