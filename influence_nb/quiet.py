@@ -1,6 +1,7 @@
 """Third-party output that is not the user's business: transformers' progress bars while a
-model or tokenizer loads ("Loading weights"), which appear even where every influence_nb call
-says ``progress=False``, and the FutureWarning peft's PeftModel raises on transformers 5 by
+model or tokenizer loads ("Loading weights") or is saved ("Writing model shards", when a demo
+world is built on first use), which appear even where every influence_nb call says
+``progress=False``, and the FutureWarning peft's PeftModel raises on transformers 5 by
 reading ``is_gradient_checkpointing`` (a red box in a notebook; peft's call, not ours)."""
 from __future__ import annotations
 

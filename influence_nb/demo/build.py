@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from ..data import Corpus
+from ..quiet import loading_quietly
 from ..store import cache_dir, temporary
 from ..training import TrainConfig, train
 from .world import ASSETS, WorldConfig, generate
@@ -130,8 +131,9 @@ def build(out: Path = ASSETS, world: WorldConfig = WorldConfig(),
     pd.DataFrame(records).to_parquet(out / "corpus.parquet", index=False)
     pd.DataFrame(heldout).to_parquet(out / "heldout.parquet", index=False)
     (out / "facts.json").write_text(json.dumps([asdict(f) for f in facts], indent=0))
-    tokenizer.save_pretrained(out)  # Hugging Face layout: AutoTokenizer / AutoModel load it
-    model.save_pretrained(out)
+    with loading_quietly():         # no "Writing model shards" bar (in a notebook: a widget)
+        tokenizer.save_pretrained(out)  # Hugging Face layout: AutoTokenizer / AutoModel load it
+        model.save_pretrained(out)
     (out / "build.json").write_text(json.dumps(report, indent=1))
     return report
 
