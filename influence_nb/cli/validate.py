@@ -14,8 +14,8 @@ def tail_patch_options() -> list[Group]:
     return [io_options("directory for tail_patch.csv"), query_options(), Group(None, (
         Option("k", "candidates per method (default: 10)", type=positive(int), default=10),
         Option("lr", "SGD step size (default: 1e-4)", type=positive(float), default=1e-4),
-        Option("batch_size", "sequences per forward + backward of the scan (default: 16)",
-               type=positive(int), default=16)))]
+        Option("batch_size", "sequences per forward + backward of the scan (default: as "
+               "many as its token budget holds)", type=positive(int), default=None)))]
 
 
 def tail_patch(ns: argparse.Namespace, rank: int, world: int) -> dict:
