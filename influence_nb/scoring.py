@@ -93,6 +93,11 @@ def score_dtype(model: nn.Module, precision: str) -> torch.dtype:
 
 SCORE_BYTES = 512 << 20   # dense R and per-sequence gradients the scorer holds at once
 SCAN_BATCH_BYTES = 256 << 20   # a scan batch's vocabulary-wide buffers and tracked ā, δ
+# the token path's queries per block: their factors within about a core's cache, since each
+# block's (q, out, r) is laid out again as (out, q·r) for its product (GPT-2 small's MLP
+# linears, 200 queries, one thread: 0.88–0.92× the time of one block of all 200 in float32,
+# 0.82–0.89× in bfloat16)
+FACTOR_BLOCK_BYTES = 8 << 20
 
 
 def kept_dense(queries: Queries, layers: Sequence[TrackedLayer], budget: int
@@ -266,6 +271,8 @@ class Scorer(Consumer):
         # per query on the token path, two (group, min(out, in), r) on the project path
         rows = 2 * (B * T if path == "tokens" else -(-B // groups) * min(o, i))
         step = max(1, self.budget // 4 // (rows * r * acc.itemsize))
+        if path == "tokens":
+            step = min(step, max(1, FACTOR_BLOCK_BYTES // ((o + i) * r * lr.U.element_size())))
         return Layout(path, kept, groups, blocks, step, acc)
 
     def held_bytes(self, layers: Sequence[TrackedLayer], B: int, T: int) -> int:
