@@ -251,7 +251,7 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
         projs = [_stand_in_projection(named, fit, sketch, v) for v in
                  (("eigen", "whitened") if sketch.variant == "auto" else (sketch.variant,))]
         keeps = sketches.keeps_tokens(named, corpus, sketch)
-        memory.update(_sketch_memory(corpus, named, sketch, projs[0], size))
+        memory.update(_sketch_memory(corpus, named, sketch, projs[0], size, keeps))
     if measure:
         memory["batch"], seconds = _measure(model, corpus, layers, fit, score, task, counts,
                                             padded, device, projs, keeps)
@@ -286,7 +286,6 @@ def plan(model: nn.Module, corpus: Corpus, fit: FactorArgs | None = None,
         memory["sketch_batch"] = memory["batch"] * sketch.batch_tokens // fit.batch_tokens \
             if sketch.batch_size is None else memory["batch"] * sketch.batch_size \
             * int(lengths.max()) // fit.batch_tokens
-        memory["sketch_chunk"] *= keeps
         store = memory["sketch_store"] + keeps * memory["exact"]
         peak = (memory["factors"] + memory["projection"] + memory["whitening"]
                 + memory["sketch_chunk"] + memory["sketch_batch"])
@@ -313,10 +312,11 @@ def _stand_in_projection(shapes: dict[str, tuple[int, int]], fit: FactorArgs,
 
 
 def _sketch_memory(corpus: Corpus, shapes: dict[str, tuple[int, int]], args: SketchArgs,
-                   proj: Projection, size: int) -> dict[str, int]:
+                   proj: Projection, size: int, keeps: bool) -> dict[str, int]:
     """The sketch build's memory terms (bytes, see the module docstring) with the sketcher
-    ``proj`` (for "auto", the eigen variant's: the larger) and the store's size on disk,
-    "sketch_store" without and "exact" for the exact token factors."""
+    ``proj`` (for "auto", the eigen variant's: the larger), a store that ``keeps`` exact token
+    factors or not, and its size on disk, "sketch_store" without and "exact" for the exact
+    token factors."""
     L, N = len(shapes), len(corpus)
     per_row = sketches.ROW.itemsize + 2 * proj.dim + 4 * L
     exact = sketches.exact_need(shapes, corpus)
@@ -326,7 +326,7 @@ def _sketch_memory(corpus: Corpus, shapes: dict[str, tuple[int, int]], args: Ske
                           for p in proj.layers.values()),
         "whitening": sum(o * i for o, i in shapes.values()) * size
         if proj.variant == "eigen" else 0,
-        "sketch_chunk": min(sketches.CHUNK_BYTES, exact)
+        "sketch_chunk": min(sketches.CHUNK_BYTES, exact) * keeps
         + min(args.chunk_size, N) * per_row,
         "sketch_store": N * per_row,
         "exact": exact,
