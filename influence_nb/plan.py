@@ -302,13 +302,19 @@ def _stand_in_projection(shapes: dict[str, tuple[int, int]], fit: FactorArgs,
     K-FAC factors: identity bases, eigenvalues 1/k a side (a power law, as fitted spectra
     fall), so the eigen variant's coordinates spread over rows as they do after a fit; damping
     1, so no weight passes 1 and no stand-in sketch of a long batch overflows float16."""
-    eye = lambda n: [torch.eye(k) for k in block_sizes(n, fit.blocks)]  # noqa: E731
+    eye = lambda n: _identity_blocks(n, fit.blocks)  # noqa: E731
     power = lambda n: 1 / torch.arange(1, n + 1, dtype=torch.float32)  # noqa: E731
     fake = Factors(FactorArgs(strategy="kfac", layers=fit.layers, blocks=fit.blocks,
                               damping=1.0, progress=False), shapes,
                    {n: LayerFactors(eye(i), power(i), eye(o), power(o), None)
                     for n, (o, i) in shapes.items()}, 1, 1, "plan")
     return Projection.draw(fake, SketchArgs(m=args.m, variant=variant, seed=args.seed))
+
+
+def _identity_blocks(n: int, blocks: int, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> list[Tensor]:
+    """An identity eigenbasis of an n × n factor split as a fit with ``blocks`` splits it."""
+    return [torch.eye(k, dtype=dtype, device=device) for k in block_sizes(n, blocks)]
 
 
 def _sketch_memory(corpus: Corpus, shapes: dict[str, tuple[int, int]], args: SketchArgs,
@@ -424,8 +430,7 @@ def _measure(model: nn.Module, corpus: Corpus, layers: list[TrackedLayer], fit: 
         seconds["draws"] = (time.perf_counter() - start) * per_token
     consumers: dict[str, _Timed] = {}
     # eigenbases of the right sizes: the cost of the products with them is the same
-    eye = lambda n: [torch.eye(k, dtype=dtype, device=device)  # noqa: E731
-                     for k in block_sizes(n, fit.blocks)]
+    eye = lambda n: _identity_blocks(n, fit.blocks, dtype, device)  # noqa: E731
     ones = lambda n: torch.ones(n, dtype=dtype, device=device)  # noqa: E731
     bases = {n: LayerFactors(eye(i), ones(i), eye(o), ones(o), None)
              for n, (o, i) in shapes.items()} if fit.strategy != "identity" else {}

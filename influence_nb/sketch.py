@@ -454,11 +454,11 @@ def _build_sharded(model: nn.Module, factors: Factors, corpus: Corpus,
         _build_local(model, factors, corpus, path, replace(args, progress=False),
                      np.zeros(0, np.int64), task)
     distributed.barrier()
-    manifest = dict(layers=factors.shapes, tokens=keeps_tokens(factors.shapes, corpus, args))
+    keeps = keeps_tokens(factors.shapes, corpus, args)
     if exists:
         old = Sketches.open(path, verify=False)
-        ids, manifest = ids[~np.isin(ids, old.ids)], old.manifest
-    bounds = chunk_bounds(corpus, ids, args, _token_bytes(manifest))
+        ids, keeps = ids[~np.isin(ids, old.ids)], old.manifest.get("tokens")
+    bounds = chunk_bounds(corpus, ids, args, tokens.token_bytes(factors.shapes) if keeps else 0)
     parts = []
     for r, run in enumerate(np.array_split(np.arange(len(bounds) - 1), world)):
         part = ids[bounds[run[0]]:bounds[run[-1] + 1]] if len(run) else ids[:0]
