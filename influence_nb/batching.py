@@ -54,7 +54,7 @@ def token_batches(lengths: np.ndarray, tokens: int, size: int | None = None) -> 
 
 def source(data: object, batch_size: int | None, ids: Sequence[int] | None = None,
            max_examples: int | None = None, window: int | None = None,
-           passes: int = 1, tokens: int | None = None) -> Source:
+           passes: int = 1, tokens: int | None = None, sequences: int | None = None) -> Source:
     """A :class:`Source` from a Corpus (``.batches``, ``.by_length``), a zero-argument callable
     returning batches, or a re-iterable of batches (a list); a one-shot iterator serves one pass.
 
@@ -64,7 +64,8 @@ def source(data: object, batch_size: int | None, ids: Sequence[int] | None = Non
     hold ``batch_size`` sequences, or with ``batch_size`` None as many as fit in ``tokens``
     padded tokens (:func:`token_batches`): 12-token facts and 1,024-token documents alike run
     at the throughput of a full batch, in the memory of one (:data:`UNSIZED_BATCH` sequences
-    for a source without ``offsets``, whose lengths show only once collated).
+    for a source without ``offsets``, whose lengths show only once collated); ``sequences``
+    caps such a batch's count (for work that grows with the sequences, not the tokens).
     """
     if callable(getattr(data, "batches", None)):
         if batch_size is None and tokens is None:
@@ -74,11 +75,12 @@ def source(data: object, batch_size: int | None, ids: Sequence[int] | None = Non
         if batch_size is None and lengths is None:   # rows whose length shows only once
             batch_size = UNSIZED_BATCH                # collated (a Trainer's dataset)
         typical = int(np.median(lengths)) if batch_size is None and len(ids) else 1
-        per = batch_size or max(1, tokens // max(1, typical))   # sequences a batch holds
+        per = batch_size or min(max(1, tokens // max(1, typical)),   # sequences a batch holds
+                                sequences or len(ids) or 1)
         perm = np.arange(len(ids))
         if callable(getattr(data, "by_length", None)):
             perm = data.by_length(ids, window or 64 * per)
-        bounds = None if batch_size else token_batches(lengths[perm], tokens)
+        bounds = None if batch_size else token_batches(lengths[perm], tokens, sequences)
 
         def corpus_batches() -> Iterator[tuple[np.ndarray, object]]:
             if bounds is None:

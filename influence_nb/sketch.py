@@ -420,7 +420,8 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
                     consumers.append(TokenFactors(factors.shapes, len(chunk)))
                 done_pass = corpus_pass(model, layers,
                                         source(corpus, args.batch_size, chunk,
-                                               tokens=args.batch_tokens),
+                                               tokens=args.batch_tokens,
+                                               sequences=args.batch_sequences),
                                         consumers, task=task, progress=bar)
                 rows = np.empty(len(chunk), ROW)
                 rows["id"], rows["hash"] = chunk, sequence_hashes(corpus, chunk)

@@ -508,13 +508,15 @@ def test_exact_factors_are_kept_only_within_their_byte_budget(session, tmp_path)
 
 def test_a_sketch_build_batches_by_tokens(session, tmp_path, monkeypatch):
     """By default a build's batches hold SketchArgs.batch_tokens padded tokens (a longer
-    sequence alone), not a count of sequences — 32 of 1,024 tokens are 13 GB of logits at a
-    50 K vocabulary — and give the sketches of one sequence a batch."""
-    sizes, batches = [], Corpus.batches
+    sequence alone) and at most batch_sequences sequences, not a fixed count of sequences —
+    32 of 1,024 tokens are 13 GB of logits at a 50 K vocabulary — and give the sketches of
+    one sequence a batch."""
+    sizes, rows, batches = [], [], Corpus.batches
 
     def counted(self, batch_size, ids=None, progress=False):
         for b in batches(self, batch_size, ids, progress):
             sizes.append(b.input_ids.numel())
+            rows.append(len(b.input_ids))
             yield b
 
     monkeypatch.setattr(Corpus, "batches", counted)
@@ -527,6 +529,12 @@ def test_a_sketch_build_batches_by_tokens(session, tmp_path, monkeypatch):
                            replace(EXACT, batch_size=1))
     assert by_tokens.ids.tolist() == alone.ids.tolist()
     np.testing.assert_allclose(by_tokens.data.astype(np.float32), alone.data.astype(np.float32),
+                               rtol=2e-3, atol=1e-4)
+    rows.clear()
+    capped = build_sketches(session.model, session.factors, session.corpus, tmp_path / "c",
+                            replace(args, batch_tokens=1 << 20, batch_sequences=2))
+    assert max(rows) == 2 and sum(rows) == len(TEXTS)
+    np.testing.assert_allclose(capped.data.astype(np.float32), alone.data.astype(np.float32),
                                rtol=2e-3, atol=1e-4)
 
 
