@@ -285,6 +285,28 @@ def _token_bytes(manifest: dict) -> int:
     return tokens.token_bytes(shapes) if manifest.get("tokens") else 0
 
 
+def store_bytes(manifest: dict, corpus: Corpus, ids: np.ndarray) -> int:
+    """Bytes the rows ``ids`` add to a store of ``manifest`` on disk: a row, its sketch and
+    norms, and where the store keeps token factors every token's (a bound on the scored
+    ones: each sequence's last is not) with a count and norms a sequence."""
+    L, n = len(manifest["layers"]), len(ids)
+    need = n * (ROW.itemsize + 2 * manifest["dim"] + 4 * L)
+    if manifest.get("tokens"):
+        need += (int(np.diff(corpus.offsets)[ids].sum()) * _token_bytes(manifest)
+                 + n * 4 * (1 + L))
+    return need
+
+
+def check_disk(path: Path, need: int) -> None:
+    """A one-line SketchError when the file system of ``path`` has fewer than ``need`` bytes
+    free: before a build starts, not when a chunk's write fails hours into it."""
+    free = shutil.disk_usage(path).free
+    if need > free:
+        raise SketchError(f"the sketches need {need / 2 ** 30:.2f} GiB at {path} but "
+                          f"{free / 2 ** 30:.2f} GiB are free; free some space or build in "
+                          "another directory")
+
+
 def _extent(path: Path, manifest: dict, n: int) -> dict:
     """What the first n rows of a store span: {False: n rows, True: their tokens (the ragged
     files' rows), "first": (n + 1,) each row's first token and the end}."""
@@ -405,6 +427,7 @@ def _build_local(model: nn.Module, factors: Factors, corpus: Corpus, path: str |
         if len(todo) and manifest["format"] == FORMAT_1:
             raise SketchError(f"{path} is a sketch store of format 1, before per-sequence "
                               "norms: it cannot grow; build the sketches in a new directory")
+        check_disk(path, store_bytes(manifest, corpus, todo))
         n = sum(c[0] for c in manifest["chunks"])
         units = _extent(path, manifest, n)
         for name, width, _, ragged in _files(manifest):  # drop an interrupted chunk's rows

@@ -565,6 +565,30 @@ def test_a_chunk_holds_at_most_its_bytes_of_token_factors(session, tmp_path, mon
     Sketches.open(tmp_path / "c")   # CRCs verify
 
 
+@pytest.mark.parametrize("args", [EXACT, replace(EXACT, exact_bytes=0)], ids=["exact", "sketch"])
+def test_a_build_checks_the_free_disk_first(session, tmp_path, monkeypatch, args):
+    """store_bytes bounds what a build writes (to each sequence's unscored last token), and a
+    build whose store would not fit on the disk stops before sketching, in one line."""
+    import shutil
+    from influence_nb import sketch
+    built = build_sketches(session.model, session.factors, session.corpus, tmp_path / "b", args)
+    written = sum(f.stat().st_size for f in (tmp_path / "b").iterdir()
+                  if f.suffix not in (".json", ".lock", "") and f.is_file())
+    need = sketch.store_bytes(built.manifest, session.corpus, built.ids)
+    last = len(TEXTS) * sketch.tokens.token_bytes(session.factors.shapes) \
+        if built.manifest.get("tokens") else 0
+    assert need - last == written
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(sketch.shutil, "disk_usage",
+                        lambda p: usage._replace(free=need - 1))
+    with pytest.raises(SketchError, match=r"GiB are free; free some space") as err:
+        build_sketches(session.model, session.factors, session.corpus, tmp_path / "full", args)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "full" / "sketches.json").exists()
+    monkeypatch.setattr(sketch.shutil, "disk_usage", lambda p: usage._replace(free=need))
+    build_sketches(session.model, session.factors, session.corpus, tmp_path / "fits", args)
+
+
 @pytest.mark.parametrize("m", [16, 64])
 def test_recall_target_with_exact_factors_rescores_the_best_of_what_it_read(session, tmp_path,
                                                                             m):
