@@ -63,6 +63,16 @@ from influence_nb.widgets import (InfluenceExplorer, LayerBars, SyntheticLab,  #
                                   TokenHighlight)
 
 NAN, INF, HUGE = float("nan"), float("inf"), 10 ** 18
+# every folder a case writes lives in here, removed when the process ends (the table's cases
+# ran without pytest's tmp_path, and left some 30 folders in /tmp a run)
+SCRATCH = tempfile.TemporaryDirectory(prefix="hostile-")
+
+
+def scratch(prefix: str = "") -> str:
+    """A new empty folder under :data:`SCRATCH`."""
+    return tempfile.mkdtemp(prefix=prefix, dir=SCRATCH.name)
+
+
 N = len(TEXTS)                      # the corpus: 24 sequences
 PAIR = ("alpha number", " 0 is even.")
 PAIRS = [PAIR, ("theta", " number 7")]
@@ -154,7 +164,7 @@ def world() -> SimpleNamespace:
     res = inf.scan(PAIRS)
     half = corpus.subset(range(12)), corpus.subset(range(12, N))
     res2 = inf.scan(PAIRS, corpus={"a": half[0], "b": half[1]})
-    path = tempfile.mkdtemp(prefix="hostile-")
+    path = scratch()
     ret = Retriever.build(inf, path, SketchArgs(m=16, progress=False), IndexArgs(progress=False),
                           lexical=0)
     prompts, completions = inf.encode([PAIR])
@@ -310,7 +320,7 @@ def _doors() -> list[Door]:
         texts_ok, lambda w, v, out: out.scores.shape == (1, 1 if isinstance(v, str) else len(v)),
         ("texts", "text "))
     add("Influence.retriever", "lexical", [NAN, -0.1, 1.5, True, "0.5", INF],
-        lambda w, v: w.inf.retriever(tempfile.mkdtemp(), lexical=v), lambda v: False)
+        lambda w, v: w.inf.retriever(scratch(), lexical=v), lambda v: False)
     # the retriever
     add("Retriever", "lexical", [NAN, INF, -0.1, 1.5, True, "0.5", 0, 1, 0.5, None, 1.0],
         lambda w, v: Retriever(w.inf, w.ret.sketches, w.ret.index, lexical=v),
@@ -452,7 +462,7 @@ def _more_doors() -> list[Door]:
     # sketches and the retriever
     sketch = lambda w, **k: build_sketches(  # noqa: E731
         *(k.pop(a, getattr(w.inf, a)) for a in ("model", "factors", "corpus")),
-        k.pop("path", tempfile.mkdtemp(prefix="hostile-sk-")),
+        k.pop("path", scratch("sk-")),
         k.pop("args", SketchArgs(m=16, progress=False)), **k)
     add("build_sketches", "ids", IDS, lambda w, v: sketch(w, ids=v),
         lambda v: ids_in(N, empty=False, none=True)(v) and (v is None or len(set(
@@ -468,14 +478,14 @@ def _more_doors() -> list[Door]:
     add("build_sketches", "path", [3, None, ["a"]], lambda w, v: sketch(w, path=v),
         lambda v: False)
     add("Sketches.open", "path", [3, None, "/nonexistent", "EMPTY"],
-        lambda w, v: Sketches.open(tempfile.mkdtemp() if v == "EMPTY" else v), lambda v: False,
+        lambda w, v: Sketches.open(scratch() if v == "EMPTY" else v), lambda v: False,
         words=("path=", "is missing"))
     for arg in ("inf", "sketches", "index"):
         add("Retriever", arg, ["x", None, 3], lambda w, v, a=arg: Retriever(**{
             "inf": w.inf, "sketches": w.ret.sketches, "index": w.ret.index, a: v}),
             lambda v: False)
     add("Retriever.open", "inf", ["x", None, SimpleNamespace(model=None)],
-        lambda w, v: Retriever.open(v, tempfile.mkdtemp()), lambda v: False,
+        lambda w, v: Retriever.open(v, scratch()), lambda v: False,
         words=("inf=", "session"))
     # the Trainer and the demo entries
     add("Influence.from_trainer", "trainer", [None, "x", 3, SimpleNamespace()],
@@ -625,7 +635,7 @@ def fake_trainer(w: SimpleNamespace) -> SimpleNamespace:
     rows = [{"input_ids": w.corpus.token_ids(i).tolist()} for i in range(N)]
     return SimpleNamespace(model=w.model, processing_class=w.tokenizer, train_dataset=rows,
                            data_collator=None, args=SimpleNamespace(
-                               output_dir=tempfile.mkdtemp(prefix="hostile-tr-")))
+                               output_dir=scratch("tr-")))
 
 
 def quietly(fn: Callable[..., Any], *args: Any) -> Any:
