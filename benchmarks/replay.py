@@ -10,17 +10,22 @@ removals are retrained with the same seed (same initialisation and batch order) 
 with the measured f. ``--protocol``:
 
 - ``weights``: a left-out sequence keeps loss weight ``--weight`` (0: removed) in the recorded
-  batches (what the replay's derivative linearises: MAGIC's leave-out);
+  batches (what the replay's derivative linearises: MAGIC's leave-out); with several weights
+  the same subsets are retrained at each, and ``linearity`` is the Pearson correlation of the
+  measured changes ÷ (1 − weight) between the smallest and the largest step: 1 when the run
+  responds to its data linearly, so that a first-order estimate can predict a removal;
 - ``removal``: the sequences are dropped and the batches re-formed (the package's
   :class:`~influence_nb.training.Retrainer`).
 
-Retrains and the replay's scores are kept in ``--work`` (a killed run resumes).
+``--recipe KEY=VALUE`` changes the world's training recipe (e.g. ``lr=0.001``) for the recorded
+run and every retrain alike. Retrains and the replay's scores are kept in ``--work`` (a killed
+run resumes).
 
-    python benchmarks/replay.py [--queries 4] [--subsets 16] [--protocol weights] > replay.json
+    python benchmarks/replay.py [--queries 4] [--subsets 16] [--weight 0 0.99] > replay.json
 """
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +50,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=20, help="checkpoint interval k (steps)")
     p.add_argument("--subsets", type=int, default=16)
     p.add_argument("--removed", type=float, default=0.01, help="fraction left out per subset")
-    p.add_argument("--weight", type=float, default=0.0,
+    p.add_argument("--weight", type=float, nargs="+", default=[0.0],
                    help="the weights protocol's weight on a left-out sequence (0: removed)")
+    p.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="changes to the world's TrainConfig, e.g. lr=0.001")
     p.add_argument("--protocol", choices=("weights", "removal"), nargs="+",
                    default=["weights"])
     p.add_argument("--threads", type=int, default=1)
@@ -104,16 +111,32 @@ def agreement(table, f_full: np.ndarray, masks: np.ndarray, scores: np.ndarray,
                 mean_abs_change_nats=round(float(np.abs(measured).mean()), 5))
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = parser().parse_args(argv)
+def changed(recipe, changes: list[str]):
+    """The recipe with ``KEY=VALUE`` changes (values cast to the field's type), and a tag for
+    the file names of what it trains."""
+    pairs = [c.split("=", 1) for c in changes]
+    if any(len(p) != 2 or not hasattr(recipe, p[0]) for p in pairs):
+        raise SystemExit(f"--recipe takes KEY=VALUE with KEY a TrainConfig field; got {changes}")
+    new = replace(recipe, **{k: type(getattr(recipe, k))(v) for k, v in pairs})
+    return new, "".join(f"-{k}{v}" for k, v in pairs)
+
+
+def world(a: argparse.Namespace) -> tuple:
+    """(model, tokenizer, corpus, recipe, tag, pairs, kinds): ``a.world`` with its recipe
+    changed by ``a.recipe`` (and the changes' tag), its queries and their kinds."""
     set_threads(a.threads)
     model, tokenizer, corpus = demo.load(a.world)
-    recipe = demo.recipe(a.world)
-    pairs, kinds = demo.query_set(a.world, tokenizer)
+    recipe, tag = changed(demo.recipe(a.world), a.recipe)
+    return (model, tokenizer, corpus, recipe, tag, *demo.query_set(a.world, tokenizer))
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    model, tokenizer, corpus, recipe, tag, pairs, kinds = world(a)
     picked = np.linspace(0, len(pairs) - 1, a.queries).astype(int)
     pairs, kinds = [pairs[q] for q in picked], [kinds[q] for q in picked]
     run = recorded_replay(model.config, corpus, recipe, *Influence(model, tokenizer).encode(
-        pairs), a.every, a.work / f"replay-{a.world}-q{a.queries}-k{a.every}.npz")
+        pairs), a.every, a.work / f"replay-{a.world}{tag}-q{a.queries}-k{a.every}.npz")
     inf = Influence(run["model"], tokenizer, corpus,
                     score_args=ScoreArgs(progress=False, batch_size=32))
     t0 = time.time()
@@ -123,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     scores["replay"] = run["scores"]
     prompts, completions = inf.encode(pairs)
     f_full = measure(run["model"], prompts, completions)
-    out = dict(world=a.world, n_sequences=len(corpus), queries=a.queries, query_kinds=kinds,
-               weight=a.weight,
+    out = dict(world=a.world, recipe=asdict(recipe), n_sequences=len(corpus), queries=a.queries,
+               query_kinds=kinds, f_full=f_full.round(3).tolist(), weights=a.weight,
                steps=run["steps"], every=a.every, threads=a.threads,
                seconds=dict(train=round(run["train_s"], 1), ekfac_fit_and_scores=round(t_ekfac, 1)),
                memory_mib=dict(train_peak=round(run["train_peak_mib"]),
@@ -133,18 +156,27 @@ def main(argv: list[str] | None = None) -> None:
         out["seconds"]["replay"] = round(run["replay_s"], 1)
         out["replay_cost_per_training_run"] = round(run["replay_s"] / run["train_s"], 2)
         out["memory_mib"]["replay_peak"] = round(run["replay_peak_mib"])
-    retrains = {"weights": weighted_retrain(model.config, corpus, recipe, a.weight),
-                "removal": Retrainer(model.config, corpus, recipe)}
+    changes = {}
     for protocol in a.protocol:
-        t0 = time.time()
-        table = lds(retrains[protocol], prompts, completions, scores, a.subsets, 1 - a.removed,
-                    (0,), a.work / f"{protocol}-{a.world}-{a.weight}", progress=False)
-        out[f"lds_{protocol}"] = {k: {c: round(float(v), 4) for c, v in row.items()} for k, row
-                                  in table[["lds", "ci_low", "ci_high", "queries"]].iterrows()}
-        out[f"replay_vs_{protocol}"] = agreement(table, f_full, table.attrs["masks"],
-                                                 scores["replay"],
-                                                 a.weight if protocol == "weights" else 0.0)
-        out["seconds"][f"retrains_{protocol}"] = round(time.time() - t0, 1)
+        for weight in (a.weight if protocol == "weights" else [0.0]):
+            key = f"{protocol}_{weight}" if protocol == "weights" else protocol
+            retrain = weighted_retrain(model.config, corpus, recipe, weight) \
+                if protocol == "weights" else Retrainer(model.config, corpus, recipe)
+            t0 = time.time()
+            table = lds(retrain, prompts, completions, scores, a.subsets, 1 - a.removed, (0,),
+                        a.work / f"{protocol}-{a.world}{tag}-{weight}", progress=False)
+            out[f"lds_{key}"] = {k: {c: round(float(v), 4) for c, v in row.items()} for k, row
+                                 in table[["lds", "ci_low", "ci_high", "queries"]].iterrows()}
+            out[f"replay_vs_{key}"] = agreement(table, f_full, table.attrs["masks"],
+                                                scores["replay"], weight)
+            out["seconds"][f"retrains_{key}"] = round(time.time() - t0, 1)
+            if protocol == "weights":
+                changes[weight] = (table.attrs["measured"] - f_full) / (1 - weight)
+    if len(changes) > 1:
+        lo, hi = changes[max(changes)], changes[min(changes)]
+        out["linearity"] = dict(steps=[round(1 - max(changes), 4), round(1 - min(changes), 4)],
+                                pearson=round(float(np.mean([pearson(lo[:, q], hi[:, q])
+                                                             for q in range(lo.shape[1])])), 4))
     report(out)
 
 

@@ -160,32 +160,45 @@ def batch_loss(logits: torch.Tensor, batch: Any, label_smoothing: float,
 
 
 def adamw(theta: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, lr: float,
-          k: int, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          k: int, weight_decay: float, floor: float = 0.0
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AdamW's k-th update of one parameter, out of place and differentiable: torch.optim.AdamW's
     arithmetic, op for op (so the same floats). √v is taken as 0 with zero derivative where
-    v = 0: m = 0 there, so v's O(ε²) change does not move θ."""
+    v = 0: m = 0 there, so v's O(ε²) change does not move θ. ``floor``: coordinates whose √v̂
+    is below it are held constant in a graph (the same values; see :func:`update`)."""
     b1, b2 = BETAS
     theta = theta * (1 - lr * weight_decay)
     m = m.lerp(g, 1 - b1)
     v = (v * b2).addcmul(g, g, value=1 - b2)
     root = torch.where(v > 0, torch.where(v > 0, v, 1).sqrt(), 0)
     denom = root / (1 - b2 ** k) ** 0.5 + EPS
+    if floor > 0:
+        flat = denom < floor + EPS
+        m, denom = torch.where(flat, m.detach(), m), torch.where(flat, denom.detach(), denom)
     return theta.addcdiv(m, denom, value=-lr / (1 - b1 ** k)), m, v
 
 
 def sgd(theta: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, lr: float,
-        k: int, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain SGD with decoupled weight decay (m, v unused): for checks of the replay."""
+        k: int, weight_decay: float, floor: float = 0.0
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain SGD with decoupled weight decay (m, v and floor unused: SGD's step is linear in
+    the gradient): for checks of the replay."""
     return theta * (1 - lr * weight_decay) - lr * g, m, v
 
 
 def update(model: nn.Module, state: OptState, batch: Any, lr: float, cfg: TrainConfig,
-           w: torch.Tensor | None = None, optimizer: str = "adamw", create_graph: bool = False
-           ) -> tuple[OptState, torch.Tensor]:
+           w: torch.Tensor | None = None, optimizer: str = "adamw", create_graph: bool = False,
+           floor: float = 0.0) -> tuple[OptState, torch.Tensor]:
     """One training step from ``state`` on ``batch``: the loss at θ (:func:`batch_loss`), its
     gradient clipped to global norm :data:`MAX_NORM` (torch's clip_grad_norm_, op for op), and
     the optimizer's update at learning rate ``lr``. -> (state after, loss). With
-    ``create_graph`` the new state is a differentiable function of ``state`` and ``w``."""
+    ``create_graph`` the new state is a differentiable function of ``state`` and ``w``.
+
+    floor: with ``create_graph``, AdamW's update of a coordinate whose √v̂ is below ``floor`` ×
+    the step's RMS gradient entry is held constant in the graph (same values): there Adam's
+    denominator is near 0 or ε, and its slope, up to lr/ε, holds only for changes of the
+    gradient far smaller than reweighting a sequence makes (see
+    :func:`~influence_nb.validate.replay.replay_influence`)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     logits = torch.func.functional_call(model, dict(zip(names, state.theta)), (), dict(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask)).logits
@@ -197,9 +210,13 @@ def update(model: nn.Module, state: OptState, batch: Any, lr: float, cfg: TrainC
         norm = torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(g, 2.0) for g in grads if g is not None]), 2.0)
         clip = torch.clamp(MAX_NORM / (norm + 1e-6), max=1.0)
+        if create_graph and floor:                 # × the RMS entry of the clipped gradient
+            floor *= float((norm * clip).detach()) / sum(
+                g.numel() for g in grads if g is not None) ** 0.5
         for theta, m, v, k, g in zip(state.theta, state.m, state.v, state.steps, grads):
             if g is not None:      # a parameter without a gradient keeps its state (as torch's)
-                theta, m, v = rule(theta, m, v, g * clip, lr, k + 1, cfg.weight_decay)
+                theta, m, v = rule(theta, m, v, g * clip, lr, k + 1, cfg.weight_decay,
+                                   floor if create_graph else 0.0)
                 k += 1
             after.theta.append(theta)
             after.m.append(m)
