@@ -157,3 +157,5 @@ def test_replay_refuses_another_model_and_an_unfinished_record(tiny):
                          progress=False)
     with pytest.raises(ValueError, match="no finished run"):
         replay_influence(model, corpus, TrainRecord(), prompts, completions, progress=False)
+    with pytest.raises(ValueError, match="floor"):
+        replay_influence(model, corpus, run, prompts, completions, progress=False, floor=-1e-5)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..checks import checked
 from ..data import Corpus
 from ..hooks import eval_mode
 from ..progress import tqdm
@@ -89,6 +90,7 @@ def reverse_segment(model: nn.Module, corpus: Corpus, run: TrainRecord, t0: int,
     return pulled
 
 
+@checked(within={"floor": "[0, inf)"})
 def replay_influence(model: nn.Module, corpus: Corpus, run: TrainRecord,
                      prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                      task: Task | None = None, progress: bool = True,
