@@ -324,7 +324,7 @@ def _sketch_memory(corpus: Corpus, shapes: dict[str, tuple[int, int]], args: Ske
     factors or not, and its size on disk, "sketch_store" without and "exact" for the exact
     token factors."""
     L, N = len(shapes), len(corpus)
-    per_row = sketches.ROW.itemsize + 2 * proj.dim + 4 * L
+    per_row = sketches.row_bytes(proj.dim, L)
     exact = sketches.exact_need(shapes, corpus)
     return {
         # float64 rows and their copies in the statistics' dtype

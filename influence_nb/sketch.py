@@ -285,12 +285,18 @@ def _token_bytes(manifest: dict) -> int:
     return tokens.token_bytes(shapes) if manifest.get("tokens") else 0
 
 
+def row_bytes(dim: int, layers: int) -> int:
+    """Bytes a sequence's row takes in a store without token factors: id and hash, the
+    float16 sketch of ``dim`` coordinates and a float32 norm per layer."""
+    return ROW.itemsize + 2 * dim + 4 * layers
+
+
 def store_bytes(manifest: dict, corpus: Corpus, ids: np.ndarray) -> int:
-    """Bytes the rows ``ids`` add to a store of ``manifest`` on disk: a row, its sketch and
-    norms, and where the store keeps token factors every token's (a bound on the scored
-    ones: each sequence's last is not) with a count and norms a sequence."""
+    """Bytes the rows ``ids`` add to a store of ``manifest`` on disk: :func:`row_bytes`, and
+    where the store keeps token factors every token's (a bound on the scored ones: each
+    sequence's last is not) with a count and norms a sequence."""
     L, n = len(manifest["layers"]), len(ids)
-    need = n * (ROW.itemsize + 2 * manifest["dim"] + 4 * L)
+    need = n * row_bytes(manifest["dim"], L)
     if manifest.get("tokens"):
         need += (int(np.diff(corpus.offsets)[ids].sum()) * _token_bytes(manifest)
                  + n * 4 * (1 + L))

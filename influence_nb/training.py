@@ -210,13 +210,13 @@ def update(model: nn.Module, state: OptState, batch: Any, lr: float, cfg: TrainC
         norm = torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(g, 2.0) for g in grads if g is not None]), 2.0)
         clip = torch.clamp(MAX_NORM / (norm + 1e-6), max=1.0)
-        if create_graph and floor:                 # × the RMS entry of the clipped gradient
-            floor *= float((norm * clip).detach()) / sum(
+        flat = 0.0        # floor × the RMS entry of the clipped gradient, when differentiated
+        if create_graph and floor:
+            flat = floor * float((norm * clip).detach()) / sum(
                 g.numel() for g in grads if g is not None) ** 0.5
         for theta, m, v, k, g in zip(state.theta, state.m, state.v, state.steps, grads):
             if g is not None:      # a parameter without a gradient keeps its state (as torch's)
-                theta, m, v = rule(theta, m, v, g * clip, lr, k + 1, cfg.weight_decay,
-                                   floor if create_graph else 0.0)
+                theta, m, v = rule(theta, m, v, g * clip, lr, k + 1, cfg.weight_decay, flat)
                 k += 1
             after.theta.append(theta)
             after.m.append(m)
